@@ -1,0 +1,664 @@
+"""Expectations over the token Gaussians of MATH.md section 2.
+
+Given the overlaps, the tokens are independent. Token l carries the jointly Gaussian vector
+
+    (z*_l, z_l, zeta_l1, ..., zeta_lr)   with mean (0, mu_l, 0, ..., 0),  mu_l = sum_a C[l,a] e_a,
+
+    Var z*_l = 1, Var z_l = q, Cov(z*_l, z_l) = m, Cov(zeta_la, z_l) = e_a,
+    Cov(zeta_la, zeta_lb) = delta_ab, zeta independent of z*,
+
+and label noise adds K independent standard Gaussians xi_k (one per output entry).
+
+Polynomial statistics are integrated exactly (:class:`ExactEngine`): an expression is held as a
+sum of products of per-token polynomial factors (never expanded in all 3L variables at once), and
+each factor's expectation comes from the Gaussian moment recursion
+
+    E[x_i X^alpha] = mu_i E[X^alpha] + sum_j Sigma_ij alpha_j E[X^(alpha - e_j)],
+
+memoised monomial by monomial. Statistics with a non-polynomial part keep an explicit
+:class:`GaussHermite` expectation over the fewest standard Gaussians the integrand needs (the noise
+and the zeta are integrated out exactly first); generated code evaluates it by tensor
+Gauss-Hermite quadrature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import sympy as sp
+from sympy.polys.rings import ring as poly_ring
+
+from .spec import ModelSpec, link_entries, token_symbols
+
+
+class NotPolynomial(Exception):
+    """Raised internally when a statistic is not polynomial in the Gaussian variables."""
+
+
+class GaussHermite(sp.Function):
+    """E_{u ~ N(0, I_k)}[ integrand(u) ]: an expectation kept explicit, done by quadrature.
+
+    args = (integrand, Tuple(u_1, ..., u_k)); the u are independent standard Gaussians.
+    """
+
+    @classmethod
+    def eval(cls, integrand, us):
+        if not (integrand.free_symbols & set(us)):
+            return integrand  # nothing random left: the expectation is the integrand itself
+
+    @property
+    def integrand(self):
+        return self.args[0]
+
+    @property
+    def variables(self):
+        return tuple(self.args[1])
+
+    def _eval_derivative(self, s):
+        return GaussHermite(sp.diff(self.integrand, s), self.args[1])
+
+    def _latex(self, printer):
+        us = ", ".join(printer._print(u) for u in self.variables)
+        return (r"\mathbb{E}_{" + us + r" \sim \mathcal{N}(0,1)}\left[" +
+                printer._print(self.integrand) + r"\right]")
+
+
+@dataclass(frozen=True)
+class TokenGaussian:
+    """The random variables and overlap symbols of a spec (MATH.md section 2)."""
+
+    L: int
+    r: int
+    K: int
+    C: tuple
+    spherical: bool
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> "TokenGaussian":
+        return cls(spec.L, spec.r, len(link_entries(spec.teacher)), spec.C, spec.spherical)
+
+    # --- symbols -------------------------------------------------------------------------
+    @property
+    def zstar(self):
+        """Teacher projections z*_1..z*_L."""
+        return tuple(sp.Symbol(f"zs{l + 1}", real=True) for l in range(self.L))
+
+    @property
+    def z(self):
+        """Student projections z_1..z_L."""
+        return token_symbols(self.L)
+
+    @property
+    def zeta(self):
+        """zeta[l][a] = sqrt(d) u_a . x_l."""
+        return tuple(tuple(sp.Symbol(f"zeta{l + 1}_{a + 1}", real=True) for a in range(self.r))
+                     for l in range(self.L))
+
+    @property
+    def xi(self):
+        """Label-noise standard Gaussians, one per output entry."""
+        return tuple(sp.Symbol(f"xi{k + 1}", real=True) for k in range(self.K))
+
+    @property
+    def m(self):
+        return sp.Symbol("m", real=True)
+
+    @property
+    def e(self):
+        """Positional overlaps e (r = 1) or e1..er."""
+        if self.r == 1:
+            return (sp.Symbol("e", real=True),)
+        return tuple(sp.Symbol(f"e{a + 1}", real=True) for a in range(self.r))
+
+    @property
+    def q(self):
+        """Squared norm q; the number 1 under spherical training."""
+        return sp.Integer(1) if self.spherical else sp.Symbol("q", positive=True)
+
+    @property
+    def state(self):
+        """Overlap symbols in state order: m, e..., (q for plain SGD)."""
+        return (self.m,) + self.e + (() if self.spherical else (self.q,))
+
+    def mu(self, l: int):
+        """Mean of the student projection of token l: mu_l = sum_a C[l,a] e_a."""
+        if not self.r:
+            return sp.Integer(0)
+        return sp.Add(*[self.C[l][a] * self.e[a] for a in range(self.r)])
+
+    def token_variables(self, l: int):
+        """(z*_l, z_l, zeta_l1..zeta_lr): the Gaussian vector of token l."""
+        return (self.zstar[l], self.z[l]) + self.zeta[l]
+
+    def token_mean(self, l: int):
+        return (sp.Integer(0), self.mu(l)) + (sp.Integer(0),) * self.r
+
+    def token_covariance(self):
+        """Covariance of (z*_l, z_l, zeta_l1..): the same for every token."""
+        n = 2 + self.r
+        S = sp.zeros(n, n)
+        S[0, 0], S[0, 1], S[1, 0], S[1, 1] = 1, self.m, self.m, self.q
+        for a in range(self.r):
+            S[1, 2 + a] = S[2 + a, 1] = self.e[a]
+            S[2 + a, 2 + a] = 1
+        return S
+
+    @property
+    def random_variables(self):
+        out = []
+        for l in range(self.L):
+            out.extend(self.token_variables(l))
+        return tuple(out) + self.xi
+
+
+# ----------------------------------------------------------------------------------------
+# Exact engine: sums of products of per-token polynomial factors
+# ----------------------------------------------------------------------------------------
+
+def _constant_atoms(exprs, random, keep):
+    """Sub-expressions free of the random variables that are not polynomial in `keep`.
+
+    They become extra generators of the polynomial ring (sqrt(2), exp(a^2), pi, ...)."""
+    atoms = {}
+
+    def walk(x):
+        if x.is_Rational or x in keep:
+            return
+        if not (x.free_symbols & random):
+            if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
+                for a in x.args:
+                    walk(a)
+            else:
+                atoms.setdefault(x, sp.Dummy(f"c{len(atoms)}"))
+            return
+        for a in x.args:
+            walk(a)
+
+    for ex in exprs:
+        walk(sp.sympify(ex))
+    return atoms
+
+
+class ExactEngine:
+    """Exact expectations of polynomial statistics, token by token.
+
+    A statistic is held as a dict {factors: scale} in which `factors` has one polynomial per
+    group (tokens 1..L, the noise, and a constant group for parameters and constants) and
+    `scale` is rational; its value is sum scale * prod_g factor_g, and, the groups being
+    independent, its expectation is sum scale * prod_g E_g[factor_g].
+    """
+
+    def __init__(self, gauss: TokenGaussian, exprs, extra_symbols=()):
+        self.g = gauss
+        rv = gauss.random_variables
+        self.random = set(rv)
+        overlaps = tuple(s for s in gauss.state if isinstance(s, sp.Symbol))
+        syms = set()
+        for ex in exprs:
+            syms |= sp.sympify(ex).free_symbols
+        params = tuple(sorted((syms - self.random - set(overlaps)) | set(extra_symbols),
+                              key=str))
+        self.atoms = _constant_atoms(exprs, self.random, set(params))
+        gens = rv + overlaps + params + tuple(self.atoms.values())
+        self.R, *gs = poly_ring(list(gens), sp.QQ)
+        self.gen = dict(zip(gens, gs))
+        self.back = {v: k for k, v in self.atoms.items()}
+        # sqrt atoms: c**2 is a rational, reduce powers as they appear
+        self.sqrt_atoms = {}
+        for a, dummy in self.atoms.items():
+            if a.is_Pow and a.base.is_Rational and a.exp == sp.Rational(1, 2):
+                self.sqrt_atoms[gens.index(dummy)] = a.base
+        # groups: tokens, noise, constants
+        self.n_groups = gauss.L + 2
+        self.group_of = {}
+        self.group_index = []
+        for l in range(gauss.L):
+            idx = [gens.index(v) for v in gauss.token_variables(l)]
+            self.group_index.append(idx)
+            for v in gauss.token_variables(l):
+                self.group_of[v] = l
+        self.group_index.append([gens.index(v) for v in gauss.xi])
+        for v in gauss.xi:
+            self.group_of[v] = gauss.L
+        self.const_group = gauss.L + 1
+        self.one = self.R.one
+        self._fac = [[self.one] for _ in range(self.n_groups)]
+        self._fid = [{self.one: 0} for _ in range(self.n_groups)]
+        self._moments = {}
+        self._expect_cache = {}
+        self._mul_cache = {}
+        self._spt_cache = {}
+        cov = gauss.token_covariance()
+        self._cov = [[self._const(cov[i, j]) for j in range(cov.cols)] for i in range(cov.rows)]
+        self._means = [[self._const(mu) for mu in gauss.token_mean(l)] for l in range(gauss.L)]
+
+    # --- conversion ------------------------------------------------------------------------
+    def _const(self, x):
+        """A ring element for an expression free of random variables."""
+        x = sp.sympify(x)
+        if x.is_Rational:
+            return self.R(sp.QQ(int(x.p), int(x.q)))
+        if x in self.gen:
+            return self.gen[x]
+        if x in self.atoms:
+            return self.gen[self.atoms[x]]
+        if x.is_Add:
+            return sum((self._const(a) for a in x.args), self.R.zero)
+        if x.is_Mul:
+            out = self.one
+            for a in x.args:
+                out = self._reduce(out * self._const(a))
+            return out
+        if x.is_Pow and x.exp.is_Integer and x.exp >= 0:
+            return self._reduce(self._const(x.base) ** int(x.exp))
+        raise NotPolynomial(x)
+
+    def _reduce(self, p):
+        """Replace c**2 by its rational value for every sqrt atom c."""
+        if not self.sqrt_atoms or not p:
+            return p
+        out = {}
+        changed = False
+        for mon, coef in p.items():
+            mon = list(mon)
+            for i, base in self.sqrt_atoms.items():
+                k = mon[i]
+                if k >= 2:
+                    changed = True
+                    coef = coef * sp.QQ(int(base.p), int(base.q)) ** (k // 2)
+                    mon[i] = k % 2
+            mon = tuple(mon)
+            out[mon] = out.get(mon, 0) + coef
+        if not changed:
+            return p
+        return self.R({k: v for k, v in out.items() if v})
+
+    def _intern(self, group, poly):
+        """(id, lc): the id of the monic polynomial poly / lc in `group`'s factor table."""
+        lc = poly.LC
+        if lc != 1:
+            poly = poly.quo_ground(lc)
+        table = self._fid[group]
+        i = table.get(poly)
+        if i is None:
+            i = table[poly] = len(self._fac[group])
+            self._fac[group].append(poly)
+        return i, lc
+
+    def _single(self, group, poly):
+        if not poly:
+            return {}
+        i, lc = self._intern(group, poly)
+        key = [0] * self.n_groups
+        key[group] = i
+        return {tuple(key): lc}
+
+    def to_spt(self, expr):
+        """Convert a SymPy expression polynomial in the random variables to factored form:
+        a dict {factor ids (one per group): rational scale}."""
+        expr = sp.sympify(expr)
+        hit = self._spt_cache.get(expr)
+        if hit is not None:
+            return hit
+        if not (expr.free_symbols & self.random):
+            out = self._single(self.const_group, self._const(expr))
+        elif expr.is_Symbol:
+            out = self._single(self.group_of[expr], self.gen[expr])
+        elif expr.is_Add:
+            out = {}
+            for a in expr.args:
+                out = self.add(out, self.to_spt(a))
+        elif expr.is_Mul:
+            out = None
+            for a in expr.args:
+                s = self.to_spt(a)
+                out = s if out is None else self.mul(out, s)
+        elif expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0:
+            out = self.power(self.to_spt(expr.base), int(expr.exp))
+        else:
+            raise NotPolynomial(expr)
+        self._spt_cache[expr] = out
+        return out
+
+    # --- algebra on factored forms ---------------------------------------------------------
+    def _normalize(self, terms):
+        """Drop zero terms and merge terms whose factors differ in one group only
+        (their factors in that group are added)."""
+        out = {k: v for k, v in terms.items() if v}
+        for j in range(self.n_groups):
+            if len(out) < 2:
+                break
+            buckets = {}
+            for key, scale in out.items():
+                buckets.setdefault(key[:j] + key[j + 1:], []).append((key[j], scale))
+            if len(buckets) == len(out):
+                continue
+            merged = {}
+            fac = self._fac[j]
+            for rest, items in buckets.items():
+                if len(items) == 1:
+                    i, sc = items[0]
+                else:
+                    f = self.R.zero
+                    for i, sc in items:
+                        f += fac[i] * sc
+                    if not f:
+                        continue
+                    i, sc = self._intern(j, f)
+                key = rest[:j] + (i,) + rest[j:]
+                merged[key] = merged.get(key, 0) + sc
+            out = {k: v for k, v in merged.items() if v}
+        return out
+
+    def add(self, a, b):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + v
+        return self._normalize(out)
+
+    def _mul_factor(self, j, i, k):
+        """Id of the product of factors i and k of group j (monic times monic is monic)."""
+        if i == 0:
+            return k
+        if k == 0:
+            return i
+        key = (j, i, k) if i <= k else (j, k, i)
+        hit = self._mul_cache.get(key)
+        if hit is None:
+            f = self._fac[j][i] * self._fac[j][k]
+            if j == self.const_group:
+                f = self._reduce(f)
+            hit, lc = self._intern(j, f)
+            if lc != 1:  # a reduced sqrt power can leave a rational leading coefficient
+                hit = (hit, lc)
+            self._mul_cache[key] = hit
+        return hit
+
+    def mul(self, a, b, merge=True):
+        """Product of two factored statistics; merge=False skips the one-group merging (cheaper
+        when the product only feeds an expectation)."""
+        out = {}
+        n = self.n_groups
+        mf = self._mul_factor
+        for ka, sa in a.items():
+            for kb, sb in b.items():
+                scale = sa * sb
+                key = []
+                for j in range(n):
+                    r = mf(j, ka[j], kb[j])
+                    if type(r) is tuple:
+                        r, lc = r
+                        scale = scale * lc
+                    key.append(r)
+                key = tuple(key)
+                out[key] = out.get(key, 0) + scale
+        return self._normalize(out) if merge else out
+
+    def power(self, a, n):
+        result, base = None, a
+        while n:
+            if n & 1:
+                result = base if result is None else self.mul(result, base)
+            n >>= 1
+            if n:
+                base = self.mul(base, base)
+        return result if result is not None else self._single(self.const_group, self.one)
+
+    # --- expectations ---------------------------------------------------------------------
+    def _moment(self, group, alpha):
+        """E[prod_i x_i^alpha_i] over one group's Gaussian vector, as a ring element."""
+        if group == self.g.L:
+            key = ("noise", alpha)
+        else:  # tokens with the same row of C share their moments
+            key = (tuple(self.g.C[group]) if self.g.C else (), alpha)
+        hit = self._moments.get(key)
+        if hit is not None:
+            return hit
+        if not any(alpha):
+            val = self.one
+        elif group == self.g.L:  # independent standard noise: prod (k-1)!!
+            val = self.one
+            for k in alpha:
+                if k % 2:
+                    val = self.R.zero
+                    break
+                val = val * sp.QQ(int(sp.factorial2(k - 1)) if k else 1)
+        else:
+            i = next(i for i, k in enumerate(alpha) if k)
+            a1 = list(alpha)
+            a1[i] -= 1
+            val = self._means[group][i] * self._moment(group, tuple(a1))
+            for j, kj in enumerate(a1):
+                if kj and self._cov[i][j]:
+                    a2 = list(a1)
+                    a2[j] -= 1
+                    val += self._cov[i][j] * kj * self._moment(group, tuple(a2))
+        self._moments[key] = val
+        return val
+
+    def _expect_factor(self, group, i):
+        """E_group[factor i of group], a ring element in the overlaps and constants."""
+        key = (group, i)
+        hit = self._expect_cache.get(key)
+        if hit is not None:
+            return hit
+        f = self._fac[group][i]
+        if group == self.const_group:
+            out = f
+        else:
+            idx = self.group_index[group]
+            out = self.R.zero
+            for mon, coef in f.items():
+                alpha = tuple(mon[i] for i in idx)
+                rest = list(mon)
+                for i in idx:
+                    rest[i] = 0
+                mom = self._moment(group, alpha)
+                if mom:
+                    out += mom * self.R({tuple(rest): coef})
+        self._expect_cache[key] = out
+        return out
+
+    def expect_spt(self, spt):
+        """E of a factored statistic: sum_t scale_t prod_g E_g[factor_tg], contracted group by
+        group so that shared prefixes of factor ids are multiplied once."""
+        items = sorted(spt.items())
+
+        last = self.n_groups - 1
+
+        def contract(lo, hi, j):
+            total = self.R.zero
+            if j == last:  # leaves: E_last[i] times a rational
+                acc = {}
+                for key, sc in items[lo:hi]:
+                    acc[key[j]] = acc.get(key[j], 0) + sc
+                for i, sc in acc.items():
+                    if sc:
+                        total += self._expect_factor(j, i).mul_ground(sc)
+                return total
+            start = lo
+            while start < hi:
+                i = items[start][0][j]
+                end = start + 1
+                while end < hi and items[end][0][j] == i:
+                    end += 1
+                rest = contract(start, end, j + 1)
+                if rest:
+                    total += rest if i == 0 else self._expect_factor(j, i) * rest
+                start = end
+            return total
+
+        return self._reduce(contract(0, len(items), 0)) if items else self.R.zero
+
+    def to_sympy(self, p):
+        """A ring element back to a SymPy expression (constants restored)."""
+        expr = p.as_expr()
+        if self.back:
+            expr = expr.xreplace(self.back)
+        return expr
+
+    def expect(self, expr):
+        """Exact E[expr] for an expression polynomial in the random variables."""
+        return self.to_sympy(self.expect_spt(self.to_spt(expr)))
+
+
+# ----------------------------------------------------------------------------------------
+# Mixed statistics: exact where polynomial, Gauss-Hermite nodes where not
+# ----------------------------------------------------------------------------------------
+
+def _nonpolynomial_symbols(expr) -> set:
+    """Symbols that occur inside a non-polynomial sub-expression (a function, a division...)."""
+    if expr.is_Atom:
+        return set()
+    if expr.is_Add or expr.is_Mul or (expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0):
+        out = set()
+        for a in expr.args:
+            out |= _nonpolynomial_symbols(a)
+        return out
+    return set(expr.free_symbols)
+
+
+def _wick(cov, alpha):
+    """E[prod x_i^alpha_i] of a centred Gaussian with covariance `cov` (SymPy)."""
+    memo = {}
+
+    def rec(a):
+        if a in memo:
+            return memo[a]
+        if not any(a):
+            return sp.Integer(1)
+        i = next(i for i, k in enumerate(a) if k)
+        a1 = list(a)
+        a1[i] -= 1
+        val = sp.Integer(0)
+        for j, kj in enumerate(a1):
+            if kj and cov[i][j] != 0:
+                a2 = list(a1)
+                a2[j] -= 1
+                val += cov[i][j] * kj * rec(tuple(a2))
+        memo[a] = val
+        return val
+
+    return rec(tuple(alpha))
+
+
+def _integrate_polynomial_part(expr, variables, cov):
+    """E over centred Gaussians `variables` (covariance cov) of an expression polynomial in
+    them, with coefficients that may be anything."""
+    if not variables or not (expr.free_symbols & set(variables)):
+        return expr
+    poly = sp.Poly(sp.expand(expr, deep=False), *variables)
+    out = sp.Integer(0)
+    for alpha, coef in poly.terms():
+        if any(alpha):
+            w = _wick(cov, alpha)
+            if w != 0:
+                out += coef * w
+        else:
+            out += coef
+    return out
+
+
+class Expectation:
+    """E[expr] over the Gaussian of a spec: exact for polynomials, quadrature otherwise.
+
+    Use :meth:`expect`; :attr:`methods` records "exact" or "quadrature" for every call.
+    """
+
+    def __init__(self, gauss: TokenGaussian, exprs, extra_symbols=()):
+        self.g = gauss
+        self.exact = ExactEngine(gauss, exprs, extra_symbols)
+        self.used_quadrature = False
+
+    def expect(self, expr):
+        """E[expr]; a SymPy expression in the overlaps, parameters and GaussHermite nodes."""
+        try:
+            return self.exact.expect(expr)
+        except NotPolynomial:
+            self.used_quadrature = True
+            return self._expect_mixed(sp.sympify(expr))
+
+    def _expect_mixed(self, expr):
+        g = self.g
+        # 1. label noise: independent standard Gaussians, polynomial in the integrand
+        expr = _integrate_polynomial_part(expr, g.xi, [[int(i == j) for j in range(g.K)]
+                                                        for i in range(g.K)])
+        # 2. zeta given z: zeta_la = e_a (z_l - mu_l)/q + eps_la, eps_l ~ N(0, I - e e^T / q)
+        if g.r:
+            eps = [[sp.Dummy(f"eps{l + 1}_{a + 1}") for a in range(g.r)] for l in range(g.L)]
+            sub = {g.zeta[l][a]: g.e[a] * (g.z[l] - g.mu(l)) / g.q + eps[l][a]
+                   for l in range(g.L) for a in range(g.r)}
+            expr = expr.xreplace(sub)
+            flat = [v for row in eps for v in row]
+            n = len(flat)
+            cov = [[sp.Integer(0)] * n for _ in range(n)]
+            for l in range(g.L):
+                for a in range(g.r):
+                    for b in range(g.r):
+                        cov[l * g.r + a][l * g.r + b] = int(a == b) - g.e[a] * g.e[b] / g.q
+            expr = _integrate_polynomial_part(expr, flat, cov)
+        # 3. split into terms: polynomial ones exactly, the rest grouped by the variables used
+        random = set(g.zstar) | set(g.z)
+        poly_part, groups = sp.Integer(0), {}
+        for term in sp.Add.make_args(sp.expand(expr)):
+            used = term.free_symbols & random
+            if not used:
+                poly_part += term
+                continue
+            try:
+                self.exact.to_spt(term)
+                poly_part += term
+            except NotPolynomial:
+                key = frozenset(used)
+                groups[key] = groups.get(key, sp.Integer(0)) + term
+        out = self.exact.expect(poly_part) if poly_part != 0 else sp.Integer(0)
+        nodes = {}  # one Gauss-Hermite node per set of quadrature variables
+        for used, integrand in sorted(groups.items(), key=lambda kv: sorted(map(str, kv[0]))):
+            exact, us, rest = self._quadrature_node(integrand, used)
+            out += exact
+            if us:
+                nodes[us] = nodes.get(us, sp.Integer(0)) + rest
+        for us, integrand in nodes.items():
+            out += GaussHermite(integrand, sp.Tuple(*us))
+        return out
+
+    def _quadrature_node(self, integrand, used):
+        """Whiten token by token with the fewest standard Gaussians u (u_la for z*_l, u_lb for
+        z_l) and integrate exactly every u that enters polynomially. Returns (the exact part,
+        the quadrature variables, the integrand left for quadrature)."""
+        g = self.g
+        sub, us = {}, []
+        for l in range(g.L):
+            has_t, has_s = g.zstar[l] in used, g.z[l] in used
+            if has_t and has_s:
+                u1, u2 = sp.Symbol(f"u{l + 1}a", real=True), sp.Symbol(f"u{l + 1}b", real=True)
+                sub[g.zstar[l]] = u1
+                sub[g.z[l]] = g.mu(l) + g.m * u1 + sp.sqrt(g.q - g.m ** 2) * u2
+                us += [u1, u2]
+            elif has_t:
+                u1 = sp.Symbol(f"u{l + 1}a", real=True)
+                sub[g.zstar[l]] = u1
+                us.append(u1)
+            elif has_s:
+                u2 = sp.Symbol(f"u{l + 1}b", real=True)
+                sub[g.z[l]] = g.mu(l) + sp.sqrt(g.q) * u2
+                us.append(u2)
+        integrand = integrand.xreplace(sub)
+        # a u that enters only polynomially (outside every non-polynomial function) is
+        # integrated exactly by its moments; quadrature runs over the others only
+        inside = _nonpolynomial_symbols(integrand)
+        poly_us = [u for u in us if u not in inside]
+        integrand = _integrate_polynomial_part(
+            integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
+                                 for i in range(len(poly_us))])
+        us = tuple(u for u in us if u in inside)
+        exact = sp.Add(*[t for t in sp.Add.make_args(sp.expand(integrand))
+                         if not (t.free_symbols & set(us))])
+        return exact, us, integrand - exact
+
+
+def has_quadrature(expr) -> bool:
+    """True when an expression holds a GaussHermite node."""
+    return bool(sp.sympify(expr).atoms(GaussHermite))
+
+
+__all__ = ["TokenGaussian", "ExactEngine", "Expectation", "GaussHermite", "NotPolynomial",
+           "has_quadrature"]

@@ -1,0 +1,77 @@
+"""LaTeX export of a Derivation: a standalone document (article class, amsmath only) with the
+model, the population loss, the O(eta) and O(eta^2) drift and the diffusion matrix."""
+from __future__ import annotations
+
+import sympy as sp
+
+from .derive import ETA, Derivation
+
+TERMS_PER_LINE = 3
+
+_SYMBOL_NAMES = {"eta": r"\eta", "omega": r"\omega"}
+
+
+def tex(expr) -> str:
+    return sp.latex(expr, symbol_names={sp.Symbol(k, real=True): v for k, v in
+                                        _SYMBOL_NAMES.items()} | {ETA: r"\eta"})
+
+
+def broken_lines(lhs: str, expr) -> str:
+    """An align* block `lhs = expr` broken after every few terms, so long sums fit the page."""
+    terms = list(sp.Add.make_args(sp.expand(expr))) if expr != 0 else [sp.Integer(0)]
+    terms = sorted(terms, key=sp.default_sort_key)
+    lines = []
+    for k in range(0, len(terms), TERMS_PER_LINE):
+        chunk = terms[k:k + TERMS_PER_LINE]
+        body = " + ".join(tex(t) for t in chunk).replace("+ -", "- ")
+        lines.append(body)
+    out = [rf"{lhs} &= {lines[0]}"]
+    out += [rf"&\quad + {ln}" for ln in lines[1:]]
+    return "\\begin{align*}\n" + " \\\\\n".join(out).replace("+ -", "- ") + "\n\\end{align*}\n"
+
+
+def document(D: Derivation) -> str:
+    """The LaTeX source of a standalone document for a Derivation."""
+    spec = D.spec
+    names = [tex(s) for s in D.state]
+    C = spec.C
+    parts = [
+        r"\documentclass[10pt]{article}",
+        r"\usepackage{amsmath,amssymb}",
+        r"\allowdisplaybreaks",
+        r"\begin{document}",
+        rf"\section*{{Model \texttt{{{spec.name.replace('_', chr(92) + '_')}}}}}",
+        rf"Sequence length $L = {spec.L}$, "
+        + (rf"positional coefficients $C = {tex(sp.Matrix(C))}$, " if C else
+           "no positional encoding, ")
+        + rf"{'spherical' if spec.spherical else 'plain'} online SGD, loss "
+        r"$\ell = \frac12 \lVert y - \hat y\rVert^2$"
+        + (rf" with label-noise variance $\Delta = {tex(spec.noise)}$" if spec.noise else "")
+        + ". Conventions: MATH.md (overlaps $m$, $e$, $q$; time $t$ = steps$/d$; "
+        r"per-step learning rate $\eta$).",
+        r"\begin{align*}",
+        rf"g^*(z) &= {tex(spec.teacher)}, & g(z) &= {tex(spec.student)}.",
+        r"\end{align*}",
+        rf"All expectations are {'exact' if D.method == 'exact' else 'exact where the integrand is polynomial; the others are written as Gaussian expectations, evaluated by Gauss--Hermite quadrature'}.",
+        r"\section*{Population loss}",
+        broken_lines(r"\mathcal{R}", D.population_loss),
+        r"\section*{Drift}",
+        r"$\frac{d}{dt} X_i = \eta\, F^{(1)}_i + \eta^2 F^{(2)}_i$ with $F^{(1)} = "
+        r"\mathbb{E}[G_1]$ (gradient flow) and $F^{(2)} = \mathbb{E}[G_2]$ (noise-induced).",
+    ]
+    for name, a, b in zip(names, D.drift_eta1, D.drift_eta2):
+        parts.append(broken_lines(rf"F^{{(1)}}_{{{name}}}", a))
+        parts.append(broken_lines(rf"F^{{(2)}}_{{{name}}}", b))
+    parts.append(r"\section*{Diffusion}")
+    parts.append(r"$D = \mathrm{Cov}(G)/d$, with $\mathrm{Cov}(G)_{ij}$ below "
+                 r"(rows and columns in the order $" + ", ".join(names) + "$).")
+    n = len(names)
+    for i in range(n):
+        for j in range(i, n):
+            parts.append(broken_lines(rf"\mathrm{{Cov}}(G)_{{{names[i]} {names[j]}}}",
+                                      D.covariance[i, j]))
+    parts.append(r"\end{document}")
+    return "\n".join(parts) + "\n"
+
+
+__all__ = ["document", "tex"]

@@ -1,0 +1,84 @@
+"""The vocabulary of link expressions: the names a spec's ``link`` string may use.
+
+A link is a SymPy expression in the token projections z1..zL (also the column vector z) and the
+spec's parameters. Besides SymPy's arithmetic it may call:
+
+    He(k, x)          probabilists' Hermite polynomial He_k(x) (He_2 = x^2 - 1), expanded
+    sqrt, exp, log, erf, tanh, Abs, pi, E
+    sigmoid(x)        1 / (1 + exp(-x))
+    relu(x)           max(x, 0)
+    Matrix(...)       a matrix or vector of expressions
+    outer(u, v)       u v^T
+    trace(M)          sum of the diagonal
+    softmax_rows(M)   row-wise softmax: exp(M_ij) / sum_k exp(M_ik)
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+
+def He(k, x):
+    """Probabilists' Hermite polynomial He_k(x), as an expanded polynomial in x."""
+    k = sp.sympify(k)
+    if not (k.is_Integer and k >= 0):
+        raise ValueError(f"He(k, x) needs a non-negative integer degree k, got {k}")
+    return sp.expand(sp.hermite_prob(int(k), x))
+
+
+def sigmoid(x):
+    """Logistic function 1 / (1 + exp(-x))."""
+    return 1 / (1 + sp.exp(-x))
+
+
+def relu(x):
+    """Rectified linear unit max(x, 0)."""
+    return sp.Max(x, 0)
+
+
+def _as_matrix(v):
+    return v if isinstance(v, sp.MatrixBase) else sp.Matrix([v])
+
+
+def outer(u, v):
+    """Outer product u v^T of two vectors (column or row)."""
+    u, v = _as_matrix(u), _as_matrix(v)
+    u = u if u.shape[1] == 1 else u.T
+    v = v if v.shape[1] == 1 else v.T
+    return u * v.T
+
+
+def trace(M):
+    """Trace of a square matrix: sum_i M_ii."""
+    return sp.Matrix(M).trace()
+
+
+def softmax_rows(M):
+    """Row-wise softmax of a matrix: S_ij = exp(M_ij) / sum_k exp(M_ik)."""
+    M = sp.Matrix(M)
+    rows = []
+    for i in range(M.rows):
+        ex = [sp.exp(M[i, j]) for j in range(M.cols)]
+        total = sp.Add(*ex)
+        rows.append([x / total for x in ex])
+    return sp.Matrix(rows)
+
+
+VOCABULARY = {
+    "He": He,
+    "sqrt": sp.sqrt,
+    "exp": sp.exp,
+    "log": sp.log,
+    "erf": sp.erf,
+    "tanh": sp.tanh,
+    "Abs": sp.Abs,
+    "abs": sp.Abs,
+    "sigmoid": sigmoid,
+    "relu": relu,
+    "Matrix": sp.Matrix,
+    "outer": outer,
+    "trace": trace,
+    "softmax_rows": softmax_rows,
+    "pi": sp.pi,
+    "E": sp.E,
+    "Rational": sp.Rational,
+}

@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -73,113 +92,113 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m, e):
     """Population loss R(m, e) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = e**2
-    _x1 = e**4
-    _x2 = e**6
-    _x3 = e**8
-    _x4 = m**4
-    return _bc(240*_x0 + 180*_x1 + 40*_x2 + (9/2)*_x3 - 120*_x4 + 120)
+    _x0 = (e*e)
+    _x1 = (e*e*e*e)
+    _x2 = (e*e*e*e*e*e)
+    _x3 = (e*e*e*e*e*e*e*e)
+    _x4 = (m*m*m*m)
+    return _bc(240*_x0 + 180*_x1 + 40*_x2 + (9/2)*_x3 - 120*_x4 + 120)[0]
 
 def drift_eta1(m, e):
     """O(eta) drift coefficients E[G1_i] for (m, e): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = e**2
-    _x1 = e**4
-    _x2 = e**6
-    _x3 = e**8
-    _x4 = m**4
-    _x5 = m**3
-    _x6 = m**5
+    _x0 = (e*e)
+    _x1 = (e*e*e*e)
+    _x2 = (e*e*e*e*e*e)
+    _x3 = (e*e*e*e*e*e*e*e)
+    _x4 = (m*m*m*m)
+    _x5 = (m*m*m)
+    _x6 = (m*m*m*m*m)
     _x7 = _x0*m
     _x8 = _x1*m
     _x9 = _x2*m
     _x10 = _x3*m
     _x11 = 480*e
-    _x12 = e**3
-    _x13 = e**5
-    _x14 = e**7
-    _x15 = e**9
+    _x12 = (e*e*e)
+    _x13 = (e*e*e*e*e)
+    _x14 = (e*e*e*e*e*e*e)
+    _x15 = (e*e*e*e*e*e*e*e*e)
     return _bc(36*_x10 + 480*_x5 - 480*_x6 + 480*_x7 + 720*_x8 + 240*_x9, -_x11*_x4 - _x11 - 240*_x12 + 480*_x13 + 204*_x14 + 36*_x15)
 
 def drift_eta2(m, e):
     """O(eta^2) drift coefficients E[G2_i] for (m, e) (exact)."""
-    _x0 = e**2
-    _x1 = e**4
-    _x2 = e**6
-    _x3 = e**8
-    _x4 = m**4
-    _x5 = m**3
-    _x6 = m**5
+    _x0 = (e*e)
+    _x1 = (e*e*e*e)
+    _x2 = (e*e*e*e*e*e)
+    _x3 = (e*e*e*e*e*e*e*e)
+    _x4 = (m*m*m*m)
+    _x5 = (m*m*m)
+    _x6 = (m*m*m*m*m)
     _x7 = _x0*m
     _x8 = _x1*m
     _x9 = _x2*m
     _x10 = _x3*m
-    _x12 = e**3
-    _x13 = e**5
-    _x14 = e**7
-    _x15 = e**9
-    _x16 = m**7
-    _x17 = e**10
-    _x18 = e**12
-    _x19 = e**14
-    _x20 = e**11
-    _x21 = e**13
-    _x22 = e**15
-    _x23 = m**2
-    _x24 = m**6
+    _x12 = (e*e*e)
+    _x13 = (e*e*e*e*e)
+    _x14 = (e*e*e*e*e*e*e)
+    _x15 = (e*e*e*e*e*e*e*e*e)
+    _x16 = (m*m*m*m*m*m*m)
+    _x17 = (e*e*e*e*e*e*e*e*e*e)
+    _x18 = (e*e*e*e*e*e*e*e*e*e*e*e)
+    _x19 = (e*e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x20 = (e*e*e*e*e*e*e*e*e*e*e)
+    _x21 = (e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x22 = (e*e*e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x23 = (m*m)
+    _x24 = (m*m*m*m*m*m)
     return _bc(-1410048*_x0*_x5 + 30018816*_x0*_x6 - 391680*_x1*_x5 + 15141888*_x1*_x6 - 3460656*_x10 - 1566720*_x16 - 333264*_x17*m - 16808*_x18*m - 360*_x19*m + 1431552*_x2*_x6 - 470016*_x5 + 6246144*_x6 - 35930880*_x7 - 44205696*_x8 - 18447360*_x9 - 4209408*m, -1410048*_x12*_x23 + 30018816*_x12*_x4 - 35930880*_x12 - 391680*_x13*_x23 + 15141888*_x13*_x4 - 44205696*_x13 + 1431552*_x14*_x4 - 18447360*_x14 - 3460656*_x15 - 333264*_x20 - 16808*_x21 - 360*_x22 - 470016*_x23*e - 1566720*_x24*e + 6246144*_x4*e - 4209408*e)
 
 def drift(m, e, eta):
     """Drift d(m, e)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = e**2
-    _x1 = e**4
-    _x2 = e**6
-    _x3 = e**8
-    _x4 = m**4
-    _x5 = m**3
-    _x6 = m**5
+    _x0 = (e*e)
+    _x1 = (e*e*e*e)
+    _x2 = (e*e*e*e*e*e)
+    _x3 = (e*e*e*e*e*e*e*e)
+    _x4 = (m*m*m*m)
+    _x5 = (m*m*m)
+    _x6 = (m*m*m*m*m)
     _x7 = _x0*m
     _x8 = _x1*m
     _x9 = _x2*m
     _x10 = _x3*m
     _x11 = 480*e
-    _x12 = e**3
-    _x13 = e**5
-    _x14 = e**7
-    _x15 = e**9
-    _x16 = m**7
-    _x17 = e**10
-    _x18 = e**12
-    _x19 = e**14
-    _x20 = e**11
-    _x21 = e**13
-    _x22 = e**15
-    _x23 = m**2
-    _x24 = m**6
+    _x12 = (e*e*e)
+    _x13 = (e*e*e*e*e)
+    _x14 = (e*e*e*e*e*e*e)
+    _x15 = (e*e*e*e*e*e*e*e*e)
+    _x16 = (m*m*m*m*m*m*m)
+    _x17 = (e*e*e*e*e*e*e*e*e*e)
+    _x18 = (e*e*e*e*e*e*e*e*e*e*e*e)
+    _x19 = (e*e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x20 = (e*e*e*e*e*e*e*e*e*e*e)
+    _x21 = (e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x22 = (e*e*e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x23 = (m*m)
+    _x24 = (m*m*m*m*m*m)
     return _bc(eta * (36*_x10 + 480*_x5 - 480*_x6 + 480*_x7 + 720*_x8 + 240*_x9) + eta**2 * (-1410048*_x0*_x5 + 30018816*_x0*_x6 - 391680*_x1*_x5 + 15141888*_x1*_x6 - 3460656*_x10 - 1566720*_x16 - 333264*_x17*m - 16808*_x18*m - 360*_x19*m + 1431552*_x2*_x6 - 470016*_x5 + 6246144*_x6 - 35930880*_x7 - 44205696*_x8 - 18447360*_x9 - 4209408*m), eta * (-_x11*_x4 - _x11 - 240*_x12 + 480*_x13 + 204*_x14 + 36*_x15) + eta**2 * (-1410048*_x12*_x23 + 30018816*_x12*_x4 - 35930880*_x12 - 391680*_x13*_x23 + 15141888*_x13*_x4 - 44205696*_x13 + 1431552*_x14*_x4 - 18447360*_x14 - 3460656*_x15 - 333264*_x20 - 16808*_x21 - 360*_x22 - 470016*_x23*e - 1566720*_x24*e + 6246144*_x4*e - 4209408*e))
 
 def covariance(m, e, eta):
     """Cov(G)_ij over (m, e), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = e**2
-    _x1 = e**4
-    _x2 = e**6
-    _x3 = e**8
-    _x4 = m**4
-    _x5 = m**3
-    _x6 = m**5
-    _x12 = e**3
-    _x13 = e**5
-    _x14 = e**7
-    _x15 = e**9
-    _x16 = m**7
-    _x17 = e**10
-    _x18 = e**12
-    _x19 = e**14
-    _x20 = e**11
-    _x21 = e**13
-    _x22 = e**15
-    _x23 = m**2
-    _x24 = m**6
-    _x25 = eta**2
+    _x0 = (e*e)
+    _x1 = (e*e*e*e)
+    _x2 = (e*e*e*e*e*e)
+    _x3 = (e*e*e*e*e*e*e*e)
+    _x4 = (m*m*m*m)
+    _x5 = (m*m*m)
+    _x6 = (m*m*m*m*m)
+    _x12 = (e*e*e)
+    _x13 = (e*e*e*e*e)
+    _x14 = (e*e*e*e*e*e*e)
+    _x15 = (e*e*e*e*e*e*e*e*e)
+    _x16 = (m*m*m*m*m*m*m)
+    _x17 = (e*e*e*e*e*e*e*e*e*e)
+    _x18 = (e*e*e*e*e*e*e*e*e*e*e*e)
+    _x19 = (e*e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x20 = (e*e*e*e*e*e*e*e*e*e*e)
+    _x21 = (e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x22 = (e*e*e*e*e*e*e*e*e*e*e*e*e*e*e)
+    _x23 = (m*m)
+    _x24 = (m*m*m*m*m*m)
+    _x25 = (eta*eta)
     _x26 = _x0*_x25
     _x27 = _x1*_x25
     _x28 = _x2*_x25
@@ -190,26 +209,26 @@ def covariance(m, e, eta):
     _x33 = _x23*_x25
     _x34 = _x25*_x4
     _x35 = _x24*_x25
-    _x36 = m**8
+    _x36 = (m*m*m*m*m*m*m*m)
     _x37 = _x25*_x36
-    _x38 = m**10
+    _x38 = (m*m*m*m*m*m*m*m*m*m)
     _x39 = 10884096*_x25
-    _x40 = eta**3
+    _x40 = (eta*eta*eta)
     _x41 = _x23*_x40
     _x42 = _x4*_x40
     _x43 = _x24*_x40
     _x44 = _x36*_x40
     _x45 = _x38*_x40
-    _x46 = m**12
+    _x46 = (m*m*m*m*m*m*m*m*m*m*m*m)
     _x47 = 724156416000*_x40
-    _x48 = eta**4
+    _x48 = (eta*eta*eta*eta)
     _x49 = 885732576737624064*_x48
     _x50 = _x4*_x48
     _x51 = _x24*_x48
     _x52 = _x36*_x48
     _x53 = _x38*_x48
     _x54 = _x46*_x48
-    _x55 = _x48*m**14
+    _x55 = _x48*(m*m*m*m*m*m*m*m*m*m*m*m*m*m)
     _x56 = _x0*_x33
     _x57 = _x0*_x34
     _x58 = _x0*_x35
@@ -287,7 +306,7 @@ def covariance(m, e, eta):
     _x130 = _x19*_x50
     _x131 = _x19*_x51
     _x132 = _x19*_x52
-    _x133 = e**16
+    _x133 = (e*e*e*e*e*e*e*e*e*e*e*e*e*e*e*e)
     _x134 = 3494385557332992*_x48
     _x135 = _x133*_x23
     _x136 = _x133*_x50
@@ -308,17 +327,17 @@ def covariance(m, e, eta):
     _x151 = _x25*e
     _x152 = _x40*m
     _x153 = _x6*e
-    _x154 = m**9
+    _x154 = (m*m*m*m*m*m*m*m*m)
     _x155 = _x154*e
     _x156 = _x40*_x5
     _x157 = _x16*_x40
     _x158 = _x154*_x40
-    _x159 = m**11
+    _x159 = (m*m*m*m*m*m*m*m*m*m*m)
     _x160 = _x48*_x5
     _x161 = _x48*_x6
     _x162 = _x16*_x48
     _x163 = _x159*_x48
-    _x164 = _x48*m**13
+    _x164 = _x48*(m*m*m*m*m*m*m*m*m*m*m*m*m)
     _x165 = _x12*_x25
     _x166 = _x13*_x25
     _x167 = _x25*m
@@ -345,12 +364,12 @@ def diffusion(m, e, eta, d):
 
 def teacher_link(z1, z2):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc(z1**4 - 6*z1**2 + 2*z2**4 - 12*z2**2 + 31/3)
+    return _bc((z1*z1*z1*z1) - 6*(z1*z1) + 2*(z2*z2*z2*z2) - 12*(z2*z2) + 31/3)
 
 def student_link(z1, z2):
     """Student link g(z) entries (flattened row by row)."""
-    return _bc(z1**4 - 6*z1**2 + 2*z2**4 - 12*z2**2 + 31/3)
+    return _bc((z1*z1*z1*z1) - 6*(z1*z1) + 2*(z2*z2*z2*z2) - 12*(z2*z2) + 31/3)
 
 def student_link_gradient(z1, z2):
     """dg_k/dz_l of the student link, as K tuples of L entries."""
-    return _bc_nested(((4*z1**3 - 12*z1, 8*z2**3 - 24*z2),))
+    return _bc_nested(((4*(z1*z1*z1) - 12*z1, 8*(z2*z2*z2) - 24*z2),))

@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -73,7 +92,7 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m, q):
     """Population loss R(m, q) = E[1/2 ||y - y_hat||^2] (exact)."""
-    return _bc(-m + (1/2)*q + 1/2)
+    return _bc(-m + (1/2)*q + 1/2)[0]
 
 def drift_eta1(m, q):
     """O(eta) drift coefficients E[G1_i] for (m, q): drift = eta * this + eta^2 * drift_eta2 (exact)."""
@@ -95,21 +114,21 @@ def drift(m, q, eta):
 def covariance(m, q, eta):
     """Cov(G)_ij over (m, q), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x1 = 2*q
-    _x2 = eta**2
+    _x2 = (eta*eta)
     _x3 = _x2*q
     _x4 = 4*m
     _x5 = _x2*_x4
-    _x6 = m**2
+    _x6 = (m*m)
     _x7 = _x2*_x6
-    _x8 = eta**3
+    _x8 = (eta*eta*eta)
     _x9 = _x8*m
     _x10 = _x6*_x8
-    _x11 = eta**4
+    _x11 = (eta*eta*eta*eta)
     _x12 = 2*_x11
     _x13 = 8*_x8
     _x14 = 8*_x11
     _x15 = _x14*m
-    _x16 = q**2
+    _x16 = (q*q)
     _c0_0 = 2*_x2 + _x3 - _x5 + _x7
     _c0_1 = -_x1*_x2 + _x1*_x8 - _x1*_x9 + 4*_x10 + _x3*_x4 + _x5 - 6*_x7 + 2*_x8 - 6*_x9
     _c1_1 = -16*_x10 + 4*_x11*q + _x12*_x16 + _x12 - _x13*_x16 - _x13*q + _x14*_x6 - _x15*q - _x15 + 8*_x16*_x2 - 16*_x3*m + 4*_x3 + 4*_x7 + 24*_x9*q + 8*_x9

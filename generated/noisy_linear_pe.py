@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -73,8 +92,8 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m, e1, e2, alpha=0.5):
     """Population loss R(m, e1, e2) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = alpha**2
-    _x1 = e1**2
+    _x0 = (alpha*alpha)
+    _x1 = (e1*e1)
     _x2 = (1/2)*_x1
     _x3 = alpha*e2
     _x4 = _x3*e1
@@ -83,21 +102,21 @@ def population_loss(m, e1, e2, alpha=0.5):
     _x7 = _x0*e2
     _x8 = (1/2)*_x7
     _x9 = _x0*_x1
-    _x10 = e2**2
+    _x10 = (e2*e2)
     _x11 = _x0*_x10
     _x12 = (1/2)*_x11
-    return _bc(_x0 + _x12 + _x2 - _x4 + _x5 - _x6 - _x8*e1 + (1/8)*_x9 - m + 21/20)
+    return _bc(_x0 + _x12 + _x2 - _x4 + _x5 - _x6 - _x8*e1 + (1/8)*_x9 - m + 21/20)[0]
 
 def drift_eta1(m, e1, e2, alpha=0.5):
     """O(eta) drift coefficients E[G1_i] for (m, e1, e2): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = alpha**2
-    _x1 = e1**2
+    _x0 = (alpha*alpha)
+    _x1 = (e1*e1)
     _x3 = alpha*e2
     _x6 = _x0*m
     _x7 = _x0*e2
-    _x10 = e2**2
+    _x10 = (e2*e2)
     _x11 = _x0*_x10
-    _x13 = m**2
+    _x13 = (m*m)
     _x14 = -_x13
     _x15 = _x1*m
     _x16 = _x15*alpha
@@ -108,7 +127,7 @@ def drift_eta1(m, e1, e2, alpha=0.5):
     _x21 = _x6*e1
     _x22 = _x21*e2
     _x23 = _x1*_x6
-    _x24 = e1**3
+    _x24 = (e1*e1*e1)
     _x25 = (1/4)*_x0
     _x26 = _x1*e2
     _x27 = _x0*_x26
@@ -117,7 +136,7 @@ def drift_eta1(m, e1, e2, alpha=0.5):
     _x30 = alpha*e1
     _x31 = _x11*e1
     _x32 = _x30 - _x31
-    _x33 = e2**3
+    _x33 = (e2*e2*e2)
     _x34 = _x0*_x33
     _x35 = _x0*e1
     _x36 = e2*m
@@ -129,34 +148,34 @@ def drift_eta1(m, e1, e2, alpha=0.5):
 
 def drift_eta2(m, e1, e2, alpha=0.5):
     """O(eta^2) drift coefficients E[G2_i] for (m, e1, e2) (exact)."""
-    _x0 = alpha**2
-    _x1 = e1**2
+    _x0 = (alpha*alpha)
+    _x1 = (e1*e1)
     _x2 = (1/2)*_x1
     _x3 = alpha*e2
     _x5 = _x2*alpha
     _x6 = _x0*m
     _x7 = _x0*e2
-    _x10 = e2**2
+    _x10 = (e2*e2)
     _x11 = _x0*_x10
     _x12 = (1/2)*_x11
-    _x13 = m**2
+    _x13 = (m*m)
     _x14 = -_x13
     _x15 = _x1*m
     _x17 = e1*m
     _x20 = _x10*_x6
     _x23 = _x1*_x6
-    _x24 = e1**3
+    _x24 = (e1*e1*e1)
     _x26 = _x1*e2
     _x27 = _x0*_x26
-    _x33 = e2**3
+    _x33 = (e2*e2*e2)
     _x34 = _x0*_x33
     _x35 = _x0*e1
     _x36 = e2*m
     _x37 = -_x36
-    _x41 = alpha**4
+    _x41 = (alpha*alpha*alpha*alpha)
     _x42 = _x41*m
     _x43 = _x2*m
-    _x44 = alpha**3
+    _x44 = (alpha*alpha*alpha)
     _x45 = (1/8)*_x41
     _x46 = (1/2)*_x10
     _x47 = (21/20)*e1
@@ -173,17 +192,17 @@ def drift_eta2(m, e1, e2, alpha=0.5):
 
 def drift(m, e1, e2, eta, alpha=0.5):
     """Drift d(m, e1, e2)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = alpha**2
-    _x1 = e1**2
+    _x0 = (alpha*alpha)
+    _x1 = (e1*e1)
     _x2 = (1/2)*_x1
     _x3 = alpha*e2
     _x5 = _x2*alpha
     _x6 = _x0*m
     _x7 = _x0*e2
-    _x10 = e2**2
+    _x10 = (e2*e2)
     _x11 = _x0*_x10
     _x12 = (1/2)*_x11
-    _x13 = m**2
+    _x13 = (m*m)
     _x14 = -_x13
     _x15 = _x1*m
     _x16 = _x15*alpha
@@ -194,7 +213,7 @@ def drift(m, e1, e2, eta, alpha=0.5):
     _x21 = _x6*e1
     _x22 = _x21*e2
     _x23 = _x1*_x6
-    _x24 = e1**3
+    _x24 = (e1*e1*e1)
     _x25 = (1/4)*_x0
     _x26 = _x1*e2
     _x27 = _x0*_x26
@@ -203,7 +222,7 @@ def drift(m, e1, e2, eta, alpha=0.5):
     _x30 = alpha*e1
     _x31 = _x11*e1
     _x32 = _x30 - _x31
-    _x33 = e2**3
+    _x33 = (e2*e2*e2)
     _x34 = _x0*_x33
     _x35 = _x0*e1
     _x36 = e2*m
@@ -211,10 +230,10 @@ def drift(m, e1, e2, eta, alpha=0.5):
     _x38 = _x6*e2
     _x39 = _x10*_x30
     _x40 = 2*_x39
-    _x41 = alpha**4
+    _x41 = (alpha*alpha*alpha*alpha)
     _x42 = _x41*m
     _x43 = _x2*m
-    _x44 = alpha**3
+    _x44 = (alpha*alpha*alpha)
     _x45 = (1/8)*_x41
     _x46 = (1/2)*_x10
     _x47 = (21/20)*e1
@@ -231,8 +250,8 @@ def drift(m, e1, e2, eta, alpha=0.5):
 
 def covariance(m, e1, e2, eta, alpha=0.5):
     """Cov(G)_ij over (m, e1, e2), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = alpha**2
-    _x1 = e1**2
+    _x0 = (alpha*alpha)
+    _x1 = (e1*e1)
     _x2 = (1/2)*_x1
     _x3 = alpha*e2
     _x4 = _x3*e1
@@ -240,9 +259,9 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x7 = _x0*e2
     _x8 = (1/2)*_x7
     _x9 = _x0*_x1
-    _x10 = e2**2
+    _x10 = (e2*e2)
     _x11 = _x0*_x10
-    _x13 = m**2
+    _x13 = (m*m)
     _x15 = _x1*m
     _x16 = _x15*alpha
     _x17 = e1*m
@@ -252,24 +271,24 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x21 = _x6*e1
     _x22 = _x21*e2
     _x23 = _x1*_x6
-    _x24 = e1**3
+    _x24 = (e1*e1*e1)
     _x26 = _x1*e2
     _x27 = _x0*_x26
     _x28 = _x1*_x3
     _x29 = 2*_x28
     _x30 = alpha*e1
     _x31 = _x11*e1
-    _x33 = e2**3
+    _x33 = (e2*e2*e2)
     _x34 = _x0*_x33
     _x35 = _x0*e1
     _x36 = e2*m
     _x38 = _x6*e2
     _x39 = _x10*_x30
     _x40 = 2*_x39
-    _x41 = alpha**4
+    _x41 = (alpha*alpha*alpha*alpha)
     _x42 = _x41*m
     _x43 = _x2*m
-    _x44 = alpha**3
+    _x44 = (alpha*alpha*alpha)
     _x47 = (21/20)*e1
     _x48 = (1/2)*_x24
     _x49 = _x41*e1
@@ -278,17 +297,17 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x54 = _x41*e2
     _x55 = _x2*e2
     _x56 = _x33*_x41
-    _x57 = eta**2
+    _x57 = (eta*eta)
     _x58 = (31/10)*_x57
-    _x59 = m**4
+    _x59 = (m*m*m*m)
     _x60 = _x57*_x59
-    _x61 = eta**3
+    _x61 = (eta*eta*eta)
     _x62 = 4*_x61
     _x63 = _x59*_x62
-    _x64 = m**3
+    _x64 = (m*m*m)
     _x65 = 2*_x57
     _x66 = _x64*_x65
-    _x67 = eta**4
+    _x67 = (eta*eta*eta*eta)
     _x68 = 2*_x67
     _x69 = _x59*_x68
     _x70 = _x41*_x57
@@ -304,12 +323,12 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x80 = _x41*_x59
     _x81 = 4*_x57
     _x82 = _x6*_x81
-    _x83 = alpha**6
+    _x83 = (alpha*alpha*alpha*alpha*alpha*alpha)
     _x84 = _x62*_x83
     _x85 = _x84*m
     _x86 = _x13*_x41
     _x87 = _x81*_x86
-    _x88 = alpha**8
+    _x88 = (alpha*alpha*alpha*alpha*alpha*alpha*alpha*alpha)
     _x89 = _x75*_x88
     _x90 = _x1*_x57
     _x91 = 4*_x64
@@ -360,7 +379,7 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x136 = 6*_x44
     _x137 = _x1*_x75
     _x138 = 6*_x10
-    _x139 = alpha**5
+    _x139 = (alpha*alpha*alpha*alpha*alpha)
     _x140 = 6*_x139
     _x141 = 5*_x90
     _x142 = _x90*alpha
@@ -382,7 +401,7 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x158 = _x10*_x134
     _x159 = _x158*m
     _x160 = _x11*_x64
-    _x161 = alpha**7
+    _x161 = (alpha*alpha*alpha*alpha*alpha*alpha*alpha)
     _x162 = _x68*_x88
     _x163 = _x10*_x162
     _x164 = _x44*_x65
@@ -664,7 +683,7 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x440 = 6*_x33
     _x441 = _x26*_x67
     _x442 = _x81*m
-    _x443 = e1**4
+    _x443 = (e1*e1*e1*e1)
     _x444 = _x443*_x73
     _x445 = _x443*_x57
     _x446 = (11/10)*_x445
@@ -781,7 +800,7 @@ def covariance(m, e1, e2, eta, alpha=0.5):
     _x557 = _x10*_x143
     _x558 = _x10*_x15
     _x559 = _x10*_x364
-    _x560 = e2**4
+    _x560 = (e2*e2*e2*e2)
     _x561 = _x42*_x81
     _x562 = _x162*_x560
     _x563 = _x41*_x560

@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -73,34 +92,34 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = m**2
-    return _bc(2 - 2*_x0)
+    _x0 = (m*m)
+    return _bc(2 - 2*_x0)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x1 = m**3
+    _x1 = (m*m*m)
     return _bc(-4*_x1 + 4*m)
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x1 = m**3
+    _x1 = (m*m*m)
     return _bc(24*_x1 - 24*m)
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x1 = m**3
+    _x1 = (m*m*m)
     return _bc(eta * (-4*_x1 + 4*m) + eta**2 * (24*_x1 - 24*m))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = m**2
-    _x2 = eta**2
-    _x3 = m**4
-    _x4 = m**6
-    _x5 = eta**3
+    _x0 = (m*m)
+    _x2 = (eta*eta)
+    _x3 = (m*m*m*m)
+    _x4 = (m*m*m*m*m*m)
+    _x5 = (eta*eta*eta)
     _x6 = 2688*_x5
-    _x7 = eta**4
-    _c0_0 = -16*_x0*_x2 - _x0*_x6 + 31104*_x0*_x7 - 112*_x2*_x3 + 80*_x2*_x4 + 48*_x2 + 5376*_x3*_x5 - 73728*_x3*_x7 - _x4*_x6 + 54144*_x4*_x7 - 11520*_x7*m**8
+    _x7 = (eta*eta*eta*eta)
+    _c0_0 = -16*_x0*_x2 - _x0*_x6 + 31104*_x0*_x7 - 112*_x2*_x3 + 80*_x2*_x4 + 48*_x2 + 5376*_x3*_x5 - 73728*_x3*_x7 - _x4*_x6 + 54144*_x4*_x7 - 11520*_x7*(m*m*m*m*m*m*m*m)
     return _bc_nested(((_c0_0,),))
 
 def diffusion(m, eta, d):
@@ -110,11 +129,11 @@ def diffusion(m, eta, d):
 
 def teacher_link(z1):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc(z1**2)
+    return _bc((z1*z1))
 
 def student_link(z1):
     """Student link g(z) entries (flattened row by row)."""
-    return _bc(z1**2)
+    return _bc((z1*z1))
 
 def student_link_gradient(z1):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

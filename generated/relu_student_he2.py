@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -75,7 +94,7 @@ def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (quadrature)."""
     _gh0 = _gh_node_0(m)
     _gh1 = _gh_node_1(m)
-    return _bc(_gh0 + _gh1 + 1/2)
+    return _bc(_gh0 + _gh1 + 1/2)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (quadrature)."""
@@ -109,13 +128,13 @@ def covariance(m, eta):
     _gh7 = _gh_node_7(m)
     _gh8 = _gh_node_8(m)
     _gh9 = _gh_node_9(m)
-    _x0 = eta**3
-    _x1 = eta**2
-    _x2 = eta**4
+    _x0 = (eta*eta*eta)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta*eta)
     _x3 = 2*_x0
     _x4 = _gh2*_x3
     _x5 = _gh3*_x3
-    _c0_0 = 2*_gh10*_x0 + _gh11*_x1 - _gh2**2*_x1 - 2*_gh2*_gh3*_x1 - _gh3**2*_x1 - _gh4**2*_x2 - 2*_gh4*_gh5*_x2 - _gh4*_x4 - _gh4*_x5 - _gh5**2*_x2 - _gh5*_x4 - _gh5*_x5 + _gh6*_x1 + 2*_gh7*_x0 + _gh8*_x2 + _gh9*_x2
+    _c0_0 = 2*_gh10*_x0 + _gh11*_x1 - (_gh2*_gh2)*_x1 - 2*_gh2*_gh3*_x1 - (_gh3*_gh3)*_x1 - (_gh4*_gh4)*_x2 - 2*_gh4*_gh5*_x2 - _gh4*_x4 - _gh4*_x5 - (_gh5*_gh5)*_x2 - _gh5*_x4 - _gh5*_x5 + _gh6*_x1 + 2*_gh7*_x0 + _gh8*_x2 + _gh9*_x2
     return _bc_nested(((_c0_0,),))
 
 def diffusion(m, eta, d):
@@ -123,242 +142,248 @@ def diffusion(m, eta, d):
     c = covariance(m, eta)
     return numpy.array(c) / d
 
+def _gh_integrand_0(_u, m):
+    """Integrand of node 0 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    return -1/2*numpy.sqrt(2)*(u1a*u1a)*numpy.maximum(0, m*u1a + u1b*numpy.sqrt(1 - (m*m)))
+
 def _gh_node_0(m, n=None):
-    """E over u = (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
     -sqrt(2)*u1a**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2
     """
-    _u, _w = _gh_grid(2, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1a = _u[0].reshape((-1,) + (1,) * len(_shape))
-    u1b = _u[1].reshape((-1,) + (1,) * len(_shape))
-    _f = numpy.broadcast_to(-1/2*numpy.sqrt(2)*u1a**2*numpy.maximum(0, m*u1a + u1b*numpy.sqrt(1 - m**2)), (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _gh_expect(_gh_integrand_0, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_1(_u, m):
+    """Integrand of node 1 at quadrature points _u = (u1b)."""
+    (u1b,) = _u
+    _y0 = numpy.maximum(0, u1b)
+    return (1/2)*(_y0*_y0) + (1/2)*numpy.sqrt(2)*_y0
 
 def _gh_node_1(m, n=None):
-    """E over u = (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
     Max(0, u1b)**2/2 + sqrt(2)*Max(0, u1b)/2
     """
-    _u, _w = _gh_grid(1, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1b = _u[0].reshape((-1,) + (1,) * len(_shape))
-    _y0 = numpy.maximum(0, u1b)
-    _f = numpy.broadcast_to((1/2)*_y0**2 + (1/2)*numpy.sqrt(2)*_y0, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _gh_expect(_gh_integrand_1, 1, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_2(_u, m):
+    """Integrand of node 2 at quadrature points _u = (u1b)."""
+    (u1b,) = _u
+    _y0 = m*u1b*numpy.heaviside(u1b, 0.5)
+    return _y0*numpy.maximum(0, u1b) + (1/2)*numpy.sqrt(2)*_y0
 
 def _gh_node_2(m, n=None):
-    """E over u = (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
     m*u1b*Heaviside(u1b)*Max(0, u1b) + sqrt(2)*m*u1b*Heaviside(u1b)/2
     """
-    _u, _w = _gh_grid(1, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1b = _u[0].reshape((-1,) + (1,) * len(_shape))
-    _y0 = m*u1b*numpy.heaviside(u1b, 0.5)
-    _f = numpy.broadcast_to(_y0*numpy.maximum(0, u1b) + (1/2)*numpy.sqrt(2)*_y0, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _gh_expect(_gh_integrand_2, 1, QUADRATURE_NODES if n is None else n, m)
 
-def _gh_node_3(m, n=None):
-    """E over u = (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    -sqrt(2)*m**2*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - sqrt(2)*m*u1a**2*u1b*sqrt(1 - m**2)*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 + sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - sqrt(2)*u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
-    """
-    _u, _w = _gh_grid(2, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1a = _u[0].reshape((-1,) + (1,) * len(_shape))
-    u1b = _u[1].reshape((-1,) + (1,) * len(_shape))
-    _y0 = m**2
+def _gh_integrand_3(_u, m):
+    """Integrand of node 3 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = (m*m)
     _y1 = u1b*numpy.sqrt(1 - _y0)
     _y2 = _y1 + m*u1a
     _y3 = numpy.heaviside(_y2, 0.5)
     _y4 = _y3*u1a
     _y5 = numpy.sqrt(2)
     _y6 = (1/2)*_y5
-    _y7 = u1a**3
+    _y7 = (u1a*u1a*u1a)
     _y8 = _y3*_y6
-    _f = numpy.broadcast_to(-_y0*_y7*_y8 - _y1*_y8*m*u1a**2 + (1/2)*_y3*_y5*_y7 - _y4*_y6 - _y4*numpy.maximum(0, _y2), (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return -_y0*_y7*_y8 - _y1*_y8*m*(u1a*u1a) + (1/2)*_y3*_y5*_y7 - _y4*_y6 - _y4*numpy.maximum(0, _y2)
+
+def _gh_node_3(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    -sqrt(2)*m**2*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - sqrt(2)*m*u1a**2*u1b*sqrt(1 - m**2)*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 + sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - sqrt(2)*u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
+    """
+    return _gh_expect(_gh_integrand_3, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_4(_u, m):
+    """Integrand of node 4 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
+    _y1 = m*(numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
+    _y2 = (1/2)*_y1*(u1a*u1a)
+    return -1/4*_y1*(u1a*u1a*u1a*u1a) + numpy.sqrt(2)*_y2*numpy.maximum(0, _y0) + _y2
 
 def _gh_node_4(m, n=None):
-    """E over u = (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
     -m*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/4 + sqrt(2)*m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2 + m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2
     """
-    _u, _w = _gh_grid(2, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1a = _u[0].reshape((-1,) + (1,) * len(_shape))
-    u1b = _u[1].reshape((-1,) + (1,) * len(_shape))
-    _y0 = m*u1a + u1b*numpy.sqrt(1 - m**2)
-    _y1 = m*numpy.heaviside(_y0, 0.5)**2
-    _y2 = (1/2)*_y1*u1a**2
-    _f = numpy.broadcast_to(-1/4*_y1*u1a**4 + numpy.sqrt(2)*_y2*numpy.maximum(0, _y0) + _y2, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _gh_expect(_gh_integrand_4, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_5(_u, m):
+    """Integrand of node 5 at quadrature points _u = (u1b)."""
+    (u1b,) = _u
+    _y0 = m*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
+    _y1 = numpy.maximum(0, u1b)
+    _y2 = (1/2)*_y0
+    return -1/4*_y0 - (_y1*_y1)*_y2 - numpy.sqrt(2)*_y1*_y2
 
 def _gh_node_5(m, n=None):
-    """E over u = (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
     -m*Heaviside(u1b)**2*Max(0, u1b)**2/2 - sqrt(2)*m*Heaviside(u1b)**2*Max(0, u1b)/2 - m*Heaviside(u1b)**2/4
     """
-    _u, _w = _gh_grid(1, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1b = _u[0].reshape((-1,) + (1,) * len(_shape))
-    _y0 = m*numpy.heaviside(u1b, 0.5)**2
+    return _gh_expect(_gh_integrand_5, 1, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_6(_u, m):
+    """Integrand of node 6 at quadrature points _u = (u1b)."""
+    (u1b,) = _u
+    _y0 = (m*m)*(u1b*u1b)*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
     _y1 = numpy.maximum(0, u1b)
-    _y2 = (1/2)*_y0
-    _f = numpy.broadcast_to(-1/4*_y0 - _y1**2*_y2 - numpy.sqrt(2)*_y1*_y2, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _y0*(_y1*_y1) + numpy.sqrt(2)*_y0*_y1 + (1/2)*_y0
 
 def _gh_node_6(m, n=None):
-    """E over u = (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
     m**2*u1b**2*Heaviside(u1b)**2*Max(0, u1b)**2 + sqrt(2)*m**2*u1b**2*Heaviside(u1b)**2*Max(0, u1b) + m**2*u1b**2*Heaviside(u1b)**2/2
     """
-    _u, _w = _gh_grid(1, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1b = _u[0].reshape((-1,) + (1,) * len(_shape))
-    _y0 = m**2*u1b**2*numpy.heaviside(u1b, 0.5)**2
-    _y1 = numpy.maximum(0, u1b)
-    _f = numpy.broadcast_to(_y0*_y1**2 + numpy.sqrt(2)*_y0*_y1 + (1/2)*_y0, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _gh_expect(_gh_integrand_6, 1, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_7(_u, m):
+    """Integrand of node 7 at quadrature points _u = (u1b)."""
+    (u1b,) = _u
+    _y0 = numpy.sqrt(2)
+    _y1 = (m*m)*u1b*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
+    _y2 = numpy.maximum(0, u1b)
+    _y3 = (3/4)*_y1
+    return -1/8*_y0*_y1 - _y0*(_y2*_y2)*_y3 - 1/2*_y1*(_y2*_y2*_y2) - _y2*_y3
 
 def _gh_node_7(m, n=None):
-    """E over u = (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
     -m**2*u1b*Heaviside(u1b)**3*Max(0, u1b)**3/2 - 3*sqrt(2)*m**2*u1b*Heaviside(u1b)**3*Max(0, u1b)**2/4 - 3*m**2*u1b*Heaviside(u1b)**3*Max(0, u1b)/4 - sqrt(2)*m**2*u1b*Heaviside(u1b)**3/8
     """
-    _u, _w = _gh_grid(1, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1b = _u[0].reshape((-1,) + (1,) * len(_shape))
-    _y0 = numpy.sqrt(2)
-    _y1 = m**2*u1b*numpy.heaviside(u1b, 0.5)**3
-    _y2 = numpy.maximum(0, u1b)
-    _y3 = (3/4)*_y1
-    _f = numpy.broadcast_to(-1/8*_y0*_y1 - _y0*_y2**2*_y3 - 1/2*_y1*_y2**3 - _y2*_y3, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _gh_expect(_gh_integrand_7, 1, QUADRATURE_NODES if n is None else n, m)
 
-def _gh_node_8(m, n=None):
-    """E over u = (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    m**2*Heaviside(u1b)**4*Max(0, u1b)**4/4 + sqrt(2)*m**2*Heaviside(u1b)**4*Max(0, u1b)**3/2 + 3*m**2*Heaviside(u1b)**4*Max(0, u1b)**2/4 + sqrt(2)*m**2*Heaviside(u1b)**4*Max(0, u1b)/4 + m**2*Heaviside(u1b)**4/16
-    """
-    _u, _w = _gh_grid(1, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1b = _u[0].reshape((-1,) + (1,) * len(_shape))
-    _y0 = m**2*numpy.heaviside(u1b, 0.5)**4
+def _gh_integrand_8(_u, m):
+    """Integrand of node 8 at quadrature points _u = (u1b)."""
+    (u1b,) = _u
+    _y0 = (m*m)*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
     _y1 = numpy.maximum(0, u1b)
     _y2 = (1/4)*_y0
     _y3 = numpy.sqrt(2)
-    _f = numpy.broadcast_to((1/2)*_y0*_y1**3*_y3 + (3/4)*_y0*_y1**2 + (1/16)*_y0 + _y1**4*_y2 + _y1*_y2*_y3, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return (1/2)*_y0*(_y1*_y1*_y1)*_y3 + (3/4)*_y0*(_y1*_y1) + (1/16)*_y0 + (_y1*_y1*_y1*_y1)*_y2 + _y1*_y2*_y3
 
-def _gh_node_9(m, n=None):
-    """E over u = (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+def _gh_node_8(m, n=None):
+    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    m**2*u1a**8*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/16 - sqrt(2)*m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))/4 - m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/4 + 3*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/4 + 3*sqrt(2)*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1
+    m**2*Heaviside(u1b)**4*Max(0, u1b)**4/4 + sqrt(2)*m**2*Heaviside(u1b)**4*Max(0, u1b)**3/2 + 3*m**2*Heaviside(u1b)**4*Max(0, u1b)**2/4 + sqrt(2)*m**2*Heaviside(u1b)**4*Max(0, u1b)/4 + m**2*Heaviside(u1b)**4/16
     """
-    _u, _w = _gh_grid(2, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1a = _u[0].reshape((-1,) + (1,) * len(_shape))
-    u1b = _u[1].reshape((-1,) + (1,) * len(_shape))
-    _y0 = u1a**2
-    _y1 = m**2
+    return _gh_expect(_gh_integrand_8, 1, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_9(_u, m):
+    """Integrand of node 9 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = (u1a*u1a)
+    _y1 = (m*m)
     _y2 = m*u1a + u1b*numpy.sqrt(1 - _y1)
-    _y3 = numpy.heaviside(_y2, 0.5)**4
+    _y3 = (numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5))
     _y4 = _y1*_y3
     _y5 = (1/4)*_y4
-    _y6 = u1a**4
-    _y7 = _y5*u1a**6
+    _y6 = (u1a*u1a*u1a*u1a)
+    _y7 = _y5*(u1a*u1a*u1a*u1a*u1a*u1a)
     _y8 = numpy.maximum(0, _y2)
-    _y9 = _y8**2
+    _y9 = (_y8*_y8)
     _y10 = _y0*_y4
     _y11 = numpy.sqrt(2)
     _y12 = _y10*_y11
-    _f = numpy.broadcast_to(-_y0*_y5 + (3/4)*_y1*_y11*_y3*_y6*_y8 + (3/4)*_y1*_y3*_y6*_y9 + (3/8)*_y1*_y3*_y6 + (1/16)*_y1*_y3*u1a**8 - 3/2*_y10*_y9 - _y11*_y7*_y8 - 1/2*_y12*_y8**3 - 3/4*_y12*_y8 - _y7, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return -_y0*_y5 + (3/4)*_y1*_y11*_y3*_y6*_y8 + (3/4)*_y1*_y3*_y6*_y9 + (3/8)*_y1*_y3*_y6 + (1/16)*_y1*_y3*(u1a*u1a*u1a*u1a*u1a*u1a*u1a*u1a) - 3/2*_y10*_y9 - _y11*_y7*_y8 - 1/2*_y12*(_y8*_y8*_y8) - 3/4*_y12*_y8 - _y7
 
-def _gh_node_10(m, n=None):
-    """E over u = (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+def _gh_node_9(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    sqrt(2)*m**3*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/8 - 3*m**3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/4 - 3*sqrt(2)*m**3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/8 + 3*sqrt(2)*m**3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/4 + 3*m**3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a +
+    m**2*u1a**8*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/16 - sqrt(2)*m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))/4 - m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/4 + 3*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/4 + 3*sqrt(2)*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1
     """
-    _u, _w = _gh_grid(2, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1a = _u[0].reshape((-1,) + (1,) * len(_shape))
-    u1b = _u[1].reshape((-1,) + (1,) * len(_shape))
+    return _gh_expect(_gh_integrand_9, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_10(_u, m):
+    """Integrand of node 10 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
     _y0 = numpy.sqrt(2)
     _y1 = m*u1a
-    _y2 = m**2
+    _y2 = (m*m)
     _y3 = u1b*numpy.sqrt(1 - _y2)
     _y4 = _y1 + _y3
-    _y5 = numpy.heaviside(_y4, 0.5)**3
+    _y5 = (numpy.heaviside(_y4, 0.5)*numpy.heaviside(_y4, 0.5)*numpy.heaviside(_y4, 0.5))
     _y6 = _y1*_y5
     _y7 = _y0*_y6
-    _y8 = u1a**3
+    _y8 = (u1a*u1a*u1a)
     _y9 = _y8*m
     _y10 = _y0*_y5
     _y11 = (3/8)*_y10
-    _y12 = u1a**5
+    _y12 = (u1a*u1a*u1a*u1a*u1a)
     _y13 = _y12*m
     _y14 = (1/8)*_y10
-    _y15 = _y14*u1a**7
-    _y16 = m**3
+    _y15 = _y14*(u1a*u1a*u1a*u1a*u1a*u1a*u1a)
+    _y16 = (m*m*m)
     _y17 = _y16*_y8
     _y18 = _y12*_y16
     _y19 = numpy.maximum(0, _y4)
     _y20 = _y2*_y3
-    _y21 = _y20*u1a**2
-    _y22 = _y20*u1a**4
+    _y21 = _y20*(u1a*u1a)
+    _y22 = _y20*(u1a*u1a*u1a*u1a)
     _y23 = _y19*_y5
     _y24 = (3/2)*_y23
     _y25 = (3/4)*_y23
-    _y26 = (3/4)*_y19**2
+    _y26 = (3/4)*(_y19*_y19)
     _y27 = _y10*_y26
-    _f = numpy.broadcast_to(_y11*_y13 + _y11*_y17 - _y11*_y18 + _y11*_y21 - _y11*_y22 - _y11*_y9 + _y13*_y25 + _y14*_y20*u1a**6 + _y15*_y16 - _y15*m + _y17*_y24 + _y17*_y27 - _y18*_y25 + (1/2)*_y19**3*_y6 + (3/4)*_y19*_y6 + _y21*_y24 + _y21*_y27 - _y22*_y25 - _y24*_y9 + _y26*_y7 - _y27*_y9 + (1/8)*_y7, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return _y11*_y13 + _y11*_y17 - _y11*_y18 + _y11*_y21 - _y11*_y22 - _y11*_y9 + _y13*_y25 + _y14*_y20*(u1a*u1a*u1a*u1a*u1a*u1a) + _y15*_y16 - _y15*m + _y17*_y24 + _y17*_y27 - _y18*_y25 + (1/2)*(_y19*_y19*_y19)*_y6 + (3/4)*_y19*_y6 + _y21*_y24 + _y21*_y27 - _y22*_y25 - _y24*_y9 + _y26*_y7 - _y27*_y9 + (1/8)*_y7
 
-def _gh_node_11(m, n=None):
-    """E over u = (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+def _gh_node_10(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    m**4*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - m**4*u1a**4*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*m**4*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - m**4*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*m**4*u1a**2*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + m**4*u1a**2*u1b**2*He
+    sqrt(2)*m**3*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/8 - 3*m**3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/4 - 3*sqrt(2)*m**3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/8 + 3*sqrt(2)*m**3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/4 + 3*m**3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a +
     """
-    _u, _w = _gh_grid(2, QUADRATURE_NODES if n is None else n)
-    _shape = numpy.broadcast(m, 0.0).shape
-    u1a = _u[0].reshape((-1,) + (1,) * len(_shape))
-    u1b = _u[1].reshape((-1,) + (1,) * len(_shape))
-    _y0 = u1a**4
+    return _gh_expect(_gh_integrand_10, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_11(_u, m):
+    """Integrand of node 11 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = (u1a*u1a*u1a*u1a)
     _y1 = m*u1a
-    _y2 = m**2
+    _y2 = (m*m)
     _y3 = numpy.sqrt(1 - _y2)
     _y4 = _y3*u1b
     _y5 = _y1 + _y4
-    _y6 = numpy.heaviside(_y5, 0.5)**2
+    _y6 = (numpy.heaviside(_y5, 0.5)*numpy.heaviside(_y5, 0.5))
     _y7 = _y0*_y6
-    _y8 = u1a**2
-    _y9 = u1a**6
+    _y8 = (u1a*u1a)
+    _y9 = (u1a*u1a*u1a*u1a*u1a*u1a)
     _y10 = _y6*_y8
     _y11 = _y10*_y2
-    _y12 = m**4
+    _y12 = (m*m*m*m)
     _y13 = _y12*_y7
-    _y14 = u1b**2
+    _y14 = (u1b*u1b)
     _y15 = _y11*_y14
     _y16 = _y4*_y6
     _y17 = _y1*_y16
-    _y18 = u1a**5
-    _y19 = u1a**3
-    _y20 = m**3
+    _y18 = (u1a*u1a*u1a*u1a*u1a)
+    _y19 = (u1a*u1a*u1a)
+    _y20 = (m*m*m)
     _y21 = 2*_y16*_y19*_y20
     _y22 = numpy.maximum(0, _y5)
-    _y23 = _y22**2
+    _y23 = (_y22*_y22)
     _y24 = numpy.sqrt(2)
     _y25 = _y22*_y24
     _y26 = 2*_y25
-    _f = numpy.broadcast_to((1/2)*_y0*_y14*_y2*_y6 + 2*_y0*_y2*_y22*_y24*_y6 + 2*_y0*_y2*_y6 - 2*_y10*_y2*_y23 - _y11*_y26 - _y11 + _y12*_y14*_y22*_y24*_y6*_y8 + _y12*_y14*_y6*_y8 + (1/2)*_y12*_y6*_y9 - 1/2*_y13*_y14 - _y13*_y25 - _y13 - _y15*_y25 - _y15 - _y16*_y18*m - 2*_y17*_y23 - _y17*_y26 - _y17 + _y18*_y20*_y3*_y6*u1b + 2*_y19*_y22*_y24*_y3*_y6*m*u1b + 2*_y19*_y3*_y6*m*u1b - _y2*_y6*_y9 - _y21*_y25 - _y21 + _y22*_y24*_y6*_y8 + _y23*_y6*_y8 - _y25*_y7 + (1/2)*_y6*_y8 + (1/2)*_y6*_y9 - _y7, (_w.size,) + _shape)
-    return numpy.tensordot(_w, _f, axes=1)
+    return (1/2)*_y0*_y14*_y2*_y6 + 2*_y0*_y2*_y22*_y24*_y6 + 2*_y0*_y2*_y6 - 2*_y10*_y2*_y23 - _y11*_y26 - _y11 + _y12*_y14*_y22*_y24*_y6*_y8 + _y12*_y14*_y6*_y8 + (1/2)*_y12*_y6*_y9 - 1/2*_y13*_y14 - _y13*_y25 - _y13 - _y15*_y25 - _y15 - _y16*_y18*m - 2*_y17*_y23 - _y17*_y26 - _y17 + _y18*_y20*_y3*_y6*u1b + 2*_y19*_y22*_y24*_y3*_y6*m*u1b + 2*_y19*_y3*_y6*m*u1b - _y2*_y6*_y9 - _y21*_y25 - _y21 + _y22*_y24*_y6*_y8 + _y23*_y6*_y8 - _y25*_y7 + (1/2)*_y6*_y8 + (1/2)*_y6*_y9 - _y7
+
+def _gh_node_11(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    m**4*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - m**4*u1a**4*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*m**4*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - m**4*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*m**4*u1a**2*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + m**4*u1a**2*u1b**2*He
+    """
+    return _gh_expect(_gh_integrand_11, 2, QUADRATURE_NODES if n is None else n, m)
 
 def teacher_link(z1):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*(z1**2 - 1))
+    return _bc((1/2)*numpy.sqrt(2)*((z1*z1) - 1))
 
 def student_link(z1):
     """Student link g(z) entries (flattened row by row)."""

@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -73,76 +92,76 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m, e, omega=0.5):
     """Population loss R(m, e) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = e**4
-    _x1 = e**2
-    _x2 = m**2
-    return _bc(_x0 + 2*_x1 - 2*_x2 + 2)
+    _x0 = (e*e*e*e)
+    _x1 = (e*e)
+    _x2 = (m*m)
+    return _bc(_x0 + 2*_x1 - 2*_x2 + 2)[0]
 
 def drift_eta1(m, e, omega=0.5):
     """O(eta) drift coefficients E[G1_i] for (m, e): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = e**4
-    _x1 = e**2
-    _x2 = m**2
+    _x0 = (e*e*e*e)
+    _x1 = (e*e)
+    _x2 = (m*m)
     _x3 = 4*m
-    _x4 = m**3
+    _x4 = (m*m*m)
     _x5 = 4*e
-    _x6 = e**5
+    _x6 = (e*e*e*e*e)
     return _bc(_x0*_x3 + _x1*_x3 + _x3 - 4*_x4, -_x2*_x5 - _x5 + 4*_x6)
 
 def drift_eta2(m, e, omega=0.5):
     """O(eta^2) drift coefficients E[G2_i] for (m, e) (exact)."""
-    _x0 = e**4
-    _x1 = e**2
-    _x2 = m**2
+    _x0 = (e*e*e*e)
+    _x1 = (e*e)
+    _x2 = (m*m)
     _x3 = 4*m
-    _x4 = m**3
-    _x6 = e**5
+    _x4 = (m*m*m)
+    _x6 = (e*e*e*e*e)
     _x7 = 48*_x1
-    _x8 = e**6
-    _x9 = e**3
-    _x10 = e**7
+    _x8 = (e*e*e*e*e*e)
+    _x9 = (e*e*e)
+    _x10 = (e*e*e*e*e*e*e)
     return _bc(-28*_x0*m + 32*_x1*_x4 - _x3*_x8 + 16*_x4 - _x7*m - 16*m, -4*_x10 + 32*_x2*_x9 + 16*_x2*e - 28*_x6 - 48*_x9 - 16*e)
 
 def drift(m, e, eta, omega=0.5):
     """Drift d(m, e)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = e**4
-    _x1 = e**2
-    _x2 = m**2
+    _x0 = (e*e*e*e)
+    _x1 = (e*e)
+    _x2 = (m*m)
     _x3 = 4*m
-    _x4 = m**3
+    _x4 = (m*m*m)
     _x5 = 4*e
-    _x6 = e**5
+    _x6 = (e*e*e*e*e)
     _x7 = 48*_x1
-    _x8 = e**6
-    _x9 = e**3
-    _x10 = e**7
+    _x8 = (e*e*e*e*e*e)
+    _x9 = (e*e*e)
+    _x10 = (e*e*e*e*e*e*e)
     return _bc(eta * (_x0*_x3 + _x1*_x3 + _x3 - 4*_x4) + eta**2 * (-28*_x0*m + 32*_x1*_x4 - _x3*_x8 + 16*_x4 - _x7*m - 16*m), eta * (-_x2*_x5 - _x5 + 4*_x6) + eta**2 * (-4*_x10 + 32*_x2*_x9 + 16*_x2*e - 28*_x6 - 48*_x9 - 16*e))
 
 def covariance(m, e, eta, omega=0.5):
     """Cov(G)_ij over (m, e), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = e**4
-    _x1 = e**2
-    _x2 = m**2
-    _x4 = m**3
-    _x6 = e**5
+    _x0 = (e*e*e*e)
+    _x1 = (e*e)
+    _x2 = (m*m)
+    _x4 = (m*m*m)
+    _x6 = (e*e*e*e*e)
     _x7 = 48*_x1
-    _x8 = e**6
-    _x9 = e**3
-    _x10 = e**7
-    _x11 = eta**2
+    _x8 = (e*e*e*e*e*e)
+    _x9 = (e*e*e)
+    _x10 = (e*e*e*e*e*e*e)
+    _x11 = (eta*eta)
     _x12 = 32*_x11
     _x13 = 64*_x11
     _x14 = _x0*_x11
     _x15 = _x11*_x8
     _x16 = _x11*_x2
     _x17 = 16*_x16
-    _x18 = m**4
-    _x19 = m**6
+    _x18 = (m*m*m*m)
+    _x19 = (m*m*m*m*m*m)
     _x20 = 48*_x11
-    _x21 = eta**3
+    _x21 = (eta*eta*eta)
     _x22 = 1024*_x21
     _x23 = _x18*_x21
-    _x24 = eta**4
+    _x24 = (eta*eta*eta*eta)
     _x25 = 6656*_x24
     _x26 = _x18*_x24
     _x27 = _x19*_x24
@@ -165,29 +184,29 @@ def covariance(m, e, eta, omega=0.5):
     _x44 = _x2*_x43
     _x45 = 25472*_x24
     _x46 = _x26*_x8
-    _x47 = e**8
+    _x47 = (e*e*e*e*e*e*e*e)
     _x48 = _x21*_x47
     _x49 = _x2*_x48
     _x50 = 4624*_x24
-    _x51 = e**10
+    _x51 = (e*e*e*e*e*e*e*e*e*e)
     _x52 = 288*_x51
     _x53 = _x2*_x24
     _x54 = _x11*m
     _x55 = _x21*m
     _x56 = _x4*e
-    _x57 = m**5
+    _x57 = (m*m*m*m*m)
     _x58 = _x57*e
     _x59 = _x21*_x57
     _x60 = _x24*_x4
     _x61 = _x10*m
-    _x62 = e**9
+    _x62 = (e*e*e*e*e*e*e*e*e)
     _x63 = 288*_x24
     _x64 = _x11*_x4
     _x65 = _x21*_x4
     _x66 = _x24*_x57
-    _c0_0 = _x0*_x2*_x40 + 12800*_x0*_x27 + _x1*_x13 + 33536*_x1*_x27 + _x12*_x29 + _x12 - _x13*_x18 - 256*_x14*_x18 + 40*_x14 + 8*_x15 - _x17 - 96*_x18*_x30 + _x19*_x20 - _x19*_x22 - 3200*_x19*_x31 - _x2*_x22 + _x2*_x25 + _x2*_x45*_x8 + _x2*_x47*_x50 + 1248*_x23*_x8 + 2048*_x23 - 1344*_x26*_x47 - 15616*_x26 + 11264*_x27 - _x28*m**8 + _x29*_x34 - 5248*_x32 + 8448*_x33 - 75776*_x35 + 248*_x36 - 6752*_x38 + 6304*_x39 - 66304*_x41 + _x42*_x8 - 2624*_x44 - 17536*_x46 - 288*_x49 + _x52*_x53
-    _c0_1 = -2304*_x10*_x55 - 17536*_x10*_x60 + 1248*_x10*_x65 + _x13*_x56 + _x13*_x61 + _x20*_x58 - 128*_x21*_x56 + 11264*_x24*_x58 + _x25*e*m - _x28*e*m**7 + _x34*_x9*m + _x40*_x6*m + _x45*_x61 + _x50*_x62*m + 96*_x54*_x6 - 192*_x54*_x9 - 112*_x54*e - 4576*_x55*_x6 - 288*_x55*_x62 - 1376*_x55*_x9 + 576*_x55*e - 3200*_x59*_x9 - 448*_x59*e - 66304*_x6*_x60 - 256*_x6*_x64 + 5856*_x6*_x65 + 12800*_x6*_x66 - 1344*_x60*_x62 - 75776*_x60*_x9 - 15616*_x60*e + _x63*e**11*m + 80*_x64*_x9 + 5312*_x65*_x9 + 33536*_x66*_x9
-    _c1_1 = _x0*_x34 - 75776*_x0*_x53 + _x1*_x17 - _x1*_x19*_x28 + _x1*_x25 + _x11*_x18*_x7 + _x13*_x47 + _x13 - 224*_x14 - 48*_x15 - 256*_x16*_x8 - _x21*_x52 - 15616*_x24*_x29 + 144*_x30 + 2176*_x31 - 2304*_x32 + 128*_x33 + 11264*_x35 + 256*_x36 + 2496*_x37 + 2176*_x38 - 3200*_x39 + _x40*_x8 + 33536*_x41 - _x42 - 2400*_x43 + 5408*_x44 + _x45*_x47 + 12800*_x46 - 17536*_x47*_x53 - 1984*_x48 + 1248*_x49 + _x50*_x51 - 1344*_x51*_x53 - 66304*_x53*_x8 + _x63*e**12
+    _c0_0 = _x0*_x2*_x40 + 12800*_x0*_x27 + _x1*_x13 + 33536*_x1*_x27 + _x12*_x29 + _x12 - _x13*_x18 - 256*_x14*_x18 + 40*_x14 + 8*_x15 - _x17 - 96*_x18*_x30 + _x19*_x20 - _x19*_x22 - 3200*_x19*_x31 - _x2*_x22 + _x2*_x25 + _x2*_x45*_x8 + _x2*_x47*_x50 + 1248*_x23*_x8 + 2048*_x23 - 1344*_x26*_x47 - 15616*_x26 + 11264*_x27 - _x28*(m*m*m*m*m*m*m*m) + _x29*_x34 - 5248*_x32 + 8448*_x33 - 75776*_x35 + 248*_x36 - 6752*_x38 + 6304*_x39 - 66304*_x41 + _x42*_x8 - 2624*_x44 - 17536*_x46 - 288*_x49 + _x52*_x53
+    _c0_1 = -2304*_x10*_x55 - 17536*_x10*_x60 + 1248*_x10*_x65 + _x13*_x56 + _x13*_x61 + _x20*_x58 - 128*_x21*_x56 + 11264*_x24*_x58 + _x25*e*m - _x28*e*(m*m*m*m*m*m*m) + _x34*_x9*m + _x40*_x6*m + _x45*_x61 + _x50*_x62*m + 96*_x54*_x6 - 192*_x54*_x9 - 112*_x54*e - 4576*_x55*_x6 - 288*_x55*_x62 - 1376*_x55*_x9 + 576*_x55*e - 3200*_x59*_x9 - 448*_x59*e - 66304*_x6*_x60 - 256*_x6*_x64 + 5856*_x6*_x65 + 12800*_x6*_x66 - 1344*_x60*_x62 - 75776*_x60*_x9 - 15616*_x60*e + _x63*(e*e*e*e*e*e*e*e*e*e*e)*m + 80*_x64*_x9 + 5312*_x65*_x9 + 33536*_x66*_x9
+    _c1_1 = _x0*_x34 - 75776*_x0*_x53 + _x1*_x17 - _x1*_x19*_x28 + _x1*_x25 + _x11*_x18*_x7 + _x13*_x47 + _x13 - 224*_x14 - 48*_x15 - 256*_x16*_x8 - _x21*_x52 - 15616*_x24*_x29 + 144*_x30 + 2176*_x31 - 2304*_x32 + 128*_x33 + 11264*_x35 + 256*_x36 + 2496*_x37 + 2176*_x38 - 3200*_x39 + _x40*_x8 + 33536*_x41 - _x42 - 2400*_x43 + 5408*_x44 + _x45*_x47 + 12800*_x46 - 17536*_x47*_x53 - 1984*_x48 + 1248*_x49 + _x50*_x51 - 1344*_x51*_x53 - 66304*_x53*_x8 + _x63*(e*e*e*e*e*e*e*e*e*e*e*e)
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
 
 def diffusion(m, e, eta, d, omega=0.5):
@@ -197,11 +216,11 @@ def diffusion(m, e, eta, d, omega=0.5):
 
 def teacher_link(z1, z2, omega=0.5):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*(z1**2 + z2**2 - 2))
+    return _bc((1/2)*numpy.sqrt(2)*((z1*z1) + (z2*z2) - 2))
 
 def student_link(z1, z2, omega=0.5):
     """Student link g(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*(z1**2 + z2**2 - 2))
+    return _bc((1/2)*numpy.sqrt(2)*((z1*z1) + (z2*z2) - 2))
 
 def student_link_gradient(z1, z2, omega=0.5):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

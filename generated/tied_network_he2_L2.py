@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -74,39 +93,39 @@ def quadrature_error(function, *args, **kwargs):
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
     _x0 = numpy.sqrt(2)
-    _x1 = m**2
+    _x1 = (m*m)
     _x2 = _x0*_x1
-    return _bc(1 - 1/2*_x2)
+    return _bc(1 - 1/2*_x2)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
     _x0 = numpy.sqrt(2)
-    _x3 = m**3
+    _x3 = (m*m*m)
     return _bc(-_x0*_x3 + _x0*m)
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
     _x0 = numpy.sqrt(2)
-    _x3 = m**3
+    _x3 = (m*m*m)
     return _bc(5*_x0*_x3 - 2*_x3 - 6*m)
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = numpy.sqrt(2)
-    _x3 = m**3
+    _x3 = (m*m*m)
     return _bc(eta * (-_x0*_x3 + _x0*m) + eta**2 * (5*_x0*_x3 - 2*_x3 - 6*m))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x0 = numpy.sqrt(2)
-    _x1 = m**2
+    _x1 = (m*m)
     _x2 = _x0*_x1
-    _x4 = eta**2
-    _x5 = m**4
-    _x6 = m**6
-    _x7 = eta**3
-    _x8 = eta**4
-    _c0_0 = 6*_x0*_x4*_x5 - 4*_x0*_x4 + 208*_x0*_x5*_x7 - 4236*_x0*_x5*_x8 + 68*_x0*_x6*_x7 - 988*_x0*_x6*_x8 - 180*_x0*_x8*m**8 - 6*_x1*_x4 + 144*_x1*_x7 + 2022*_x1*_x8 - 2*_x2*_x4 - 276*_x2*_x7 - 48*_x2*_x8 - 20*_x4*_x5 + 10*_x4*_x6 + 16*_x4 + 160*_x5*_x7 + 2256*_x5*_x8 - 304*_x6*_x7 + 3456*_x6*_x8
+    _x4 = (eta*eta)
+    _x5 = (m*m*m*m)
+    _x6 = (m*m*m*m*m*m)
+    _x7 = (eta*eta*eta)
+    _x8 = (eta*eta*eta*eta)
+    _c0_0 = 6*_x0*_x4*_x5 - 4*_x0*_x4 + 208*_x0*_x5*_x7 - 4236*_x0*_x5*_x8 + 68*_x0*_x6*_x7 - 988*_x0*_x6*_x8 - 180*_x0*_x8*(m*m*m*m*m*m*m*m) - 6*_x1*_x4 + 144*_x1*_x7 + 2022*_x1*_x8 - 2*_x2*_x4 - 276*_x2*_x7 - 48*_x2*_x8 - 20*_x4*_x5 + 10*_x4*_x6 + 16*_x4 + 160*_x5*_x7 + 2256*_x5*_x8 - 304*_x6*_x7 + 3456*_x6*_x8
     return _bc_nested(((_c0_0,),))
 
 def diffusion(m, eta, d):
@@ -116,11 +135,11 @@ def diffusion(m, eta, d):
 
 def teacher_link(z1, z2):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/2)*z1**2 + (1/2)*z2**2 - 1)
+    return _bc((1/2)*(z1*z1) + (1/2)*(z2*z2) - 1)
 
 def student_link(z1, z2):
     """Student link g(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*((1/2)*z1**2 + z1*z2 + (1/2)*z2**2 - 1))
+    return _bc((1/2)*numpy.sqrt(2)*((1/2)*(z1*z1) + z1*z2 + (1/2)*(z2*z2) - 1))
 
 def student_link_gradient(z1, z2):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

@@ -29,14 +29,12 @@ QUADRATURE_NODES = 40
 
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -58,6 +56,27 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
+
+
 def quadrature_error(function, *args, **kwargs):
     """(value, error estimate) of a function of this module: the value with 2n nodes per
     dimension and its difference from the value with n = QUADRATURE_NODES."""
@@ -73,33 +92,33 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = m**2
-    return _bc(1 - 1/2*_x0)
+    _x0 = (m*m)
+    return _bc(1 - 1/2*_x0)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x1 = m**3
+    _x1 = (m*m*m)
     return _bc(-_x1 + m)
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x1 = m**3
+    _x1 = (m*m*m)
     return _bc(4*_x1 - 6*m)
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x1 = m**3
+    _x1 = (m*m*m)
     return _bc(eta * (-_x1 + m) + eta**2 * (4*_x1 - 6*m))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = m**2
-    _x2 = eta**2
-    _x3 = m**4
-    _x4 = m**6
-    _x5 = eta**3
-    _x6 = eta**4
-    _c0_0 = -11*_x0*_x2 - 186*_x0*_x5 + 1965*_x0*_x6 - 4*_x2*_x3 + 5*_x2*_x4 + 10*_x2 + 304*_x3*_x5 - 2910*_x3*_x6 - 118*_x4*_x5 + 1181*_x4*_x6 - 90*_x6*m**8
+    _x0 = (m*m)
+    _x2 = (eta*eta)
+    _x3 = (m*m*m*m)
+    _x4 = (m*m*m*m*m*m)
+    _x5 = (eta*eta*eta)
+    _x6 = (eta*eta*eta*eta)
+    _c0_0 = -11*_x0*_x2 - 186*_x0*_x5 + 1965*_x0*_x6 - 4*_x2*_x3 + 5*_x2*_x4 + 10*_x2 + 304*_x3*_x5 - 2910*_x3*_x6 - 118*_x4*_x5 + 1181*_x4*_x6 - 90*_x6*(m*m*m*m*m*m*m*m)
     return _bc_nested(((_c0_0,),))
 
 def diffusion(m, eta, d):
@@ -109,13 +128,13 @@ def diffusion(m, eta, d):
 
 def teacher_link(z1, z2, z3, z4):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/4)*numpy.sqrt(2)*(z1**2 + z2**2 + z3**2 + z4**2 - 4))
+    return _bc((1/4)*numpy.sqrt(2)*((z1*z1) + (z2*z2) + (z3*z3) + (z4*z4) - 4))
 
 def student_link(z1, z2, z3, z4):
     """Student link g(z) entries (flattened row by row)."""
     _x0 = (1/2)*z1
     _x1 = (1/2)*z2
-    return _bc((1/2)*numpy.sqrt(2)*(_x0*z2 + _x0*z3 + _x0*z4 + _x1*z3 + _x1*z4 + (1/4)*z1**2 + (1/4)*z2**2 + (1/4)*z3**2 + (1/2)*z3*z4 + (1/4)*z4**2 - 1))
+    return _bc((1/2)*numpy.sqrt(2)*(_x0*z2 + _x0*z3 + _x0*z4 + _x1*z3 + _x1*z4 + (1/4)*(z1*z1) + (1/4)*(z2*z2) + (1/4)*(z3*z3) + (1/2)*z3*z4 + (1/4)*(z4*z4) - 1))
 
 def student_link_gradient(z1, z2, z3, z4):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

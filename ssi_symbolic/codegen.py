@@ -16,6 +16,7 @@ Generated module API (all functions broadcast):
     covariance(*state, eta, **params)            nested tuple: Cov(G)_ij
     diffusion(*state, eta, d, **params)          numpy array (n, n, ...): Cov(G) / d
     teacher_link(z1..zL, **params), student_link(z1..zL, **params)   tuples of K entries
+(drift functions return a tuple even for one overlap, links a tuple even for a scalar link)
     student_link_gradient(z1..zL, **params)      tuple of K tuples of L entries dg_k/dz_l
 """
 from __future__ import annotations
@@ -58,6 +59,14 @@ class _Printer(SciPyPrinter):
         for a in expr.args[1:]:
             out = f"numpy.minimum({out}, {self._print(a)})"
         return out
+
+    def _print_Pow(self, expr, rational=False):
+        # small integer powers as products: numpy's power is several times slower than multiply
+        b, k = expr.base, expr.exp
+        if k.is_Integer and 2 <= k <= 16 and (b.is_Symbol or b.is_Function):
+            base = self._print(b)
+            return "(" + "*".join([base] * int(k)) + ")"
+        return super()._print_Pow(expr, rational=rational)
 
     def _print_Heaviside(self, expr):
         return f"numpy.heaviside({self._print(expr.args[0])}, 0.5)"
@@ -160,7 +169,7 @@ class _Module:
         fns.append(_function(
             "population_loss", st + pa,
             f"Population loss R({names}) = E[1/2 ||y - y_hat||^2] ({method}).",
-            body([r_loss]), f"_bc({pycode(r_loss)})"))
+            body([r_loss]), f"_bc({pycode(r_loss)})[0]"))
         fns.append(_function(
             "drift_eta1", st + pa,
             f"O(eta) drift coefficients E[G1_i] for ({names}): drift = eta * this + "
@@ -204,18 +213,18 @@ class _Module:
             us = [str(u) for u in node.variables]
             repl, (red,) = sp.cse([node.integrand], symbols=sp.numbered_symbols("_y"),
                                   order="canonical")
-            lines = [f"_u, _w = _gh_grid({len(us)}, QUADRATURE_NODES if n is None else n)",
-                     f"_shape = numpy.broadcast({', '.join(args + ['0.0'])}).shape"]
-            for k, u in enumerate(us):
-                lines.append(f"{u} = _u[{k}].reshape((-1,) + (1,) * len(_shape))")
-            for s, v in repl:
-                lines.append(f"{s} = {pycode(v)}")
-            lines.append(f"_f = numpy.broadcast_to({pycode(red)}, (_w.size,) + _shape)")
-            doc = (f"E over u = ({', '.join(us)}) ~ N(0, I) of the integrand below, by tensor "
+            lines = [f"{_tuple_src(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
+            fns.append(_function(
+                f"_gh_integrand_{idx}", ["_u"] + args,
+                f"Integrand of node {idx} at quadrature points _u = ({', '.join(us)}).",
+                lines, pycode(red)))
+            doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below, by tensor "
                    f"Gauss-Hermite quadrature with n nodes per dimension.\n\n"
                    f"    {sp.sstr(node.integrand)[:400]}\n    ")
-            fns.append(_function(f"_gh_node_{idx}", args + ["n=None"], doc, lines,
-                                 "numpy.tensordot(_w, _f, axes=1)"))
+            fns.append(_function(
+                f"_gh_node_{idx}", args + ["n=None"], doc, [],
+                f"_gh_expect(_gh_integrand_{idx}, {len(us)}, "
+                f"QUADRATURE_NODES if n is None else n, {', '.join(args)})"))
         return fns
 
     def link_functions(self) -> list[str]:
@@ -246,14 +255,12 @@ class _Module:
 _HELPERS = '''
 
 def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays)."""
-    xs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs])
-    return xs[0] if len(xs) == 1 else tuple(xs)
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
 
 
 def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
-    flat = flat if isinstance(flat, tuple) else (flat,)
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
@@ -273,6 +280,27 @@ def _gh_grid(k, n):
             weights = numpy.multiply.outer(weights, w)
         _GRIDS[key] = (numpy.array([g.ravel() for g in grids]), weights.ravel())
     return _GRIDS[key]
+
+
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+def _gh_expect(integrand, k, n, *args):
+    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
+    quadrature, broadcast over the arguments and chunked to bound memory."""
+    u, w = _gh_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty(size)
+    step = max(1, _GH_CHUNK // w.size)
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
+        out[s:s + step] = w @ f
+    return out.reshape(shape)
 
 
 def quadrature_error(function, *args, **kwargs):

@@ -92,8 +92,6 @@ def evaluate(spec_or_path, at: dict, eta: float = DEFAULT_ETA, d: float = DEFAUL
     names = list(spec.overlap_names)
     d1 = mod.drift_eta1(*args, **pvals)
     d2 = mod.drift_eta2(*args, **pvals)
-    d1 = d1 if isinstance(d1, tuple) else (d1,)
-    d2 = d2 if isinstance(d2, tuple) else (d2,)
     D = mod.diffusion(*args, eta=eta, d=d, **pvals)
     out = {
         "spec": spec.name,

@@ -55,10 +55,11 @@ class GaussHermite(sp.Function):
     def _eval_derivative(self, s):
         return GaussHermite(sp.diff(self.integrand, s), self.args[1])
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
         us = ", ".join(printer._print(u) for u in self.variables)
-        return (r"\mathbb{E}_{" + us + r" \sim \mathcal{N}(0,1)}\left[" +
-                printer._print(self.integrand) + r"\right]")
+        out = (r"\mathbb{E}_{" + us + r" \sim \mathcal{N}(0,1)}\left[" +
+               printer._print(self.integrand) + r"\right]")
+        return out if exp is None else rf"\left({out}\right)^{{{exp}}}"
 
 
 @dataclass(frozen=True)

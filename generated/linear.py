@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: c4abbf9377acdab7ef4228c39531ee1fd4db8a7536eb63d7942b96d70fdb2150
-# tool: ssi-symbolic 0.1.0 generator 1
+# spec-hash: 4aca39ef68f957c43f8e4e16ac76abbfad0e3f01f3f64e3543ffb08a7ad7ac3a
+# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
 import numpy
 import scipy.special
 
@@ -23,8 +23,9 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'c4abbf9377acdab7ef4228c39531ee1fd4db8a7536eb63d7942b96d70fdb2150'
+SPEC_HASH = '4aca39ef68f957c43f8e4e16ac76abbfad0e3f01f3f64e3543ffb08a7ad7ac3a'
 QUADRATURE_NODES = 40
+JACOBIAN = 'symbolic'
 
 
 
@@ -92,35 +93,52 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
-    return _bc(1 - m)[0]
+    _x0 = m - 1
+    return _bc(-_x0)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = (m*m)
-    return _bc(1 - _x0)
+    return _bc(1 - (m*m))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x0 = (m*m)
-    return _bc(_x0 - m)
+    _x0 = m - 1
+    return _bc(_x0*m)
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = (m*m)
-    return _bc(eta * (1 - _x0) + eta**2 * (_x0 - m))
+    _x0 = m - 1
+    return _bc(eta * (1 - (m*m)) + eta**2 * (_x0*m))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = (m*m)
     _x1 = (eta*eta)
-    _x2 = 2*_x1
-    _x3 = 4*(eta*eta*eta)
-    _x4 = (m*m*m*m)
-    _x5 = (m*m*m)
-    _x6 = (eta*eta*eta*eta)
-    _x7 = 2*_x6
-    _c0_0 = -4*_x0*_x1 + _x0*_x3 + _x0*_x7 + _x1*_x4 + 3*_x1 + _x2*_x5 - _x2*m - _x3*_x4 + _x3*_x5 - _x3*m + _x4*_x7 - 4*_x5*_x6
+    _x2 = 3*_x1
+    _x3 = (eta*eta*eta)
+    _x4 = 4*_x3
+    _x5 = (eta*eta*eta*eta)
+    _x6 = 2*_x5
+    _x7 = 2*_x1
+    _x8 = _x4 + _x7
+    _c0_0 = _x2 + m*(-_x8 + m*(-4*_x1 + _x4 + _x6 + m*(-4*_x5 + _x8 + m*(_x1 - _x4 + _x6))))
     return _bc_nested(((_c0_0,),))
+
+def ito_correction(m, eta):
+    """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
+    _x1 = (eta*eta)
+    _x2 = 3*_x1
+    _x3 = (eta*eta*eta)
+    _x5 = (eta*eta*eta*eta)
+    _x7 = 2*_x1
+    _x9 = -3*_x3
+    _x10 = (9/2)*_x5
+    return _bc(_x7 + _x9 + m*(_x10 + _x9 + m*(-5*_x1 + 15*_x3 - 9*_x5 + m*(_x10 + _x2 - 9*_x3))))
+
+def drift_jacobian(m, eta):
+    """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
+    _x1 = (eta*eta)
+    _x11 = 2*m
+    return _bc_nested(((_x1*(_x11 - 1) - _x11*eta,),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 9418f82ed0e50e67f7c56049713fd5499bf5746e6f37fa51236561ddea8809b9
-# tool: ssi-symbolic 0.1.0 generator 1
+# spec-hash: 6c865e1621f0e2043c7cede601e106ad612feca67dedde3a30c18f9d004b2ebf
+# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
 import numpy
 import scipy.special
 
@@ -23,8 +23,9 @@ SPHERICAL = False
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '9418f82ed0e50e67f7c56049713fd5499bf5746e6f37fa51236561ddea8809b9'
+SPEC_HASH = '6c865e1621f0e2043c7cede601e106ad612feca67dedde3a30c18f9d004b2ebf'
 QUADRATURE_NODES = 40
+JACOBIAN = 'symbolic'
 
 
 
@@ -97,8 +98,7 @@ def population_loss(m, q):
 def drift_eta1(m, q):
     """O(eta) drift coefficients E[G1_i] for (m, q): drift = eta * this + eta^2 * drift_eta2 (exact)."""
     _x0 = 2*m
-    _x1 = 2*q
-    return _bc(1 - m, _x0 - _x1)
+    return _bc(1 - m, _x0 - 2*q)
 
 def drift_eta2(m, q):
     """O(eta^2) drift coefficients E[G2_i] for (m, q) (exact)."""
@@ -108,31 +108,36 @@ def drift_eta2(m, q):
 def drift(m, q, eta):
     """Drift d(m, q)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = 2*m
-    _x1 = 2*q
-    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x0 - _x1) + eta**2 * (-_x0 + q + 1))
+    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x0 - 2*q) + eta**2 * (-_x0 + q + 1))
 
 def covariance(m, q, eta):
     """Cov(G)_ij over (m, q), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x1 = 2*q
-    _x2 = (eta*eta)
-    _x3 = _x2*q
-    _x4 = 4*m
-    _x5 = _x2*_x4
-    _x6 = (m*m)
-    _x7 = _x2*_x6
-    _x8 = (eta*eta*eta)
-    _x9 = _x8*m
-    _x10 = _x6*_x8
-    _x11 = (eta*eta*eta*eta)
-    _x12 = 2*_x11
-    _x13 = 8*_x8
-    _x14 = 8*_x11
-    _x15 = _x14*m
-    _x16 = (q*q)
-    _c0_0 = 2*_x2 + _x3 - _x5 + _x7
-    _c0_1 = -_x1*_x2 + _x1*_x8 - _x1*_x9 + 4*_x10 + _x3*_x4 + _x5 - 6*_x7 + 2*_x8 - 6*_x9
-    _c1_1 = -16*_x10 + 4*_x11*q + _x12*_x16 + _x12 - _x13*_x16 - _x13*q + _x14*_x6 - _x15*q - _x15 + 8*_x16*_x2 - 16*_x3*m + 4*_x3 + 4*_x7 + 24*_x9*q + 8*_x9
+    _x1 = (eta*eta)
+    _x2 = 2*_x1
+    _x3 = 4*_x1
+    _x4 = -_x3
+    _x5 = (eta*eta*eta)
+    _x6 = 2*_x5
+    _x7 = (eta*eta*eta*eta)
+    _x8 = 2*_x7
+    _x9 = 8*_x5
+    _x10 = -_x9
+    _x11 = 8*_x7
+    _c0_0 = _x1*q + _x2 + m*(_x1*m + _x4)
+    _c0_1 = _x6 + m*(_x3 - 6*_x5 + m*(-6*_x1 + 4*_x5) + q*(-_x4 - _x6)) + q*(-_x2 + _x6)
+    _c1_1 = _x8 + m*(-_x11 + _x9 + m*(_x11 + _x3 - 16*_x5) + q*(-16*_x1 - _x11 + 24*_x5)) + q*(_x10 + _x3 + 4*_x7 + q*(8*_x1 + _x10 + _x8))
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
+
+def ito_correction(m, q, eta):
+    """d times the O(1/d) drift of the spherical rescaling for (m, q): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
+    return _bc(0, 0)
+
+def drift_jacobian(m, q, eta):
+    """Jacobian d drift_i / d x_j over (m, q), derived symbolically (exact)."""
+    _x1 = (eta*eta)
+    _x2 = 2*_x1
+    _x12 = -2*eta
+    return _bc_nested(((-eta, 0), (-_x12 - _x2, _x1 + _x12)))
 
 def diffusion(m, q, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m, q), shape (n, n) + broadcast shape."""

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 5619f2d02b05b2ef760a686e703b9d59501f3a4af47054e733292b86ceaec85d
-# tool: ssi-symbolic 0.1.0 generator 1
+# spec-hash: 2fc5215ab11d7d0d60dac9edc07c5f273e5deb263c3a1b21781b0402c5d2a8c9
+# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
 import numpy
 import scipy.special
 
@@ -23,8 +23,9 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '5619f2d02b05b2ef760a686e703b9d59501f3a4af47054e733292b86ceaec85d'
+SPEC_HASH = '2fc5215ab11d7d0d60dac9edc07c5f273e5deb263c3a1b21781b0402c5d2a8c9'
 QUADRATURE_NODES = 40
+JACOBIAN = 'symbolic'
 
 
 
@@ -97,30 +98,45 @@ def population_loss(m):
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x1 = (m*m*m)
-    return _bc(-4*_x1 + 4*m)
+    _x0 = (m*m)
+    return _bc(m*(4 - 4*_x0))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x1 = (m*m*m)
-    return _bc(24*_x1 - 24*m)
+    _x0 = (m*m)
+    return _bc(m*(24*_x0 - 24))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x1 = (m*m*m)
-    return _bc(eta * (-4*_x1 + 4*m) + eta**2 * (24*_x1 - 24*m))
+    _x0 = (m*m)
+    return _bc(eta * (m*(4 - 4*_x0)) + eta**2 * (m*(24*_x0 - 24)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x0 = (m*m)
-    _x2 = (eta*eta)
-    _x3 = (m*m*m*m)
-    _x4 = (m*m*m*m*m*m)
-    _x5 = (eta*eta*eta)
-    _x6 = 2688*_x5
-    _x7 = (eta*eta*eta*eta)
-    _c0_0 = -16*_x0*_x2 - _x0*_x6 + 31104*_x0*_x7 - 112*_x2*_x3 + 80*_x2*_x4 + 48*_x2 + 5376*_x3*_x5 - 73728*_x3*_x7 - _x4*_x6 + 54144*_x4*_x7 - 11520*_x7*(m*m*m*m*m*m*m*m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x3 = 2688*_x2
+    _x4 = (eta*eta*eta*eta)
+    _x5 = _x0*_x4
+    _c0_0 = _x0*(_x0*(_x0*(80*_x1 - _x3 + 54144*_x4 - 11520*_x5) - 112*_x1 + 5376*_x2 - 73728*_x4) - 16*_x1 - _x3 + 31104*_x4) + 48*_x1
     return _bc_nested(((_c0_0,),))
+
+def ito_correction(m, eta):
+    """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
+    _x0 = (m*m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x4 = (eta*eta*eta*eta)
+    _x5 = _x0*_x4
+    _x6 = 7200*_x2
+    return _bc(m*(_x0*(_x0*(144*_x1 + 82080*_x4 - 17280*_x5 - _x6) - 408*_x1 + 14400*_x2 - 112320*_x4) + 264*_x1 + 47520*_x4 - _x6))
+
+def drift_jacobian(m, eta):
+    """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
+    _x0 = (m*m)
+    _x1 = (eta*eta)
+    return _bc_nested(((_x0*(72*_x1 - 12*eta) - 24*_x1 + 4*eta,),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

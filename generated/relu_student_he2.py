@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: 2fa09c2fc24ceaff781aa8899da48ca58fd87e9b264b7fd3325b0aa57fe2d3ef
-# tool: ssi-symbolic 0.1.0 generator 1
+# spec-hash: 577aee20f064532a92f295f74bcbf4352e40dcf259096db3b635dccef73a7e89
+# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
 import numpy
 import scipy.special
 
@@ -23,8 +23,9 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = '2fa09c2fc24ceaff781aa8899da48ca58fd87e9b264b7fd3325b0aa57fe2d3ef'
+SPEC_HASH = '577aee20f064532a92f295f74bcbf4352e40dcf259096db3b635dccef73a7e89'
 QUADRATURE_NODES = 40
+JACOBIAN = 'finite-difference'
 
 
 
@@ -100,13 +101,15 @@ def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (quadrature)."""
     _gh2 = _gh_node_2(m)
     _gh3 = _gh_node_3(m)
-    return _bc(_gh2 + _gh3)
+    _gh4 = _gh_node_4(m)
+    return _bc(_gh2*m + _gh3*m - _gh4)
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (quadrature)."""
-    _gh4 = _gh_node_4(m)
     _gh5 = _gh_node_5(m)
-    return _bc(_gh4 + _gh5)
+    _gh6 = _gh_node_6(m)
+    _x0 = (1/2)*m
+    return _bc(-_gh5*_x0 - _gh6*_x0)
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; quadrature)."""
@@ -114,12 +117,18 @@ def drift(m, eta):
     _gh3 = _gh_node_3(m)
     _gh4 = _gh_node_4(m)
     _gh5 = _gh_node_5(m)
-    return _bc(eta * (_gh2 + _gh3) + eta**2 * (_gh4 + _gh5))
+    _gh6 = _gh_node_6(m)
+    _x0 = (1/2)*m
+    return _bc(eta * (_gh2*m + _gh3*m - _gh4) + eta**2 * (-_gh5*_x0 - _gh6*_x0))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (quadrature); the diffusion is D = Cov(G) / d."""
     _gh10 = _gh_node_10(m)
     _gh11 = _gh_node_11(m)
+    _gh12 = _gh_node_12(m)
+    _gh13 = _gh_node_13(m)
+    _gh14 = _gh_node_14(m)
+    _gh15 = _gh_node_15(m)
     _gh2 = _gh_node_2(m)
     _gh3 = _gh_node_3(m)
     _gh4 = _gh_node_4(m)
@@ -128,14 +137,57 @@ def covariance(m, eta):
     _gh7 = _gh_node_7(m)
     _gh8 = _gh_node_8(m)
     _gh9 = _gh_node_9(m)
-    _x0 = (eta*eta*eta)
     _x1 = (eta*eta)
-    _x2 = (eta*eta*eta*eta)
-    _x3 = 2*_x0
-    _x4 = _gh2*_x3
-    _x5 = _gh3*_x3
-    _c0_0 = 2*_gh10*_x0 + _gh11*_x1 - (_gh2*_gh2)*_x1 - 2*_gh2*_gh3*_x1 - (_gh3*_gh3)*_x1 - (_gh4*_gh4)*_x2 - 2*_gh4*_gh5*_x2 - _gh4*_x4 - _gh4*_x5 - (_gh5*_gh5)*_x2 - _gh5*_x4 - _gh5*_x5 + _gh6*_x1 + 2*_gh7*_x0 + _gh8*_x2 + _gh9*_x2
+    _x2 = (eta*eta*eta)
+    _x3 = _gh12*_x2
+    _x4 = _gh13*_x1
+    _x5 = 2*_gh2*_x1
+    _x6 = _gh4*_x2
+    _x7 = _gh14*_x1
+    _x8 = _gh7*_x1
+    _x9 = (eta*eta*eta*eta)
+    _x10 = (1/4)*_x9
+    _x11 = _gh15*_x2
+    _x12 = _gh8*_x2
+    _x13 = _gh2*_x2
+    _x14 = _gh3*_x2
+    _c0_0 = _gh10*_x1 - (_gh4*_gh4)*_x1 + m*(2*_gh3*_gh4*_x1 + _gh4*_x5 - _gh5*_x6 - _gh6*_x6 + _x3 - 2*_x4 + m*(_gh11*_x10 - (_gh2*_gh2)*_x1 - (_gh3*_gh3)*_x1 - _gh3*_x5 - (_gh5*_gh5)*_x10 - 1/2*_gh5*_gh6*_x9 + _gh5*_x13 + _gh5*_x14 - (_gh6*_gh6)*_x10 + _gh6*_x13 + _gh6*_x14 + _gh9*_x10 - _x11 - _x12 + _x7 + _x8))
     return _bc_nested(((_c0_0,),))
+
+def ito_correction(m, eta):
+    """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; quadrature)."""
+    _gh11 = _gh_node_11(m)
+    _gh12 = _gh_node_12(m)
+    _gh13 = _gh_node_13(m)
+    _gh14 = _gh_node_14(m)
+    _gh15 = _gh_node_15(m)
+    _gh7 = _gh_node_7(m)
+    _gh8 = _gh_node_8(m)
+    _gh9 = _gh_node_9(m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x3 = _gh12*_x2
+    _x4 = _gh13*_x1
+    _x7 = _gh14*_x1
+    _x8 = _gh7*_x1
+    _x9 = (eta*eta*eta*eta)
+    _x11 = _gh15*_x2
+    _x12 = _gh8*_x2
+    _x15 = (3/8)*_x9*m
+    _x16 = (3/2)*m
+    return _bc(_gh11*_x15 + _gh9*_x15 - _x11*_x16 - _x12*_x16 + _x16*_x7 + _x16*_x8 + (1/2)*_x3 - _x4)
+
+def drift_jacobian(m, eta, h=1e-5):
+    """Jacobian d drift_i / d x_j over (m) by central differences of step h (error O(h^2) plus quadrature error / h): the symbolic derivative of this model has a Dirac delta."""
+    x = [numpy.asarray(v, dtype=float) for v in (m,)]
+    cols = []
+    for j in range(1):
+        xp = list(x); xp[j] = x[j] + h
+        xm = list(x); xm[j] = x[j] - h
+        fp = drift(*xp, eta=eta)
+        fm = drift(*xm, eta=eta)
+        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
+    return _bc_nested(tuple(tuple(cols[j][i] for j in range(1)) for i in range(1)))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""
@@ -170,34 +222,27 @@ def _gh_node_1(m, n=None):
 def _gh_integrand_2(_u, m):
     """Integrand of node 2 at quadrature points _u = (u1b)."""
     (u1b,) = _u
-    _y0 = m*u1b*numpy.heaviside(u1b, 0.5)
+    _y0 = u1b*numpy.heaviside(u1b, 0.5)
     return _y0*numpy.maximum(0, u1b) + (1/2)*numpy.sqrt(2)*_y0
 
 def _gh_node_2(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    m*u1b*Heaviside(u1b)*Max(0, u1b) + sqrt(2)*m*u1b*Heaviside(u1b)/2
+    u1b*Heaviside(u1b)*Max(0, u1b) + sqrt(2)*u1b*Heaviside(u1b)/2
     """
     return _gh_expect(_gh_integrand_2, 1, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_3(_u, m):
     """Integrand of node 3 at quadrature points _u = (u1a, u1b)."""
     (u1a, u1b) = _u
-    _y0 = (m*m)
-    _y1 = u1b*numpy.sqrt(1 - _y0)
-    _y2 = _y1 + m*u1a
-    _y3 = numpy.heaviside(_y2, 0.5)
-    _y4 = _y3*u1a
-    _y5 = numpy.sqrt(2)
-    _y6 = (1/2)*_y5
-    _y7 = (u1a*u1a*u1a)
-    _y8 = _y3*_y6
-    return -_y0*_y7*_y8 - _y1*_y8*m*(u1a*u1a) + (1/2)*_y3*_y5*_y7 - _y4*_y6 - _y4*numpy.maximum(0, _y2)
+    _y0 = u1b*numpy.sqrt(1 - (m*m))
+    _y1 = (1/2)*numpy.sqrt(2)*numpy.heaviside(_y0 + m*u1a, 0.5)
+    return -_y0*_y1*(u1a*u1a) - _y1*m*(u1a*u1a*u1a)
 
 def _gh_node_3(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    -sqrt(2)*m**2*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - sqrt(2)*m*u1a**2*u1b*sqrt(1 - m**2)*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 + sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - sqrt(2)*u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
+    -sqrt(2)*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - sqrt(2)*u1a**2*u1b*sqrt(1 - m**2)*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
     """
     return _gh_expect(_gh_integrand_3, 2, QUADRATURE_NODES if n is None else n, m)
 
@@ -205,181 +250,235 @@ def _gh_integrand_4(_u, m):
     """Integrand of node 4 at quadrature points _u = (u1a, u1b)."""
     (u1a, u1b) = _u
     _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
-    _y1 = m*(numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
-    _y2 = (1/2)*_y1*(u1a*u1a)
-    return -1/4*_y1*(u1a*u1a*u1a*u1a) + numpy.sqrt(2)*_y2*numpy.maximum(0, _y0) + _y2
+    _y1 = numpy.heaviside(_y0, 0.5)
+    _y2 = _y1*u1a
+    _y3 = (1/2)*numpy.sqrt(2)
+    return -_y1*_y3*(u1a*u1a*u1a) + _y2*_y3 + _y2*numpy.maximum(0, _y0)
 
 def _gh_node_4(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    -m*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/4 + sqrt(2)*m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2 + m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2
+    -sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 + u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + sqrt(2)*u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
     """
     return _gh_expect(_gh_integrand_4, 2, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_5(_u, m):
-    """Integrand of node 5 at quadrature points _u = (u1b)."""
-    (u1b,) = _u
-    _y0 = m*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y1 = numpy.maximum(0, u1b)
-    _y2 = (1/2)*_y0
-    return -1/4*_y0 - (_y1*_y1)*_y2 - numpy.sqrt(2)*_y1*_y2
+    """Integrand of node 5 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
+    _y1 = (numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
+    _y2 = _y1*(u1a*u1a)
+    return (1/2)*_y1*(u1a*u1a*u1a*u1a) - numpy.sqrt(2)*_y2*numpy.maximum(0, _y0) - _y2
 
 def _gh_node_5(m, n=None):
-    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    -m*Heaviside(u1b)**2*Max(0, u1b)**2/2 - sqrt(2)*m*Heaviside(u1b)**2*Max(0, u1b)/2 - m*Heaviside(u1b)**2/4
+    u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2
     """
-    return _gh_expect(_gh_integrand_5, 1, QUADRATURE_NODES if n is None else n, m)
+    return _gh_expect(_gh_integrand_5, 2, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_6(_u, m):
     """Integrand of node 6 at quadrature points _u = (u1b)."""
     (u1b,) = _u
-    _y0 = (m*m)*(u1b*u1b)*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
+    _y0 = (numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
     _y1 = numpy.maximum(0, u1b)
     return _y0*(_y1*_y1) + numpy.sqrt(2)*_y0*_y1 + (1/2)*_y0
 
 def _gh_node_6(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    m**2*u1b**2*Heaviside(u1b)**2*Max(0, u1b)**2 + sqrt(2)*m**2*u1b**2*Heaviside(u1b)**2*Max(0, u1b) + m**2*u1b**2*Heaviside(u1b)**2/2
+    Heaviside(u1b)**2*Max(0, u1b)**2 + sqrt(2)*Heaviside(u1b)**2*Max(0, u1b) + Heaviside(u1b)**2/2
     """
     return _gh_expect(_gh_integrand_6, 1, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_7(_u, m):
     """Integrand of node 7 at quadrature points _u = (u1b)."""
     (u1b,) = _u
-    _y0 = numpy.sqrt(2)
-    _y1 = (m*m)*u1b*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y2 = numpy.maximum(0, u1b)
-    _y3 = (3/4)*_y1
-    return -1/8*_y0*_y1 - _y0*(_y2*_y2)*_y3 - 1/2*_y1*(_y2*_y2*_y2) - _y2*_y3
+    _y0 = (u1b*u1b)*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
+    _y1 = numpy.maximum(0, u1b)
+    return _y0*(_y1*_y1) + numpy.sqrt(2)*_y0*_y1 + (1/2)*_y0
 
 def _gh_node_7(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    -m**2*u1b*Heaviside(u1b)**3*Max(0, u1b)**3/2 - 3*sqrt(2)*m**2*u1b*Heaviside(u1b)**3*Max(0, u1b)**2/4 - 3*m**2*u1b*Heaviside(u1b)**3*Max(0, u1b)/4 - sqrt(2)*m**2*u1b*Heaviside(u1b)**3/8
+    u1b**2*Heaviside(u1b)**2*Max(0, u1b)**2 + sqrt(2)*u1b**2*Heaviside(u1b)**2*Max(0, u1b) + u1b**2*Heaviside(u1b)**2/2
     """
     return _gh_expect(_gh_integrand_7, 1, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_8(_u, m):
     """Integrand of node 8 at quadrature points _u = (u1b)."""
     (u1b,) = _u
-    _y0 = (m*m)*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y1 = numpy.maximum(0, u1b)
-    _y2 = (1/4)*_y0
-    _y3 = numpy.sqrt(2)
-    return (1/2)*_y0*(_y1*_y1*_y1)*_y3 + (3/4)*_y0*(_y1*_y1) + (1/16)*_y0 + (_y1*_y1*_y1*_y1)*_y2 + _y1*_y2*_y3
+    _y0 = u1b*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
+    _y1 = numpy.sqrt(2)*_y0
+    _y2 = numpy.maximum(0, u1b)
+    return _y0*(_y2*_y2*_y2) + (3/2)*_y0*_y2 + (3/2)*_y1*(_y2*_y2) + (1/4)*_y1
 
 def _gh_node_8(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    m**2*Heaviside(u1b)**4*Max(0, u1b)**4/4 + sqrt(2)*m**2*Heaviside(u1b)**4*Max(0, u1b)**3/2 + 3*m**2*Heaviside(u1b)**4*Max(0, u1b)**2/4 + sqrt(2)*m**2*Heaviside(u1b)**4*Max(0, u1b)/4 + m**2*Heaviside(u1b)**4/16
+    u1b*Heaviside(u1b)**3*Max(0, u1b)**3 + 3*sqrt(2)*u1b*Heaviside(u1b)**3*Max(0, u1b)**2/2 + 3*u1b*Heaviside(u1b)**3*Max(0, u1b)/2 + sqrt(2)*u1b*Heaviside(u1b)**3/4
     """
     return _gh_expect(_gh_integrand_8, 1, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_9(_u, m):
-    """Integrand of node 9 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = (u1a*u1a)
-    _y1 = (m*m)
-    _y2 = m*u1a + u1b*numpy.sqrt(1 - _y1)
-    _y3 = (numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5))
-    _y4 = _y1*_y3
-    _y5 = (1/4)*_y4
-    _y6 = (u1a*u1a*u1a*u1a)
-    _y7 = _y5*(u1a*u1a*u1a*u1a*u1a*u1a)
-    _y8 = numpy.maximum(0, _y2)
-    _y9 = (_y8*_y8)
-    _y10 = _y0*_y4
-    _y11 = numpy.sqrt(2)
-    _y12 = _y10*_y11
-    return -_y0*_y5 + (3/4)*_y1*_y11*_y3*_y6*_y8 + (3/4)*_y1*_y3*_y6*_y9 + (3/8)*_y1*_y3*_y6 + (1/16)*_y1*_y3*(u1a*u1a*u1a*u1a*u1a*u1a*u1a*u1a) - 3/2*_y10*_y9 - _y11*_y7*_y8 - 1/2*_y12*(_y8*_y8*_y8) - 3/4*_y12*_y8 - _y7
+    """Integrand of node 9 at quadrature points _u = (u1b)."""
+    (u1b,) = _u
+    _y0 = (numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
+    _y1 = numpy.maximum(0, u1b)
+    _y2 = numpy.sqrt(2)*_y0
+    return _y0*(_y1*_y1*_y1*_y1) + 3*_y0*(_y1*_y1) + (1/4)*_y0 + 2*(_y1*_y1*_y1)*_y2 + _y1*_y2
 
 def _gh_node_9(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    m**2*u1a**8*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/16 - sqrt(2)*m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))/4 - m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/4 + 3*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/4 + 3*sqrt(2)*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1
+    Heaviside(u1b)**4*Max(0, u1b)**4 + 2*sqrt(2)*Heaviside(u1b)**4*Max(0, u1b)**3 + 3*Heaviside(u1b)**4*Max(0, u1b)**2 + sqrt(2)*Heaviside(u1b)**4*Max(0, u1b) + Heaviside(u1b)**4/4
     """
-    return _gh_expect(_gh_integrand_9, 2, QUADRATURE_NODES if n is None else n, m)
+    return _gh_expect(_gh_integrand_9, 1, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_10(_u, m):
     """Integrand of node 10 at quadrature points _u = (u1a, u1b)."""
     (u1a, u1b) = _u
-    _y0 = numpy.sqrt(2)
-    _y1 = m*u1a
-    _y2 = (m*m)
-    _y3 = u1b*numpy.sqrt(1 - _y2)
-    _y4 = _y1 + _y3
-    _y5 = (numpy.heaviside(_y4, 0.5)*numpy.heaviside(_y4, 0.5)*numpy.heaviside(_y4, 0.5))
-    _y6 = _y1*_y5
-    _y7 = _y0*_y6
-    _y8 = (u1a*u1a*u1a)
-    _y9 = _y8*m
-    _y10 = _y0*_y5
-    _y11 = (3/8)*_y10
-    _y12 = (u1a*u1a*u1a*u1a*u1a)
-    _y13 = _y12*m
-    _y14 = (1/8)*_y10
-    _y15 = _y14*(u1a*u1a*u1a*u1a*u1a*u1a*u1a)
-    _y16 = (m*m*m)
-    _y17 = _y16*_y8
-    _y18 = _y12*_y16
-    _y19 = numpy.maximum(0, _y4)
-    _y20 = _y2*_y3
-    _y21 = _y20*(u1a*u1a)
-    _y22 = _y20*(u1a*u1a*u1a*u1a)
-    _y23 = _y19*_y5
-    _y24 = (3/2)*_y23
-    _y25 = (3/4)*_y23
-    _y26 = (3/4)*(_y19*_y19)
-    _y27 = _y10*_y26
-    return _y11*_y13 + _y11*_y17 - _y11*_y18 + _y11*_y21 - _y11*_y22 - _y11*_y9 + _y13*_y25 + _y14*_y20*(u1a*u1a*u1a*u1a*u1a*u1a) + _y15*_y16 - _y15*m + _y17*_y24 + _y17*_y27 - _y18*_y25 + (1/2)*(_y19*_y19*_y19)*_y6 + (3/4)*_y19*_y6 + _y21*_y24 + _y21*_y27 - _y22*_y25 - _y24*_y9 + _y26*_y7 - _y27*_y9 + (1/8)*_y7
+    _y0 = (u1a*u1a)
+    _y1 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
+    _y2 = (numpy.heaviside(_y1, 0.5)*numpy.heaviside(_y1, 0.5))
+    _y3 = (1/2)*_y2
+    _y4 = _y2*(u1a*u1a*u1a*u1a)
+    _y5 = numpy.maximum(0, _y1)
+    _y6 = _y0*_y2
+    _y7 = numpy.sqrt(2)*_y5
+    return _y0*_y3 + _y3*(u1a*u1a*u1a*u1a*u1a*u1a) - _y4*_y7 - _y4 + (_y5*_y5)*_y6 + _y6*_y7
 
 def _gh_node_10(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    sqrt(2)*m**3*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/8 - 3*m**3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/4 - 3*sqrt(2)*m**3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/8 + 3*sqrt(2)*m**3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/4 + 3*m**3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a +
+    u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + u1a**2*Heaviside(m*u1a +
     """
     return _gh_expect(_gh_integrand_10, 2, QUADRATURE_NODES if n is None else n, m)
 
 def _gh_integrand_11(_u, m):
     """Integrand of node 11 at quadrature points _u = (u1a, u1b)."""
     (u1a, u1b) = _u
-    _y0 = (u1a*u1a*u1a*u1a)
-    _y1 = m*u1a
-    _y2 = (m*m)
-    _y3 = numpy.sqrt(1 - _y2)
-    _y4 = _y3*u1b
-    _y5 = _y1 + _y4
-    _y6 = (numpy.heaviside(_y5, 0.5)*numpy.heaviside(_y5, 0.5))
-    _y7 = _y0*_y6
-    _y8 = (u1a*u1a)
-    _y9 = (u1a*u1a*u1a*u1a*u1a*u1a)
-    _y10 = _y6*_y8
-    _y11 = _y10*_y2
-    _y12 = (m*m*m*m)
-    _y13 = _y12*_y7
-    _y14 = (u1b*u1b)
-    _y15 = _y11*_y14
-    _y16 = _y4*_y6
-    _y17 = _y1*_y16
-    _y18 = (u1a*u1a*u1a*u1a*u1a)
-    _y19 = (u1a*u1a*u1a)
-    _y20 = (m*m*m)
-    _y21 = 2*_y16*_y19*_y20
-    _y22 = numpy.maximum(0, _y5)
-    _y23 = (_y22*_y22)
-    _y24 = numpy.sqrt(2)
-    _y25 = _y22*_y24
-    _y26 = 2*_y25
-    return (1/2)*_y0*_y14*_y2*_y6 + 2*_y0*_y2*_y22*_y24*_y6 + 2*_y0*_y2*_y6 - 2*_y10*_y2*_y23 - _y11*_y26 - _y11 + _y12*_y14*_y22*_y24*_y6*_y8 + _y12*_y14*_y6*_y8 + (1/2)*_y12*_y6*_y9 - 1/2*_y13*_y14 - _y13*_y25 - _y13 - _y15*_y25 - _y15 - _y16*_y18*m - 2*_y17*_y23 - _y17*_y26 - _y17 + _y18*_y20*_y3*_y6*u1b + 2*_y19*_y22*_y24*_y3*_y6*m*u1b + 2*_y19*_y3*_y6*m*u1b - _y2*_y6*_y9 - _y21*_y25 - _y21 + _y22*_y24*_y6*_y8 + _y23*_y6*_y8 - _y25*_y7 + (1/2)*_y6*_y8 + (1/2)*_y6*_y9 - _y7
+    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
+    _y1 = (numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
+    _y2 = _y1*(u1a*u1a)
+    _y3 = _y1*(u1a*u1a*u1a*u1a*u1a*u1a)
+    _y4 = (u1a*u1a*u1a*u1a)
+    _y5 = numpy.maximum(0, _y0)
+    _y6 = (_y5*_y5)
+    _y7 = numpy.sqrt(2)
+    _y8 = _y5*_y7
+    return 3*_y1*_y4*_y5*_y7 + 3*_y1*_y4*_y6 + (3/2)*_y1*_y4 + (1/4)*_y1*(u1a*u1a*u1a*u1a*u1a*u1a*u1a*u1a) - 2*_y2*(_y5*_y5*_y5)*_y7 - 6*_y2*_y6 - 3*_y2*_y8 - _y2 - _y3*_y8 - _y3
 
 def _gh_node_11(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
 
-    m**4*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - m**4*u1a**4*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*m**4*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - m**4*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*m**4*u1a**2*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + m**4*u1a**2*u1b**2*He
+    u1a**8*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/4 - sqrt(2)*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4 + 3*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2 + 3*sqrt(2)*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + 3*u1a**4*Heaviside(m
     """
     return _gh_expect(_gh_integrand_11, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_12(_u, m):
+    """Integrand of node 12 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
+    _y1 = (numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
+    _y2 = _y1*u1a
+    _y3 = numpy.sqrt(2)
+    _y4 = (1/4)*_y3
+    _y5 = _y1*(u1a*u1a*u1a)
+    _y6 = (3/4)*_y3
+    _y7 = _y1*(u1a*u1a*u1a*u1a*u1a)
+    _y8 = numpy.maximum(0, _y0)
+    _y9 = (3/2)*_y8
+    _y10 = (3/2)*_y3*(_y8*_y8)
+    return -_y1*_y4*(u1a*u1a*u1a*u1a*u1a*u1a*u1a) + _y10*_y2 - _y10*_y5 + _y2*_y4 + _y2*(_y8*_y8*_y8) + _y2*_y9 - _y5*_y6 - 3*_y5*_y8 + _y6*_y7 + _y7*_y9
+
+def _gh_node_12(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    -sqrt(2)*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 + 3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2 + 3*sqrt(2)*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 - 3*sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/2 - 3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - 3
+    """
+    return _gh_expect(_gh_integrand_12, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_13(_u, m):
+    """Integrand of node 13 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = (u1a*u1a)
+    _y1 = u1b*numpy.sqrt(1 - (m*m))
+    _y2 = _y1 + m*u1a
+    _y3 = (numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5))
+    _y4 = _y3*m
+    _y5 = (1/2)*_y4
+    _y6 = _y4*(u1a*u1a*u1a*u1a)
+    _y7 = _y1*_y3
+    _y8 = (1/2)*_y7
+    _y9 = _y7*(u1a*u1a*u1a)
+    _y10 = numpy.maximum(0, _y2)
+    _y11 = (_y10*_y10)
+    _y12 = _y0*_y4
+    _y13 = numpy.sqrt(2)*_y10
+    _y14 = _y7*u1a
+    return _y0*_y5 + _y11*_y12 + _y11*_y14 + _y12*_y13 + _y13*_y14 - _y13*_y6 - _y13*_y9 + _y5*(u1a*u1a*u1a*u1a*u1a*u1a) - _y6 + _y8*(u1a*u1a*u1a*u1a*u1a) + _y8*u1a - _y9
+
+def _gh_node_13(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    m*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*m*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - m*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + m*u1a**2*Heavi
+    """
+    return _gh_expect(_gh_integrand_13, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_14(_u, m):
+    """Integrand of node 14 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = (u1a*u1a*u1a*u1a)
+    _y1 = (m*m)
+    _y2 = numpy.sqrt(1 - _y1)
+    _y3 = _y2*u1b
+    _y4 = _y3 + m*u1a
+    _y5 = (numpy.heaviside(_y4, 0.5)*numpy.heaviside(_y4, 0.5))
+    _y6 = _y0*_y1*_y5
+    _y7 = (u1a*u1a)
+    _y8 = (u1b*u1b)
+    _y9 = _y5*_y7*_y8
+    _y10 = 2*_y3*_y5*m*(u1a*u1a*u1a)
+    _y11 = numpy.sqrt(2)
+    _y12 = numpy.maximum(0, _y4)
+    _y13 = _y11*_y12
+    return (1/2)*_y0*_y5*_y8 + _y1*_y11*_y12*_y5*_y7*_y8 + _y1*_y5*_y7*_y8 + (1/2)*_y1*_y5*(u1a*u1a*u1a*u1a*u1a*u1a) - _y10*_y13 - _y10 - _y13*_y6 - _y13*_y9 + _y2*_y5*m*(u1a*u1a*u1a*u1a*u1a)*u1b - 1/2*_y6*_y8 - _y6 - _y9
+
+def _gh_node_14(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - m**2*u1a**4*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*m**2*u1a**2*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + m**2*u1a**2*u1b**2*He
+    """
+    return _gh_expect(_gh_integrand_14, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_15(_u, m):
+    """Integrand of node 15 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = numpy.sqrt(1 - (m*m))
+    _y1 = _y0*u1b
+    _y2 = _y1 + m*u1a
+    _y3 = (numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5))
+    _y4 = _y3*m
+    _y5 = _y4*(u1a*u1a*u1a)
+    _y6 = numpy.sqrt(2)
+    _y7 = (3/4)*_y6
+    _y8 = (u1a*u1a*u1a*u1a*u1a)
+    _y9 = (1/4)*_y6
+    _y10 = _y1*_y3
+    _y11 = _y10*(u1a*u1a)
+    _y12 = (u1a*u1a*u1a*u1a)
+    _y13 = numpy.maximum(0, _y2)
+    _y14 = 3*_y13
+    _y15 = (3/2)*(_y13*_y13)*_y6
+    return (3/2)*_y0*_y12*_y13*_y3*u1b + (3/4)*_y0*_y12*_y3*_y6*u1b - _y10*_y9*(u1a*u1a*u1a*u1a*u1a*u1a) - _y11*_y14 - _y11*_y15 - _y11*_y7 + (3/2)*_y13*_y3*_y8*m - _y14*_y5 - _y15*_y5 + (3/4)*_y3*_y6*_y8*m - _y4*_y9*(u1a*u1a*u1a*u1a*u1a*u1a*u1a) - _y5*_y7
+
+def _gh_node_15(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    -sqrt(2)*m*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 + 3*m*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2 + 3*sqrt(2)*m*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 - 3*sqrt(2)*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/2 - 3*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - 
+    """
+    return _gh_expect(_gh_integrand_15, 2, QUADRATURE_NODES if n is None else n, m)
 
 def teacher_link(z1):
     """Teacher link g*(z) entries (flattened row by row)."""

@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: d959b065695daeb73b79a2fc1e6db1de9454c31f92ba6565683bc69b4a3421b6
-# tool: ssi-symbolic 0.1.0 generator 1
+# spec-hash: 1c322d3a85402ad925d0a459e73376e42fc0217dd81996425c886f6c499e32d4
+# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
 import numpy
 import scipy.special
 
@@ -23,8 +23,9 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'd959b065695daeb73b79a2fc1e6db1de9454c31f92ba6565683bc69b4a3421b6'
+SPEC_HASH = '1c322d3a85402ad925d0a459e73376e42fc0217dd81996425c886f6c499e32d4'
 QUADRATURE_NODES = 40
+JACOBIAN = 'symbolic'
 
 
 
@@ -92,122 +93,129 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m, e, omega=0.5):
     """Population loss R(m, e) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = (e*e*e*e)
+    _x0 = (m*m)
     _x1 = (e*e)
-    _x2 = (m*m)
-    return _bc(_x0 + 2*_x1 - 2*_x2 + 2)[0]
+    return _bc(-2*_x0 + _x1*(_x1 + 2) + 2)[0]
 
 def drift_eta1(m, e, omega=0.5):
     """O(eta) drift coefficients E[G1_i] for (m, e): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = (e*e*e*e)
+    _x0 = (m*m)
     _x1 = (e*e)
-    _x2 = (m*m)
-    _x3 = 4*m
-    _x4 = (m*m*m)
-    _x5 = 4*e
-    _x6 = (e*e*e*e*e)
-    return _bc(_x0*_x3 + _x1*_x3 + _x3 - 4*_x4, -_x2*_x5 - _x5 + 4*_x6)
+    _x2 = 4*_x0
+    _x3 = 4*_x1
+    return _bc(m*(_x1*(_x3 + 4) - _x2 + 4), -_x2*e + e*(4*(e*e*e*e) - 4))
 
 def drift_eta2(m, e, omega=0.5):
     """O(eta^2) drift coefficients E[G2_i] for (m, e) (exact)."""
-    _x0 = (e*e*e*e)
+    _x0 = (m*m)
     _x1 = (e*e)
-    _x2 = (m*m)
-    _x3 = 4*m
-    _x4 = (m*m*m)
-    _x6 = (e*e*e*e*e)
-    _x7 = 48*_x1
-    _x8 = (e*e*e*e*e*e)
-    _x9 = (e*e*e)
-    _x10 = (e*e*e*e*e*e*e)
-    return _bc(-28*_x0*m + 32*_x1*_x4 - _x3*_x8 + 16*_x4 - _x7*m - 16*m, -4*_x10 + 32*_x2*_x9 + 16*_x2*e - 28*_x6 - 48*_x9 - 16*e)
+    _x3 = 4*_x1
+    _x4 = _x0*(32*_x1 + 16)
+    _x5 = _x1*(_x1*(-_x3 - 28) - 48) - 16
+    return _bc(m*(_x4 + _x5), _x4*e + _x5*e)
 
 def drift(m, e, eta, omega=0.5):
     """Drift d(m, e)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = (e*e*e*e)
+    _x0 = (m*m)
     _x1 = (e*e)
-    _x2 = (m*m)
-    _x3 = 4*m
-    _x4 = (m*m*m)
-    _x5 = 4*e
-    _x6 = (e*e*e*e*e)
-    _x7 = 48*_x1
-    _x8 = (e*e*e*e*e*e)
-    _x9 = (e*e*e)
-    _x10 = (e*e*e*e*e*e*e)
-    return _bc(eta * (_x0*_x3 + _x1*_x3 + _x3 - 4*_x4) + eta**2 * (-28*_x0*m + 32*_x1*_x4 - _x3*_x8 + 16*_x4 - _x7*m - 16*m), eta * (-_x2*_x5 - _x5 + 4*_x6) + eta**2 * (-4*_x10 + 32*_x2*_x9 + 16*_x2*e - 28*_x6 - 48*_x9 - 16*e))
+    _x2 = 4*_x0
+    _x3 = 4*_x1
+    _x4 = _x0*(32*_x1 + 16)
+    _x5 = _x1*(_x1*(-_x3 - 28) - 48) - 16
+    return _bc(eta * (m*(_x1*(_x3 + 4) - _x2 + 4)) + eta**2 * (m*(_x4 + _x5)), eta * (-_x2*e + e*(4*(e*e*e*e) - 4)) + eta**2 * (_x4*e + _x5*e))
 
 def covariance(m, e, eta, omega=0.5):
     """Cov(G)_ij over (m, e), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = (e*e*e*e)
+    _x0 = (m*m)
     _x1 = (e*e)
-    _x2 = (m*m)
-    _x4 = (m*m*m)
-    _x6 = (e*e*e*e*e)
-    _x7 = 48*_x1
-    _x8 = (e*e*e*e*e*e)
-    _x9 = (e*e*e)
-    _x10 = (e*e*e*e*e*e*e)
-    _x11 = (eta*eta)
-    _x12 = 32*_x11
-    _x13 = 64*_x11
-    _x14 = _x0*_x11
-    _x15 = _x11*_x8
-    _x16 = _x11*_x2
-    _x17 = 16*_x16
-    _x18 = (m*m*m*m)
-    _x19 = (m*m*m*m*m*m)
-    _x20 = 48*_x11
-    _x21 = (eta*eta*eta)
-    _x22 = 1024*_x21
-    _x23 = _x18*_x21
-    _x24 = (eta*eta*eta*eta)
-    _x25 = 6656*_x24
-    _x26 = _x18*_x24
-    _x27 = _x19*_x24
-    _x28 = 2304*_x24
-    _x29 = _x1*_x2
-    _x30 = _x1*_x11
-    _x31 = _x1*_x21
-    _x32 = _x2*_x31
-    _x33 = _x1*_x23
-    _x34 = 42240*_x24
-    _x35 = _x1*_x26
-    _x36 = _x0*_x16
-    _x37 = _x0*_x21
-    _x38 = _x2*_x37
-    _x39 = _x0*_x23
-    _x40 = 55552*_x24
-    _x41 = _x0*_x26
-    _x42 = _x13*_x2
-    _x43 = _x21*_x8
-    _x44 = _x2*_x43
-    _x45 = 25472*_x24
-    _x46 = _x26*_x8
-    _x47 = (e*e*e*e*e*e*e*e)
-    _x48 = _x21*_x47
-    _x49 = _x2*_x48
-    _x50 = 4624*_x24
-    _x51 = (e*e*e*e*e*e*e*e*e*e)
-    _x52 = 288*_x51
-    _x53 = _x2*_x24
-    _x54 = _x11*m
-    _x55 = _x21*m
-    _x56 = _x4*e
-    _x57 = (m*m*m*m*m)
-    _x58 = _x57*e
-    _x59 = _x21*_x57
-    _x60 = _x24*_x4
-    _x61 = _x10*m
-    _x62 = (e*e*e*e*e*e*e*e*e)
-    _x63 = 288*_x24
-    _x64 = _x11*_x4
-    _x65 = _x21*_x4
-    _x66 = _x24*_x57
-    _c0_0 = _x0*_x2*_x40 + 12800*_x0*_x27 + _x1*_x13 + 33536*_x1*_x27 + _x12*_x29 + _x12 - _x13*_x18 - 256*_x14*_x18 + 40*_x14 + 8*_x15 - _x17 - 96*_x18*_x30 + _x19*_x20 - _x19*_x22 - 3200*_x19*_x31 - _x2*_x22 + _x2*_x25 + _x2*_x45*_x8 + _x2*_x47*_x50 + 1248*_x23*_x8 + 2048*_x23 - 1344*_x26*_x47 - 15616*_x26 + 11264*_x27 - _x28*(m*m*m*m*m*m*m*m) + _x29*_x34 - 5248*_x32 + 8448*_x33 - 75776*_x35 + 248*_x36 - 6752*_x38 + 6304*_x39 - 66304*_x41 + _x42*_x8 - 2624*_x44 - 17536*_x46 - 288*_x49 + _x52*_x53
-    _c0_1 = -2304*_x10*_x55 - 17536*_x10*_x60 + 1248*_x10*_x65 + _x13*_x56 + _x13*_x61 + _x20*_x58 - 128*_x21*_x56 + 11264*_x24*_x58 + _x25*e*m - _x28*e*(m*m*m*m*m*m*m) + _x34*_x9*m + _x40*_x6*m + _x45*_x61 + _x50*_x62*m + 96*_x54*_x6 - 192*_x54*_x9 - 112*_x54*e - 4576*_x55*_x6 - 288*_x55*_x62 - 1376*_x55*_x9 + 576*_x55*e - 3200*_x59*_x9 - 448*_x59*e - 66304*_x6*_x60 - 256*_x6*_x64 + 5856*_x6*_x65 + 12800*_x6*_x66 - 1344*_x60*_x62 - 75776*_x60*_x9 - 15616*_x60*e + _x63*(e*e*e*e*e*e*e*e*e*e*e)*m + 80*_x64*_x9 + 5312*_x65*_x9 + 33536*_x66*_x9
-    _c1_1 = _x0*_x34 - 75776*_x0*_x53 + _x1*_x17 - _x1*_x19*_x28 + _x1*_x25 + _x11*_x18*_x7 + _x13*_x47 + _x13 - 224*_x14 - 48*_x15 - 256*_x16*_x8 - _x21*_x52 - 15616*_x24*_x29 + 144*_x30 + 2176*_x31 - 2304*_x32 + 128*_x33 + 11264*_x35 + 256*_x36 + 2496*_x37 + 2176*_x38 - 3200*_x39 + _x40*_x8 + 33536*_x41 - _x42 - 2400*_x43 + 5408*_x44 + _x45*_x47 + 12800*_x46 - 17536*_x47*_x53 - 1984*_x48 + 1248*_x49 + _x50*_x51 - 1344*_x51*_x53 - 66304*_x53*_x8 + _x63*(e*e*e*e*e*e*e*e*e*e*e*e)
+    _x6 = (eta*eta)
+    _x7 = 32*_x6
+    _x8 = 64*_x6
+    _x9 = 16*_x6
+    _x10 = -_x9
+    _x11 = (eta*eta*eta)
+    _x12 = -1024*_x11
+    _x13 = (eta*eta*eta*eta)
+    _x14 = 6656*_x13
+    _x15 = 42240*_x13
+    _x16 = 55552*_x13
+    _x17 = _x1*_x13
+    _x18 = _x1*(-288*_x11 + 4624*_x13 + 288*_x17) + 25472*_x13 + _x8
+    _x19 = -_x8
+    _x20 = -15616*_x13
+    _x21 = _x0*_x13
+    _x22 = 2304*_x21
+    _x23 = 48*_x6
+    _x24 = _x1*(-3200*_x11 + 33536*_x13 + 12800*_x17) + 11264*_x13 + _x23
+    _x25 = 96*_x6
+    _x26 = -_x25
+    _x27 = -75776*_x13
+    _x28 = 256*_x6
+    _x29 = _x1*(1248*_x11 - 17536*_x13 - 1344*_x17) - 66304*_x13 - _x28
+    _x30 = 112*_x6
+    _x31 = 192*_x6
+    _x32 = -2304*_x11
+    _x33 = 128*_x11
+    _x34 = 144*_x6
+    _x35 = 2176*_x11
+    _x36 = -_x23
+    _c0_0 = _x0*(_x0*(_x0*(_x12 - _x22 + _x24) + _x1*(_x1*(6304*_x11 + _x29) + 8448*_x11 + _x26 + _x27) + 2048*_x11 + _x19 + _x20) + _x1*(_x1*(_x1*(-2624*_x11 + _x18) - 6752*_x11 + _x16 + 248*_x6) - 5248*_x11 + _x15 + _x7) + _x10 + _x12 + _x14) + _x1*(_x1*(8*_x1*_x6 + 40*_x6) + _x8) + _x7
+    _c0_1 = m*(_x0*(_x0*(-_x22*e + e*(-448*_x11 + _x24)) + e*(_x1*(_x1*(5856*_x11 + _x29) + 5312*_x11 + _x27 + 80*_x6) + _x20 - _x33 + _x8)) + e*(_x1*(_x1*(_x1*(_x18 + _x32) - 4576*_x11 + _x16 + _x25) - 1376*_x11 + _x15 - _x31) + 576*_x11 + _x14 - _x30))
+    _c1_1 = _x0*(_x0*(-2304*_x0*_x17 + _x1*(_x24 + _x33)) + _x1*(_x1*(_x1*(5408*_x11 + _x29) + _x27 + _x28 + _x35) + _x20 + _x32 + _x9) + _x19) + _x1*(_x1*(_x1*(_x1*(-1984*_x11 + _x18) - 2400*_x11 + _x16 + _x36) + 2496*_x11 + _x15 - 224*_x6) + _x14 + _x34 + _x35) + _x8
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
+
+def ito_correction(m, e, eta, omega=0.5):
+    """d times the O(1/d) drift of the spherical rescaling for (m, e): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
+    _x0 = (m*m)
+    _x1 = (e*e)
+    _x6 = (eta*eta)
+    _x7 = 32*_x6
+    _x11 = (eta*eta*eta)
+    _x13 = (eta*eta*eta*eta)
+    _x17 = _x1*_x13
+    _x21 = _x0*_x13
+    _x25 = 96*_x6
+    _x28 = 256*_x6
+    _x31 = 192*_x6
+    _x32 = -2304*_x11
+    _x37 = -2880*_x11
+    _x38 = 10368*_x13
+    _x39 = 65664*_x13
+    _x40 = 960*_x6
+    _x41 = 88128*_x13
+    _x42 = 42432*_x13
+    _x43 = 24*_x6
+    _x44 = _x1*(-48*_x11 + 768*_x13 + 24*_x17) + 8688*_x13 + _x43
+    _x45 = -24192*_x13
+    _x46 = 3456*_x21
+    _x47 = _x1*(-5184*_x11 + 51840*_x13 + 20736*_x17) + 17280*_x13 + _x25
+    _x48 = -117504*_x13
+    _x49 = _x1*(-29184*_x13 - 2400*_x17 - _x32) - 105408*_x13 - 432*_x6
+    return _bc(m*(_x0*(_x0*(_x37 - _x46 + _x47) + _x1*(_x1*(13824*_x11 + _x49) + 20736*_x11 - _x40 + _x48) + 5760*_x11 + _x45 - 288*_x6) + _x1*(_x1*(_x1*(_x1*(-976*_x11 + _x44) - 6688*_x11 + _x42 + 272*_x6) - 17568*_x11 + _x40 + _x41) - 15552*_x11 + _x39 + 1056*_x6) + _x31 + _x37 + _x38), _x0*(_x0*(-_x46*e + e*(_x32 + _x47)) + e*(_x1*(_x1*(13248*_x11 + _x49) + 17280*_x11 + _x48 - 768*_x6) + 3456*_x11 + _x45 + _x7)) + e*(_x1*(_x1*(_x1*(_x1*(-960*_x11 + _x44) - 6224*_x11 + _x28 + _x42) - 14976*_x11 + _x41 + 704*_x6) - 11232*_x11 + _x39 + 384*_x6) - 1152*_x11 + _x38 - 128*_x6))
+
+def drift_jacobian(m, e, eta, omega=0.5):
+    """Jacobian d drift_i / d x_j over (m, e), derived symbolically (exact)."""
+    _x0 = (m*m)
+    _x1 = (e*e)
+    _x3 = 4*_x1
+    _x6 = (eta*eta)
+    _x7 = 32*_x6
+    _x8 = 64*_x6
+    _x9 = 16*_x6
+    _x10 = -_x9
+    _x23 = 48*_x6
+    _x25 = 96*_x6
+    _x26 = -_x25
+    _x30 = 112*_x6
+    _x34 = 144*_x6
+    _x36 = -_x23
+    _x43 = 24*_x6
+    _x50 = 4*eta
+    _x51 = _x1*_x25
+    _x52 = -_x50
+    _x53 = 28*_x6
+    _x54 = 8*eta
+    return _bc_nested(((_x0*(_x23 + _x51 - 12*eta) + _x1*(_x1*(-_x3*_x6 - _x52 - _x53) + _x36 + _x50) + _x10 + _x50, m*(_x0*_x8*e + e*(_x1*(-_x1*_x43 - _x30 + 16*eta) + _x26 + _x54))), (e*m*(_x1*_x8 - _x54 + _x7), _x0*(_x51 + _x52 + _x9) + _x1*(_x1*(-_x1*_x53 - 140*_x6 + 20*eta) - _x34) + _x10 + _x52)))
 
 def diffusion(m, e, eta, d, omega=0.5):
     """Diffusion matrix D = Cov(G) / d over (m, e), shape (n, n) + broadcast shape."""

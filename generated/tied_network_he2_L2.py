@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 0f2831aa9f6f05c01d60cfb3503f7468f543f8e804d876c5d49f02d8902a3141
-# tool: ssi-symbolic 0.1.0 generator 1
+# spec-hash: 913284c7f270fd0c4cc9dd2fdd5c54bea69f5096fe0d8dee9a40aeea9a7345a7
+# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
 import numpy
 import scipy.special
 
@@ -23,8 +23,9 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '0f2831aa9f6f05c01d60cfb3503f7468f543f8e804d876c5d49f02d8902a3141'
+SPEC_HASH = '913284c7f270fd0c4cc9dd2fdd5c54bea69f5096fe0d8dee9a40aeea9a7345a7'
 QUADRATURE_NODES = 40
+JACOBIAN = 'symbolic'
 
 
 
@@ -100,33 +101,61 @@ def population_loss(m):
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
     _x0 = numpy.sqrt(2)
-    _x3 = (m*m*m)
-    return _bc(-_x0*_x3 + _x0*m)
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    return _bc(m*(_x0 - _x2))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
     _x0 = numpy.sqrt(2)
-    _x3 = (m*m*m)
-    return _bc(5*_x0*_x3 - 2*_x3 - 6*m)
+    _x1 = (m*m)
+    return _bc(m*(_x1*(5*_x0 - 2) - 6))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = numpy.sqrt(2)
-    _x3 = (m*m*m)
-    return _bc(eta * (-_x0*_x3 + _x0*m) + eta**2 * (5*_x0*_x3 - 2*_x3 - 6*m))
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    return _bc(eta * (m*(_x0 - _x2)) + eta**2 * (m*(_x1*(5*_x0 - 2) - 6)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x0 = numpy.sqrt(2)
     _x1 = (m*m)
     _x2 = _x0*_x1
-    _x4 = (eta*eta)
-    _x5 = (m*m*m*m)
-    _x6 = (m*m*m*m*m*m)
-    _x7 = (eta*eta*eta)
-    _x8 = (eta*eta*eta*eta)
-    _c0_0 = 6*_x0*_x4*_x5 - 4*_x0*_x4 + 208*_x0*_x5*_x7 - 4236*_x0*_x5*_x8 + 68*_x0*_x6*_x7 - 988*_x0*_x6*_x8 - 180*_x0*_x8*(m*m*m*m*m*m*m*m) - 6*_x1*_x4 + 144*_x1*_x7 + 2022*_x1*_x8 - 2*_x2*_x4 - 276*_x2*_x7 - 48*_x2*_x8 - 20*_x4*_x5 + 10*_x4*_x6 + 16*_x4 + 160*_x5*_x7 + 2256*_x5*_x8 - 304*_x6*_x7 + 3456*_x6*_x8
+    _x3 = (eta*eta)
+    _x4 = _x0*_x3
+    _x5 = 6*_x3
+    _x6 = (eta*eta*eta)
+    _x7 = (eta*eta*eta*eta)
+    _x8 = _x0*_x6
+    _x9 = _x0*_x7
+    _x10 = _x2*_x7
+    _c0_0 = _x1*(_x1*(_x0*_x5 + _x1*(68*_x0*_x6 - 180*_x10 + 10*_x3 - 304*_x6 + 3456*_x7 - 988*_x9) - 20*_x3 + 160*_x6 + 2256*_x7 + 208*_x8 - 4236*_x9) - 2*_x4 - _x5 + 144*_x6 + 2022*_x7 - 276*_x8 - 48*_x9) + 16*_x3 - 4*_x4
     return _bc_nested(((_c0_0,),))
+
+def ito_correction(m, eta):
+    """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
+    _x0 = numpy.sqrt(2)
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    _x3 = (eta*eta)
+    _x4 = _x0*_x3
+    _x6 = (eta*eta*eta)
+    _x7 = (eta*eta*eta*eta)
+    _x8 = _x0*_x6
+    _x9 = _x0*_x7
+    _x10 = _x2*_x7
+    return _bc(m*(_x1*(_x1*(108*_x0*_x6 - 270*_x10 + 18*_x3 - 666*_x6 + 5265*_x7 - 1512*_x9) + 12*_x3 - 63*_x4 - 378*_x6 + 3420*_x7 + 1224*_x8 - 6444*_x9) + 30*_x3 + 24*_x4 - 672*_x6 + 3087*_x7 - 132*_x8 - 72*_x9))
+
+def drift_jacobian(m, eta):
+    """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
+    _x0 = numpy.sqrt(2)
+    _x1 = (m*m)
+    _x3 = (eta*eta)
+    _x5 = 6*_x3
+    _x11 = _x0*eta
+    return _bc_nested(((_x1*(15*_x0*_x3 - 3*_x11 - _x5) + _x11 - _x5,),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

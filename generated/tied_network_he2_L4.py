@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: aa9379b31bdc1188a2b9967f274c553066b3c1479fe3d93cd6704ee7ad08bb33
-# tool: ssi-symbolic 0.1.0 generator 1
+# spec-hash: 14df326c2b1279268a7caf6b91a817366d236052621947819398f77c0300315f
+# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
 import numpy
 import scipy.special
 
@@ -23,8 +23,9 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'aa9379b31bdc1188a2b9967f274c553066b3c1479fe3d93cd6704ee7ad08bb33'
+SPEC_HASH = '14df326c2b1279268a7caf6b91a817366d236052621947819398f77c0300315f'
 QUADRATURE_NODES = 40
+JACOBIAN = 'symbolic'
 
 
 
@@ -97,29 +98,43 @@ def population_loss(m):
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x1 = (m*m*m)
-    return _bc(-_x1 + m)
+    _x0 = (m*m)
+    return _bc(m*(1 - _x0))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x1 = (m*m*m)
-    return _bc(4*_x1 - 6*m)
+    _x0 = (m*m)
+    return _bc(m*(4*_x0 - 6))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x1 = (m*m*m)
-    return _bc(eta * (-_x1 + m) + eta**2 * (4*_x1 - 6*m))
+    _x0 = (m*m)
+    return _bc(eta * (m*(1 - _x0)) + eta**2 * (m*(4*_x0 - 6)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x0 = (m*m)
-    _x2 = (eta*eta)
-    _x3 = (m*m*m*m)
-    _x4 = (m*m*m*m*m*m)
-    _x5 = (eta*eta*eta)
-    _x6 = (eta*eta*eta*eta)
-    _c0_0 = -11*_x0*_x2 - 186*_x0*_x5 + 1965*_x0*_x6 - 4*_x2*_x3 + 5*_x2*_x4 + 10*_x2 + 304*_x3*_x5 - 2910*_x3*_x6 - 118*_x4*_x5 + 1181*_x4*_x6 - 90*_x6*(m*m*m*m*m*m*m*m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x3 = (eta*eta*eta*eta)
+    _x4 = _x0*_x3
+    _c0_0 = _x0*(_x0*(_x0*(5*_x1 - 118*_x2 + 1181*_x3 - 90*_x4) - 4*_x1 + 304*_x2 - 2910*_x3) - 11*_x1 - 186*_x2 + 1965*_x3) + 10*_x1
     return _bc_nested(((_c0_0,),))
+
+def ito_correction(m, eta):
+    """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
+    _x0 = (m*m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x3 = (eta*eta*eta*eta)
+    _x4 = _x0*_x3
+    return _bc(m*(_x0*(_x0*(9*_x1 - 279*_x2 + (3591/2)*_x3 - 135*_x4) - 57*_x1 + 1008*_x2 - 4437*_x3) + 60*_x1 - 831*_x2 + (6003/2)*_x3))
+
+def drift_jacobian(m, eta):
+    """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
+    _x0 = (m*m)
+    _x1 = (eta*eta)
+    return _bc_nested(((_x0*(12*_x1 - 3*eta) - 6*_x1 + eta,),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

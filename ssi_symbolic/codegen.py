@@ -15,12 +15,16 @@ Generated module API (all functions broadcast):
     drift(*state, eta, **params)                 tuple: eta E[G1_i] + eta^2 E[G2_i]
     covariance(*state, eta, **params)            nested tuple: Cov(G)_ij
     diffusion(*state, eta, d, **params)          numpy array (n, n, ...): Cov(G) / d
+    ito_correction(*state, eta, **params)        tuple: d x O(1/d) spherical drift correction
+    drift_jacobian(*state, eta, **params)        nested tuple: d drift_i / d x_j
     teacher_link(z1..zL, **params), student_link(z1..zL, **params)   tuples of K entries
 (drift functions return a tuple even for one overlap, links a tuple even for a scalar link)
     student_link_gradient(z1..zL, **params)      tuple of K tuples of L entries dg_k/dz_l
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import os
 import sys
@@ -40,9 +44,19 @@ HASH_PREFIX = "# spec-hash: "
 DEFAULT_NODES = 40
 
 
+#: the modules whose source determines the generated code
+_PIPELINE = ("spec.py", "links.py", "gaussian.py", "derive.py", "codegen.py")
+
+
+@functools.lru_cache(maxsize=1)
 def tool_salt() -> str:
-    """What, besides the spec, determines a generated module."""
-    return f"ssi-symbolic {__version__} generator {GENERATOR_VERSION}"
+    """What, besides the spec, determines a generated module: the tool version and a hash of
+    the pipeline's own source, so any change to the derivation regenerates every module."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in _PIPELINE:
+        h.update((here / name).read_bytes())
+    return f"ssi-symbolic {__version__} generator {GENERATOR_VERSION} source {h.hexdigest()[:16]}"
 
 
 class _Printer(SciPyPrinter):
@@ -80,8 +94,37 @@ def pycode(expr) -> str:
     return _PRINTER.doprint(expr)
 
 
-def _deps(expr, defined):
-    return [s for s in expr.free_symbols if s in defined]
+def _horner(expr, gens):
+    """Nested (Horner) form of an expression polynomial in the state: several times fewer
+    array operations than the expanded sum. Non-polynomial expressions are left alone."""
+    gens = [g for g in gens if isinstance(g, sp.Symbol) and g in expr.free_symbols]
+    if not gens:
+        return expr
+    try:
+        poly = sp.Poly(expr, *gens)
+    except sp.PolynomialError:
+        return expr
+    if poly.total_degree() <= 1:
+        return expr
+    return _horner_terms(dict(poly.terms()), gens)
+
+
+def _horner_terms(terms, gens):
+    """sum_monom coeff * gens^monom, nested as (...(P_k x + P_{k-1}) x ...) in gens[0]."""
+    if not gens:
+        return sp.Add(*terms.values())
+    x, rest = gens[0], gens[1:]
+    by_power = {}
+    for mon, c in terms.items():
+        by_power.setdefault(mon[0], {})[mon[1:]] = c
+    powers = sorted(by_power, reverse=True)
+    acc = sp.Integer(0)
+    for i, k in enumerate(powers):
+        acc = acc + _horner_terms(by_power[k], rest)
+        nxt = powers[i + 1] if i + 1 < len(powers) else 0
+        if k - nxt:
+            acc = acc * x ** (k - nxt)
+    return acc
 
 
 def _closure(outputs, repl_index, repl):
@@ -134,12 +177,22 @@ class _Module:
         d2 = [self._extract(x) for x in D.drift_eta2]
         cov = [[self._extract(D.covariance[i, j]) for j in range(n)] for i in range(n)]
         flat_cov = [cov[i][j] for i in range(n) for j in range(i, n)]
-        outputs = [loss] + d1 + d2 + flat_cov
+        ito = [self._extract(x) for x in D.ito_correction]
+        jac_exprs = list(D.drift_jacobian())
+        # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
+        # Jacobian is taken by central differences of the generated drift instead
+        self.jacobian_method = ("finite-difference" if any(x.has(sp.DiracDelta)
+                                                           for x in jac_exprs) else "symbolic")
+        jac = ([self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
+               else [sp.Integer(0)] * (n * n))
+        outputs = [_horner(x, D.state) for x in [loss] + d1 + d2 + flat_cov + ito + jac]
         repl, reduced = sp.cse(outputs, symbols=sp.numbered_symbols("_x"), order="canonical")
         repl_index = {s: i for i, (s, _) in enumerate(repl)}
         r_loss = reduced[0]
         r_d1, r_d2 = reduced[1:1 + n], reduced[1 + n:1 + 2 * n]
-        it = iter(reduced[1 + 2 * n:])
+        k0 = 1 + 2 * n + len(flat_cov)
+        r_ito, r_jac = reduced[k0:k0 + n], reduced[k0 + n:k0 + n + n * n]
+        it = iter(reduced[1 + 2 * n:k0])
         r_cov = [[None] * n for _ in range(n)]
         for i in range(n):
             for j in range(i, n):
@@ -198,6 +251,33 @@ class _Module:
             f"Cov(G)_ij over ({names}), rows and columns in that order ({method}); "
             f"the diffusion is D = Cov(G) / d.",
             cov_lines, "_bc_nested(" + _tuple_src(rows) + ")"))
+        fns.append(_function(
+            "ito_correction", st + ["eta"] + pa,
+            f"d times the O(1/d) drift of the spherical rescaling for ({names}): the SDE drift "
+            f"is drift + ito_correction / d (zero for plain SGD; {method}).",
+            body(r_ito), f"_bc({', '.join(pycode(x) for x in r_ito)})"))
+        if self.jacobian_method == "symbolic":
+            jrows = [_tuple_src([pycode(r_jac[i * n + j]) for j in range(n)]) for i in range(n)]
+            fns.append(_function(
+                "drift_jacobian", st + ["eta"] + pa,
+                f"Jacobian d drift_i / d x_j over ({names}), derived symbolically ({method}).",
+                body(r_jac), "_bc_nested(" + _tuple_src(jrows) + ")"))
+        else:
+            call = ", ".join(["eta=eta"] + [f"{p}={p}" for p in self.param_names])
+            fns.append(_function(
+                "drift_jacobian", st + ["eta", "h=1e-5"] + pa,
+                f"Jacobian d drift_i / d x_j over ({names}) by central differences of step h "
+                f"(error O(h^2) plus quadrature error / h): the symbolic derivative of this "
+                f"model has a Dirac delta.",
+                [f"x = [numpy.asarray(v, dtype=float) for v in ({', '.join(st)},)]",
+                 "cols = []",
+                 f"for j in range({n}):",
+                 "    xp = list(x); xp[j] = x[j] + h",
+                 "    xm = list(x); xm[j] = x[j] - h",
+                 f"    fp = drift(*xp, {call})",
+                 f"    fm = drift(*xm, {call})",
+                 "    cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])"],
+                f"_bc_nested(tuple(tuple(cols[j][i] for j in range({n})) for i in range({n})))"))
         fns.append(_function(
             "diffusion", st + ["eta", "d"] + pa,
             f"Diffusion matrix D = Cov(G) / d over ({names}), shape (n, n) + broadcast shape.",
@@ -361,6 +441,7 @@ def module_source(D: Derivation) -> str:
         f"METHOD = {D.method!r}",
         f"SPEC_HASH = {h!r}",
         f"QUADRATURE_NODES = {DEFAULT_NODES}",
+        f"JACOBIAN = {mod.jacobian_method!r}",
     ]
     parts = ["\n".join(header), _HELPERS] + state_fns + quad_fns + link_fns
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"

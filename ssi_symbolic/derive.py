@@ -13,12 +13,14 @@ and G, d times the one-step increment of the tracked overlaps:
                       -eta (A_a - e_a A_q) - (eta^2 e_a/2) B )                   for (m, e_a)
 
 Writing G = eta G1 + eta^2 G2, the drift is E G = eta E[G1] + eta^2 E[G2] (the two parts are kept
-separately) and the diffusion is D = Cov(G) / d. Everything stays symbolic in the parameters.
+separately) and the diffusion is D = Cov(G) / d. For spherical SGD the rescaling adds an O(1/d)
+Ito drift (second-order expansion of X / sqrt(q)), kept separately for the SDE. Everything stays
+symbolic in the parameters.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy as sp
 
@@ -37,6 +39,8 @@ class Derivation:
     drift_eta1[i], drift_eta2[i]: E[G1_i], E[G2_i], so that drift_i = eta drift_eta1[i] +
         eta^2 drift_eta2[i].
     covariance: Cov(G)_ij, a polynomial in eta; diffusion D = covariance / d.
+    ito_correction[i]: for spherical SGD, d times the O(1/d) drift added by the rescaling
+        w <- sqrt(d) w / |w| (zero for plain SGD): the SDE drift is drift + ito_correction / d.
     method: "exact" when every expectation is in closed form, else "quadrature".
     """
 
@@ -47,9 +51,9 @@ class Derivation:
     drift_eta1: tuple
     drift_eta2: tuple
     covariance: sp.Matrix
+    ito_correction: tuple
     method: str
     seconds: float = 0.0
-    notes: list = field(default_factory=list)
 
     @property
     def overlap_names(self) -> tuple[str, ...]:
@@ -65,10 +69,26 @@ class Derivation:
         """D = Cov(G) / d (MATH.md section 4)."""
         return self.covariance / D_SYM
 
+    def drift_jacobian(self) -> sp.Matrix:
+        """d drift_i / d state_j, symbolically (for fixed-point stability)."""
+        return sp.Matrix([[sp.diff(f, x) for x in self.state] for f in self.drift])
 
-def statistics(spec: ModelSpec, gauss: TokenGaussian):
-    """The per-sample loss l and the increments (G1, G2) of MATH.md section 4, in the
-    Gaussian variables of `gauss` (teacher evaluated at z*, student at z)."""
+
+@dataclass
+class Statistics:
+    """Per-sample statistics in the Gaussian variables (MATH.md section 4).
+
+    base = (A_m, A_1..A_r, A_q, B); G_i = sum_k coef[i][k] base_k with coefficients
+    polynomial in eta and the state."""
+
+    loss: sp.Expr
+    base: list
+    coef: list
+
+
+def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
+    """The per-sample loss and the increments G of MATH.md section 4 as combinations of the
+    base statistics A_m, A_a, A_q, B (teacher at z*, student at z)."""
     to_teacher = dict(zip(gauss.z, gauss.zstar))
     T = [sp.sympify(t).xreplace(to_teacher) for t in link_entries(spec.teacher)]
     S = [sp.sympify(s) for s in link_entries(spec.student)]
@@ -82,58 +102,92 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian):
            for a in range(spec.r)]
     A_q = sp.Add(*[d * zl for d, zl in zip(dl, gauss.z)])
     B = sp.Add(*[d ** 2 for d in dl])
-    if spec.spherical:
-        G1 = [-(A_m - gauss.m * A_q)] + [-(A - ea * A_q) for A, ea in zip(A_e, gauss.e)]
-        G2 = [-gauss.m / 2 * B] + [-ea / 2 * B for ea in gauss.e]
-    else:
-        G1 = [-A_m] + [-A for A in A_e] + [-2 * A_q]
-        G2 = [sp.Integer(0)] * (1 + spec.r) + [B]
-    return loss, G1, G2
+    base = [A_m] + A_e + [A_q, B]
+    nb = len(base)
+    iq, iB = nb - 2, nb - 1
+    coef = []
+    for i, x in enumerate((gauss.m,) + gauss.e):  # m and e_a
+        row = [sp.Integer(0)] * nb
+        row[i] = -ETA
+        if spec.spherical:
+            row[iq] = ETA * x
+            row[iB] = -ETA ** 2 * x / 2
+        coef.append(row)
+    if not spec.spherical:  # q
+        row = [sp.Integer(0)] * nb
+        row[iq], row[iB] = -2 * ETA, ETA ** 2
+        coef.append(row)
+    return Statistics(loss, base, coef)
+
+
+def _quadratic(c1, M, c2):
+    return sp.Add(*[c1[a] * M[a][b] * c2[b] for a in range(len(c1)) for b in range(len(c2))
+                    if c1[a] != 0 and c2[b] != 0])
+
+
+def _eta_part(expr, k):
+    return sp.expand(expr).coeff(ETA, k)
 
 
 def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
-    """Derive the population loss, the drift (O(eta) and O(eta^2) parts) and Cov(G)."""
+    """Derive the population loss, the drift (O(eta) and O(eta^2) parts), Cov(G) and the
+    spherical Ito correction. With G = sum_k c_k base_k: E G = c . E[base] and
+    Cov(G_i, G_j) = c_i^T (E[base base^T] - E[base] E[base]^T) c_j."""
     t0 = time.perf_counter()
     gauss = TokenGaussian.of(spec)
-    loss, G1, G2 = statistics(spec, gauss)
-    E = Expectation(gauss, [loss] + G1 + G2)
-    R = sp.expand(E.expect(loss))
-    d1 = tuple(sp.expand(E.expect(x)) for x in G1)
-    d2 = tuple(sp.expand(E.expect(x)) for x in G2)
-    n = len(G1)
+    st = statistics(spec, gauss)
+    E = Expectation(gauss, [st.loss] + st.base)
+    R = sp.expand(E.expect(st.loss))
+    mean = [E.expect(b) for b in st.base]
+    drift = [sp.expand(_quadratic(c, [[x] for x in mean], [1])) for c in st.coef]
+    d1 = tuple(_eta_part(x, 1) for x in drift)
+    d2 = tuple(_eta_part(x, 2) for x in drift)
+    n, nb = len(st.coef), len(st.base)
     cov = sp.zeros(n, n)
+    ito = tuple(sp.Integer(0) for _ in range(n))
     if diffusion:
+        M = [[None] * nb for _ in range(nb)]
+        for a in range(nb):
+            for b in range(a, nb):
+                M[a][b] = M[b][a] = _product_expectation(E, st.base[a], st.base[b])
+        C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
         for i in range(n):
             for j in range(i, n):
-                second = _second_moment(E, G1, G2, i, j)
-                mean_sq = (ETA * d1[i] + ETA ** 2 * d2[i]) * (ETA * d1[j] + ETA ** 2 * d2[j])
-                cov[i, j] = cov[j, i] = sp.expand(second - mean_sq)
+                cov[i, j] = cov[j, i] = sp.expand(_quadratic(st.coef[i], C, st.coef[j]))
+        if spec.spherical:
+            ito = _ito_correction(gauss, M, nb)
     method = "quadrature" if E.used_quadrature else "exact"
     params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
     return Derivation(spec=spec, state=gauss.state, parameters=params, population_loss=R,
-                      drift_eta1=d1, drift_eta2=d2, covariance=cov, method=method,
-                      seconds=time.perf_counter() - t0)
+                      drift_eta1=d1, drift_eta2=d2, covariance=cov, ito_correction=ito,
+                      method=method, seconds=time.perf_counter() - t0)
 
 
-def _second_moment(E: Expectation, G1, G2, i, j):
-    """E[G_i G_j] = eta^2 E[G1_i G1_j] + eta^3 E[G1_i G2_j + G2_i G1_j] + eta^4 E[G2_i G2_j],
-    products taken in factored form when the statistics are polynomial."""
-    if i == j:
-        pairs = [(2, 1, G1[i], G1[i]), (3, 2, G1[i], G2[i]), (4, 1, G2[i], G2[i])]
-    else:
-        pairs = [(2, 1, G1[i], G1[j]), (3, 1, G1[i], G2[j]), (3, 1, G2[i], G1[j]),
-                 (4, 1, G2[i], G2[j])]
-    out = sp.Integer(0)
+def _ito_correction(gauss: TokenGaussian, M, nb):
+    """Spherical SGD: with the plain increments d*dX = -eta A_X and d*dq = Gq = -2 eta A_q +
+    eta^2 B, one step maps X to (X + dX) / sqrt(1 + dq) = X + dX - X dq/2 - dX dq/2
+    + (3/8) X dq^2 + ...; the second-order terms add, per unit time (d steps),
+    (1/d) E[(eta A_X) Gq / 2 + (3/8) X Gq^2]."""
+    iq, iB = nb - 2, nb - 1
+    gq = [sp.Integer(0)] * nb
+    gq[iq], gq[iB] = -2 * ETA, ETA ** 2
+    gq2 = _quadratic(gq, M, gq)
+    out = []
+    for i, x in enumerate((gauss.m,) + gauss.e):
+        a = [sp.Integer(0)] * nb
+        a[i] = ETA / 2
+        out.append(sp.expand(_quadratic(a, M, gq) + sp.Rational(3, 8) * x * gq2))
+    return tuple(out)
+
+
+def _product_expectation(E: Expectation, a, b):
+    """E[a b], the product taken in factored form when the statistics are polynomial."""
     ex = E.exact
-    for k, mult, a, b in pairs:
-        if a == 0 or b == 0:
-            continue
-        try:
-            val = ex.to_sympy(ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b), merge=False)))
-        except NotPolynomial:
-            val = E.expect(a * b)
-        out += mult * ETA ** k * val
-    return out
+    try:
+        return ex.to_sympy(ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b), merge=False)))
+    except NotPolynomial:
+        return E.expect(a * b)
 
 
-__all__ = ["Derivation", "derive", "statistics", "ETA", "D_SYM", "has_quadrature"]
+__all__ = ["Derivation", "Statistics", "derive", "statistics", "ETA", "D_SYM",
+           "has_quadrature"]

@@ -582,22 +582,8 @@ class Expectation:
         # 1. label noise: independent standard Gaussians, polynomial in the integrand
         expr = _integrate_polynomial_part(expr, g.xi, [[int(i == j) for j in range(g.K)]
                                                         for i in range(g.K)])
-        # 2. zeta given z: zeta_la = e_a (z_l - mu_l)/q + eps_la, eps_l ~ N(0, I - e e^T / q)
-        if g.r:
-            eps = [[sp.Dummy(f"eps{l + 1}_{a + 1}") for a in range(g.r)] for l in range(g.L)]
-            sub = {g.zeta[l][a]: g.e[a] * (g.z[l] - g.mu(l)) / g.q + eps[l][a]
-                   for l in range(g.L) for a in range(g.r)}
-            expr = expr.xreplace(sub)
-            flat = [v for row in eps for v in row]
-            n = len(flat)
-            cov = [[sp.Integer(0)] * n for _ in range(n)]
-            for l in range(g.L):
-                for a in range(g.r):
-                    for b in range(g.r):
-                        cov[l * g.r + a][l * g.r + b] = int(a == b) - g.e[a] * g.e[b] / g.q
-            expr = _integrate_polynomial_part(expr, flat, cov)
-        # 3. split into terms: polynomial ones exactly, the rest grouped by the variables used
-        random = set(g.zstar) | set(g.z)
+        # 2. split into terms: polynomial ones exactly, the rest grouped by the variables used
+        random = set(g.zstar) | set(g.z) | {v for row in g.zeta for v in row}
         poly_part, groups = sp.Integer(0), {}
         for term in sp.Add.make_args(sp.expand(expr)):
             used = term.free_symbols & random
@@ -622,27 +608,46 @@ class Expectation:
         return out
 
     def _quadrature_node(self, integrand, used):
-        """Whiten token by token with the fewest standard Gaussians u (u_la for z*_l, u_lb for
-        z_l) and integrate exactly every u that enters polynomially. Returns (the exact part,
-        the quadrature variables, the integrand left for quadrature)."""
+        """Whiten token by token with the fewest standard Gaussians u and integrate exactly
+        everything that enters polynomially. Returns (the exact part, the quadrature
+        variables, the integrand left for quadrature).
+
+        Token l with both z*_l and z_l: z*_l = u_la, z_l = mu_l + m u_la + s u_lb with
+        s = sqrt(q - m^2), and zeta_la = (e_a / s) u_lb + eps_la, eps_l ~ N(0, I - e e^T / s^2)
+        (the regression of zeta on (z*_l, z_l)). With z_l alone: z_l = mu_l + sqrt(q) u_lb and
+        zeta_la = (e_a / sqrt(q)) u_lb + eps_la, eps_l ~ N(0, I - e e^T / q). With z*_l alone or
+        neither, zeta_l ~ N(0, I) is independent of the rest. The eps enter polynomially and are
+        integrated exactly.
+        """
         g = self.g
-        sub, us = {}, []
+        sub, us, eps_cov = {}, [], []
         for l in range(g.L):
             has_t, has_s = g.zstar[l] in used, g.z[l] in used
-            if has_t and has_s:
-                u1, u2 = sp.Symbol(f"u{l + 1}a", real=True), sp.Symbol(f"u{l + 1}b", real=True)
-                sub[g.zstar[l]] = u1
-                sub[g.z[l]] = g.mu(l) + g.m * u1 + sp.sqrt(g.q - g.m ** 2) * u2
-                us += [u1, u2]
-            elif has_t:
+            zetas = [a for a in range(g.r) if g.zeta[l][a] in used]
+            scale = None
+            if has_t:
                 u1 = sp.Symbol(f"u{l + 1}a", real=True)
                 sub[g.zstar[l]] = u1
                 us.append(u1)
-            elif has_s:
+            if has_s:
                 u2 = sp.Symbol(f"u{l + 1}b", real=True)
-                sub[g.z[l]] = g.mu(l) + sp.sqrt(g.q) * u2
+                scale = sp.sqrt(g.q - g.m ** 2) if has_t else sp.sqrt(g.q)
+                sub[g.z[l]] = g.mu(l) + (g.m * sub[g.zstar[l]] if has_t else 0) + scale * u2
                 us.append(u2)
+            for a in zetas:
+                ep = sp.Dummy(f"eps{l + 1}_{a + 1}")
+                sub[g.zeta[l][a]] = ep if scale is None else ep + g.e[a] / scale * u2
+                eps_cov.append((l, a, ep, scale))
         integrand = integrand.xreplace(sub)
+        if eps_cov:
+            n = len(eps_cov)
+            cov = [[sp.Integer(0)] * n for _ in range(n)]
+            for i, (l, a, _, scale) in enumerate(eps_cov):
+                for j, (l2, b, _, _) in enumerate(eps_cov):
+                    if l == l2:
+                        cov[i][j] = int(a == b) - (g.e[a] * g.e[b] / scale ** 2
+                                                   if scale is not None else 0)
+            integrand = _integrate_polynomial_part(integrand, [x[2] for x in eps_cov], cov)
         # a u that enters only polynomially (outside every non-polynomial function) is
         # integrated exactly by its moments; quadrature runs over the others only
         inside = _nonpolynomial_symbols(integrand)

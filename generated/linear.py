@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 4aca39ef68f957c43f8e4e16ac76abbfad0e3f01f3f64e3543ffb08a7ad7ac3a
-# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
+# spec-hash: 70dac1d78457d169eac23c855e9805b3d67d5ff8f9326035fc5db5e04d2865ff
+# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '4aca39ef68f957c43f8e4e16ac76abbfad0e3f01f3f64e3543ffb08a7ad7ac3a'
+SPEC_HASH = '70dac1d78457d169eac23c855e9805b3d67d5ff8f9326035fc5db5e04d2865ff'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 
@@ -93,7 +93,7 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = m - 1
+    _x0 = -1 + m
     return _bc(-_x0)[0]
 
 def drift_eta1(m):
@@ -102,12 +102,12 @@ def drift_eta1(m):
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x0 = m - 1
+    _x0 = -1 + m
     return _bc(_x0*m)
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = m - 1
+    _x0 = -1 + m
     return _bc(eta * (1 - (m*m)) + eta**2 * (_x0*m))
 
 def covariance(m, eta):
@@ -120,7 +120,7 @@ def covariance(m, eta):
     _x6 = 2*_x5
     _x7 = 2*_x1
     _x8 = _x4 + _x7
-    _c0_0 = _x2 + m*(-_x8 + m*(-4*_x1 + _x4 + _x6 + m*(-4*_x5 + _x8 + m*(_x1 - _x4 + _x6))))
+    _c0_0 = _x2 + m*(-_x8 + m*(_x4 + _x6 - 4*_x1 + m*(_x8 - 4*_x5 + m*(_x1 + _x6 - _x4))))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -132,13 +132,13 @@ def ito_correction(m, eta):
     _x7 = 2*_x1
     _x9 = -3*_x3
     _x10 = (9/2)*_x5
-    return _bc(_x7 + _x9 + m*(_x10 + _x9 + m*(-5*_x1 + 15*_x3 - 9*_x5 + m*(_x10 + _x2 - 9*_x3))))
+    return _bc(_x7 + _x9 + m*(_x10 + _x9 + m*(-9*_x5 - 5*_x1 + 15*_x3 + m*(_x10 + _x2 - 9*_x3))))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x1 = (eta*eta)
-    _x11 = 2*m
-    return _bc_nested(((_x1*(_x11 - 1) - _x11*eta,),))
+    _x7 = 2*_x1
+    return _bc_nested(((-_x1 + m*(_x7 - 2*eta),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

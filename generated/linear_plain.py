@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 6c865e1621f0e2043c7cede601e106ad612feca67dedde3a30c18f9d004b2ebf
-# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
+# spec-hash: 42a2367621af0a19ba0a5f8c815bdbee6a96632ed580c9e608bdaad8dfc6607f
+# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = False
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '6c865e1621f0e2043c7cede601e106ad612feca67dedde3a30c18f9d004b2ebf'
+SPEC_HASH = '42a2367621af0a19ba0a5f8c815bdbee6a96632ed580c9e608bdaad8dfc6607f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 
@@ -93,7 +93,7 @@ def quadrature_error(function, *args, **kwargs):
 
 def population_loss(m, q):
     """Population loss R(m, q) = E[1/2 ||y - y_hat||^2] (exact)."""
-    return _bc(-m + (1/2)*q + 1/2)[0]
+    return _bc(1/2 + (1/2)*q - m)[0]
 
 def drift_eta1(m, q):
     """O(eta) drift coefficients E[G1_i] for (m, q): drift = eta * this + eta^2 * drift_eta2 (exact)."""
@@ -103,12 +103,12 @@ def drift_eta1(m, q):
 def drift_eta2(m, q):
     """O(eta^2) drift coefficients E[G2_i] for (m, q) (exact)."""
     _x0 = 2*m
-    return _bc(0, -_x0 + q + 1)
+    return _bc(0, 1 + q - _x0)
 
 def drift(m, q, eta):
     """Drift d(m, q)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = 2*m
-    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x0 - 2*q) + eta**2 * (-_x0 + q + 1))
+    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x0 - 2*q) + eta**2 * (1 + q - _x0))
 
 def covariance(m, q, eta):
     """Cov(G)_ij over (m, q), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
@@ -123,9 +123,9 @@ def covariance(m, q, eta):
     _x9 = 8*_x5
     _x10 = -_x9
     _x11 = 8*_x7
-    _c0_0 = _x1*q + _x2 + m*(_x1*m + _x4)
-    _c0_1 = _x6 + m*(_x3 - 6*_x5 + m*(-6*_x1 + 4*_x5) + q*(-_x4 - _x6)) + q*(-_x2 + _x6)
-    _c1_1 = _x8 + m*(-_x11 + _x9 + m*(_x11 + _x3 - 16*_x5) + q*(-16*_x1 - _x11 + 24*_x5)) + q*(_x10 + _x3 + 4*_x7 + q*(8*_x1 + _x10 + _x8))
+    _c0_0 = _x2 + _x1*q + m*(_x4 + _x1*m)
+    _c0_1 = _x6 + m*(_x3 - 6*_x5 + m*(-6*_x1 + 4*_x5) + q*(-_x4 - _x6)) + q*(_x6 - _x2)
+    _c1_1 = _x8 + m*(_x9 - _x11 + m*(_x11 + _x3 - 16*_x5) + q*(-_x11 - 16*_x1 + 24*_x5)) + q*(_x10 + _x3 + 4*_x7 + q*(_x10 + _x8 + 8*_x1))
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
 
 def ito_correction(m, q, eta):

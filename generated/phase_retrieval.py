@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 2fc5215ab11d7d0d60dac9edc07c5f273e5deb263c3a1b21781b0402c5d2a8c9
-# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
+# spec-hash: fbffeb43757d1208352e43541c3592a5330af6ab7e90ba2fce5da322758d8c4d
+# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '2fc5215ab11d7d0d60dac9edc07c5f273e5deb263c3a1b21781b0402c5d2a8c9'
+SPEC_HASH = 'fbffeb43757d1208352e43541c3592a5330af6ab7e90ba2fce5da322758d8c4d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 
@@ -104,12 +104,12 @@ def drift_eta1(m):
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
     _x0 = (m*m)
-    return _bc(m*(24*_x0 - 24))
+    return _bc(m*(-24 + 24*_x0))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = (m*m)
-    return _bc(eta * (m*(4 - 4*_x0)) + eta**2 * (m*(24*_x0 - 24)))
+    return _bc(eta * (m*(4 - 4*_x0)) + eta**2 * (m*(-24 + 24*_x0)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
@@ -119,7 +119,7 @@ def covariance(m, eta):
     _x3 = 2688*_x2
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _c0_0 = _x0*(_x0*(_x0*(80*_x1 - _x3 + 54144*_x4 - 11520*_x5) - 112*_x1 + 5376*_x2 - 73728*_x4) - 16*_x1 - _x3 + 31104*_x4) + 48*_x1
+    _c0_0 = 48*_x1 + _x0*(-_x3 - 16*_x1 + 31104*_x4 + _x0*(-73728*_x4 - 112*_x1 + 5376*_x2 + _x0*(-_x3 - 11520*_x5 + 80*_x1 + 54144*_x4)))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -130,13 +130,13 @@ def ito_correction(m, eta):
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
     _x6 = 7200*_x2
-    return _bc(m*(_x0*(_x0*(144*_x1 + 82080*_x4 - 17280*_x5 - _x6) - 408*_x1 + 14400*_x2 - 112320*_x4) + 264*_x1 + 47520*_x4 - _x6))
+    return _bc(m*(-_x6 + 264*_x1 + 47520*_x4 + _x0*(-112320*_x4 - 408*_x1 + 14400*_x2 + _x0*(-_x6 - 17280*_x5 + 144*_x1 + 82080*_x4))))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x0 = (m*m)
     _x1 = (eta*eta)
-    return _bc_nested(((_x0*(72*_x1 - 12*eta) - 24*_x1 + 4*eta,),))
+    return _bc_nested(((-24*_x1 + 4*eta + _x0*(-12*eta + 72*_x1),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

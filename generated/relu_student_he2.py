@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: 577aee20f064532a92f295f74bcbf4352e40dcf259096db3b635dccef73a7e89
-# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
+# spec-hash: 668bde2a3a97a6015e944564ecfdc11f7157251a913602adba332e730ada2bce
+# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = '577aee20f064532a92f295f74bcbf4352e40dcf259096db3b635dccef73a7e89'
+SPEC_HASH = '668bde2a3a97a6015e944564ecfdc11f7157251a913602adba332e730ada2bce'
 QUADRATURE_NODES = 40
 JACOBIAN = 'finite-difference'
 
@@ -95,21 +95,21 @@ def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (quadrature)."""
     _gh0 = _gh_node_0(m)
     _gh1 = _gh_node_1(m)
-    return _bc(_gh0 + _gh1 + 1/2)[0]
+    return _bc(1/2 + _gh0 + _gh1)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (quadrature)."""
     _gh2 = _gh_node_2(m)
     _gh3 = _gh_node_3(m)
     _gh4 = _gh_node_4(m)
-    return _bc(_gh2*m + _gh3*m - _gh4)
+    return _bc(-_gh4 + m*(_gh2 + _gh3))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (quadrature)."""
     _gh5 = _gh_node_5(m)
     _gh6 = _gh_node_6(m)
-    _x0 = (1/2)*m
-    return _bc(-_gh5*_x0 - _gh6*_x0)
+    _x0 = (1/2)*_gh5
+    return _bc(m*(-_x0 - 1/2*_gh6))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; quadrature)."""
@@ -118,8 +118,8 @@ def drift(m, eta):
     _gh4 = _gh_node_4(m)
     _gh5 = _gh_node_5(m)
     _gh6 = _gh_node_6(m)
-    _x0 = (1/2)*m
-    return _bc(eta * (_gh2*m + _gh3*m - _gh4) + eta**2 * (-_gh5*_x0 - _gh6*_x0))
+    _x0 = (1/2)*_gh5
+    return _bc(eta * (-_gh4 + m*(_gh2 + _gh3)) + eta**2 * (m*(-_x0 - 1/2*_gh6)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (quadrature); the diffusion is D = Cov(G) / d."""
@@ -137,6 +137,7 @@ def covariance(m, eta):
     _gh7 = _gh_node_7(m)
     _gh8 = _gh_node_8(m)
     _gh9 = _gh_node_9(m)
+    _x0 = (1/2)*_gh5
     _x1 = (eta*eta)
     _x2 = (eta*eta*eta)
     _x3 = _gh12*_x2
@@ -151,7 +152,7 @@ def covariance(m, eta):
     _x12 = _gh8*_x2
     _x13 = _gh2*_x2
     _x14 = _gh3*_x2
-    _c0_0 = _gh10*_x1 - (_gh4*_gh4)*_x1 + m*(2*_gh3*_gh4*_x1 + _gh4*_x5 - _gh5*_x6 - _gh6*_x6 + _x3 - 2*_x4 + m*(_gh11*_x10 - (_gh2*_gh2)*_x1 - (_gh3*_gh3)*_x1 - _gh3*_x5 - (_gh5*_gh5)*_x10 - 1/2*_gh5*_gh6*_x9 + _gh5*_x13 + _gh5*_x14 - (_gh6*_gh6)*_x10 + _gh6*_x13 + _gh6*_x14 + _gh9*_x10 - _x11 - _x12 + _x7 + _x8))
+    _c0_0 = _gh10*_x1 + m*(_x3 - 2*_x4 + _gh4*_x5 + m*(_x7 + _x8 - _x11 - _x12 + _gh11*_x10 + _gh5*_x13 + _gh5*_x14 + _gh6*_x13 + _gh6*_x14 + _gh9*_x10 - _gh3*_x5 - _x1*(_gh2*_gh2) - _x1*(_gh3*_gh3) - _x10*(_gh5*_gh5) - _x10*(_gh6*_gh6) - _gh6*_x0*_x9) - _gh5*_x6 - _gh6*_x6 + 2*_gh3*_gh4*_x1) - _x1*(_gh4*_gh4)
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -173,9 +174,8 @@ def ito_correction(m, eta):
     _x9 = (eta*eta*eta*eta)
     _x11 = _gh15*_x2
     _x12 = _gh8*_x2
-    _x15 = (3/8)*_x9*m
-    _x16 = (3/2)*m
-    return _bc(_gh11*_x15 + _gh9*_x15 - _x11*_x16 - _x12*_x16 + _x16*_x7 + _x16*_x8 + (1/2)*_x3 - _x4)
+    _x15 = (3/8)*_x9
+    return _bc((1/2)*_x3 - _x4 + m*(-3/2*_x11 - 3/2*_x12 + (3/2)*_x7 + (3/2)*_x8 + _gh11*_x15 + _gh9*_x15))
 
 def drift_jacobian(m, eta, h=1e-5):
     """Jacobian d drift_i / d x_j over (m) by central differences of step h (error O(h^2) plus quadrature error / h): the symbolic derivative of this model has a Dirac delta."""
@@ -210,7 +210,7 @@ def _gh_integrand_1(_u, m):
     """Integrand of node 1 at quadrature points _u = (u1b)."""
     (u1b,) = _u
     _y0 = numpy.maximum(0, u1b)
-    return (1/2)*(_y0*_y0) + (1/2)*numpy.sqrt(2)*_y0
+    return (1/2)*(_y0*_y0) + (1/2)*_y0*numpy.sqrt(2)
 
 def _gh_node_1(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -223,7 +223,7 @@ def _gh_integrand_2(_u, m):
     """Integrand of node 2 at quadrature points _u = (u1b)."""
     (u1b,) = _u
     _y0 = u1b*numpy.heaviside(u1b, 0.5)
-    return _y0*numpy.maximum(0, u1b) + (1/2)*numpy.sqrt(2)*_y0
+    return _y0*numpy.maximum(0, u1b) + (1/2)*_y0*numpy.sqrt(2)
 
 def _gh_node_2(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -253,7 +253,7 @@ def _gh_integrand_4(_u, m):
     _y1 = numpy.heaviside(_y0, 0.5)
     _y2 = _y1*u1a
     _y3 = (1/2)*numpy.sqrt(2)
-    return -_y1*_y3*(u1a*u1a*u1a) + _y2*_y3 + _y2*numpy.maximum(0, _y0)
+    return _y2*_y3 + _y2*numpy.maximum(0, _y0) - _y1*_y3*(u1a*u1a*u1a)
 
 def _gh_node_4(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -268,7 +268,7 @@ def _gh_integrand_5(_u, m):
     _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
     _y1 = (numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
     _y2 = _y1*(u1a*u1a)
-    return (1/2)*_y1*(u1a*u1a*u1a*u1a) - numpy.sqrt(2)*_y2*numpy.maximum(0, _y0) - _y2
+    return -_y2 + (1/2)*_y1*(u1a*u1a*u1a*u1a) - _y2*numpy.sqrt(2)*numpy.maximum(0, _y0)
 
 def _gh_node_5(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -282,7 +282,7 @@ def _gh_integrand_6(_u, m):
     (u1b,) = _u
     _y0 = (numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
     _y1 = numpy.maximum(0, u1b)
-    return _y0*(_y1*_y1) + numpy.sqrt(2)*_y0*_y1 + (1/2)*_y0
+    return (1/2)*_y0 + _y0*(_y1*_y1) + _y0*_y1*numpy.sqrt(2)
 
 def _gh_node_6(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -296,7 +296,7 @@ def _gh_integrand_7(_u, m):
     (u1b,) = _u
     _y0 = (u1b*u1b)*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
     _y1 = numpy.maximum(0, u1b)
-    return _y0*(_y1*_y1) + numpy.sqrt(2)*_y0*_y1 + (1/2)*_y0
+    return (1/2)*_y0 + _y0*(_y1*_y1) + _y0*_y1*numpy.sqrt(2)
 
 def _gh_node_7(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -309,9 +309,9 @@ def _gh_integrand_8(_u, m):
     """Integrand of node 8 at quadrature points _u = (u1b)."""
     (u1b,) = _u
     _y0 = u1b*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y1 = numpy.sqrt(2)*_y0
+    _y1 = _y0*numpy.sqrt(2)
     _y2 = numpy.maximum(0, u1b)
-    return _y0*(_y2*_y2*_y2) + (3/2)*_y0*_y2 + (3/2)*_y1*(_y2*_y2) + (1/4)*_y1
+    return (1/4)*_y1 + _y0*(_y2*_y2*_y2) + (3/2)*_y0*_y2 + (3/2)*_y1*(_y2*_y2)
 
 def _gh_node_8(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -325,8 +325,8 @@ def _gh_integrand_9(_u, m):
     (u1b,) = _u
     _y0 = (numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
     _y1 = numpy.maximum(0, u1b)
-    _y2 = numpy.sqrt(2)*_y0
-    return _y0*(_y1*_y1*_y1*_y1) + 3*_y0*(_y1*_y1) + (1/4)*_y0 + 2*(_y1*_y1*_y1)*_y2 + _y1*_y2
+    _y2 = _y0*numpy.sqrt(2)
+    return (1/4)*_y0 + _y0*(_y1*_y1*_y1*_y1) + _y1*_y2 + 2*_y2*(_y1*_y1*_y1) + 3*_y0*(_y1*_y1)
 
 def _gh_node_9(m, n=None):
     """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -345,8 +345,8 @@ def _gh_integrand_10(_u, m):
     _y4 = _y2*(u1a*u1a*u1a*u1a)
     _y5 = numpy.maximum(0, _y1)
     _y6 = _y0*_y2
-    _y7 = numpy.sqrt(2)*_y5
-    return _y0*_y3 + _y3*(u1a*u1a*u1a*u1a*u1a*u1a) - _y4*_y7 - _y4 + (_y5*_y5)*_y6 + _y6*_y7
+    _y7 = _y5*numpy.sqrt(2)
+    return -_y4 + _y0*_y3 + _y3*(u1a*u1a*u1a*u1a*u1a*u1a) + _y6*_y7 + _y6*(_y5*_y5) - _y4*_y7
 
 def _gh_node_10(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -367,7 +367,7 @@ def _gh_integrand_11(_u, m):
     _y6 = (_y5*_y5)
     _y7 = numpy.sqrt(2)
     _y8 = _y5*_y7
-    return 3*_y1*_y4*_y5*_y7 + 3*_y1*_y4*_y6 + (3/2)*_y1*_y4 + (1/4)*_y1*(u1a*u1a*u1a*u1a*u1a*u1a*u1a*u1a) - 2*_y2*(_y5*_y5*_y5)*_y7 - 6*_y2*_y6 - 3*_y2*_y8 - _y2 - _y3*_y8 - _y3
+    return -_y2 - _y3 - _y3*_y8 - 6*_y2*_y6 - 3*_y2*_y8 + (1/4)*_y1*(u1a*u1a*u1a*u1a*u1a*u1a*u1a*u1a) + (3/2)*_y1*_y4 - 2*_y2*_y7*(_y5*_y5*_y5) + 3*_y1*_y4*_y6 + 3*_y1*_y4*_y5*_y7
 
 def _gh_node_11(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -390,7 +390,7 @@ def _gh_integrand_12(_u, m):
     _y8 = numpy.maximum(0, _y0)
     _y9 = (3/2)*_y8
     _y10 = (3/2)*_y3*(_y8*_y8)
-    return -_y1*_y4*(u1a*u1a*u1a*u1a*u1a*u1a*u1a) + _y10*_y2 - _y10*_y5 + _y2*_y4 + _y2*(_y8*_y8*_y8) + _y2*_y9 - _y5*_y6 - 3*_y5*_y8 + _y6*_y7 + _y7*_y9
+    return _y10*_y2 + _y2*_y4 + _y2*_y9 + _y2*(_y8*_y8*_y8) + _y6*_y7 + _y7*_y9 - _y10*_y5 - _y5*_y6 - 3*_y5*_y8 - _y1*_y4*(u1a*u1a*u1a*u1a*u1a*u1a*u1a)
 
 def _gh_node_12(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -415,9 +415,9 @@ def _gh_integrand_13(_u, m):
     _y10 = numpy.maximum(0, _y2)
     _y11 = (_y10*_y10)
     _y12 = _y0*_y4
-    _y13 = numpy.sqrt(2)*_y10
+    _y13 = _y10*numpy.sqrt(2)
     _y14 = _y7*u1a
-    return _y0*_y5 + _y11*_y12 + _y11*_y14 + _y12*_y13 + _y13*_y14 - _y13*_y6 - _y13*_y9 + _y5*(u1a*u1a*u1a*u1a*u1a*u1a) - _y6 + _y8*(u1a*u1a*u1a*u1a*u1a) + _y8*u1a - _y9
+    return -_y6 - _y9 + _y0*_y5 + _y11*_y12 + _y11*_y14 + _y12*_y13 + _y13*_y14 + _y5*(u1a*u1a*u1a*u1a*u1a*u1a) + _y8*u1a + _y8*(u1a*u1a*u1a*u1a*u1a) - _y13*_y6 - _y13*_y9
 
 def _gh_node_13(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -443,7 +443,7 @@ def _gh_integrand_14(_u, m):
     _y11 = numpy.sqrt(2)
     _y12 = numpy.maximum(0, _y4)
     _y13 = _y11*_y12
-    return (1/2)*_y0*_y5*_y8 + _y1*_y11*_y12*_y5*_y7*_y8 + _y1*_y5*_y7*_y8 + (1/2)*_y1*_y5*(u1a*u1a*u1a*u1a*u1a*u1a) - _y10*_y13 - _y10 - _y13*_y6 - _y13*_y9 + _y2*_y5*m*(u1a*u1a*u1a*u1a*u1a)*u1b - 1/2*_y6*_y8 - _y6 - _y9
+    return -_y10 - _y6 - _y9 - _y10*_y13 - _y13*_y6 - _y13*_y9 - 1/2*_y6*_y8 + (1/2)*_y0*_y5*_y8 + (1/2)*_y1*_y5*(u1a*u1a*u1a*u1a*u1a*u1a) + _y1*_y5*_y7*_y8 + _y2*_y5*m*u1b*(u1a*u1a*u1a*u1a*u1a) + _y1*_y11*_y12*_y5*_y7*_y8
 
 def _gh_node_14(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -470,8 +470,8 @@ def _gh_integrand_15(_u, m):
     _y12 = (u1a*u1a*u1a*u1a)
     _y13 = numpy.maximum(0, _y2)
     _y14 = 3*_y13
-    _y15 = (3/2)*(_y13*_y13)*_y6
-    return (3/2)*_y0*_y12*_y13*_y3*u1b + (3/4)*_y0*_y12*_y3*_y6*u1b - _y10*_y9*(u1a*u1a*u1a*u1a*u1a*u1a) - _y11*_y14 - _y11*_y15 - _y11*_y7 + (3/2)*_y13*_y3*_y8*m - _y14*_y5 - _y15*_y5 + (3/4)*_y3*_y6*_y8*m - _y4*_y9*(u1a*u1a*u1a*u1a*u1a*u1a*u1a) - _y5*_y7
+    _y15 = (3/2)*_y6*(_y13*_y13)
+    return -_y11*_y14 - _y11*_y15 - _y11*_y7 - _y14*_y5 - _y15*_y5 - _y5*_y7 - _y10*_y9*(u1a*u1a*u1a*u1a*u1a*u1a) - _y4*_y9*(u1a*u1a*u1a*u1a*u1a*u1a*u1a) + (3/2)*_y13*_y3*_y8*m + (3/4)*_y3*_y6*_y8*m + (3/2)*_y0*_y12*_y13*_y3*u1b + (3/4)*_y0*_y12*_y3*_y6*u1b
 
 def _gh_node_15(m, n=None):
     """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
@@ -482,7 +482,7 @@ def _gh_node_15(m, n=None):
 
 def teacher_link(z1):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*((z1*z1) - 1))
+    return _bc((1/2)*numpy.sqrt(2)*(-1 + (z1*z1)))
 
 def student_link(z1):
     """Student link g(z) entries (flattened row by row)."""

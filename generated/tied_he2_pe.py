@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 1c322d3a85402ad925d0a459e73376e42fc0217dd81996425c886f6c499e32d4
-# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
+# spec-hash: 897f7efd929bb8dd05bb2e51e6fc57f7973df6c6c37e0ae775924d3e4602e131
+# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '1c322d3a85402ad925d0a459e73376e42fc0217dd81996425c886f6c499e32d4'
+SPEC_HASH = '897f7efd929bb8dd05bb2e51e6fc57f7973df6c6c37e0ae775924d3e4602e131'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 
@@ -95,7 +95,7 @@ def population_loss(m, e, omega=0.5):
     """Population loss R(m, e) = E[1/2 ||y - y_hat||^2] (exact)."""
     _x0 = (m*m)
     _x1 = (e*e)
-    return _bc(-2*_x0 + _x1*(_x1 + 2) + 2)[0]
+    return _bc(2 - 2*_x0 + _x1*(2 + _x1))[0]
 
 def drift_eta1(m, e, omega=0.5):
     """O(eta) drift coefficients E[G1_i] for (m, e): drift = eta * this + eta^2 * drift_eta2 (exact)."""
@@ -103,15 +103,15 @@ def drift_eta1(m, e, omega=0.5):
     _x1 = (e*e)
     _x2 = 4*_x0
     _x3 = 4*_x1
-    return _bc(m*(_x1*(_x3 + 4) - _x2 + 4), -_x2*e + e*(4*(e*e*e*e) - 4))
+    return _bc(m*(4 - _x2 + _x1*(4 + _x3)), e*(-4 + 4*(e*e*e*e)) - _x2*e)
 
 def drift_eta2(m, e, omega=0.5):
     """O(eta^2) drift coefficients E[G2_i] for (m, e) (exact)."""
     _x0 = (m*m)
     _x1 = (e*e)
     _x3 = 4*_x1
-    _x4 = _x0*(32*_x1 + 16)
-    _x5 = _x1*(_x1*(-_x3 - 28) - 48) - 16
+    _x4 = _x0*(16 + 32*_x1)
+    _x5 = -16 + _x1*(-48 + _x1*(-28 - _x3))
     return _bc(m*(_x4 + _x5), _x4*e + _x5*e)
 
 def drift(m, e, eta, omega=0.5):
@@ -120,9 +120,9 @@ def drift(m, e, eta, omega=0.5):
     _x1 = (e*e)
     _x2 = 4*_x0
     _x3 = 4*_x1
-    _x4 = _x0*(32*_x1 + 16)
-    _x5 = _x1*(_x1*(-_x3 - 28) - 48) - 16
-    return _bc(eta * (m*(_x1*(_x3 + 4) - _x2 + 4)) + eta**2 * (m*(_x4 + _x5)), eta * (-_x2*e + e*(4*(e*e*e*e) - 4)) + eta**2 * (_x4*e + _x5*e))
+    _x4 = _x0*(16 + 32*_x1)
+    _x5 = -16 + _x1*(-48 + _x1*(-28 - _x3))
+    return _bc(eta * (m*(4 - _x2 + _x1*(4 + _x3))) + eta**2 * (m*(_x4 + _x5)), eta * (e*(-4 + 4*(e*e*e*e)) - _x2*e) + eta**2 * (_x4*e + _x5*e))
 
 def covariance(m, e, eta, omega=0.5):
     """Cov(G)_ij over (m, e), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
@@ -140,18 +140,18 @@ def covariance(m, e, eta, omega=0.5):
     _x15 = 42240*_x13
     _x16 = 55552*_x13
     _x17 = _x1*_x13
-    _x18 = _x1*(-288*_x11 + 4624*_x13 + 288*_x17) + 25472*_x13 + _x8
+    _x18 = _x8 + 25472*_x13 + _x1*(-288*_x11 + 288*_x17 + 4624*_x13)
     _x19 = -_x8
     _x20 = -15616*_x13
     _x21 = _x0*_x13
     _x22 = 2304*_x21
     _x23 = 48*_x6
-    _x24 = _x1*(-3200*_x11 + 33536*_x13 + 12800*_x17) + 11264*_x13 + _x23
+    _x24 = _x23 + 11264*_x13 + _x1*(-3200*_x11 + 12800*_x17 + 33536*_x13)
     _x25 = 96*_x6
     _x26 = -_x25
     _x27 = -75776*_x13
     _x28 = 256*_x6
-    _x29 = _x1*(1248*_x11 - 17536*_x13 - 1344*_x17) - 66304*_x13 - _x28
+    _x29 = -_x28 - 66304*_x13 + _x1*(-17536*_x13 - 1344*_x17 + 1248*_x11)
     _x30 = 112*_x6
     _x31 = 192*_x6
     _x32 = -2304*_x11
@@ -159,9 +159,9 @@ def covariance(m, e, eta, omega=0.5):
     _x34 = 144*_x6
     _x35 = 2176*_x11
     _x36 = -_x23
-    _c0_0 = _x0*(_x0*(_x0*(_x12 - _x22 + _x24) + _x1*(_x1*(6304*_x11 + _x29) + 8448*_x11 + _x26 + _x27) + 2048*_x11 + _x19 + _x20) + _x1*(_x1*(_x1*(-2624*_x11 + _x18) - 6752*_x11 + _x16 + 248*_x6) - 5248*_x11 + _x15 + _x7) + _x10 + _x12 + _x14) + _x1*(_x1*(8*_x1*_x6 + 40*_x6) + _x8) + _x7
-    _c0_1 = m*(_x0*(_x0*(-_x22*e + e*(-448*_x11 + _x24)) + e*(_x1*(_x1*(5856*_x11 + _x29) + 5312*_x11 + _x27 + 80*_x6) + _x20 - _x33 + _x8)) + e*(_x1*(_x1*(_x1*(_x18 + _x32) - 4576*_x11 + _x16 + _x25) - 1376*_x11 + _x15 - _x31) + 576*_x11 + _x14 - _x30))
-    _c1_1 = _x0*(_x0*(-2304*_x0*_x17 + _x1*(_x24 + _x33)) + _x1*(_x1*(_x1*(5408*_x11 + _x29) + _x27 + _x28 + _x35) + _x20 + _x32 + _x9) + _x19) + _x1*(_x1*(_x1*(_x1*(-1984*_x11 + _x18) - 2400*_x11 + _x16 + _x36) + 2496*_x11 + _x15 - 224*_x6) + _x14 + _x34 + _x35) + _x8
+    _c0_0 = _x7 + _x0*(_x10 + _x12 + _x14 + _x0*(_x19 + _x20 + 2048*_x11 + _x0*(_x12 + _x24 - _x22) + _x1*(_x26 + _x27 + 8448*_x11 + _x1*(_x29 + 6304*_x11))) + _x1*(_x15 + _x7 - 5248*_x11 + _x1*(_x16 - 6752*_x11 + 248*_x6 + _x1*(_x18 - 2624*_x11)))) + _x1*(_x8 + _x1*(40*_x6 + 8*_x1*_x6))
+    _c0_1 = m*(_x0*(_x0*(e*(_x24 - 448*_x11) - _x22*e) + e*(_x20 + _x8 - _x33 + _x1*(_x27 + 80*_x6 + 5312*_x11 + _x1*(_x29 + 5856*_x11)))) + e*(_x14 - _x30 + 576*_x11 + _x1*(_x15 - _x31 - 1376*_x11 + _x1*(_x16 + _x25 - 4576*_x11 + _x1*(_x18 + _x32)))))
+    _c1_1 = _x8 + _x0*(_x19 + _x0*(_x1*(_x24 + _x33) - 2304*_x0*_x17) + _x1*(_x20 + _x32 + _x9 + _x1*(_x27 + _x28 + _x35 + _x1*(_x29 + 5408*_x11)))) + _x1*(_x14 + _x34 + _x35 + _x1*(_x15 - 224*_x6 + 2496*_x11 + _x1*(_x16 + _x36 - 2400*_x11 + _x1*(_x18 - 1984*_x11))))
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
 
 def ito_correction(m, e, eta, omega=0.5):
@@ -185,13 +185,13 @@ def ito_correction(m, e, eta, omega=0.5):
     _x41 = 88128*_x13
     _x42 = 42432*_x13
     _x43 = 24*_x6
-    _x44 = _x1*(-48*_x11 + 768*_x13 + 24*_x17) + 8688*_x13 + _x43
+    _x44 = _x43 + 8688*_x13 + _x1*(-48*_x11 + 24*_x17 + 768*_x13)
     _x45 = -24192*_x13
     _x46 = 3456*_x21
-    _x47 = _x1*(-5184*_x11 + 51840*_x13 + 20736*_x17) + 17280*_x13 + _x25
+    _x47 = _x25 + 17280*_x13 + _x1*(-5184*_x11 + 20736*_x17 + 51840*_x13)
     _x48 = -117504*_x13
-    _x49 = _x1*(-29184*_x13 - 2400*_x17 - _x32) - 105408*_x13 - 432*_x6
-    return _bc(m*(_x0*(_x0*(_x37 - _x46 + _x47) + _x1*(_x1*(13824*_x11 + _x49) + 20736*_x11 - _x40 + _x48) + 5760*_x11 + _x45 - 288*_x6) + _x1*(_x1*(_x1*(_x1*(-976*_x11 + _x44) - 6688*_x11 + _x42 + 272*_x6) - 17568*_x11 + _x40 + _x41) - 15552*_x11 + _x39 + 1056*_x6) + _x31 + _x37 + _x38), _x0*(_x0*(-_x46*e + e*(_x32 + _x47)) + e*(_x1*(_x1*(13248*_x11 + _x49) + 17280*_x11 + _x48 - 768*_x6) + 3456*_x11 + _x45 + _x7)) + e*(_x1*(_x1*(_x1*(_x1*(-960*_x11 + _x44) - 6224*_x11 + _x28 + _x42) - 14976*_x11 + _x41 + 704*_x6) - 11232*_x11 + _x39 + 384*_x6) - 1152*_x11 + _x38 - 128*_x6))
+    _x49 = -105408*_x13 - 432*_x6 + _x1*(-_x32 - 29184*_x13 - 2400*_x17)
+    return _bc(m*(_x31 + _x37 + _x38 + _x0*(_x45 - 288*_x6 + 5760*_x11 + _x0*(_x37 + _x47 - _x46) + _x1*(_x48 - _x40 + 20736*_x11 + _x1*(_x49 + 13824*_x11))) + _x1*(_x39 - 15552*_x11 + 1056*_x6 + _x1*(_x40 + _x41 - 17568*_x11 + _x1*(_x42 - 6688*_x11 + 272*_x6 + _x1*(_x44 - 976*_x11))))), _x0*(_x0*(e*(_x32 + _x47) - _x46*e) + e*(_x45 + _x7 + 3456*_x11 + _x1*(_x48 - 768*_x6 + 17280*_x11 + _x1*(_x49 + 13248*_x11)))) + e*(_x38 - 1152*_x11 - 128*_x6 + _x1*(_x39 - 11232*_x11 + 384*_x6 + _x1*(_x41 - 14976*_x11 + 704*_x6 + _x1*(_x28 + _x42 - 6224*_x11 + _x1*(_x44 - 960*_x11))))))
 
 def drift_jacobian(m, e, eta, omega=0.5):
     """Jacobian d drift_i / d x_j over (m, e), derived symbolically (exact)."""
@@ -215,7 +215,7 @@ def drift_jacobian(m, e, eta, omega=0.5):
     _x52 = -_x50
     _x53 = 28*_x6
     _x54 = 8*eta
-    return _bc_nested(((_x0*(_x23 + _x51 - 12*eta) + _x1*(_x1*(-_x3*_x6 - _x52 - _x53) + _x36 + _x50) + _x10 + _x50, m*(_x0*_x8*e + e*(_x1*(-_x1*_x43 - _x30 + 16*eta) + _x26 + _x54))), (e*m*(_x1*_x8 - _x54 + _x7), _x0*(_x51 + _x52 + _x9) + _x1*(_x1*(-_x1*_x53 - 140*_x6 + 20*eta) - _x34) + _x10 + _x52)))
+    return _bc_nested(((_x10 + _x50 + _x0*(_x23 + _x51 - 12*eta) + _x1*(_x36 + _x50 + _x1*(-_x52 - _x53 - _x3*_x6)), m*(e*(_x26 + _x54 + _x1*(-_x30 + 16*eta - _x1*_x43)) + _x0*_x8*e)), (e*m*(_x7 - _x54 + _x1*_x8), _x10 + _x52 + _x0*(_x51 + _x52 + _x9) + _x1*(-_x34 + _x1*(-140*_x6 + 20*eta - _x1*_x53)))))
 
 def diffusion(m, e, eta, d, omega=0.5):
     """Diffusion matrix D = Cov(G) / d over (m, e), shape (n, n) + broadcast shape."""
@@ -224,11 +224,11 @@ def diffusion(m, e, eta, d, omega=0.5):
 
 def teacher_link(z1, z2, omega=0.5):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*((z1*z1) + (z2*z2) - 2))
+    return _bc((1/2)*numpy.sqrt(2)*(-2 + (z1*z1) + (z2*z2)))
 
 def student_link(z1, z2, omega=0.5):
     """Student link g(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*((z1*z1) + (z2*z2) - 2))
+    return _bc((1/2)*numpy.sqrt(2)*(-2 + (z1*z1) + (z2*z2)))
 
 def student_link_gradient(z1, z2, omega=0.5):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

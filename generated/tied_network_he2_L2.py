@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 913284c7f270fd0c4cc9dd2fdd5c54bea69f5096fe0d8dee9a40aeea9a7345a7
-# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
+# spec-hash: 390dcdb5731936354d5482a496c632d58679bd5c98239121a06c400d558669e2
+# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '913284c7f270fd0c4cc9dd2fdd5c54bea69f5096fe0d8dee9a40aeea9a7345a7'
+SPEC_HASH = '390dcdb5731936354d5482a496c632d58679bd5c98239121a06c400d558669e2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 
@@ -109,14 +109,14 @@ def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
     _x0 = numpy.sqrt(2)
     _x1 = (m*m)
-    return _bc(m*(_x1*(5*_x0 - 2) - 6))
+    return _bc(m*(-6 + _x1*(-2 + 5*_x0)))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = numpy.sqrt(2)
     _x1 = (m*m)
     _x2 = _x0*_x1
-    return _bc(eta * (m*(_x0 - _x2)) + eta**2 * (m*(_x1*(5*_x0 - 2) - 6)))
+    return _bc(eta * (m*(_x0 - _x2)) + eta**2 * (m*(-6 + _x1*(-2 + 5*_x0))))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
@@ -124,14 +124,10 @@ def covariance(m, eta):
     _x1 = (m*m)
     _x2 = _x0*_x1
     _x3 = (eta*eta)
-    _x4 = _x0*_x3
-    _x5 = 6*_x3
-    _x6 = (eta*eta*eta)
-    _x7 = (eta*eta*eta*eta)
-    _x8 = _x0*_x6
-    _x9 = _x0*_x7
-    _x10 = _x2*_x7
-    _c0_0 = _x1*(_x1*(_x0*_x5 + _x1*(68*_x0*_x6 - 180*_x10 + 10*_x3 - 304*_x6 + 3456*_x7 - 988*_x9) - 20*_x3 + 160*_x6 + 2256*_x7 + 208*_x8 - 4236*_x9) - 2*_x4 - _x5 + 144*_x6 + 2022*_x7 - 276*_x8 - 48*_x9) + 16*_x3 - 4*_x4
+    _x4 = (eta*eta*eta)
+    _x5 = (eta*eta*eta*eta)
+    _x6 = _x2*_x5
+    _c0_0 = _x1*(_x1*(_x1*(-180*_x6 + 10*_x3 + _x4*(-304 + 68*_x0) + _x5*(3456 - 988*_x0)) + _x3*(-20 + 6*_x0) + _x4*(160 + 208*_x0) + _x5*(2256 - 4236*_x0)) + _x3*(-6 - 2*_x0) + _x4*(144 - 276*_x0) + _x5*(2022 - 48*_x0)) + _x3*(16 - 4*_x0)
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -140,22 +136,18 @@ def ito_correction(m, eta):
     _x1 = (m*m)
     _x2 = _x0*_x1
     _x3 = (eta*eta)
-    _x4 = _x0*_x3
-    _x6 = (eta*eta*eta)
-    _x7 = (eta*eta*eta*eta)
-    _x8 = _x0*_x6
-    _x9 = _x0*_x7
-    _x10 = _x2*_x7
-    return _bc(m*(_x1*(_x1*(108*_x0*_x6 - 270*_x10 + 18*_x3 - 666*_x6 + 5265*_x7 - 1512*_x9) + 12*_x3 - 63*_x4 - 378*_x6 + 3420*_x7 + 1224*_x8 - 6444*_x9) + 30*_x3 + 24*_x4 - 672*_x6 + 3087*_x7 - 132*_x8 - 72*_x9))
+    _x4 = (eta*eta*eta)
+    _x5 = (eta*eta*eta*eta)
+    _x6 = _x2*_x5
+    return _bc(m*(_x1*(_x1*(-270*_x6 + 18*_x3 + _x4*(-666 + 108*_x0) + _x5*(5265 - 1512*_x0)) + _x3*(12 - 63*_x0) + _x4*(-378 + 1224*_x0) + _x5*(3420 - 6444*_x0)) + _x3*(30 + 24*_x0) + _x4*(-672 - 132*_x0) + _x5*(3087 - 72*_x0)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x0 = numpy.sqrt(2)
     _x1 = (m*m)
     _x3 = (eta*eta)
-    _x5 = 6*_x3
-    _x11 = _x0*eta
-    return _bc_nested(((_x1*(15*_x0*_x3 - 3*_x11 - _x5) + _x11 - _x5,),))
+    _x7 = _x0*eta
+    return _bc_nested(((_x7 - 6*_x3 + _x1*(-3*_x7 + _x3*(-6 + 15*_x0)),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""
@@ -164,11 +156,11 @@ def diffusion(m, eta, d):
 
 def teacher_link(z1, z2):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/2)*(z1*z1) + (1/2)*(z2*z2) - 1)
+    return _bc(-1 + (1/2)*(z1*z1) + (1/2)*(z2*z2))
 
 def student_link(z1, z2):
     """Student link g(z) entries (flattened row by row)."""
-    return _bc((1/2)*numpy.sqrt(2)*((1/2)*(z1*z1) + z1*z2 + (1/2)*(z2*z2) - 1))
+    return _bc((1/2)*numpy.sqrt(2)*(-1 + (1/2)*(z1*z1) + (1/2)*(z2*z2) + z1*z2))
 
 def student_link_gradient(z1, z2):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 14df326c2b1279268a7caf6b91a817366d236052621947819398f77c0300315f
-# tool: ssi-symbolic 0.1.0 generator 1 source 218be7f30f830f40
+# spec-hash: 965b8b68cd45abf01c420a0934133fab0c65d7f64195860d1dded987c10c9252
+# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '14df326c2b1279268a7caf6b91a817366d236052621947819398f77c0300315f'
+SPEC_HASH = '965b8b68cd45abf01c420a0934133fab0c65d7f64195860d1dded987c10c9252'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 
@@ -104,12 +104,12 @@ def drift_eta1(m):
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
     _x0 = (m*m)
-    return _bc(m*(4*_x0 - 6))
+    return _bc(m*(-6 + 4*_x0))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = (m*m)
-    return _bc(eta * (m*(1 - _x0)) + eta**2 * (m*(4*_x0 - 6)))
+    return _bc(eta * (m*(1 - _x0)) + eta**2 * (m*(-6 + 4*_x0)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
@@ -118,7 +118,7 @@ def covariance(m, eta):
     _x2 = (eta*eta*eta)
     _x3 = (eta*eta*eta*eta)
     _x4 = _x0*_x3
-    _c0_0 = _x0*(_x0*(_x0*(5*_x1 - 118*_x2 + 1181*_x3 - 90*_x4) - 4*_x1 + 304*_x2 - 2910*_x3) - 11*_x1 - 186*_x2 + 1965*_x3) + 10*_x1
+    _c0_0 = 10*_x1 + _x0*(-186*_x2 - 11*_x1 + 1965*_x3 + _x0*(-2910*_x3 - 4*_x1 + 304*_x2 + _x0*(-118*_x2 - 90*_x4 + 5*_x1 + 1181*_x3)))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -128,13 +128,13 @@ def ito_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x3 = (eta*eta*eta*eta)
     _x4 = _x0*_x3
-    return _bc(m*(_x0*(_x0*(9*_x1 - 279*_x2 + (3591/2)*_x3 - 135*_x4) - 57*_x1 + 1008*_x2 - 4437*_x3) + 60*_x1 - 831*_x2 + (6003/2)*_x3))
+    return _bc(m*(-831*_x2 + 60*_x1 + (6003/2)*_x3 + _x0*(-4437*_x3 - 57*_x1 + 1008*_x2 + _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3))))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x0 = (m*m)
     _x1 = (eta*eta)
-    return _bc_nested(((_x0*(12*_x1 - 3*eta) - 6*_x1 + eta,),))
+    return _bc_nested(((eta - 6*_x1 + _x0*(-3*eta + 12*_x1),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""
@@ -143,13 +143,13 @@ def diffusion(m, eta, d):
 
 def teacher_link(z1, z2, z3, z4):
     """Teacher link g*(z) entries (flattened row by row)."""
-    return _bc((1/4)*numpy.sqrt(2)*((z1*z1) + (z2*z2) + (z3*z3) + (z4*z4) - 4))
+    return _bc((1/4)*numpy.sqrt(2)*(-4 + (z1*z1) + (z2*z2) + (z3*z3) + (z4*z4)))
 
 def student_link(z1, z2, z3, z4):
     """Student link g(z) entries (flattened row by row)."""
     _x0 = (1/2)*z1
     _x1 = (1/2)*z2
-    return _bc((1/2)*numpy.sqrt(2)*(_x0*z2 + _x0*z3 + _x0*z4 + _x1*z3 + _x1*z4 + (1/4)*(z1*z1) + (1/4)*(z2*z2) + (1/4)*(z3*z3) + (1/2)*z3*z4 + (1/4)*(z4*z4) - 1))
+    return _bc((1/2)*numpy.sqrt(2)*(-1 + (1/4)*(z1*z1) + (1/4)*(z2*z2) + (1/4)*(z3*z3) + (1/4)*(z4*z4) + _x0*z2 + _x0*z3 + _x0*z4 + _x1*z3 + _x1*z4 + (1/2)*z3*z4))
 
 def student_link_gradient(z1, z2, z3, z4):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

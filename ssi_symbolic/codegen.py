@@ -86,7 +86,8 @@ class _Printer(SciPyPrinter):
         return f"numpy.heaviside({self._print(expr.args[0])}, 0.5)"
 
 
-_PRINTER = _Printer({"fully_qualified_modules": True, "inline": True, "allow_unknown_functions": False})
+_PRINTER = _Printer({"fully_qualified_modules": True, "inline": True,
+                     "allow_unknown_functions": False, "order": "none"})
 
 
 def pycode(expr) -> str:
@@ -100,13 +101,22 @@ def _horner(expr, gens):
     gens = [g for g in gens if isinstance(g, sp.Symbol) and g in expr.free_symbols]
     if not gens:
         return expr
-    try:
-        poly = sp.Poly(expr, *gens)
+    others = sorted(expr.free_symbols - set(gens), key=str)
+    try:  # every symbol a generator: much faster than coefficients in a polynomial domain
+        poly = sp.Poly(expr, *gens, *others, expand=False)
     except sp.PolynomialError:
-        return expr
+        try:
+            poly = sp.Poly(expr, *gens, *others)
+        except sp.PolynomialError:
+            return expr
     if poly.total_degree() <= 1:
         return expr
-    return _horner_terms(dict(poly.terms()), gens)
+    k = len(gens)
+    terms = {}
+    for mon, c in poly.terms():
+        rest = sp.Mul(c, *[o ** e for o, e in zip(others, mon[k:]) if e])
+        terms.setdefault(mon[:k], []).append(rest)
+    return _horner_terms({mon: sp.Add(*cs) for mon, cs in terms.items()}, gens)
 
 
 def _horner_terms(terms, gens):
@@ -125,6 +135,42 @@ def _horner_terms(terms, gens):
         if k - nxt:
             acc = acc * x ** (k - nxt)
     return acc
+
+
+MAX_ADD_TERMS = 24
+
+
+def cse(exprs, prefix="_x"):
+    """Common-subexpression elimination over all `exprs` at once, then long sums split into
+    partial sums of at most MAX_ADD_TERMS terms (a sum of thousands of terms on one line
+    overflows Python's compiler)."""
+    symbols = sp.numbered_symbols(prefix)
+    repl, reduced = sp.cse(exprs, symbols=symbols, order="canonical")
+    out = []
+    split_names = sp.numbered_symbols(prefix + "s")
+
+    def walk(e):
+        if e.is_Atom:
+            return e
+        args = [walk(a) for a in e.args]
+        if e.is_Add and len(args) > MAX_ADD_TERMS:
+            while len(args) > MAX_ADD_TERMS:
+                parts = []
+                for k in range(0, len(args), MAX_ADD_TERMS):
+                    sym = next(split_names)
+                    out.append((sym, sp.Add(*args[k:k + MAX_ADD_TERMS], evaluate=False)))
+                    parts.append(sym)
+                args = parts
+            return sp.Add(*args, evaluate=False)
+        if args == list(e.args):
+            return e
+        return e.func(*args, evaluate=False) if e.is_Add or e.is_Mul else e.func(*args)
+
+    for sym, val in repl:
+        val = walk(val)
+        out.append((sym, val))
+    reduced = [walk(r) for r in reduced]
+    return out, reduced
 
 
 def _closure(outputs, repl_index, repl):
@@ -186,7 +232,7 @@ class _Module:
         jac = ([self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
                else [sp.Integer(0)] * (n * n))
         outputs = [_horner(x, D.state) for x in [loss] + d1 + d2 + flat_cov + ito + jac]
-        repl, reduced = sp.cse(outputs, symbols=sp.numbered_symbols("_x"), order="canonical")
+        repl, reduced = cse(outputs)
         repl_index = {s: i for i, (s, _) in enumerate(repl)}
         r_loss = reduced[0]
         r_d1, r_d2 = reduced[1:1 + n], reduced[1 + n:1 + 2 * n]
@@ -291,8 +337,7 @@ class _Module:
         for node, ph in self.quad.items():
             idx = int(str(ph)[3:])
             us = [str(u) for u in node.variables]
-            repl, (red,) = sp.cse([node.integrand], symbols=sp.numbered_symbols("_y"),
-                                  order="canonical")
+            repl, (red,) = cse([node.integrand], "_y")
             lines = [f"{_tuple_src(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
             fns.append(_function(
                 f"_gh_integrand_{idx}", ["_u"] + args,
@@ -319,7 +364,7 @@ class _Module:
                 ("student_link", S, "Student link g(z) entries (flattened row by row)."),
                 ("student_link_gradient", [x for row in grad for x in row],
                  "dg_k/dz_l of the student link, as K tuples of L entries.")]:
-            repl, red = sp.cse(exprs, symbols=sp.numbered_symbols("_x"), order="canonical")
+            repl, red = cse(exprs)
             lines = [f"{s} = {pycode(v)}" for s, v in repl]
             if name == "student_link_gradient":
                 L = spec.L

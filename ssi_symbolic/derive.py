@@ -120,9 +120,16 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
     return Statistics(loss, base, coef)
 
 
-def _quadratic(c1, M, c2):
-    return sp.Add(*[c1[a] * M[a][b] * c2[b] for a in range(len(c1)) for b in range(len(c2))
-                    if c1[a] != 0 and c2[b] != 0])
+def _quadratic(c1, M, c2, zero):
+    """c1^T M c2 (SymPy expressions or ring elements)."""
+    out = zero
+    for a in range(len(c1)):
+        if c1[a] == 0:
+            continue
+        for b in range(len(c2)):
+            if c2[b] != 0:
+                out = out + c1[a] * M[a][b] * c2[b]
+    return out
 
 
 def _eta_part(expr, k):
@@ -132,61 +139,69 @@ def _eta_part(expr, k):
 def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     """Derive the population loss, the drift (O(eta) and O(eta^2) parts), Cov(G) and the
     spherical Ito correction. With G = sum_k c_k base_k: E G = c . E[base] and
-    Cov(G_i, G_j) = c_i^T (E[base base^T] - E[base] E[base]^T) c_j."""
+    Cov(G_i, G_j) = c_i^T (E[base base^T] - E[base] E[base]^T) c_j.
+
+    When every statistic is polynomial the combination is done in the polynomial ring of the
+    exact engine (fast); otherwise in SymPy, with the Gauss-Hermite nodes as opaque factors."""
     t0 = time.perf_counter()
     gauss = TokenGaussian.of(spec)
     st = statistics(spec, gauss)
-    E = Expectation(gauss, [st.loss] + st.base)
-    R = sp.expand(E.expect(st.loss))
-    mean = [E.expect(b) for b in st.base]
-    drift = [sp.expand(_quadratic(c, [[x] for x in mean], [1])) for c in st.coef]
+    E = Expectation(gauss, [st.loss] + st.base, extra_symbols=(ETA,))
+    ex = E.exact
+    try:
+        R = ex.expect_spt(ex.to_spt(st.loss))
+        mean = [ex.expect_spt(ex.to_spt(b)) for b in st.base]
+        coef = [[ex._const(c) for c in row] for row in st.coef]
+        product = lambda a, b: ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b), merge=False))
+        zero, back = ex.R.zero, ex.to_sympy
+        method = "exact"
+    except NotPolynomial:
+        R = E.expect(st.loss)
+        mean = [E.expect(b) for b in st.base]
+        coef = st.coef
+        product = lambda a, b: E.expect(a * b)
+        zero, back = sp.Integer(0), sp.expand
+        method = "quadrature"
+    drift = [back(_quadratic(c, [[x] for x in mean], [1], zero)) for c in coef]
     d1 = tuple(_eta_part(x, 1) for x in drift)
     d2 = tuple(_eta_part(x, 2) for x in drift)
-    n, nb = len(st.coef), len(st.base)
+    n, nb = len(coef), len(st.base)
     cov = sp.zeros(n, n)
     ito = tuple(sp.Integer(0) for _ in range(n))
     if diffusion:
         M = [[None] * nb for _ in range(nb)]
         for a in range(nb):
             for b in range(a, nb):
-                M[a][b] = M[b][a] = _product_expectation(E, st.base[a], st.base[b])
+                M[a][b] = M[b][a] = product(st.base[a], st.base[b])
         C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
         for i in range(n):
             for j in range(i, n):
-                cov[i, j] = cov[j, i] = sp.expand(_quadratic(st.coef[i], C, st.coef[j]))
+                cov[i, j] = cov[j, i] = back(_quadratic(coef[i], C, coef[j], zero))
         if spec.spherical:
-            ito = _ito_correction(gauss, M, nb)
-    method = "quadrature" if E.used_quadrature else "exact"
+            ito = tuple(back(x) for x in _ito_correction(gauss, M, nb, coef, zero,
+                                                          ex._const if method == "exact"
+                                                          else sp.sympify))
     params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
-    return Derivation(spec=spec, state=gauss.state, parameters=params, population_loss=R,
-                      drift_eta1=d1, drift_eta2=d2, covariance=cov, ito_correction=ito,
-                      method=method, seconds=time.perf_counter() - t0)
+    return Derivation(spec=spec, state=gauss.state, parameters=params,
+                      population_loss=back(R), drift_eta1=d1, drift_eta2=d2, covariance=cov,
+                      ito_correction=ito, method=method, seconds=time.perf_counter() - t0)
 
 
-def _ito_correction(gauss: TokenGaussian, M, nb):
+def _ito_correction(gauss: TokenGaussian, M, nb, coef, zero, const):
     """Spherical SGD: with the plain increments d*dX = -eta A_X and d*dq = Gq = -2 eta A_q +
     eta^2 B, one step maps X to (X + dX) / sqrt(1 + dq) = X + dX - X dq/2 - dX dq/2
     + (3/8) X dq^2 + ...; the second-order terms add, per unit time (d steps),
     (1/d) E[(eta A_X) Gq / 2 + (3/8) X Gq^2]."""
     iq, iB = nb - 2, nb - 1
-    gq = [sp.Integer(0)] * nb
-    gq[iq], gq[iB] = -2 * ETA, ETA ** 2
-    gq2 = _quadratic(gq, M, gq)
+    gq = [zero] * nb
+    gq[iq], gq[iB] = const(-2 * ETA), const(ETA ** 2)
+    gq2 = _quadratic(gq, M, gq, zero)
     out = []
     for i, x in enumerate((gauss.m,) + gauss.e):
-        a = [sp.Integer(0)] * nb
-        a[i] = ETA / 2
-        out.append(sp.expand(_quadratic(a, M, gq) + sp.Rational(3, 8) * x * gq2))
-    return tuple(out)
-
-
-def _product_expectation(E: Expectation, a, b):
-    """E[a b], the product taken in factored form when the statistics are polynomial."""
-    ex = E.exact
-    try:
-        return ex.to_sympy(ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b), merge=False)))
-    except NotPolynomial:
-        return E.expect(a * b)
+        a = [zero] * nb
+        a[i] = const(ETA / 2)
+        out.append(_quadratic(a, M, gq, zero) + const(sp.Rational(3, 8) * x) * gq2)
+    return out
 
 
 __all__ = ["Derivation", "Statistics", "derive", "statistics", "ETA", "D_SYM",

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 70dac1d78457d169eac23c855e9805b3d67d5ff8f9326035fc5db5e04d2865ff
-# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
+# spec-hash: 61adc6f5c32ff77bd266d41f7abab77b67a608bac7b674284d4e18d88f02e8ef
+# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
 import numpy
 import scipy.special
 
@@ -23,9 +23,10 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '70dac1d78457d169eac23c855e9805b3d67d5ff8f9326035fc5db5e04d2865ff'
+SPEC_HASH = '61adc6f5c32ff77bd266d41f7abab77b67a608bac7b674284d4e18d88f02e8ef'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
+FINITE_D_CORRECTION = 'complete'
 
 
 
@@ -130,9 +131,26 @@ def ito_correction(m, eta):
     _x3 = (eta*eta*eta)
     _x5 = (eta*eta*eta*eta)
     _x7 = 2*_x1
-    _x9 = -3*_x3
-    _x10 = (9/2)*_x5
-    return _bc(_x7 + _x9 + m*(_x10 + _x9 + m*(-9*_x5 - 5*_x1 + 15*_x3 + m*(_x10 + _x2 - 9*_x3))))
+    _x9 = (9/2)*_x5
+    _x10 = -15*_x3 + 9*_x5 - m*(_x2 + _x9 - 9*_x3)
+    _x11 = -3*_x3
+    _x12 = _x11 + _x9
+    _x13 = _x11 + _x7
+    return _bc(_x13 + m*(_x12 + m*(-_x10 - 5*_x1)))
+
+def finite_d_correction(m, eta):
+    """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
+    _x1 = (eta*eta)
+    _x2 = 3*_x1
+    _x3 = (eta*eta*eta)
+    _x5 = (eta*eta*eta*eta)
+    _x7 = 2*_x1
+    _x9 = (9/2)*_x5
+    _x10 = -15*_x3 + 9*_x5 - m*(_x2 + _x9 - 9*_x3)
+    _x11 = -3*_x3
+    _x12 = _x11 + _x9
+    _x13 = _x11 + _x7
+    return _bc(_x13 + m*(_x12 - _x7 + m*(-_x10 - _x2)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""

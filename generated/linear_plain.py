@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 42a2367621af0a19ba0a5f8c815bdbee6a96632ed580c9e608bdaad8dfc6607f
-# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
+# spec-hash: 8af1ab3d09d6f28e2b69590c9166f5c4b2bc40284cad10983f3e24686d52823b
+# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
 import numpy
 import scipy.special
 
@@ -23,9 +23,10 @@ SPHERICAL = False
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '42a2367621af0a19ba0a5f8c815bdbee6a96632ed580c9e608bdaad8dfc6607f'
+SPEC_HASH = '8af1ab3d09d6f28e2b69590c9166f5c4b2bc40284cad10983f3e24686d52823b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
+FINITE_D_CORRECTION = 'complete'
 
 
 
@@ -98,7 +99,8 @@ def population_loss(m, q):
 def drift_eta1(m, q):
     """O(eta) drift coefficients E[G1_i] for (m, q): drift = eta * this + eta^2 * drift_eta2 (exact)."""
     _x0 = 2*m
-    return _bc(1 - m, _x0 - 2*q)
+    _x1 = 2*q
+    return _bc(1 - m, _x0 - _x1)
 
 def drift_eta2(m, q):
     """O(eta^2) drift coefficients E[G2_i] for (m, q) (exact)."""
@@ -108,36 +110,45 @@ def drift_eta2(m, q):
 def drift(m, q, eta):
     """Drift d(m, q)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = 2*m
-    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x0 - 2*q) + eta**2 * (1 + q - _x0))
+    _x1 = 2*q
+    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x0 - _x1) + eta**2 * (1 + q - _x0))
 
 def covariance(m, q, eta):
     """Cov(G)_ij over (m, q), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x1 = (eta*eta)
-    _x2 = 2*_x1
-    _x3 = 4*_x1
-    _x4 = -_x3
-    _x5 = (eta*eta*eta)
-    _x6 = 2*_x5
-    _x7 = (eta*eta*eta*eta)
-    _x8 = 2*_x7
-    _x9 = 8*_x5
-    _x10 = -_x9
-    _x11 = 8*_x7
-    _c0_0 = _x2 + _x1*q + m*(_x4 + _x1*m)
-    _c0_1 = _x6 + m*(_x3 - 6*_x5 + m*(-6*_x1 + 4*_x5) + q*(-_x4 - _x6)) + q*(_x6 - _x2)
-    _c1_1 = _x8 + m*(_x9 - _x11 + m*(_x11 + _x3 - 16*_x5) + q*(-_x11 - 16*_x1 + 24*_x5)) + q*(_x10 + _x3 + 4*_x7 + q*(_x10 + _x8 + 8*_x1))
+    _x2 = (eta*eta)
+    _x3 = 2*_x2
+    _x4 = 4*_x2
+    _x5 = -_x4
+    _x6 = (eta*eta*eta)
+    _x7 = 2*_x6
+    _x8 = (eta*eta*eta*eta)
+    _x9 = 2*_x8
+    _x10 = 8*_x6
+    _x11 = -_x10
+    _x12 = 8*_x8
+    _c0_0 = _x3 + _x2*q + m*(_x5 + _x2*m)
+    _c0_1 = _x7 + m*(_x4 - 6*_x6 + m*(-6*_x2 + 4*_x6) + q*(-_x5 - _x7)) + q*(_x7 - _x3)
+    _c1_1 = _x9 + m*(_x10 - _x12 + m*(_x12 + _x4 - 16*_x6) + q*(-_x12 - 16*_x2 + 24*_x6)) + q*(_x11 + _x4 + 4*_x8 + q*(_x11 + _x9 + 8*_x2))
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
 
 def ito_correction(m, q, eta):
     """d times the O(1/d) drift of the spherical rescaling for (m, q): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
     return _bc(0, 0)
 
+def finite_d_correction(m, q, eta):
+    """d times the whole O(1/d) drift for (m, q): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
+    _x1 = 2*q
+    _x2 = (eta*eta)
+    _x3 = 2*_x2
+    _x4 = 4*_x2
+    return _bc(0, _x3 + _x1*_x2 - _x4*m)
+
 def drift_jacobian(m, q, eta):
     """Jacobian d drift_i / d x_j over (m, q), derived symbolically (exact)."""
-    _x1 = (eta*eta)
-    _x2 = 2*_x1
-    _x12 = -2*eta
-    return _bc_nested(((-eta, 0), (-_x12 - _x2, _x1 + _x12)))
+    _x2 = (eta*eta)
+    _x3 = 2*_x2
+    _x13 = -2*eta
+    return _bc_nested(((-eta, 0), (-_x13 - _x3, _x13 + _x2)))
 
 def diffusion(m, q, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m, q), shape (n, n) + broadcast shape."""

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: fbffeb43757d1208352e43541c3592a5330af6ab7e90ba2fce5da322758d8c4d
-# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
+# spec-hash: dc830d68e7a8be22148f47dad58c1b327fec3c5aa67360084373c173238ce08f
+# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
 import numpy
 import scipy.special
 
@@ -23,9 +23,10 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'fbffeb43757d1208352e43541c3592a5330af6ab7e90ba2fce5da322758d8c4d'
+SPEC_HASH = 'dc830d68e7a8be22148f47dad58c1b327fec3c5aa67360084373c173238ce08f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
+FINITE_D_CORRECTION = 'complete'
 
 
 
@@ -129,8 +130,24 @@ def ito_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _x6 = 7200*_x2
-    return _bc(m*(-_x6 + 264*_x1 + 47520*_x4 + _x0*(-112320*_x4 - 408*_x1 + 14400*_x2 + _x0*(-_x6 - 17280*_x5 + 144*_x1 + 82080*_x4))))
+    _x6 = 264*_x1
+    _x7 = 7200*_x2
+    _x8 = -14400*_x2 + 112320*_x4 - _x0*(-_x7 - 17280*_x5 + 144*_x1 + 82080*_x4)
+    _x9 = -_x7 + 47520*_x4
+    return _bc(m*(_x6 + _x9 + _x0*(-_x8 - 408*_x1)))
+
+def finite_d_correction(m, eta):
+    """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
+    _x0 = (m*m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x4 = (eta*eta*eta*eta)
+    _x5 = _x0*_x4
+    _x6 = 264*_x1
+    _x7 = 7200*_x2
+    _x8 = -14400*_x2 + 112320*_x4 - _x0*(-_x7 - 17280*_x5 + 144*_x1 + 82080*_x4)
+    _x9 = -_x7 + 47520*_x4
+    return _bc(m*(_x9 + 120*_x1 + _x0*(-_x6 - _x8)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""

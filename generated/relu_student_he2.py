@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: 668bde2a3a97a6015e944564ecfdc11f7157251a913602adba332e730ada2bce
-# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
+# spec-hash: 7f4bcbcb99f810656c4c4c056d649b41d76bfb53510cbd9657037252a78424da
+# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
 import numpy
 import scipy.special
 
@@ -23,9 +23,10 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = '668bde2a3a97a6015e944564ecfdc11f7157251a913602adba332e730ada2bce'
+SPEC_HASH = '7f4bcbcb99f810656c4c4c056d649b41d76bfb53510cbd9657037252a78424da'
 QUADRATURE_NODES = 40
 JACOBIAN = 'finite-difference'
+FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'
 
 
 
@@ -175,7 +176,31 @@ def ito_correction(m, eta):
     _x11 = _gh15*_x2
     _x12 = _gh8*_x2
     _x15 = (3/8)*_x9
-    return _bc((1/2)*_x3 - _x4 + m*(-3/2*_x11 - 3/2*_x12 + (3/2)*_x7 + (3/2)*_x8 + _gh11*_x15 + _gh9*_x15))
+    _x16 = (1/2)*_x3 - _x4 + m*(-3/2*_x11 - 3/2*_x12 + (3/2)*_x7 + (3/2)*_x8 + _gh11*_x15 + _gh9*_x15)
+    return _bc(_x16)
+
+def finite_d_correction(m, eta):
+    """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here; quadrature)."""
+    _gh11 = _gh_node_11(m)
+    _gh12 = _gh_node_12(m)
+    _gh13 = _gh_node_13(m)
+    _gh14 = _gh_node_14(m)
+    _gh15 = _gh_node_15(m)
+    _gh7 = _gh_node_7(m)
+    _gh8 = _gh_node_8(m)
+    _gh9 = _gh_node_9(m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x3 = _gh12*_x2
+    _x4 = _gh13*_x1
+    _x7 = _gh14*_x1
+    _x8 = _gh7*_x1
+    _x9 = (eta*eta*eta*eta)
+    _x11 = _gh15*_x2
+    _x12 = _gh8*_x2
+    _x15 = (3/8)*_x9
+    _x16 = (1/2)*_x3 - _x4 + m*(-3/2*_x11 - 3/2*_x12 + (3/2)*_x7 + (3/2)*_x8 + _gh11*_x15 + _gh9*_x15)
+    return _bc(_x16)
 
 def drift_jacobian(m, eta, h=1e-5):
     """Jacobian d drift_i / d x_j over (m) by central differences of step h (error O(h^2) plus quadrature error / h): the symbolic derivative of this model has a Dirac delta."""

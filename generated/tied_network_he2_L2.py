@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 390dcdb5731936354d5482a496c632d58679bd5c98239121a06c400d558669e2
-# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
+# spec-hash: 94854d459612b30ae0142f987f9a4bdd3d2f607d98e763a43677f19c76835d25
+# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
 import numpy
 import scipy.special
 
@@ -23,9 +23,10 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '390dcdb5731936354d5482a496c632d58679bd5c98239121a06c400d558669e2'
+SPEC_HASH = '94854d459612b30ae0142f987f9a4bdd3d2f607d98e763a43677f19c76835d25'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
+FINITE_D_CORRECTION = 'complete'
 
 
 
@@ -139,15 +140,30 @@ def ito_correction(m, eta):
     _x4 = (eta*eta*eta)
     _x5 = (eta*eta*eta*eta)
     _x6 = _x2*_x5
-    return _bc(m*(_x1*(_x1*(-270*_x6 + 18*_x3 + _x4*(-666 + 108*_x0) + _x5*(5265 - 1512*_x0)) + _x3*(12 - 63*_x0) + _x4*(-378 + 1224*_x0) + _x5*(3420 - 6444*_x0)) + _x3*(30 + 24*_x0) + _x4*(-672 - 132*_x0) + _x5*(3087 - 72*_x0)))
+    _x7 = _x1*(-270*_x6 + 18*_x3 + _x4*(-666 + 108*_x0) + _x5*(5265 - 1512*_x0)) + _x4*(-378 + 1224*_x0) + _x5*(3420 - 6444*_x0)
+    _x8 = _x4*(-672 - 132*_x0) + _x5*(3087 - 72*_x0)
+    return _bc(m*(_x8 + _x1*(_x7 + _x3*(12 - 63*_x0)) + _x3*(30 + 24*_x0)))
+
+def finite_d_correction(m, eta):
+    """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
+    _x0 = numpy.sqrt(2)
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    _x3 = (eta*eta)
+    _x4 = (eta*eta*eta)
+    _x5 = (eta*eta*eta*eta)
+    _x6 = _x2*_x5
+    _x7 = _x1*(-270*_x6 + 18*_x3 + _x4*(-666 + 108*_x0) + _x5*(5265 - 1512*_x0)) + _x4*(-378 + 1224*_x0) + _x5*(3420 - 6444*_x0)
+    _x8 = _x4*(-672 - 132*_x0) + _x5*(3087 - 72*_x0)
+    return _bc(m*(_x8 + _x1*(_x7 + _x3*(-2 - 31*_x0)) + _x3*(-8 + 26*_x0)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x0 = numpy.sqrt(2)
     _x1 = (m*m)
     _x3 = (eta*eta)
-    _x7 = _x0*eta
-    return _bc_nested(((_x7 - 6*_x3 + _x1*(-3*_x7 + _x3*(-6 + 15*_x0)),),))
+    _x9 = _x0*eta
+    return _bc_nested(((_x9 - 6*_x3 + _x1*(-3*_x9 + _x3*(-6 + 15*_x0)),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

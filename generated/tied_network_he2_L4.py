@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 965b8b68cd45abf01c420a0934133fab0c65d7f64195860d1dded987c10c9252
-# tool: ssi-symbolic 0.1.0 generator 1 source 2c963a1518ad0b7e
+# spec-hash: 8a25fb761d6197c675a105d1504cf3be682a335c5d47cd798b0ec2129a374e3a
+# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
 import numpy
 import scipy.special
 
@@ -23,9 +23,10 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '965b8b68cd45abf01c420a0934133fab0c65d7f64195860d1dded987c10c9252'
+SPEC_HASH = '8a25fb761d6197c675a105d1504cf3be682a335c5d47cd798b0ec2129a374e3a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
+FINITE_D_CORRECTION = 'complete'
 
 
 
@@ -128,7 +129,20 @@ def ito_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x3 = (eta*eta*eta*eta)
     _x4 = _x0*_x3
-    return _bc(m*(-831*_x2 + 60*_x1 + (6003/2)*_x3 + _x0*(-4437*_x3 - 57*_x1 + 1008*_x2 + _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3))))
+    _x5 = -1008*_x2 + 4437*_x3 - _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3)
+    _x6 = -831*_x2 + (6003/2)*_x3
+    return _bc(m*(_x6 + 60*_x1 + _x0*(-_x5 - 57*_x1)))
+
+def finite_d_correction(m, eta):
+    """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
+    _x0 = (m*m)
+    _x1 = (eta*eta)
+    _x2 = (eta*eta*eta)
+    _x3 = (eta*eta*eta*eta)
+    _x4 = _x0*_x3
+    _x5 = -1008*_x2 + 4437*_x3 - _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3)
+    _x6 = -831*_x2 + (6003/2)*_x3
+    return _bc(m*(_x6 + 25*_x1 + _x0*(-_x5 - 32*_x1)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""

@@ -3,6 +3,10 @@
     ssi derive SPEC... [--out DIR] [--force]     write generated/<name>.py, print its path
     ssi latex SPEC [--out FILE]                  LaTeX document (stdout without --out)
     ssi evaluate SPEC --at m=0.3 --at e=0.1 [--eta 0.05] [--d 1000] [--param k=v] [--json]
+    ssi solve SPEC --eta 0.05 --d 1000 [--m0 X] [--e0 X] [--t-max T] [--threshold 0.5]
+              [--param k=v] [--plot FILE.png] [--json]
+    ssi sde SPEC --eta --d --runs N [--seed S] [--t-max T] [--json]
+    ssi max-lr SPEC [--json]
 
 Errors are one line on stderr (`ssi: error: ...`) with exit code 2; nothing is written then.
 """
@@ -96,6 +100,78 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _print(result: dict, as_json: bool, table) -> None:
+    print(json.dumps(result) if as_json else table(result))
+
+
+def _fmt(v, spec=".6g"):
+    return "-" if v is None else format(v, spec)
+
+
+def cmd_solve(args) -> int:
+    from .plots import check_png, trajectory_figure
+    from .predict import predict_solve
+    if args.plot:
+        check_png(args.plot)
+    res = predict_solve(args.spec, args.eta, args.d, m0=args.m0, e0=args.e0, t_max=args.t_max,
+                        threshold=args.threshold, params=_pairs(args.param, "--param"),
+                        out_dir=args.out)
+    if args.plot:
+        trajectory_figure(res, args.plot)
+
+    def table(r):
+        rows = [f"spec {r['spec']}  eta {r['eta']}  d {r['d']}  threshold {r['threshold']}  "
+                f"loss {r['loss_kind']}",
+                f"escape time            {_fmt(r['escape_time'])}",
+                f"semantic escape time   {_fmt(r['semantic_escape_time'])}",
+                f"positional escape time {_fmt(r['positional_escape_time'])}",
+                f"alignment time         {_fmt(r['alignment_time'])}",
+                "phases                 " + ", ".join(
+                    f"{p['name']} [{p['start']:.4g}, {p['end']:.4g}]" for p in r["phases"]),
+                "fixed point            " + "  ".join(
+                    f"{k}={v:.6g}" for k, v in (r["fixed_point"] or {}).items())
+                + f"  ({'stable' if r['stable'] else 'unstable'})",
+                f"final loss             {r['loss'][-1]:.6g}"]
+        if args.plot:
+            rows.append(f"plot                   {args.plot}")
+        return "\n".join(rows)
+    _print(res, args.json, table)
+    return 0
+
+
+def cmd_sde(args) -> int:
+    from .predict import predict_sde
+    res = predict_sde(args.spec, args.eta, args.d, runs=args.runs, seed=args.seed,
+                      t_max=args.t_max, params=_pairs(args.param, "--param"), out_dir=args.out,
+                      threshold=args.threshold, progress=not args.json and sys.stderr.isatty())
+
+    def table(r):
+        q = r["quartiles"]
+        return (f"spec {r['spec']}  eta {r['eta']}  d {r['d']}  runs {r['runs']}  dt {r['dt']:.4g}\n"
+                f"escape time median {_fmt(r['median'])}  quartiles [{_fmt(q[0])}, {_fmt(q[1])}]"
+                f"  escaped fraction {r['escaped_fraction']:.3f}")
+    _print(res, args.json, table)
+    return 0
+
+
+def cmd_max_lr(args) -> int:
+    from .predict import predict_max_lr
+    res = predict_max_lr(args.spec, params=_pairs(args.param, "--param"), out_dir=args.out)
+    _print(res, args.json, lambda r: f"max_lr {_fmt(r['max_lr'], '.10g')}\n{r['reason']}")
+    return 0
+
+
+def _common(p, eta_required=True):
+    p.add_argument("spec", help="model spec (TOML)")
+    p.add_argument("--eta", type=float, required=eta_required, default=None,
+                   help="learning rate per step")
+    p.add_argument("--d", type=float, required=eta_required, default=None, help="dimension")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="parameter value overriding the spec's default")
+    p.add_argument("--out", default="generated", help="folder of generated modules")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssi", description="Exact overlap equations of online SGD "
                                 "on sequence single-index models (see MATH.md).")
@@ -124,6 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="generated", help="folder of generated modules")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate)
+
+    so = sub.add_parser("solve", help="integrate the overlap ODE: escape, alignment, phases")
+    _common(so)
+    so.add_argument("--m0", type=float, default=None, help="initial m (default 1/sqrt(d))")
+    so.add_argument("--e0", type=float, default=None, help="initial e (default 0)")
+    so.add_argument("--t-max", type=float, default=None, help="stop time (default: converged)")
+    so.add_argument("--threshold", type=float, default=0.5, help="escape threshold theta")
+    so.add_argument("--plot", default=None, metavar="FILE.png", help="draw the trajectory")
+    so.set_defaults(func=cmd_solve)
+
+    sd = sub.add_parser("sde", help="escape-time distribution of the finite-d SDE")
+    _common(sd)
+    sd.add_argument("--runs", type=int, default=1000, help="number of paths (1000)")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--t-max", type=float, default=None)
+    sd.add_argument("--threshold", type=float, default=0.5)
+    sd.set_defaults(func=cmd_sde)
+
+    ml = sub.add_parser("max-lr", help="maximal learning rate and why")
+    _common(ml, eta_required=False)
+    ml.set_defaults(func=cmd_max_lr)
     return p
 
 

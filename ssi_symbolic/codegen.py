@@ -15,7 +15,8 @@ Generated module API (all functions broadcast):
     drift(*state, eta, **params)                 tuple: eta E[G1_i] + eta^2 E[G2_i]
     covariance(*state, eta, **params)            nested tuple: Cov(G)_ij
     diffusion(*state, eta, d, **params)          numpy array (n, n, ...): Cov(G) / d
-    ito_correction(*state, eta, **params)        tuple: d x O(1/d) spherical drift correction
+    ito_correction(*state, eta, **params)        tuple: d x O(1/d) drift of the spherical rescaling
+    finite_d_correction(*state, eta, **params)   tuple: d x the whole O(1/d) drift (for the SDE)
     drift_jacobian(*state, eta, **params)        nested tuple: d drift_i / d x_j
     teacher_link(z1..zL, **params), student_link(z1..zL, **params)   tuples of K entries
 (drift functions return a tuple even for one overlap, links a tuple even for a scalar link)
@@ -224,6 +225,7 @@ class _Module:
         cov = [[self._extract(D.covariance[i, j]) for j in range(n)] for i in range(n)]
         flat_cov = [cov[i][j] for i in range(n) for j in range(i, n)]
         ito = [self._extract(x) for x in D.ito_correction]
+        fdc = [self._extract(x) for x in D.finite_d_correction]
         jac_exprs = list(D.drift_jacobian())
         # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
         # Jacobian is taken by central differences of the generated drift instead
@@ -231,13 +233,15 @@ class _Module:
                                                            for x in jac_exprs) else "symbolic")
         jac = ([self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
                else [sp.Integer(0)] * (n * n))
-        outputs = [_horner(x, D.state) for x in [loss] + d1 + d2 + flat_cov + ito + jac]
+        outputs = [_horner(x, D.state)
+                   for x in [loss] + d1 + d2 + flat_cov + ito + jac + fdc]
         repl, reduced = cse(outputs)
         repl_index = {s: i for i, (s, _) in enumerate(repl)}
         r_loss = reduced[0]
         r_d1, r_d2 = reduced[1:1 + n], reduced[1 + n:1 + 2 * n]
         k0 = 1 + 2 * n + len(flat_cov)
         r_ito, r_jac = reduced[k0:k0 + n], reduced[k0 + n:k0 + n + n * n]
+        r_fdc = reduced[k0 + n + n * n:]
         it = iter(reduced[1 + 2 * n:k0])
         r_cov = [[None] * n for _ in range(n)]
         for i in range(n):
@@ -302,6 +306,11 @@ class _Module:
             f"d times the O(1/d) drift of the spherical rescaling for ({names}): the SDE drift "
             f"is drift + ito_correction / d (zero for plain SGD; {method}).",
             body(r_ito), f"_bc({', '.join(pycode(x) for x in r_ito)})"))
+        fns.append(_function(
+            "finite_d_correction", st + ["eta"] + pa,
+            f"d times the whole O(1/d) drift for ({names}): the SDE drift is drift + "
+            f"finite_d_correction / d ({D.finite_d_note}; {method}).",
+            body(r_fdc), f"_bc({', '.join(pycode(x) for x in r_fdc)})"))
         if self.jacobian_method == "symbolic":
             jrows = [_tuple_src([pycode(r_jac[i * n + j]) for j in range(n)]) for i in range(n)]
             fns.append(_function(
@@ -487,6 +496,7 @@ def module_source(D: Derivation) -> str:
         f"SPEC_HASH = {h!r}",
         f"QUADRATURE_NODES = {DEFAULT_NODES}",
         f"JACOBIAN = {mod.jacobian_method!r}",
+        f"FINITE_D_CORRECTION = {D.finite_d_note!r}",
     ]
     parts = ["\n".join(header), _HELPERS] + state_fns + quad_fns + link_fns
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"

@@ -40,7 +40,11 @@ class Derivation:
         eta^2 drift_eta2[i].
     covariance: Cov(G)_ij, a polynomial in eta; diffusion D = covariance / d.
     ito_correction[i]: for spherical SGD, d times the O(1/d) drift added by the rescaling
-        w <- sqrt(d) w / |w| (zero for plain SGD): the SDE drift is drift + ito_correction / d.
+        w <- sqrt(d) w / |w| (second-order expansion of X / sqrt(q); zero for plain SGD).
+    finite_d_correction[i]: d times the whole O(1/d) drift, the SDE drift being
+        drift + finite_d_correction / d: the rescaling term plus the term from the fluctuation
+        of the token norms in |grad|^2 (E|x_l|^2 = 1 only on average), see `statistics`.
+    finite_d_note: "complete", or why the norm term is missing.
     method: "exact" when every expectation is in closed form, else "quadrature".
     """
 
@@ -52,6 +56,8 @@ class Derivation:
     drift_eta2: tuple
     covariance: sp.Matrix
     ito_correction: tuple
+    finite_d_correction: tuple
+    finite_d_note: str
     method: str
     seconds: float = 0.0
 
@@ -79,11 +85,12 @@ class Statistics:
     """Per-sample statistics in the Gaussian variables (MATH.md section 4).
 
     base = (A_m, A_1..A_r, A_q, B); G_i = sum_k coef[i][k] base_k with coefficients
-    polynomial in eta and the state."""
+    polynomial in eta and the state. K: the norm-fluctuation statistic (see `statistics`)."""
 
     loss: sp.Expr
     base: list
     coef: list
+    K: sp.Expr
 
 
 def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
@@ -103,6 +110,27 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
     A_q = sp.Add(*[d * zl for d, zl in zip(dl, gauss.z)])
     B = sp.Add(*[d ** 2 for d in dl])
     base = [A_m] + A_e + [A_q, B]
+    # Finite d: eta^2 |grad|^2 / d = (eta^2/d) sum_ll' dl_l dl_l' g_ll' with the token Gram
+    # matrix g_ll' = (x_l + p_l/sqrt d).(x_l' + p_l'/sqrt d) = delta_ll' + H_ll'/d + (noise
+    # independent of the projections). Projecting x_l on span(w*, u_a, w) (dimension k = 2 + r,
+    # zero-mean coordinates s_l = (z*_l, zeta_l, z_l - mu_l) of covariance Gamma):
+    # H_ll' = s_l^T Gamma^-1 s_l' - k delta_ll' + C_l'.zeta_l + C_l.zeta_l' + C_l.C_l'.
+    # Stein's lemma removes Gamma^-1: E[f (s_l^T Gamma^-1 s_l' - k delta_ll')] =
+    # sum_ij Gamma_ij E[d^2 f / ds_li ds_l'j], with f = dl_l dl_l' a function of (z*, z) only.
+    # K = sum_ll' (that integrand), so E[K] is the O(1/d) excess of E[d dq] over -2 eta A_q +
+    # eta^2 B divided by eta^2.
+    zs, zz, m, q = gauss.zstar, gauss.z, gauss.m, gauss.q
+    K = sp.Integer(0)
+    for l in range(spec.L):
+        for l2 in range(spec.L):
+            f = dl[l] * dl[l2]
+            K += (sp.diff(f, zs[l], zs[l2]) + m * (sp.diff(f, zs[l], zz[l2])
+                                                   + sp.diff(f, zz[l], zs[l2]))
+                  + q * sp.diff(f, zz[l], zz[l2]))
+            if spec.r:
+                pos = sp.Add(*[spec.C[l2][a] * gauss.zeta[l][a] + spec.C[l][a] * gauss.zeta[l2][a]
+                               + spec.C[l][a] * spec.C[l2][a] for a in range(spec.r)])
+                K += f * pos
     nb = len(base)
     iq, iB = nb - 2, nb - 1
     coef = []
@@ -117,7 +145,7 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
         row = [sp.Integer(0)] * nb
         row[iq], row[iB] = -2 * ETA, ETA ** 2
         coef.append(row)
-    return Statistics(loss, base, coef)
+    return Statistics(loss, base, coef, K)
 
 
 def _quadratic(c1, M, c2, zero):
@@ -168,6 +196,7 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     n, nb = len(coef), len(st.base)
     cov = sp.zeros(n, n)
     ito = tuple(sp.Integer(0) for _ in range(n))
+    corr, note = ito, "not derived (diffusion=False)"
     if diffusion:
         M = [[None] * nb for _ in range(nb)]
         for a in range(nb):
@@ -177,14 +206,28 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         for i in range(n):
             for j in range(i, n):
                 cov[i, j] = cov[j, i] = back(_quadratic(coef[i], C, coef[j], zero))
-        if spec.spherical:
-            ito = tuple(back(x) for x in _ito_correction(gauss, M, nb, coef, zero,
-                                                          ex._const if method == "exact"
-                                                          else sp.sympify))
+        const = ex._const if method == "exact" else sp.sympify
+        ito_raw = (_ito_correction(gauss, M, nb, coef, zero, const) if spec.spherical
+                   else [zero] * n)
+        ito = tuple(back(x) for x in ito_raw)
+        if st.K.has(sp.DiracDelta):
+            EK, note = None, ("rescaling term only: the token-norm term needs second "
+                              "derivatives of the link, which has a kink here")
+        else:
+            EK = (ex.expect_spt(ex.to_spt(st.K)) if method == "exact" else E.expect(st.K))
+            note = "complete"
+        if EK is None:
+            corr = ito
+        elif spec.spherical:
+            corr = tuple(back(x - const(ETA ** 2 * X / 2) * EK)
+                         for x, X in zip(ito_raw, (gauss.m,) + gauss.e))
+        else:
+            corr = tuple([sp.Integer(0)] * (n - 1) + [back(const(ETA ** 2) * EK)])
     params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
     return Derivation(spec=spec, state=gauss.state, parameters=params,
                       population_loss=back(R), drift_eta1=d1, drift_eta2=d2, covariance=cov,
-                      ito_correction=ito, method=method, seconds=time.perf_counter() - t0)
+                      ito_correction=ito, finite_d_correction=corr, finite_d_note=note,
+                      method=method, seconds=time.perf_counter() - t0)
 
 
 def _ito_correction(gauss: TokenGaussian, M, nb, coef, zero, const):

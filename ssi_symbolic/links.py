@@ -4,7 +4,8 @@ A link is a SymPy expression in the token projections z1..zL (also the column ve
 spec's parameters. Besides SymPy's arithmetic it may call:
 
     He(k, x)          probabilists' Hermite polynomial He_k(x) (He_2 = x^2 - 1), expanded
-    sqrt, exp, log, erf, tanh, Abs, pi, E
+    sqrt, exp, log, erf, tanh, pi, E
+    Abs(x), abs(x)    |x|, written max(x, -x)
     sigmoid(x)        1 / (1 + exp(-x))
     relu(x)           max(x, 0)
     Matrix(...)       a matrix or vector of expressions
@@ -33,6 +34,12 @@ def sigmoid(x):
 def relu(x):
     """Rectified linear unit max(x, 0)."""
     return sp.Max(x, 0)
+
+
+def absolute(x):
+    """|x| as max(x, -x): its derivative is sign(x) (Heaviside(2x) - Heaviside(-2x)) even when
+    SymPy cannot prove the argument real, and it prints as a vectorised maximum."""
+    return sp.Max(x, -x)
 
 
 def _as_matrix(v):
@@ -70,8 +77,8 @@ VOCABULARY = {
     "log": sp.log,
     "erf": sp.erf,
     "tanh": sp.tanh,
-    "Abs": sp.Abs,
-    "abs": sp.Abs,
+    "Abs": absolute,
+    "abs": absolute,
     "sigmoid": sigmoid,
     "relu": relu,
     "Matrix": sp.Matrix,

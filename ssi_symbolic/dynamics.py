@@ -1,0 +1,328 @@
+"""The overlap ODE: integration with escape events, phases, fixed points, maximal learning rate.
+
+Numeric only: everything here uses a generated module (never SymPy). Conventions: MATH.md
+sections 4-5. The ODE is dX/dt = drift(X) = eta E[G1] + eta^2 E[G2] over the state X = (m, e...)
+(spherical SGD) or (m, e..., q) (plain SGD).
+
+Phases of a trajectory (theta = escape threshold, default 0.5):
+    plateau    [0, t(|(m, e)| >= theta / 4))       the search phase near the initial overlap
+    escape     [t(theta / 4), t(|(m, e)| >= theta)) the fast growth; its end is the escape time
+    alignment  [escape time, alignment time)        the approach to the fixed point
+    converged  [alignment time, end]                within `tol` of the stable fixed point
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.integrate import solve_ivp
+from scipy.optimize import brentq, root
+
+from .errors import SSIError, StateError
+
+DEFAULT_THETA = 0.5
+ALIGN_TOL = 1e-2
+
+
+class DynamicsError(SSIError, RuntimeError):
+    """The dynamics left the unit ball or blew up (typically: the learning rate is too large)."""
+
+
+@dataclass
+class OverlapODE:
+    """drift(x) of a generated module at fixed eta and parameter values; x has shape (n,) or
+    (n, N) for N states at once."""
+
+    mod: object
+    eta: float
+    params: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple:
+        return tuple(self.mod.OVERLAPS)
+
+    @property
+    def n(self) -> int:
+        return len(self.mod.OVERLAPS)
+
+    @property
+    def spherical(self) -> bool:
+        return bool(self.mod.SPHERICAL)
+
+    @property
+    def n_dir(self) -> int:
+        """Number of direction overlaps (m, e...): all but q."""
+        return self.n - (0 if self.spherical else 1)
+
+    def drift(self, x):
+        return np.array(self.mod.drift(*x, eta=self.eta, **self.params))
+
+    def jacobian(self, x):
+        return np.array(self.mod.drift_jacobian(*x, eta=self.eta, **self.params), dtype=float)
+
+    def loss(self, x):
+        return np.asarray(self.mod.population_loss(*x, **self.params), dtype=float)
+
+    def radius(self, x):
+        """|(m, e)|: the norm of the direction overlaps."""
+        x = np.asarray(x)
+        return np.sqrt(np.sum(x[:self.n_dir] ** 2, axis=0))
+
+
+def initial_state(ode: OverlapODE, d: float, m0=None, e0=None) -> np.ndarray:
+    """(m0, e0..., q0 = 1) with defaults m0 = 1/sqrt(d), e0 = 0 (MATH.md section 2)."""
+    m0 = 1.0 / math.sqrt(d) if m0 is None else float(m0)
+    r = ode.n_dir - 1
+    if e0 is None:
+        e0 = [0.0] * r
+    elif np.isscalar(e0):
+        e0 = [float(e0)] * r
+    e0 = [float(v) for v in e0]
+    if len(e0) != r:
+        raise StateError(f"e0 has {len(e0)} values but the spec has r = {r} positional overlaps")
+    x = [m0] + e0 + ([] if ode.spherical else [1.0])
+    if math.sqrt(sum(v * v for v in x[:ode.n_dir])) > 1 + 1e-12:
+        raise StateError(f"initial state m0 = {m0}, e0 = {e0} lies outside the unit ball")
+    return np.array(x, dtype=float)
+
+
+def _check_eta(eta):
+    if not (math.isfinite(eta) and eta > 0):
+        raise StateError(f"eta = {eta}: the learning rate must be > 0")
+
+
+def _event(fun, terminal=False, direction=0):
+    fun.terminal, fun.direction = terminal, direction
+    return fun
+
+
+def _integrate(ode: OverlapODE, x0, t0, t_max, events, rtol, atol):
+    sol = solve_ivp(lambda t, x: ode.drift(x), (t0, t_max), x0, method="DOP853", rtol=rtol,
+                    atol=atol, events=events, dense_output=True)
+    if sol.status == -1:
+        raise DynamicsError(f"the ODE solver failed at t = {sol.t[-1]:.6g}: {sol.message}")
+    return sol
+
+
+def fixed_point(ode: OverlapODE, x_guess) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Refine a fixed point drift(x*) = 0 from a guess; returns (x*, Jacobian eigenvalues,
+    stable) with stable = all real parts < 0."""
+    x_guess = np.asarray(x_guess, dtype=float)
+    scale = max(1.0, float(np.max(np.abs(ode.drift(x_guess)))))
+    sol = root(lambda x: ode.drift(x) / scale, x_guess, jac=lambda x: ode.jacobian(x) / scale,
+               method="hybr", options={"xtol": 1e-13})
+    x = sol.x if sol.success and np.linalg.norm(sol.x - x_guess) < 0.1 else x_guess
+    eig = np.linalg.eigvals(ode.jacobian(x))
+    return x, eig, bool(np.all(eig.real < 0))
+
+
+@dataclass
+class Trajectory:
+    """An ODE solution with the predictions of MATH.md section 5."""
+
+    names: tuple
+    t: np.ndarray
+    x: np.ndarray                 # (n, T)
+    loss: np.ndarray              # (T,)
+    escape_time: float | None
+    semantic_escape_time: float | None
+    positional_escape_time: float | None
+    alignment_time: float | None
+    phases: list
+    fixed_point: dict | None
+    eigenvalues: list | None
+    stable: bool | None
+    eta: float
+    theta: float
+
+    def to_json(self) -> dict:
+        f = lambda v: None if v is None or not math.isfinite(v) else float(v)
+        return {
+            "t": [float(v) for v in self.t],
+            "overlaps": {k: [float(v) for v in row] for k, row in zip(self.names, self.x)},
+            "loss": [float(v) for v in self.loss],
+            "escape_time": f(self.escape_time),
+            "semantic_escape_time": f(self.semantic_escape_time),
+            "positional_escape_time": f(self.positional_escape_time),
+            "alignment_time": f(self.alignment_time),
+            "phases": self.phases,
+            "fixed_point": self.fixed_point,
+            "eigenvalues": self.eigenvalues,
+            "stable": self.stable,
+            "eta": self.eta,
+            "threshold": self.theta,
+        }
+
+
+def _first_event(sol, k):
+    ev = sol.t_events[k]
+    return float(ev[0]) if len(ev) else None
+
+
+def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
+          rtol=1e-10, atol=1e-13, n_grid=400) -> Trajectory:
+    """Integrate the ODE from x0 and measure escape, alignment, phases and the fixed point.
+
+    Escape events are non-terminal (all three thresholds are recorded); leaving the unit ball
+    (spherical: |(m, e)| > 1; plain: m^2 + |e|^2 > q) or |x| > 1e6 stops with DynamicsError.
+    Without t_max the integration runs until the state has converged (drift below 1e-10 after
+    escape) or t reaches 1e8 / eta.
+    """
+    _check_eta(ode.eta)
+    x0 = np.asarray(x0, dtype=float)
+    nd = ode.n_dir
+    t_cap = 1e8 / ode.eta if t_max is None else float(t_max)
+
+    def outside(t, x):
+        q = 1.0 if ode.spherical else x[-1]
+        return float(np.sum(x[:nd] ** 2) - q - 1e-9)
+
+    def blowup(t, x):
+        return float(np.max(np.abs(x)) - 1e6)
+
+    def esc(t, x):
+        return float(np.sqrt(np.sum(x[:nd] ** 2)) - theta)
+
+    def sem(t, x):
+        return float(abs(x[0]) - theta)
+
+    def pos(t, x):
+        return float(np.sqrt(np.sum(x[1:nd] ** 2)) - theta) if nd > 1 else -1.0
+
+    def pre(t, x):
+        return float(np.sqrt(np.sum(x[:nd] ** 2)) - theta / 4)
+
+    def converged(t, x):
+        return float(np.max(np.abs(ode.drift(x))) - 1e-10 * ode.eta)
+
+    events = [_event(outside, True, 1), _event(blowup, True, 1), _event(esc, False, 1),
+              _event(sem, False, 1), _event(pos, False, 1), _event(pre, False, 1)]
+    if t_max is None:  # stop once converged, but only after the escape
+        events.append(_event(lambda t, x: converged(t, x) if esc(t, x) > 0 else 1.0, True, -1))
+    sol = _integrate(ode, x0, 0.0, t_cap, events, rtol, atol)
+    if sol.t_events[0].size or sol.t_events[1].size:
+        which = "left the unit ball" if sol.t_events[0].size else "blew up"
+        tb = sol.t[-1]
+        raise DynamicsError(
+            f"eta = {ode.eta}: the dynamics {which} at t = {tb:.6g} "
+            f"(state {dict(zip(ode.names, np.round(sol.y[:, -1], 6)))}); the learning rate is "
+            f"too large (see `ssi max-lr`)")
+    t_end = float(sol.t[-1])
+    t_esc, t_sem, t_pos, t_pre = (_first_event(sol, k) for k in (2, 3, 4, 5))
+    # fixed point and stability from the final state
+    x_end = sol.y[:, -1]
+    xf, eig, stable = fixed_point(ode, x_end)
+    fp = {k: float(v) for k, v in zip(ode.names, xf)}
+    # output grid: geometric over the whole run plus linear around the escape
+    grid = [np.array([0.0]), np.geomspace(min(1e-3, t_end / 10) if t_end > 0 else 1e-3,
+                                         max(t_end, 1e-3), n_grid)]
+    if t_pre is not None:
+        lo = t_pre
+        hi = min(t_end, (t_esc if t_esc is not None else t_pre) * 2 - t_pre + 1e-9)
+        grid.append(np.linspace(lo, max(hi, lo), n_grid // 2))
+    t = np.unique(np.clip(np.concatenate(grid), 0, t_end))
+    x = sol.sol(t)
+    # alignment: first t after the escape within tol of the fixed point
+    t_align = None
+    if t_esc is not None:
+        dist = np.linalg.norm(x - xf[:, None], axis=0)
+        after = (t >= t_esc) & (dist <= tol)
+        if after.any():
+            k = int(np.argmax(after))
+            if k > 0 and dist[k - 1] > tol:  # refine between grid points
+                g = lambda s: float(np.linalg.norm(sol.sol(s) - xf) - tol)
+                try:
+                    t_align = brentq(g, t[k - 1], t[k], xtol=1e-10)
+                except ValueError:
+                    t_align = float(t[k])
+            else:
+                t_align = float(t[k])
+    phases = []
+    bounds = [("plateau", 0.0, t_pre), ("escape", t_pre, t_esc),
+              ("alignment", t_esc, t_align), ("converged", t_align, t_end)]
+    for name, a, b in bounds:
+        if a is None:
+            break
+        end = b if b is not None else t_end
+        phases.append({"name": name, "start": float(a), "end": float(end)})
+        if b is None:
+            break
+    return Trajectory(names=ode.names, t=t, x=x, loss=ode.loss(x), escape_time=t_esc,
+                      semantic_escape_time=t_sem, positional_escape_time=t_pos,
+                      alignment_time=t_align, phases=phases, fixed_point=fp,
+                      eigenvalues=[[float(e.real), float(e.imag)] for e in eig],
+                      stable=stable, eta=ode.eta, theta=theta)
+
+
+# ----------------------------------------------------------------------------------------
+# maximal learning rate
+# ----------------------------------------------------------------------------------------
+
+def leading_drift(mod, params=None, m=1e-4):
+    """Leading behaviour of dm/dt along the m axis at the origin (e = 0, q = 1):
+    dm/dt ~ (eta a1 + eta^2 a2) m^(k-1). Returns (k - 1, a1, a2), the power read off the
+    drift at m and m/2 and the coefficients from drift_eta1 and drift_eta2."""
+    params = params or {}
+    n = len(mod.OVERLAPS)
+    spherical = bool(mod.SPHERICAL)
+
+    def at(mm):
+        x = [mm] + [0.0] * (n - 1)
+        if not spherical:
+            x[-1] = 1.0
+        a = mod.drift_eta1(*x, **params)[0]
+        b = mod.drift_eta2(*x, **params)[0]
+        return float(a), float(b)
+
+    (a_1, b_1), (a_2, b_2) = at(m), at(m / 2)
+    big = max(abs(a_1), abs(b_1))
+    if big < 1e-300:
+        return None, 0.0, 0.0
+    ref, ref2 = (a_1, a_2) if abs(a_1) >= abs(b_1) else (b_1, b_2)
+    power = round(math.log2(abs(ref / ref2))) if ref2 != 0 else 1
+    return power, a_1 / m ** power, b_1 / m ** power
+
+
+def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10) -> dict:
+    """Largest eta for which the dynamics escape from the origin and reach a stable
+    informative fixed point (MATH.md section 5).
+
+    Escape: along the m axis dm/dt ~ (eta a1 + eta^2 a2) m^(k-1) must stay positive, so
+    eta < -a1/a2 when a2 < 0. Stability: bisection on eta for the ODE from m0 = 1/sqrt(d)
+    escaping to a fixed point with all Jacobian eigenvalues negative.
+    """
+    params = params or {}
+    power, a1, a2 = leading_drift(mod, params)
+    if power is None or a1 <= 0:
+        return {"max_lr": None, "reason": "the O(eta) drift of m vanishes or is negative at the "
+                "origin: no learning rate escapes (zero leading drift)", "leading_power": power,
+                "a1": a1, "a2": a2}
+    eta_escape = -a1 / a2 if a2 < 0 else math.inf
+
+    def ok(eta):
+        ode = OverlapODE(mod, eta, params)
+        try:
+            tr = solve(ode, initial_state(ode, d), n_grid=50)
+        except DynamicsError:
+            return False
+        return tr.escape_time is not None and bool(tr.stable)
+
+    hi = eta_escape if math.isfinite(eta_escape) else (eta_hi or 10.0)
+    probe = hi * (1 - 1e-3)
+    if ok(probe):
+        eta_stab, reason = hi, None
+    else:
+        lo = 0.0
+        while hi - lo > max(1e-6 * hi, tol):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        eta_stab, reason = lo, "stability"
+    if reason is None and math.isfinite(eta_escape):
+        return {"max_lr": eta_escape, "reason": (
+            f"escape: near the origin dm/dt ~ (eta * {a1:.6g} + eta^2 * ({a2:.6g})) m^{power}, "
+            f"positive only for eta < {eta_escape:.10g}; the informative fixed point stays "
+            f"stable below it"), "leading_power": power, "a1": a1, "a2": a2}
+    return {"max_lr": eta_stab, "reason": (
+        f"stability: above eta = {eta_stab:.6g} the ODE from m0 = 1/sqrt({d}) no longer reaches "
+        f"a stable informative fixed point"), "leading_power": power, "a1": a1, "a2": a2}

@@ -1,0 +1,666 @@
+"""Static analysis of a spec: sequence information exponent (SIE) and flatness index
+(MATH.md section 5).
+
+SIE of a link g: R^L -> R^K: the smallest k >= 1 such that a Hermite coefficient
+E[g(z) He_alpha(z)], |alpha| = k, is non-zero (z ~ N(0, I_L), He_alpha = prod_l He_{alpha_l}(z_l),
+probabilists' Hermite polynomials); for vector or matrix links, the minimum over the entries.
+A link without any non-zero coefficient of order >= 1 (a constant) has no finite SIE: reported as
+``None`` (infinity).
+
+* Exact (polynomial links): the link is expanded in z1..zL, each monomial prod_l z_l^{n_l} is
+  written in the Hermite basis with z^n = sum_i n! / (2^i i! (n-2i)!) He_{n-2i}(z), and the
+  coefficients are collected per multi-index. Parameters stay symbolic unless values are given; a
+  coefficient that is non-zero as an expression counts as non-zero (``parameter_dependent`` says
+  when every coefficient of the leading order involves parameters, so that special parameter
+  values may raise the SIE).
+* Numerical (any other link): tensor Gauss-Hermite quadrature (hermegauss, weights / sqrt(2 pi))
+  over the tokens the link depends on. Additive terms are grouped by the tokens they involve, so a
+  sum of per-token nonlinearities needs only one-dimensional rules. Each coefficient is computed
+  with a fine and a coarser rule; it counts as non-zero when it exceeds both ``tol`` times the
+  link's L2 norm and ten times the fine-coarse difference (the quadrature error estimate).
+
+Every coefficient reported is the Hermite coefficient of the definition, E[g He_alpha]
+(= alpha! times the coefficient of He_alpha in the expansion of g).
+
+Flatness index: the lowest order of a non-zero derivative at the origin of the population loss R,
+jointly in the overlaps (m, e_a) (q = 1 for plain SGD). When R is in closed form it is a polynomial
+(or analytic function) of the state and the homogeneous parts of its Taylor expansion are read off
+exactly, with the parameters kept symbolic (``flatness_at_defaults`` gives the value at the
+defaults when parameters exist). When R contains quadrature nodes, R is evaluated from the
+generated module along lines through the origin at two quadrature levels, fitted by polynomials,
+and each Taylor coefficient is tested against a tolerance and its error estimate (method
+"numerical"; the quadrature nodes are doubled, up to twice, when the test is inconclusive).
+Kinked links (relu, Abs) converge slowly under Gauss-Hermite quadrature (error ~ 1/n): the
+reported error estimates say how far the numerical answers can be trusted.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from functools import lru_cache
+
+import numpy as np
+import sympy as sp
+
+from .spec import ModelSpec, link_entries, parse_link, token_symbols
+
+_TOKEN = re.compile(r"^z(\d+)$")
+
+#: Points of one tensor Gauss-Hermite rule (n^s) held at once.
+QUADRATURE_BUDGET = 2 ** 21
+#: Most nodes per dimension (one-token groups).
+MAX_NODES = 160
+#: A numerical coefficient counts as non-zero only above SAFETY times its error estimate.
+SAFETY = 10.0
+
+
+# ---------------------------------------------------------------------------------------------
+# preparing a link
+
+def _param_values(params) -> dict:
+    """{name: sympy number} from a dict keyed by names or Symbols (None -> {})."""
+    if not params:
+        return {}
+    return {str(k): sp.nsimplify(v) if isinstance(v, float) else sp.sympify(v)
+            for k, v in params.items()}
+
+
+def _entries(link, L: int, params=None) -> list:
+    """The entries of a link (scalar, Matrix or string) as SymPy expressions in the real token
+    symbols z1..zL, with the given parameter values substituted."""
+    values = _param_values(params)
+    if isinstance(link, str):
+        link = parse_link(link, L, list(values), "link")
+    if isinstance(link, (list, tuple)):
+        link = sp.Matrix(link)
+    entries = [sp.sympify(x) for x in link_entries(link)]
+    zs = token_symbols(L)
+    out = []
+    for x in entries:
+        subs = {}
+        for s in x.free_symbols:
+            name = str(s)
+            mt = _TOKEN.match(name)
+            if mt:
+                k = int(mt.group(1))
+                if not 1 <= k <= L:
+                    raise ValueError(f"link uses token {name} but L = {L}")
+                if s != zs[k - 1]:
+                    subs[s] = zs[k - 1]
+            elif name in values:
+                subs[s] = values[name]
+        out.append(x.xreplace(subs) if subs else x)
+    return out
+
+
+def _is_polynomial(entry, zs) -> bool:
+    try:
+        return bool(entry.is_polynomial(*zs))
+    except Exception:  # pragma: no cover - SymPy corner cases
+        return False
+
+
+def _nonzero(c) -> bool:
+    """Exact test: is the expression c not identically zero?"""
+    c = sp.expand(c)
+    if c == 0:
+        return False
+    z = c.is_zero
+    if z is not None:
+        return not z
+    return sp.simplify(c) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# exact Hermite coefficients of polynomial links
+
+@lru_cache(maxsize=None)
+def monomial_to_hermite(n: int) -> tuple:
+    """z^n = sum_j c_{n,j} He_j(z): the pairs (j, c_{n,j}), c_{n,n-2i} = n! / (2^i i! (n-2i)!)."""
+    return tuple((n - 2 * i, sp.Rational(math.factorial(n),
+                                         2 ** i * math.factorial(i) * math.factorial(n - 2 * i)))
+                 for i in range(n // 2 + 1))
+
+
+def _alpha_factorial(alpha) -> int:
+    out = 1
+    for a in alpha:
+        out *= math.factorial(a)
+    return out
+
+
+def _exact_coefficients(entry, zs) -> dict:
+    """All non-zero Hermite coefficients E[g He_alpha] of a polynomial entry: {alpha: expr}."""
+    poly = sp.Poly(sp.expand(entry), *zs)
+    acc = {}
+    for monom, c in poly.terms():
+        for combo in itertools.product(*[monomial_to_hermite(n) for n in monom]):
+            alpha = tuple(j for j, _ in combo)
+            w = c
+            for _, cj in combo:
+                w = w * cj
+            acc[alpha] = acc.get(alpha, 0) + w
+    out = {}
+    for alpha, c in acc.items():
+        c = sp.expand(c * _alpha_factorial(alpha))
+        if _nonzero(c):
+            out[alpha] = c
+    return out
+
+
+def hermite_coefficients(link, L: int, order: int, params=None) -> dict:
+    """Exact Hermite coefficients E[g(z) He_alpha(z)] with |alpha| == order of a polynomial link.
+
+    link: SymPy expression or Matrix in z1..zL (or a link string); params: optional
+    {name: value} substituted first (parameters left out stay symbolic). Returns
+    {alpha: coefficient} for the non-zero coefficients only; for a vector or matrix link the
+    values are Matrices of the link's shape (alpha listed when any entry is non-zero).
+    Raises ValueError for a link that is not polynomial in the tokens."""
+    if order < 0:
+        raise ValueError(f"order must be >= 0, got {order}")
+    zs = token_symbols(L)
+    if isinstance(link, str):
+        link = parse_link(link, L, list(_param_values(params)), "link")
+    if isinstance(link, (list, tuple)):
+        link = sp.Matrix(link)
+    entries = _entries(link, L, params)
+    for x in entries:
+        if not _is_polynomial(x, zs):
+            raise ValueError(f"link entry {x} is not polynomial in z1..z{L}: use sie(..., "
+                             f"method='numerical') for its coefficients")
+    per = [{a: c for a, c in _exact_coefficients(x, zs).items() if sum(a) == order}
+           for x in entries]
+    if not isinstance(link, sp.MatrixBase):
+        return per[0]
+    alphas = sorted(set().union(*per))
+    return {a: sp.Matrix(link.rows, link.cols, [d.get(a, sp.Integer(0)) for d in per])
+            for a in alphas}
+
+
+# ---------------------------------------------------------------------------------------------
+# numerical Hermite coefficients (tensor Gauss-Hermite)
+
+@lru_cache(maxsize=None)
+def _rule(n: int):
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    return x, w / np.sqrt(2.0 * np.pi)
+
+
+def _hermite_table(x, kmax):
+    """He_0..He_kmax at the points x: shape (kmax + 1, len(x))."""
+    H = np.empty((kmax + 1, len(x)))
+    H[0] = 1.0
+    if kmax >= 1:
+        H[1] = x
+    for a in range(1, kmax):
+        H[a + 1] = x * H[a] - a * H[a - 1]
+    return H
+
+
+def _nodes_for(s: int) -> int:
+    return int(min(MAX_NODES, math.floor(QUADRATURE_BUDGET ** (1.0 / s) + 1e-9)))
+
+
+def _tensor_coefficients(f, s: int, n: int, kmax: int):
+    """E[f(u) He_a(u)] for all a in {0..kmax}^s (array of that shape) and E[f^2], by the tensor
+    Gauss-Hermite rule with n nodes per dimension over s independent N(0, 1)."""
+    x, w = _rule(n)
+    grids = np.meshgrid(*([x] * s), indexing="ij")
+    vals = np.broadcast_to(np.asarray(f(*grids), dtype=float), (n,) * s)
+    if not np.all(np.isfinite(vals)):
+        raise ValueError("the link is not finite at some Gauss-Hermite nodes")
+    M = (_hermite_table(x, kmax) * w).T  # (n, kmax + 1)
+    T, S2 = vals, vals * vals
+    for _ in range(s):  # contract the leading axis, append the Hermite axis
+        T = np.tensordot(T, M, axes=([0], [0]))
+        S2 = np.tensordot(S2, w, axes=([0], [0]))
+    return T, float(S2)
+
+
+def _numeric_entry(entry, zs, kmax: int, seed: int = 0):
+    """Numerical Hermite coefficients of one entry up to order kmax.
+
+    Returns ({alpha: (value, error estimate)} for 1 <= |alpha| <= kmax, L2 norm, rules used)."""
+    L = len(zs)
+    groups = {}
+    const = 0.0
+    for term in sp.Add.make_args(entry):
+        sup = frozenset(s for s in term.free_symbols if s in zs)
+        if not sup:
+            const += float(term)
+            continue
+        groups[sup] = groups.get(sup, sp.Integer(0)) + term
+    coefs, rules = {}, {}
+    second = None
+    for sup, expr in groups.items():
+        idx = sorted(zs.index(s) for s in sup)
+        s = len(idx)
+        if (kmax + 1) ** s > 2 * 10 ** 7 or _nodes_for(s) < 3:
+            raise ValueError(f"numerical Hermite coefficients: a term couples {s} tokens jointly, "
+                             f"too many for a tensor Gauss-Hermite rule (at most 7 or so)")
+        nf = _nodes_for(s)
+        nc = max(2, int(round(0.7 * nf)))
+        rules[s] = (nf, nc)
+        f = sp.lambdify([zs[i] for i in idx], expr, modules=["scipy", "numpy"])
+        Tf, S2 = _tensor_coefficients(f, s, nf, kmax)
+        Tc, _ = _tensor_coefficients(f, s, nc, kmax)
+        for a in itertools.product(range(kmax + 1), repeat=s):
+            k = sum(a)
+            if k == 0 or k > kmax:
+                continue
+            alpha = [0] * L
+            for i, ai in zip(idx, a):
+                alpha[i] = ai
+            alpha = tuple(alpha)
+            v, e = coefs.get(alpha, (0.0, 0.0))
+            coefs[alpha] = (v + float(Tf[a]), e + abs(float(Tf[a]) - float(Tc[a])))
+        if len(groups) == 1:
+            mean = float(Tf[(0,) * s])
+            second = const ** 2 + 2 * const * mean + S2
+    if second is None:
+        if not groups:
+            second = const ** 2
+        else:  # several groups: Monte Carlo estimate of E[g^2] (only sets the tolerance scale)
+            used = sorted({s for sup in groups for s in sup}, key=zs.index)
+            f = sp.lambdify(used, entry, modules=["scipy", "numpy"])
+            u = np.random.default_rng(seed).standard_normal((len(used), 2 ** 16))
+            vals = np.broadcast_to(np.asarray(f(*u), dtype=float), (2 ** 16,))
+            second = float(np.mean(vals * vals))
+    return coefs, math.sqrt(max(second, 0.0)), rules
+
+
+# ---------------------------------------------------------------------------------------------
+# SIE
+
+def _label(i: int, n: int, alpha) -> str:
+    return f"{alpha}" if n == 1 else f"[{i}] {alpha}"
+
+
+def sie(link, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
+        method: str = "auto") -> dict:
+    """Sequence information exponent of a link (MATH.md section 5).
+
+    link: SymPy expression or Matrix in z1..zL, or a link string; params: {name: value}
+    substituted first (needed for the numerical method; the exact method keeps missing
+    parameters symbolic). method: "auto" (exact when every entry is polynomial in the tokens,
+    else numerical), "exact" or "numerical". kmax, tol: numerical method only (orders 1..kmax
+    checked; coefficients below tol times the link's L2 norm, or below 10 times their quadrature
+    error estimate, count as zero).
+
+    Returns a JSON-able dict: "sie" (int, or None when no non-zero coefficient of order >= 1
+    exists -- constant link, SIE infinite -- or, numerically, none up to kmax), "method",
+    "tolerance" (None for exact), "coefficients" ({str(alpha): value} at the SIE order; keys
+    "[i] alpha" for entry i of a vector/matrix link), "entries" (per-entry SIE), "note",
+    and method-specific keys (exact: "degree", "parameter_dependent"; numerical:
+    "absolute_tolerance", "l2_norm", "quadrature_error", "nodes", "kmax")."""
+    t0 = time.perf_counter()
+    zs = token_symbols(L)
+    entries = _entries(link, L, params)
+    poly = all(_is_polynomial(x, zs) for x in entries)
+    if method == "auto":
+        method = "exact" if poly else "numerical"
+    if method not in ("exact", "numerical"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'numerical', got {method!r}")
+    n = len(entries)
+    if method == "exact":
+        if not poly:
+            raise ValueError("exact SIE needs a link polynomial in the tokens")
+        per = [_exact_coefficients(x, zs) for x in entries]
+        orders = [min((sum(a) for a in d if sum(a) >= 1), default=None) for d in per]
+        finite = [k for k in orders if k is not None]
+        k = min(finite) if finite else None
+        coefs = {}
+        if k is not None:
+            for i, d in enumerate(per):
+                for a in sorted(d):
+                    if sum(a) == k:
+                        coefs[_label(i, n, a)] = d[a]
+        dep = bool(coefs) and all(c.free_symbols for c in coefs.values())
+        degree = max((sp.Poly(x, *zs).total_degree() for x in entries), default=0)
+        out = {"sie": k, "method": "exact", "tolerance": None,
+               "coefficients": {key: str(c) for key, c in coefs.items()},
+               "entries": orders, "degree": int(degree), "parameter_dependent": dep,
+               "note": ("constant link: no non-zero Hermite coefficient of order >= 1 "
+                        "(SIE infinite)" if k is None else
+                        "exact Hermite expansion" + ("; every leading coefficient depends on "
+                                                    "the parameters" if dep else ""))}
+    else:
+        for x in entries:
+            extra = sorted(str(s) for s in x.free_symbols if s not in zs)
+            if extra:
+                raise ValueError(f"numerical SIE needs values for the parameters {extra} "
+                                 f"(pass params={{name: value}})")
+        per, norms, rules = [], [], {}
+        for x in entries:
+            c, nrm, r = _numeric_entry(x, list(zs), kmax)
+            per.append(c)
+            norms.append(nrm)
+            rules.update(r)
+        norm = math.sqrt(sum(v * v for v in norms))
+        thr = tol * norm
+        orders, coefs, qerr = [], {}, 0.0
+        for i, d in enumerate(per):
+            ki = None
+            for kk in range(1, kmax + 1):
+                hit = [a for a, (v, e) in d.items()
+                       if sum(a) == kk and abs(v) > max(thr, SAFETY * e)]
+                if hit:
+                    ki = kk
+                    break
+            orders.append(ki)
+        finite = [kk for kk in orders if kk is not None]
+        k = min(finite) if finite else None
+        top = k if k is not None else kmax
+        for i, d in enumerate(per):
+            for a in sorted(d):
+                v, e = d[a]
+                if sum(a) <= top:
+                    qerr = max(qerr, e)
+                if k is not None and sum(a) == k and abs(v) > max(thr, SAFETY * e):
+                    coefs[_label(i, n, a)] = float(v)
+        if k is None:
+            note = (f"no non-zero Hermite coefficient of order 1..{kmax}: constant link (SIE "
+                    f"infinite) or SIE > {kmax}" if norm > 0 else "zero link (SIE infinite)")
+        else:
+            note = "tensor Gauss-Hermite quadrature"
+        out = {"sie": k, "method": "numerical", "tolerance": tol,
+               "absolute_tolerance": thr, "l2_norm": norm, "quadrature_error": qerr,
+               "nodes": {str(s): list(r) for s, r in sorted(rules.items())}, "kmax": kmax,
+               "coefficients": coefs, "entries": orders, "note": note}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# flatness
+
+def _state_split(D):
+    xs = [s for s in D.state if str(s) != "q"]
+    qs = [s for s in D.state if str(s) == "q"]
+    return xs, qs
+
+
+def _homogeneous_parts(R, xs, kmax):
+    """({k: degree-k homogeneous part} of R's Taylor expansion at 0, complete?) (exact);
+    complete is True when R is a polynomial (all parts listed), False for a series to kmax."""
+    if R.is_polynomial(*xs):
+        P = sp.Poly(sp.expand(R), *xs)
+        parts = {}
+        for monom, c in P.terms():
+            term = c
+            for x, e in zip(xs, monom):
+                term = term * x ** e
+            parts[sum(monom)] = parts.get(sum(monom), 0) + term
+        return parts, True
+    t = sp.Dummy("t")
+    Rt = R.xreplace({x: t * x for x in xs})
+    ser = sp.series(Rt, t, 0, kmax + 1).removeO()
+    return {k: sp.expand(ser.coeff(t, k)) for k in range(kmax + 1)}, False
+
+
+def _first_nonzero(parts, kmax):
+    for k in sorted(parts):
+        if 1 <= k and _nonzero(parts[k]):
+            return k, sp.expand(parts[k])
+    return None, None
+
+
+def _flatness_exact(spec, D, kmax):
+    xs, qs = _state_split(D)
+    R = D.population_loss.xreplace({q: sp.Integer(1) for q in qs})
+    parts, complete = _homogeneous_parts(R, xs, kmax)
+    k, lead = _first_nonzero(parts, kmax)
+    out = {"flatness": k, "method": "exact", "leading_terms": str(lead) if k else "",
+           "variables": [str(x) for x in xs]}
+    if spec.parameters:
+        vals = {sp.Symbol(p, real=True): v for p, v in spec.parameters.items()}
+        kd, lead_d = _first_nonzero({j: p.xreplace(vals) for j, p in parts.items()}, kmax)
+        out["flatness_at_defaults"] = kd
+        out["leading_terms_at_defaults"] = str(lead_d) if kd else ""
+    if k is None:
+        out["note"] = ("R is constant in (m, e): no non-zero derivative at the origin"
+                       if complete else
+                       f"no non-zero derivative up to order {kmax}")
+    return out
+
+
+def _monomials(nvar, k):
+    return [m for m in itertools.product(range(k + 1), repeat=nvar) if sum(m) == k]
+
+
+#: Flatness (numerical): a Taylor coefficient is non-zero above this times its error estimate.
+FLAT_SAFETY = 4.0
+#: Flatness (numerical): at most this many doublings of the quadrature nodes when inconclusive,
+#: each only while the predicted evaluation time stays under REFINE_SECONDS.
+MAX_REFINE = 2
+REFINE_SECONDS = 10.0
+
+
+def _flatness_numerical(spec, D, out_dir, kmax, tol, radius, nodes=None):
+    """Numerical flatness: R(t u) for unit directions u (the axes and random ones) and t at
+    Chebyshev nodes in radius * ([-1, -1/5] U [1/5, 1]) (away from the origin, where a kink of
+    the integrand crosses the quadrature grid and the quadrature error is not smooth), two
+    quadrature levels (coarse, fine nodes per dimension: `nodes`, default the module's n0 and
+    2 n0, as its quadrature_error), least-squares polynomial fits of degrees 2..kmax + 4.
+    For each order k the fit degree with the smallest error estimate (fine - coarse, plus
+    degree D vs D + 2) is used; c_k is non-zero when |c_k| > max(tol * ptp(R), FLAT_SAFETY * err).
+    When a lower-order coefficient is above the tolerance and its error but below the safety
+    margin (inconclusive), the nodes are doubled (at most MAX_REFINE times, and only while the
+    predicted time stays under REFINE_SECONDS); "inconclusive" reports what remains."""
+    from .codegen import ensure_module
+
+    xs, _ = _state_split(D)
+    nx = len(xs)
+    xnames = [str(x) for x in xs]
+    mod = ensure_module(spec, out_dir)
+    names = [str(s) for s in D.state]
+    quad = getattr(mod, "METHOD", "quadrature") == "quadrature"
+    n0 = int(getattr(mod, "QUADRATURE_NODES", 40))
+    deg = kmax + 4
+    cheb = np.cos(np.pi * (np.arange(96) + 0.5) / 96)
+    s = cheb[np.abs(cheb) >= 0.2]
+    rng = np.random.default_rng(12345)
+
+    def directions(count):
+        u = rng.standard_normal((count, nx))
+        return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+    def evaluate(U, n_nodes):
+        pts = radius * U[:, None, :] * s[None, :, None]  # (ndir, npts, nx)
+        args = [np.ones(pts.shape[:2]) if nm == "q" else pts[:, :, xnames.index(nm)]
+                for nm in names]
+        old = getattr(mod, "QUADRATURE_NODES", None)
+        if n_nodes is not None and old is not None:
+            mod.QUADRATURE_NODES = n_nodes
+        try:
+            t0 = time.perf_counter()
+            vals = np.broadcast_to(np.asarray(mod.population_loss(*args), dtype=float),
+                                   pts.shape[:2])
+            return vals, time.perf_counter() - t0
+        finally:
+            if old is not None:
+                mod.QUADRATURE_NODES = old
+
+    def taylor(vals, degree):
+        """Power coefficients c_k in the scaled variable s = t / radius, per direction."""
+        out = np.zeros((len(vals), deg + 3))
+        for i, v in enumerate(vals):
+            p = np.polynomial.chebyshev.cheb2poly(np.polynomial.chebyshev.chebfit(s, v, degree))
+            out[i, :len(p)] = p
+        return out
+
+    degrees = list(range(2, deg + 1))
+
+    def analyse(fine, coarse):
+        """First order k with a clearly non-zero Taylor coefficient (above the tolerance and
+        FLAT_SAFETY times its error estimate); per order the chosen fit degree and error
+        estimate; `ambiguous` when some order < k (<= kmax if none) has a coefficient above
+        the tolerance and above its error estimate, but not FLAT_SAFETY times above it."""
+        cf = {d: taylor(fine, d) for d in range(2, deg + 3)}
+        cc = {d: taylor(coarse, d) for d in degrees} if quad else cf
+        thr = tol * float(np.ptp(fine))
+        k, chosen, errs, ambiguous = None, {}, {}, False
+        for j in range(1, kmax + 1):
+            best = None
+            for d in degrees:
+                if d < j:
+                    continue
+                e = np.abs(cf[d][:, j] - cc[d][:, j]) + np.abs(cf[d][:, j] - cf[d + 2][:, j])
+                if best is None or e.max() < best[1].max():
+                    best = (d, e)
+            d, e = best
+            chosen[j], errs[j] = d, float(e.max())
+            c = np.abs(cf[d][:, j])
+            if np.any(c > np.maximum(thr, FLAT_SAFETY * e)):
+                k = j
+                break
+            if np.any((c > thr) & (c > e)):  # above its error, not clearly: inconclusive
+                ambiguous = True
+        return k, chosen, errs, ambiguous, cf, thr
+
+    U = np.vstack([np.eye(nx), directions(nx + 3)])
+    refinements = 0
+    if quad:
+        levels = [int(n) for n in (nodes or (n0, 2 * n0))]
+        coarse, t_coarse = evaluate(U, levels[0])
+        fine, t_fine = evaluate(U, levels[1])
+        k, chosen, errs, ambiguous, cf, thr = analyse(fine, coarse)
+        # inconclusive: double the nodes (the old fine level becomes the coarse one), at most
+        # MAX_REFINE times and while the predicted evaluation time stays under REFINE_SECONDS
+        while (ambiguous and nodes is None and refinements < MAX_REFINE
+               and t_fine * max(t_fine / max(t_coarse, 1e-6), 2.0) < REFINE_SECONDS):
+            levels = [levels[1], 2 * levels[1]]
+            coarse, t_coarse = fine, t_fine
+            fine, t_fine = evaluate(U, levels[1])
+            k, chosen, errs, ambiguous, cf, thr = analyse(fine, coarse)
+            refinements += 1
+    else:
+        fine, _ = evaluate(U, None)
+        levels = None
+        k, chosen, errs, ambiguous, cf, thr = analyse(fine, fine)
+    top = k if k is not None else kmax
+    out = {"flatness": k, "method": "numerical", "tolerance": tol, "absolute_tolerance": thr,
+           "safety": FLAT_SAFETY, "radius": radius,
+           "fit_degrees": {str(j): chosen[j] for j in sorted(chosen)},
+           "directions": int(len(U)), "quadrature_nodes": levels, "refinements": refinements,
+           "error_estimate": max((errs[j] for j in range(1, top + 1) if j in errs), default=0.0),
+           "inconclusive": bool(ambiguous), "variables": xnames, "leading_terms": ""}
+    if ambiguous:
+        out["note"] = ("some Taylor coefficient of order < %s exceeds the tolerance and its "
+                       "error estimate, but not by the safety factor: the flatness may be "
+                       "lower; pass nodes=(n, 2n) with more quadrature nodes" % (k or kmax + 1))
+    if k is None:
+        out["note"] = (out.get("note", "") + "; " if ambiguous else "") + \
+            f"no non-zero derivative of order 1..{kmax} detected"
+        return out
+    # leading homogeneous part P_k(x) = sum_mono a_mono x^mono, from P_k(u) = c_k(u) / radius^k
+    d = chosen[k]
+    monos = _monomials(nx, k)
+    need = int(1.5 * len(monos)) + 2
+    ck = cf[d][:, k]
+    if len(U) < need:
+        U2 = directions(need - len(U))
+        ck = np.concatenate([ck, taylor(evaluate(U2, levels[-1] if quad else None)[0], d)[:, k]])
+        U = np.vstack([U, U2])
+    A = np.array([[np.prod(u ** np.array(mn)) for mn in monos] for u in U])
+    a, *_ = np.linalg.lstsq(A, ck / radius ** k, rcond=None)
+    cut = max(thr, errs[k]) / radius ** k  # terms below the error estimate are dropped
+    out["leading_terms_error"] = errs[k] / radius ** k
+    terms = []
+    for mn, c in zip(monos, a):
+        if abs(c) > cut:
+            mono = "*".join(f"{x}**{e}" if e > 1 else x for x, e in zip(xnames, mn) if e)
+            terms.append(f"{c:+.6g}*{mono}")
+    out["leading_terms"] = " ".join(terms).lstrip("+")
+    return out
+
+
+def flatness(spec: ModelSpec, out_dir="generated", kmax: int = 8, tol: float = 1e-6,
+             method: str = "auto", radius: float = 0.5, nodes=None) -> dict:
+    """Flatness index of a spec: the lowest order k >= 1 of a non-zero derivative of the
+    population loss R at the origin, jointly in (m, e_a); q = 1 for plain SGD.
+
+    method "auto": exact when the derivation is in closed form (D.method == "exact"), else
+    numerical from the generated module (ensure_module(spec, out_dir)). Exact: parameters kept
+    symbolic (a Taylor coefficient non-zero as an expression counts), plus
+    "flatness_at_defaults". Numerical (parameters at their defaults): R along lines through
+    the origin (the axes and random directions, radius/5 <= |x| <= radius) at two quadrature
+    levels (nodes = (coarse, fine) per dimension, default the module's (n0, 2 n0), doubled
+    automatically when inconclusive), least-squares polynomial fits; a Taylor coefficient is
+    non-zero when it exceeds tol times the variation of R on the sample and FLAT_SAFETY times
+    its error estimate (fine vs coarse quadrature, fit degree D vs D + 2).
+
+    Returns {"flatness": k or None, "method", "leading_terms" (the degree-k homogeneous part of R
+    as a string), "variables", "seconds", ...}; numerical adds "tolerance",
+    "absolute_tolerance", "error_estimate", "quadrature_nodes", "refinements", "inconclusive",
+    "fit_degrees", "leading_terms_error"."""
+    from .derive import derive
+    from .gaussian import has_quadrature
+
+    t0 = time.perf_counter()
+    D = derive(spec, diffusion=False)
+    if method == "auto":
+        method = ("exact" if D.method == "exact" and not has_quadrature(D.population_loss)
+                  else "numerical")
+    if method == "exact":
+        if has_quadrature(D.population_loss):
+            raise ValueError("exact flatness needs a closed-form population loss")
+        out = _flatness_exact(spec, D, kmax)
+    elif method == "numerical":
+        out = _flatness_numerical(spec, D, out_dir, kmax, tol, radius, nodes)
+    else:
+        raise ValueError(f"method must be 'auto', 'exact' or 'numerical', got {method!r}")
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the `ssi sie` report
+
+def _sie_of_spec_link(link, spec: ModelSpec, kmax: int, tol: float) -> dict:
+    zs = token_symbols(spec.L)
+    defaults = dict(spec.parameters)
+    if all(_is_polynomial(x, zs) for x in _entries(link, spec.L)):
+        res = sie(link, spec.L, kmax=kmax, tol=tol)
+        if defaults:
+            res["sie_at_defaults"] = sie(link, spec.L, params=defaults)["sie"]
+        return res
+    return sie(link, spec.L, params=defaults, kmax=kmax, tol=tol)
+
+
+def static_analysis(spec: ModelSpec, out_dir="generated", kmax: int = 8,
+                    tol: float = 1e-8) -> dict:
+    """The JSON of `ssi sie SPEC --json`: SIE of the teacher link, flatness index of R at the
+    origin and the method ("exact" when both are exact, else "numerical"), with details.
+
+    Keys: name, sie, flatness, method, sie_method, flatness_method, sie_tolerance,
+    sie_coefficients, sie_note, student_sie, student_sie_method, leading_terms,
+    flatness_details, seconds (and sie_at_defaults / flatness_at_defaults with parameters)."""
+    t0 = time.perf_counter()
+    teacher = _sie_of_spec_link(spec.teacher, spec, kmax, tol)
+    if spec.student == spec.teacher:
+        student = teacher
+    else:
+        student = _sie_of_spec_link(spec.student, spec, kmax, tol)
+    flat = flatness(spec, out_dir=out_dir, kmax=kmax)
+    both_exact = teacher["method"] == "exact" and flat["method"] == "exact"
+    out = {"name": spec.name, "sie": teacher["sie"], "flatness": flat["flatness"],
+           "method": "exact" if both_exact else "numerical",
+           "sie_method": teacher["method"], "flatness_method": flat["method"],
+           "sie_tolerance": teacher.get("tolerance"),
+           "sie_coefficients": teacher["coefficients"], "sie_note": teacher["note"],
+           "student_sie": student["sie"], "student_sie_method": student["method"],
+           "leading_terms": flat.get("leading_terms", "")}
+    if "sie_at_defaults" in teacher:
+        out["sie_at_defaults"] = teacher["sie_at_defaults"]
+    if "flatness_at_defaults" in flat:
+        out["flatness_at_defaults"] = flat["flatness_at_defaults"]
+    out["flatness_details"] = {k: v for k, v in flat.items()
+                               if k not in ("flatness", "method", "leading_terms")}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+__all__ = ["hermite_coefficients", "sie", "flatness", "static_analysis", "monomial_to_hermite"]

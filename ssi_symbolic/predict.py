@@ -1,0 +1,56 @@
+"""One call per prediction, from a spec (path or ModelSpec) to the JSON object the CLI prints.
+
+    predict_solve(spec, eta, d, ...)    ODE trajectory, escape/alignment times, phases, fixed point
+    predict_sde(spec, eta, d, runs)     escape-time distribution of the finite-d SDE
+    predict_max_lr(spec)                maximal learning rate and why
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dynamics import DEFAULT_THETA, OverlapODE, initial_state, max_learning_rate, solve
+from .evaluate import as_spec, check_eta_d, check_params
+from .sde import simulate_sde
+
+
+def _ode(spec_or_path, eta, d, params, out_dir):
+    from .codegen import ensure_module
+    spec = as_spec(spec_or_path)
+    check_eta_d(eta, d)
+    pvals = check_params(spec, params)
+    mod = ensure_module(spec, Path(out_dir))
+    return spec, OverlapODE(mod, eta, pvals)
+
+
+def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
+                  threshold=DEFAULT_THETA, params=None, out_dir="generated") -> dict:
+    """The ODE from (m0 = 1/sqrt(d), e0 = 0): the JSON of `ssi solve --json`."""
+    spec, ode = _ode(spec_or_path, eta, d, params, out_dir)
+    tr = solve(ode, initial_state(ode, d, m0, e0), t_max=t_max, theta=threshold)
+    out = tr.to_json()
+    out.update({"spec": spec.name, "d": d, "parameters": ode.params, "loss_kind": spec.loss,
+                "method": ode.mod.METHOD})
+    return out
+
+
+def predict_sde(spec_or_path, eta, d, runs=1000, seed=0, t_max=None, m0=None, e0=None,
+                threshold=DEFAULT_THETA, params=None, dt=None, out_dir="generated",
+                progress=False) -> dict:
+    """Escape-time distribution over SDE paths: the JSON of `ssi sde --json`."""
+    spec, ode = _ode(spec_or_path, eta, d, params, out_dir)
+    res = simulate_sde(ode, d, initial_state(ode, d, m0, e0), runs=runs, t_max=t_max, dt=dt,
+                       theta=threshold, seed=seed, progress=progress)
+    out = res.summary()
+    out.update({"spec": spec.name, "parameters": ode.params, "seed": seed})
+    return out
+
+
+def predict_max_lr(spec_or_path, params=None, d=10_000, out_dir="generated") -> dict:
+    """Maximal learning rate: the JSON of `ssi max-lr --json`."""
+    from .codegen import ensure_module
+    spec = as_spec(spec_or_path)
+    pvals = check_params(spec, params)
+    mod = ensure_module(spec, Path(out_dir))
+    out = max_learning_rate(mod, pvals, d=d)
+    out.update({"spec": spec.name, "parameters": pvals})
+    return out

@@ -1,0 +1,111 @@
+"""Finite-d overlap SDE: dX = (drift + c / d) dt + sqrt(D) dB, D = Cov(G) / d, c the
+module's finite_d_correction (spherical rescaling and token-norm terms).
+
+An ensemble of paths is integrated at once by the Euler-Maruyama scheme (all paths in one array,
+no Python work per path). For spherical SGD the state is kept in the unit ball (a step that
+would leave it is projected back onto the sphere, which the finite-d dynamics never leaves).
+From m0 = 1/sqrt(d) the noise decides the escape when SIE >= 2; the distribution of escape times
+over paths is what predicts the spread a user sees across seeds. Conventions: MATH.md section 4.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dynamics import DEFAULT_THETA, OverlapODE, _check_eta
+from .errors import StateError
+
+
+def _sqrt_psd(D):
+    """Symmetric square root of a stack of PSD matrices, shape (N, n, n)."""
+    w, V = np.linalg.eigh(D)
+    w = np.clip(w, 0.0, None)
+    return np.einsum("...ij,...j,...kj->...ik", V, np.sqrt(w), V)
+
+
+@dataclass
+class SDEResult:
+    """Escape times of an ensemble of SDE paths (NaN: no escape before t_max)."""
+
+    escape_times: np.ndarray
+    t_max: float
+    dt: float
+    runs: int
+    eta: float
+    d: float
+    theta: float
+
+    def summary(self) -> dict:
+        e = self.escape_times
+        done = e[np.isfinite(e)]
+        frac = float(done.size / e.size)
+        if done.size == 0:
+            med, q = None, [None, None]
+        else:  # quartiles over all runs, non-escaped runs counting as +infinity
+            full = np.where(np.isfinite(e), e, np.inf)
+            qs = np.quantile(full, [0.25, 0.5, 0.75])
+            conv = lambda v: float(v) if math.isfinite(v) else None
+            med, q = conv(qs[1]), [conv(qs[0]), conv(qs[2])]
+        return {"median": med, "quartiles": q, "escaped_fraction": frac,
+                "mean": float(done.mean()) if done.size else None, "runs": self.runs,
+                "dt": self.dt, "t_max": self.t_max, "eta": self.eta, "d": self.d,
+                "threshold": self.theta}
+
+
+def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
+                 theta=DEFAULT_THETA, seed=0, progress=False) -> SDEResult:
+    """Euler-Maruyama ensemble of `runs` paths from x0 until every path has escaped
+    (|(m, e)| >= theta) or t_max. dt defaults to 0.005 / eta (200 steps per unit of
+    eta * t, the time scale of the drift), never below 1/d."""
+    _check_eta(ode.eta)
+    if not (d >= 1):
+        raise StateError(f"d = {d}: the dimension must be >= 1")
+    if runs < 1:
+        raise StateError(f"runs = {runs}: need at least one path")
+    mod, eta, params = ode.mod, ode.eta, ode.params
+    dt = float(dt) if dt is not None else max(0.005 / eta, 1.0 / d)
+    t_max = float(t_max) if t_max is not None else 1e5 / eta
+    rng = np.random.default_rng(seed)
+    n, nd = ode.n, ode.n_dir
+    x = np.repeat(np.asarray(x0, dtype=float)[:, None], runs, axis=1)
+    esc = np.full(runs, np.nan)
+    alive = np.ones(runs, dtype=bool)
+    t = 0.0
+    r_prev = ode.radius(x)
+    last = time.monotonic()
+    steps = int(math.ceil(t_max / dt))
+    for k in range(steps):
+        idx = np.flatnonzero(alive)
+        if idx.size == 0:
+            break
+        xa = x[:, idx]
+        drift = np.array(mod.drift(*xa, eta=eta, **params))
+        drift = drift + np.array(mod.finite_d_correction(*xa, eta=eta, **params)) / d
+        cov = np.array(mod.covariance(*xa, eta=eta, **params))  # (n, n, N)
+        S = _sqrt_psd(np.moveaxis(cov, -1, 0) / d)              # (N, n, n)
+        noise = np.einsum("kij,kj->ik", S, rng.standard_normal((idx.size, n)))
+        xn = xa + drift * dt + noise * math.sqrt(dt)
+        if ode.spherical:  # the finite-d state never leaves the ball
+            rad = np.sqrt(np.sum(xn[:nd] ** 2, axis=0))
+            xn[:nd] /= np.maximum(rad, 1.0)
+        rn = np.sqrt(np.sum(xn[:nd] ** 2, axis=0))
+        crossed = rn >= theta
+        if crossed.any():
+            ra = r_prev[idx][crossed]
+            frac = np.clip((theta - ra) / np.maximum(rn[crossed] - ra, 1e-300), 0.0, 1.0)
+            esc[idx[crossed]] = t + frac * dt
+            alive[idx[crossed]] = False
+        x[:, idx] = xn
+        r_prev[idx] = rn
+        t += dt
+        if progress and time.monotonic() - last > 0.2:
+            last = time.monotonic()
+            sys.stderr.write(f"\rsde: t = {t:9.3f}  escaped {np.sum(~alive)}/{runs}")
+            sys.stderr.flush()
+    if progress:
+        sys.stderr.write(f"\rsde: t = {t:9.3f}  escaped {np.sum(~alive)}/{runs}\n")
+    return SDEResult(escape_times=esc, t_max=t_max, dt=dt, runs=runs, eta=eta, d=d, theta=theta)

@@ -7,6 +7,8 @@
               [--param k=v] [--plot FILE.png] [--json]
     ssi sde SPEC --eta --d --runs N [--seed S] [--t-max T] [--json]
     ssi max-lr SPEC [--json]
+    ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--json]
+    ssi sie SPEC [--json]
 
 Errors are one line on stderr (`ssi: error: ...`) with exit code 2; nothing is written then.
 """
@@ -161,6 +163,37 @@ def cmd_max_lr(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from .simulate import simulate
+    res = simulate(args.spec, args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed,
+                   m0=args.m0, e0=args.e0, theta=args.threshold,
+                   params=_pairs(args.param, "--param"), out_dir=args.out,
+                   progress=not args.json and sys.stderr.isatty(),
+                   stop_when_escaped=args.stop_when_escaped)
+    out = res.to_json()
+
+    def table(r):
+        rows = [f"spec {res.spec_name}  eta {res.eta}  d {res.d}  steps {res.steps}  "
+                f"seeds {res.seeds}  t_end {res.t[-1]:.4g}",
+                "final mean overlaps  " + "  ".join(f"{k}={v[-1]:.4g}"
+                                                    for k, v in r["mean"].items())]
+        for kind, vals in r["escape_times"].items():
+            done = [v for v in vals if v is not None]
+            med = f"{sorted(done)[len(done) // 2]:.4g}" if done else "-"
+            rows.append(f"{kind:10} escape: {len(done)}/{len(vals)} seeds, median {med}")
+        return "\n".join(rows)
+    _print(out, args.json, table)
+    return 0
+
+
+def cmd_sie(args) -> int:
+    from .hermite import static_analysis
+    res = static_analysis(as_spec(args.spec), out_dir=args.out)
+    _print(res, args.json, lambda r: (f"SIE {r['sie']}  flatness {r['flatness']}  "
+                                      f"method {r['method']}"))
+    return 0
+
+
 def _common(p, eta_required=True):
     p.add_argument("spec", help="model spec (TOML)")
     p.add_argument("--eta", type=float, required=eta_required, default=None,
@@ -221,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     ml = sub.add_parser("max-lr", help="maximal learning rate and why")
     _common(ml, eta_required=False)
     ml.set_defaults(func=cmd_max_lr)
+
+    si = sub.add_parser("simulate", help="finite-d online SGD, vectorised over seeds")
+    _common(si)
+    si.add_argument("--steps", type=int, required=True, help="SGD steps (t = steps / d)")
+    si.add_argument("--seeds", type=int, default=8, help="independent runs (8)")
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--m0", type=float, default=None)
+    si.add_argument("--e0", type=float, default=None)
+    si.add_argument("--threshold", type=float, default=0.5)
+    si.add_argument("--stop-when-escaped", action="store_true",
+                    help="stop once every seed has escaped")
+    si.set_defaults(func=cmd_simulate)
+
+    ie = sub.add_parser("sie", help="sequence information exponent and flatness index")
+    ie.add_argument("spec")
+    ie.add_argument("--out", default="generated", help="folder of generated modules")
+    ie.add_argument("--json", action="store_true")
+    ie.set_defaults(func=cmd_sie)
     return p
 
 
@@ -232,6 +283,9 @@ def main(argv=None) -> int:
     except SSIError as exc:
         print(f"ssi: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("ssi: interrupted", file=sys.stderr)
         return 130

@@ -97,8 +97,8 @@ def _event(fun, terminal=False, direction=0):
     return fun
 
 
-def _integrate(ode: OverlapODE, x0, t0, t_max, events, rtol, atol):
-    sol = solve_ivp(lambda t, x: ode.drift(x), (t0, t_max), x0, method="DOP853", rtol=rtol,
+def _integrate(ode: OverlapODE, x0, t0, t_max, events, rtol, atol, method="DOP853"):
+    sol = solve_ivp(lambda t, x: ode.drift(x), (t0, t_max), x0, method=method, rtol=rtol,
                     atol=atol, events=events, dense_output=True)
     if sol.status == -1:
         raise DynamicsError(f"the ODE solver failed at t = {sol.t[-1]:.6g}: {sol.message}")
@@ -112,8 +112,12 @@ def fixed_point(ode: OverlapODE, x_guess) -> tuple[np.ndarray, np.ndarray, bool]
     scale = max(1.0, float(np.max(np.abs(ode.drift(x_guess)))))
     sol = root(lambda x: ode.drift(x) / scale, x_guess, jac=lambda x: ode.jacobian(x) / scale,
                method="hybr", options={"xtol": 1e-13})
-    x = sol.x if sol.success and np.linalg.norm(sol.x - x_guess) < 0.1 else x_guess
-    eig = np.linalg.eigvals(ode.jacobian(x))
+    inside = ode.radius(sol.x) <= (1.0 if ode.spherical else math.sqrt(max(sol.x[-1], 0)))
+    x = sol.x if sol.success and inside and np.linalg.norm(sol.x - x_guess) < 0.1 else x_guess
+    J = ode.jacobian(x)
+    if not np.all(np.isfinite(J)):  # e.g. on the sphere |m| = 1, where sqrt(1 - m^2) = 0
+        return x, np.full(ode.n, np.nan), False
+    eig = np.linalg.eigvals(J)
     return x, eig, bool(np.all(eig.real < 0))
 
 
@@ -161,7 +165,7 @@ def _first_event(sol, k):
 
 
 def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
-          rtol=1e-10, atol=1e-13, n_grid=400) -> Trajectory:
+          rtol=1e-10, atol=1e-13, n_grid=400, method="DOP853") -> Trajectory:
     """Integrate the ODE from x0 and measure escape, alignment, phases and the fixed point.
 
     Escape events are non-terminal (all three thresholds are recorded); leaving the unit ball
@@ -200,7 +204,7 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
               _event(sem, False, 1), _event(pos, False, 1), _event(pre, False, 1)]
     if t_max is None:  # stop once converged, but only after the escape
         events.append(_event(lambda t, x: converged(t, x) if esc(t, x) > 0 else 1.0, True, -1))
-    sol = _integrate(ode, x0, 0.0, t_cap, events, rtol, atol)
+    sol = _integrate(ode, x0, 0.0, t_cap, events, rtol, atol, method)
     if sol.t_events[0].size or sol.t_events[1].size:
         which = "left the unit ball" if sol.t_events[0].size else "blew up"
         tb = sol.t[-1]
@@ -259,29 +263,31 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
 # maximal learning rate
 # ----------------------------------------------------------------------------------------
 
-def leading_drift(mod, params=None, m=1e-4):
+def leading_drift(mod, params=None, m=None):
     """Leading behaviour of dm/dt along the m axis at the origin (e = 0, q = 1):
-    dm/dt ~ (eta a1 + eta^2 a2) m^(k-1). Returns (k - 1, a1, a2), the power read off the
-    drift at m and m/2 and the coefficients from drift_eta1 and drift_eta2."""
+    eta E[G1_m] ~ eta a1 m^p1 and eta^2 E[G2_m] ~ eta^2 a2 m^p2, the powers read off the values
+    at m and m/2. Returns (p1, a1, p2, a2); a power is None when that part vanishes."""
     params = params or {}
     n = len(mod.OVERLAPS)
     spherical = bool(mod.SPHERICAL)
+    if m is None:  # quadrature values carry an absolute error: stay well above it
+        m = 1e-5 if mod.METHOD == "exact" else 1e-2
 
     def at(mm):
         x = [mm] + [0.0] * (n - 1)
         if not spherical:
             x[-1] = 1.0
-        a = mod.drift_eta1(*x, **params)[0]
-        b = mod.drift_eta2(*x, **params)[0]
-        return float(a), float(b)
+        return (float(mod.drift_eta1(*x, **params)[0]), float(mod.drift_eta2(*x, **params)[0]))
 
-    (a_1, b_1), (a_2, b_2) = at(m), at(m / 2)
-    big = max(abs(a_1), abs(b_1))
-    if big < 1e-300:
-        return None, 0.0, 0.0
-    ref, ref2 = (a_1, a_2) if abs(a_1) >= abs(b_1) else (b_1, b_2)
-    power = round(math.log2(abs(ref / ref2))) if ref2 != 0 else 1
-    return power, a_1 / m ** power, b_1 / m ** power
+    v1, v2 = at(m), at(m / 2)
+    out = []
+    for a, b in zip(v1, v2):
+        if abs(a) < 1e-300 or abs(b) < 1e-300:
+            out += [None, 0.0]
+        else:
+            p = max(0, round(math.log2(abs(a / b))))
+            out += [p, a / m ** p]
+    return tuple(out)
 
 
 def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10) -> dict:
@@ -289,40 +295,82 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10) -> dic
     informative fixed point (MATH.md section 5).
 
     Escape: along the m axis dm/dt ~ (eta a1 + eta^2 a2) m^(k-1) must stay positive, so
-    eta < -a1/a2 when a2 < 0. Stability: bisection on eta for the ODE from m0 = 1/sqrt(d)
-    escaping to a fixed point with all Jacobian eigenvalues negative.
+    eta < -a1/a2 when a2 < 0. Stability: the informative fixed point reached at small eta is
+    followed along eta (Newton continuation); the branch is lost where a Jacobian eigenvalue
+    crosses zero or the point collapses to the origin, located by bisection.
     """
     params = params or {}
-    power, a1, a2 = leading_drift(mod, params)
-    if power is None or a1 <= 0:
+    p1, a1, p2, a2 = leading_drift(mod, params)
+    power = p1
+    if p1 is None or a1 <= 0:
         return {"max_lr": None, "reason": "the O(eta) drift of m vanishes or is negative at the "
-                "origin: no learning rate escapes (zero leading drift)", "leading_power": power,
+                "origin: no learning rate escapes (zero leading drift)", "leading_power": p1,
                 "a1": a1, "a2": a2}
-    eta_escape = -a1 / a2 if a2 < 0 else math.inf
-
-    def ok(eta):
-        ode = OverlapODE(mod, eta, params)
-        try:
-            tr = solve(ode, initial_state(ode, d), n_grid=50)
-        except DynamicsError:
-            return False
-        return tr.escape_time is not None and bool(tr.stable)
-
-    hi = eta_escape if math.isfinite(eta_escape) else (eta_hi or 10.0)
-    probe = hi * (1 - 1e-3)
-    if ok(probe):
-        eta_stab, reason = hi, None
+    m0 = 1.0 / math.sqrt(d)
+    if p2 is not None and a2 < 0 and p2 <= p1:
+        # escape from m0 needs eta a1 m0^p1 + eta^2 a2 m0^p2 > 0
+        eta_escape = a1 * m0 ** (p1 - p2) / -a2
     else:
-        lo = 0.0
-        while hi - lo > max(1e-6 * hi, tol):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-        eta_stab, reason = lo, "stability"
+        eta_escape = math.inf
+
+    # the informative fixed point at small eta, then followed along eta (continuation): the
+    # maximal learning rate is where that branch loses stability or collapses to the origin
+    eta0 = (eta_escape if math.isfinite(eta_escape) else 1.0) * 1e-3
+    ode0 = OverlapODE(mod, eta0, params)
+    try:
+        tr0 = solve(ode0, initial_state(ode0, d, m0=0.6), t_max=1e3 / eta0, n_grid=20,
+                    method="LSODA")
+    except DynamicsError:
+        tr0 = None
+    if tr0 is None or not tr0.stable or ode0.radius(
+            np.array(list(tr0.fixed_point.values()))) < 0.1:
+        return {"max_lr": None, "reason": "no stable informative fixed point even at small eta",
+                "leading_power": power, "a1": a1, "a2": a2}
+    x_ref = np.array(list(tr0.fixed_point.values()))
+
+    def follow(x_prev, eta):
+        """The branch's fixed point at eta from a nearby one, or None when it is lost."""
+        ode = OverlapODE(mod, eta, params)
+        sol = root(lambda x: ode.drift(x) / eta, x_prev, jac=lambda x: ode.jacobian(x) / eta,
+                   method="hybr", options={"xtol": 1e-13})
+        if not sol.success or np.max(np.abs(ode.drift(sol.x))) > 1e-7 * eta:
+            return None
+        if ode.radius(sol.x) < 1e-3 or ode.radius(sol.x) > 1 + 1e-9:
+            return None
+        if np.any(np.linalg.eigvals(ode.jacobian(sol.x)).real >= 0):
+            return None
+        return sol.x
+
+    top = eta_escape if math.isfinite(eta_escape) else 1e3
+    x, eta, step = x_ref, eta0, eta0
+    lost = None
+    while eta < top:
+        nxt = min(eta + step, top * (1 - 1e-12))
+        xn = follow(x, nxt)
+        if xn is None:  # too long a step, or the end of the branch: halve until tiny
+            if step <= max(1e-10 * eta, tol):
+                lost = nxt
+                break
+            step /= 2
+            continue
+        if np.linalg.norm(xn - x) < 0.02:
+            step *= 1.5
+        x, eta = xn, nxt
+        if nxt >= top * (1 - 1e-12):
+            break
+    eta_stab, reason = (top, None) if lost is None else (eta, "stability")
     if reason is None and math.isfinite(eta_escape):
-        return {"max_lr": eta_escape, "reason": (
-            f"escape: near the origin dm/dt ~ (eta * {a1:.6g} + eta^2 * ({a2:.6g})) m^{power}, "
-            f"positive only for eta < {eta_escape:.10g}; the informative fixed point stays "
-            f"stable below it"), "leading_power": power, "a1": a1, "a2": a2}
+        if p1 == p2:
+            why = (f"escape: near the origin dm/dt ~ (eta * {a1:.6g} + eta^2 * ({a2:.6g})) "
+                   f"m^{p1}, positive only for eta < {eta_escape:.10g}")
+        else:
+            why = (f"escape: near the origin dm/dt ~ eta * {a1:.6g} m^{p1} + eta^2 * "
+                   f"({a2:.6g}) m^{p2}, positive at m0 = 1/sqrt(d) = {m0:.4g} only for eta < "
+                   f"{eta_escape:.6g} (this bound scales as d^-{(p1 - p2) / 2:g})")
+        return {"max_lr": eta_escape, "reason": why + "; the informative fixed point stays "
+                "stable below it", "leading_power": power, "a1": a1, "a2": a2, "d": d}
     return {"max_lr": eta_stab, "reason": (
-        f"stability: above eta = {eta_stab:.6g} the ODE from m0 = 1/sqrt({d}) no longer reaches "
-        f"a stable informative fixed point"), "leading_power": power, "a1": a1, "a2": a2}
+        f"stability: at eta = {eta_stab:.8g} the informative fixed point "
+        f"{dict(zip(mod.OVERLAPS, np.round(x, 6)))} loses stability (an eigenvalue of the "
+        f"drift Jacobian crosses zero) or merges with the origin"),
+        "leading_power": power, "a1": a1, "a2": a2}

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: 7f4bcbcb99f810656c4c4c056d649b41d76bfb53510cbd9657037252a78424da
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: eca28470283589a602731c1636505819240674becab1e7f5cf6632a30f5dd966
+# tool: ssi-symbolic 0.1.0 generator 1 source 8f37f2f75f8d8bc5
 import numpy
 import scipy.special
 
@@ -23,9 +23,9 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = '7f4bcbcb99f810656c4c4c056d649b41d76bfb53510cbd9657037252a78424da'
+SPEC_HASH = 'eca28470283589a602731c1636505819240674becab1e7f5cf6632a30f5dd966'
 QUADRATURE_NODES = 40
-JACOBIAN = 'finite-difference'
+JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'
 
 
@@ -110,7 +110,8 @@ def drift_eta2(m):
     _gh5 = _gh_node_5(m)
     _gh6 = _gh_node_6(m)
     _x0 = (1/2)*_gh5
-    return _bc(m*(-_x0 - 1/2*_gh6))
+    _x1 = (1/2)*_gh6
+    return _bc(m*(-_x0 - _x1))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; quadrature)."""
@@ -120,7 +121,8 @@ def drift(m, eta):
     _gh5 = _gh_node_5(m)
     _gh6 = _gh_node_6(m)
     _x0 = (1/2)*_gh5
-    return _bc(eta * (-_gh4 + m*(_gh2 + _gh3)) + eta**2 * (m*(-_x0 - 1/2*_gh6)))
+    _x1 = (1/2)*_gh6
+    return _bc(eta * (-_gh4 + m*(_gh2 + _gh3)) + eta**2 * (m*(-_x0 - _x1)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (quadrature); the diffusion is D = Cov(G) / d."""
@@ -139,21 +141,21 @@ def covariance(m, eta):
     _gh8 = _gh_node_8(m)
     _gh9 = _gh_node_9(m)
     _x0 = (1/2)*_gh5
-    _x1 = (eta*eta)
-    _x2 = (eta*eta*eta)
-    _x3 = _gh12*_x2
-    _x4 = _gh13*_x1
-    _x5 = 2*_gh2*_x1
-    _x6 = _gh4*_x2
-    _x7 = _gh14*_x1
-    _x8 = _gh7*_x1
-    _x9 = (eta*eta*eta*eta)
-    _x10 = (1/4)*_x9
-    _x11 = _gh15*_x2
-    _x12 = _gh8*_x2
-    _x13 = _gh2*_x2
-    _x14 = _gh3*_x2
-    _c0_0 = _gh10*_x1 + m*(_x3 - 2*_x4 + _gh4*_x5 + m*(_x7 + _x8 - _x11 - _x12 + _gh11*_x10 + _gh5*_x13 + _gh5*_x14 + _gh6*_x13 + _gh6*_x14 + _gh9*_x10 - _gh3*_x5 - _x1*(_gh2*_gh2) - _x1*(_gh3*_gh3) - _x10*(_gh5*_gh5) - _x10*(_gh6*_gh6) - _gh6*_x0*_x9) - _gh5*_x6 - _gh6*_x6 + 2*_gh3*_gh4*_x1) - _x1*(_gh4*_gh4)
+    _x2 = (eta*eta)
+    _x3 = (eta*eta*eta)
+    _x4 = _gh12*_x3
+    _x5 = _gh13*_x2
+    _x6 = 2*_gh2*_x2
+    _x7 = _gh4*_x3
+    _x8 = _gh14*_x2
+    _x9 = _gh7*_x2
+    _x10 = (eta*eta*eta*eta)
+    _x11 = (1/4)*_x10
+    _x12 = _gh15*_x3
+    _x13 = _gh8*_x3
+    _x14 = _gh2*_x3
+    _x15 = _gh3*_x3
+    _c0_0 = _gh10*_x2 + m*(_x4 - 2*_x5 + _gh4*_x6 + m*(_x8 + _x9 - _x12 - _x13 + _gh11*_x11 + _gh5*_x14 + _gh5*_x15 + _gh6*_x14 + _gh6*_x15 + _gh9*_x11 - _gh3*_x6 - _x11*(_gh5*_gh5) - _x11*(_gh6*_gh6) - _x2*(_gh2*_gh2) - _x2*(_gh3*_gh3) - _gh6*_x0*_x10) - _gh5*_x7 - _gh6*_x7 + 2*_gh3*_gh4*_x2) - _x2*(_gh4*_gh4)
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -166,18 +168,18 @@ def ito_correction(m, eta):
     _gh7 = _gh_node_7(m)
     _gh8 = _gh_node_8(m)
     _gh9 = _gh_node_9(m)
-    _x1 = (eta*eta)
-    _x2 = (eta*eta*eta)
-    _x3 = _gh12*_x2
-    _x4 = _gh13*_x1
-    _x7 = _gh14*_x1
-    _x8 = _gh7*_x1
-    _x9 = (eta*eta*eta*eta)
-    _x11 = _gh15*_x2
-    _x12 = _gh8*_x2
-    _x15 = (3/8)*_x9
-    _x16 = (1/2)*_x3 - _x4 + m*(-3/2*_x11 - 3/2*_x12 + (3/2)*_x7 + (3/2)*_x8 + _gh11*_x15 + _gh9*_x15)
-    return _bc(_x16)
+    _x2 = (eta*eta)
+    _x3 = (eta*eta*eta)
+    _x4 = _gh12*_x3
+    _x5 = _gh13*_x2
+    _x8 = _gh14*_x2
+    _x9 = _gh7*_x2
+    _x10 = (eta*eta*eta*eta)
+    _x12 = _gh15*_x3
+    _x13 = _gh8*_x3
+    _x16 = (3/8)*_x10
+    _x17 = (1/2)*_x4 - _x5 + m*(-3/2*_x12 - 3/2*_x13 + (3/2)*_x8 + (3/2)*_x9 + _gh11*_x16 + _gh9*_x16)
+    return _bc(_x17)
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here; quadrature)."""
@@ -189,30 +191,35 @@ def finite_d_correction(m, eta):
     _gh7 = _gh_node_7(m)
     _gh8 = _gh_node_8(m)
     _gh9 = _gh_node_9(m)
-    _x1 = (eta*eta)
-    _x2 = (eta*eta*eta)
-    _x3 = _gh12*_x2
-    _x4 = _gh13*_x1
-    _x7 = _gh14*_x1
-    _x8 = _gh7*_x1
-    _x9 = (eta*eta*eta*eta)
-    _x11 = _gh15*_x2
-    _x12 = _gh8*_x2
-    _x15 = (3/8)*_x9
-    _x16 = (1/2)*_x3 - _x4 + m*(-3/2*_x11 - 3/2*_x12 + (3/2)*_x7 + (3/2)*_x8 + _gh11*_x15 + _gh9*_x15)
-    return _bc(_x16)
+    _x2 = (eta*eta)
+    _x3 = (eta*eta*eta)
+    _x4 = _gh12*_x3
+    _x5 = _gh13*_x2
+    _x8 = _gh14*_x2
+    _x9 = _gh7*_x2
+    _x10 = (eta*eta*eta*eta)
+    _x12 = _gh15*_x3
+    _x13 = _gh8*_x3
+    _x16 = (3/8)*_x10
+    _x17 = (1/2)*_x4 - _x5 + m*(-3/2*_x12 - 3/2*_x13 + (3/2)*_x8 + (3/2)*_x9 + _gh11*_x16 + _gh9*_x16)
+    return _bc(_x17)
 
-def drift_jacobian(m, eta, h=1e-5):
-    """Jacobian d drift_i / d x_j over (m) by central differences of step h (error O(h^2) plus quadrature error / h): the symbolic derivative of this model has a Dirac delta."""
-    x = [numpy.asarray(v, dtype=float) for v in (m,)]
-    cols = []
-    for j in range(1):
-        xp = list(x); xp[j] = x[j] + h
-        xm = list(x); xm[j] = x[j] - h
-        fp = drift(*xp, eta=eta)
-        fm = drift(*xm, eta=eta)
-        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
-    return _bc_nested(tuple(tuple(cols[j][i] for j in range(1)) for i in range(1)))
+def drift_jacobian(m, eta):
+    """Jacobian d drift_i / d x_j over (m), derived symbolically (quadrature)."""
+    _gh16 = _gh_node_16(m)
+    _gh17 = _gh_node_17(m)
+    _gh18 = _gh_node_18(m)
+    _gh19 = _gh_node_19(m)
+    _gh2 = _gh_node_2(m)
+    _gh20 = _gh_node_20(m)
+    _gh3 = _gh_node_3(m)
+    _gh5 = _gh_node_5(m)
+    _gh6 = _gh_node_6(m)
+    _x0 = (1/2)*_gh5
+    _x1 = (1/2)*_gh6
+    _x2 = (eta*eta)
+    _x18 = (1/2)*_x2
+    return _bc_nested(((_gh2*eta + _gh3*eta + m*(_gh19*eta - _gh16*_x18 - _gh20*_x18) - _gh17*eta - _gh18*eta - _x0*_x2 - _x1*_x2,),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""
@@ -504,6 +511,86 @@ def _gh_node_15(m, n=None):
     -sqrt(2)*m*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 + 3*m*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2 + 3*sqrt(2)*m*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 - 3*sqrt(2)*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/2 - 3*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - 
     """
     return _gh_expect(_gh_integrand_15, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_16(_u, m):
+    """Integrand of node 16 at quadrature points _u = (u1a)."""
+    (u1a,) = _u
+    _y0 = (m*m)
+    _y1 = 1 - _y0
+    _y2 = _y0/_y1
+    _y3 = (u1a*u1a*u1a)
+    _y4 = (1/2)*(u1a*u1a*u1a*u1a*u1a)
+    return (1/2)*numpy.sqrt(2)*(_y4 - _y3 + _y2*_y4 - _y2*_y3)*numpy.exp(-1/2*_y2*(u1a*u1a))/(numpy.sqrt(scipy.constants.pi)*abs(numpy.sqrt(_y1)))
+
+def _gh_node_16(m, n=None):
+    """E over (u1a) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    sqrt(2)*(m**2*u1a**5/(2*(1 - m**2)) - m**2*u1a**3/(1 - m**2) + u1a**5/2 - u1a**3)*exp(-m**2*u1a**2/(2*(1 - m**2)))/(2*sqrt(pi)*Abs(sqrt(1 - m**2)))
+    """
+    return _gh_expect(_gh_integrand_16, 1, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_17(_u, m):
+    """Integrand of node 17 at quadrature points _u = (u1a)."""
+    (u1a,) = _u
+    _y0 = (m*m)
+    _y1 = 1 - _y0
+    _y2 = numpy.sqrt(2)
+    _y3 = (u1a*u1a)
+    _y4 = (1/2)*_y2
+    _y5 = _y4*(u1a*u1a*u1a*u1a)
+    _y6 = _y1**(-1.0)
+    _y7 = _y0*_y6
+    return _y4*(-_y5 + (1/2)*_y2*_y3 - _y5*_y7 + (1/2)*_y0*_y2*_y3*_y6)*numpy.exp(-1/2*_y3*_y7)/(numpy.sqrt(scipy.constants.pi)*abs(numpy.sqrt(_y1)))
+
+def _gh_node_17(m, n=None):
+    """E over (u1a) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    sqrt(2)*(-sqrt(2)*m**2*u1a**4/(2*(1 - m**2)) + sqrt(2)*m**2*u1a**2/(2*(1 - m**2)) - sqrt(2)*u1a**4/2 + sqrt(2)*u1a**2/2)*exp(-m**2*u1a**2/(2*(1 - m**2)))/(2*sqrt(pi)*Abs(sqrt(1 - m**2)))
+    """
+    return _gh_expect(_gh_integrand_17, 1, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_18(_u, m):
+    """Integrand of node 18 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = m*u1a
+    _y1 = numpy.sqrt(1 - (m*m))
+    _y2 = (numpy.heaviside(_y0 + _y1*u1b, 0.5)*numpy.heaviside(_y0 + _y1*u1b, 0.5))
+    return _y2*(u1a*u1a) - _y0*_y2*u1b/_y1
+
+def _gh_node_18(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    -m*u1a*u1b*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/sqrt(1 - m**2) + u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2
+    """
+    return _gh_expect(_gh_integrand_18, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_19(_u, m):
+    """Integrand of node 19 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = numpy.sqrt(1 - (m*m))
+    _y1 = (1/2)*numpy.sqrt(2)*numpy.heaviside(_y0*u1b + m*u1a, 0.5)
+    return -_y1*(u1a*u1a*u1a) + _y1*m*u1b*(u1a*u1a)/_y0
+
+def _gh_node_19(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    sqrt(2)*m*u1a**2*u1b*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/(2*sqrt(1 - m**2)) - sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
+    """
+    return _gh_expect(_gh_integrand_19, 2, QUADRATURE_NODES if n is None else n, m)
+
+def _gh_integrand_20(_u, m):
+    """Integrand of node 20 at quadrature points _u = (u1a, u1b)."""
+    (u1a, u1b) = _u
+    _y0 = numpy.sqrt(1 - (m*m))
+    _y1 = numpy.sqrt(2)*(numpy.heaviside(_y0*u1b + m*u1a, 0.5)*numpy.heaviside(_y0*u1b + m*u1a, 0.5)*numpy.heaviside(_y0*u1b + m*u1a, 0.5))
+    return -_y1*(u1a*u1a*u1a) + _y1*m*u1b*(u1a*u1a)/_y0
+
+def _gh_node_20(m, n=None):
+    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
+
+    sqrt(2)*m*u1a**2*u1b*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/sqrt(1 - m**2) - sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3
+    """
+    return _gh_expect(_gh_integrand_20, 2, QUADRATURE_NODES if n is None else n, m)
 
 def teacher_link(z1):
     """Teacher link g*(z) entries (flattened row by row)."""

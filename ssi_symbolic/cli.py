@@ -9,6 +9,7 @@
     ssi max-lr SPEC [--json]
     ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--json]
     ssi sie SPEC [--json]
+    ssi fixed-points SPEC --eta X [--json]
 
 Errors are one line on stderr (`ssi: error: ...`) with exit code 2; nothing is written then.
 """
@@ -163,6 +164,23 @@ def cmd_max_lr(args) -> int:
     return 0
 
 
+def cmd_fixed_points(args) -> int:
+    from .predict import predict_fixed_points
+    res = predict_fixed_points(args.spec, args.eta, params=_pairs(args.param, "--param"),
+                               out_dir=args.out)
+
+    def table(r):
+        rows = [f"spec {r['spec']}  eta {r['eta']}  ({len(r['fixed_points'])} fixed points)"]
+        for fp in r["fixed_points"]:
+            rows.append("  " + "  ".join(f"{k}={v: .6g}" for k, v in fp["state"].items())
+                        + f"  {'stable' if fp['stable'] else 'unstable'}  eigenvalues "
+                        + ", ".join(f"{a:.4g}" + (f"{b:+.4g}i" if b else "")
+                                    for a, b in fp["eigenvalues"]))
+        return "\n".join(rows)
+    _print(res, args.json, table)
+    return 0
+
+
 def cmd_simulate(args) -> int:
     from .simulate import simulate
     res = simulate(args.spec, args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed,
@@ -254,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     ml = sub.add_parser("max-lr", help="maximal learning rate and why")
     _common(ml, eta_required=False)
     ml.set_defaults(func=cmd_max_lr)
+
+    fp = sub.add_parser("fixed-points", help="fixed points of the drift and their stability")
+    fp.add_argument("spec")
+    fp.add_argument("--eta", type=float, required=True)
+    fp.add_argument("--param", action="append", metavar="NAME=VALUE")
+    fp.add_argument("--out", default="generated")
+    fp.add_argument("--json", action="store_true")
+    fp.set_defaults(func=cmd_fixed_points)
 
     si = sub.add_parser("simulate", help="finite-d online SGD, vectorised over seeds")
     _common(si)

@@ -121,6 +121,49 @@ def fixed_point(ode: OverlapODE, x_guess) -> tuple[np.ndarray, np.ndarray, bool]
     return x, eig, bool(np.all(eig.real < 0))
 
 
+def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]:
+    """Fixed points of the drift inside the unit ball (spherical) or with q in (0, 4] (plain),
+    by Newton's method from the origin, the axes and `starts` random points; each with its
+    Jacobian eigenvalues and stability, distinct to 1e-6, sorted by |(m, e)|."""
+    rng = np.random.default_rng(seed)
+    nd, n = ode.n_dir, ode.n
+    guesses = [np.zeros(nd)]
+    for i in range(nd):
+        for v in (0.5, -0.5, 0.99, -0.99):
+            g = np.zeros(nd)
+            g[i] = v
+            guesses.append(g)
+    for _ in range(starts):
+        v = rng.normal(size=nd)
+        guesses.append(v / np.linalg.norm(v) * rng.uniform(0, 1) ** (1 / nd))
+    if not ode.spherical:
+        guesses = [np.append(g, q) for g in guesses for q in (1.0, 0.5 + np.dot(g, g))]
+    found = []
+    with np.errstate(all="ignore"):
+        for g in guesses:
+            sol = root(lambda x: ode.drift(x) / ode.eta, g,
+                       jac=lambda x: ode.jacobian(x) / ode.eta, method="hybr")
+            x = sol.x
+            if not sol.success or not np.all(np.isfinite(x)):
+                continue
+            q = 1.0 if ode.spherical else x[-1]
+            if not (0 < q <= 4) or ode.radius(x) > math.sqrt(q) * (1 + 1e-9):
+                continue
+            if np.max(np.abs(ode.drift(x))) > 1e-9 * ode.eta:
+                continue
+            if any(np.linalg.norm(x - f) < 1e-6 for f in found):
+                continue
+            found.append(x)
+    out = []
+    for x in sorted(found, key=lambda v: (ode.radius(v), tuple(v))):
+        J = ode.jacobian(x)
+        eig = np.linalg.eigvals(J) if np.all(np.isfinite(J)) else np.full(n, np.nan)
+        out.append({"state": {k: float(v) for k, v in zip(ode.names, x)},
+                    "eigenvalues": [[float(e.real), float(e.imag)] for e in eig],
+                    "stable": bool(np.all(eig.real < 0))})
+    return out
+
+
 @dataclass
 class Trajectory:
     """An ODE solution with the predictions of MATH.md section 5."""

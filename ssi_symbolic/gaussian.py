@@ -53,13 +53,53 @@ class GaussHermite(sp.Function):
         return tuple(self.args[1])
 
     def _eval_derivative(self, s):
-        return GaussHermite(sp.diff(self.integrand, s), self.args[1])
+        # a kink (Heaviside, Max) differentiates to a Dirac delta of a linear form in u,
+        # integrated out exactly here (it would be invisible to fixed quadrature nodes)
+        return integrate_deltas(sp.diff(self.integrand, s), self.variables)
 
     def _latex(self, printer, exp=None):
         us = ", ".join(printer._print(u) for u in self.variables)
         out = (r"\mathbb{E}_{" + us + r" \sim \mathcal{N}(0,1)}\left[" +
                printer._print(self.integrand) + r"\right]")
         return out if exp is None else rf"\left({out}\right)^{{{exp}}}"
+
+
+def integrate_deltas(integrand, us):
+    """E_u[integrand] over independent standard Gaussians u, with every term holding one
+    DiracDelta(c . u + r) integrated out exactly: for the last u_j with c_j != 0,
+
+        E[delta(c_j u_j + rest) g(u)] = E_{u without u_j}[ g(u_j*) phi(u_j*) / |c_j| ],
+        u_j* = -rest / c_j, phi the standard normal density.
+
+    The other terms stay one GaussHermite node. Raises ValueError for a delta of a non-linear
+    form or a product of deltas."""
+    us = tuple(us)
+    if not integrand.has(sp.DiracDelta):
+        return GaussHermite(integrand, sp.Tuple(*us))
+    smooth, groups = sp.Integer(0), {}
+    for term in sp.Add.make_args(sp.expand(integrand)):
+        deltas = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.DiracDelta)]
+        if not deltas:
+            smooth += term
+            continue
+        if len(deltas) > 1 or len(deltas[0].args) > 1:
+            raise ValueError(f"cannot integrate {deltas} (a product or derivative of deltas)")
+        groups[deltas[0].args[0]] = groups.get(deltas[0].args[0], sp.Integer(0)) + \
+            term / deltas[0]
+    out = GaussHermite(smooth, sp.Tuple(*us)) if smooth != 0 else sp.Integer(0)
+    for arg, rest in groups.items():
+        poly = sp.Poly(arg, *us)
+        if poly.total_degree() != 1:
+            raise ValueError(f"DiracDelta({arg}) is not of a linear form in {us}")
+        coef = {u: poly.coeff_monomial(u) for u in us}
+        j = [u for u in us if coef[u] != 0][-1]
+        c = coef[j]
+        ustar = -(arg - c * j) / c
+        val = (rest.xreplace({j: ustar}) * sp.exp(-ustar ** 2 / 2)
+               / (sp.sqrt(2 * sp.pi) * sp.Abs(c)))
+        others = tuple(u for u in us if u != j)
+        out += GaussHermite(val, sp.Tuple(*others)) if others else val
+    return out
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
     predict_solve(spec, eta, d, ...)    ODE trajectory, escape/alignment times, phases, fixed point
     predict_sde(spec, eta, d, runs)     escape-time distribution of the finite-d SDE
     predict_max_lr(spec)                maximal learning rate and why
+    predict_fixed_points(spec, eta)     fixed points of the drift with their stability
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .dynamics import DEFAULT_THETA, OverlapODE, initial_state, max_learning_rate, solve
+from .dynamics import (DEFAULT_THETA, OverlapODE, fixed_points, initial_state,
+                       max_learning_rate, solve)
 from .evaluate import as_spec, check_eta_d, check_params
 from .sde import simulate_sde
 
@@ -54,3 +56,10 @@ def predict_max_lr(spec_or_path, params=None, d=10_000, out_dir="generated") -> 
     out = max_learning_rate(mod, pvals, d=d)
     out.update({"spec": spec.name, "parameters": pvals})
     return out
+
+
+def predict_fixed_points(spec_or_path, eta, params=None, out_dir="generated") -> dict:
+    """Fixed points of the drift at eta: the JSON of `ssi fixed-points --json`."""
+    spec, ode = _ode(spec_or_path, eta, None, params, out_dir)
+    return {"spec": spec.name, "eta": eta, "parameters": ode.params,
+            "overlaps": list(ode.names), "fixed_points": fixed_points(ode)}

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: ff7c913bd5a7cff686f6043e5923029e2ce11fdecafa4cab36fba34fc3170b4d
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: 42c4d0476d852dd64018cf0c7d24b2f823f5381b0bfa63d2710673835869c665
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'ff7c913bd5a7cff686f6043e5923029e2ce11fdecafa4cab36fba34fc3170b4d'
+SPEC_HASH = '42c4d0476d852dd64018cf0c7d24b2f823f5381b0bfa63d2710673835869c665'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

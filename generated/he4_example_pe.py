@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 74b640635f691728d7c9b06f688b2825a9e7c86a1f1db458148350ae9eb28e1b
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: fea4612db31a475d857b0553ab3a7bbd0d01ed06d19e8107ee6e8bae2a498c1a
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '74b640635f691728d7c9b06f688b2825a9e7c86a1f1db458148350ae9eb28e1b'
+SPEC_HASH = 'fea4612db31a475d857b0553ab3a7bbd0d01ed06d19e8107ee6e8bae2a498c1a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 61adc6f5c32ff77bd266d41f7abab77b67a608bac7b674284d4e18d88f02e8ef
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: a8d42441ca035276ae4237ab2736c5ee9e5a0a76107776e944cc866c0ae620b4
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '61adc6f5c32ff77bd266d41f7abab77b67a608bac7b674284d4e18d88f02e8ef'
+SPEC_HASH = 'a8d42441ca035276ae4237ab2736c5ee9e5a0a76107776e944cc866c0ae620b4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 8af1ab3d09d6f28e2b69590c9166f5c4b2bc40284cad10983f3e24686d52823b
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: bc34a17be00c9af50dcd6ffd5f3ed9fd7c444c02126c1c6156f47e9dfaa3924e
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = False
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '8af1ab3d09d6f28e2b69590c9166f5c4b2bc40284cad10983f3e24686d52823b'
+SPEC_HASH = 'bc34a17be00c9af50dcd6ffd5f3ed9fd7c444c02126c1c6156f47e9dfaa3924e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

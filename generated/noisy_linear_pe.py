@@ -8,8 +8,8 @@ Positional coefficients C: [['1', '0'], ['1/2', '-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 2ab9739874ff7766868eae94f1a57a9679085b42de30e51b2730cd6ef9f396d2
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: dbe673f659e43f090484a389df7b106bded6d03d1c81e4f1ce521ac14158130d
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.1
 METHOD = 'exact'
-SPEC_HASH = '2ab9739874ff7766868eae94f1a57a9679085b42de30e51b2730cd6ef9f396d2'
+SPEC_HASH = 'dbe673f659e43f090484a389df7b106bded6d03d1c81e4f1ce521ac14158130d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: dc830d68e7a8be22148f47dad58c1b327fec3c5aa67360084373c173238ce08f
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: 34e1c8b8204484846be64f267522fb6d0aa476b7d8098dc0345b3205ec5ba6c8
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'dc830d68e7a8be22148f47dad58c1b327fec3c5aa67360084373c173238ce08f'
+SPEC_HASH = '34e1c8b8204484846be64f267522fb6d0aa476b7d8098dc0345b3205ec5ba6c8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

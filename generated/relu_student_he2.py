@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: eca28470283589a602731c1636505819240674becab1e7f5cf6632a30f5dd966
-# tool: ssi-symbolic 0.1.0 generator 1 source 8f37f2f75f8d8bc5
+# spec-hash: c9b74e4e75aa8f5e5150096d686113b9dac0f746684e38888e02608b7a232499
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = 'eca28470283589a602731c1636505819240674becab1e7f5cf6632a30f5dd966'
+SPEC_HASH = 'c9b74e4e75aa8f5e5150096d686113b9dac0f746684e38888e02608b7a232499'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

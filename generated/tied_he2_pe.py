@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 1084bbab2da78999ccb9fbadd190fdeab38afe56c1e1f7c84466641ae6053fba
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: 5aa7425b531e76479e5f77d415a76293d6653bd2954a304896441b36b2a4ec26
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '1084bbab2da78999ccb9fbadd190fdeab38afe56c1e1f7c84466641ae6053fba'
+SPEC_HASH = '5aa7425b531e76479e5f77d415a76293d6653bd2954a304896441b36b2a4ec26'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

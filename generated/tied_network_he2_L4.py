@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 8a25fb761d6197c675a105d1504cf3be682a335c5d47cd798b0ec2129a374e3a
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: 455932cca04009b6c0b65faf3056978e698c6bf11bd5129050fb0fb788e3209c
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '8a25fb761d6197c675a105d1504cf3be682a335c5d47cd798b0ec2129a374e3a'
+SPEC_HASH = '455932cca04009b6c0b65faf3056978e698c6bf11bd5129050fb0fb788e3209c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

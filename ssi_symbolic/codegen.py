@@ -248,7 +248,6 @@ class _Module:
             for j in range(i, n):
                 r_cov[i][j] = r_cov[j][i] = next(it)
         placeholders = set(self.quad.values())
-        gh_names = {v: k for k, v in self.quad.items()}
 
         def body(outs):
             lines = []

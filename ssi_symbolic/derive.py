@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .gaussian import Expectation, NotPolynomial, TokenGaussian, has_quadrature
+from .gaussian import Expectation, NotPolynomial, TokenGaussian
 from .spec import ModelSpec, link_entries
 
 ETA = sp.Symbol("eta", positive=True)
@@ -247,5 +247,4 @@ def _ito_correction(gauss: TokenGaussian, M, nb, coef, zero, const):
     return out
 
 
-__all__ = ["Derivation", "Statistics", "derive", "statistics", "ETA", "D_SYM",
-           "has_quadrature"]
+__all__ = ["Derivation", "Statistics", "derive", "statistics", "ETA", "D_SYM"]

@@ -636,7 +636,16 @@ class Expectation:
             except NotPolynomial:
                 key = frozenset(used)
                 groups[key] = groups.get(key, sp.Integer(0)) + term
-        out = self.exact.expect(poly_part) if poly_part != 0 else sp.Integer(0)
+        # polynomial terms: constant factors (possibly new non-polynomial constants made by
+        # the expansion, like 1/(1 + exp(a^2))) stay outside the exact engine's ring
+        rv = set(g.random_variables)
+        by_monomial = {}
+        for term in sp.Add.make_args(poly_part):
+            const, dep = term.as_independent(*rv, as_Add=False)
+            by_monomial[dep] = by_monomial.get(dep, sp.Integer(0)) + const
+        out = sp.Integer(0)
+        for dep, const in by_monomial.items():
+            out += const * (self.exact.expect(dep) if dep.free_symbols & rv else dep)
         nodes = {}  # one Gauss-Hermite node per set of quadrature variables
         for used, integrand in sorted(groups.items(), key=lambda kv: sorted(map(str, kv[0]))):
             exact, us, rest = self._quadrature_node(integrand, used)

@@ -29,7 +29,11 @@ def main() -> int:
     from ssi_symbolic.simulate import simulate
     from ssi_symbolic.spec import load_spec
 
-    gen = ROOT / "generated"
+    import shutil
+    import tempfile
+    gen = Path(tempfile.mkdtemp(prefix="ssi-bench-"))  # never write into generated/
+    for f in (ROOT / "generated").glob("*.py"):
+        shutil.copy(f, gen / f.name)
     rows = []
     for name in args.specs.split(","):
         path = ROOT / "derivations" / f"{name}.toml"

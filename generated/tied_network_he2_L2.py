@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 94854d459612b30ae0142f987f9a4bdd3d2f607d98e763a43677f19c76835d25
-# tool: ssi-symbolic 0.1.0 generator 1 source ed8e9c96e490a003
+# spec-hash: d5511fa215b0cb072419630258cb5274d847fdddbf63531ba47d8dc0d69aa860
+# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '94854d459612b30ae0142f987f9a4bdd3d2f607d98e763a43677f19c76835d25'
+SPEC_HASH = 'd5511fa215b0cb072419630258cb5274d847fdddbf63531ba47d8dc0d69aa860'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -213,13 +213,13 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
 
     Escape events are non-terminal (all three thresholds are recorded); leaving the unit ball
     (spherical: |(m, e)| > 1; plain: m^2 + |e|^2 > q) or |x| > 1e6 stops with DynamicsError.
-    Without t_max the integration runs until the state has converged (drift below 1e-10 after
-    escape) or t reaches 1e8 / eta.
+    Without t_max the integration runs until the state has converged (drift below 1e-10 eta)
+    or t reaches 1e6 / eta.
     """
     _check_eta(ode.eta)
     x0 = np.asarray(x0, dtype=float)
     nd = ode.n_dir
-    t_cap = 1e8 / ode.eta if t_max is None else float(t_max)
+    t_cap = 1e6 / ode.eta if t_max is None else float(t_max)
 
     def outside(t, x):
         q = 1.0 if ode.spherical else x[-1]
@@ -245,8 +245,8 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
 
     events = [_event(outside, True, 1), _event(blowup, True, 1), _event(esc, False, 1),
               _event(sem, False, 1), _event(pos, False, 1), _event(pre, False, 1)]
-    if t_max is None:  # stop once converged, but only after the escape
-        events.append(_event(lambda t, x: converged(t, x) if esc(t, x) > 0 else 1.0, True, -1))
+    if t_max is None:  # stop once converged (escaped or not: a too large eta decays to 0)
+        events.append(_event(converged, True, -1))
     sol = _integrate(ode, x0, 0.0, t_cap, events, rtol, atol, method)
     if sol.t_events[0].size or sol.t_events[1].size:
         which = "left the unit ball" if sol.t_events[0].size else "blew up"

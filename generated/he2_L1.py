@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 42c4d0476d852dd64018cf0c7d24b2f823f5381b0bfa63d2710673835869c665
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: 9f8681dccaa5f4a284c23c2c642428e6bda3c9c462f2d73c43add267c4831650
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '42c4d0476d852dd64018cf0c7d24b2f823f5381b0bfa63d2710673835869c665'
+SPEC_HASH = '9f8681dccaa5f4a284c23c2c642428e6bda3c9c462f2d73c43add267c4831650'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

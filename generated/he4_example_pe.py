@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: fea4612db31a475d857b0553ab3a7bbd0d01ed06d19e8107ee6e8bae2a498c1a
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: 11128d551fc19cc437f32259c677d330a99926eef4445327ec43ab69ad911702
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'fea4612db31a475d857b0553ab3a7bbd0d01ed06d19e8107ee6e8bae2a498c1a'
+SPEC_HASH = '11128d551fc19cc437f32259c677d330a99926eef4445327ec43ab69ad911702'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: a8d42441ca035276ae4237ab2736c5ee9e5a0a76107776e944cc866c0ae620b4
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: 821ea82efa6a349a2847223256063ee08b1d043adad312b79a9abd821766bfd6
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'a8d42441ca035276ae4237ab2736c5ee9e5a0a76107776e944cc866c0ae620b4'
+SPEC_HASH = '821ea82efa6a349a2847223256063ee08b1d043adad312b79a9abd821766bfd6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: bc34a17be00c9af50dcd6ffd5f3ed9fd7c444c02126c1c6156f47e9dfaa3924e
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: 4fa7b3e30b9cf0b7b68635bc14f9e2001edc117c4701af50f3fe13eadee2bc8a
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = False
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'bc34a17be00c9af50dcd6ffd5f3ed9fd7c444c02126c1c6156f47e9dfaa3924e'
+SPEC_HASH = '4fa7b3e30b9cf0b7b68635bc14f9e2001edc117c4701af50f3fe13eadee2bc8a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

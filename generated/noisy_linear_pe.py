@@ -8,8 +8,8 @@ Positional coefficients C: [['1', '0'], ['1/2', '-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: dbe673f659e43f090484a389df7b106bded6d03d1c81e4f1ce521ac14158130d
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: 3600c7e3fd6e2e5d11919ddc84feac372510d2f8e1588701d64d533112fec5fe
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.1
 METHOD = 'exact'
-SPEC_HASH = 'dbe673f659e43f090484a389df7b106bded6d03d1c81e4f1ce521ac14158130d'
+SPEC_HASH = '3600c7e3fd6e2e5d11919ddc84feac372510d2f8e1588701d64d533112fec5fe'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

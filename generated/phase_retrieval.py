@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 34e1c8b8204484846be64f267522fb6d0aa476b7d8098dc0345b3205ec5ba6c8
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: d3c9d34b5a0606af0810187fb9eb571eae6aecacfea92d867fa1e1c0bc4c7f0e
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '34e1c8b8204484846be64f267522fb6d0aa476b7d8098dc0345b3205ec5ba6c8'
+SPEC_HASH = 'd3c9d34b5a0606af0810187fb9eb571eae6aecacfea92d867fa1e1c0bc4c7f0e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 5aa7425b531e76479e5f77d415a76293d6653bd2954a304896441b36b2a4ec26
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: 3e652e5dd3e288b6b9a5b9f3a97bad8c5dea5c0ec6e172c86f14628da7594bd3
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '5aa7425b531e76479e5f77d415a76293d6653bd2954a304896441b36b2a4ec26'
+SPEC_HASH = '3e652e5dd3e288b6b9a5b9f3a97bad8c5dea5c0ec6e172c86f14628da7594bd3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: d5511fa215b0cb072419630258cb5274d847fdddbf63531ba47d8dc0d69aa860
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: ff17ab4cef04ee006cefab11c49522f9442ad144cc6f830d9669b699a892cda4
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'd5511fa215b0cb072419630258cb5274d847fdddbf63531ba47d8dc0d69aa860'
+SPEC_HASH = 'ff17ab4cef04ee006cefab11c49522f9442ad144cc6f830d9669b699a892cda4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 455932cca04009b6c0b65faf3056978e698c6bf11bd5129050fb0fb788e3209c
-# tool: ssi-symbolic 0.1.0 generator 1 source 69a7cbf835712021
+# spec-hash: e8e612be3e0b1b5ea7f6871b639c34f2a4c87dde798aa3ec85b9d6001934866c
+# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
 import numpy
 import scipy.special
 
@@ -23,10 +23,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '455932cca04009b6c0b65faf3056978e698c6bf11bd5129050fb0fb788e3209c'
+SPEC_HASH = 'e8e612be3e0b1b5ea7f6871b639c34f2a4c87dde798aa3ec85b9d6001934866c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
+DIFFUSION = True
 
 
 

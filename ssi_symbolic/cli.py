@@ -10,6 +10,8 @@
     ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--json]
     ssi sie SPEC [--json]
     ssi fixed-points SPEC --eta X [--json]
+    ssi gain SPEC --L 1,2,4,8 [--eta X] [--lr-scaling same|max] [--d D] [--json]
+    ssi reproduce [--out results/] [--quick]    derive every spec, write the report
 
 Errors are one line on stderr (`ssi: error: ...`) with exit code 2; nothing is written then.
 """
@@ -212,6 +214,130 @@ def cmd_sie(args) -> int:
     return 0
 
 
+def _gain_table(r: dict) -> str:
+    lines = [f"tau_untied / tau_tied of {r['spec']} (lr scaling {r['lr_scaling']}, "
+             f"eta {_fmt(r['eta'])}, d {_fmt(r['d'])}, threshold {r['threshold']})",
+             f"{'L':>4} {'eta tied':>10} {'tau tied':>12} {'eta untied':>10} {'tau untied':>12} "
+             f"{'gain':>10}"]
+    notes = []
+    for row in r["rows"]:
+        t, u = row["tied"], row["untied"]
+        lines.append(f"{row['L']:>4} {_fmt(t['eta']):>10} {_fmt(t['escape_time']):>12} "
+                     f"{_fmt(u['eta']):>10} {_fmt(u['escape_time']):>12} {_fmt(row['gain']):>10}")
+        for who, x in (("tied", t), ("untied", u)):
+            if x["reason"]:
+                notes.append(f"L = {row['L']} {who}: {x['reason']}")
+    fit = r["fit"]
+    lines.append("fit: " + ("-" if fit is None else
+                            f"gain ~ {fit['c']:.4g} L^{fit['alpha']:.4g} "
+                            f"(rms log residual {fit['rms_log_residual']:.2g})"))
+    return "\n".join(lines + notes)
+
+
+def cmd_gain(args) -> int:
+    from .gain import predict_gain
+    try:
+        Ls = [int(x) for x in args.L.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"--L: expected comma-separated integers like 1,2,4,8, got "
+                        f"{args.L!r}") from None
+    out = args.out if args.out is not None else str(Path("generated") / "variants")
+    res = predict_gain(args.spec, Ls, eta=args.eta, d=args.d, lr_scaling=args.lr_scaling,
+                       params=_pairs(args.param, "--param"), out_dir=out,
+                       theta=args.threshold, progress=not args.json)
+    _print(res, args.json, _gain_table)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import run_report
+    rep = run_report(out=args.out, quick=args.quick, generated=args.generated,
+                     derivations=args.derivations)
+    print(Path(args.out) / "report.md")
+    if rep["errors"]:
+        raise SSIError(f"reproduce: {len(rep['errors'])} error(s), the first: "
+                       f"{rep['errors'][0]} (report written: {Path(args.out) / 'report.md'})")
+    return 0
+
+
+def _grids(items):
+    from .landscape import parse_grid
+    return [parse_grid(g) for g in items or []]
+
+
+def cmd_landscape(args) -> int:
+    from .landscape import analyse
+    res = analyse(args.spec, params=_pairs(args.param, "--param"), out_dir=args.out)
+
+    def table(r):
+        rows = [f"spec {r['spec']}  " + "  ".join(f"{k}={v:.6g}" for k, v in
+                                                    r["parameters"].items())
+                + f"  loss {r['loss_kind']}",
+                f"region             {r['region']}",
+                f"initial direction  {r['initial_direction']}  (Hessian at the origin, m/e: "
+                + "; ".join(" ".join(f"{x:.6g}" for x in row) for row in r["hessian"]) + ")",
+                "minima (e, m, loss):"]
+        for mn in r["minima"]:
+            rows.append(f"  e={mn['e']:.6f}  m={mn['m']:.6f}  loss={mn['loss']:.8g}  {mn['kind']}")
+        return "\n".join(rows)
+    _print(res, args.json, table)
+    return 0
+
+
+def cmd_surface(args) -> int:
+    import numpy as np
+    from .landscape import surface, surface_figure
+    from .plots import check_png
+    out = Path(args.out_file)
+    if out.suffix.lower() != ".npz":
+        raise SpecError(f"--out {out}: expected a .npz file name")
+    if not out.parent.exists():
+        raise SpecError(f"--out {out}: folder {out.parent} does not exist")
+    if args.plot:
+        check_png(args.plot)
+    res = surface(args.spec, _grids(args.grid), params=_pairs(args.param, "--param"),
+                  out_dir=args.gen)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, loss=res["loss"], axes=np.array(res["axes"]),
+             **{k: res[k] for k in res["axes"]},
+             **{f"param_{k}": v for k, v in res["parameters"].items()})
+    tmp.replace(out)
+    if args.plot:
+        surface_figure(res, args.plot)
+    finite = res["loss"][np.isfinite(res["loss"])]
+    print(json.dumps({"out": str(out), "plot": args.plot, "shape": list(res["loss"].shape),
+                      "min": float(finite.min()), "max": float(finite.max())}))
+    return 0
+
+
+def cmd_phase_diagram(args) -> int:
+    from .landscape import phase_diagram, phase_diagram_figure
+    from .plots import check_png
+    if args.plot:
+        check_png(args.plot)
+    res = phase_diagram(args.spec, _grids(args.grid), transition_along=args.transition,
+                        params=_pairs(args.param, "--param"), out_dir=args.out)
+    if args.plot:
+        phase_diagram_figure(res, args.plot)
+
+    def table(r):
+        rows = [f"spec {r['spec']}  loss {r['loss_kind']}"]
+        if "region_index" in r:
+            from collections import Counter
+            cnt = Counter(i for row in r["region_index"] for i in row)
+            for i, name in enumerate(r["regions"]):
+                if cnt.get(i):
+                    rows.append(f"  {cnt[i]:6d} points  {name}")
+        for t in r.get("transition", []):
+            rows.append("  transition  " + "  ".join(f"{k}={_fmt(v, '.10g')}"
+                                                     for k, v in t.items()))
+        if args.plot:
+            rows.append(f"plot {args.plot}")
+        return "\n".join(rows)
+    _print(res, args.json, table)
+    return 0
+
+
 def _common(p, eta_required=True):
     p.add_argument("spec", help="model spec (TOML)")
     p.add_argument("--eta", type=float, required=eta_required, default=None,
@@ -298,6 +424,60 @@ def build_parser() -> argparse.ArgumentParser:
     ie.add_argument("--out", default="generated", help="folder of generated modules")
     ie.add_argument("--json", action="store_true")
     ie.set_defaults(func=cmd_sie)
+
+    ga = sub.add_parser("gain", help="tied versus untied escape times and their ratio in L")
+    ga.add_argument("spec", help="model spec (TOML) whose links hold for any L (z, tsum, L)")
+    ga.add_argument("--L", default="1,2,4,8", help="sequence lengths, comma-separated")
+    ga.add_argument("--eta", type=float, default=0.05, help="common learning rate (same)")
+    ga.add_argument("--lr-scaling", choices=("same", "max"), default="same",
+                    help="same: the common eta; max: each student at half its maximal rate")
+    ga.add_argument("--d", type=float, default=10_000, help="dimension (m0 = 1/sqrt(d))")
+    ga.add_argument("--threshold", type=float, default=0.5, help="escape threshold")
+    ga.add_argument("--param", action="append", metavar="NAME=VALUE")
+    ga.add_argument("--out", default=None, help="folder for the derived variants "
+                    "(default generated/variants, not committed)")
+    ga.add_argument("--json", action="store_true", help="print one JSON object")
+    ga.set_defaults(func=cmd_gain)
+    rp = sub.add_parser("reproduce", help="derive every spec and write the report with figures")
+    rp.add_argument("--out", default="results", help="report folder (default results/)")
+    rp.add_argument("--quick", action="store_true",
+                    help="smaller d, fewer seeds and paths (a few minutes)")
+    rp.add_argument("--generated", default="generated",
+                    help="folder of generated modules (default generated/)")
+    rp.add_argument("--derivations", default="derivations",
+                    help="folder of the specs to derive (default derivations/)")
+    rp.set_defaults(func=cmd_reproduce)
+    # softmax attention landscapes (issue 4)
+    ls = sub.add_parser("landscape", help="minima, Hessian at the origin and region of an "
+                        "attention spec")
+    ls.add_argument("spec")
+    ls.add_argument("--param", action="append", metavar="NAME=VALUE")
+    ls.add_argument("--out", default="generated", help="folder of generated modules")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_landscape)
+
+    su = sub.add_parser("surface", help="loss on a grid of (e, m), NaN outside the unit disk")
+    su.add_argument("spec")
+    su.add_argument("--grid", action="append", metavar="NAME=START:STOP:COUNT", required=True,
+                    help="e=-1:1:200 and m=-1:1:200 (both ends included)")
+    su.add_argument("--param", action="append", metavar="NAME=VALUE")
+    su.add_argument("--out", dest="out_file", required=True, metavar="FILE.npz")
+    su.add_argument("--plot", default=None, metavar="FILE.png")
+    su.add_argument("--generated", dest="gen", default="generated",
+                    help="folder of generated modules")
+    su.set_defaults(func=cmd_surface)
+
+    ph = sub.add_parser("phase-diagram", help="regions on a parameter grid and the "
+                        "semantic/positional transition")
+    ph.add_argument("spec")
+    ph.add_argument("--grid", action="append", metavar="NAME=START:STOP:COUNT", required=True)
+    ph.add_argument("--transition", default=None, metavar="PARAM",
+                    help="root-find the switch of the initial direction in this parameter")
+    ph.add_argument("--param", action="append", metavar="NAME=VALUE")
+    ph.add_argument("--plot", default=None, metavar="FILE.png")
+    ph.add_argument("--out", default="generated", help="folder of generated modules")
+    ph.add_argument("--json", action="store_true")
+    ph.set_defaults(func=cmd_phase_diagram)
     return p
 
 

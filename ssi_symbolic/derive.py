@@ -76,26 +76,57 @@ class Derivation:
         return self.covariance / D_SYM
 
     def drift_jacobian(self) -> sp.Matrix:
-        """d drift_i / d state_j, symbolically (for fixed-point stability)."""
-        return sp.Matrix([[sp.diff(f, x) for x in self.state] for f in self.drift])
+        """d drift_i / d state_j, symbolically (for fixed-point stability): eta times the
+        derivative of drift_eta1 plus eta^2 times that of drift_eta2, each differentiated as a
+        polynomial in the state when it is one (much faster than SymPy's generic diff)."""
+        def grad(f):
+            try:
+                P = sp.Poly(f, *self.state)
+            except sp.PolynomialError:
+                return [sp.diff(f, x) for x in self.state]
+            if any(c.free_symbols & set(self.state) for c in P.coeffs()):
+                return [sp.diff(f, x) for x in self.state]  # e.g. sqrt(1 - m^2) coefficients
+            return [P.diff(x).as_expr() for x in self.state]
+        g1 = [grad(f) for f in self.drift_eta1]
+        g2 = [grad(f) for f in self.drift_eta2]
+        return sp.Matrix([[ETA * a + ETA ** 2 * b for a, b in zip(r1, r2)]
+                          for r1, r2 in zip(g1, g2)])
 
 
 @dataclass
 class Statistics:
     """Per-sample statistics in the Gaussian variables (MATH.md section 4).
 
-    base = (A_m, A_1..A_r, A_q, B); G_i = sum_k coef[i][k] base_k with coefficients
-    polynomial in eta and the state. K: the norm-fluctuation statistic (see `statistics`)."""
+    base: the base statistics (A_m, A_1..A_r, A_q, B for a tied student; per token
+    A_m_l = dl_l z*_l, A_q_l = dl_l z_l, B_l = dl_l^2 for an untied one).
+    plain[i]: d times the plain-SGD increment of tracked variable i, as coefficients over base.
+    gq: d times the increment of the normalised squared norm Q = |w|^2 / (d n_w) over base (n_w
+        = 1 tied, L untied), the spherical rescaling's input; None for plain SGD.
+    power[i]: the rescaling maps X to X / Q^power (1/2 for overlaps, 1 for squared norms).
+    coef[i]: d times the whole first-order increment G_i = plain_i - power_i X_i gq.
+    norm_terms[i]: the statistic whose expectation is d times the O(1/d) drift of variable i
+        caused by the fluctuation of the token norms in |grad|^2 (see `statistics`)."""
 
     loss: sp.Expr
     base: list
+    plain: list
+    gq: list | None
+    power: list
     coef: list
-    K: sp.Expr
+    norm_terms: list
+
+
+def _stein_norm_term(dl, l, l2, zs, zz, m, q):
+    """sum_ij Gamma_ij E[d^2 (dl_l dl_l') / ds_li ds_l'j] integrand over the projections
+    s = (z*, z) of covariance Gamma = [[1, m], [m, q]] (Stein's lemma, see `statistics`)."""
+    f = dl[l] * dl[l2]
+    return (sp.diff(f, zs[l], zs[l2]) + m * (sp.diff(f, zs[l], zz[l2]) + sp.diff(f, zz[l], zs[l2]))
+            + q * sp.diff(f, zz[l], zz[l2]))
 
 
 def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
-    """The per-sample loss and the increments G of MATH.md section 4 as combinations of the
-    base statistics A_m, A_a, A_q, B (teacher at z*, student at z)."""
+    """The per-sample loss and the increments G of MATH.md section 4 (section 6 for an untied
+    student) as combinations of base statistics (teacher at z*, student at z)."""
     to_teacher = dict(zip(gauss.z, gauss.zstar))
     T = [sp.sympify(t).xreplace(to_teacher) for t in link_entries(spec.teacher)]
     S = [sp.sympify(s) for s in link_entries(spec.student)]
@@ -104,12 +135,8 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
     res = [t - s for t, s in zip(T, S)]
     loss = sp.Rational(1, 2) * sp.Add(*[r ** 2 for r in res])
     dl = [-sp.Add(*[r * sp.diff(s, zl) for r, s in zip(res, S)]) for zl in gauss.z]
-    A_m = sp.Add(*[d * zs for d, zs in zip(dl, gauss.zstar)])
-    A_e = [sp.Add(*[dl[l] * (gauss.zeta[l][a] + spec.C[l][a]) for l in range(spec.L)])
-           for a in range(spec.r)]
-    A_q = sp.Add(*[d * zl for d, zl in zip(dl, gauss.z)])
-    B = sp.Add(*[d ** 2 for d in dl])
-    base = [A_m] + A_e + [A_q, B]
+    zs, zz, L = gauss.zstar, gauss.z, spec.L
+    zero = sp.Integer(0)
     # Finite d: eta^2 |grad|^2 / d = (eta^2/d) sum_ll' dl_l dl_l' g_ll' with the token Gram
     # matrix g_ll' = (x_l + p_l/sqrt d).(x_l' + p_l'/sqrt d) = delta_ll' + H_ll'/d + (noise
     # independent of the projections). Projecting x_l on span(w*, u_a, w) (dimension k = 2 + r,
@@ -118,34 +145,69 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
     # Stein's lemma removes Gamma^-1: E[f (s_l^T Gamma^-1 s_l' - k delta_ll')] =
     # sum_ij Gamma_ij E[d^2 f / ds_li ds_l'j], with f = dl_l dl_l' a function of (z*, z) only.
     # K = sum_ll' (that integrand), so E[K] is the O(1/d) excess of E[d dq] over -2 eta A_q +
-    # eta^2 B divided by eta^2.
-    zs, zz, m, q = gauss.zstar, gauss.z, gauss.m, gauss.q
-    K = sp.Integer(0)
-    for l in range(spec.L):
-        for l2 in range(spec.L):
-            f = dl[l] * dl[l2]
-            K += (sp.diff(f, zs[l], zs[l2]) + m * (sp.diff(f, zs[l], zz[l2])
-                                                   + sp.diff(f, zz[l], zs[l2]))
-                  + q * sp.diff(f, zz[l], zz[l2]))
-            if spec.r:
-                pos = sp.Add(*[spec.C[l2][a] * gauss.zeta[l][a] + spec.C[l][a] * gauss.zeta[l2][a]
-                               + spec.C[l][a] * spec.C[l2][a] for a in range(spec.r)])
-                K += f * pos
-    nb = len(base)
-    iq, iB = nb - 2, nb - 1
-    coef = []
-    for i, x in enumerate((gauss.m,) + gauss.e):  # m and e_a
-        row = [sp.Integer(0)] * nb
-        row[i] = -ETA
+    # eta^2 B divided by eta^2. An untied student has grad_{w_l} = dl_l x_l: only l = l'
+    # enters, token by token (K_l), with that token's own overlaps.
+    if spec.untied:
+        base = ([dl[l] * zs[l] for l in range(L)] + [dl[l] * zz[l] for l in range(L)]
+                + [dl[l] ** 2 for l in range(L)])
+        nb = 3 * L
+        plain = []
+        for l in range(L):  # m_l: -eta A_m_l
+            row = [zero] * nb
+            row[l] = -ETA
+            plain.append(row)
+        for l in range(L):  # q_l: -2 eta A_q_l + eta^2 B_l
+            row = [zero] * nb
+            row[L + l], row[2 * L + l] = -2 * ETA, ETA ** 2
+            plain.append(row)
+        gq = None
+        if spec.spherical:  # Q = sum_l q_l / L
+            gq = [zero] * L + [-2 * ETA / L] * L + [ETA ** 2 / L] * L
+        power = [sp.Rational(1, 2)] * L + [sp.Integer(1)] * L
+        K = [_stein_norm_term(dl, l, l, zs, zz, gauss.ms[l], gauss.qs[l]) for l in range(L)]
+        KQ = sp.Add(*K) / L
+        X = gauss.state
+        norm_terms = ([-ETA ** 2 * X[l] / 2 * KQ if spec.spherical else zero for l in range(L)]
+                      + [ETA ** 2 * (K[l] - (X[L + l] * KQ if spec.spherical else 0))
+                         for l in range(L)])
+    else:
+        A_m = sp.Add(*[d * z for d, z in zip(dl, zs)])
+        A_e = [sp.Add(*[dl[l] * (gauss.zeta[l][a] + spec.C[l][a]) for l in range(L)])
+               for a in range(spec.r)]
+        A_q = sp.Add(*[d * zl for d, zl in zip(dl, zz)])
+        B = sp.Add(*[d ** 2 for d in dl])
+        base = [A_m] + A_e + [A_q, B]
+        K = zero
+        for l in range(L):
+            for l2 in range(L):
+                K += _stein_norm_term(dl, l, l2, zs, zz, gauss.m, gauss.q)
+                if spec.r:
+                    pos = sp.Add(*[spec.C[l2][a] * gauss.zeta[l][a]
+                                   + spec.C[l][a] * gauss.zeta[l2][a]
+                                   + spec.C[l][a] * spec.C[l2][a] for a in range(spec.r)])
+                    K += dl[l] * dl[l2] * pos
+        nb = len(base)
+        iq, iB = nb - 2, nb - 1
+        plain = []
+        for i in range(1 + spec.r):  # m and e_a: -eta A_X
+            row = [zero] * nb
+            row[i] = -ETA
+            plain.append(row)
+        gq_row = [zero] * nb
+        gq_row[iq], gq_row[iB] = -2 * ETA, ETA ** 2
+        power = [sp.Rational(1, 2)] * (1 + spec.r)
         if spec.spherical:
-            row[iq] = ETA * x
-            row[iB] = -ETA ** 2 * x / 2
-        coef.append(row)
-    if not spec.spherical:  # q
-        row = [sp.Integer(0)] * nb
-        row[iq], row[iB] = -2 * ETA, ETA ** 2
-        coef.append(row)
-    return Statistics(loss, base, coef, K)
+            gq = gq_row
+            norm_terms = [-ETA ** 2 * x / 2 * K for x in (gauss.m,) + gauss.e]
+        else:  # q is tracked: dq = -2 eta A_q + eta^2 B
+            gq = None
+            plain.append(gq_row)
+            power.append(sp.Integer(1))
+            norm_terms = [zero] * (1 + spec.r) + [ETA ** 2 * K]
+    X = gauss.state
+    coef = [list(row) if gq is None else
+            [c - power[i] * X[i] * g for c, g in zip(row, gq)] for i, row in enumerate(plain)]
+    return Statistics(loss, base, plain, gq, power, coef, norm_terms)
 
 
 def _quadratic(c1, M, c2, zero):
@@ -207,22 +269,17 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
             for j in range(i, n):
                 cov[i, j] = cov[j, i] = back(_quadratic(coef[i], C, coef[j], zero))
         const = ex._const if method == "exact" else sp.sympify
-        ito_raw = (_ito_correction(gauss, M, nb, coef, zero, const) if spec.spherical
+        ito_raw = (_ito_correction(st, gauss.state, M, zero, const) if st.gq is not None
                    else [zero] * n)
         ito = tuple(back(x) for x in ito_raw)
-        if st.K.has(sp.DiracDelta):
+        if any(sp.sympify(t).has(sp.DiracDelta) for t in st.norm_terms):
             EK, note = None, ("rescaling term only: the token-norm term needs second "
                               "derivatives of the link, which has a kink here")
         else:
-            EK = (ex.expect_spt(ex.to_spt(st.K)) if method == "exact" else E.expect(st.K))
+            EK = [(ex.expect_spt(ex.to_spt(t)) if method == "exact" else E.expect(t))
+                  if t != 0 else zero for t in st.norm_terms]
             note = "complete"
-        if EK is None:
-            corr = ito
-        elif spec.spherical:
-            corr = tuple(back(x - const(ETA ** 2 * X / 2) * EK)
-                         for x, X in zip(ito_raw, (gauss.m,) + gauss.e))
-        else:
-            corr = tuple([sp.Integer(0)] * (n - 1) + [back(const(ETA ** 2) * EK)])
+        corr = ito if EK is None else tuple(back(x + k) for x, k in zip(ito_raw, EK))
     params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
     return Derivation(spec=spec, state=gauss.state, parameters=params,
                       population_loss=back(R), drift_eta1=d1, drift_eta2=d2, covariance=cov,
@@ -230,20 +287,18 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                       method=method, seconds=time.perf_counter() - t0)
 
 
-def _ito_correction(gauss: TokenGaussian, M, nb, coef, zero, const):
-    """Spherical SGD: with the plain increments d*dX = -eta A_X and d*dq = Gq = -2 eta A_q +
-    eta^2 B, one step maps X to (X + dX) / sqrt(1 + dq) = X + dX - X dq/2 - dX dq/2
-    + (3/8) X dq^2 + ...; the second-order terms add, per unit time (d steps),
-    (1/d) E[(eta A_X) Gq / 2 + (3/8) X Gq^2]."""
-    iq, iB = nb - 2, nb - 1
-    gq = [zero] * nb
-    gq[iq], gq[iB] = const(-2 * ETA), const(ETA ** 2)
+def _ito_correction(st: Statistics, X, M, zero, const):
+    """Spherical SGD: one step maps X to (X + dX) / (1 + dQ)^p (p = 1/2 for an overlap, 1 for
+    a squared norm) with d*dX = plain_X . base and d*dQ = gq . base. To second order,
+    (1 + dQ)^-p = 1 - p dQ + p (p + 1)/2 dQ^2, so per unit time (d steps) the rescaling adds
+    (1/d) E[-p (d dX)(d dQ) + p (p + 1)/2 X (d dQ)^2]. (Tied: -(1/2) dX dQ + (3/8) X dQ^2.)"""
+    gq = [const(c) for c in st.gq]
     gq2 = _quadratic(gq, M, gq, zero)
     out = []
-    for i, x in enumerate((gauss.m,) + gauss.e):
-        a = [zero] * nb
-        a[i] = const(ETA / 2)
-        out.append(_quadratic(a, M, gq, zero) + const(sp.Rational(3, 8) * x) * gq2)
+    for i, row in enumerate(st.plain):
+        p = st.power[i]
+        a = [const(-p * c) for c in row]
+        out.append(_quadratic(a, M, gq, zero) + const(p * (p + 1) / 2 * X[i]) * gq2)
     return out
 
 

@@ -52,8 +52,31 @@ class OverlapODE:
 
     @property
     def n_dir(self) -> int:
-        """Number of direction overlaps (m, e...): all but q."""
-        return self.n - (0 if self.spherical else 1)
+        """Number of direction overlaps (m, e... or m1..mL): all but the norms q."""
+        return len(self.sem_idx) + len(self.pos_idx)
+
+    def _idx(self, first: str) -> np.ndarray:
+        return np.array([i for i, k in enumerate(self.names) if k[0] == first], dtype=int)
+
+    @property
+    def sem_idx(self) -> np.ndarray:
+        """Indices of the semantic overlaps: m (tied) or m1..mL (untied)."""
+        return self._idx("m")
+
+    @property
+    def pos_idx(self) -> np.ndarray:
+        """Indices of the positional overlaps e..."""
+        return self._idx("e")
+
+    @property
+    def norm_idx(self) -> np.ndarray:
+        """Indices of the squared norms: q (plain tied) or q1..qL (untied)."""
+        return self._idx("q")
+
+    @property
+    def untied(self) -> bool:
+        """One semantic overlap per token (m1..mL, q1..qL) rather than one m."""
+        return "m" not in self.names
 
     def drift(self, x):
         return np.array(self.mod.drift(*x, eta=self.eta, **self.params))
@@ -64,16 +87,44 @@ class OverlapODE:
     def loss(self, x):
         return np.asarray(self.mod.population_loss(*x, **self.params), dtype=float)
 
-    def radius(self, x):
-        """|(m, e)|: the norm of the direction overlaps."""
+    def semantic(self, x):
+        """|m| (tied), or sqrt(sum_l m_l^2 / L) = |W . W*| / (L d) for the flattened untied
+        weights W and the tied teacher (w*, ..., w*) normalised alike (README: untied)."""
         x = np.asarray(x)
-        return np.sqrt(np.sum(x[:self.n_dir] ** 2, axis=0))
+        return np.sqrt(np.mean(x[self.sem_idx] ** 2, axis=0))
+
+    def positional(self, x):
+        """||e||, 0 without positional encoding."""
+        x = np.asarray(x)
+        return np.sqrt(np.sum(x[self.pos_idx] ** 2, axis=0)) if len(self.pos_idx) else \
+            np.zeros(np.shape(x)[1:])
+
+    def radius(self, x):
+        """|(m, e)|, with the semantic part as in `semantic`."""
+        return np.sqrt(self.semantic(x) ** 2 + self.positional(x) ** 2)
+
+    def excess(self, x) -> float:
+        """How far the state is outside its domain (> 0 outside): spherical tied m^2 + |e|^2
+        <= 1, plain tied <= q, untied m_l^2 <= q_l for every token (Cauchy-Schwarz)."""
+        x = np.asarray(x, dtype=float)
+        if self.untied:
+            return float(np.max(x[self.sem_idx] ** 2 - x[self.norm_idx]))
+        q = 1.0 if self.spherical else x[self.norm_idx[0]]
+        return float(np.sum(x[:self.n_dir] ** 2) - q)
 
 
 def initial_state(ode: OverlapODE, d: float, m0=None, e0=None) -> np.ndarray:
-    """(m0, e0..., q0 = 1) with defaults m0 = 1/sqrt(d), e0 = 0 (MATH.md section 2)."""
+    """(m0, e0..., q0 = 1) with defaults m0 = 1/sqrt(d), e0 = 0 (MATH.md section 2); an untied
+    student starts at m_l = m0 and q_l = 1 for every token."""
     m0 = 1.0 / math.sqrt(d) if m0 is None else float(m0)
-    r = ode.n_dir - 1
+    if ode.untied:
+        if e0 not in (None, 0, 0.0):
+            raise StateError("e0: an untied student has no positional overlaps")
+        if abs(m0) > 1:
+            raise StateError(f"initial state m0 = {m0} lies outside the unit ball")
+        L = len(ode.sem_idx)
+        return np.array([m0] * L + [1.0] * L, dtype=float)
+    r = len(ode.pos_idx)
     if e0 is None:
         e0 = [0.0] * r
     elif np.isscalar(e0):
@@ -112,7 +163,7 @@ def fixed_point(ode: OverlapODE, x_guess) -> tuple[np.ndarray, np.ndarray, bool]
     scale = max(1.0, float(np.max(np.abs(ode.drift(x_guess)))))
     sol = root(lambda x: ode.drift(x) / scale, x_guess, jac=lambda x: ode.jacobian(x) / scale,
                method="hybr", options={"xtol": 1e-13})
-    inside = ode.radius(sol.x) <= (1.0 if ode.spherical else math.sqrt(max(sol.x[-1], 0)))
+    inside = ode.excess(sol.x) <= 1e-9
     x = sol.x if sol.success and inside and np.linalg.norm(sol.x - x_guess) < 0.1 else x_guess
     J = ode.jacobian(x)
     if not np.all(np.isfinite(J)):  # e.g. on the sphere |m| = 1, where sqrt(1 - m^2) = 0
@@ -136,7 +187,9 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
     for _ in range(starts):
         v = rng.normal(size=nd)
         guesses.append(v / np.linalg.norm(v) * rng.uniform(0, 1) ** (1 / nd))
-    if not ode.spherical:
+    if ode.untied:  # q_l = 1 to start, m_l from the guesses
+        guesses = [np.append(g, np.ones(nd)) for g in guesses]
+    elif not ode.spherical:
         guesses = [np.append(g, q) for g in guesses for q in (1.0, 0.5 + np.dot(g, g))]
     found = []
     with np.errstate(all="ignore"):
@@ -146,8 +199,8 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
             x = sol.x
             if not sol.success or not np.all(np.isfinite(x)):
                 continue
-            q = 1.0 if ode.spherical else x[-1]
-            if not (0 < q <= 4) or ode.radius(x) > math.sqrt(q) * (1 + 1e-9):
+            qs = x[ode.norm_idx] if len(ode.norm_idx) else np.ones(1)
+            if not np.all((qs > 0) & (qs <= 4 * len(qs))) or ode.excess(x) > 1e-9:
                 continue
             if np.max(np.abs(ode.drift(x))) > 1e-9 * ode.eta:
                 continue
@@ -208,42 +261,42 @@ def _first_event(sol, k):
 
 
 def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
-          rtol=1e-10, atol=1e-13, n_grid=400, method="DOP853") -> Trajectory:
+          rtol=1e-10, atol=1e-13, n_grid=400, method="DOP853",
+          stop_at_escape=False) -> Trajectory:
     """Integrate the ODE from x0 and measure escape, alignment, phases and the fixed point.
 
     Escape events are non-terminal (all three thresholds are recorded); leaving the unit ball
     (spherical: |(m, e)| > 1; plain: m^2 + |e|^2 > q) or |x| > 1e6 stops with DynamicsError.
     Without t_max the integration runs until the state has converged (drift below 1e-10 eta)
-    or t reaches 1e6 / eta.
+    or t reaches 1e6 / eta. stop_at_escape: stop at the escape time (the fixed point is then
+    the refinement of the state there, usually not the final one).
     """
     _check_eta(ode.eta)
     x0 = np.asarray(x0, dtype=float)
-    nd = ode.n_dir
     t_cap = 1e6 / ode.eta if t_max is None else float(t_max)
 
     def outside(t, x):
-        q = 1.0 if ode.spherical else x[-1]
-        return float(np.sum(x[:nd] ** 2) - q - 1e-9)
+        return ode.excess(x) - 1e-9
 
     def blowup(t, x):
         return float(np.max(np.abs(x)) - 1e6)
 
     def esc(t, x):
-        return float(np.sqrt(np.sum(x[:nd] ** 2)) - theta)
+        return float(ode.radius(x) - theta)
 
     def sem(t, x):
-        return float(abs(x[0]) - theta)
+        return float(ode.semantic(x) - theta)
 
     def pos(t, x):
-        return float(np.sqrt(np.sum(x[1:nd] ** 2)) - theta) if nd > 1 else -1.0
+        return float(ode.positional(x) - theta) if len(ode.pos_idx) else -1.0
 
     def pre(t, x):
-        return float(np.sqrt(np.sum(x[:nd] ** 2)) - theta / 4)
+        return float(ode.radius(x) - theta / 4)
 
     def converged(t, x):
         return float(np.max(np.abs(ode.drift(x))) - 1e-10 * ode.eta)
 
-    events = [_event(outside, True, 1), _event(blowup, True, 1), _event(esc, False, 1),
+    events = [_event(outside, True, 1), _event(blowup, True, 1), _event(esc, stop_at_escape, 1),
               _event(sem, False, 1), _event(pos, False, 1), _event(pre, False, 1)]
     if t_max is None:  # stop once converged (escaped or not: a too large eta decays to 0)
         events.append(_event(converged, True, -1))
@@ -306,21 +359,27 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
 # maximal learning rate
 # ----------------------------------------------------------------------------------------
 
-def leading_drift(mod, params=None, m=None):
+def leading_drift(mod, params=None, m=None, direction=None):
     """Leading behaviour of dm/dt along the m axis at the origin (e = 0, q = 1):
     eta E[G1_m] ~ eta a1 m^p1 and eta^2 E[G2_m] ~ eta^2 a2 m^p2, the powers read off the values
     at m and m/2. Returns (p1, a1, p2, a2); a power is None when that part vanishes."""
     params = params or {}
-    n = len(mod.OVERLAPS)
-    spherical = bool(mod.SPHERICAL)
+    names = tuple(mod.OVERLAPS)
+    sem = [i for i, k in enumerate(names) if k[0] == "m"]
     if m is None:  # quadrature values carry an absolute error: stay well above it
         m = 1e-5 if mod.METHOD == "exact" else 1e-2
 
-    def at(mm):
-        x = [mm] + [0.0] * (n - 1)
-        if not spherical:
-            x[-1] = 1.0
-        return (float(mod.drift_eta1(*x, **params)[0]), float(mod.drift_eta2(*x, **params)[0]))
+    v = np.ones(len(sem)) if direction is None else np.asarray(direction, dtype=float)
+    v = v / np.sqrt(np.mean(v ** 2))
+
+    def at(mm):  # semantic overlaps m v (v = 1: all tokens alike when untied), q = 1
+        x = [0.0 if k[0] == "e" else 1.0 for k in names]
+        for i, vi in zip(sem, v):
+            x[i] = mm * vi
+        d1, d2 = mod.drift_eta1(*x, **params), mod.drift_eta2(*x, **params)
+        # the drift's component along v
+        return (float(np.mean([d1[i] * vi for i, vi in zip(sem, v)])),
+                float(np.mean([d2[i] * vi for i, vi in zip(sem, v)])))
 
     v1, v2 = at(m), at(m / 2)
     out = []
@@ -333,17 +392,19 @@ def leading_drift(mod, params=None, m=None):
     return tuple(out)
 
 
-def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10) -> dict:
+def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10,
+                      direction=None) -> dict:
     """Largest eta for which the dynamics escape from the origin and reach a stable
     informative fixed point (MATH.md section 5).
 
     Escape: along the m axis dm/dt ~ (eta a1 + eta^2 a2) m^(k-1) must stay positive, so
     eta < -a1/a2 when a2 < 0. Stability: the informative fixed point reached at small eta is
     followed along eta (Newton continuation); the branch is lost where a Jacobian eigenvalue
-    crosses zero or the point collapses to the origin, located by bisection.
+    crosses zero or the point collapses to the origin, located by bisection. direction: the
+    pattern of the m_l of an untied student (see `leading_drift`).
     """
     params = params or {}
-    p1, a1, p2, a2 = leading_drift(mod, params)
+    p1, a1, p2, a2 = leading_drift(mod, params, direction=direction)
     power = p1
     if p1 is None or a1 <= 0:
         return {"max_lr": None, "reason": "the O(eta) drift of m vanishes or is negative at the "
@@ -360,9 +421,12 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10) -> dic
     # maximal learning rate is where that branch loses stability or collapses to the origin
     eta0 = (eta_escape if math.isfinite(eta_escape) else 1.0) * 1e-3
     ode0 = OverlapODE(mod, eta0, params)
+    x_start = initial_state(ode0, d, m0=0.6)
+    if direction is not None and ode0.untied:  # an untied student along its escape pattern
+        v = np.asarray(direction, dtype=float)
+        x_start[ode0.sem_idx] = 0.6 * v / np.max(np.abs(v))
     try:
-        tr0 = solve(ode0, initial_state(ode0, d, m0=0.6), t_max=1e3 / eta0, n_grid=20,
-                    method="LSODA")
+        tr0 = solve(ode0, x_start, t_max=1e3 / eta0, n_grid=20, method="LSODA")
     except DynamicsError:
         tr0 = None
     if tr0 is None or not tr0.stable or ode0.radius(
@@ -378,7 +442,7 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10) -> dic
                    method="hybr", options={"xtol": 1e-13})
         if not sol.success or np.max(np.abs(ode.drift(sol.x))) > 1e-7 * eta:
             return None
-        if ode.radius(sol.x) < 1e-3 or ode.radius(sol.x) > 1 + 1e-9:
+        if ode.radius(sol.x) < 1e-3 or ode.excess(sol.x) > 1e-9:
             return None
         if np.any(np.linalg.eigvals(ode.jacobian(sol.x)).real >= 0):
             return None

@@ -104,17 +104,20 @@ def integrate_deltas(integrand, us):
 
 @dataclass(frozen=True)
 class TokenGaussian:
-    """The random variables and overlap symbols of a spec (MATH.md section 2)."""
+    """The random variables and overlap symbols of a spec (MATH.md section 2; section 6 for an
+    untied student, whose token l has its own overlap m_l and norm q_l)."""
 
     L: int
     r: int
     K: int
     C: tuple
     spherical: bool
+    untied: bool = False
 
     @classmethod
     def of(cls, spec: ModelSpec) -> "TokenGaussian":
-        return cls(spec.L, spec.r, len(link_entries(spec.teacher)), spec.C, spec.spherical)
+        return cls(spec.L, spec.r, len(link_entries(spec.teacher)), spec.C, spec.spherical,
+                   spec.untied)
 
     # --- symbols -------------------------------------------------------------------------
     @property
@@ -140,6 +143,7 @@ class TokenGaussian:
 
     @property
     def m(self):
+        """The semantic overlap of a tied student."""
         return sp.Symbol("m", real=True)
 
     @property
@@ -151,12 +155,28 @@ class TokenGaussian:
 
     @property
     def q(self):
-        """Squared norm q; the number 1 under spherical training."""
+        """Squared norm q; the number 1 under spherical training (tied students)."""
         return sp.Integer(1) if self.spherical else sp.Symbol("q", positive=True)
 
     @property
+    def ms(self):
+        """Per-token semantic overlaps: (m1..mL) untied, (m, ..., m) tied."""
+        if self.untied:
+            return tuple(sp.Symbol(f"m{l + 1}", real=True) for l in range(self.L))
+        return (self.m,) * self.L
+
+    @property
+    def qs(self):
+        """Per-token squared norms: (q1..qL) untied, (q, ..., q) tied."""
+        if self.untied:
+            return tuple(sp.Symbol(f"q{l + 1}", positive=True) for l in range(self.L))
+        return (self.q,) * self.L
+
+    @property
     def state(self):
-        """Overlap symbols in state order: m, e..., (q for plain SGD)."""
+        """Overlap symbols in state order: m, e..., (q for plain SGD); untied: m1..mL, q1..qL."""
+        if self.untied:
+            return self.ms + self.qs
         return (self.m,) + self.e + (() if self.spherical else (self.q,))
 
     def mu(self, l: int):
@@ -172,11 +192,12 @@ class TokenGaussian:
     def token_mean(self, l: int):
         return (sp.Integer(0), self.mu(l)) + (sp.Integer(0),) * self.r
 
-    def token_covariance(self):
-        """Covariance of (z*_l, z_l, zeta_l1..): the same for every token."""
+    def token_covariance(self, l: int = 0):
+        """Covariance of (z*_l, z_l, zeta_l1..): the same for every token of a tied student."""
         n = 2 + self.r
+        m, q = self.ms[l], self.qs[l]
         S = sp.zeros(n, n)
-        S[0, 0], S[0, 1], S[1, 0], S[1, 1] = 1, self.m, self.m, self.q
+        S[0, 0], S[0, 1], S[1, 0], S[1, 1] = 1, m, m, q
         for a in range(self.r):
             S[1, 2 + a] = S[2 + a, 1] = self.e[a]
             S[2 + a, 2 + a] = 1
@@ -267,8 +288,11 @@ class ExactEngine:
         self._expect_cache = {}
         self._mul_cache = {}
         self._spt_cache = {}
-        cov = gauss.token_covariance()
-        self._cov = [[self._const(cov[i, j]) for j in range(cov.cols)] for i in range(cov.rows)]
+        self._cov = []
+        for l in range(gauss.L):
+            cov = gauss.token_covariance(l)
+            self._cov.append([[self._const(cov[i, j]) for j in range(cov.cols)]
+                              for i in range(cov.rows)])
         self._means = [[self._const(mu) for mu in gauss.token_mean(l)] for l in range(gauss.L)]
 
     # --- conversion ------------------------------------------------------------------------
@@ -448,6 +472,8 @@ class ExactEngine:
         """E[prod_i x_i^alpha_i] over one group's Gaussian vector, as a ring element."""
         if group == self.g.L:
             key = ("noise", alpha)
+        elif self.g.untied:  # every token has its own overlaps
+            key = (group, alpha)
         else:  # tokens with the same row of C share their moments
             key = (tuple(self.g.C[group]) if self.g.C else (), alpha)
         hit = self._moments.get(key)
@@ -468,10 +494,10 @@ class ExactEngine:
             a1[i] -= 1
             val = self._means[group][i] * self._moment(group, tuple(a1))
             for j, kj in enumerate(a1):
-                if kj and self._cov[i][j]:
+                if kj and self._cov[group][i][j]:
                     a2 = list(a1)
                     a2[j] -= 1
-                    val += self._cov[i][j] * kj * self._moment(group, tuple(a2))
+                    val += self._cov[group][i][j] * kj * self._moment(group, tuple(a2))
         self._moments[key] = val
         return val
 
@@ -680,8 +706,9 @@ class Expectation:
                 us.append(u1)
             if has_s:
                 u2 = sp.Symbol(f"u{l + 1}b", real=True)
-                scale = sp.sqrt(g.q - g.m ** 2) if has_t else sp.sqrt(g.q)
-                sub[g.z[l]] = g.mu(l) + (g.m * sub[g.zstar[l]] if has_t else 0) + scale * u2
+                m, q = g.ms[l], g.qs[l]
+                scale = sp.sqrt(q - m ** 2) if has_t else sp.sqrt(q)
+                sub[g.z[l]] = g.mu(l) + (m * sub[g.zstar[l]] if has_t else 0) + scale * u2
                 us.append(u2)
             for a in zetas:
                 ep = sp.Dummy(f"eps{l + 1}_{a + 1}")

@@ -3,7 +3,11 @@
 A link is a SymPy expression in the token projections z1..zL (also the column vector z) and the
 spec's parameters. Besides SymPy's arithmetic it may call:
 
-    He(k, x)          probabilists' Hermite polynomial He_k(x) (He_2 = x^2 - 1), expanded
+    He(k, x)          probabilists' Hermite polynomial He_k(x) (He_2 = x^2 - 1), expanded;
+                      entry by entry on a vector or matrix (He(2, z) = (He_2(z_1), ..))
+    tsum(v)           sum of the entries of a vector or matrix (tsum(z) = z1 + .. + zL)
+    L                 the sequence length, so that one link string serves every L
+                      (e.g. "tsum(He(2, z)) / sqrt(2 * L)"; see ModelSpec.with_length)
     sqrt, exp, log, erf, tanh, pi, E
     Abs(x), abs(x)    |x|, written max(x, -x)
     sigmoid(x)        1 / (1 + exp(-x))
@@ -23,7 +27,14 @@ def He(k, x):
     k = sp.sympify(k)
     if not (k.is_Integer and k >= 0):
         raise ValueError(f"He(k, x) needs a non-negative integer degree k, got {k}")
+    if isinstance(x, sp.MatrixBase):
+        return x.applyfunc(lambda v: sp.expand(sp.hermite_prob(int(k), v)))
     return sp.expand(sp.hermite_prob(int(k), x))
+
+
+def tsum(v):
+    """Sum of the entries of a vector or matrix (a scalar is returned as is)."""
+    return sp.Add(*v) if isinstance(v, sp.MatrixBase) else v
 
 
 def sigmoid(x):
@@ -72,6 +83,7 @@ def softmax_rows(M):
 
 VOCABULARY = {
     "He": He,
+    "tsum": tsum,
     "sqrt": sp.sqrt,
     "exp": sp.exp,
     "log": sp.log,

@@ -38,6 +38,8 @@ class SDEResult:
     eta: float
     d: float
     theta: float
+    t_record: np.ndarray | None = None   # (T,) record times, when paths were recorded
+    paths: np.ndarray | None = None      # (n, runs, T) states at t_record
 
     def summary(self) -> dict:
         e = self.escape_times
@@ -57,11 +59,19 @@ class SDEResult:
 
 
 def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
-                 theta=DEFAULT_THETA, seed=0, progress=False) -> SDEResult:
+                 theta=DEFAULT_THETA, seed=0, progress=False, record_times=None) -> SDEResult:
     """Euler-Maruyama ensemble of `runs` paths from x0 until every path has escaped
     (|(m, e)| >= theta) or t_max. dt defaults to 0.005 / eta (200 steps per unit of
-    eta * t, the time scale of the drift), never below 1/d."""
+    eta * t, the time scale of the drift), never below 1/d.
+
+    record_times: optional increasing times in [0, t_max]; then every path is integrated up to
+    t_max (escaped or not) and its state at the first step with t >= each record time is kept in
+    `paths` (n, runs, T), with `t_record` the times of those steps (the escape times keep
+    their distribution, but escaped paths then draw noise too, so not the same values)."""
     _check_eta(ode.eta)
+    if not getattr(ode.mod, "DIFFUSION", True):
+        raise StateError(f"module {ode.mod.NAME} is drift-only (generated with diffusion "
+                         f"off): regenerate it with the diffusion for the SDE")
     if not (d >= 1):
         raise StateError(f"d = {d}: the dimension must be >= 1")
     if runs < 1:
@@ -78,8 +88,23 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
     r_prev = ode.radius(x)
     last = time.monotonic()
     steps = int(math.ceil(t_max / dt))
-    for k in range(steps):
-        idx = np.flatnonzero(alive)
+    rec_t, paths, j = None, None, 0
+    if record_times is not None:
+        rec_t = np.asarray(record_times, dtype=float).reshape(-1)
+        if rec_t.size == 0 or np.any(np.diff(rec_t) < 0) or rec_t[0] < 0 \
+                or rec_t[-1] > t_max * (1 + 1e-12):
+            raise StateError(f"record_times: expected increasing times in [0, t_max = "
+                             f"{t_max:g}]")
+        paths = np.full((n, runs, rec_t.size), np.nan)
+        t_rec = np.full(rec_t.size, np.nan)
+        everyone = np.arange(runs)
+    for k in range(steps + 1):
+        while rec_t is not None and j < rec_t.size and t >= rec_t[j] - 1e-12 * max(1.0, t):
+            paths[:, :, j], t_rec[j] = x, t
+            j += 1
+        if k == steps:
+            break
+        idx = np.flatnonzero(alive) if rec_t is None else everyone
         if idx.size == 0:
             break
         xa = x[:, idx]
@@ -89,11 +114,16 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
         S = _sqrt_psd(np.moveaxis(cov, -1, 0) / d)              # (N, n, n)
         noise = np.einsum("kij,kj->ik", S, rng.standard_normal((idx.size, n)))
         xn = xa + drift * dt + noise * math.sqrt(dt)
-        if ode.spherical:  # the finite-d state never leaves the ball
+        if ode.untied:  # the finite-d state keeps m_l^2 <= q_l
+            qn = np.maximum(xn[ode.norm_idx], 1e-12)
+            xn[ode.sem_idx] = np.clip(xn[ode.sem_idx], -np.sqrt(qn), np.sqrt(qn))
+        elif ode.spherical:  # the finite-d state never leaves the ball
             rad = np.sqrt(np.sum(xn[:nd] ** 2, axis=0))
             xn[:nd] /= np.maximum(rad, 1.0)
-        rn = np.sqrt(np.sum(xn[:nd] ** 2, axis=0))
+        rn = ode.radius(xn)
         crossed = rn >= theta
+        if rec_t is not None:
+            crossed &= alive
         if crossed.any():
             ra = r_prev[idx][crossed]
             frac = np.clip((theta - ra) / np.maximum(rn[crossed] - ra, 1e-300), 0.0, 1.0)
@@ -108,4 +138,7 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
             sys.stderr.flush()
     if progress:
         sys.stderr.write(f"\rsde: t = {t:9.3f}  escaped {np.sum(~alive)}/{runs}\n")
-    return SDEResult(escape_times=esc, t_max=t_max, dt=dt, runs=runs, eta=eta, d=d, theta=theta)
+    if rec_t is not None:
+        paths, t_rec = paths[:, :, :j], t_rec[:j]
+    return SDEResult(escape_times=esc, t_max=t_max, dt=dt, runs=runs, eta=eta, d=d, theta=theta,
+                     t_record=t_rec if rec_t is not None else None, paths=paths)

@@ -59,6 +59,11 @@ from .errors import SpecError, StateError
 
 __all__ = ["SimulationResult", "simulate", "make_frame", "initial_weights"]
 
+# An untied student (MATH.md section 6) has one weight vector w_l per token: z_l = g_l . w_l /
+# sqrt(d), w_l <- w_l - (eta / sqrt(d)) dl_l g_l, and spherical SGD rescales the flattened
+# vector: (w_1..w_L) <- sqrt(L d) (w_1..w_L) / |(w_1..w_L)|. Recorded: m_l = w_l . w* / d,
+# q_l = |w_l|^2 / d; escape when sqrt(sum_l m_l^2 / L) >= theta (see `_simulate_untied`).
+
 #: Default number of records over a run (record_every = ceil(steps / this)).
 DEFAULT_RECORDS = 500
 #: Minimum seconds between two progress-bar updates.
@@ -323,6 +328,9 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     m0, e0 = _initial_state(spec, d, m0, e0)
     mod = _load_module(spec, out_dir)
     pvals = _parameters(spec, mod, params)
+    if spec.untied:
+        return _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta,
+                                record_every, progress, dtype, stop_when_escaped)
 
     S = seeds
     sqrtd = math.sqrt(d)
@@ -468,3 +476,104 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
         eta=eta, d=d, steps=steps, seeds=S, theta=theta, m0=m0, e0=e0, params=pvals,
         seed=seed, record_every=record_every, steps_run=k, stopped_early=stopped_early,
         spherical=spherical, wall_time=wall)
+
+
+def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, record_every,
+                     progress, dtype, stop_when_escaped) -> SimulationResult:
+    """Finite-d online SGD of an untied student (MATH.md section 6), batched over seeds.
+
+    Start: w_l = m0 w* + sqrt(1 - m0^2) n_l with n_l random, orthogonal to w*, |n_l|^2 = d,
+    independent across tokens (so m_l = m0 and q_l = 1 exactly). Step: fresh G (L, seeds, d),
+    z*_l = g_l . w* / sqrt(d), z_l = g_l . w_l / sqrt(d), dl_l from the links of the generated
+    module, w_l <- w_l - (eta / sqrt(d)) dl_l g_l, then the spherical rescaling of the flattened
+    weights to |W|^2 = L d. The semantic overlap is sqrt(sum_l m_l^2 / L) (|m| when tied)."""
+    L, S = spec.L, seeds
+    sqrtd = math.sqrt(d)
+    noise_sd = math.sqrt(float(spec.noise))
+    teacher, student, gradient = mod.teacher_link, mod.student_link, mod.student_link_gradient
+    rng = np.random.Generator(np.random.SFC64(seed))
+    wstar, _ = make_frame(rng, S, d, 0)
+    W = np.empty((S, L + 1, d), dtype=dtype)                         # row 0 = w*, 1.. = w_l
+    W[:, 0] = wstar
+    for l in range(L):
+        W[:, 1 + l] = initial_weights(rng, wstar, np.zeros((S, 0, d)), m0, ())
+    Ws = W[:, 1:]
+    G = np.empty((L, S, d), dtype=dtype)
+    names = tuple(spec.overlap_names)
+    rec_names = names + ("q_norm",)
+    n_rec = steps // record_every + 1 + (1 if steps % record_every else 0)
+    rec = np.full((len(rec_names), S, n_rec), np.nan)
+    rec_steps = np.zeros(n_rec, dtype=np.int64)
+    esc = {key: np.full(S, -1, dtype=np.int64) for key in ("escape", "semantic", "positional")}
+
+    def overlaps_now():
+        ms = np.einsum("sld,sd->ls", Ws, W[:, 0]).astype(float) / d      # (L, S)
+        qs = np.einsum("sld,sld->ls", Ws, Ws).astype(float) / d
+        return ms, qs
+
+    def record(j, k, ms, qs):
+        rec_steps[j] = k
+        rec[:, :, j] = np.concatenate([ms, qs, qs.mean(axis=0, keepdims=True)])
+
+    def check_escape(k, ms):
+        sem = np.sqrt(np.mean(ms ** 2, axis=0))
+        for key in ("escape", "semantic"):
+            new = (sem >= theta) & (esc[key] < 0)
+            esc[key][new] = k
+
+    ms, qs = overlaps_now()
+    record(0, 0, ms, qs)
+    check_escape(0, ms)
+    j, k = 1, 0
+    bar = _Progress(f"simulate {spec.name}", steps, d, S) if progress else None
+    started = time.perf_counter()
+    stopped_early = False
+    K = None
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for k in range(1, steps + 1):
+                rng.standard_normal(out=G, dtype=dtype)
+                zs = np.einsum("lsd,sd->ls", G, W[:, 0]).astype(float) / sqrtd
+                zw = np.einsum("lsd,sld->ls", G, Ws).astype(float) / sqrtd
+                y = np.asarray(teacher(*zs, **pvals), dtype=float)
+                K = y.shape[0] if K is None else K
+                yh = np.asarray(student(*zw, **pvals), dtype=float)
+                res = y.reshape(K, -1) - yh.reshape(K, -1)
+                if noise_sd > 0:
+                    res = res + noise_sd * rng.standard_normal((K, S))
+                dg = np.asarray(gradient(*zw, **pvals), dtype=float).reshape(K, L, -1)
+                dl = np.einsum("ks,kls->ls", np.broadcast_to(res, (K, S)),
+                               np.broadcast_to(dg, (K, L, S)))          # = -dl_l
+                Ws += (eta / sqrtd) * dl.T[:, :, None].astype(dtype) * G.transpose(1, 0, 2)
+                if spec.spherical:
+                    nrm2 = np.einsum("sld,sld->s", Ws, Ws)
+                    Ws *= np.sqrt(L * d / nrm2)[:, None, None]
+                ms, qs = overlaps_now()
+                check_escape(k, ms)
+                if k % record_every == 0 or k == steps:
+                    record(j, k, ms, qs)
+                    j += 1
+                if bar is not None and time.monotonic() - bar.last >= PROGRESS_INTERVAL:
+                    bar.update(k, int(np.count_nonzero(esc["escape"] >= 0)))
+                if stop_when_escaped and (esc["escape"] >= 0).all():
+                    if k % record_every and k != steps:
+                        record(j, k, ms, qs)
+                        j += 1
+                    stopped_early = k < steps
+                    break
+    finally:
+        if bar is not None:
+            bar.close(k, int(np.count_nonzero(esc["escape"] >= 0)))
+    wall = time.perf_counter() - started
+    rec = rec[:, :, :j]
+    if not np.all(np.isfinite(rec)):
+        warnings.warn(f"simulate {spec.name}: non-finite overlaps (the SGD diverged at eta = "
+                      f"{eta:g}); they are reported as NaN", RuntimeWarning, stacklevel=3)
+        rec = np.where(np.isfinite(rec), rec, np.nan)
+    escape_times = {key: np.where(v >= 0, v / d, np.nan) for key, v in esc.items()}
+    return SimulationResult(
+        t=rec_steps[:j] / d, overlaps={n: rec[i] for i, n in enumerate(rec_names)},
+        escape_times=escape_times, spec_name=spec.name, eta=eta, d=d, steps=steps, seeds=S,
+        theta=theta, m0=m0, e0=(), params=pvals, seed=seed, record_every=record_every,
+        steps_run=k, stopped_early=stopped_early, spherical=bool(spec.spherical),
+        wall_time=wall)

@@ -8,6 +8,7 @@ offending symbol or value.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,8 +27,9 @@ from .links import VOCABULARY
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TOKEN = re.compile(r"^z(\d+)$")
 #: Names a parameter may not take: overlaps, projections, learning rate, dimension.
-RESERVED = {"m", "q", "e", "z", "eta", "d", "t", "Delta"} | set(VOCABULARY)
-LOSS_KINDS = ("square",)
+RESERVED = {"m", "q", "e", "z", "eta", "d", "t", "Delta", "L"} | set(VOCABULARY)
+#: "square": 1/2 ||y - y_hat||^2 (MATH.md 3); "norm": ||y - y_hat|| (Frobenius norm, not squared)
+LOSS_KINDS = ("square", "norm")
 _TRANSFORMS = standard_transformations + (rationalize,)
 
 
@@ -66,6 +68,7 @@ def parse_link(text, L: int, parameters, where: str):
         local = dict(VOCABULARY)
         local.update({str(s): s for s in zs})
         local["z"] = sp.Matrix(zs)
+        local["L"] = sp.Integer(L)
         local.update({p: sp.Symbol(p, real=True) for p in parameters})
         glob = {"Symbol": sp.Symbol, "Integer": sp.Integer, "Float": sp.Float,
                 "Rational": sp.Rational, "Function": sp.Function, "__builtins__": {}}
@@ -119,7 +122,8 @@ class ModelSpec:
     teacher, student: SymPy scalar or Matrix in z1..zL and the parameters (the teacher's are
     evaluated at the teacher projections z*_l, the student's at z_l). C: L x r positional
     coefficients (r = 0 for no encoding). noise: label-noise variance Delta. spherical: spherical
-    (True) or plain (False) online SGD.
+    (True) or plain (False) online SGD. untied: one weight vector per token (MATH.md section 6,
+    spherical constraint on the flattened vector) instead of one shared (tied) vector.
     """
 
     name: str
@@ -132,6 +136,8 @@ class ModelSpec:
     noise: sp.Rational = sp.Integer(0)
     spherical: bool = True
     source: str | None = None
+    untied: bool = False
+    raw: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def r(self) -> int:
@@ -145,7 +151,12 @@ class ModelSpec:
 
     @property
     def overlap_names(self) -> tuple[str, ...]:
-        """State variables in order: m, then e (r = 1) or e1..er, then q for plain SGD."""
+        """State variables in order: m, then e (r = 1) or e1..er, then q for plain SGD.
+        Untied students: m1..mL, then q1..qL (the per-token norms move even on the sphere,
+        where only their sum L is fixed)."""
+        if self.untied:
+            return (tuple(f"m{l + 1}" for l in range(self.L))
+                    + tuple(f"q{l + 1}" for l in range(self.L)))
         es = ("e",) if self.r == 1 else tuple(f"e{a + 1}" for a in range(self.r))
         return ("m",) + es + (() if self.spherical else ("q",))
 
@@ -161,7 +172,7 @@ class ModelSpec:
             "teacher": sp.srepr(self.teacher), "student": sp.srepr(self.student),
             "C": [[str(c) for c in row] for row in self.C],
             "loss": self.loss, "noise": str(self.noise), "spherical": self.spherical,
-        }
+        } | ({"weights": "untied"} if self.untied else {})
 
     def hash(self, salt: str = "") -> str:
         """sha256 of the canonical description plus `salt` (the tool version)."""
@@ -170,6 +181,37 @@ class ModelSpec:
 
     def where(self, key: str) -> str:
         return f"{self.source}: {key}" if self.source else key
+
+    def with_length(self, L: int) -> "ModelSpec":
+        """The same model at sequence length L: the link strings are parsed again with L
+        tokens (they may use z, tsum and L, e.g. "tsum(He(2, z)) / sqrt(2 * L)"); the name gets
+        the suffix _L<L>. SpecError when a link names a token beyond L or C has L rows."""
+        if self.raw is None:
+            raise SpecError(f"{self.where('L')}: spec '{self.name}' was not built from link "
+                            f"strings, so it cannot be re-instantiated at another L")
+        if L == self.L:
+            return self
+        if self.C:
+            raise SpecError(f"{self.where('student.positional')}: the positional matrix has "
+                            f"L = {self.L} rows; it does not define the model at L = {L}")
+        data = json.loads(json.dumps(self.raw))
+        data["L"], data["name"] = L, f"{self.name}_L{L}"
+        return spec_from_dict(data, source=f"{self.source or self.name} at L = {L}")
+
+    def untied_student(self) -> "ModelSpec":
+        """The same teacher and student link with one weight vector per token (MATH.md
+        section 6), named <name>_untied; SpecError if the spec has a positional encoding."""
+        if self.untied:
+            return self
+        if self.C:
+            raise SpecError(f"{self.where('student.positional')}: an untied student takes no "
+                            f"positional encoding")
+        raw = None
+        if self.raw is not None:
+            raw = json.loads(json.dumps(self.raw))
+            raw.setdefault("student", {})["weights"] = "untied"
+            raw["name"] = f"{self.name}_untied"
+        return dataclasses.replace(self, name=f"{self.name}_untied", untied=True, raw=raw)
 
 
 def _table(data, key, where):
@@ -228,6 +270,13 @@ def spec_from_dict(data: dict, source: str | None = None) -> ModelSpec:
         C = tuple(tuple(to_rational(c, f"{where}[{l}][{a}]") for a, c in enumerate(row))
                   for l, row in enumerate(pos))
 
+    weights = student_t.get("weights", "tied")
+    if weights not in ("tied", "untied"):
+        raise SpecError(f"{src}student.weights: expected \"tied\" or \"untied\", got {weights!r}")
+    if weights == "untied" and C:
+        raise SpecError(f"{src}student.positional: an untied student takes no positional "
+                        f"encoding (each token has its own weights already)")
+
     loss_t = _table(data, "loss", src + "loss")
     kind = loss_t.get("kind", "square")
     if kind not in LOSS_KINDS:
@@ -243,7 +292,15 @@ def spec_from_dict(data: dict, source: str | None = None) -> ModelSpec:
 
     return ModelSpec(name=name, L=L, teacher=teacher, student=student, C=C,
                      parameters=parameters, loss=kind, noise=noise, spherical=spherical,
-                     source=source)
+                     source=source, untied=weights == "untied", raw=_raw_copy(data))
+
+
+def _raw_copy(data: dict) -> dict | None:
+    """A deep copy of the spec's TOML data when it holds only link strings (re-parseable)."""
+    try:
+        return json.loads(json.dumps(data))
+    except TypeError:  # SymPy objects given directly (Python form)
+        return None
 
 
 def load_spec(path) -> ModelSpec:
@@ -261,7 +318,7 @@ def load_spec(path) -> ModelSpec:
 
 
 def make_spec(name: str, L: int, teacher, student=None, positional=None, parameters=None,
-              noise: float = 0.0, spherical: bool = True) -> ModelSpec:
+              noise: float = 0.0, spherical: bool = True, weights: str = "tied") -> ModelSpec:
     """Python form of a spec, with the same validation as the TOML form.
 
     >>> make_spec("phase_retrieval", 1, "z1**2")  # doctest: +ELLIPSIS
@@ -274,4 +331,6 @@ def make_spec(name: str, L: int, teacher, student=None, positional=None, paramet
         data["student"]["link"] = student
     if positional is not None:
         data["student"]["positional"] = positional
+    if weights != "tied":
+        data["student"]["weights"] = weights
     return spec_from_dict(data)

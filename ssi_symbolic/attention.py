@@ -1,0 +1,1289 @@
+"""Quadrature backend for softmax attention models (issue 4, MATH.md section 7).
+
+The generic symbolic path cannot integrate softmax links (it hangs); specs whose student link
+contains ``exp`` (softmax_rows, trace of a softmax, ...) or whose loss is the non-squared norm
+are routed here by :func:`ssi_symbolic.codegen.generate`.
+
+Method (spherical SGD, q = 1, one positional direction e with coefficients C_l). Given the state,
+the token pairs are independent and z_l = m z*_l + sqrt(1 - m^2) g_l + C_l e with z*, g i.i.d.
+N(0, 1). The teacher is split by SymPy into T = sum_p c_p(theta) f_p(z*) + b(theta) (c_p, b
+depend on the parameters only, each f_p lives in one output entry i(p) and has no parameter);
+the student S(z) may not depend on parameters. With the squared loss
+
+    R(m, e) = 1/2 E|T|^2 - E[T . S] + 1/2 E|S|^2 + K Delta / 2
+            = 1/2 [sum_pq c_p c_q G_pq + 2 sum_p c_p b_i(p) M_p + |b|^2]       (teacher only)
+              - sum_p c_p X_p(m, e) - sum_i b_i Sbar_i(e) + 1/2 P(e) + K Delta / 2
+
+with G_pq = E[f_p f_q] (same entry), M_p = E f_p (L-dim integrals), Sbar_i(e) = E S_i(g + C e),
+P(e) = E|S(g + C e)|^2 (L-dim, functions of e only) and the cross terms X_p(m, e) =
+E[f_p(z*) S_i(p)(z)] (2L-dim). A polynomial f_p is expanded in Hermite polynomials, and by
+Mehler's formula X_p = sum_k fhat_pk m^|k| sigma_ik(e) with sigma_ik(e) = E[S_i(g + C e) He_k(g)]
+(L-dim). A non-polynomial f_p (the softmax teacher, L = 2) needs the 4-dim integral: it is
+tabulated once at Chebyshev-Lobatto nodes in (m, e) (in y = 2 x^2 - 1 when X_p is numerically even
+in x, which halves the degree) by pruned tensor Gauss-Hermite quadrature, and interpolated.
+Every parameter value then costs only a few array operations: a whole phase diagram reuses the
+same tables.
+
+The Hessian at the origin comes from Hermite moments at e = 0 (Stein's lemma, no finite
+differences): d/de E F(g + C e) = sum_l C_l E[F He_{e_l}(g)] and d/de sigma_ik = sum_l C_l
+sigma_{i, k + e_l}, so
+
+    R_mm = -sum_p c_p 2 sum_{|k|=2} fhat_pk sigma_ik(0)
+    R_me = -sum_p c_p sum_{|k|=1} fhat_pk sum_l C_l sigma_{i,k+e_l}(0)
+    R_ee = 1/2 sum_ll' C_l C_l' Pi_{e_l+e_l'} - sum_i (b_i + sum_{p in i} c_p M_p)
+           sum_ll' C_l C_l' sigma_{i, e_l+e_l'}(0),            Pi_k = E[|S(g)|^2 He_k(g)]
+
+with fhat_pk = E[f_p He_k] / k!, all L-dim integrals evaluated to ~1e-10.
+
+The norm loss R = E ||T - S||_F does not split: its generated module integrates the 2L-dim
+expectation directly at each state (pruned tensor Gauss-Hermite, slower).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import sympy as sp
+
+from .errors import SpecError
+from .spec import ModelSpec, link_entries, token_symbols
+
+BACKEND_VERSION = "1"
+#: Chebyshev-Lobatto degrees of the (m, e) table (in y = 2x^2 - 1 for even directions)
+TABLE_DEGREE = (12, 8)
+#: Gauss-Hermite nodes per dimension of the L-dim integrals (student parts, constants, Hessian)
+LOW_NODES = 160
+#: degrees of the tables of the O(eta^2) drift term E sum_l dl_l^2
+DRIFT_DEGREE = (8, 6)
+#: Chebyshev degree in e of the one-dimensional functions of e
+E_DEGREE = 40
+#: tensor-product weights below PRUNE times the largest are dropped (they change nothing)
+PRUNE = 1e-15
+NORM_NODES = 24  # = COVARIANCE_NODES, so drift and loss use one rule
+
+
+# ----------------------------------------------------------------------------- routing
+def _has_exp(expr) -> bool:
+    return any(sp.sympify(x).has(sp.exp) for x in link_entries(expr))
+
+
+def handles(spec: ModelSpec) -> bool:
+    """True for the specs this backend writes: a student link with exp (softmax) or the
+    non-squared norm loss."""
+    return spec.loss == "norm" or _has_exp(spec.student)
+
+
+def _check(spec: ModelSpec) -> None:
+    where = spec.where
+    if not _has_exp(spec.student) and not _has_exp(spec.teacher):
+        raise SpecError(f"{where('loss.kind')}: the norm loss is supported only for softmax "
+                        f"attention specs (links with exp/softmax_rows)")
+    if not spec.spherical:
+        raise SpecError(f"{where('training.spherical')}: the attention backend needs spherical "
+                        f"SGD (q = 1)")
+    if spec.r != 1:
+        raise SpecError(f"{where('student.positional')}: the attention backend needs exactly one "
+                        f"positional direction (r = 1), got r = {spec.r}")
+    params = {sp.Symbol(p, real=True) for p in spec.parameters}
+    for s in link_entries(spec.student):
+        bad = sorted(str(x) for x in sp.sympify(s).free_symbols & params)
+        if bad:
+            raise SpecError(f"{where('student.link')}: the attention backend needs a "
+                            f"parameter-free student, found '{bad[0]}'")
+
+
+# ----------------------------------------------------------------------------- SymPy helpers
+def stable(expr):
+    """Rewrite softmax entries exp(x) / sum_k exp(y_k) as 1 / sum_k exp(y_k - x): the same
+    function, one exponential fewer and no overflow of the numerator."""
+    expr = sp.sympify(expr)
+
+    def is_exp_sum(f):
+        return (f.is_Pow and f.exp == -1 and f.base.is_Add
+                and all(isinstance(t, sp.exp) for t in f.base.args))
+
+    def rule(e):
+        nums = [f for f in e.args if isinstance(f, sp.exp)]
+        dens = [f for f in e.args if is_exp_sum(f)]
+        if len(nums) != 1 or len(dens) != 1:
+            return e
+        x = nums[0].args[0]
+        rest = sp.Mul(*[f for f in e.args if f is not nums[0] and f is not dens[0]])
+        return rest / sp.Add(*[sp.exp(sp.expand(t.args[0] - x)) for t in dens[0].base.args])
+
+    return expr.replace(lambda e: e.is_Mul, rule)
+
+
+def split_teacher(spec: ModelSpec):
+    """T_i = sum_p c_p f_p + b_i: returns (pieces, b) with pieces a list of (i, c_p, f_p) (c_p
+    parameters only, f_p tokens only) and b the list of parameter-only parts per entry."""
+    zs = set(token_symbols(spec.L))
+    pieces, b = [], []
+    for i, t in enumerate(link_entries(spec.teacher)):
+        t = sp.expand(sp.sympify(t), deep=False, power_exp=False, log=False, multinomial=False)
+        const = sp.Integer(0)
+        groups = {}
+        for term in sp.Add.make_args(t):
+            coef, zpart = term.as_independent(*zs, as_Add=False)
+            if zpart == 1:
+                const += coef
+            else:
+                groups[zpart] = groups.get(zpart, 0) + coef
+        # merge z-parts with the same coefficient (e.g. the polynomial terms of one link)
+        by_coef = {}
+        for zpart, coef in groups.items():
+            coef = sp.simplify(coef)
+            by_coef[coef] = by_coef.get(coef, 0) + zpart
+        for coef, f in by_coef.items():
+            pieces.append((i, coef, f))
+        b.append(const)
+    return pieces, b
+
+
+def _numeric(exprs, L):
+    """A NumPy function (z1..zL) -> list of arrays for SymPy expressions in the tokens.
+
+    An entry that equals 1 minus (or minus) an earlier entry (the rows of a 2-column softmax
+    and their derivatives; checked at 256 random points to 1e-13) is computed from it, saving
+    its exponentials."""
+    exprs = [stable(x) for x in exprs]
+    probe = _numeric_plain(exprs, L)(*np.random.default_rng(7).normal(0, 2, size=(L, 256)))
+    comp = {}
+    for j in range(len(exprs)):
+        for i in range(j):
+            if i in comp:
+                continue
+            if np.all(np.abs(probe[i] + probe[j] - 1) < 1e-13):
+                comp[j] = (i, 1.0)
+                break
+            if np.all(np.abs(probe[i] + probe[j]) < 1e-13):
+                comp[j] = (i, 0.0)
+                break
+    base = [j for j in range(len(exprs)) if j not in comp]
+    fn = _numeric_plain([exprs[j] for j in base], L)
+
+    def call(*z):
+        vals = dict(zip(base, fn(*z)))
+        return [vals[j] if j in vals else comp[j][1] - vals[comp[j][0]]
+                for j in range(len(exprs))]
+    return call
+
+
+def _numeric_plain(exprs, L):
+    fn = sp.lambdify(token_symbols(L), list(exprs), modules="numpy", cse=True)
+
+    def call(*z):
+        with np.errstate(over="ignore"):
+            out = fn(*z)
+        shape = np.broadcast(*z).shape
+        return [np.broadcast_to(np.asarray(o, dtype=float), shape) for o in out]
+    return call
+
+
+# ----------------------------------------------------------------------------- quadrature
+def gh_rule(dim: int, n: int, prune: float = PRUNE):
+    """Tensor Gauss-Hermite rule for E over dim independent N(0, 1), nodes with a weight below
+    prune x the largest dropped: (points (dim, P), weights (P,)). Exact for polynomials of degree
+    <= 2n - 1 in each variable (up to the pruned mass, < prune n^dim)."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    w = w / math.sqrt(2 * math.pi)
+    grids = np.meshgrid(*([x] * dim), indexing="ij")
+    W = np.ones(())
+    for _ in range(dim):
+        W = np.multiply.outer(W, w)
+    W = W.ravel()
+    keep = W > prune * W.max()
+    return np.array([g.ravel()[keep] for g in grids]), W[keep]
+
+
+def hermite_e(k: int, x):
+    """Probabilists' Hermite polynomial He_k(x) by the three-term recursion."""
+    h0, h1 = np.ones_like(x), x
+    if k == 0:
+        return h0
+    for j in range(1, k):
+        h0, h1 = h1, x * h1 - j * h0
+    return h1
+
+
+def multi_indices(L: int, order: int):
+    """All multi-indices k in N^L with |k| <= order."""
+    return [k for k in itertools.product(range(order + 1), repeat=L) if sum(k) <= order]
+
+
+def _he_multi(k, u):
+    out = np.ones(u.shape[1])
+    for l, kl in enumerate(k):
+        if kl:
+            out = out * hermite_e(kl, u[l])
+    return out
+
+
+def node_rule(m: float, extra: int = 0) -> tuple[int, int]:
+    """Gauss-Hermite nodes per dimension (for z*, for g) of the 2L-dim cross integrals at
+    overlap m, z = m z* + sqrt(1 - m^2) g + C e: the steep softmax integrand moves from g to z*
+    as m grows (chosen from convergence runs against 80-100 node references: errors ~1e-9)."""
+    m = abs(m)
+    if m >= 0.999999:
+        base = (160, 1)
+    elif m >= 0.94:
+        base = (72, 20)
+    elif m >= 0.45:
+        base = (64, 32)
+    elif m >= 0.2:
+        base = (56, 40)
+    else:
+        base = (40, 72)
+    return base[0] + extra, (base[1] + extra if base[1] > 1 else 1)
+
+
+# ----------------------------------------------------------------------------- Chebyshev
+def lobatto(N: int) -> np.ndarray:
+    """Chebyshev-Lobatto points y_k = cos(pi k / N), k = 0..N."""
+    return np.cos(np.pi * np.arange(N + 1) / N)
+
+
+def cheb_coefficients(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Coefficients c_j of the interpolant sum_j c_j T_j(y) through values at the Lobatto
+    points (DCT-I): c_j = (2/N) sum''_k f_k cos(pi j k / N), c_0 and c_N halved."""
+    v = np.moveaxis(np.asarray(values, dtype=float), axis, 0)
+    N = v.shape[0] - 1
+    k = np.arange(N + 1)
+    M = np.cos(np.pi * np.outer(k, k) / N) * (2.0 / N)
+    M[:, 0] *= 0.5
+    M[:, -1] *= 0.5
+    c = np.tensordot(M, v, axes=(1, 0))
+    c[0] *= 0.5
+    c[-1] *= 0.5
+    return np.moveaxis(c, 0, axis)
+
+
+def to_y(x, even: bool):
+    """The Chebyshev variable: y = 2x^2 - 1 for an even function of x, else y = x."""
+    x = np.asarray(x, dtype=float)
+    return 2 * x * x - 1 if even else x
+
+
+def from_y(y, even: bool):
+    y = np.asarray(y, dtype=float)
+    return np.sqrt(np.clip((1 + y) / 2, 0, 1)) if even else y
+
+
+# ----------------------------------------------------------------------------- integrals
+class Integrals:
+    """The numerical tables of one spec (teacher split, student parts, cross terms, Hessian
+    moments), with error estimates; see the module docstring for the formulas."""
+
+    def __init__(self, spec: ModelSpec, degree=TABLE_DEGREE, low_nodes=LOW_NODES, e_degree=E_DEGREE,
+                 drift: bool = True):
+        _check(spec)
+        t0 = time.perf_counter()
+        self.spec = spec
+        L = self.L = spec.L
+        self.C = np.array([float(row[0]) for row in spec.C])
+        self.pieces, self.b = split_teacher(spec)
+        self.K = len(link_entries(spec.student))
+        self.S = _numeric(link_entries(spec.student), L)
+        self.F = _numeric([f for _, _, f in self.pieces], L)
+        self.poly = [sp.sympify(f).is_polynomial(*token_symbols(L)) for _, _, f in self.pieces]
+        self.degree = degree
+        self.low_nodes, self.e_degree = low_nodes, e_degree
+        u, w = gh_rule(L, low_nodes)
+        self.u, self.w = u, w
+        # teacher-only constants
+        Fu = self.F(*u)
+        npc = len(self.pieces)
+        self.G = np.zeros((npc, npc))
+        for p in range(npc):
+            for q in range(npc):
+                if self.pieces[p][0] == self.pieces[q][0]:
+                    self.G[p, q] = w @ (Fu[p] * Fu[q])
+        self.M = np.array([w @ f for f in Fu])
+        # Hermite coefficients fhat_pk = E[f_p He_k] / k! (|k| <= 2 for every piece; up to the
+        # degree for polynomial pieces, exact by Gauss-Hermite)
+        self.fhat = []
+        for p, (_, _, f) in enumerate(self.pieces):
+            order = 2
+            if self.poly[p]:
+                order = max(2, int(sp.Poly(f, *token_symbols(L)).total_degree()))
+            coeffs = {}
+            for k in multi_indices(L, order):
+                v = w @ (Fu[p] * _he_multi(k, u)) / math.prod(math.factorial(x) for x in k)
+                if abs(v) > 1e-13:
+                    coeffs[k] = v
+            self.fhat.append(coeffs)
+        # student parts as Chebyshev series in e (general parity), Hermite moments needed
+        self.sigma_keys = sorted({k for p in range(npc) for k in self.fhat[p]
+                                  if self.poly[p]} | set(multi_indices(L, 2)))
+        self.e_nodes = lobatto(e_degree)
+        sb, P, sig = [], [], {k: [] for k in self.sigma_keys}
+        hk = {k: _he_multi(k, u) for k in self.sigma_keys}
+        for e in self.e_nodes:
+            Sv = self.S(*(u + self.C[:, None] * e))
+            sb.append([w @ s for s in Sv])
+            P.append(w @ sum(s * s for s in Sv))
+            for k in self.sigma_keys:
+                sig[k].append([w @ (s * hk[k]) for s in Sv])
+        self.sbar_c = cheb_coefficients(np.array(sb), 0)          # (deg+1, K)
+        self.P_c = cheb_coefficients(np.array(P), 0)
+        self.sigma_c = {k: cheb_coefficients(np.array(v), 0) for k, v in sig.items()}
+        # Hessian moments at e = 0
+        S0 = self.S(*u)
+        self.sigma0 = {k: np.array([w @ (s * _he_multi(k, u)) for s in S0])
+                       for k in multi_indices(L, 2)}
+        Pw = sum(s * s for s in S0)
+        self.Pi0 = {k: w @ (Pw * _he_multi(k, u)) for k in multi_indices(L, 2)}
+        self.e_tail = float(max(np.abs(self.sbar_c[-3:]).max(), np.abs(self.P_c[-3:]).max()))
+        self.low_check = self._low_order_check()
+        self.time_low = time.perf_counter() - t0
+        # cross-term tables for the non-polynomial pieces
+        t1 = time.perf_counter()
+        self.tables = {}
+        self.table_info = {}
+        nonpoly = [p for p in range(npc) if not self.poly[p]]
+        if nonpoly:
+            if L != 2:
+                raise SpecError(f"{spec.where('teacher.link')}: a non-polynomial teacher is "
+                                f"supported for L = 2 only (a 2L-dim table), got L = {L}")
+            self._build_tables(nonpoly)
+        self.time_tables = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.drift_tables = None
+        if drift:
+            self._build_drift_tables()
+        self.time_drift = time.perf_counter() - t2
+
+    # -- L-dim check: the same student integrals with 3/4 of the nodes
+    def _low_order_check(self) -> float:
+        u, w = gh_rule(self.L, (3 * self.low_nodes) // 4)
+        diff = 0.0
+        for e in (0.0, 0.5, 1.0):
+            a = self.S(*(u + self.C[:, None] * e))
+            b = self.S(*(self.u + self.C[:, None] * e))
+            for s1, s2 in zip(a, b):
+                diff = max(diff, abs(w @ s1 - self.w @ s2), abs(w @ (s1 * s1) - self.w @ (s2 * s2)))
+        return diff
+
+    def cross_direct(self, pieces, m, e, n=None):
+        """E[f_p(z*) S_i(p)(z)] at one state (m, e) by pruned tensor Gauss-Hermite over
+        (z*, g), z = m z* + sqrt(1 - m^2) g + C e: a list over pieces. n = (nodes per dimension
+        for z*, for g), default `node_rule(m)`; an int n means (n, n)."""
+        if n is None:
+            n = node_rule(m)
+        ns, ng = (n, n) if isinstance(n, int) else n
+        s = math.sqrt(max(0.0, 1 - m * m))
+        if s == 0.0:
+            ng = 1
+        zs, ws = gh_rule(self.L, ns)
+        gs, wg = gh_rule(self.L, ng)
+        Fz = self.F(*zs)
+        z = [m * zs[l][:, None] + s * gs[l][None, :] + self.C[l] * e for l in range(self.L)]
+        Sv = self.S(*z)
+        h = {}
+        out = []
+        for p in pieces:
+            i = self.pieces[p][0]
+            if i not in h:
+                h[i] = Sv[i] @ wg
+            out.append(float(ws @ (Fz[p] * h[i])))
+        return out
+
+    def _parity(self, pieces):
+        """Per piece: (even in m, even in e), tested at one state with symmetric nodes."""
+        res = []
+        base = self.cross_direct(pieces, 0.61, 0.37, 16)
+        fm = self.cross_direct(pieces, -0.61, 0.37, 16)
+        fe = self.cross_direct(pieces, 0.61, -0.37, 16)
+        for j in range(len(pieces)):
+            tol = 1e-11 * max(1.0, abs(base[j]))
+            res.append((abs(base[j] - fm[j]) < tol, abs(base[j] - fe[j]) < tol))
+        return res
+
+    def _build_tables(self, pieces):
+        Nm, Ne = self.degree
+        par = self._parity(pieces)
+        even_m = all(p[0] for p in par)
+        even_e = all(p[1] for p in par)
+        if not even_m:
+            Nm *= 2
+        if not even_e:
+            Ne *= 2
+        ym, ye = lobatto(Nm), lobatto(Ne)
+        xm, xe = from_y(ym, even_m), from_y(ye, even_e)
+        vals = np.zeros((len(pieces), Nm + 1, Ne + 1))
+        for a, m in enumerate(xm):
+            for b_, e in enumerate(xe):
+                vals[:, a, b_] = self.cross_direct(pieces, m, e)
+        # quadrature error of the node values: against 16 more nodes per dimension at the states
+        # where the integrand is hardest (m near 1, e large)
+        quad_err = 0.0
+        for m, e in [(0.999, 0.04), (0.6, 0.8), (0.1, 1.0)]:
+            lo = self.cross_direct(pieces, m, e)
+            hi = self.cross_direct(pieces, m, e, node_rule(m, 16))
+            quad_err = max(quad_err, max(abs(x - y) for x, y in zip(lo, hi)))
+        coeffs = cheb_coefficients(cheb_coefficients(vals, 1), 2)
+        tail = float(max(np.abs(coeffs[:, -1, :]).sum(axis=-1).max(),
+                         np.abs(coeffs[:, :, -1]).sum(axis=-1).max()))
+        # off-node check of the interpolant against direct quadrature
+        rng = np.random.default_rng(12345)
+        pts = [(0.97, 0.2), (0.3, 0.9), (0.55, 0.55), (0.05, 0.05), (0.8, 0.45), (0.999, 0.02)]
+        pts += [tuple(x) for x in rng.uniform(0, 0.7, size=(2, 2))]
+        interp_err = 0.0
+        for m, e in pts:
+            direct = self.cross_direct(pieces, m, e)
+            for j, p in enumerate(pieces):
+                val = np.polynomial.chebyshev.chebval2d(to_y(m, even_m), to_y(e, even_e),
+                                                        coeffs[j])
+                interp_err = max(interp_err, abs(float(val) - direct[j]))
+        for j, p in enumerate(pieces):
+            self.tables[p] = coeffs[j]
+        self.table_info = {"even_m": even_m, "even_e": even_e, "degree_m": Nm, "degree_e": Ne,
+                           "nodes": "node_rule(m): (z*, g) per dimension, 40-160",
+                           "check": "node_rule(m) + 16 at 3 states",
+                           "quadrature_error": quad_err, "chebyshev_tail": tail,
+                           "interpolation_check": interp_err}
+
+    # -- the O(eta^2) drift: B = E sum_l dl_l^2 as a quadratic form in v = (c_p, b_k, 1)
+    def gram_direct(self, m, e, n):
+        """G_ab(m, e) = sum_l E[phi_a,l phi_b,l] with dl_l = -sum_a v_a phi_a,l, v = (c_p, b_k,
+        1): phi_p,l = f_p(z*) d_l S_i(p)(z), phi_k,l = d_l S_k(z), phi_1,l = -sum_k S_k d_l S_k,
+        by pruned tensor Gauss-Hermite with n = (nodes for z*, nodes for g)."""
+        L, K, npc = self.L, self.K, len(self.pieces)
+        ns, ng = n
+        s = math.sqrt(max(0.0, 1 - m * m))
+        if s == 0.0:
+            ng = 1
+        zs, ws = gh_rule(L, ns)
+        gs, wg = gh_rule(L, ng)
+        Fz = self.F(*zs)
+        z = [m * zs[l][:, None] + s * gs[l][None, :] + self.C[l] * e for l in range(L)]
+        Sv = self.S(*z)
+        dS = self.dS(*z)
+        H = np.zeros((K + 1, K + 1, len(ws)))
+        for l in range(L):
+            comps = [dS[l * K + k] for k in range(K)]
+            comps.append(-sum(Sv[k] * comps[k] for k in range(K)))
+            for a in range(K + 1):
+                for b in range(a, K + 1):
+                    H[a, b] += (comps[a] * comps[b]) @ wg
+        for a in range(K + 1):
+            for b in range(a):
+                H[a, b] = H[b, a]
+        na = npc + K + 1
+        ent = [self.pieces[p][0] for p in range(npc)] + list(range(K)) + [K]
+        fac = [Fz[p] for p in range(npc)] + [None] * (K + 1)
+        G = np.zeros((na, na))
+        for a in range(na):
+            for b in range(a, na):
+                f = ws * H[ent[a], ent[b]]
+                if fac[a] is not None:
+                    f = f * fac[a]
+                if fac[b] is not None:
+                    f = f * fac[b]
+                G[a, b] = G[b, a] = f.sum()
+        return G
+
+    def _build_drift_tables(self):
+        spec, L = self.spec, self.L
+        zsym = token_symbols(L)
+        self.dS = _numeric([sp.diff(stable(sk), zsym[l]) for l in range(L)
+                            for sk in link_entries(spec.student)], L)
+        Nm, Ne = DRIFT_DEGREE
+        rule = lambda m: tuple(max(12, int(0.6 * x)) if x > 1 else 1   # noqa: E731
+                               for x in node_rule(m))
+        g0 = self.gram_direct(0.61, 0.37, (16, 16))
+        tol = 1e-11 * max(1.0, np.abs(g0).max())
+        ti = {"even_m": bool(np.abs(g0 - self.gram_direct(-0.61, 0.37, (16, 16))).max() < tol),
+              "even_e": bool(np.abs(g0 - self.gram_direct(0.61, -0.37, (16, 16))).max() < tol)}
+        xm = from_y(lobatto(Nm), True) if ti["even_m"] else lobatto(2 * Nm)
+        xe = from_y(lobatto(Ne), True) if ti["even_e"] else lobatto(2 * Ne)
+        vals = np.array([[self.gram_direct(m, e, rule(m)) for e in xe] for m in xm])
+        coeffs = cheb_coefficients(cheb_coefficients(vals, 0), 1)     # (Nm+1, Ne+1, na, na)
+        check = []
+        for m, e in [(0.55, 0.55), (0.93, 0.2), (0.2, 0.9)]:
+            direct = self.gram_direct(m, e, rule(m))
+            vm = np.polynomial.chebyshev.chebvander(to_y(m, ti["even_m"]), len(xm) - 1)
+            ve = np.polynomial.chebyshev.chebvander(to_y(e, ti["even_e"]), len(xe) - 1)
+            val = np.einsum("j,k,jkab->ab", vm.ravel(), ve.ravel(), coeffs)
+            check.append(float(np.abs(val - direct).max()))
+        self.drift_tables = np.moveaxis(coeffs, (2, 3), (0, 1))          # (na, na, Nm+1, Ne+1)
+        self.drift_info = {"degree_m": len(xm) - 1, "degree_e": len(xe) - 1, **ti,
+                           "nodes": "0.6 x node_rule(m)",
+                           "interpolation_check": max(check)}
+
+    # -- error estimate of R for unit-size coefficients
+    def error_estimate(self) -> float:
+        """A bound-like estimate of |R_table - R| at coefficients of size <= 1: the quadrature
+        difference between two node counts plus the interpolation error, per table, times the
+        number of pieces, plus the L-dim integrals' errors."""
+        ti = self.table_info
+        tab = (max(ti["quadrature_error"], 1e-16) + max(ti["chebyshev_tail"],
+                                                         ti["interpolation_check"])
+               if ti else 0.0)
+        return float(len(self.pieces) * tab + 2 * self.K * (self.low_check + self.e_tail))
+
+
+# ----------------------------------------------------------------------------- code writing
+def _arr(a) -> str:
+    return "numpy.array(" + repr(np.asarray(a, dtype=float).tolist()) + ")"
+
+
+def backend_salt() -> str:
+    from .codegen import tool_salt
+    here = Path(__file__).resolve()
+    h = hashlib.sha256(here.read_bytes()).hexdigest()[:16]
+    return f"{tool_salt()} attention {BACKEND_VERSION} {h}"
+
+
+def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
+    """The generated module of an attention spec (imports numpy and scipy only)."""
+    from .codegen import HASH_PREFIX, pycode
+    if spec.loss == "norm":
+        _check(spec)
+        return _norm_module_source(spec)
+    I = I or Integrals(spec)
+    names = list(spec.parameters)
+    pa = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
+    pcall = ", ".join(f"{p}={p}" for p in names)
+    h = spec.hash(backend_salt())
+    src = Path(spec.source).name if spec.source else "(Python spec)"
+    npc = len(I.pieces)
+    L = spec.L
+    lines = [
+        f'"""Generated by ssi-symbolic (attention backend) from {src}: do not edit; regenerate '
+        f"with `ssi derive`.",
+        "",
+        f"Model {spec.name}: L = {L}, r = 1, output shape {spec.shape or 'scalar'}, loss "
+        f"{spec.loss} (1/2 ||y - y_hat||^2, label noise {spec.noise}), spherical online SGD.",
+        f"Teacher link: {sp.sstr(spec.teacher)}",
+        f"Student link: {sp.sstr(spec.student)}",
+        f"Positional coefficients C: {[[str(c) for c in row] for row in spec.C]}",
+        "",
+        "R(m, e) = teacher constant - sum_p c_p X_p(m, e) - sum_i b_i Sbar_i(e) + P(e)/2 + K Delta/2",
+        "(ssi_symbolic/attention.py): X_p = E[f_p(z*) S_i(z)] from a Chebyshev table in (m, e)",
+        "built by tensor Gauss-Hermite quadrature (non-polynomial f_p) or from Mehler's formula",
+        "(polynomial f_p); Sbar_i(e) = E S_i, P(e) = E|S|^2 as Chebyshev series in e.",
+        "Teacher pieces (entry, coefficient c_p, f_p): "
+        + "; ".join(f"({i}, {sp.sstr(c)}, {sp.sstr(f)[:80]})" for i, c, f in I.pieces),
+        f"Constant part b: {[sp.sstr(x) for x in I.b]}",
+        f"Tables: {I.table_info}",
+        f"Estimated max error of population_loss (unit coefficients): {I.error_estimate():.2e}",
+        '"""',
+        f"{HASH_PREFIX}{h}",
+        f"# tool: {backend_salt()}",
+        "import numpy",
+        "import scipy.special",
+        "",
+        "_cheb = numpy.polynomial.chebyshev",
+        "",
+        f"NAME = {spec.name!r}",
+        f"L = {L}",
+        "R = 1",
+        "OVERLAPS = ('m', 'e')",
+        f"PARAMETERS = {tuple(names)!r}",
+        f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in spec.parameters.items())}}}",
+        "SPHERICAL = True",
+        f"LOSS = {spec.loss!r}",
+        f"NOISE = {float(spec.noise)!r}",
+        "METHOD = 'quadrature'",
+        "BACKEND = 'attention'",
+        f"SPEC_HASH = {h!r}",
+        f"QUADRATURE_NODES = {I.low_nodes}  # L-dim integrals; tables: TABLE_INFO",
+        f"TABLE_INFO = {I.table_info!r}",
+        f"LOSS_ERROR_ESTIMATE = {I.error_estimate()!r}",
+        "HESSIAN = 'hermite-moments'",
+        f"C = {I.C.tolist()!r}",
+        f"K = {I.K}",
+        "",
+        f"_G = {_arr(I.G)}",
+        f"_M = {_arr(I.M)}",
+        f"_SBAR = {_arr(I.sbar_c)}",
+        f"_P = {_arr(I.P_c)}",
+        f"_PIECE_ENTRY = {[i for i, _, _ in I.pieces]!r}",
+    ]
+    tab_lines, cross_terms = [], []
+    for p in range(npc):
+        if p in I.tables:
+            tab_lines.append(f"_TABLE_{p} = {_arr(I.tables[p])}")
+            em, ee = I.table_info["even_m"], I.table_info["even_e"]
+            ym = "2 * m * m - 1" if em else "m"
+            ye = "2 * e * e - 1" if ee else "e"
+            cross_terms.append(f"_chebval2(({ym}), ({ye}), _TABLE_{p})")
+        else:
+            i = I.pieces[p][0]
+            terms = []
+            for k, v in sorted(I.fhat[p].items()):
+                kk = "_".join(map(str, k))
+                tab_lines.append(f"_SIGMA_{p}_{kk} = {_arr(I.sigma_c[k][:, i])}")
+                terms.append(f"{float(v)!r} * m ** {sum(k)} * _cheb.chebval(e, _SIGMA_{p}_{kk})")
+            cross_terms.append("(" + " + ".join(terms or ["0.0"]) + ")")
+    lines += tab_lines
+    # derivatives of the cross terms in m and in e
+    dm_terms, de_terms = [], []
+    for p in range(npc):
+        if p in I.tables:
+            em, ee = I.table_info["even_m"], I.table_info["even_e"]
+            ym = "2 * m * m - 1" if em else "m"
+            ye = "2 * e * e - 1" if ee else "e"
+            lines.append(f"_TABLE_{p}_DM = _cheb.chebder(_TABLE_{p}, axis=0)")
+            lines.append(f"_TABLE_{p}_DE = _cheb.chebder(_TABLE_{p}, axis=1)")
+            dm_terms.append(f"{'4 * m * ' if em else ''}_chebval2(({ym}), ({ye}), _TABLE_{p}_DM)")
+            de_terms.append(f"{'4 * e * ' if ee else ''}_chebval2(({ym}), ({ye}), _TABLE_{p}_DE)")
+        else:
+            tm, te = [], []
+            for k, v in sorted(I.fhat[p].items()):
+                kk = "_".join(map(str, k))
+                deg = sum(k)
+                if deg:
+                    tm.append(f"{float(v) * deg!r} * m ** {deg - 1} * "
+                              f"_cheb.chebval(e, _SIGMA_{p}_{kk})")
+                te.append(f"{float(v)!r} * m ** {deg} * "
+                          f"_cheb.chebval(e, _cheb.chebder(_SIGMA_{p}_{kk}))")
+            dm_terms.append("(" + " + ".join(tm or ["0.0 * m"]) + ")")
+            de_terms.append("(" + " + ".join(te or ["0.0 * e"]) + ")")
+    drift_ok = I.drift_tables is not None
+    if drift_ok:
+        lines.append(f"_GRAM = {_arr(I.drift_tables)}  # (a, b, j, k): Chebyshev coefficients of "
+                     f"G_ab, v = (c_p, b_k, 1)")
+        lines.append(f"DRIFT_INFO = {I.drift_info!r}")
+    # parameter coefficients
+    coef = [pycode(stable(c)) for _, c, _ in I.pieces]
+    bsrc = [pycode(stable(x)) for x in I.b]
+    body_params = [f"_c = [{', '.join(f'numpy.asarray({c}, dtype=float)' for c in coef)}]",
+                   f"_b = [{', '.join(f'numpy.asarray({x}, dtype=float)' for x in bsrc)}]"]
+    # Hessian moments
+    sig0 = {k: v.tolist() for k, v in I.sigma0.items()}
+    Pi0 = {k: float(v) for k, v in I.Pi0.items()}
+    Cv = I.C
+    hmm, hme = [], []
+    for p in range(npc):
+        i = I.pieces[p][0]
+        mm = 2 * sum(v * sig0[k][i] for k, v in I.fhat[p].items() if sum(k) == 2)
+        me = sum(v * sum(Cv[l] * sig0[tuple(kk + (1 if j == l else 0) for j, kk in
+                                             enumerate(k))][i] for l in range(L))
+                 for k, v in I.fhat[p].items() if sum(k) == 1)
+        hmm.append(float(mm))
+        hme.append(float(me))
+
+    def e2(k_of):
+        out = 0.0
+        for l in range(L):
+            for l2 in range(L):
+                k = [0] * L
+                k[l] += 1
+                k[l2] += 1
+                out += Cv[l] * Cv[l2] * k_of(tuple(k))
+        return out
+    dsbar = [float(e2(lambda k, i=i: sig0[k][i])) for i in range(I.K)]
+    dP = float(e2(lambda k: Pi0[k]))
+    m1 = [float(sum(v * sig0[k][I.pieces[p][0]] for k, v in I.fhat[p].items() if sum(k) == 1))
+          for p in range(npc)]
+    de_sbar = [float(sum(Cv[l] * sig0[tuple(1 if j == l else 0 for j in range(L))][i]
+                         for l in range(L))) for i in range(I.K)]
+    de_P = float(sum(Cv[l] * Pi0[tuple(1 if j == l else 0 for j in range(L))] for l in range(L)))
+    lines += [
+        f"_H_MM = {hmm!r}  # d2 X_p / dm2 at the origin",
+        f"_H_ME = {hme!r}  # d2 X_p / dm de at the origin",
+        f"_D2_SBAR = {dsbar!r}  # d2 Sbar_i / de2 at e = 0",
+        f"_D2_P = {dP!r}  # d2 P / de2 at e = 0",
+        f"_D1_M = {m1!r}  # d X_p / dm at the origin",
+        f"_D1_SBAR = {de_sbar!r}  # d Sbar_i / de at e = 0",
+        f"_D1_P = {de_P!r}",
+    ]
+    header = "\n".join(lines)
+    fns = []
+    fns.append(f'''
+def _params({', '.join(pa)}):
+    """Teacher coefficients c_p and constant parts b_i at the parameter values."""
+    {body_params[0]}
+    {body_params[1]}
+    return _c, _b
+
+
+def teacher_constant({', '.join(pa)}):
+    """1/2 E|T|^2 + K Delta / 2 = 1/2 [sum_pq c_p c_q G_pq + 2 sum_p c_p b_i(p) M_p + |b|^2]
+    + K Delta / 2 (depends on the parameters only)."""
+    _c, _b = _params({pcall})
+    out = 0.5 * K * NOISE + 0.5 * sum(x * x for x in _b)
+    for p in range(len(_c)):
+        out = out + _c[p] * _b[_PIECE_ENTRY[p]] * _M[p]
+        for q in range(len(_c)):
+            out = out + 0.5 * _c[p] * _c[q] * _G[p, q]
+    return numpy.asarray(out, dtype=float)
+
+
+def student_mean(e):
+    """Sbar_i(e) = E S_i(g + C e), g ~ N(0, I): a tuple over output entries."""
+    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
+    return tuple(_cheb.chebval(e, _SBAR[:, i]) for i in range(K))
+
+
+def student_square(e):
+    """P(e) = E |S(g + C e)|^2 (squared Frobenius norm of the student output)."""
+    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
+    return _cheb.chebval(e, _P)
+
+
+def cross_terms(m, e):
+    """X_p(m, e) = E[f_p(z*) S_i(p)(z)] for every teacher piece p (a tuple)."""
+    m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
+    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
+    return ({', '.join(cross_terms)}{',' if len(cross_terms) == 1 else ''})
+
+
+def population_loss(m, e, {', '.join(pa)}):
+    """Population loss R(m, e) = E[1/2 ||y - y_hat||_F^2] (teacher constant - cross terms -
+    b . Sbar(e) + P(e)/2); NaN where |m| > 1 or |e| > 1 (outside the tables)."""
+    m, e = numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)
+    _c, _b = _params({pcall})
+    X = cross_terms(m, e)
+    sb = student_mean(e)
+    out = teacher_constant({pcall}) + 0.5 * student_square(e)
+    for p in range(len(_c)):
+        out = out - _c[p] * X[p]
+    for i in range(K):
+        out = out - _b[i] * sb[i]
+    inside = (numpy.abs(m) <= 1 + 1e-12) & (numpy.abs(e) <= 1 + 1e-12)
+    return numpy.where(inside, out, numpy.nan)
+
+
+def gradient_origin({', '.join(pa)}):
+    """(dR/dm, dR/de) at (m, e) = (0, 0) from first Hermite moments (Stein's lemma)."""
+    _c, _b = _params({pcall})
+    gm = -sum(_c[p] * _D1_M[p] for p in range(len(_c)))
+    ge = 0.5 * _D1_P - sum(_b[i] * _D1_SBAR[i] for i in range(K))
+    ge = ge - sum(_c[p] * _M[p] * _D1_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
+    return _bc(gm, ge)
+
+
+def hessian_origin({', '.join(pa)}):
+    """Hessian of R in (m, e) at the origin, ((R_mm, R_me), (R_me, R_ee)), from Hermite
+    moments at e = 0 (no finite differences):
+    R_mm = -sum_p c_p 2 sum_(|k|=2) fhat_pk sigma_ik(0),
+    R_me = -sum_p c_p sum_(|k|=1) fhat_pk sum_l C_l sigma_(i, k+e_l)(0),
+    R_ee = P''(0)/2 - sum_i (b_i + sum_(p in i) c_p M_p) Sbar_i''(0)."""
+    _c, _b = _params({pcall})
+    hmm = -sum(_c[p] * _H_MM[p] for p in range(len(_c)))
+    hme = -sum(_c[p] * _H_ME[p] for p in range(len(_c)))
+    hee = 0.5 * _D2_P - sum(_b[i] * _D2_SBAR[i] for i in range(K))
+    hee = hee - sum(_c[p] * _M[p] * _D2_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
+    return _bc_nested(((hmm, hme), (hme, hee)))
+
+
+def loss_gradient(m, e, {', '.join(pa)}):
+    """(dR/dm, dR/de) at q = 1 (derivatives of the Chebyshev tables and series)."""
+    m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
+    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
+    _c, _b = _params({pcall})
+    dXm = ({', '.join(dm_terms)}{',' if len(dm_terms) == 1 else ''})
+    dXe = ({', '.join(de_terms)}{',' if len(de_terms) == 1 else ''})
+    gm = -sum(_c[p] * dXm[p] for p in range(len(_c)))
+    ge = 0.5 * _cheb.chebval(e, _cheb.chebder(_P))
+    for i in range(K):
+        ge = ge - _b[i] * _cheb.chebval(e, _cheb.chebder(_SBAR[:, i]))
+    ge = ge - sum(_c[p] * dXe[p] for p in range(len(_c)))
+    return _bc(gm, ge)
+{_DRIFT_SRC.format(pa=', '.join(pa), pcall=pcall, ym=_ym(I.drift_info), ye=_ye(I.drift_info)) if drift_ok else ''}
+
+def quadrature_error(function, *args, **kwargs):
+    """(value, error estimate): the function's value and LOSS_ERROR_ESTIMATE (from two node
+    counts and an off-node interpolation check when the module was derived)."""
+    v = numpy.asarray(function(*args, **kwargs), dtype=float)
+    return v, numpy.full(v.shape, LOSS_ERROR_ESTIMATE)
+''')
+    fns.append(_link_source(spec, pa))
+    return header + "\n\n" + _HELPERS + "\n".join(fns)
+
+
+def _ym(info):
+    return "2 * m * m - 1" if info.get("even_m", False) else "m"
+
+
+def _ye(info):
+    return "2 * e * e - 1" if info.get("even_e", False) else "e"
+
+
+_DRIFT_SRC = '''
+
+def loss_dl_square(m, e, {pa}):
+    """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py)."""
+    m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
+    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
+    _c, _b = _params({pcall})
+    v = list(_c) + list(_b) + [1.0]
+    m, e = numpy.broadcast_arrays(m, e)
+    tx = _cheb_basis(({ym}), _GRAM.shape[2]).reshape(_GRAM.shape[2], -1)
+    ty = _cheb_basis(({ye}), _GRAM.shape[3]).reshape(_GRAM.shape[3], -1)
+    G = numpy.einsum("jn,abjk,kn->abn", tx, _GRAM, ty, optimize=True)
+    G = G.reshape(G.shape[:2] + m.shape)
+    out = 0.0
+    for a in range(len(v)):
+        for b in range(len(v)):
+            out = out + v[a] * v[b] * G[a, b]
+    return numpy.asarray(out, dtype=float)
+
+
+def drift_eta1(m, e, {pa}):
+    """O(eta) drift coefficients of spherical SGD (MATH.md 4): the projected gradient flow
+    -(I - x x^T) grad R at x = (m, e), q = 1 (the d/dq terms cancel under the projection)."""
+    gm, ge = loss_gradient(m, e, {pcall})
+    r = m * gm + e * ge
+    return _bc(-(gm - m * r), -(ge - e * r))
+
+
+def drift_eta2(m, e, {pa}):
+    """O(eta^2) drift coefficients: -(x / 2) E sum_l dl_l^2 for x = m, e."""
+    B = loss_dl_square(m, e, {pcall})
+    return _bc(-0.5 * m * B, -0.5 * e * B)
+
+
+def drift(m, e, eta, {pa}):
+    """Drift d(m, e)/dt = eta drift_eta1 + eta^2 drift_eta2 (spherical online SGD)."""
+    a1 = drift_eta1(m, e, {pcall})
+    a2 = drift_eta2(m, e, {pcall})
+    return _bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])
+
+
+def drift_jacobian(m, e, eta, h=1e-6, {pa}):
+    """Jacobian d drift_i / d x_j over (m, e) by central differences of step h."""
+    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
+    cols = []
+    for j in range(2):
+        xp = list(x); xp[j] = x[j] + h
+        xm = list(x); xm[j] = x[j] - h
+        fp = drift(*xp, eta=eta, {pcall})
+        fm = drift(*xm, eta=eta, {pcall})
+        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
+    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
+'''
+
+
+_HELPERS = '''
+def _bc(*xs):
+    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
+    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
+
+
+def _bc_nested(rows):
+    flat = _bc(*[x for row in rows for x in row])
+    n = len(rows[0])
+    return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
+
+
+def _cheb_basis(y, n):
+    """T_0(y)..T_(n-1)(y) stacked on a new first axis (three-term recursion)."""
+    out = [numpy.ones_like(y), y]
+    for _ in range(2, n):
+        out.append(2 * y * out[-1] - out[-2])
+    return numpy.stack(out[:n])
+
+
+def _chebval2(x, y, c):
+    """sum_jk c_jk T_j(x) T_k(y), broadcast over x and y."""
+    x, y = numpy.broadcast_arrays(numpy.asarray(x, dtype=float), numpy.asarray(y, dtype=float))
+    tx = _cheb_basis(x, c.shape[0]).reshape(c.shape[0], -1)
+    ty = _cheb_basis(y, c.shape[1]).reshape(c.shape[1], -1)
+    return numpy.einsum("jn,jk,kn->n", tx, c, ty, optimize=True).reshape(x.shape)
+'''
+
+
+def _link_source(spec, pa) -> str:
+    from .codegen import pycode
+    zs = [str(z) for z in token_symbols(spec.L)]
+    out = []
+    for name, expr, doc in [("teacher_link", spec.teacher, "Teacher link g*(z) entries."),
+                            ("student_link", spec.student, "Student link g(z) entries.")]:
+        ents = [pycode(stable(x)) for x in link_entries(expr)]
+        out.append(f'''
+def {name}({', '.join(zs + pa)}):
+    """{doc} (flattened row by row)"""
+    with numpy.errstate(over="ignore"):
+        return _bc({', '.join(ents)})
+''')
+    zsym = token_symbols(spec.L)
+    rows = []
+    for sk in link_entries(spec.student):
+        rows.append("(" + ", ".join(pycode(stable(sp.diff(stable(sk), zl))) for zl in zsym) + ",)")
+    out.append(f'''
+def student_link_gradient({', '.join(zs + pa)}):
+    """dg_k/dz_l of the student link, as K tuples of L entries."""
+    with numpy.errstate(over="ignore"):
+        return _bc_nested(({', '.join(rows)},))
+''')
+    out.append(_COV_SRC.format(L=spec.L, L2=2 * spec.L, C=[float(r[0]) for r in spec.C], pa=", ".join(pa),
+                               pcall=", ".join(f"{p}={p}" for p in spec.parameters),
+                               zst=", ".join(f"_zs[{l}]" for l in range(spec.L)),
+                               zz=", ".join(f"_z[{l}]" for l in range(spec.L))))
+    return "\n".join(out)
+
+
+_COV_SRC = '''
+COVARIANCE_NODES = 24
+
+
+def _rule4(n):
+    x, w = numpy.polynomial.hermite_e.hermegauss(n)
+    w = w / numpy.sqrt(2 * numpy.pi)
+    g = numpy.meshgrid(*([x] * {L2}), indexing="ij")
+    W = numpy.ones(())
+    for _ in range({L2}):
+        W = numpy.multiply.outer(W, w)
+    W = W.ravel()
+    keep = W > 1e-15 * W.max()
+    return [a.ravel()[keep] for a in g], W[keep]
+
+
+def _increment_moments(m, e, eta, params, n):
+    """E[G] and E[G G^T] of the spherical increments G (MATH.md 4) at one state, by tensor
+    Gauss-Hermite over (z*, g), z = m z* + sqrt(1 - m^2) g + C e; zeta given (z*, z) is
+    Gaussian with mean b1 z* + b2 (z - C e), b = (-m e, e) / (1 - m^2), variance
+    1 - e^2 / (1 - m^2), integrated exactly."""
+    u, w = _rule4(n)
+    C = {C}
+    _zs = u[:{L}]
+    s = numpy.sqrt(max(0.0, 1 - m * m))
+    _z = [m * _zs[l] + s * u[{L} + l] + C[l] * e for l in range({L})]
+    T = teacher_link({zst}, **params)
+    S = student_link({zz})
+    dS = student_link_gradient({zz})
+    res = [a - b for a, b in zip(T, S)]
+    scale = 1.0
+    if LOSS == "norm":
+        scale = 1.0 / numpy.maximum(numpy.sqrt(sum(r * r for r in res)), 1e-300)
+    dl = [-scale * sum(res[k] * dS[k][l] for k in range(len(res))) for l in range({L})]
+    if 1 - m * m > 1e-12:
+        b1, b2 = -m * e / (1 - m * m), e / (1 - m * m)
+        tau2 = max(0.0, 1 - e * e / (1 - m * m))
+    else:
+        b1, b2, tau2 = 0.0, 0.0, 1.0
+    Am = sum(dl[l] * _zs[l] for l in range({L}))
+    Aq = sum(dl[l] * _z[l] for l in range({L}))
+    Ae = sum(dl[l] * (b1 * _zs[l] + b2 * (_z[l] - C[l] * e) + C[l]) for l in range({L}))
+    B = sum(x * x for x in dl)
+    Gm = -eta * (Am - m * Aq) - 0.5 * eta * eta * m * B
+    Ge = -eta * (Ae - e * Aq) - 0.5 * eta * eta * e * B
+    mean = numpy.array([w @ Gm, w @ Ge])
+    second = numpy.array([[w @ (Gm * Gm), w @ (Gm * Ge)],
+                          [w @ (Gm * Ge), w @ (Ge * Ge) + eta * eta * tau2 * (w @ B)]])
+    return mean, second
+
+
+def covariance(m, e, eta, {pa}):
+    """Cov(G) over (m, e) (MATH.md 4; D = Cov(G) / d), by tensor Gauss-Hermite with
+    COVARIANCE_NODES per dimension over the 2L Gaussian variables at each state (slow: no
+    table). Nested tuples ((mm, me), (em, ee))."""
+    params = dict({pcall})
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, eta, *params.values())])
+    out = numpy.full((2, 2) + arrs[0].shape, numpy.nan)
+    for idx in numpy.ndindex(arrs[0].shape):
+        mm, ee, et = arrs[0][idx], arrs[1][idx], arrs[2][idx]
+        if mm * mm + ee * ee > 1 + 1e-12:
+            continue
+        pv = {{k: a[idx] for k, a in zip(params, arrs[3:])}}
+        mean, second = _increment_moments(mm, ee, et, pv, COVARIANCE_NODES)
+        c = second - numpy.outer(mean, mean)
+        out[(slice(None), slice(None)) + idx] = c
+    return ((out[0, 0], out[0, 1]), (out[1, 0], out[1, 1]))
+
+
+def diffusion(m, e, eta, d, {pa}):
+    """Diffusion matrix D = Cov(G) / d over (m, e), shape (2, 2) + broadcast shape."""
+    return numpy.array(covariance(m, e, eta, {pcall})) / d
+'''
+
+
+def _norm_module_source(spec: ModelSpec) -> str:
+    """Module of a norm-loss attention spec: R = E ||T(z*) - S(z)||_F by pruned tensor
+    Gauss-Hermite over the 2L Gaussian variables at each state."""
+    from .codegen import HASH_PREFIX
+    names = list(spec.parameters)
+    pa = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
+    h = spec.hash(backend_salt())
+    src = Path(spec.source).name if spec.source else "(Python spec)"
+    L = spec.L
+    head = "\n".join([
+        f'"""Generated by ssi-symbolic (attention backend) from {src}: do not edit; regenerate '
+        f"with `ssi derive`.",
+        "",
+        f"Model {spec.name}: L = {L}, r = 1, loss norm (||y - y_hat||_F, not squared), "
+        f"spherical online SGD.",
+        f"Teacher link: {sp.sstr(spec.teacher)}",
+        f"Student link: {sp.sstr(spec.student)}",
+        "R(m, e) = E ||T(z*) - S(z)||_F, z = m z* + sqrt(1 - m^2) g + C e, by pruned tensor",
+        "Gauss-Hermite quadrature over (z*, g) with QUADRATURE_NODES per dimension at each state",
+        "(the norm is not smooth where T = S: read quadrature_error).",
+        '"""',
+        f"{HASH_PREFIX}{h}",
+        f"# tool: {backend_salt()}",
+        "import numpy",
+        "import scipy.special",
+        "",
+        f"NAME = {spec.name!r}",
+        f"L = {L}",
+        "R = 1",
+        "OVERLAPS = ('m', 'e')",
+        f"PARAMETERS = {tuple(names)!r}",
+        f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in spec.parameters.items())}}}",
+        "SPHERICAL = True",
+        "LOSS = 'norm'",
+        f"NOISE = {float(spec.noise)!r}",
+        "METHOD = 'quadrature'",
+        "BACKEND = 'attention'",
+        f"SPEC_HASH = {h!r}",
+        f"QUADRATURE_NODES = {NORM_NODES}",
+        f"C = {[float(row[0]) for row in spec.C]!r}",
+    ])
+    body = f'''
+
+def _rule(n):
+    x, w = numpy.polynomial.hermite_e.hermegauss(n)
+    w = w / numpy.sqrt(2 * numpy.pi)
+    g = numpy.meshgrid(*([x] * {2 * L}), indexing="ij")
+    W = numpy.ones(())
+    for _ in range({2 * L}):
+        W = numpy.multiply.outer(W, w)
+    W = W.ravel()
+    keep = W > 1e-16 * W.max()
+    return [a.ravel()[keep] for a in g], W[keep]
+
+
+def population_loss(m, e, {', '.join(pa)}, n=None):
+    """R(m, e) = E ||T(z*) - S(z)||_F (norm loss) by tensor Gauss-Hermite over (z*, g), one
+    state at a time (vectorised over the nodes); NaN outside |m|, |e| <= 1."""
+    n = QUADRATURE_NODES if n is None else n
+    u, w = _rule(n)
+    zst, g = u[:{L}], u[{L}:]
+    m, e, *ps = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float)
+                                         for x in (m, e{''.join(', ' + p for p in names)})])
+    out = numpy.full(m.shape, numpy.nan)
+    for idx in numpy.ndindex(m.shape):
+        mm, ee = m[idx], e[idx]
+        if abs(mm) > 1 + 1e-12 or abs(ee) > 1 + 1e-12:
+            continue
+        kw = {{k: p[idx] for k, p in zip(PARAMETERS, ps)}}
+        s = numpy.sqrt(max(0.0, 1 - mm * mm))
+        z = [mm * zst[l] + s * g[l] + C[l] * ee for l in range({L})]
+        T = teacher_link(*zst, **kw)
+        S = student_link(*z)
+        out[idx] = w @ numpy.sqrt(sum((a - b) ** 2 for a, b in zip(T, S)) + 0.0)
+    return out
+
+
+def quadrature_error(function, *args, **kwargs):
+    """(value with 3n/2 nodes, its difference from the value with n nodes)."""
+    global QUADRATURE_NODES
+    n = QUADRATURE_NODES
+    coarse = numpy.asarray(function(*args, **kwargs), dtype=float)
+    QUADRATURE_NODES = (3 * n) // 2
+    try:
+        fine = numpy.asarray(function(*args, **kwargs), dtype=float)
+    finally:
+        QUADRATURE_NODES = n
+    return fine, numpy.abs(fine - coarse)
+'''
+    pcall = ", ".join(f"{p}={p}" for p in names)
+    return (head + "\n\n" + _HELPERS + body + _link_source(spec, pa)
+            + _NORM_DRIFT_SRC.format(pa=", ".join(pa), pcall=pcall))
+
+
+_NORM_DRIFT_SRC = '''
+
+def _direct_parts(m, e, params):
+    """Per state: (E[G1], E[G2]) with G = eta G1 + eta^2 G2 (MATH.md 4), by the quadrature of
+    `covariance` (eta = 1 separates the two parts: G1 and G2 do not depend on eta)."""
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, *params.values())])
+    g1 = numpy.full((2,) + arrs[0].shape, numpy.nan)
+    g2 = numpy.full((2,) + arrs[0].shape, numpy.nan)
+    for idx in numpy.ndindex(arrs[0].shape):
+        mm, ee = arrs[0][idx], arrs[1][idx]
+        if mm * mm + ee * ee > 1 + 1e-12:
+            continue
+        pv = {{k: a[idx] for k, a in zip(params, arrs[2:])}}
+        a1, _ = _increment_moments(mm, ee, 1.0, pv, COVARIANCE_NODES)
+        a2, _ = _increment_moments(mm, ee, 2.0, pv, COVARIANCE_NODES)
+        # eta G1 + eta^2 G2 at eta = 1 and 2
+        g2[(slice(None),) + idx] = (a2 - 2 * a1) / 2
+        g1[(slice(None),) + idx] = a1 - (a2 - 2 * a1) / 2
+    return g1, g2
+
+
+def drift_eta1(m, e, {pa}):
+    """O(eta) drift coefficients E[G1] (norm loss: direct quadrature at each state)."""
+    g1, _ = _direct_parts(m, e, dict({pcall}))
+    return _bc(g1[0], g1[1])
+
+
+def drift_eta2(m, e, {pa}):
+    """O(eta^2) drift coefficients E[G2] (norm loss: direct quadrature at each state)."""
+    _, g2 = _direct_parts(m, e, dict({pcall}))
+    return _bc(g2[0], g2[1])
+
+
+def drift(m, e, eta, {pa}):
+    """Drift eta E[G1] + eta^2 E[G2] (norm loss: direct quadrature at each state)."""
+    g1, g2 = _direct_parts(m, e, dict({pcall}))
+    return _bc(*[eta * a + eta ** 2 * b for a, b in zip(g1, g2)])
+
+
+def drift_jacobian(m, e, eta, h=1e-5, {pa}):
+    """Jacobian d drift_i / d x_j by central differences of step h."""
+    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
+    cols = []
+    for j in range(2):
+        xp = list(x); xp[j] = x[j] + h
+        xm = list(x); xm[j] = x[j] - h
+        fp = drift(*xp, eta=eta, {pcall})
+        fm = drift(*xm, eta=eta, {pcall})
+        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
+    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
+'''
+
+
+# ----------------------------------------------------------------------------- generate
+def generate(spec: ModelSpec, out_dir="generated", force: bool = False):
+    """Write <out_dir>/<name>.py for an attention spec unless its hash is current.
+
+    Returns (path, written), like codegen.generate."""
+    from .codegen import module_path, read_hash, write_atomic
+    _check(spec)
+    path = module_path(spec, out_dir)
+    if not force and read_hash(path) == spec.hash(backend_salt()):
+        return path, False
+    write_atomic(path, module_source(spec))
+    return path, True
+
+
+# ----------------------------------------------------------------------------- finite d
+def link_functions(spec: ModelSpec):
+    """NumPy functions of the links: T(z*1..z*L, **params) and S(z), dS(z) (entries flattened;
+    dS[l * K + k] = dS_k / dz_l), for the simulator and the noise at the origin."""
+    zs = token_symbols(spec.L)
+    psyms = [sp.Symbol(p, real=True) for p in spec.parameters]
+    T = sp.lambdify(list(zs) + psyms, [stable(x) for x in link_entries(spec.teacher)],
+                    modules="numpy", cse=True)
+    S = _numeric(link_entries(spec.student), spec.L)
+    dS = _numeric([sp.diff(stable(sk), zs[l]) for l in range(spec.L)
+                   for sk in link_entries(spec.student)], spec.L)
+
+    def teacher(*z, **params):
+        with np.errstate(over="ignore"):
+            out = T(*z, *[params[p] for p in spec.parameters])
+        shape = np.broadcast(*z).shape
+        return [np.broadcast_to(np.asarray(o, dtype=float), shape) for o in out]
+    return teacher, S, dS
+
+
+def origin_noise(spec: ModelSpec, params: dict, n: int = 40) -> np.ndarray:
+    """Cov(A_m, A_e) at the origin m = e = 0 (MATH.md 4: A_m = sum_l dl_l z*_l, A_e = sum_l
+    dl_l (zeta_l + C_l)), square loss; there z*, z, zeta are independent N(0, 1), so
+    Var A_m = E (sum dl_l z*_l)^2, Var A_e = E sum dl_l^2 + E (sum C_l dl_l)^2 - (E sum C_l dl_l)^2,
+    Cov = E[sum dl z* sum C dl]. The spherical increments are G = -eta A at the origin, so the
+    diffusion there is D = eta^2 Cov(A) / d. 2L-dim tensor Gauss-Hermite with n nodes."""
+    _check(spec)
+    T, S, dS = link_functions(spec)
+    L, K = spec.L, len(link_entries(spec.student))
+    C = np.array([float(r[0]) for r in spec.C])
+    u, w = gh_rule(2 * L, n)
+    zs, z = u[:L], u[L:]
+    Tv, Sv, dSv = T(*zs, **params), S(*z), dS(*z)
+    dl = [-sum((Tv[k] - Sv[k]) * dSv[l * K + k] for k in range(K)) for l in range(L)]
+    Am = sum(dl[l] * zs[l] for l in range(L))
+    Cd = sum(C[l] * dl[l] for l in range(L))
+    B = sum(x * x for x in dl)
+    vm = w @ (Am * Am) - (w @ Am) ** 2
+    ve = w @ B + w @ (Cd * Cd) - (w @ Cd) ** 2
+    cme = w @ (Am * Cd) - (w @ Am) * (w @ Cd)
+    return np.array([[vm, cme], [cme, ve]])
+
+
+def simulate_escape(spec: ModelSpec, params: dict, eta: float, d: int, runs: int,
+                    max_steps: int, theta: float = 0.5, seed: int = 0, loss: str | None = None,
+                    chunk: int = 64):
+    """Finite-d spherical online SGD of an attention spec from m = e = 0 (MATH.md 1-4):
+    w* = sqrt(d) b1, u = b2 (orthonormal), w uniform on the sphere |w|^2 = d orthogonal to both;
+    each step draws fresh tokens x_l ~ N(0, I/d), z*_l = x_l . w*, z_l = (x_l + C_l u/sqrt(d)).w,
+    w <- w - eta sum_l dl_l (x_l + C_l u / sqrt(d)), then w <- sqrt(d) w / |w|. The loss is
+    1/2 ||y - y_hat||_F^2 ("square") or ||y - y_hat||_F ("norm"; default: the spec's).
+
+    Returns (kind, t): per run 'semantic' (|m| >= theta first), 'positional' (|e| >= theta
+    first) or None, and the escape time t = steps / d (None when not escaped)."""
+    _check(spec)
+    loss = loss or spec.loss
+    T, S, dS = link_functions(spec)
+    L, K = spec.L, len(link_entries(spec.student))
+    C = np.array([float(r[0]) for r in spec.C])
+    rng = np.random.default_rng(seed)
+    kinds, times = [None] * runs, [None] * runs
+    for s0 in range(0, runs, chunk):
+        R = min(chunk, runs - s0)
+        w = rng.normal(size=(R, d))
+        w[:, :2] = 0.0
+        w *= math.sqrt(d) / np.linalg.norm(w, axis=1, keepdims=True)
+        alive = np.ones(R, dtype=bool)
+        for step in range(1, max_steps + 1):
+            idx = np.nonzero(alive)[0]
+            if not len(idx):
+                break
+            W = w[idx]
+            x = rng.normal(scale=1 / math.sqrt(d), size=(len(idx), L, d))
+            zst = x[:, :, 0] * math.sqrt(d)                       # x_l . w*, w* = sqrt(d) b1
+            xp = x.copy()
+            xp[:, :, 1] += C[None, :] / math.sqrt(d)              # + C_l u / sqrt(d), u = b2
+            z = np.einsum("rld,rd->rl", xp, W)
+            Tv = T(*[zst[:, l] for l in range(L)], **params)
+            Sv = S(*[z[:, l] for l in range(L)])
+            dSv = dS(*[z[:, l] for l in range(L)])
+            r = [Tv[k] - Sv[k] for k in range(K)]
+            scale = 1.0
+            if loss == "norm":
+                scale = 1.0 / np.maximum(np.sqrt(sum(x_ * x_ for x_ in r)), 1e-300)
+            dl = np.stack([-scale * sum(r[k] * dSv[l * K + k] for k in range(K))
+                           for l in range(L)], axis=1)           # (n, L)
+            W = W - eta * np.einsum("rl,rld->rd", dl, xp)
+            W *= math.sqrt(d) / np.linalg.norm(W, axis=1, keepdims=True)
+            w[idx] = W
+            m_, e_ = W[:, 0] / math.sqrt(d), W[:, 1] / math.sqrt(d)
+            sem, pos = np.abs(m_) >= theta, np.abs(e_) >= theta
+            for j in np.nonzero(sem | pos)[0]:
+                g = s0 + idx[j]
+                kinds[g] = "semantic" if (sem[j] and (not pos[j] or abs(m_[j]) >= abs(e_[j]))) \
+                    else "positional"
+                times[g] = step / d
+                alive[idx[j]] = False
+    return kinds, times
+
+
+# ----------------------------------------------------------------------------- flatness
+def flatness(spec: ModelSpec, out_dir="generated", tol: float = 1e-8, **_ignored) -> dict:
+    """Flatness index of an attention spec at its default parameters (MATH.md 5): 1 when the
+    gradient of R at the origin is non-zero, 2 when the Hessian is (both exact from Hermite
+    moments, `gradient_origin` / `hessian_origin` of the generated module), None when both
+    vanish (higher orders are not computed by this backend). Same keys as hermite.flatness."""
+    from .codegen import ensure_module
+    t0 = time.perf_counter()
+    mod = ensure_module(spec, Path(out_dir))
+    pv = {k: float(v) for k, v in spec.parameters.items()}
+    if not hasattr(mod, "hessian_origin"):
+        return {"flatness": None, "method": "numerical", "leading_terms": "",
+                "note": "norm loss: no Hessian at the origin from this backend",
+                "seconds": time.perf_counter() - t0}
+    g = [float(np.ravel(x)[0]) for x in mod.gradient_origin(**pv)]
+    H = [[float(np.ravel(x)[0]) for x in row] for row in mod.hessian_origin(**pv)]
+    scale = max(1.0, abs(float(mod.population_loss(0.0, 0.0, **pv))))
+    if max(abs(x) for x in g) > tol * scale:
+        k, lead = 1, f"{g[0]:.10g}*m + {g[1]:.10g}*e"
+    elif max(abs(x) for row in H for x in row) > tol * scale:
+        k, lead = 2, (f"{H[0][0] / 2:.10g}*m**2 + {H[0][1]:.10g}*m*e + "
+                      f"{H[1][1] / 2:.10g}*e**2")
+    else:
+        k, lead = None, ""
+    return {"flatness": k, "method": "numerical", "leading_terms": lead,
+            "variables": ["m", "e"], "gradient": g, "hessian": H, "tolerance": tol,
+            "how": "attention backend: exact Hermite moments at the origin (order <= 2)",
+            "seconds": time.perf_counter() - t0}

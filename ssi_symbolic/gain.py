@@ -1,0 +1,175 @@
+"""The sequence-length gain of tying (MATH.md sections 5 and 6).
+
+For a spec whose links are written for any L (with z, tsum and L, e.g. teacher
+"tsum(He(2, z)) / sqrt(2 * L)"), `predict_gain` derives, for every requested L, the tied student
+and the untied one (one weight vector per token, spherical constraint on the flattened vector)
+and predicts each escape time from the ODE started at m0 = 1/sqrt(d) (for the untied student
+m_l = v_l / sqrt(d) along its escape direction v, q_l = 1; see `escape_direction`):
+
+    gain(L) = tau_untied(L) / tau_tied(L),
+
+at a common learning rate (lr_scaling "same") or at each student's own best rate (lr_scaling
+"max": half its maximal learning rate, the eta that maximises the leading escape rate
+eta a1 + eta^2 a2 when a2 < 0), with the least-squares power law gain ~ c L^alpha over the L > 1.
+
+A student whose leading drift at the origin vanishes (for example a tied student whose link is
+symmetric in the tokens on an antisymmetric target such as z1 - z2) cannot escape: it is
+reported as not learnable, with that reason, instead of an escape time.
+
+Only the drift is needed, so the variants are generated drift-only (``diffusion=False``) into a
+cache folder (default generated/variants, not committed): long sequences derive much faster.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .dynamics import (DynamicsError, OverlapODE, initial_state, leading_drift,
+                       max_learning_rate, solve)
+from .errors import SpecError, StateError
+from .evaluate import as_spec, check_params
+
+DEFAULT_VARIANTS = Path("generated") / "variants"
+LR_SCALINGS = ("same", "max")
+
+
+def escape_direction(mod, params=None) -> np.ndarray:
+    """The pattern v of the semantic overlaps (mean v_l^2 = 1) along which the student leaves
+    the origin: all ones for a tied student; for an untied one the drift at the origin when it
+    is not zero (SIE 1), else the eigenvector of the largest
+    eigenvalue of the O(eta) drift's Jacobian in (m_1..m_L) at the origin (q_l = 1) when that
+    eigenvalue is positive (SIE 2: the growing mode a random start projects on), else all ones.
+    A random start has every m_l ~ N(0, 1/d), so m_l = v_l / sqrt(d) is its typical size."""
+    names = tuple(mod.OVERLAPS)
+    sem = [i for i, k in enumerate(names) if k[0] == "m"]
+    if len(sem) == 1 or "m" in names:
+        return np.ones(1)
+    params = params or {}
+    x = [0.0 if k[0] == "m" else 1.0 for k in names]
+    b = np.array([float(mod.drift_eta1(*x, **params)[i]) for i in sem])
+    if np.max(np.abs(b)) > 1e-12:  # SIE 1: a constant drift at the origin points the way
+        return b / np.sqrt(np.mean(b ** 2))
+    J = np.array(mod.drift_jacobian(*x, eta=1e-6, **params), dtype=float) / 1e-6
+    A = J[np.ix_(sem, sem)]
+    w, V = np.linalg.eig(A)
+    k = int(np.argmax(w.real))
+    if not w[k].real > 1e-9 * max(1.0, np.abs(w).max()):
+        return np.ones(len(sem))
+    v = V[:, k].real
+    v = v / np.sqrt(np.mean(v ** 2))
+    return v if v.sum() >= -1e-12 else -v
+
+
+def learnability(mod, params=None, direction=None) -> tuple[bool, str]:
+    """(True, "") when the O(eta) drift of the semantic overlap(s) along the escape direction
+    is positive near the origin, else (False, why): the escape from m0 = 1/sqrt(d) needs it."""
+    p1, a1, _, _ = leading_drift(mod, params, direction=direction)
+    if p1 is None:
+        return False, ("zero leading drift: the O(eta) drift of m vanishes identically near the "
+                       "origin, so the student never escapes (no escape time)")
+    if a1 <= 0:
+        return False, (f"the O(eta) drift of m near the origin is {a1:.3g} m^{p1} <= 0: the "
+                       f"origin attracts, no escape")
+    return True, ""
+
+
+def escape_prediction(spec, eta, d, params=None, out_dir=DEFAULT_VARIANTS,
+                      lr_scaling="same", theta=0.5) -> dict:
+    """ODE escape time of one student (tied or untied) from m0 = 1/sqrt(d).
+
+    lr_scaling "max": eta is replaced by half the student's maximal learning rate. Returns
+    {"escape_time", "eta", "max_lr", "learnable", "reason", "overlaps", "m0"} with m0 the
+    starting semantic overlaps (see `escape_direction`)."""
+    from .codegen import ensure_module
+    mod = ensure_module(spec, out_dir, diffusion=False)
+    pvals = check_params(spec, params)
+    v = escape_direction(mod, pvals)
+    ok, why = learnability(mod, pvals, v)
+    out = {"spec": spec.name, "untied": spec.untied, "learnable": ok, "reason": why or None,
+           "eta": eta, "max_lr": None, "escape_time": None, "overlaps": list(mod.OVERLAPS),
+           "m0": [float(x) for x in v / math.sqrt(d)]}
+    if not ok:
+        return out
+    if lr_scaling == "max":
+        lr = max_learning_rate(mod, pvals, d=d, direction=v)
+        out["max_lr"] = lr["max_lr"]
+        if lr["max_lr"] is None:
+            out["reason"] = f"no maximal learning rate: {lr['reason']}"
+            return out
+        out["eta"] = eta = lr["max_lr"] / 2
+    ode = OverlapODE(mod, eta, pvals)
+    try:
+        x0 = initial_state(ode, d)
+        x0[ode.sem_idx] = v / math.sqrt(d)
+        tr = solve(ode, x0, theta=theta, n_grid=50, stop_at_escape=True)
+    except DynamicsError as exc:
+        out["reason"] = str(exc)
+        return out
+    out["escape_time"] = tr.escape_time
+    if tr.escape_time is None:
+        fp = {k: round(v, 6) for k, v in tr.fixed_point.items()}
+        out["reason"] = (f"no escape at eta = {eta:g}: the dynamics converge to {fp} before "
+                         f"|(m, e)| reaches {theta}")
+    return out
+
+
+def power_law(Ls, values) -> dict | None:
+    """Least-squares fit log v = log c + alpha log L over the finite, positive values at L > 1
+    (with L = 1, where tied and untied coincide, when present); None with fewer than 2 points."""
+    pts = [(L, v) for L, v in zip(Ls, values) if v is not None and v > 0 and math.isfinite(v)]
+    if len([L for L, _ in pts if L > 1]) < 2 and len(pts) < 2:
+        return None
+    x = np.log([L for L, _ in pts])
+    y = np.log([v for _, v in pts])
+    A = np.vstack([np.ones_like(x), x]).T
+    (logc, alpha), *_ = np.linalg.lstsq(A, y, rcond=None)
+    resid = y - A @ np.array([logc, alpha])
+    return {"alpha": float(alpha), "c": float(math.exp(logc)),
+            "rms_log_residual": float(np.sqrt(np.mean(resid ** 2)))}
+
+
+def predict_gain(spec_or_path, Ls=(1, 2, 4, 8), eta=0.05, d=10_000, lr_scaling="same",
+                 params=None, out_dir=DEFAULT_VARIANTS, theta=0.5, progress=False) -> dict:
+    """tau_untied / tau_tied for every L in Ls (the JSON of `ssi gain --json`).
+
+    Keys: "rows" (per L: "L", "tied" and "untied" escape predictions, "gain"), "fit" (power
+    law of the gain in L, or None), "eta", "d", "lr_scaling", "threshold"."""
+    spec = as_spec(spec_or_path)
+    if lr_scaling not in LR_SCALINGS:
+        raise StateError(f"lr_scaling: expected one of {', '.join(LR_SCALINGS)}, "
+                         f"got {lr_scaling!r}")
+    Ls = [int(L) for L in Ls]
+    if not Ls or any(L < 1 or L > 64 for L in Ls):
+        raise StateError(f"L: expected sequence lengths 1..64, got {Ls}")
+    if lr_scaling == "same" and not (eta is not None and eta > 0 and math.isfinite(eta)):
+        raise StateError(f"eta = {eta}: a common learning rate > 0 is needed with "
+                         f"lr_scaling 'same'")
+    if spec.untied:
+        raise SpecError(f"{spec.where('student.weights')}: give the tied spec; its untied "
+                        f"twin is derived for the comparison")
+    rows = []
+    t0 = time.perf_counter()
+    for L in Ls:
+        tied = spec.with_length(L)
+        untied = tied.untied_student()
+        row = {"L": L}
+        for key, sp_ in (("tied", tied), ("untied", untied)):
+            if progress:
+                sys.stderr.write(f"gain: L = {L} {key}: deriving and solving "
+                                 f"({time.perf_counter() - t0:.0f} s)\n")
+                sys.stderr.flush()
+            row[key] = escape_prediction(sp_, eta, d, params, out_dir, lr_scaling, theta)
+        a, b = row["untied"]["escape_time"], row["tied"]["escape_time"]
+        row["gain"] = a / b if a is not None and b is not None and b > 0 else None
+        rows.append(row)
+    fit = power_law([r["L"] for r in rows], [r["gain"] for r in rows])
+    return {"spec": spec.name, "rows": rows, "fit": fit, "eta": eta if lr_scaling == "same"
+            else None, "d": d, "lr_scaling": lr_scaling, "threshold": theta,
+            "parameters": check_params(spec, params)}
+
+
+__all__ = ["predict_gain", "escape_prediction", "learnability", "power_law"]

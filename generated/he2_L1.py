@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 9f8681dccaa5f4a284c23c2c642428e6bda3c9c462f2d73c43add267c4831650
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: 4fa5609e2f0059f95fcf1c6ead469751ecf0a17f721e9b337bc9006047986127
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '9f8681dccaa5f4a284c23c2c642428e6bda3c9c462f2d73c43add267c4831650'
+SPEC_HASH = '4fa5609e2f0059f95fcf1c6ead469751ecf0a17f721e9b337bc9006047986127'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 11128d551fc19cc437f32259c677d330a99926eef4445327ec43ab69ad911702
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: 3e833208aded1c5bb88be83ab323ac79b80e4a6b7cc7c47807c344a6ad6073d3
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '11128d551fc19cc437f32259c677d330a99926eef4445327ec43ab69ad911702'
+SPEC_HASH = '3e833208aded1c5bb88be83ab323ac79b80e4a6b7cc7c47807c344a6ad6073d3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 821ea82efa6a349a2847223256063ee08b1d043adad312b79a9abd821766bfd6
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: ff8bd22044a110bc8e52852ebe92c75db96c76641b586a8c167308303b11ed5b
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '821ea82efa6a349a2847223256063ee08b1d043adad312b79a9abd821766bfd6'
+SPEC_HASH = 'ff8bd22044a110bc8e52852ebe92c75db96c76641b586a8c167308303b11ed5b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

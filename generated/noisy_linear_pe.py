@@ -8,8 +8,8 @@ Positional coefficients C: [['1', '0'], ['1/2', '-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 3600c7e3fd6e2e5d11919ddc84feac372510d2f8e1588701d64d533112fec5fe
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: 5e53e6bec95c812ec983b25542d0b93628d878adacf7c263ba8027b788e49519
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.1
 METHOD = 'exact'
-SPEC_HASH = '3600c7e3fd6e2e5d11919ddc84feac372510d2f8e1588701d64d533112fec5fe'
+SPEC_HASH = '5e53e6bec95c812ec983b25542d0b93628d878adacf7c263ba8027b788e49519'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

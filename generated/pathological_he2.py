@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 0a3faea1bf39c5d32020ae8803737969aeaeab895ec44eb588f66d4d5f5dac93
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: 5b1259ca968df0585aa0eb2a3fd2f713e5ab21fe0608c1d0b9f78813de1fc166
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '0a3faea1bf39c5d32020ae8803737969aeaeab895ec44eb588f66d4d5f5dac93'
+SPEC_HASH = '5b1259ca968df0585aa0eb2a3fd2f713e5ab21fe0608c1d0b9f78813de1fc166'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

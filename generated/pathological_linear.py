@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: c43706342ba61ffbc35a068e4ab7cc72fe6bc93ca88ae2ccd075bc00dcfb0b06
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: c544d7cf73693d176670691cafbbebfb7f203621d3667d641a63e8628c3626b7
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'c43706342ba61ffbc35a068e4ab7cc72fe6bc93ca88ae2ccd075bc00dcfb0b06'
+SPEC_HASH = 'c544d7cf73693d176670691cafbbebfb7f203621d3667d641a63e8628c3626b7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

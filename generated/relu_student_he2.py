@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: 2ef0f83ad73a6648311a788101ae3d5079946d28b7e16d28c5bcdf1e164a1f33
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: c30fa74ac2888650cfcc35c1324ff496bd3ba38fe72900c86a7973d610db24a7
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = '2ef0f83ad73a6648311a788101ae3d5079946d28b7e16d28c5bcdf1e164a1f33'
+SPEC_HASH = 'c30fa74ac2888650cfcc35c1324ff496bd3ba38fe72900c86a7973d610db24a7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -14,8 +14,8 @@ Constant part b: ['-sqrt(2)']
 Tables: {}
 Estimated max error of population_loss (unit coefficients): 3.79e-09
 """
-# spec-hash: 32859de18237bc32a18fb6c4c68ed24d8657846eeeb4bf834d6d8d6de2a415b8
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb attention 1 63b50dff46000fb3
+# spec-hash: 6a02082d102e074f6705a3e6bd1122f7aca2cc79ab4046e2411c9408c8418af6
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9 attention 1 b83d630f5f0c828b
 import numpy
 import scipy.special
 
@@ -32,7 +32,7 @@ LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
 BACKEND = 'attention'
-SPEC_HASH = '32859de18237bc32a18fb6c4c68ed24d8657846eeeb4bf834d6d8d6de2a415b8'
+SPEC_HASH = '6a02082d102e074f6705a3e6bd1122f7aca2cc79ab4046e2411c9408c8418af6'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789635836670599e-09

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: ff17ab4cef04ee006cefab11c49522f9442ad144cc6f830d9669b699a892cda4
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: 6f07fb064d9a9f79046ba433f3739784a066dd715da46ef69bf6b6af232409ef
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'ff17ab4cef04ee006cefab11c49522f9442ad144cc6f830d9669b699a892cda4'
+SPEC_HASH = '6f07fb064d9a9f79046ba433f3739784a066dd715da46ef69bf6b6af232409ef'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: e8e612be3e0b1b5ea7f6871b639c34f2a4c87dde798aa3ec85b9d6001934866c
-# tool: ssi-symbolic 0.1.0 generator 1 source f60189ec855054eb
+# spec-hash: 023deb55e3234b2a6a2b9b1c1d4e51b3d3ffbea74292bed04fb5302330bee985
+# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'e8e612be3e0b1b5ea7f6871b639c34f2a4c87dde798aa3ec85b9d6001934866c'
+SPEC_HASH = '023deb55e3234b2a6a2b9b1c1d4e51b3d3ffbea74292bed04fb5302330bee985'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -71,10 +71,25 @@ def _has_exp(expr) -> bool:
     return any(sp.sympify(x).has(sp.exp) for x in link_entries(expr))
 
 
+def _has_softmax_exp(expr, L: int) -> bool:
+    """True when some exp in the link has an argument of degree >= 2 in the tokens (the
+    attention scores z_i z_j of a softmax), as opposed to a sigmoid or tanh of a linear form,
+    which the generic quadrature path handles."""
+    zs = token_symbols(L)
+    for x in link_entries(expr):
+        for e in sp.sympify(x).atoms(sp.exp):
+            try:
+                if sp.Poly(e.args[0], *zs).total_degree() >= 2:
+                    return True
+            except sp.PolynomialError:
+                return True
+    return False
+
+
 def handles(spec: ModelSpec) -> bool:
-    """True for the specs this backend writes: a student link with exp (softmax) or the
-    non-squared norm loss."""
-    return spec.loss == "norm" or _has_exp(spec.student)
+    """True for the specs this backend writes: a student link with a softmax (an exp of
+    attention scores z_i z_j) or the non-squared norm loss."""
+    return spec.loss == "norm" or _has_softmax_exp(spec.student, spec.L)
 
 
 def _check(spec: ModelSpec) -> None:

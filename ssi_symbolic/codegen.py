@@ -551,7 +551,9 @@ def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
     long sequences; enough for ODE predictions, refused by the SDE).
 
     Returns (path, written)."""
-    if (att := importlib.import_module(".attention", __package__)).handles(spec): return att.generate(spec, out_dir, force)  # noqa: E701,E501 softmax/norm specs: quadrature backend (issue 4)
+    from . import attention  # softmax attention and norm-loss specs: quadrature backend
+    if attention.handles(spec):
+        return attention.generate(spec, out_dir, force)
     path = module_path(spec, out_dir, diffusion)
     if not force and read_hash(path) == spec.hash(_salt(diffusion)):
         return path, False

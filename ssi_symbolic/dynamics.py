@@ -81,6 +81,20 @@ class OverlapODE:
     def drift(self, x):
         return np.array(self.mod.drift(*x, eta=self.eta, **self.params))
 
+    def eigenvalues(self, J) -> np.ndarray:
+        """Eigenvalues of a drift Jacobian J that decide stability. A spherical untied student
+        conserves sum_l q_l = L (the drift of the sum vanishes identically), so J maps into the
+        tangent space sum_l dq_l = 0 and has a structural zero eigenvalue; the eigenvalues of J
+        restricted to that space are returned instead (n - 1 of them)."""
+        J = np.asarray(J, dtype=float)
+        if not (self.untied and self.spherical):
+            return np.linalg.eigvals(J)
+        c = np.zeros(self.n)
+        c[self.norm_idx] = 1.0
+        Q, _ = np.linalg.qr(np.column_stack([c, np.eye(self.n)]))
+        T = Q[:, 1:self.n]                      # orthonormal basis of the complement of c
+        return np.linalg.eigvals(T.T @ J @ T)
+
     def jacobian(self, x):
         return np.array(self.mod.drift_jacobian(*x, eta=self.eta, **self.params), dtype=float)
 
@@ -168,7 +182,7 @@ def fixed_point(ode: OverlapODE, x_guess) -> tuple[np.ndarray, np.ndarray, bool]
     J = ode.jacobian(x)
     if not np.all(np.isfinite(J)):  # e.g. on the sphere |m| = 1, where sqrt(1 - m^2) = 0
         return x, np.full(ode.n, np.nan), False
-    eig = np.linalg.eigvals(J)
+    eig = ode.eigenvalues(J)
     return x, eig, bool(np.all(eig.real < 0))
 
 
@@ -210,7 +224,7 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
     out = []
     for x in sorted(found, key=lambda v: (ode.radius(v), tuple(v))):
         J = ode.jacobian(x)
-        eig = np.linalg.eigvals(J) if np.all(np.isfinite(J)) else np.full(n, np.nan)
+        eig = ode.eigenvalues(J) if np.all(np.isfinite(J)) else np.full(n, np.nan)
         out.append({"state": {k: float(v) for k, v in zip(ode.names, x)},
                     "eigenvalues": [[float(e.real), float(e.imag)] for e in eig],
                     "stable": bool(np.all(eig.real < 0))})
@@ -444,7 +458,7 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10,
             return None
         if ode.radius(sol.x) < 1e-3 or ode.excess(sol.x) > 1e-9:
             return None
-        if np.any(np.linalg.eigvals(ode.jacobian(sol.x)).real >= 0):
+        if np.any(ode.eigenvalues(ode.jacobian(sol.x)).real >= 0):
             return None
         return sol.x
 

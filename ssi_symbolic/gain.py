@@ -9,8 +9,8 @@ m_l = v_l / sqrt(d) along its escape direction v, q_l = 1; see `escape_direction
     gain(L) = tau_untied(L) / tau_tied(L),
 
 at a common learning rate (lr_scaling "same") or at each student's own best rate (lr_scaling
-"max": half its maximal learning rate, the eta that maximises the leading escape rate
-eta a1 + eta^2 a2 when a2 < 0), with the least-squares power law gain ~ c L^alpha over the L > 1.
+"max": the eta that maximises its leading escape rate eta a1 m0^p1 + eta^2 a2 m0^p2 at
+m0 = 1/sqrt(d), half its escape limit), with the least-squares power law gain ~ c L^alpha.
 
 A student whose leading drift at the origin vanishes (for example a tied student whose link is
 symmetric in the tokens on an antisymmetric target such as z1 - z2) cannot escape: it is
@@ -77,11 +77,25 @@ def learnability(mod, params=None, direction=None) -> tuple[bool, str]:
     return True, ""
 
 
+def best_escape_eta(mod, params, d, direction=None) -> tuple[float | None, str]:
+    """The learning rate that maximises the leading escape rate along the escape direction:
+    near the origin dm/dt ~ eta a1 m^p1 + eta^2 a2 m^p2 (a2 < 0, the noise term), so at
+    m0 = 1/sqrt(d) the rate eta a1 m0^p1 + eta^2 a2 m0^p2 peaks at
+    eta* = a1 m0^(p1 - p2) / (-2 a2), half the escape limit. (None, why) when a2 >= 0."""
+    p1, a1, p2, a2 = leading_drift(mod, params, direction=direction)
+    if p2 is None or a2 >= 0:
+        return None, "the O(eta^2) drift does not oppose the escape: no best learning rate"
+    m0 = 1.0 / math.sqrt(d)
+    return a1 * m0 ** (p1 - p2) / (-2 * a2), ""
+
+
 def escape_prediction(spec, eta, d, params=None, out_dir=DEFAULT_VARIANTS,
                       lr_scaling="same", theta=0.5) -> dict:
     """ODE escape time of one student (tied or untied) from m0 = 1/sqrt(d).
 
-    lr_scaling "max": eta is replaced by half the student's maximal learning rate. Returns
+    lr_scaling "max": eta is replaced by the student's best escape rate (`best_escape_eta`,
+    half its escape limit); "max_lr" is its maximal learning rate (escape and stability of the
+    informative fixed point, `max_learning_rate`) for reference. Returns
     {"escape_time", "eta", "max_lr", "learnable", "reason", "overlaps", "m0"} with m0 the
     starting semantic overlaps (see `escape_direction`)."""
     from .codegen import ensure_module
@@ -95,12 +109,13 @@ def escape_prediction(spec, eta, d, params=None, out_dir=DEFAULT_VARIANTS,
     if not ok:
         return out
     if lr_scaling == "max":
+        best, why_best = best_escape_eta(mod, pvals, d, v)
         lr = max_learning_rate(mod, pvals, d=d, direction=v)
-        out["max_lr"] = lr["max_lr"]
-        if lr["max_lr"] is None:
-            out["reason"] = f"no maximal learning rate: {lr['reason']}"
+        out["max_lr"], out["max_lr_reason"] = lr["max_lr"], lr["reason"]
+        if best is None:
+            out["reason"] = why_best
             return out
-        out["eta"] = eta = lr["max_lr"] / 2
+        out["eta"] = eta = best
     ode = OverlapODE(mod, eta, pvals)
     try:
         x0 = initial_state(ode, d)

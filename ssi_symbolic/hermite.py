@@ -35,7 +35,6 @@ reported error estimates say how far the numerical answers can be trusted.
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import re
@@ -601,7 +600,9 @@ def flatness(spec: ModelSpec, out_dir="generated", kmax: int = 8, tol: float = 1
     from .gaussian import has_quadrature
 
     t0 = time.perf_counter()
-    if (att := importlib.import_module(".attention", __package__)).handles(spec): return att.flatness(spec, out_dir)  # noqa: E701,E501 softmax specs (issue 4)
+    from . import attention  # softmax attention specs: flatness from the exact Hessian
+    if attention.handles(spec):
+        return attention.flatness(spec, out_dir)
     D = derive(spec, diffusion=False)
     if method == "auto":
         method = ("exact" if D.method == "exact" and not has_quadrature(D.population_loss)

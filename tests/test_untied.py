@@ -144,3 +144,25 @@ def test_gain_of_sum_of_he2_grows_with_L(tmp_path):
     assert abs(gains[0] - 1) < 1e-6
     assert gains[1] > 1.2 and gains[2] > gains[1]
     assert g["fit"]["alpha"] > 0.3
+
+
+def test_gain_cli_json_and_errors(tmp_path, capsys):
+    from ssi_symbolic.cli import main
+    spec = str(tmp_path / "fam.toml")
+    with open(spec, "w") as fh:
+        fh.write('name = "fam"\nL = 2\n[teacher]\nlink = "tsum(He(2, z)) / sqrt(2 * L)"\n'
+                 '[student]\nlink = "He(2, tsum(z) / sqrt(L)) / sqrt(2)"\n')
+    assert main(["gain", spec, "--L", "1,2", "--json", "--out", str(tmp_path / "v")]) == 0
+    import json
+    out = json.loads(capsys.readouterr().out)
+    assert {"rows", "fit", "eta", "d", "lr_scaling", "threshold"} <= set(out)
+    assert [r["L"] for r in out["rows"]] == [1, 2]
+    assert {"tied", "untied", "gain"} <= set(out["rows"][1])
+    assert main(["gain", spec, "--L", "1,x", "--out", str(tmp_path / "v")]) == 2
+    assert "--L" in capsys.readouterr().err
+    # a link naming token 2 cannot be re-instantiated at L = 1
+    bad = str(tmp_path / "bad.toml")
+    with open(bad, "w") as fh:
+        fh.write('name = "bad"\nL = 2\n[teacher]\nlink = "z1 * z2"\n')
+    assert main(["gain", bad, "--L", "1", "--out", str(tmp_path / "v")]) == 2
+    assert "token 2" in capsys.readouterr().err

@@ -275,6 +275,12 @@ def test_static_analysis_of_every_example_is_json(tmp_path, spec_files):
         out = static_analysis(load_spec(path), out_dir=tmp_path)
         text = json.dumps(out)
         assert {"sie", "flatness", "method"} <= set(json.loads(text))
+        if path.stem.startswith("pathological"):
+            # antisymmetric target, token-symmetric tied student: E[T S] = 0 for every m, so
+            # R is constant and no derivative at the origin is non-zero
+            assert out["sie"] is not None and out["flatness"] is None
+            assert "constant" in out["flatness_details"]["note"]
+            continue
         assert out["flatness"] is not None and out["sie"] is not None
         if out["method"] == "exact":
             assert out["flatness"] <= out["sie"]

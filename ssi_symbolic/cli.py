@@ -137,6 +137,8 @@ def cmd_solve(args) -> int:
                     f"{k}={v:.6g}" for k, v in (r["fixed_point"] or {}).items())
                 + f"  ({'stable' if r['stable'] else 'unstable'})",
                 f"final loss             {r['loss'][-1]:.6g}"]
+        if r.get("no_escape_reason"):
+            rows.insert(2, f"no escape: {r['no_escape_reason']}")
         if args.plot:
             rows.append(f"plot                   {args.plot}")
         return "\n".join(rows)

@@ -99,7 +99,10 @@ class OverlapODE:
         return np.array(self.mod.drift_jacobian(*x, eta=self.eta, **self.params), dtype=float)
 
     def loss(self, x):
-        return np.asarray(self.mod.population_loss(*x, **self.params), dtype=float)
+        """R at the state(s) x, broadcast to the states' shape (R may not depend on them)."""
+        x = np.asarray(x, dtype=float)
+        R = np.asarray(self.mod.population_loss(*x, **self.params), dtype=float)
+        return np.broadcast_to(R, x.shape[1:]).copy()
 
     def semantic(self, x):
         """|m| (tied), or sqrt(sum_l m_l^2 / L) = |W . W*| / (L d) for the flattened untied

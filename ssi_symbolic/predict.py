@@ -31,7 +31,14 @@ def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
     tr = solve(ode, initial_state(ode, d, m0, e0), t_max=t_max, theta=threshold)
     out = tr.to_json()
     out.update({"spec": spec.name, "d": d, "parameters": ode.params, "loss_kind": spec.loss,
-                "method": ode.mod.METHOD})
+                "method": ode.mod.METHOD, "no_escape_reason": None})
+    if out["escape_time"] is None:  # say why instead of leaving a bare null
+        from .gain import learnability
+        ok, why = learnability(ode.mod, ode.params)
+        fp = {k: round(v, 6) for k, v in (out["fixed_point"] or {}).items()}
+        out["no_escape_reason"] = why if not ok else (
+            f"the dynamics converge to {fp} before |(m, e)| reaches {threshold} (eta too large, "
+            f"see `ssi max-lr`, or an uninformative fixed point)")
     return out
 
 

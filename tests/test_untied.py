@@ -166,3 +166,13 @@ def test_gain_cli_json_and_errors(tmp_path, capsys):
         fh.write('name = "bad"\nL = 2\n[teacher]\nlink = "z1 * z2"\n')
     assert main(["gain", bad, "--L", "1", "--out", str(tmp_path / "v")]) == 2
     assert "token 2" in capsys.readouterr().err
+
+
+def test_solve_says_why_a_pathological_target_does_not_escape(tmp_path):
+    """`ssi solve` on the shipped pathological spec: no escape time, and the reason."""
+    from ssi_symbolic.predict import predict_solve
+    from tests.conftest import DERIVATIONS
+    out = predict_solve(DERIVATIONS / "pathological_linear.toml", 0.05, 10_000, out_dir=tmp_path)
+    assert out["escape_time"] is None
+    assert "zero leading drift" in out["no_escape_reason"]
+    assert len(out["loss"]) == len(out["t"])  # a constant loss is still a trajectory

@@ -78,8 +78,23 @@ class OverlapODE:
         """One semantic overlap per token (m1..mL, q1..qL) rather than one m."""
         return "m" not in self.names
 
+    def project(self, x):
+        """The state on its constraint surface: for a spherical untied student the rescaling
+        of the flattened weights to |W|^2 = L d, q_l -> q_l L / sum_k q_k and
+        m_l -> m_l sqrt(L / sum_k q_k); other states unchanged. (The derived drift keeps
+        sum_l q_l = L only on the surface, where it is exact; off it, the surface can repel, so
+        the ODE and SDE evaluate the drift at the projected state and the SDE projects after
+        every step, as real spherical SGD does.)"""
+        if not (self.untied and self.spherical):
+            return x
+        x = np.array(x, dtype=float)
+        f = len(self.norm_idx) / np.sum(x[self.norm_idx], axis=0)
+        x[self.norm_idx] = x[self.norm_idx] * f
+        x[self.sem_idx] = x[self.sem_idx] * np.sqrt(f)
+        return x
+
     def drift(self, x):
-        return np.array(self.mod.drift(*x, eta=self.eta, **self.params))
+        return np.array(self.mod.drift(*self.project(x), eta=self.eta, **self.params))
 
     def eigenvalues(self, J) -> np.ndarray:
         """Eigenvalues of a drift Jacobian J that decide stability. A spherical untied student
@@ -96,7 +111,8 @@ class OverlapODE:
         return np.linalg.eigvals(T.T @ J @ T)
 
     def jacobian(self, x):
-        return np.array(self.mod.drift_jacobian(*x, eta=self.eta, **self.params), dtype=float)
+        return np.array(self.mod.drift_jacobian(*self.project(x), eta=self.eta, **self.params),
+                        dtype=float)
 
     def loss(self, x):
         """R at the state(s) x, broadcast to the states' shape (R may not depend on them)."""

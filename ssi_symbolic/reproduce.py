@@ -88,7 +88,7 @@ FULL = Settings(traj_d=2000, traj_seeds=8, traj_runs=1000,
                 escape_runs=1000, escape_sim_ds={"linear": (500, 1000, 2000, 4000, 8000),
                                                  "he2_L1": (500, 1000, 2000, 4000)},
                 escape_sim_seeds=8, lr_points=30, gain_Ls=(1, 2, 4, 8),
-                gain_sim_Ls=(2, 4, 8), gain_sim_d=1000, phase_omega=101, phase_a=51)
+                gain_sim_Ls=(2, 4, 8), gain_sim_d=500, phase_omega=101, phase_a=51)
 
 
 @dataclass

@@ -114,7 +114,8 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
         S = _sqrt_psd(np.moveaxis(cov, -1, 0) / d)              # (N, n, n)
         noise = np.einsum("kij,kj->ik", S, rng.standard_normal((idx.size, n)))
         xn = xa + drift * dt + noise * math.sqrt(dt)
-        if ode.untied:  # the finite-d state keeps m_l^2 <= q_l
+        if ode.untied:  # the finite-d state keeps sum_l q_l = L (spherical) and m_l^2 <= q_l
+            xn = ode.project(xn)
             qn = np.maximum(xn[ode.norm_idx], 1e-12)
             xn[ode.sem_idx] = np.clip(xn[ode.sem_idx], -np.sqrt(qn), np.sqrt(qn))
         elif ode.spherical:  # the finite-d state never leaves the ball

@@ -3,7 +3,8 @@ prediction, of the SDE ensemble (1000 paths) and of the simulator (8 seeds to es
 relative error of the ODE escape time and of the SDE median against the simulated median.
 Target: the ODE at least 1000 times faster than the simulation, and within 10 percent of it.
 
-Run: python bench/bench_dynamics.py [--d 10000] [--eta 0.12] [--specs he2_L1,tied_network_he2_L2]
+Run: python bench/bench_dynamics.py [--d 10000] [--eta 0.12] [--seeds 8] [--seed 0]
+     [--specs he2_L1,tied_network_he2_L2]
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main() -> int:
     ap.add_argument("--d", type=int, default=10_000)
     ap.add_argument("--eta", type=float, default=0.12)
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0, help="base seed of the simulator")
     ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--specs", default="he2_L1,tied_network_he2_L2,tied_network_he2_L4")
     args = ap.parse_args()
@@ -49,7 +51,7 @@ def main() -> int:
         t_sde = time.perf_counter() - t0
         steps = int(3 * ode["escape_time"] * args.d)
         t0 = time.perf_counter()
-        sim = simulate(load_spec(path), args.eta, args.d, steps, seeds=args.seeds, seed=0,
+        sim = simulate(load_spec(path), args.eta, args.d, steps, seeds=args.seeds, seed=args.seed,
                        out_dir=gen, stop_when_escaped=True, record_every=args.d,
                        progress=sys.stderr.isatty())
         t_sim = time.perf_counter() - t0

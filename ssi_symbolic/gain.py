@@ -187,4 +187,37 @@ def predict_gain(spec_or_path, Ls=(1, 2, 4, 8), eta=0.05, d=10_000, lr_scaling="
             "parameters": check_params(spec, params)}
 
 
-__all__ = ["predict_gain", "escape_prediction", "learnability", "power_law"]
+def simulated_gain(spec, L, eta, d, seeds=8, seed=0, out_dir=DEFAULT_VARIANTS, cap=3.0,
+                   params=None, theta=0.5) -> dict:
+    """The simulator's check of the gain at one L: real SGD of the tied student and of its
+    untied twin (`seeds` runs each, at most cap times the ODE escape time), their median escape
+    times and quartiles, the simulated gain (ratio of medians) with the range from the
+    quartiles (untied q1 / tied q3 to untied q3 / tied q1), the ODE gain and whether it lies in
+    that range. Non-escaped runs count as +infinity."""
+    from .simulate import simulate
+    tied = as_spec(spec).with_length(L)
+    row = {"L": L, "d": d, "eta": eta, "seeds": seeds}
+    for key, sp_ in (("tied", tied), ("untied", tied.untied_student())):
+        pred = escape_prediction(sp_, eta, d, params, out_dir, theta=theta)
+        if pred["escape_time"] is None:
+            raise StateError(f"{sp_.name}: no ODE escape at eta = {eta}: {pred['reason']}")
+        steps = int(cap * pred["escape_time"] * d)
+        res = simulate(sp_, eta, d, steps, seeds=seeds, seed=seed, params=params,
+                       out_dir=out_dir, stop_when_escaped=True, record_every=d, progress=False,
+                       theta=theta)
+        esc = np.where(np.isnan(res.escape_times["escape"]), np.inf, res.escape_times["escape"])
+        q1, med, q3 = (float(np.quantile(esc, q)) for q in (0.25, 0.5, 0.75))
+        row[key] = {"ode": pred["escape_time"], "sim_median": med, "sim_quartiles": [q1, q3],
+                    "escaped": int(np.sum(np.isfinite(esc))), "wall_time": res.wall_time}
+    t, u = row["tied"], row["untied"]
+    row["ode_gain"] = u["ode"] / t["ode"]
+    row["sim_gain"] = u["sim_median"] / t["sim_median"]
+    row["sim_gain_range"] = [u["sim_quartiles"][0] / t["sim_quartiles"][1],
+                             u["sim_quartiles"][1] / t["sim_quartiles"][0]]
+    lo, hi = row["sim_gain_range"]
+    row["inside"] = bool(lo <= row["ode_gain"] <= hi)
+    return row
+
+
+__all__ = ["predict_gain", "escape_prediction", "learnability", "power_law", "simulated_gain",
+           "best_escape_eta", "escape_direction"]

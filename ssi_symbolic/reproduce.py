@@ -781,7 +781,7 @@ def section_gain(ctx: Context) -> Section:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for res, lab, mk in ((same, f"common eta = {s.gain_eta}", "o"),
-                         (best, "each at half its max eta", "s")):
+                         (best, "each at its best escape eta", "s")):
         Ls = [r["L"] for r in res["rows"] if r["gain"] is not None]
         gs = [r["gain"] for r in res["rows"] if r["gain"] is not None]
         ax.loglog(Ls, gs, mk + "-", label=f"ODE, {lab}")
@@ -807,7 +807,7 @@ def section_gain(ctx: Context) -> Section:
 
     def fit_text(res):
         f = res["fit"]
-        return "-" if f is None else f"gain ~ {f['c']:.3g} L^{f['alpha']:.3g}"
+        return "-" if f is None else f"gain ~ {f['c']:.4g} L^{f['alpha']:.4g}"
 
     rows = []
     for a, b in zip(same["rows"], best["rows"]):
@@ -828,8 +828,8 @@ def section_gain(ctx: Context) -> Section:
         f"from m0 = 1/sqrt(d), d = {s.gain_d}, of the tied student and of the untied one (one "
         "weight vector per token, spherical constraint on the flattened vector; it starts with "
         "every m_l = 1/sqrt(d) along its escape direction), and the gain tau_untied / tau_tied. "
-        "Common learning rate: " + fit_text(same) + "; each student at half its own maximal "
-        "learning rate: " + fit_text(best) + ". The paper reports a gain growing linearly in L "
+        "Common learning rate: " + fit_text(same) + "; each student at its own best escape "
+        "rate (half its escape limit, `--lr-scaling max`): " + fit_text(best) + ". The paper reports a gain growing linearly in L "
         "for this target at a common learning rate.\n\n"
         + _table(["L", "tau tied", "tau untied", "gain (same eta)", "best eta tied",
                   "best eta untied", "gain (best eta)"], rows)

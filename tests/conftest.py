@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,3 +11,16 @@ GENERATED = ROOT / "generated"
 @pytest.fixture
 def spec_files():
     return sorted(DERIVATIONS.glob("*.toml"))
+
+
+def copy_generated(out: Path) -> Path:
+    """Copy the committed modules into `out` (tests never write into generated/)."""
+    for f in GENERATED.glob("*.py"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    """A copy of the committed modules: the tests never write into generated/."""
+    return copy_generated(tmp_path_factory.mktemp("generated"))

@@ -8,7 +8,6 @@ Hessian from Richardson-extrapolated finite differences of that reference.
 """
 import json
 import math
-import shutil
 import time
 
 import numpy as np
@@ -23,15 +22,6 @@ from .conftest import DERIVATIONS, GENERATED
 
 PS = DERIVATIONS / "positional_semantic.toml"
 TR = DERIVATIONS / "softmax_trace_he2.toml"
-
-
-@pytest.fixture(scope="module")
-def gen(tmp_path_factory):
-    """A copy of the committed modules: the tests never write into generated/."""
-    out = tmp_path_factory.mktemp("generated")
-    for f in GENERATED.glob("*.py"):
-        shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,6 @@ from ssi_symbolic.spec import load_spec
 from .conftest import DERIVATIONS, GENERATED
 
 
-@pytest.fixture(scope="module")
-def gen(tmp_path_factory):
-    """A copy of the committed modules: the tests never write into generated/."""
-    import shutil
-    out = tmp_path_factory.mktemp("generated")
-    for f in GENERATED.glob("*.py"):
-        shutil.copy(f, out / f.name)
-    return out
-
-
 def cli_json(argv, capsys, out):
     assert main(argv + ["--json", "--out", str(out)]) == 0
     return json.loads(capsys.readouterr().out)

@@ -14,7 +14,7 @@ import pytest
 from ssi_symbolic.cli import main
 from ssi_symbolic.errors import SSIError
 
-from .conftest import DERIVATIONS, GENERATED
+from .conftest import DERIVATIONS, GENERATED, copy_generated
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,9 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """Run `ssi reproduce --quick` once: (exit code, output folder, report.json)."""
-    gen = tmp_path_factory.mktemp("generated")
-    for f in GENERATED.glob("*.py"):
-        shutil.copy(f, gen / f.name)
+    gen = copy_generated(tmp_path_factory.mktemp("generated"))
     out = tmp_path_factory.mktemp("results")
     code = main(["reproduce", "--quick", "--out", str(out), "--generated", str(gen),
                  "--derivations", str(DERIVATIONS)])

@@ -281,6 +281,31 @@ def initial_weights(rng, wstar, U, m0, e0):
     return m0 * wstar + sqrtd * np.einsum("a,sad->sd", e0, U) + s0 * n
 
 
+def _record_buffers(names, seeds, steps, record_every):
+    """(record names = names + ('q_norm',), NaN records (names, seeds, T), record steps (T,))
+    for a run of `steps` steps recorded every `record_every` (and at the last step)."""
+    rec_names = tuple(names) + ("q_norm",)
+    n_rec = steps // record_every + 1 + (1 if steps % record_every else 0)
+    return (rec_names, np.full((len(rec_names), seeds, n_rec), np.nan),
+            np.zeros(n_rec, dtype=np.int64))
+
+
+def _result(spec, rec_names, rec, rec_steps, j, esc, **fields) -> SimulationResult:
+    """The SimulationResult of the first j records (non-finite overlaps, from a diverged run,
+    become NaN with a warning) and the escape steps esc (-1: never) as times step / d."""
+    d = fields["d"]
+    rec = rec[:, :, :j]
+    if not np.all(np.isfinite(rec)):
+        warnings.warn(f"simulate {spec.name}: non-finite overlaps (the SGD diverged at eta = "
+                      f"{fields['eta']:g}); they are reported as NaN", RuntimeWarning,
+                      stacklevel=3)
+        rec = np.where(np.isfinite(rec), rec, np.nan)
+    return SimulationResult(
+        t=rec_steps[:j] / d, overlaps={n: rec[i] for i, n in enumerate(rec_names)},
+        escape_times={key: np.where(v >= 0, v / d, np.nan) for key, v in esc.items()},
+        spec_name=spec.name, **fields)
+
+
 # ----------------------------------------------------------------------------------------------
 # the simulator
 # ----------------------------------------------------------------------------------------------
@@ -369,10 +394,7 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     inv_d = 1.0 / d
 
     names = tuple(spec.overlap_names)
-    rec_names = names + ("q_norm",)
-    n_rec = steps // record_every + 1 + (1 if steps % record_every else 0)
-    rec = np.full((len(rec_names), S, n_rec), np.nan)
-    rec_steps = np.zeros(n_rec, dtype=np.int64)
+    rec_names, rec, rec_steps = _record_buffers(names, S, steps, record_every)
 
     def overlaps_now():
         np.matmul(W, w[:, :, None], out=ov)
@@ -464,18 +486,10 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
             bar.close(k, int(np.count_nonzero(esc["escape"] >= 0)))
     wall = time.perf_counter() - started
 
-    rec = rec[:, :, :j]
-    if not np.all(np.isfinite(rec)):
-        warnings.warn(f"simulate {spec.name}: non-finite overlaps (the SGD diverged at eta = "
-                      f"{eta:g}); they are reported as NaN", RuntimeWarning, stacklevel=2)
-        rec = np.where(np.isfinite(rec), rec, np.nan)
-    overlaps = {name: rec[i] for i, name in enumerate(rec_names)}
-    escape_times = {key: np.where(v >= 0, v / d, np.nan) for key, v in esc.items()}
-    return SimulationResult(
-        t=rec_steps[:j] / d, overlaps=overlaps, escape_times=escape_times, spec_name=spec.name,
-        eta=eta, d=d, steps=steps, seeds=S, theta=theta, m0=m0, e0=e0, params=pvals,
-        seed=seed, record_every=record_every, steps_run=k, stopped_early=stopped_early,
-        spherical=spherical, wall_time=wall)
+    return _result(spec, rec_names, rec, rec_steps, j, esc,
+                   eta=eta, d=d, steps=steps, seeds=S, theta=theta, m0=m0, e0=e0, params=pvals,
+                   seed=seed, record_every=record_every, steps_run=k,
+                   stopped_early=stopped_early, spherical=spherical, wall_time=wall)
 
 
 def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, record_every,
@@ -500,10 +514,7 @@ def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, re
     Ws = W[:, 1:]
     G = np.empty((L, S, d), dtype=dtype)
     names = tuple(spec.overlap_names)
-    rec_names = names + ("q_norm",)
-    n_rec = steps // record_every + 1 + (1 if steps % record_every else 0)
-    rec = np.full((len(rec_names), S, n_rec), np.nan)
-    rec_steps = np.zeros(n_rec, dtype=np.int64)
+    rec_names, rec, rec_steps = _record_buffers(names, S, steps, record_every)
     esc = {key: np.full(S, -1, dtype=np.int64) for key in ("escape", "semantic", "positional")}
 
     def overlaps_now():
@@ -565,15 +576,7 @@ def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, re
         if bar is not None:
             bar.close(k, int(np.count_nonzero(esc["escape"] >= 0)))
     wall = time.perf_counter() - started
-    rec = rec[:, :, :j]
-    if not np.all(np.isfinite(rec)):
-        warnings.warn(f"simulate {spec.name}: non-finite overlaps (the SGD diverged at eta = "
-                      f"{eta:g}); they are reported as NaN", RuntimeWarning, stacklevel=3)
-        rec = np.where(np.isfinite(rec), rec, np.nan)
-    escape_times = {key: np.where(v >= 0, v / d, np.nan) for key, v in esc.items()}
-    return SimulationResult(
-        t=rec_steps[:j] / d, overlaps={n: rec[i] for i, n in enumerate(rec_names)},
-        escape_times=escape_times, spec_name=spec.name, eta=eta, d=d, steps=steps, seeds=S,
-        theta=theta, m0=m0, e0=(), params=pvals, seed=seed, record_every=record_every,
-        steps_run=k, stopped_early=stopped_early, spherical=bool(spec.spherical),
-        wall_time=wall)
+    return _result(spec, rec_names, rec, rec_steps, j, esc,
+                   eta=eta, d=d, steps=steps, seeds=S, theta=theta, m0=m0, e0=(), params=pvals,
+                   seed=seed, record_every=record_every, steps_run=k,
+                   stopped_early=stopped_early, spherical=bool(spec.spherical), wall_time=wall)

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 4fa5609e2f0059f95fcf1c6ead469751ecf0a17f721e9b337bc9006047986127
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 1ff1df3b9f28d94b3cd8db2bb2eb24330cfac9e3e145c20b2468e46d93e9ed68
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '4fa5609e2f0059f95fcf1c6ead469751ecf0a17f721e9b337bc9006047986127'
+SPEC_HASH = '1ff1df3b9f28d94b3cd8db2bb2eb24330cfac9e3e145c20b2468e46d93e9ed68'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

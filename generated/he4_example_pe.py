@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 3e833208aded1c5bb88be83ab323ac79b80e4a6b7cc7c47807c344a6ad6073d3
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: c69f53383a618e0c31dcb6aa1eee6eaae410e362918e5cb75414ded98d11afc1
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '3e833208aded1c5bb88be83ab323ac79b80e4a6b7cc7c47807c344a6ad6073d3'
+SPEC_HASH = 'c69f53383a618e0c31dcb6aa1eee6eaae410e362918e5cb75414ded98d11afc1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

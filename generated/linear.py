@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: ff8bd22044a110bc8e52852ebe92c75db96c76641b586a8c167308303b11ed5b
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 6eb30d113d97eaef68093d0e903380b0028554a751a8b05ba28acf439fd480e9
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'ff8bd22044a110bc8e52852ebe92c75db96c76641b586a8c167308303b11ed5b'
+SPEC_HASH = '6eb30d113d97eaef68093d0e903380b0028554a751a8b05ba28acf439fd480e9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 611b91fdcd096df731136fc072343f62e81aacca1b7b4c8e5a4271a3b35ed856
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 16e5642ebbdb46b5d791b2ff131b5157f7007019355b3085651829c16fd31b78
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = False
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '611b91fdcd096df731136fc072343f62e81aacca1b7b4c8e5a4271a3b35ed856'
+SPEC_HASH = '16e5642ebbdb46b5d791b2ff131b5157f7007019355b3085651829c16fd31b78'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

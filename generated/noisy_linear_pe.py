@@ -8,8 +8,8 @@ Positional coefficients C: [['1', '0'], ['1/2', '-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 5e53e6bec95c812ec983b25542d0b93628d878adacf7c263ba8027b788e49519
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 25e7cbe14438a7093ec08576be6ab61f574f43e94c98710b9493d60bf84f9c86
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.1
 METHOD = 'exact'
-SPEC_HASH = '5e53e6bec95c812ec983b25542d0b93628d878adacf7c263ba8027b788e49519'
+SPEC_HASH = '25e7cbe14438a7093ec08576be6ab61f574f43e94c98710b9493d60bf84f9c86'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 5b1259ca968df0585aa0eb2a3fd2f713e5ab21fe0608c1d0b9f78813de1fc166
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 4a8edff945c52aae00b692697a6f8fddede8c322716308f28cf1f34cc8507750
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '5b1259ca968df0585aa0eb2a3fd2f713e5ab21fe0608c1d0b9f78813de1fc166'
+SPEC_HASH = '4a8edff945c52aae00b692697a6f8fddede8c322716308f28cf1f34cc8507750'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

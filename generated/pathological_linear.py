@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: c544d7cf73693d176670691cafbbebfb7f203621d3667d641a63e8628c3626b7
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 8f1d664b273565348ddcac38b9e962709bdcfad2a35daa556f7516f284d2a602
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'c544d7cf73693d176670691cafbbebfb7f203621d3667d641a63e8628c3626b7'
+SPEC_HASH = '8f1d664b273565348ddcac38b9e962709bdcfad2a35daa556f7516f284d2a602'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

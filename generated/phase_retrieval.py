@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: f0e86a880becbe6ac93fe883f5ba8e184ee4020e036f715825273edd609424e2
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: cef69b094def1c4efe104fa14058eab5c934f7ee7d0b3dc4290d0dc6a06669e7
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'f0e86a880becbe6ac93fe883f5ba8e184ee4020e036f715825273edd609424e2'
+SPEC_HASH = 'cef69b094def1c4efe104fa14058eab5c934f7ee7d0b3dc4290d0dc6a06669e7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

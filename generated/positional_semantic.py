@@ -18,8 +18,8 @@ Constant part b: ['omega*exp(a**2)/(exp(a**2) + exp(-a**2))', 'omega*exp(-a**2)/
 Tables: {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.3002831290616115e-09, 'chebyshev_tail': 2.1658425642314576e-09, 'interpolation_check': 7.21436752004756e-09}
 Estimated max error of population_loss (unit coefficients): 6.51e-08
 """
-# spec-hash: 10ef7585182287789b3130910e48a372cc68c91ff1a5d6cd8e4f9a36caa471fb
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9 attention 1 b83d630f5f0c828b
+# spec-hash: 68dad8e28901deafea3e277ea61e401e91d8084836532e3d85422b89d6fb1bc5
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1 attention 1 18fea9adb9e74c91
 import numpy
 import scipy.special
 
@@ -36,7 +36,7 @@ LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
 BACKEND = 'attention'
-SPEC_HASH = '10ef7585182287789b3130910e48a372cc68c91ff1a5d6cd8e4f9a36caa471fb'
+SPEC_HASH = '68dad8e28901deafea3e277ea61e401e91d8084836532e3d85422b89d6fb1bc5'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.3002831290616115e-09, 'chebyshev_tail': 2.1658425642314576e-09, 'interpolation_check': 7.21436752004756e-09}
 LOSS_ERROR_ESTIMATE = 6.514116836213832e-08
@@ -227,6 +227,7 @@ def drift(m, e, eta, omega=0.5, a=1.0):
     a1 = drift_eta1(m, e, omega=omega, a=a)
     a2 = drift_eta2(m, e, omega=omega, a=a)
     return _bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])
+
 
 
 def drift_jacobian(m, e, eta, h=1e-6, omega=0.5, a=1.0):

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: c30fa74ac2888650cfcc35c1324ff496bd3ba38fe72900c86a7973d610db24a7
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 7b2c451ef4d161bb045492705fc7ecddae8dd27b308ea3aef51ed5237c8dde59
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = 'c30fa74ac2888650cfcc35c1324ff496bd3ba38fe72900c86a7973d610db24a7'
+SPEC_HASH = '7b2c451ef4d161bb045492705fc7ecddae8dd27b308ea3aef51ed5237c8dde59'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

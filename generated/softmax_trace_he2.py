@@ -14,8 +14,8 @@ Constant part b: ['-sqrt(2)']
 Tables: {}
 Estimated max error of population_loss (unit coefficients): 3.79e-09
 """
-# spec-hash: 6a02082d102e074f6705a3e6bd1122f7aca2cc79ab4046e2411c9408c8418af6
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9 attention 1 b83d630f5f0c828b
+# spec-hash: 82188f2d47fbfd4b3aa50066b69919f687928b2057ef76fc0bd5b59986f0a2f5
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1 attention 1 18fea9adb9e74c91
 import numpy
 import scipy.special
 
@@ -32,7 +32,7 @@ LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
 BACKEND = 'attention'
-SPEC_HASH = '6a02082d102e074f6705a3e6bd1122f7aca2cc79ab4046e2411c9408c8418af6'
+SPEC_HASH = '82188f2d47fbfd4b3aa50066b69919f687928b2057ef76fc0bd5b59986f0a2f5'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789635836670599e-09
@@ -214,6 +214,7 @@ def drift(m, e, eta, ):
     a1 = drift_eta1(m, e, )
     a2 = drift_eta2(m, e, )
     return _bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])
+
 
 
 def drift_jacobian(m, e, eta, h=1e-6, ):

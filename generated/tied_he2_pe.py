@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 92c79832db0a6b633e12c7aa6595a981cdf4f0fa12e8736bcafd65e1a83d9d8b
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: aa397a2d88bb67d7114ebf082e67a26ed7205957d84219058f65e6b0a2b6d811
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '92c79832db0a6b633e12c7aa6595a981cdf4f0fa12e8736bcafd65e1a83d9d8b'
+SPEC_HASH = 'aa397a2d88bb67d7114ebf082e67a26ed7205957d84219058f65e6b0a2b6d811'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

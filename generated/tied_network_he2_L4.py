@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 023deb55e3234b2a6a2b9b1c1d4e51b3d3ffbea74292bed04fb5302330bee985
-# tool: ssi-symbolic 0.1.0 generator 1 source 9bfe2f020501ccc9
+# spec-hash: 383bf91cb05d3a9eee079d889a9a6a7dcfe42a410bcf1f5f8adb913042072825
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '023deb55e3234b2a6a2b9b1c1d4e51b3d3ffbea74292bed04fb5302330bee985'
+SPEC_HASH = '383bf91cb05d3a9eee079d889a9a6a7dcfe42a410bcf1f5f8adb913042072825'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import sympy as sp
 
+from .codegen import BROADCAST_HELPERS
 from .errors import SpecError
 from .spec import ModelSpec, link_entries, token_symbols
 
@@ -822,6 +823,25 @@ def _ye(info):
     return "2 * e * e - 1" if info.get("even_e", False) else "e"
 
 
+def _fd_jacobian_src(h: str) -> str:
+    """Source of the generated drift_jacobian: central differences of the module's drift with
+    default step h (a template still to be formatted with pa and pcall)."""
+    return '''
+
+def drift_jacobian(m, e, eta, h=''' + h + ''', {pa}):
+    """Jacobian d drift_i / d x_j over (m, e) by central differences of step h."""
+    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
+    cols = []
+    for j in range(2):
+        xp = list(x); xp[j] = x[j] + h
+        xm = list(x); xm[j] = x[j] - h
+        fp = drift(*xp, eta=eta, {pcall})
+        fm = drift(*xm, eta=eta, {pcall})
+        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
+    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
+'''
+
+
 _DRIFT_SRC = '''
 
 def loss_dl_square(m, e, {pa}):
@@ -862,32 +882,10 @@ def drift(m, e, eta, {pa}):
     a2 = drift_eta2(m, e, {pcall})
     return _bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])
 
-
-def drift_jacobian(m, e, eta, h=1e-6, {pa}):
-    """Jacobian d drift_i / d x_j over (m, e) by central differences of step h."""
-    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
-    cols = []
-    for j in range(2):
-        xp = list(x); xp[j] = x[j] + h
-        xm = list(x); xm[j] = x[j] - h
-        fp = drift(*xp, eta=eta, {pcall})
-        fm = drift(*xm, eta=eta, {pcall})
-        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
-    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
-'''
+''' + _fd_jacobian_src("1e-6")
 
 
-_HELPERS = '''
-def _bc(*xs):
-    """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
-    return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
-
-
-def _bc_nested(rows):
-    flat = _bc(*[x for row in rows for x in row])
-    n = len(rows[0])
-    return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
-
+_HELPERS = BROADCAST_HELPERS + '''
 
 def _cheb_basis(y, n):
     """T_0(y)..T_(n-1)(y) stacked on a new first axis (three-term recursion)."""
@@ -1145,19 +1143,7 @@ def drift(m, e, eta, {pa}):
     g1, g2 = _direct_parts(m, e, dict({pcall}))
     return _bc(*[eta * a + eta ** 2 * b for a, b in zip(g1, g2)])
 
-
-def drift_jacobian(m, e, eta, h=1e-5, {pa}):
-    """Jacobian d drift_i / d x_j by central differences of step h."""
-    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
-    cols = []
-    for j in range(2):
-        xp = list(x); xp[j] = x[j] + h
-        xm = list(x); xm[j] = x[j] - h
-        fp = drift(*xp, eta=eta, {pcall})
-        fm = drift(*xm, eta=eta, {pcall})
-        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
-    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
-'''
+''' + _fd_jacobian_src("1e-5")
 
 
 # ----------------------------------------------------------------------------- generate

@@ -385,8 +385,8 @@ class _Module:
         return fns
 
 
-_HELPERS = '''
-
+#: broadcasting helpers every generated module carries (it imports only numpy and scipy)
+BROADCAST_HELPERS = '''
 def _bc(*xs):
     """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
     return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
@@ -396,7 +396,9 @@ def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
+'''
 
+_HELPERS = '\n' + BROADCAST_HELPERS + '''
 
 _GRIDS = {}
 

@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--L", default="1,2,4,8", help="sequence lengths, comma-separated")
     ga.add_argument("--eta", type=float, default=0.05, help="common learning rate (same)")
     ga.add_argument("--lr-scaling", choices=("same", "max"), default="same",
-                    help="same: the common eta; max: each student at half its maximal rate")
+                    help="same: the common eta; max: each student at the eta that minimises "
+                    "its ODE escape time")
     ga.add_argument("--d", type=float, default=10_000, help="dimension (m0 = 1/sqrt(d))")
     ga.add_argument("--threshold", type=float, default=0.5, help="escape threshold")
     ga.add_argument("--param", action="append", metavar="NAME=VALUE")

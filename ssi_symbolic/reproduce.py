@@ -744,33 +744,49 @@ def section_learning_rate(ctx: Context) -> Section:
 # ---------------------------------------------------------------------------------------------
 # tied versus untied gain (issue 5)
 
-#: the family whose gain the report shows: its links hold for every L (tsum, L)
-GAIN_SPEC = "tied_network_he2_L2"
+#: the families whose gain the report shows (their links hold for every L: tsum, L): the
+#: sum-of-He2 target of the paper (SIE 2) and its SIE-1 twin with a He1 part per token
+GAIN_SPECS = ("tied_network_he2_L2", "tied_network_he12_L2")
 #: the pathological targets (a token-symmetric tied student cannot learn them)
 PATHOLOGICAL_SPECS = ("pathological_linear", "pathological_he2")
 
 
+def _gain_family(ctx: Context, name: str, variants) -> dict:
+    """One family's gain: its teacher's SIE, the ODE gain at a common eta and at each student's
+    best eta, and the simulator's check at settings.gain_sim_Ls."""
+    from .gain import predict_gain, simulated_gain
+    from .hermite import sie
+    from .spec import load_spec
+    s = ctx.settings
+    spec = load_spec(ctx.spec_path(name))
+    t0 = time.monotonic()
+    same = predict_gain(spec, s.gain_Ls, eta=s.gain_eta, d=s.gain_d, out_dir=variants)
+    ctx.progress.item(f"gain {name} (same eta)", 1, 3, t0)
+    best = predict_gain(spec, s.gain_Ls, d=s.gain_d, lr_scaling="max", out_dir=variants)
+    ctx.progress.item(f"gain {name} (best eta)", 2, 3, t0)
+    sims = []
+    for L in s.gain_sim_Ls:
+        ctx.progress.line(f"  gain: simulating {name} at L = {L}, tied and untied, "
+                          f"d = {s.gain_sim_d}, {s.gain_sim_seeds} seeds "
+                          f"({time.monotonic() - t0:.0f} s)")
+        sims.append(simulated_gain(spec, L, s.gain_eta, s.gain_sim_d, s.gain_sim_seeds,
+                                   seed=s.seed, out_dir=variants, cap=s.traj_cap))
+    ctx.progress.item(f"gain {name} (simulator)", 3, 3, t0)
+    return {"spec": name, "teacher": str(spec.teacher), "student": str(spec.student),
+            "sie": sie(spec.teacher, spec.L)["sie"], "same_eta": same, "best_eta": best,
+            "simulator": sims}
+
+
 def section_gain(ctx: Context) -> Section:
     """tau_untied / tau_tied against L (ODE, common eta and each student's best eta), its power
-    law, the simulator's check at a few L, and the pathological targets."""
-    from .gain import escape_prediction, predict_gain, simulated_gain
+    law, the simulator's check at a few L, for an SIE-2 and an SIE-1 family; and the
+    pathological targets."""
+    from .gain import escape_prediction
     from .spec import load_spec
     s = ctx.settings
     sec = Section("gain", "Tied versus untied students: the sequence-length gain")
     variants = ctx.scratch / "variants"
-    spec = load_spec(ctx.spec_path(GAIN_SPEC))
-    t0 = time.monotonic()
-    same = predict_gain(spec, s.gain_Ls, eta=s.gain_eta, d=s.gain_d, out_dir=variants)
-    ctx.progress.item("gain (same eta)", 1, 3, t0)
-    best = predict_gain(spec, s.gain_Ls, d=s.gain_d, lr_scaling="max", out_dir=variants)
-    ctx.progress.item("gain (best eta)", 2, 3, t0)
-    sims = []
-    for L in s.gain_sim_Ls:
-        ctx.progress.line(f"  gain: simulating L = {L}, tied and untied, d = {s.gain_sim_d}, "
-                          f"{s.gain_sim_seeds} seeds ({time.monotonic() - t0:.0f} s)")
-        sims.append(simulated_gain(spec, L, s.gain_eta, s.gain_sim_d, s.gain_sim_seeds,
-                                   seed=s.seed, out_dir=variants, cap=s.traj_cap))
-    ctx.progress.item("gain (simulator)", 3, 3, t0)
+    families = {name: _gain_family(ctx, name, variants) for name in GAIN_SPECS}
     patho = []
     for name in PATHOLOGICAL_SPECS:
         ps = load_spec(ctx.spec_path(name))
@@ -779,26 +795,29 @@ def section_gain(ctx: Context) -> Section:
         patho.append({"spec": name, "teacher": str(ps.teacher), "student": str(ps.student),
                       "tied": tied, "untied": untied})
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for res, lab, mk in ((same, f"common eta = {s.gain_eta}", "o"),
-                         (best, "each at its best escape eta", "s")):
-        Ls = [r["L"] for r in res["rows"] if r["gain"] is not None]
-        gs = [r["gain"] for r in res["rows"] if r["gain"] is not None]
-        ax.loglog(Ls, gs, mk + "-", label=f"ODE, {lab}")
-        if res["fit"]:
-            xs = np.array([min(Ls), max(Ls)], dtype=float)
-            ax.loglog(xs, res["fit"]["c"] * xs ** res["fit"]["alpha"], ":", color="grey")
-    for r in sims:
-        lo, hi = r["sim_gain_range"]
-        ax.errorbar([r["L"]], [r["sim_gain"]], yerr=[[r["sim_gain"] - lo], [hi - r["sim_gain"]]],
-                    fmt="kx", capsize=3)
-    if sims:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for (name, fam), color in zip(families.items(), ("C0", "C1", "C2", "C3")):
+        for res, lab, mk, ls in ((fam["same_eta"], f"eta = {s.gain_eta}", "o", "-"),
+                                 (fam["best_eta"], "best eta", "s", "--")):
+            Ls = [r["L"] for r in res["rows"] if r["gain"] is not None]
+            gs = [r["gain"] for r in res["rows"] if r["gain"] is not None]
+            ax.loglog(Ls, gs, mk + ls, color=color, mfc="none" if mk == "s" else color,
+                      label=f"SIE {fam['sie']} ({name}), ODE, {lab}")
+            if res["fit"]:
+                xs = np.array([min(Ls), max(Ls)], dtype=float)
+                ax.loglog(xs, res["fit"]["c"] * xs ** res["fit"]["alpha"], ":", color="grey")
+        for r in fam["simulator"]:
+            lo, hi = r["sim_gain_range"]
+            ax.errorbar([r["L"]], [r["sim_gain"]],
+                        yerr=[[r["sim_gain"] - lo], [hi - r["sim_gain"]]],
+                        fmt="x", color=color, mec="k", capsize=3)
+    if any(f["simulator"] for f in families.values()):
         ax.plot([], [], "kx", label=f"simulated (d = {s.gain_sim_d}, {s.gain_sim_seeds} seeds, "
                                     f"medians, quartile range)")
     ax.set_xlabel("sequence length L")
     ax.set_ylabel("tau_untied / tau_tied")
-    ax.set_title(f"{GAIN_SPEC} family: gain of tying (d = {s.gain_d})", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_title(f"Gain of tying (ODE at d = {s.gain_d})", fontsize=10)
+    ax.legend(fontsize=6.5)
     fig.tight_layout()
     path = ctx.figure("gain")
     fig.savefig(path, dpi=110)
@@ -809,41 +828,50 @@ def section_gain(ctx: Context) -> Section:
         f = res["fit"]
         return "-" if f is None else f"gain ~ {f['c']:.4g} L^{f['alpha']:.4g}"
 
-    rows = []
-    for a, b in zip(same["rows"], best["rows"]):
-        rows.append([a["L"], _fmt(a["tied"]["escape_time"]), _fmt(a["untied"]["escape_time"]),
-                     _fmt(a["gain"]), _fmt(b["tied"]["eta"]), _fmt(b["untied"]["eta"]),
-                     _fmt(b["gain"])])
-    sim_rows = [[r["L"], _fmt(r["tied"]["ode"]), _fmt(r["tied"]["sim_median"]),
-                 _fmt(r["untied"]["ode"]), _fmt(r["untied"]["sim_median"]), _fmt(r["ode_gain"]),
-                 f"{_fmt(r['sim_gain'])} [{_fmt(r['sim_gain_range'][0])}, "
-                 f"{_fmt(r['sim_gain_range'][1])}]", "yes" if r["inside"] else "no"]
-                for r in sims]
+    parts = [
+        "`ssi gain derivations/<spec>.toml`: the ODE escape time (threshold "
+        f"{THETA}) from m0 = 1/sqrt(d), d = {s.gain_d}, of the tied student and of the untied "
+        "one (one weight vector per token, spherical constraint on the flattened vector; it "
+        "starts with every m_l = 1/sqrt(d) along its escape direction), and the gain "
+        "tau_untied / tau_tied. The paper reports a gain growing linearly in L for the "
+        "sum-of-He2 target at a common learning rate. The simulator check runs real SGD; it "
+        "reports medians of the escape times over the seeds and the gain range from the "
+        "quartiles (the ODE starts from the typical overlap 1/sqrt(d) and has no noise, so it "
+        "is compared with the median)."]
+    for name, fam in families.items():
+        same, best = fam["same_eta"], fam["best_eta"]
+        rows = [[a["L"], _fmt(a["tied"]["escape_time"]), _fmt(a["untied"]["escape_time"]),
+                 _fmt(a["gain"]), _fmt(b["tied"]["eta"]), _fmt(b["untied"]["eta"]),
+                 _fmt(b["gain"])] for a, b in zip(same["rows"], best["rows"])]
+        sim_rows = [[r["L"], _fmt(r["tied"]["ode"]), _fmt(r["tied"]["sim_median"]),
+                     _fmt(r["untied"]["ode"]), _fmt(r["untied"]["sim_median"]),
+                     _fmt(r["ode_gain"]),
+                     f"{_fmt(r['sim_gain'])} [{_fmt(r['sim_gain_range'][0])}, "
+                     f"{_fmt(r['sim_gain_range'][1])}]", "yes" if r["inside"] else "no"]
+                    for r in fam["simulator"]]
+        parts.append(
+            f"**SIE {fam['sie']}: `{name}`** (teacher {fam['teacher']}, student "
+            f"{fam['student']}). Common learning rate: {fit_text(same)}; each student at its "
+            f"own best learning rate (the one minimising its ODE escape time, "
+            f"`--lr-scaling max`): "
+            f"{fit_text(best)}.\n\n"
+            + _table(["L", "tau tied", "tau untied", "gain (same eta)", "best eta tied",
+                      "best eta untied", "gain (best eta)"], rows)
+            + ("\n\nSimulator check:\n\n"
+               + _table(["L", "ODE tied", "sim tied", "ODE untied", "sim untied", "ODE gain",
+                         "sim gain [range]", "ODE inside"], sim_rows)
+               if sim_rows else ""))
     patho_rows = [[f"`{p['spec']}`", p["teacher"], p["student"],
                    p["tied"]["reason"] or _fmt(p["tied"]["escape_time"]),
                    _fmt(p["untied"]["escape_time"]) if p["untied"]["learnable"]
                    else p["untied"]["reason"]] for p in patho]
-    sec.text = (
-        f"`ssi gain derivations/{GAIN_SPEC}.toml`: the ODE escape time (threshold {THETA}) "
-        f"from m0 = 1/sqrt(d), d = {s.gain_d}, of the tied student and of the untied one (one "
-        "weight vector per token, spherical constraint on the flattened vector; it starts with "
-        "every m_l = 1/sqrt(d) along its escape direction), and the gain tau_untied / tau_tied. "
-        "Common learning rate: " + fit_text(same) + "; each student at its own best escape "
-        "rate (half its escape limit, `--lr-scaling max`): " + fit_text(best) + ". The paper reports a gain growing linearly in L "
-        "for this target at a common learning rate.\n\n"
-        + _table(["L", "tau tied", "tau untied", "gain (same eta)", "best eta tied",
-                  "best eta untied", "gain (best eta)"], rows)
-        + ("\n\nSimulator check (real SGD, medians of the escape times over the seeds; the "
-           "gain range is from the quartiles; the ODE starts from the typical overlap "
-           "1/sqrt(d) and has no noise, so it is compared with the median):\n\n"
-           + _table(["L", "ODE tied", "sim tied", "ODE untied", "sim untied", "ODE gain",
-                     "sim gain [range]", "ODE inside"], sim_rows) if sims else "")
-        + "\n\nPathological targets (antisymmetric in the tokens, student symmetric in them): "
-        "the tied student's drift vanishes, so it is reported as not learnable; the untied "
-        "student escapes.\n\n"
+    parts.append(
+        "Pathological targets (antisymmetric in the tokens, student symmetric in them): the "
+        "tied student's drift vanishes, so it is reported as not learnable; the untied student "
+        "escapes.\n\n"
         + _table(["spec", "teacher", "student", "tied", "untied escape time"], patho_rows))
-    sec.numbers = {"same_eta": same, "best_eta": best, "simulator": sims,
-                   "pathological": patho}
+    sec.text = "\n\n".join(parts)
+    sec.numbers = {"families": families, "pathological": patho}
     return sec
 
 

@@ -206,8 +206,17 @@ def _parameters(spec, mod, params):
 
 
 def _load_module(spec, out_dir):
-    from .codegen import ensure_module
-    mod = ensure_module(spec, out_dir)
+    """The module whose links (teacher_link, student_link, student_link_gradient) the
+    simulator evaluates: the full module when it is up to date, otherwise the drift-only one,
+    generated if needed. The simulator never asks for Cov(G), whose derivation for long untied
+    sequences takes far longer than the simulation itself."""
+    from . import attention
+    from .codegen import ensure_module, load_module, module_path, read_hash, tool_salt
+    full = module_path(spec, out_dir, True)
+    if not attention.handles(spec) and read_hash(full) == spec.hash(tool_salt()):
+        mod = load_module(full)
+    else:
+        mod = ensure_module(spec, out_dir, diffusion=False)
     if tuple(mod.OVERLAPS) != tuple(spec.overlap_names):
         raise SpecError(f"generated module of '{spec.name}' tracks {tuple(mod.OVERLAPS)}, the "
                         f"spec {tuple(spec.overlap_names)}: regenerate it")
@@ -315,10 +324,11 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
              dtype=np.float64, stop_when_escaped=False) -> SimulationResult:
     """Run `seeds` independent online-SGD runs of `steps` steps in dimension d.
 
-    spec: a ModelSpec or the path of a TOML spec; its generated module (``ensure_module(spec,
-    out_dir)``) supplies the links. eta: per-step learning rate (> 0). d: input dimension
-    (integer >= L + r + 2). m0, e0: initial overlaps (defaults 1/sqrt(d) and 0; e0 a number for
-    r = 1 or a list of r numbers), with q0 = 1. theta: escape threshold. record_every: steps
+    spec: a ModelSpec or the path of a TOML spec; its generated module supplies the links (the
+    full module if up to date, else the drift-only one, generated if needed).
+    eta: per-step learning rate (> 0). d: input dimension (integer >= L + r + 2). m0, e0:
+    initial overlaps (defaults 1/sqrt(d) and 0; e0 a number for r = 1 or a list of r numbers),
+    with q0 = 1. theta: escape threshold. record_every: steps
     between records (default ceil(steps / 500)); the last step is always recorded. params:
     overrides of the spec's parameter defaults. dtype: float64 or float32 for the
     d-dimensional arrays (the links are evaluated in float64). stop_when_escaped: stop as soon

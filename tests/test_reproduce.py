@@ -134,6 +134,28 @@ def test_learning_rate_limits(report):
     assert taus[-1] > 10 * taus.min()  # diverges towards the escape limit
 
 
+def test_gain_section(report):
+    """Both gain families (SIE 2 and SIE 1) are symmetric in the tokens: along m_1 = ... = m_L
+    the untied student's O(eta) and O(eta^2) drifts are the tied one's divided by L (README), so
+    the ODE gain is exactly L at a common eta and at each student's best eta. The simulator's
+    gain range, recomputed here from its quartiles, holds L. The pathological targets: the tied
+    student has no escape time, the untied one has."""
+    _, _, data = report
+    sec = data["sections"]["gain"]["numbers"]
+    assert {f["sie"] for f in sec["families"].values()} == {1, 2}
+    for name, fam in sec["families"].items():
+        for key in ("same_eta", "best_eta"):
+            for row in fam[key]["rows"]:
+                assert row["gain"] == pytest.approx(row["L"], rel=1e-6), (name, key, row["L"])
+        assert fam["simulator"], name
+        for r in fam["simulator"]:
+            (tq1, tq3), (uq1, uq3) = r["tied"]["sim_quartiles"], r["untied"]["sim_quartiles"]
+            assert uq1 / tq3 <= r["L"] <= uq3 / tq1, (name, r)
+    for p in sec["pathological"]:
+        assert p["tied"]["escape_time"] is None and "zero leading drift" in p["tied"]["reason"]
+        assert p["untied"]["escape_time"] > 0
+
+
 def test_failing_spec_and_section_are_reported(tmp_path):
     """A spec that fails to derive and a section that raises are errors in the report (and
     exit code 2 with one line on the command line), never skipped."""

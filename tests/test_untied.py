@@ -122,6 +122,25 @@ def test_untied_ode_follows_simulation(tmp_path):
     assert ode_vals[-1] > 0.5  # it did learn: a real trajectory, not a flat line
 
 
+def test_simulator_needs_only_the_drift_only_module(tmp_path):
+    """The simulator evaluates only the links: without a current full module it writes the
+    drift-only one (no Cov(G) derivation, which for L = 8 untied students takes tens of minutes
+    and gigabytes); with a current full module it uses that one and writes nothing."""
+    from ssi_symbolic.codegen import module_path
+    spec = make_spec("untied_links", 2, "(He(2, z1) + He(2, z2))/2", weights="untied")
+    simulate(spec, 0.1, 50, 2, seeds=2, out_dir=tmp_path, progress=False)
+    assert module_path(spec, tmp_path, False).exists()
+    assert not module_path(spec, tmp_path, True).exists()
+    other = tmp_path / "full"
+    other.mkdir()
+    ensure_module(spec, other)
+    before = sorted(p.name for p in other.iterdir())
+    a = simulate(spec, 0.1, 50, 3, seeds=2, seed=7, out_dir=other, progress=False)
+    assert sorted(p.name for p in other.iterdir()) == before
+    b = simulate(spec, 0.1, 50, 3, seeds=2, seed=7, out_dir=tmp_path, progress=False)
+    assert np.array_equal(a.overlaps["m1"], b.overlaps["m1"])  # same links either way
+
+
 @pytest.mark.parametrize("teacher", ["(z1 - z2)/sqrt(2)", "(z1**2 - z2**2)/sqrt(2)"])
 def test_pathological_targets_tied_cannot_learn(teacher, tmp_path):
     """A student symmetric in the tokens, tied, on an antisymmetric target: zero leading drift,
@@ -144,6 +163,33 @@ def test_gain_of_sum_of_he2_grows_with_L(tmp_path):
     assert abs(gains[0] - 1) < 1e-6
     assert gains[1] > 1.2 and gains[2] > gains[1]
     assert g["fit"]["alpha"] > 0.3
+
+
+def test_best_escape_eta_minimises_closed_form_escape_times(tmp_path):
+    """lr_scaling "max" runs a student at the eta minimising its escape time. Closed forms:
+    He2/sqrt 2 (SIE 2): dm/dt = eta (2 - 6 eta) m (1 - m^2), tau = F / (eta (2 - 6 eta)), so the
+    best eta is 1/6 at every d; linear (SIE 1): dm/dt = eta (1 - m)(1 + b m), b = 1 - eta, tau
+    = [ln((1 + b theta)/(1 - theta)) - ln((1 + b m0)/(1 - m0))] / ((1 + b) eta), minimised here
+    by SciPy on the closed form."""
+    from scipy.optimize import minimize_scalar
+    d, theta = 10_000, 0.5
+    he2 = escape_prediction(make_spec("he2_best", 1, "He(2, z1)/sqrt(2)"), 0.05, d,
+                            out_dir=tmp_path, lr_scaling="max")
+    assert he2["eta"] == pytest.approx(1 / 6, rel=1e-3)
+    m0 = 1 / math.sqrt(d)
+
+    def tau_linear(eta):
+        b = 1 - eta
+        G = lambda m: math.log((1 + b * m) / (1 - m)) / (1 + b)
+        return (G(theta) - G(m0)) / eta
+
+    ref = minimize_scalar(tau_linear, bounds=(0.01, 2.9), method="bounded",
+                          options={"xatol": 1e-8})
+    lin = escape_prediction(make_spec("linear_best", 1, "z1"), 0.05, d, out_dir=tmp_path,
+                            lr_scaling="max")
+    assert lin["eta"] == pytest.approx(ref.x, rel=1e-3)
+    assert lin["escape_time"] == pytest.approx(ref.fun, rel=1e-6)
+    assert ref.x > 0.2  # far from the common rate: the search did move
 
 
 def test_gain_cli_json_and_errors(tmp_path, capsys):

@@ -290,29 +290,84 @@ def initial_weights(rng, wstar, U, m0, e0):
     return m0 * wstar + sqrtd * np.einsum("a,sad->sd", e0, U) + s0 * n
 
 
-def _record_buffers(names, seeds, steps, record_every):
-    """(record names = names + ('q_norm',), NaN records (names, seeds, T), record steps (T,))
-    for a run of `steps` steps recorded every `record_every` (and at the last step)."""
-    rec_names = tuple(names) + ("q_norm",)
-    n_rec = steps // record_every + 1 + (1 if steps % record_every else 0)
-    return (rec_names, np.full((len(rec_names), seeds, n_rec), np.nan),
-            np.zeros(n_rec, dtype=np.int64))
+class _Book:
+    """The per-step bookkeeping of a simulator loop (tied or untied): records of the overlaps
+    every `record_every` steps and at the last one (names + ('q_norm',)), the first step at
+    which each seed crosses each escape threshold (-1: never), the progress bar, and the early
+    stop once every seed has escaped.
 
+    columns(*state) -> the record's rows, one (seeds,) array per record name; check(esc, k,
+    *state) marks in esc the seeds that cross a threshold at step k."""
 
-def _result(spec, rec_names, rec, rec_steps, j, esc, **fields) -> SimulationResult:
-    """The SimulationResult of the first j records (non-finite overlaps, from a diverged run,
-    become NaN with a warning) and the escape steps esc (-1: never) as times step / d."""
-    d = fields["d"]
-    rec = rec[:, :, :j]
-    if not np.all(np.isfinite(rec)):
-        warnings.warn(f"simulate {spec.name}: non-finite overlaps (the SGD diverged at eta = "
-                      f"{fields['eta']:g}); they are reported as NaN", RuntimeWarning,
-                      stacklevel=3)
-        rec = np.where(np.isfinite(rec), rec, np.nan)
-    return SimulationResult(
-        t=rec_steps[:j] / d, overlaps={n: rec[i] for i, n in enumerate(rec_names)},
-        escape_times={key: np.where(v >= 0, v / d, np.nan) for key, v in esc.items()},
-        spec_name=spec.name, **fields)
+    def __init__(self, spec, names, seeds, steps, d, record_every, progress, stop_when_escaped,
+                 columns, check):
+        self.spec, self.steps, self.d, self.every = spec, steps, d, record_every
+        self.stop_when_escaped = stop_when_escaped
+        self.columns, self.check = columns, check
+        self.rec_names = tuple(names) + ("q_norm",)
+        n_rec = steps // record_every + 1 + (1 if steps % record_every else 0)
+        self.rec = np.full((len(self.rec_names), seeds, n_rec), np.nan)
+        self.rec_steps = np.zeros(n_rec, dtype=np.int64)
+        self.esc = {key: np.full(seeds, -1, dtype=np.int64)
+                    for key in ("escape", "semantic", "positional")}
+        self.j = self.k = 0
+        self.stopped_early = False
+        self.bar = _Progress(f"simulate {spec.name}", steps, d, seeds) if progress else None
+        self.started = time.perf_counter()
+
+    def _record(self, k, state):
+        self.rec_steps[self.j] = k
+        self.rec[:, :, self.j] = np.stack(self.columns(*state))
+        self.j += 1
+
+    def start(self, *state):
+        """Record and check the initial state (step 0)."""
+        self._record(0, state)
+        self.check(self.esc, 0, *state)
+        self.started = time.perf_counter()
+
+    def _escaped(self) -> int:
+        return int(np.count_nonzero(self.esc["escape"] >= 0))
+
+    def step(self, k, *state) -> bool:
+        """Book step k's state; True when the loop should stop (every seed has escaped and
+        stop_when_escaped; that step is then recorded too)."""
+        self.k = k
+        self.check(self.esc, k, *state)
+        if k % self.every == 0 or k == self.steps:
+            self._record(k, state)
+        if self.bar is not None and time.monotonic() - self.bar.last >= PROGRESS_INTERVAL:
+            self.bar.update(k, self._escaped())
+        if self.stop_when_escaped and (self.esc["escape"] >= 0).all():
+            if k % self.every and k != self.steps:
+                self._record(k, state)
+            self.stopped_early = k < self.steps
+            return True
+        return False
+
+    def close(self):
+        """Close the progress bar (also after an error)."""
+        if self.bar is not None:
+            self.bar.close(self.k, self._escaped())
+            self.bar = None
+
+    def result(self, **fields) -> SimulationResult:
+        """The SimulationResult of the records so far (non-finite overlaps, from a diverged
+        run, become NaN with a warning) with the escape steps as times step / d."""
+        wall = time.perf_counter() - self.started
+        self.close()
+        j, d = self.j, self.d
+        rec = self.rec[:, :, :j]
+        if not np.all(np.isfinite(rec)):
+            warnings.warn(f"simulate {self.spec.name}: non-finite overlaps (the SGD diverged at "
+                          f"eta = {fields['eta']:g}); they are reported as NaN", RuntimeWarning,
+                          stacklevel=3)
+            rec = np.where(np.isfinite(rec), rec, np.nan)
+        return SimulationResult(
+            t=self.rec_steps[:j] / d, overlaps={n: rec[i] for i, n in enumerate(self.rec_names)},
+            escape_times={key: np.where(v >= 0, v / d, np.nan) for key, v in self.esc.items()},
+            spec_name=self.spec.name, d=d, steps=self.steps, record_every=self.every,
+            steps_run=self.k, stopped_early=self.stopped_early, wall_time=wall, **fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,25 +458,18 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     inv_sqrtd = 1.0 / sqrtd
     inv_d = 1.0 / d
 
-    names = tuple(spec.overlap_names)
-    rec_names, rec, rec_steps = _record_buffers(names, S, steps, record_every)
-
     def overlaps_now():
         np.matmul(W, w[:, :, None], out=ov)
         o = ov[:, :, 0].astype(float)
         return o[:, 0] * inv_d, o[:, 2:] * inv_sqrtd, o[:, 1] * inv_d  # m, e (S, r), q
 
-    def record(j, k, m, e, q):
-        rec_steps[j] = k
-        cols = [m] + [e[:, a] for a in range(r)] + ([] if spherical else [q]) + [q]
-        rec[:, :, j] = np.stack(cols)
+    def columns(m, e, q):
+        return [m] + [e[:, a] for a in range(r)] + ([] if spherical else [q]) + [q]
 
-    esc = {key: np.full(S, -1, dtype=np.int64) for key in ("escape", "semantic", "positional")}
     theta2 = theta * theta
-
     pending = [True]
 
-    def check_escape(k, m, e):
+    def check_escape(esc, k, m, e, q):
         """Mark the seeds that reach a threshold at step k (cheap when none can)."""
         e2 = np.einsum("sa,sa->s", e, e) if r else 0.0
         n2 = m * m + e2
@@ -436,15 +484,11 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
         pending[0] = bool((esc["escape"] < 0).any() or (esc["semantic"] < 0).any()
                           or (r and (esc["positional"] < 0).any()))
 
+    book = _Book(spec, spec.overlap_names, S, steps, d, record_every, progress,
+                 stop_when_escaped, columns, check_escape)
     m, e, q = overlaps_now()
     mu = C @ e.T                                                      # (L, S): p_l . w / sqrt(d)
-    record(0, 0, m, e, q)
-    check_escape(0, m, e)
-    j = 1
-    k = 0
-    bar = _Progress(f"simulate {spec.name}", steps, d, S) if progress else None
-    started = time.perf_counter()
-    stopped_early = False
+    book.start(m, e, q)
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for k in range(1, steps + 1):
@@ -479,27 +523,12 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
                     w *= np.sqrt(d / nrm2)[:, None]
                 m, e, q = overlaps_now()
                 mu = C @ e.T
-                check_escape(k, m, e)
-                if k % record_every == 0 or k == steps:
-                    record(j, k, m, e, q)
-                    j += 1
-                if bar is not None and time.monotonic() - bar.last >= PROGRESS_INTERVAL:
-                    bar.update(k, int(np.count_nonzero(esc["escape"] >= 0)))
-                if stop_when_escaped and (esc["escape"] >= 0).all():
-                    if k % record_every and k != steps:
-                        record(j, k, m, e, q)
-                        j += 1
-                    stopped_early = k < steps
+                if book.step(k, m, e, q):
                     break
     finally:
-        if bar is not None:
-            bar.close(k, int(np.count_nonzero(esc["escape"] >= 0)))
-    wall = time.perf_counter() - started
-
-    return _result(spec, rec_names, rec, rec_steps, j, esc,
-                   eta=eta, d=d, steps=steps, seeds=S, theta=theta, m0=m0, e0=e0, params=pvals,
-                   seed=seed, record_every=record_every, steps_run=k,
-                   stopped_early=stopped_early, spherical=spherical, wall_time=wall)
+        book.close()
+    return book.result(eta=eta, seeds=S, theta=theta, m0=m0, e0=e0, params=pvals, seed=seed,
+                       spherical=spherical)
 
 
 def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, record_every,
@@ -523,32 +552,24 @@ def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, re
         W[:, 1 + l] = initial_weights(rng, wstar, np.zeros((S, 0, d)), m0, ())
     Ws = W[:, 1:]
     G = np.empty((L, S, d), dtype=dtype)
-    names = tuple(spec.overlap_names)
-    rec_names, rec, rec_steps = _record_buffers(names, S, steps, record_every)
-    esc = {key: np.full(S, -1, dtype=np.int64) for key in ("escape", "semantic", "positional")}
 
     def overlaps_now():
         ms = np.einsum("sld,sd->ls", Ws, W[:, 0]).astype(float) / d      # (L, S)
         qs = np.einsum("sld,sld->ls", Ws, Ws).astype(float) / d
         return ms, qs
 
-    def record(j, k, ms, qs):
-        rec_steps[j] = k
-        rec[:, :, j] = np.concatenate([ms, qs, qs.mean(axis=0, keepdims=True)])
+    def columns(ms, qs):
+        return list(ms) + list(qs) + [qs.mean(axis=0)]
 
-    def check_escape(k, ms):
+    def check_escape(esc, k, ms, qs):
         sem = np.sqrt(np.mean(ms ** 2, axis=0))
         for key in ("escape", "semantic"):
             new = (sem >= theta) & (esc[key] < 0)
             esc[key][new] = k
 
-    ms, qs = overlaps_now()
-    record(0, 0, ms, qs)
-    check_escape(0, ms)
-    j, k = 1, 0
-    bar = _Progress(f"simulate {spec.name}", steps, d, S) if progress else None
-    started = time.perf_counter()
-    stopped_early = False
+    book = _Book(spec, spec.overlap_names, S, steps, d, record_every, progress,
+                 stop_when_escaped, columns, check_escape)
+    book.start(*overlaps_now())
     K = None
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -569,24 +590,9 @@ def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, re
                 if spec.spherical:
                     nrm2 = np.einsum("sld,sld->s", Ws, Ws)
                     Ws *= np.sqrt(L * d / nrm2)[:, None, None]
-                ms, qs = overlaps_now()
-                check_escape(k, ms)
-                if k % record_every == 0 or k == steps:
-                    record(j, k, ms, qs)
-                    j += 1
-                if bar is not None and time.monotonic() - bar.last >= PROGRESS_INTERVAL:
-                    bar.update(k, int(np.count_nonzero(esc["escape"] >= 0)))
-                if stop_when_escaped and (esc["escape"] >= 0).all():
-                    if k % record_every and k != steps:
-                        record(j, k, ms, qs)
-                        j += 1
-                    stopped_early = k < steps
+                if book.step(k, *overlaps_now()):
                     break
     finally:
-        if bar is not None:
-            bar.close(k, int(np.count_nonzero(esc["escape"] >= 0)))
-    wall = time.perf_counter() - started
-    return _result(spec, rec_names, rec, rec_steps, j, esc,
-                   eta=eta, d=d, steps=steps, seeds=S, theta=theta, m0=m0, e0=(), params=pvals,
-                   seed=seed, record_every=record_every, steps_run=k,
-                   stopped_early=stopped_early, spherical=bool(spec.spherical), wall_time=wall)
+        book.close()
+    return book.result(eta=eta, seeds=S, theta=theta, m0=m0, e0=(), params=pvals, seed=seed,
+                       spherical=bool(spec.spherical))

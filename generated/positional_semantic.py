@@ -18,8 +18,8 @@ Constant part b: ['omega*exp(a**2)/(exp(a**2) + exp(-a**2))', 'omega*exp(-a**2)/
 Tables: {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.3002831290616115e-09, 'chebyshev_tail': 2.1658425642314576e-09, 'interpolation_check': 7.21436752004756e-09}
 Estimated max error of population_loss (unit coefficients): 6.51e-08
 """
-# spec-hash: 68dad8e28901deafea3e277ea61e401e91d8084836532e3d85422b89d6fb1bc5
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1 attention 1 18fea9adb9e74c91
+# spec-hash: 004e1776af9f8e418594e45229efe42e409c72ff06420af9f55754e200e3ebfc
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1 attention 1 d872aa359849c1cd
 import numpy
 import scipy.special
 
@@ -36,7 +36,7 @@ LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
 BACKEND = 'attention'
-SPEC_HASH = '68dad8e28901deafea3e277ea61e401e91d8084836532e3d85422b89d6fb1bc5'
+SPEC_HASH = '004e1776af9f8e418594e45229efe42e409c72ff06420af9f55754e200e3ebfc'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.3002831290616115e-09, 'chebyshev_tail': 2.1658425642314576e-09, 'interpolation_check': 7.21436752004756e-09}
 LOSS_ERROR_ESTIMATE = 6.514116836213832e-08

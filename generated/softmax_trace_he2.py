@@ -14,8 +14,8 @@ Constant part b: ['-sqrt(2)']
 Tables: {}
 Estimated max error of population_loss (unit coefficients): 3.79e-09
 """
-# spec-hash: 82188f2d47fbfd4b3aa50066b69919f687928b2057ef76fc0bd5b59986f0a2f5
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1 attention 1 18fea9adb9e74c91
+# spec-hash: fcd8b95f11ccdf67900604dad9fa988d4e4618070e4d7a902cff4c0fd9da4a46
+# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1 attention 1 d872aa359849c1cd
 import numpy
 import scipy.special
 
@@ -32,7 +32,7 @@ LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
 BACKEND = 'attention'
-SPEC_HASH = '82188f2d47fbfd4b3aa50066b69919f687928b2057ef76fc0bd5b59986f0a2f5'
+SPEC_HASH = 'fcd8b95f11ccdf67900604dad9fa988d4e4618070e4d7a902cff4c0fd9da4a46'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789635836670599e-09

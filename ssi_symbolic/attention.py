@@ -555,6 +555,25 @@ def backend_salt() -> str:
     return f"{tool_salt()} attention {BACKEND_VERSION} {h}"
 
 
+def _constants(spec: ModelSpec, h: str) -> list:
+    """The constants every attention module defines after its imports (NAME .. SPEC_HASH),
+    as source lines; h is the spec's hash."""
+    return [
+        f"NAME = {spec.name!r}",
+        f"L = {spec.L}",
+        "R = 1",
+        "OVERLAPS = ('m', 'e')",
+        f"PARAMETERS = {tuple(spec.parameters)!r}",
+        f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in spec.parameters.items())}}}",
+        "SPHERICAL = True",
+        f"LOSS = {spec.loss!r}",
+        f"NOISE = {float(spec.noise)!r}",
+        "METHOD = 'quadrature'",
+        "BACKEND = 'attention'",
+        f"SPEC_HASH = {h!r}",
+    ]
+
+
 def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
     """The generated module of an attention spec (imports numpy and scipy only)."""
     from .codegen import HASH_PREFIX, pycode
@@ -596,18 +615,7 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         "",
         "_cheb = numpy.polynomial.chebyshev",
         "",
-        f"NAME = {spec.name!r}",
-        f"L = {L}",
-        "R = 1",
-        "OVERLAPS = ('m', 'e')",
-        f"PARAMETERS = {tuple(names)!r}",
-        f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in spec.parameters.items())}}}",
-        "SPHERICAL = True",
-        f"LOSS = {spec.loss!r}",
-        f"NOISE = {float(spec.noise)!r}",
-        "METHOD = 'quadrature'",
-        "BACKEND = 'attention'",
-        f"SPEC_HASH = {h!r}",
+        *_constants(spec, h),
         f"QUADRATURE_NODES = {I.low_nodes}  # L-dim integrals; tables: TABLE_INFO",
         f"TABLE_INFO = {I.table_info!r}",
         f"LOSS_ERROR_ESTIMATE = {I.error_estimate()!r}",
@@ -1036,18 +1044,7 @@ def _norm_module_source(spec: ModelSpec) -> str:
         "import numpy",
         "import scipy.special",
         "",
-        f"NAME = {spec.name!r}",
-        f"L = {L}",
-        "R = 1",
-        "OVERLAPS = ('m', 'e')",
-        f"PARAMETERS = {tuple(names)!r}",
-        f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in spec.parameters.items())}}}",
-        "SPHERICAL = True",
-        "LOSS = 'norm'",
-        f"NOISE = {float(spec.noise)!r}",
-        "METHOD = 'quadrature'",
-        "BACKEND = 'attention'",
-        f"SPEC_HASH = {h!r}",
+        *_constants(spec, h),
         f"QUADRATURE_NODES = {NORM_NODES}",
         f"C = {[float(row[0]) for row in spec.C]!r}",
     ])

@@ -92,8 +92,9 @@ def main() -> int:
                     help="reuse generated/positional_semantic.py instead of rebuilding the tables")
     args = ap.parse_args()
 
-    from ssi_symbolic.codegen import generate, load_module
-    from ssi_symbolic.spec import load_spec
+    from ssi_symbolic.backends.registry import generate
+    from ssi_symbolic.backends.files import load_module
+    from ssi_symbolic.model.spec import load_spec
 
     gen = Path(tempfile.mkdtemp(prefix="ssi-bench-"))   # never write into generated/
     src = ROOT / "generated" / "positional_semantic.py"

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COLD = """
 import json, sys, time
 t0 = time.perf_counter()
-from ssi_symbolic.spec import load_spec
-from ssi_symbolic.codegen import generate
+from ssi_symbolic.model.spec import load_spec
+from ssi_symbolic.backends.registry import generate
 spec = load_spec(sys.argv[1])
 t1 = time.perf_counter()
 path, written = generate(spec, sys.argv[2], force=True)
@@ -49,8 +49,9 @@ def main() -> int:
     ap.add_argument("--states", type=int, default=10 ** 6)
     ap.add_argument("--only", default=None)
     args = ap.parse_args()
-    from ssi_symbolic.codegen import generate, load_module
-    from ssi_symbolic.spec import load_spec
+    from ssi_symbolic.backends.registry import generate
+    from ssi_symbolic.backends.files import load_module
+    from ssi_symbolic.model.spec import load_spec
 
     rng = np.random.default_rng(0)
     rows = []

@@ -27,9 +27,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--specs", default="he2_L1,tied_network_he2_L2,tied_network_he2_L4")
     args = ap.parse_args()
-    from ssi_symbolic.predict import predict_sde, predict_solve
-    from ssi_symbolic.simulate import simulate
-    from ssi_symbolic.spec import load_spec
+    from ssi_symbolic.analysis.predict import predict_sde, predict_solve
+    from ssi_symbolic.numeric.simulate import simulate
+    from ssi_symbolic.model.spec import load_spec
 
     import shutil
     import tempfile

@@ -25,7 +25,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from ssi_symbolic.gain import simulated_gain
+    from ssi_symbolic.analysis.gain import simulated_gain
     out = Path(tempfile.mkdtemp(prefix="ssi-bench-gain-"))  # never write into generated/
     print(f"{Path(args.spec).stem}: d = {args.d}, eta = {args.eta}, {args.seeds} seeds")
     print(f"{'L':>3} {'ODE tied':>9} {'sim tied':>9} {'ODE untied':>10} {'sim untied':>10} "

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 1ff1df3b9f28d94b3cd8db2bb2eb24330cfac9e3e145c20b2468e46d93e9ed68
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: 7f22fc2d3ea29b146b342a778f1d079942f08a60381c19191650916fa7b59a34
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '1ff1df3b9f28d94b3cd8db2bb2eb24330cfac9e3e145c20b2468e46d93e9ed68'
+SPEC_HASH = '7f22fc2d3ea29b146b342a778f1d079942f08a60381c19191650916fa7b59a34'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

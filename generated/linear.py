@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 6eb30d113d97eaef68093d0e903380b0028554a751a8b05ba28acf439fd480e9
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: 2fe5ff12334c85bfba006aa802bc74b15a8c17c1eb79fe3a2867a2a6bea7da6f
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '6eb30d113d97eaef68093d0e903380b0028554a751a8b05ba28acf439fd480e9'
+SPEC_HASH = '2fe5ff12334c85bfba006aa802bc74b15a8c17c1eb79fe3a2867a2a6bea7da6f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: [['1', '0'], ['1/2', '-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 25e7cbe14438a7093ec08576be6ab61f574f43e94c98710b9493d60bf84f9c86
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: 975f9856c4b97a94196037e7859f4376d44e5e21e1f46c79020c5b1e438133b5
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.1
 METHOD = 'exact'
-SPEC_HASH = '25e7cbe14438a7093ec08576be6ab61f574f43e94c98710b9493d60bf84f9c86'
+SPEC_HASH = '975f9856c4b97a94196037e7859f4376d44e5e21e1f46c79020c5b1e438133b5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 4a8edff945c52aae00b692697a6f8fddede8c322716308f28cf1f34cc8507750
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: d9df5a6583f404d0fe31e301d17a6cb61898fc9598102a0c2e2d875ddeb6be93
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '4a8edff945c52aae00b692697a6f8fddede8c322716308f28cf1f34cc8507750'
+SPEC_HASH = 'd9df5a6583f404d0fe31e301d17a6cb61898fc9598102a0c2e2d875ddeb6be93'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

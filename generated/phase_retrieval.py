@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: cef69b094def1c4efe104fa14058eab5c934f7ee7d0b3dc4290d0dc6a06669e7
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: a485157a92021f0b619021e2c97d105022a5f2be0c880dbebb43a7e35109e6f9
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'cef69b094def1c4efe104fa14058eab5c934f7ee7d0b3dc4290d0dc6a06669e7'
+SPEC_HASH = 'a485157a92021f0b619021e2c97d105022a5f2be0c880dbebb43a7e35109e6f9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: 7b2c451ef4d161bb045492705fc7ecddae8dd27b308ea3aef51ed5237c8dde59
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: 448742ba434cf4473263eb9c3c11c3cc7fce9ac6cf95843b2d52f490802b6ecf
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = '7b2c451ef4d161bb045492705fc7ecddae8dd27b308ea3aef51ed5237c8dde59'
+SPEC_HASH = '448742ba434cf4473263eb9c3c11c3cc7fce9ac6cf95843b2d52f490802b6ecf'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: aa397a2d88bb67d7114ebf082e67a26ed7205957d84219058f65e6b0a2b6d811
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: f18d4047467e7b33ba9767c2cd191c943eb89b3617d17291c7b4c42b6b10e9b7
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'aa397a2d88bb67d7114ebf082e67a26ed7205957d84219058f65e6b0a2b6d811'
+SPEC_HASH = 'f18d4047467e7b33ba9767c2cd191c943eb89b3617d17291c7b4c42b6b10e9b7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 63ba50e663687055a4f9f622e38838bcec3566a5473a62a5bbacf20ca4a3733c
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: bb4389213b889dd2ae4deae1d623956930b90ab3ec7c94442eeebb13b753389b
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '63ba50e663687055a4f9f622e38838bcec3566a5473a62a5bbacf20ca4a3733c'
+SPEC_HASH = 'bb4389213b889dd2ae4deae1d623956930b90ab3ec7c94442eeebb13b753389b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 6dc77a0f4d8777fe3ca00dac5c18a7200e790a5a36dc975930fce3a51ea28554
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: 18578963bac73f70ad951765c63fef110d57bca143433ae94a60bc86ed930166
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '6dc77a0f4d8777fe3ca00dac5c18a7200e790a5a36dc975930fce3a51ea28554'
+SPEC_HASH = '18578963bac73f70ad951765c63fef110d57bca143433ae94a60bc86ed930166'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 383bf91cb05d3a9eee079d889a9a6a7dcfe42a410bcf1f5f8adb913042072825
-# tool: ssi-symbolic 0.1.0 generator 1 source bdd017f102d9dcb1
+# spec-hash: 2e3b7ac022af8d77fad2a28476d85eff2aa20e905d4e1bce46ec7e058d29543e
+# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
 import numpy
 import scipy.special
 
@@ -23,11 +23,13 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '383bf91cb05d3a9eee079d889a9a6a7dcfe42a410bcf1f5f8adb913042072825'
+SPEC_HASH = '2e3b7ac022af8d77fad2a28476d85eff2aa20e905d4e1bce46ec7e058d29543e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True
+BACKEND = 'exact'
+UNAVAILABLE = {}
 
 
 

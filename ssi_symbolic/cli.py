@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SSIError, SpecError
-from .evaluate import DEFAULT_D, DEFAULT_ETA, as_spec, evaluate
+from .numeric.evaluate import DEFAULT_D, DEFAULT_ETA, as_spec, evaluate
 
 
 def _key_value(text: str, what: str) -> tuple[str, float]:
@@ -46,7 +46,7 @@ def _pairs(items, what) -> dict:
 
 
 def cmd_derive(args) -> int:
-    from .codegen import generate
+    from .backends.registry import generate
     specs = [as_spec(s) for s in args.spec]  # validate every spec before writing any
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -61,9 +61,9 @@ def cmd_derive(args) -> int:
 
 
 def cmd_latex(args) -> int:
-    from .codegen import write_atomic
-    from .derive import derive
-    from .latex import document
+    from .backends.files import write_atomic
+    from .symbolic.derive import derive
+    from .symbolic.latex import document
     spec = as_spec(args.spec)
     if args.out:
         out = Path(args.out)
@@ -115,7 +115,7 @@ def _fmt(v, spec=".6g"):
 
 def cmd_solve(args) -> int:
     from .plots import check_png, trajectory_figure
-    from .predict import predict_solve
+    from .analysis.predict import predict_solve
     if args.plot:
         check_png(args.plot)
     res = predict_solve(args.spec, args.eta, args.d, m0=args.m0, e0=args.e0, t_max=args.t_max,
@@ -147,7 +147,7 @@ def cmd_solve(args) -> int:
 
 
 def cmd_sde(args) -> int:
-    from .predict import predict_sde
+    from .analysis.predict import predict_sde
     res = predict_sde(args.spec, args.eta, args.d, runs=args.runs, seed=args.seed,
                       t_max=args.t_max, params=_pairs(args.param, "--param"), out_dir=args.out,
                       threshold=args.threshold, progress=not args.json and sys.stderr.isatty())
@@ -162,14 +162,14 @@ def cmd_sde(args) -> int:
 
 
 def cmd_max_lr(args) -> int:
-    from .predict import predict_max_lr
+    from .analysis.predict import predict_max_lr
     res = predict_max_lr(args.spec, params=_pairs(args.param, "--param"), out_dir=args.out)
     _print(res, args.json, lambda r: f"max_lr {_fmt(r['max_lr'], '.10g')}\n{r['reason']}")
     return 0
 
 
 def cmd_fixed_points(args) -> int:
-    from .predict import predict_fixed_points
+    from .analysis.predict import predict_fixed_points
     res = predict_fixed_points(args.spec, args.eta, params=_pairs(args.param, "--param"),
                                out_dir=args.out)
 
@@ -186,7 +186,7 @@ def cmd_fixed_points(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .simulate import simulate
+    from .numeric.simulate import simulate
     res = simulate(args.spec, args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed,
                    m0=args.m0, e0=args.e0, theta=args.threshold,
                    params=_pairs(args.param, "--param"), out_dir=args.out,
@@ -209,7 +209,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_sie(args) -> int:
-    from .hermite import static_analysis
+    from .analysis.hermite import static_analysis
     res = static_analysis(as_spec(args.spec), out_dir=args.out)
     _print(res, args.json, lambda r: (f"SIE {r['sie']}  flatness {r['flatness']}  "
                                       f"method {r['method']}"))
@@ -237,7 +237,7 @@ def _gain_table(r: dict) -> str:
 
 
 def cmd_gain(args) -> int:
-    from .gain import predict_gain
+    from .analysis.gain import predict_gain
     try:
         Ls = [int(x) for x in args.L.split(",") if x.strip()]
     except ValueError:
@@ -252,7 +252,7 @@ def cmd_gain(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import run_report
+    from .report.reproduce import run_report
     rep = run_report(out=args.out, quick=args.quick, generated=args.generated,
                      derivations=args.derivations)
     print(Path(args.out) / "report.md")
@@ -263,12 +263,12 @@ def cmd_reproduce(args) -> int:
 
 
 def _grids(items):
-    from .landscape import parse_grid
+    from .analysis.landscape import parse_grid
     return [parse_grid(g) for g in items or []]
 
 
 def cmd_landscape(args) -> int:
-    from .landscape import analyse
+    from .analysis.landscape import analyse
     res = analyse(args.spec, params=_pairs(args.param, "--param"), out_dir=args.out)
 
     def table(r):
@@ -288,7 +288,7 @@ def cmd_landscape(args) -> int:
 
 def cmd_surface(args) -> int:
     import numpy as np
-    from .landscape import surface, surface_figure
+    from .analysis.landscape import surface, surface_figure
     from .plots import check_png
     out = Path(args.out_file)
     if out.suffix.lower() != ".npz":
@@ -313,7 +313,7 @@ def cmd_surface(args) -> int:
 
 
 def cmd_phase_diagram(args) -> int:
-    from .landscape import phase_diagram, phase_diagram_figure
+    from .analysis.landscape import phase_diagram, phase_diagram_figure
     from .plots import check_png
     if args.plot:
         check_png(args.plot)

@@ -15,8 +15,8 @@ import pytest
 from scipy.special import expit
 
 from ssi_symbolic.cli import main
-from ssi_symbolic.codegen import load_module
-from ssi_symbolic.spec import load_spec, spec_from_dict
+from ssi_symbolic.backends.files import load_module
+from ssi_symbolic.model.spec import load_spec, spec_from_dict
 
 from .conftest import DERIVATIONS, GENERATED
 
@@ -26,14 +26,14 @@ TR = DERIVATIONS / "softmax_trace_he2.toml"
 
 @pytest.fixture(scope="module")
 def ps(gen):
-    from ssi_symbolic.codegen import generate
+    from ssi_symbolic.backends.registry import generate
     path, _ = generate(load_spec(PS), gen)
     return load_module(path)
 
 
 @pytest.fixture(scope="module")
 def tr(gen):
-    from ssi_symbolic.codegen import generate
+    from ssi_symbolic.backends.registry import generate
     path, _ = generate(load_spec(TR), gen)
     return load_module(path)
 
@@ -200,7 +200,7 @@ def test_transition_against_finite_differences(ps):
     """omega_trans(1) where R_ee = R_mm: the FD Hessians are affine in omega, so two omegas
     give the independent root; the root finder of `ssi phase-diagram --transition omega`
     agrees to 1e-5."""
-    from ssi_symbolic.landscape import transition
+    from ssi_symbolic.analysis.landscape import transition
 
     def diff(omega):
         Hmm, Hee = fd_hessian(omega, 1.0)
@@ -248,8 +248,8 @@ def test_derive_attention_spec_fast_and_hashed(tmp_path, capsys):
     assert elapsed < 60   # seconds on a shared 2-core machine (the symbolic path hangs)
     text = (tmp_path / "positional_semantic.py").read_text()
     assert "# spec-hash: " in text
-    from ssi_symbolic.attention import backend_salt
-    from ssi_symbolic.codegen import read_hash
+    from ssi_symbolic.backends.attention import backend_salt
+    from ssi_symbolic.backends.files import read_hash
     committed = GENERATED / "positional_semantic.py"
     if read_hash(committed) == load_spec(PS).hash(backend_salt()):   # committed is current:
         assert text == committed.read_text()                       # reproduced byte for byte
@@ -270,7 +270,7 @@ def test_norm_loss_spec(tmp_path):
     data["loss"] = {"kind": "norm"}
     spec = spec_from_dict(data)
     assert spec.loss == "norm"
-    from ssi_symbolic.codegen import generate
+    from ssi_symbolic.backends.registry import generate
     path, _ = generate(spec, tmp_path)
     mod = load_module(path)
     m, e, omega, a = 0.5, 0.3, 0.4, 0.9
@@ -452,8 +452,8 @@ def test_drift_eta1_is_projected_gradient_of_the_reference(ps):
 def test_simulated_escape_direction(ps):
     """Finite-d SGD from (0, 0): a purely semantic teacher escapes along m, a purely
     positional one along e; the linear-SDE prediction agrees."""
-    from ssi_symbolic.attention import simulate_escape
-    from ssi_symbolic.landscape import predict_escape
+    from ssi_symbolic.analysis.attention import simulate_escape
+    from ssi_symbolic.analysis.landscape import predict_escape
     spec = load_spec(PS)
     out = ps.__file__.rsplit("/", 1)[0]
     for omega, kind in ((0.1, "semantic"), (0.95, "positional")):
@@ -469,7 +469,7 @@ def test_bilinear_projection_student(tmp_path):
     """u^T softmax_rows(z z^T) v (the authors' bilinear reduction) on the He2 target: a scalar
     link through the same backend, against the 64-node reference: S = 2 sigmoid(z1 (z1 - z2)) - 1
     for u = (1, 0), v = (1, -1)."""
-    from ssi_symbolic.codegen import generate
+    from ssi_symbolic.backends.registry import generate
     spec = spec_from_dict({
         "name": "bilinear_he2", "L": 2,
         "teacher": {"link": "(He(2, z1) + He(2, z2)) / sqrt(2)"},

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from ssi_symbolic import attention
-from ssi_symbolic.codegen import generate, load_module, module_source, read_hash, tool_salt
-from ssi_symbolic.derive import D_SYM, ETA, derive
-from ssi_symbolic.spec import load_spec, make_spec
+from ssi_symbolic.backends import attention
+from ssi_symbolic.backends.registry import generate
+from ssi_symbolic.backends.files import load_module, read_hash
+from ssi_symbolic.backends.exact import module_source, tool_salt
+from ssi_symbolic.symbolic.derive import D_SYM, ETA, derive
+from ssi_symbolic.model.spec import load_spec, make_spec
 
 from .conftest import DERIVATIONS, GENERATED
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from ssi_symbolic.cli import main
-from ssi_symbolic.codegen import load_module
-from ssi_symbolic.dynamics import DynamicsError, OverlapODE, initial_state, solve
-from ssi_symbolic.predict import predict_sde, predict_solve
-from ssi_symbolic.simulate import simulate
-from ssi_symbolic.spec import load_spec
+from ssi_symbolic.backends.files import load_module
+from ssi_symbolic.numeric.ode import DynamicsError, OverlapODE, initial_state, solve
+from ssi_symbolic.analysis.predict import predict_sde, predict_solve
+from ssi_symbolic.numeric.simulate import simulate
+from ssi_symbolic.model.spec import load_spec
 
 from .conftest import DERIVATIONS, GENERATED
 

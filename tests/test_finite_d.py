@@ -3,8 +3,8 @@ one-step expansion, whose form the simulator's one-step test checks against real
 import numpy as np
 import pytest
 
-from ssi_symbolic.codegen import ensure_module
-from ssi_symbolic.spec import make_spec
+from ssi_symbolic.backends.registry import ensure_module
+from ssi_symbolic.model.spec import make_spec
 
 from .test_simulate import one_step_correction, plain_pe_spec, shipped
 

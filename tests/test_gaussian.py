@@ -2,8 +2,9 @@
 import numpy as np
 import sympy as sp
 
-from ssi_symbolic.codegen import generate, load_module
-from ssi_symbolic.spec import make_spec
+from ssi_symbolic.backends.registry import generate
+from ssi_symbolic.backends.files import load_module
+from ssi_symbolic.model.spec import make_spec
 
 
 def test_nonpolynomial_constants_made_by_expansion(tmp_path):
@@ -27,7 +28,7 @@ def test_nonpolynomial_constants_made_by_expansion(tmp_path):
 def test_delta_integration_closed_form():
     """E[d/dm relu(m u1 + s u2)] with s = sqrt(1 - m^2): the derivative of the kink is
     integrated exactly (no quadrature node left for the delta term)."""
-    from ssi_symbolic.gaussian import GaussHermite
+    from ssi_symbolic.symbolic.gaussian import GaussHermite
     m, u1, u2 = sp.symbols("m u1 u2", real=True)
     node = GaussHermite(sp.Max(0, m * u1 + sp.sqrt(1 - m ** 2) * u2) * u1, sp.Tuple(u1, u2))
     d = sp.diff(node, m)

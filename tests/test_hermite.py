@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from ssi_symbolic.hermite import (flatness, hermite_coefficients, monomial_to_hermite, sie,
-                                  static_analysis)
-from ssi_symbolic.links import He
-from ssi_symbolic.spec import load_spec, make_spec, token_symbols
+from ssi_symbolic.analysis.hermite import flatness, hermite_coefficients, monomial_to_hermite, sie, static_analysis
+from ssi_symbolic.model.links import He
+from ssi_symbolic.model.spec import load_spec, make_spec, token_symbols
 
 from .conftest import DERIVATIONS
 

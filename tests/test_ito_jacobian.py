@@ -31,8 +31,9 @@ import pytest
 import sympy as sp
 from numpy.polynomial.hermite_e import hermegauss
 
-from ssi_symbolic.codegen import generate, load_module
-from ssi_symbolic.spec import make_spec
+from ssi_symbolic.backends.registry import generate
+from ssi_symbolic.backends.files import load_module
+from ssi_symbolic.model.spec import make_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"

@@ -7,9 +7,9 @@ import pytest
 import sympy as sp
 
 from ssi_symbolic.cli import main
-from ssi_symbolic.derive import derive
-from ssi_symbolic.latex import document
-from ssi_symbolic.spec import load_spec
+from ssi_symbolic.symbolic.derive import derive
+from ssi_symbolic.symbolic.latex import document
+from ssi_symbolic.model.spec import load_spec
 
 from .conftest import DERIVATIONS
 

@@ -34,8 +34,9 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from ssi_symbolic.codegen import generate, load_module
-from ssi_symbolic.spec import make_spec
+from ssi_symbolic.backends.registry import generate
+from ssi_symbolic.backends.files import load_module
+from ssi_symbolic.model.spec import make_spec
 
 K_SIGMA = 5.0       # tolerance in Monte Carlo standard errors
 N_BATCHES = 50      # batches for the standard error of the sample covariance

@@ -2,9 +2,9 @@
 import numpy as np
 import sympy as sp
 
-from ssi_symbolic.codegen import module_source
-from ssi_symbolic.derive import ETA, derive
-from ssi_symbolic.spec import load_spec, make_spec
+from ssi_symbolic.backends.exact import module_source
+from ssi_symbolic.symbolic.derive import ETA, derive
+from ssi_symbolic.model.spec import load_spec, make_spec
 
 from .conftest import DERIVATIONS
 
@@ -66,7 +66,7 @@ def test_noise_enters_loss_and_eta2_only():
 
 def test_generated_oracle_numbers(tmp_path):
     """The generated module reproduces the phase-retrieval oracle at random states."""
-    from ssi_symbolic.codegen import load_module
+    from ssi_symbolic.backends.files import load_module
     spec = load_spec(DERIVATIONS / "phase_retrieval.toml")
     path = tmp_path / "pr.py"
     path.write_text(module_source(derive(spec)))

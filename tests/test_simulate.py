@@ -18,10 +18,10 @@ import math
 import numpy as np
 import pytest
 
-from ssi_symbolic.codegen import ensure_module
+from ssi_symbolic.backends.registry import ensure_module
 from ssi_symbolic.errors import SpecError, StateError
-from ssi_symbolic.simulate import SimulationResult, initial_weights, make_frame, simulate
-from ssi_symbolic.spec import load_spec, make_spec
+from ssi_symbolic.numeric.simulate import SimulationResult, initial_weights, make_frame, simulate
+from ssi_symbolic.model.spec import load_spec, make_spec
 
 from .conftest import DERIVATIONS
 

@@ -6,7 +6,7 @@ import pytest
 
 from ssi_symbolic.cli import main
 from ssi_symbolic.errors import SpecError
-from ssi_symbolic.spec import load_spec, make_spec
+from ssi_symbolic.model.spec import load_spec, make_spec
 
 GOOD = """
 name = "ok"

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from ssi_symbolic.codegen import ensure_module
-from ssi_symbolic.dynamics import OverlapODE, initial_state, solve
-from ssi_symbolic.gain import escape_prediction, predict_gain
-from ssi_symbolic.simulate import simulate
-from ssi_symbolic.spec import make_spec
+from ssi_symbolic.backends.registry import ensure_module
+from ssi_symbolic.numeric.ode import OverlapODE, initial_state, solve
+from ssi_symbolic.analysis.gain import escape_prediction, predict_gain
+from ssi_symbolic.numeric.simulate import simulate
+from ssi_symbolic.model.spec import make_spec
 
 K_SIGMA = 5.0
 
@@ -126,7 +126,7 @@ def test_simulator_needs_only_the_drift_only_module(tmp_path):
     """The simulator evaluates only the links: without a current full module it writes the
     drift-only one (no Cov(G) derivation, which for L = 8 untied students takes tens of minutes
     and gigabytes); with a current full module it uses that one and writes nothing."""
-    from ssi_symbolic.codegen import module_path
+    from ssi_symbolic.backends.files import module_path
     spec = make_spec("untied_links", 2, "(He(2, z1) + He(2, z2))/2", weights="untied")
     simulate(spec, 0.1, 50, 2, seeds=2, out_dir=tmp_path, progress=False)
     assert module_path(spec, tmp_path, False).exists()
@@ -216,7 +216,7 @@ def test_gain_cli_json_and_errors(tmp_path, capsys):
 
 def test_solve_says_why_a_pathological_target_does_not_escape(tmp_path):
     """`ssi solve` on the shipped pathological spec: no escape time, and the reason."""
-    from ssi_symbolic.predict import predict_solve
+    from ssi_symbolic.analysis.predict import predict_solve
     from tests.conftest import DERIVATIONS
     out = predict_solve(DERIVATIONS / "pathological_linear.toml", 0.05, 10_000, out_dir=tmp_path)
     assert out["escape_time"] is None

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SpecError, SSIError
-from .evaluate import as_spec, check_params
+from ..backends.contract import provides, require, why_not
+from ..errors import SpecError, SSIError
+from ..numeric.evaluate import as_spec, check_params
 
 REGIONS = ("Unique Semantic Minimum",
            "Unique Semantic Minimum, Misaligned Dynamics",
@@ -71,14 +72,14 @@ def parse_grid(text: str) -> tuple[str, np.ndarray]:
 
 def load(spec_or_path, out_dir="generated"):
     """(spec, module) of an attention spec with the squared loss (tables and Hessian)."""
-    from .codegen import ensure_module
+    from ..backends.registry import ensure_module
     spec = as_spec(spec_or_path)
     mod = ensure_module(spec, Path(out_dir))
-    if getattr(mod, "BACKEND", None) != "attention" or not hasattr(mod, "cross_terms"):
+    if not (provides(mod, "cross_terms") and provides(mod, "hessian_origin")):
         raise SpecError(f"{spec.source or spec.name}: landscape analysis needs a softmax "
                         f"attention spec with the squared loss (the attention backend's tables); "
-                        f"this module has loss {getattr(mod, 'LOSS', 'square')!r} and "
-                        f"method {getattr(mod, 'METHOD', '?')!r}")
+                        f"this module has loss {mod.LOSS!r} and method {mod.METHOD!r}: "
+                        f"{why_not(mod, 'cross_terms') or why_not(mod, 'hessian_origin')}")
     return spec, mod
 
 
@@ -377,7 +378,7 @@ def phase_diagram(spec_or_path, grids, transition_along=None, params=None,
 
 # ----------------------------------------------------------------------------- figures
 def _pyplot():
-    from .plots import _pyplot as p
+    from ..plots import _pyplot as p
     return p()
 
 
@@ -385,7 +386,7 @@ def phase_diagram_figure(result: dict, path) -> Path:
     """Draw the regions of a phase_diagram result (first grid on x, second on y) with a legend,
     and the transition curve when present."""
     from matplotlib.patches import Patch
-    from .plots import check_png
+    from ..plots import check_png
     plt = _pyplot()
     path = check_png(path)
     if "region_index" not in result:
@@ -417,7 +418,7 @@ def phase_diagram_figure(result: dict, path) -> Path:
 
 def surface_figure(result: dict, path) -> Path:
     """Contour plot of a surface result (e on x, m on y), NaN outside the disk left blank."""
-    from .plots import check_png
+    from ..plots import check_png
     plt = _pyplot()
     path = check_png(path)
     e, m = np.asarray(result["e"]), np.asarray(result["m"])
@@ -451,9 +452,7 @@ def predict_escape(spec_or_path, params=None, eta=1.0, d=1000, paths=400, theta=
     the deterministic drift of the module (both orders, RK4) until |m| or |e| reaches theta."""
     from .attention import origin_noise
     spec, mod = load(spec_or_path, out_dir)
-    if not hasattr(mod, "drift"):
-        raise SpecError(f"{spec.name}: the module has no drift tables (non-polynomial teacher "
-                        f"needed)")
+    require(mod, "drift", "the escape prediction")
     pv, _ = _param_arrays(spec, params or {})
     p1 = {k: float(v) for k, v in pv.items()}
     H = _hessians(mod, pv)[0]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.polys.rings import ring as poly_ring
 
-from .spec import ModelSpec, link_entries, token_symbols
+from ..model.spec import ModelSpec, link_entries, token_symbols
 
 
 class NotPolynomial(Exception):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SpecError, StateError
-from .spec import ModelSpec, load_spec
+from ..errors import SpecError, StateError
+from ..model.spec import ModelSpec, load_spec
 
 DEFAULT_ETA = 0.05
 DEFAULT_D = 1000
@@ -81,7 +81,7 @@ def evaluate(spec_or_path, at: dict, eta: float = DEFAULT_ETA, d: float = DEFAUL
     The O(eta) entry is eta E[G1] and the O(eta^2) entry eta^2 E[G2], so drift is their sum.
     Returns the JSON object of `ssi evaluate --json`.
     """
-    from .codegen import ensure_module
+    from ..backends.registry import ensure_module
 
     spec = as_spec(spec_or_path)
     state = check_state(spec, at)

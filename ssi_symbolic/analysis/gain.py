@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dynamics import (DynamicsError, OverlapODE, initial_state, leading_drift,
-                       max_learning_rate, solve)
-from .errors import SpecError, StateError
-from .evaluate import as_spec, check_params
+from ..numeric.ode import DynamicsError, OverlapODE, initial_state, leading_drift, max_learning_rate, solve
+from ..errors import SpecError, StateError
+from ..numeric.evaluate import as_spec, check_params
 
 DEFAULT_VARIANTS = Path("generated") / "variants"
 LR_SCALINGS = ("same", "max")
@@ -164,7 +163,7 @@ def escape_prediction(spec, eta, d, params=None, out_dir=DEFAULT_VARIANTS,
     and stability of the informative fixed point, `max_learning_rate`) for reference. Returns
     {"escape_time", "eta", "max_lr", "learnable", "reason", "overlaps", "m0"} with m0 the
     starting semantic overlaps (see `escape_direction`)."""
-    from .codegen import ensure_module
+    from ..backends.registry import ensure_module
     mod = ensure_module(spec, out_dir, diffusion=False)
     pvals = check_params(spec, params)
     v = escape_direction(mod, pvals)
@@ -249,7 +248,7 @@ def simulated_gain(spec, L, eta, d, seeds=8, seed=0, out_dir=DEFAULT_VARIANTS, c
     times and quartiles, the simulated gain (ratio of medians) with the range from the
     quartiles (untied q1 / tied q3 to untied q3 / tied q1), the ODE gain and whether it lies in
     that range. Non-escaped runs count as +infinity."""
-    from .simulate import simulate
+    from ..numeric.simulate import simulate
     tied = as_spec(spec).with_length(L)
     row = {"L": L, "d": d, "eta": eta, "seeds": seeds}
     for key, sp_ in (("tied", tied), ("untied", tied.untied_student())):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dynamics import (DEFAULT_THETA, OverlapODE, fixed_points, initial_state,
-                       max_learning_rate, solve)
-from .evaluate import as_spec, check_eta_d, check_params
-from .sde import simulate_sde
+from ..numeric.ode import DEFAULT_THETA, OverlapODE, fixed_points, initial_state, max_learning_rate, solve
+from ..numeric.evaluate import as_spec, check_eta_d, check_params
+from ..numeric.sde import simulate_sde
 
 
 def _ode(spec_or_path, eta, d, params, out_dir):
-    from .codegen import ensure_module
+    from ..backends.registry import ensure_module
     spec = as_spec(spec_or_path)
     check_eta_d(eta, d)
     pvals = check_params(spec, params)
@@ -56,7 +55,7 @@ def predict_sde(spec_or_path, eta, d, runs=1000, seed=0, t_max=None, m0=None, e0
 
 def predict_max_lr(spec_or_path, params=None, d=10_000, out_dir="generated") -> dict:
     """Maximal learning rate: the JSON of `ssi max-lr --json`."""
-    from .codegen import ensure_module
+    from ..backends.registry import ensure_module
     spec = as_spec(spec_or_path)
     pvals = check_params(spec, params)
     mod = ensure_module(spec, Path(out_dir))

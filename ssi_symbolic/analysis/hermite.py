@@ -44,7 +44,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-from .spec import ModelSpec, link_entries, parse_link, token_symbols
+from ..model.spec import ModelSpec, link_entries, parse_link, token_symbols
 
 _TOKEN = re.compile(r"^z(\d+)$")
 
@@ -449,15 +449,15 @@ def _flatness_numerical(spec, D, out_dir, kmax, tol, radius, nodes=None):
     When a lower-order coefficient is above the tolerance and its error but below the safety
     margin (inconclusive), the nodes are doubled (at most MAX_REFINE times, and only while the
     predicted time stays under REFINE_SECONDS); "inconclusive" reports what remains."""
-    from .codegen import ensure_module
+    from ..backends.registry import ensure_module
 
     xs, _ = _state_split(D)
     nx = len(xs)
     xnames = [str(x) for x in xs]
     mod = ensure_module(spec, out_dir)
     names = [str(s) for s in D.state]
-    quad = getattr(mod, "METHOD", "quadrature") == "quadrature"
-    n0 = int(getattr(mod, "QUADRATURE_NODES", 40))
+    quad = mod.METHOD == "quadrature"
+    n0 = int(mod.QUADRATURE_NODES)
     deg = kmax + 4
     cheb = np.cos(np.pi * (np.arange(96) + 0.5) / 96)
     s = cheb[np.abs(cheb) >= 0.2]
@@ -471,8 +471,8 @@ def _flatness_numerical(spec, D, out_dir, kmax, tol, radius, nodes=None):
         pts = radius * U[:, None, :] * s[None, :, None]  # (ndir, npts, nx)
         args = [np.ones(pts.shape[:2]) if nm == "q" else pts[:, :, xnames.index(nm)]
                 for nm in names]
-        old = getattr(mod, "QUADRATURE_NODES", None)
-        if n_nodes is not None and old is not None:
+        old = mod.QUADRATURE_NODES
+        if n_nodes is not None:
             mod.QUADRATURE_NODES = n_nodes
         try:
             t0 = time.perf_counter()
@@ -596,13 +596,14 @@ def flatness(spec: ModelSpec, out_dir="generated", kmax: int = 8, tol: float = 1
     as a string), "variables", "seconds", ...}; numerical adds "tolerance",
     "absolute_tolerance", "error_estimate", "quadrature_nodes", "refinements", "inconclusive",
     "fit_degrees", "leading_terms_error"."""
-    from .derive import derive
-    from .gaussian import has_quadrature
+    from ..backends.registry import backend_for
+    from ..symbolic.derive import derive
+    from ..symbolic.gaussian import has_quadrature
 
     t0 = time.perf_counter()
-    from . import attention  # softmax attention specs: flatness from the exact Hessian
-    if attention.handles(spec):
-        return attention.flatness(spec, out_dir)
+    if backend_for(spec).name == "attention":
+        from .attention import flatness as attention_flatness
+        return attention_flatness(spec, out_dir)
     D = derive(spec, diffusion=False)
     if method == "auto":
         method = ("exact" if D.method == "exact" and not has_quadrature(D.population_loss)

@@ -21,7 +21,7 @@ import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.parsing.sympy_parser import parse_expr, rationalize, standard_transformations
 
-from .errors import SpecError
+from ..errors import SpecError
 from .links import VOCABULARY
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

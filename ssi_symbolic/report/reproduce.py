@@ -33,8 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
-from .errors import SSIError
+from .. import __version__
+from ..errors import SSIError
 
 THETA = 0.5
 
@@ -175,10 +175,10 @@ class Context:
 
     def model(self, name: str, eta: float):
         """(spec, OverlapODE at eta with the spec's default parameters) for derivations/<name>."""
-        from .codegen import ensure_module
-        from .dynamics import OverlapODE
-        from .evaluate import check_params
-        from .spec import load_spec
+        from ..backends.registry import ensure_module
+        from ..numeric.ode import OverlapODE
+        from ..numeric.evaluate import check_params
+        from ..model.spec import load_spec
         if name not in self.modules:  # load each module once per run
             spec = load_spec(self.spec_path(name))
             self.modules[name] = (spec, ensure_module(spec, self.generated))
@@ -234,7 +234,7 @@ def _table(header: list, rows: list) -> str:
 
 
 def _pyplot():
-    from .plots import _pyplot as plt
+    from ..plots import _pyplot as plt
     return plt()
 
 
@@ -271,8 +271,8 @@ def _fit_log(ds, ts) -> dict:
 
 def section_derivations(ctx: Context) -> Section:
     """Derivation of every spec in derivations/."""
-    from .codegen import generate
-    from .spec import load_spec
+    from ..backends.registry import generate
+    from ..model.spec import load_spec
     sec = Section("derivations", "Derivations")
     files = sorted(ctx.derivations.glob("*.toml"))
     if not files:
@@ -329,7 +329,7 @@ def _module_method(path) -> str | None:
 def example_targets(derivations: Path) -> list:
     """The example targets of MATH.md section 5, each (label, spec, stated SIE, stated flatness,
     where the statement comes from); stated values None when nothing is stated."""
-    from .spec import load_spec, make_spec
+    from ..model.spec import load_spec, make_spec
     ks = (1, 2, 3)
     prod = " * ".join(f"He({k}, z{l})" for l, k in enumerate(ks, 1))
     return [
@@ -349,7 +349,7 @@ def example_targets(derivations: Path) -> list:
 
 def section_static(ctx: Context) -> Section:
     """SIE and flatness index of the paper's example targets."""
-    from .hermite import static_analysis
+    from ..analysis.hermite import static_analysis
     sec = Section("static", "Sequence information exponent and flatness of example targets")
     ctx.spec_path("he4_example_pe")  # an error when it failed to derive
     rows, nums = [], []
@@ -400,9 +400,9 @@ def _stack_overlaps(names, overlaps) -> np.ndarray:
 
 def section_trajectories(ctx: Context) -> Section:
     """ODE, SDE band and simulated SGD from m0 = 1/sqrt(d) for the He2 models."""
-    from .dynamics import initial_state, solve
-    from .sde import simulate_sde
-    from .simulate import simulate
+    from ..numeric.ode import initial_state, solve
+    from ..numeric.sde import simulate_sde
+    from ..numeric.simulate import simulate
     s = ctx.settings
     d, eta = s.traj_d, s.traj_eta
     sec = Section("trajectories", "ODE versus SDE versus simulation: the He2 models")
@@ -509,10 +509,10 @@ ESCAPE_SPECS = ("linear", "he2_L1")
 
 def section_escape_vs_d(ctx: Context) -> Section:
     """Escape time against log d for an SIE-1 and an SIE-2 target, with the fitted scaling."""
-    from .dynamics import initial_state, leading_drift, solve
-    from .hermite import sie
-    from .sde import simulate_sde
-    from .simulate import simulate
+    from ..numeric.ode import initial_state, leading_drift, solve
+    from ..analysis.hermite import sie
+    from ..numeric.sde import simulate_sde
+    from ..numeric.simulate import simulate
     s = ctx.settings
     eta = s.escape_eta
     sec = Section("escape_vs_d", "Escape time versus the dimension d")
@@ -648,8 +648,8 @@ LR_SPECS = ("phase_retrieval", "linear", "he2_L1")
 
 def section_learning_rate(ctx: Context) -> Section:
     """Maximal learning rate, and the ODE escape time against eta up to it."""
-    from .dynamics import DynamicsError, initial_state, solve
-    from .predict import predict_max_lr
+    from ..numeric.ode import DynamicsError, initial_state, solve
+    from ..analysis.predict import predict_max_lr
     s = ctx.settings
     d = s.lr_d
     sec = Section("learning_rate", "The learning-rate limit")
@@ -754,9 +754,9 @@ PATHOLOGICAL_SPECS = ("pathological_linear", "pathological_he2")
 def _gain_family(ctx: Context, name: str, variants) -> dict:
     """One family's gain: its teacher's SIE, the ODE gain at a common eta and at each student's
     best eta, and the simulator's check at settings.gain_sim_Ls."""
-    from .gain import predict_gain, simulated_gain
-    from .hermite import sie
-    from .spec import load_spec
+    from ..analysis.gain import predict_gain, simulated_gain
+    from ..analysis.hermite import sie
+    from ..model.spec import load_spec
     s = ctx.settings
     spec = load_spec(ctx.spec_path(name))
     t0 = time.monotonic()
@@ -781,8 +781,8 @@ def section_gain(ctx: Context) -> Section:
     """tau_untied / tau_tied against L (ODE, common eta and each student's best eta), its power
     law, the simulator's check at a few L, for an SIE-2 and an SIE-1 family; and the
     pathological targets."""
-    from .gain import escape_prediction
-    from .spec import load_spec
+    from ..analysis.gain import escape_prediction
+    from ..model.spec import load_spec
     s = ctx.settings
     sec = Section("gain", "Tied versus untied students: the sequence-length gain")
     variants = ctx.scratch / "variants"
@@ -884,7 +884,7 @@ PHASE_SPEC = "positional_semantic"
 def section_phase_diagram(ctx: Context) -> Section:
     """Regions of the positional-semantic attention model on an (omega, a) grid with the
     transition curve omega_trans(a) (root finding on the exact Hessian at the origin)."""
-    from .landscape import analyse, phase_diagram, phase_diagram_figure
+    from ..analysis.landscape import analyse, phase_diagram, phase_diagram_figure
     s = ctx.settings
     sec = Section("phase_diagram", "Softmax attention: the positional-semantic phase diagram")
     path_spec = ctx.spec_path(PHASE_SPEC)
@@ -1037,7 +1037,7 @@ def run_report(out="results", quick=False, generated="generated", derivations="d
                                          for f in s.figures],
                              "numbers": s.numbers, "errors": s.errors} for s in done},
     }
-    from .codegen import write_atomic
+    from ..backends.files import write_atomic
     write_atomic(out / "report.md", _markdown(done, ctx, meta))
     write_atomic(out / "report.json", json.dumps(_jsonable(report), indent=1) + "\n")
     prog.line(f"wrote {out / 'report.md'} and {out / 'report.json'} "

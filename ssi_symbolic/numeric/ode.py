@@ -19,7 +19,7 @@ import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.optimize import brentq, root
 
-from .errors import SSIError, StateError
+from ..errors import SSIError, StateError
 
 DEFAULT_THETA = 0.5
 ALIGN_TOL = 1e-2

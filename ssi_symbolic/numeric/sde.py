@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dynamics import DEFAULT_THETA, OverlapODE, _check_eta
-from .errors import StateError
+from .ode import DEFAULT_THETA, OverlapODE, _check_eta
+from ..backends.contract import require
+from ..errors import StateError
 
 
 def _sqrt_psd(D):
@@ -69,9 +70,8 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
     `paths` (n, runs, T), with `t_record` the times of those steps (the escape times keep
     their distribution, but escaped paths then draw noise too, so not the same values)."""
     _check_eta(ode.eta)
-    if not getattr(ode.mod, "DIFFUSION", True):
-        raise StateError(f"module {ode.mod.NAME} is drift-only (generated with diffusion "
-                         f"off): regenerate it with the diffusion for the SDE")
+    require(ode.mod, "diffusion", "the SDE")
+    require(ode.mod, "finite_d_correction", "the SDE")
     if not (d >= 1):
         raise StateError(f"d = {d}: the dimension must be >= 1")
     if runs < 1:

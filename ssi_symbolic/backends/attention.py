@@ -2,7 +2,7 @@
 
 The generic symbolic path cannot integrate softmax links (it hangs); specs whose student link
 contains ``exp`` (softmax_rows, trace of a softmax, ...) or whose loss is the non-squared norm
-are routed here by :func:`ssi_symbolic.codegen.generate`.
+are routed here by :func:`ssi_symbolic.backends.registry.backend_for`.
 
 Method (spherical SGD, q = 1, one positional direction e with coefficients C_l). Given the state,
 the token pairs are independent and z_l = m z*_l + sqrt(1 - m^2) g_l + C_l e with z*, g i.i.d.
@@ -49,9 +49,12 @@ from pathlib import Path
 import numpy as np
 import sympy as sp
 
-from .codegen import BROADCAST_HELPERS
-from .errors import SpecError
-from .spec import ModelSpec, link_entries, token_symbols
+from ..errors import SpecError
+from ..model.spec import ModelSpec, link_entries, token_symbols
+from .exact import tool_salt
+from .files import HASH_PREFIX, module_path, read_hash, write_atomic
+from .printing import pycode
+from .runtime import BROADCAST_HELPERS
 
 BACKEND_VERSION = "1"
 #: Chebyshev-Lobatto degrees of the (m, e) table (in y = 2x^2 - 1 for even directions)
@@ -65,6 +68,13 @@ E_DEGREE = 40
 #: tensor-product weights below PRUNE times the largest are dropped (they change nothing)
 PRUNE = 1e-15
 NORM_NODES = 24  # = COVARIANCE_NODES, so drift and loss use one rule
+#: the pieces of the module contract this backend does not write, per loss kind, with the reason
+UNAVAILABLE = {
+    "square": {piece: "the attention backend does not derive the O(1/d) drift"
+               for piece in ("ito_correction", "finite_d_correction")},
+    "norm": {piece: "the attention backend does not derive the O(1/d) drift"
+             for piece in ("ito_correction", "finite_d_correction")},
+}
 
 
 # ----------------------------------------------------------------------------- routing
@@ -549,7 +559,6 @@ def _arr(a) -> str:
 
 
 def backend_salt() -> str:
-    from .codegen import tool_salt
     here = Path(__file__).resolve()
     h = hashlib.sha256(here.read_bytes()).hexdigest()[:16]
     return f"{tool_salt()} attention {BACKEND_VERSION} {h}"
@@ -570,13 +579,13 @@ def _constants(spec: ModelSpec, h: str) -> list:
         f"NOISE = {float(spec.noise)!r}",
         "METHOD = 'quadrature'",
         "BACKEND = 'attention'",
+        f"UNAVAILABLE = {UNAVAILABLE[spec.loss]!r}",
         f"SPEC_HASH = {h!r}",
     ]
 
 
 def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
     """The generated module of an attention spec (imports numpy and scipy only)."""
-    from .codegen import HASH_PREFIX, pycode
     if spec.loss == "norm":
         _check(spec)
         return _norm_module_source(spec)
@@ -913,7 +922,6 @@ def _chebval2(x, y, c):
 
 
 def _link_source(spec, pa) -> str:
-    from .codegen import pycode
     zs = [str(z) for z in token_symbols(spec.L)]
     out = []
     for name, expr, doc in [("teacher_link", spec.teacher, "Teacher link g*(z) entries."),
@@ -1021,7 +1029,6 @@ def diffusion(m, e, eta, d, {pa}):
 def _norm_module_source(spec: ModelSpec) -> str:
     """Module of a norm-loss attention spec: R = E ||T(z*) - S(z)||_F by pruned tensor
     Gauss-Hermite over the 2L Gaussian variables at each state."""
-    from .codegen import HASH_PREFIX
     names = list(spec.parameters)
     pa = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
     h = spec.hash(backend_salt())
@@ -1144,144 +1151,20 @@ def drift(m, e, eta, {pa}):
 
 
 # ----------------------------------------------------------------------------- generate
-def generate(spec: ModelSpec, out_dir="generated", force: bool = False):
-    """Write <out_dir>/<name>.py for an attention spec unless its hash is current.
+def salt(diffusion: bool = True) -> str:
+    """The salt of this backend's spec hash (its modules always carry the covariance)."""
+    return backend_salt()
 
-    Returns (path, written), like codegen.generate."""
-    from .codegen import module_path, read_hash, write_atomic
+
+def generate(spec: ModelSpec, out_dir="generated", force: bool = False, diffusion: bool = True):
+    """Write <out_dir>/<name>.py for an attention spec unless its hash is current. Its
+    covariance is a direct quadrature at each state (no derivation cost), so a drift-only
+    request (diffusion=False) gets the full module.
+
+    Returns (path, written), like the exact backend's generate."""
     _check(spec)
     path = module_path(spec, out_dir)
     if not force and read_hash(path) == spec.hash(backend_salt()):
         return path, False
     write_atomic(path, module_source(spec))
     return path, True
-
-
-# ----------------------------------------------------------------------------- finite d
-def link_functions(spec: ModelSpec):
-    """NumPy functions of the links: T(z*1..z*L, **params) and S(z), dS(z) (entries flattened;
-    dS[l * K + k] = dS_k / dz_l), for the simulator and the noise at the origin."""
-    zs = token_symbols(spec.L)
-    psyms = [sp.Symbol(p, real=True) for p in spec.parameters]
-    T = sp.lambdify(list(zs) + psyms, [stable(x) for x in link_entries(spec.teacher)],
-                    modules="numpy", cse=True)
-    S = _numeric(link_entries(spec.student), spec.L)
-    dS = _numeric([sp.diff(stable(sk), zs[l]) for l in range(spec.L)
-                   for sk in link_entries(spec.student)], spec.L)
-
-    def teacher(*z, **params):
-        with np.errstate(over="ignore"):
-            out = T(*z, *[params[p] for p in spec.parameters])
-        shape = np.broadcast(*z).shape
-        return [np.broadcast_to(np.asarray(o, dtype=float), shape) for o in out]
-    return teacher, S, dS
-
-
-def origin_noise(spec: ModelSpec, params: dict, n: int = 40) -> np.ndarray:
-    """Cov(A_m, A_e) at the origin m = e = 0 (MATH.md 4: A_m = sum_l dl_l z*_l, A_e = sum_l
-    dl_l (zeta_l + C_l)), square loss; there z*, z, zeta are independent N(0, 1), so
-    Var A_m = E (sum dl_l z*_l)^2, Var A_e = E sum dl_l^2 + E (sum C_l dl_l)^2 - (E sum C_l dl_l)^2,
-    Cov = E[sum dl z* sum C dl]. The spherical increments are G = -eta A at the origin, so the
-    diffusion there is D = eta^2 Cov(A) / d. 2L-dim tensor Gauss-Hermite with n nodes."""
-    _check(spec)
-    T, S, dS = link_functions(spec)
-    L, K = spec.L, len(link_entries(spec.student))
-    C = np.array([float(r[0]) for r in spec.C])
-    u, w = gh_rule(2 * L, n)
-    zs, z = u[:L], u[L:]
-    Tv, Sv, dSv = T(*zs, **params), S(*z), dS(*z)
-    dl = [-sum((Tv[k] - Sv[k]) * dSv[l * K + k] for k in range(K)) for l in range(L)]
-    Am = sum(dl[l] * zs[l] for l in range(L))
-    Cd = sum(C[l] * dl[l] for l in range(L))
-    B = sum(x * x for x in dl)
-    vm = w @ (Am * Am) - (w @ Am) ** 2
-    ve = w @ B + w @ (Cd * Cd) - (w @ Cd) ** 2
-    cme = w @ (Am * Cd) - (w @ Am) * (w @ Cd)
-    return np.array([[vm, cme], [cme, ve]])
-
-
-def simulate_escape(spec: ModelSpec, params: dict, eta: float, d: int, runs: int,
-                    max_steps: int, theta: float = 0.5, seed: int = 0, loss: str | None = None,
-                    chunk: int = 64):
-    """Finite-d spherical online SGD of an attention spec from m = e = 0 (MATH.md 1-4):
-    w* = sqrt(d) b1, u = b2 (orthonormal), w uniform on the sphere |w|^2 = d orthogonal to both;
-    each step draws fresh tokens x_l ~ N(0, I/d), z*_l = x_l . w*, z_l = (x_l + C_l u/sqrt(d)).w,
-    w <- w - eta sum_l dl_l (x_l + C_l u / sqrt(d)), then w <- sqrt(d) w / |w|. The loss is
-    1/2 ||y - y_hat||_F^2 ("square") or ||y - y_hat||_F ("norm"; default: the spec's).
-
-    Returns (kind, t): per run 'semantic' (|m| >= theta first), 'positional' (|e| >= theta
-    first) or None, and the escape time t = steps / d (None when not escaped)."""
-    _check(spec)
-    loss = loss or spec.loss
-    T, S, dS = link_functions(spec)
-    L, K = spec.L, len(link_entries(spec.student))
-    C = np.array([float(r[0]) for r in spec.C])
-    rng = np.random.default_rng(seed)
-    kinds, times = [None] * runs, [None] * runs
-    for s0 in range(0, runs, chunk):
-        R = min(chunk, runs - s0)
-        w = rng.normal(size=(R, d))
-        w[:, :2] = 0.0
-        w *= math.sqrt(d) / np.linalg.norm(w, axis=1, keepdims=True)
-        alive = np.ones(R, dtype=bool)
-        for step in range(1, max_steps + 1):
-            idx = np.nonzero(alive)[0]
-            if not len(idx):
-                break
-            W = w[idx]
-            x = rng.normal(scale=1 / math.sqrt(d), size=(len(idx), L, d))
-            zst = x[:, :, 0] * math.sqrt(d)                       # x_l . w*, w* = sqrt(d) b1
-            xp = x.copy()
-            xp[:, :, 1] += C[None, :] / math.sqrt(d)              # + C_l u / sqrt(d), u = b2
-            z = np.einsum("rld,rd->rl", xp, W)
-            Tv = T(*[zst[:, l] for l in range(L)], **params)
-            Sv = S(*[z[:, l] for l in range(L)])
-            dSv = dS(*[z[:, l] for l in range(L)])
-            r = [Tv[k] - Sv[k] for k in range(K)]
-            scale = 1.0
-            if loss == "norm":
-                scale = 1.0 / np.maximum(np.sqrt(sum(x_ * x_ for x_ in r)), 1e-300)
-            dl = np.stack([-scale * sum(r[k] * dSv[l * K + k] for k in range(K))
-                           for l in range(L)], axis=1)           # (n, L)
-            W = W - eta * np.einsum("rl,rld->rd", dl, xp)
-            W *= math.sqrt(d) / np.linalg.norm(W, axis=1, keepdims=True)
-            w[idx] = W
-            m_, e_ = W[:, 0] / math.sqrt(d), W[:, 1] / math.sqrt(d)
-            sem, pos = np.abs(m_) >= theta, np.abs(e_) >= theta
-            for j in np.nonzero(sem | pos)[0]:
-                g = s0 + idx[j]
-                kinds[g] = "semantic" if (sem[j] and (not pos[j] or abs(m_[j]) >= abs(e_[j]))) \
-                    else "positional"
-                times[g] = step / d
-                alive[idx[j]] = False
-    return kinds, times
-
-
-# ----------------------------------------------------------------------------- flatness
-def flatness(spec: ModelSpec, out_dir="generated", tol: float = 1e-8, **_ignored) -> dict:
-    """Flatness index of an attention spec at its default parameters (MATH.md 5): 1 when the
-    gradient of R at the origin is non-zero, 2 when the Hessian is (both exact from Hermite
-    moments, `gradient_origin` / `hessian_origin` of the generated module), None when both
-    vanish (higher orders are not computed by this backend). Same keys as hermite.flatness."""
-    from .codegen import ensure_module
-    t0 = time.perf_counter()
-    mod = ensure_module(spec, Path(out_dir))
-    pv = {k: float(v) for k, v in spec.parameters.items()}
-    if not hasattr(mod, "hessian_origin"):
-        return {"flatness": None, "method": "numerical", "leading_terms": "",
-                "note": "norm loss: no Hessian at the origin from this backend",
-                "seconds": time.perf_counter() - t0}
-    g = [float(np.ravel(x)[0]) for x in mod.gradient_origin(**pv)]
-    H = [[float(np.ravel(x)[0]) for x in row] for row in mod.hessian_origin(**pv)]
-    scale = max(1.0, abs(float(mod.population_loss(0.0, 0.0, **pv))))
-    if max(abs(x) for x in g) > tol * scale:
-        k, lead = 1, f"{g[0]:.10g}*m + {g[1]:.10g}*e"
-    elif max(abs(x) for row in H for x in row) > tol * scale:
-        k, lead = 2, (f"{H[0][0] / 2:.10g}*m**2 + {H[0][1]:.10g}*m*e + "
-                      f"{H[1][1] / 2:.10g}*e**2")
-    else:
-        k, lead = None, ""
-    return {"flatness": k, "method": "numerical", "leading_terms": lead,
-            "variables": ["m", "e"], "gradient": g, "hessian": H, "tolerance": tol,
-            "how": "attention backend: exact Hermite moments at the origin (order <= 2)",
-            "seconds": time.perf_counter() - t0}

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SpecError, StateError
+from ..errors import SpecError, StateError
 
 __all__ = ["SimulationResult", "simulate", "make_frame", "initial_weights"]
 
@@ -198,7 +198,7 @@ def _parameters(spec, mod, params):
             raise SpecError(f"params: unknown parameter '{k}' for model '{spec.name}' "
                             f"(parameters: {', '.join(values) or 'none'})")
         values[k] = _real_arg(f"params.{k}", v)
-    names = tuple(getattr(mod, "PARAMETERS", tuple(values)))
+    names = tuple(mod.PARAMETERS)
     if set(names) != set(values):
         raise SpecError(f"generated module of '{spec.name}' has parameters {names}, the spec "
                         f"{tuple(values)}: regenerate it")
@@ -208,19 +208,10 @@ def _parameters(spec, mod, params):
 def _load_module(spec, out_dir):
     """The module whose links (teacher_link, student_link, student_link_gradient) the
     simulator evaluates: the full module when it is up to date, otherwise the drift-only one,
-    generated if needed. The simulator never asks for Cov(G), whose derivation for long untied
-    sequences takes far longer than the simulation itself."""
-    from . import attention
-    from .codegen import ensure_module, load_module, module_path, read_hash, tool_salt
-    full = module_path(spec, out_dir, True)
-    if not attention.handles(spec) and read_hash(full) == spec.hash(tool_salt()):
-        mod = load_module(full)
-    else:
-        mod = ensure_module(spec, out_dir, diffusion=False)
-    if tuple(mod.OVERLAPS) != tuple(spec.overlap_names):
-        raise SpecError(f"generated module of '{spec.name}' tracks {tuple(mod.OVERLAPS)}, the "
-                        f"spec {tuple(spec.overlap_names)}: regenerate it")
-    return mod
+    generated if needed (`registry.links_module`). The simulator never asks for Cov(G), whose
+    derivation for long untied sequences takes far longer than the simulation itself."""
+    from ..backends.registry import links_module
+    return links_module(spec, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +380,7 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     d-dimensional arrays (the links are evaluated in float64). stop_when_escaped: stop as soon
     as every seed has escaped (||(m, e)|| >= theta); the records are then truncated at that step.
     """
-    from .spec import ModelSpec, load_spec
+    from ..model.spec import ModelSpec, load_spec
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
     if not isinstance(spec, ModelSpec):

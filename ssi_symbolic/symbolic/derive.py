@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .gaussian import Expectation, NotPolynomial, TokenGaussian
-from .spec import ModelSpec, link_entries
+from ..model.spec import ModelSpec, link_entries
 
 ETA = sp.Symbol("eta", positive=True)
 D_SYM = sp.Symbol("d", positive=True)

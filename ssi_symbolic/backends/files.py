@@ -1,0 +1,62 @@
+"""Generated module files: where they live, the spec hash in their header, atomic writes and
+loading them back (no SymPy needed to load one)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HASH_PREFIX = "# spec-hash: "
+
+
+def read_hash(path) -> str | None:
+    """The spec hash recorded in a generated module's header, or None."""
+    try:
+        with open(path) as fh:
+            for _ in range(40):
+                line = fh.readline()
+                if not line:
+                    break
+                if line.startswith(HASH_PREFIX):
+                    return line[len(HASH_PREFIX):].strip()
+    except OSError:
+        return None
+    return None
+
+
+def write_atomic(path, text: str) -> None:
+    """Write text to path atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def module_path(spec, out_dir="generated", diffusion: bool = True) -> Path:
+    return Path(out_dir) / f"{spec.name}{'' if diffusion else '_drift_only'}.py"
+
+
+
+def load_module(path):
+    """Import a generated module from its file (no SymPy needed at run time)."""
+    path = Path(path).resolve()
+    name = f"ssi_generated_{path.stem}_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules.setdefault(name, module)
+    return module
+
+
+__all__ = ["HASH_PREFIX", "read_hash", "write_atomic", "module_path", "load_module"]

@@ -1,0 +1,148 @@
+"""Printing SymPy expressions as vectorised NumPy/SciPy source: the one printer every backend
+uses (SciPy printer with broadcasting max/min/Heaviside), Horner forms, one common-subexpression
+elimination over all outputs of a module, and the text of a function definition."""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.numpy import SciPyPrinter
+
+
+class _Printer(SciPyPrinter):
+    """SciPy printer whose max/min/step functions broadcast elementwise."""
+
+    def _print_Max(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"numpy.maximum({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"numpy.minimum({out}, {self._print(a)})"
+        return out
+
+    def _print_Pow(self, expr, rational=False):
+        # small integer powers as products: numpy's power is several times slower than multiply
+        b, k = expr.base, expr.exp
+        if k.is_Integer and 2 <= k <= 16 and (b.is_Symbol or b.is_Function):
+            base = self._print(b)
+            return "(" + "*".join([base] * int(k)) + ")"
+        return super()._print_Pow(expr, rational=rational)
+
+    def _print_Heaviside(self, expr):
+        return f"numpy.heaviside({self._print(expr.args[0])}, 0.5)"
+
+
+_PRINTER = _Printer({"fully_qualified_modules": True, "inline": True,
+                     "allow_unknown_functions": False, "order": "none"})
+
+
+def pycode(expr) -> str:
+    """Vectorised NumPy/SciPy source for a SymPy expression."""
+    return _PRINTER.doprint(expr)
+
+
+def horner(expr, gens):
+    """Nested (Horner) form of an expression polynomial in the state: several times fewer
+    array operations than the expanded sum. Non-polynomial expressions are left alone."""
+    gens = [g for g in gens if isinstance(g, sp.Symbol) and g in expr.free_symbols]
+    if not gens:
+        return expr
+    others = sorted(expr.free_symbols - set(gens), key=str)
+    try:  # every symbol a generator: much faster than coefficients in a polynomial domain
+        poly = sp.Poly(expr, *gens, *others, expand=False)
+    except sp.PolynomialError:
+        try:
+            poly = sp.Poly(expr, *gens, *others)
+        except sp.PolynomialError:
+            return expr
+    if poly.total_degree() <= 1:
+        return expr
+    k = len(gens)
+    terms = {}
+    for mon, c in poly.terms():
+        rest = sp.Mul(c, *[o ** e for o, e in zip(others, mon[k:]) if e])
+        terms.setdefault(mon[:k], []).append(rest)
+    return horner_terms({mon: sp.Add(*cs) for mon, cs in terms.items()}, gens)
+
+
+def horner_terms(terms, gens):
+    """sum_monom coeff * gens^monom, nested as (...(P_k x + P_{k-1}) x ...) in gens[0]."""
+    if not gens:
+        return sp.Add(*terms.values())
+    x, rest = gens[0], gens[1:]
+    by_power = {}
+    for mon, c in terms.items():
+        by_power.setdefault(mon[0], {})[mon[1:]] = c
+    powers = sorted(by_power, reverse=True)
+    acc = sp.Integer(0)
+    for i, k in enumerate(powers):
+        acc = acc + horner_terms(by_power[k], rest)
+        nxt = powers[i + 1] if i + 1 < len(powers) else 0
+        if k - nxt:
+            acc = acc * x ** (k - nxt)
+    return acc
+
+
+MAX_ADD_TERMS = 24
+
+
+def cse(exprs, prefix="_x"):
+    """Common-subexpression elimination over all `exprs` at once, then long sums split into
+    partial sums of at most MAX_ADD_TERMS terms (a sum of thousands of terms on one line
+    overflows Python's compiler)."""
+    symbols = sp.numbered_symbols(prefix)
+    repl, reduced = sp.cse(exprs, symbols=symbols, order="canonical")
+    out = []
+    split_names = sp.numbered_symbols(prefix + "s")
+
+    def walk(e):
+        if e.is_Atom:
+            return e
+        args = [walk(a) for a in e.args]
+        if e.is_Add and len(args) > MAX_ADD_TERMS:
+            while len(args) > MAX_ADD_TERMS:
+                parts = []
+                for k in range(0, len(args), MAX_ADD_TERMS):
+                    sym = next(split_names)
+                    out.append((sym, sp.Add(*args[k:k + MAX_ADD_TERMS], evaluate=False)))
+                    parts.append(sym)
+                args = parts
+            return sp.Add(*args, evaluate=False)
+        if args == list(e.args):
+            return e
+        return e.func(*args, evaluate=False) if e.is_Add or e.is_Mul else e.func(*args)
+
+    for sym, val in repl:
+        val = walk(val)
+        out.append((sym, val))
+    reduced = [walk(r) for r in reduced]
+    return out, reduced
+
+
+def closure(outputs, repl_index, repl):
+    """Indices of the CSE replacements needed (transitively) by `outputs`, in order."""
+    need, stack = set(), [s for o in outputs for s in o.free_symbols if s in repl_index]
+    while stack:
+        s = stack.pop()
+        if s in need:
+            continue
+        need.add(s)
+        stack.extend(x for x in repl[repl_index[s]][1].free_symbols if x in repl_index)
+    return sorted(repl_index[s] for s in need)
+
+
+def function_source(name, args, doc, body_lines, ret):
+    lines = [f"def {name}({', '.join(args)}):", f'    """{doc}"""']
+    lines += [f"    {ln}" for ln in body_lines]
+    lines.append(f"    return {ret}")
+    return "\n".join(lines) + "\n"
+
+
+def tuple_source(items) -> str:
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+
+__all__ = ["pycode", "horner", "cse", "closure", "function_source", "tuple_source", "MAX_ADD_TERMS"]

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 7f22fc2d3ea29b146b342a778f1d079942f08a60381c19191650916fa7b59a34
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
+# spec-hash: dd47d31fd1ca3a6eb66f5bdc63ddcfd5e95d696d2967b1cd8baede01c5f57045
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '7f22fc2d3ea29b146b342a778f1d079942f08a60381c19191650916fa7b59a34'
+SPEC_HASH = 'dd47d31fd1ca3a6eb66f5bdc63ddcfd5e95d696d2967b1cd8baede01c5f57045'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: aac4c505334dd59d762cad54d5534d023127f8a190ed988826b00f7748294f76
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
+# spec-hash: c58c98fce8902d0c95d1156f10a7106a8b803e2a04236f7880dd6aaac394adb4
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'aac4c505334dd59d762cad54d5534d023127f8a190ed988826b00f7748294f76'
+SPEC_HASH = 'c58c98fce8902d0c95d1156f10a7106a8b803e2a04236f7880dd6aaac394adb4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

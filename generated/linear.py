@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 2fe5ff12334c85bfba006aa802bc74b15a8c17c1eb79fe3a2867a2a6bea7da6f
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
+# spec-hash: 2cff2c9c4646c054f5a13f679dc6700b027f3d8e95a6d167cb3a162ea98e7cd1
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '2fe5ff12334c85bfba006aa802bc74b15a8c17c1eb79fe3a2867a2a6bea7da6f'
+SPEC_HASH = '2cff2c9c4646c054f5a13f679dc6700b027f3d8e95a6d167cb3a162ea98e7cd1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: d9df5a6583f404d0fe31e301d17a6cb61898fc9598102a0c2e2d875ddeb6be93
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
+# spec-hash: 3c84de1ce2fb6cfb8194c01b83eedd81c91e1e3767e4cdfa239091357959268f
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'd9df5a6583f404d0fe31e301d17a6cb61898fc9598102a0c2e2d875ddeb6be93'
+SPEC_HASH = '3c84de1ce2fb6cfb8194c01b83eedd81c91e1e3767e4cdfa239091357959268f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 0950c52a14e3c75856fe10a579a9abb2c12db5c8eaee7b19725f60682b95178f
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
+# spec-hash: 6c8746245c84954a6814a4351fbd901aab37af7ae0d46cf1aaf850752df1cb48
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '0950c52a14e3c75856fe10a579a9abb2c12db5c8eaee7b19725f60682b95178f'
+SPEC_HASH = '6c8746245c84954a6814a4351fbd901aab37af7ae0d46cf1aaf850752df1cb48'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: a485157a92021f0b619021e2c97d105022a5f2be0c880dbebb43a7e35109e6f9
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
+# spec-hash: ce0048376d485a8ff9b12532f52ab78fa64ae32cf4d6e710cc7941774da14d07
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'a485157a92021f0b619021e2c97d105022a5f2be0c880dbebb43a7e35109e6f9'
+SPEC_HASH = 'ce0048376d485a8ff9b12532f52ab78fa64ae32cf4d6e710cc7941774da14d07'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,9 +17,12 @@ Teacher pieces (entry, coefficient c_p, f_p): (0, 1 - omega, exp(z1**2)/(exp(z1*
 Constant part b: ['omega*exp(a**2)/(exp(a**2) + exp(-a**2))', 'omega*exp(-a**2)/(exp(a**2) + exp(-a**2))', 'omega*exp(-a**2)/(exp(a**2) + exp(-a**2))', 'omega*exp(a**2)/(exp(a**2) + exp(-a**2))']
 Tables: {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 Estimated max error of population_loss (unit coefficients): 6.51e-08
+Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
+(theta, e') of the step statistics per parameter set, built on first use by direct
+quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: c799aff631b43b57901add0d524b5f906f78bdd225d11ccbee478ae23b5f9406
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0 attention 1 49de561f8ae0be4c
+# spec-hash: ca6bb8ebaa86ddd194a54af72bce0e92d95d5d7c749017aa3d626bfed912ed78
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252 attention 1 180f6827e1361307
 import numpy
 import scipy.special
 
@@ -36,8 +39,9 @@ LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
 BACKEND = 'attention'
-UNAVAILABLE = {'ito_correction': 'the attention backend does not derive the O(1/d) drift', 'finite_d_correction': 'the attention backend does not derive the O(1/d) drift'}
-SPEC_HASH = 'c799aff631b43b57901add0d524b5f906f78bdd225d11ccbee478ae23b5f9406'
+UNAVAILABLE = {}
+FINITE_D_CORRECTION = 'complete'
+SPEC_HASH = 'ca6bb8ebaa86ddd194a54af72bce0e92d95d5d7c749017aa3d626bfed912ed78'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08
@@ -49,7 +53,12 @@ _G = numpy.array([[0.455067342866713, 0.0, 0.0, 0.0], [0.0, 0.1621741240532616, 
 _M = numpy.array([0.646446609406725, 0.3535533905932736, 0.3535533905932735, 0.646446609406725])
 _SBAR = numpy.array([[0.720333200305507, 0.2796667996944919, 0.2796667996944919, 0.7203332003055072], [1.6853754103896836e-18, -1.59101079133995e-17, 1.0284216573850288e-17, -3.5090762280318624e-17], [0.0693761050676182, -0.06937610506761832, -0.0693761050676183, 0.06937610506761828], [1.1964657177681256e-16, 3.4396872889927904e-17, -1.2267188613848205e-17, 8.287043408610426e-17], [-0.004324758810434386, 0.004324758810434357, 0.004324758810434394, -0.004324758810434367], [-6.77035636286826e-17, -4.453304526701682e-17, -4.349221118143073e-17, -7.6724125703762e-17], [0.0001799641398952026, -0.00017996413989522825, -0.00017996413989523362, 0.0001799641398952359], [2.5842444985495713e-16, 9.424483281112775e-17, 1.126329016564819e-16, 1.8348439569275906e-16], [-5.6194853559603444e-06, 5.619485356007528e-06, 5.6194853559952125e-06, -5.619485355968671e-06], [3.000578132784005e-16, 7.516287457538287e-17, 9.268358168274862e-17, 2.667511225396458e-16], [1.4042250750909917e-07, -1.4042250739772993e-07, -1.4042250741351592e-07, 1.4042250747995584e-07], [4.3536624440459145e-16, 1.4628653709043196e-16, 1.4472528596205283e-16, 3.9165121280997593e-16], [-2.9187510480955262e-09, 2.918750643384539e-09, 2.918750655354131e-09, -2.9187510702999867e-09], [2.1332163947956014e-16, 1.0031636497704657e-16, 8.140787908889938e-17, 1.8348439569275906e-16], [5.027158382014816e-11, -5.027156699333045e-11, -5.027156196263237e-11, 5.02716171268389e-11], [-3.07095403313482e-16, -6.36150035027617e-17, -7.471723374901326e-17, -2.987687306287933e-16], [-6.87791312020815e-12, 6.8780106116675e-12, 6.8780225812594846e-12, -6.877924916327787e-12], [2.4454666204714267e-16, 9.858164150106977e-17, 9.615302863470224e-17, 2.2858720606815607e-16], [-7.507171473921815e-13, 7.509412736652777e-13, 7.509376307459781e-13, -7.507046573831544e-13], [-5.742428186139103e-16, -1.7810675291723097e-16, -1.7186174840371447e-16, -5.867328276409433e-16], [4.150299944770437e-12, -4.149721067546504e-12, -4.1497385882536104e-12, 4.1502846792038484e-12], [-7.47715166211591e-16, -2.691797354060133e-16, -2.6640417784445043e-16, -7.116329179112734e-16], [-9.063704154446284e-13, 9.06789698108772e-13, 9.067895246364244e-13, -9.063752726703611e-13], [5.706746755307824e-16, 2.512373073870288e-16, 2.349309067128468e-16, 5.338985378400741e-16], [-1.2818339645850486e-12, 1.2826747850538544e-12, 1.2826910914545287e-12, -1.2818180051290696e-12], [-2.377064642744097e-16, 4.4805213745788746e-17, 5.191757999729366e-17, -2.501964733014427e-16], [1.0862613385995545e-12, -1.0854430695359363e-12, -1.0854510492639258e-12, 1.0862668897146775e-12], [-5.253518493517545e-18, 7.508659012287395e-18, 9.416854835861884e-18, 1.0012048095078357e-17], [-4.1777514009490484e-13, 4.1726634569940087e-13, 4.1726096805662533e-13, -4.1777305842673365e-13], [3.291039797797221e-17, -5.233930090891245e-17, -4.6961658133384347e-17, 2.3889835902892814e-17], [8.881615659460213e-14, -8.999628897530916e-14, -8.999646244765675e-14, 8.883558549753308e-14], [9.882989006509088e-17, -4.540040700500522e-17, -3.828804075350031e-17, 9.32787749419651e-17], [-6.742820803056262e-15, 6.5020411845906814e-15, 6.4923267331252114e-15, -6.7615558165968116e-15], [-6.922040149803332e-16, -2.674450119300365e-16, -2.776798804382997e-16, -6.838773422956445e-16], [-2.7356095735498378e-15, 2.662230770516019e-15, 2.6655267451203746e-15, -2.7439362462345264e-15], [4.492440322124059e-16, 1.4715389882842036e-16, 1.4732737117601804e-16, 4.818568335607699e-16], [1.6532408206714842e-15, -1.0752309584760122e-15, -1.073669707347633e-15, 1.6379752540828884e-15], [-5.49956689950235e-16, -2.1974011634067434e-16, -2.2737289963497227e-16, -5.832633806889897e-16], [5.253518493517545e-18, 4.582645942874853e-16, 4.615605688918413e-16, -2.3889835902892814e-17], [5.37270796896939e-17, 3.873368157986992e-17, 4.324396261740962e-17, 1.0715656274977956e-16], [8.326672684688674e-17, -6.938893903907228e-17, -8.326672684688674e-17, 5.551115123125783e-17]])
 _P = numpy.array([1.3805326243149578, 1.2557759901390314e-16, 0.138421464858305, 2.0190543195688265e-16, -0.007384834036973293, -6.177253639159204e-17, 0.00023880267860095576, 5.002778698248935e-16, -4.576012734535518e-06, 4.86400082017079e-16, 1.55610625558908e-08, 8.680392467319766e-16, 2.691763825046494e-09, 3.8231667345847056e-16, 1.742145249145552e-11, -5.336173218572835e-16, -1.6520535617565307e-11, 4.3088893078582116e-16, -1.1430838288167336e-10, -1.1511788793050269e-15, 1.1931441268047544e-11, -1.3246512269027076e-15, 6.419977676114727e-11, 1.090083851657008e-15, -4.319948633285178e-11, -4.57289488914304e-16, 9.667835298714928e-12, -2.013917296814867e-17, 2.135076160041799e-12, 8.394423559045975e-17, -2.3321143463546356e-12, 2.227221136686043e-16, 9.12151620629381e-13, -1.2899567573831714e-15, -2.4638692224868143e-13, 9.304892918671417e-16, 5.732846392533794e-14, -1.0609732585542329e-15, 7.90356396301851e-16, 2.2966100757251154e-16, -8.708650603775359e-15])
-_PIECE_ENTRY = [0, 1, 2, 3]
+PIECE_ENTRY = [0, 1, 2, 3]
+COVARIANCE_NODES = 24
+STEP_TABLE_NODES = 32
+STEP_TABLE_DEGREE = (16, 10)
+STEP_TABLE_CHECKS = ((0.02, 0.01), (0.1, 0.05), (0.45, -0.3), (0.9, 0.1), (-0.2, 0.8), (0.97, -0.2), (0.999, 0.0), (-0.995, 0.05), (0.05, 0.995))
+_STEP_TABLES = {}
 _TABLE_0 = numpy.array([[0.4727220333184899, 0.03591298395211027, -0.0016830952371150523, 4.397932437762847e-05, -4.0743071869076e-07, -4.353134644419221e-08, 6.1475647142317236e-09, -6.728549731271904e-10, 4.1193798372418655e-11], [0.0072231081821293045, -0.009877887146940406, 0.001282820906293596, -8.661626564115043e-05, 4.132793943260101e-06, -2.0194646872155955e-07, 1.3319070325378685e-08, -9.45248991926495e-10, 1.0722334110001286e-10], [0.00015241784905111432, -0.001025177929725338, 0.00019137627244323902, -1.7160013923637503e-05, 1.277825327464894e-06, -1.1255686179433531e-07, 1.1085469124491295e-08, -1.0556749048063266e-09, 2.2956793746791576e-11], [-6.934562101487866e-06, -8.810843093951594e-05, 2.4497844154921826e-05, -3.912315778958303e-06, 5.750308201080865e-07, -7.361106456907139e-08, 7.629174372222585e-09, -7.200421741511545e-10, 1.1468817374522903e-10], [-1.4629770495330962e-06, -6.055374947427839e-06, 4.187749649153842e-06, -1.4373606194831133e-06, 3.010563352272859e-07, -4.290437621520231e-08, 4.78466902565675e-09, -4.007510895247136e-10, -2.8055897738158926e-11], [-1.4428927206778422e-07, -1.3438595243418438e-07, 1.147284989415592e-06, -5.822866920760474e-07, 1.36997643294193e-07, -2.1292499959575634e-08, 2.7276735547141493e-09, -4.134683644828784e-10, 1.2063255935254677e-10], [-3.3230537027248603e-10, 9.695691769041539e-08, 3.447267226474321e-07, -2.073626740601474e-07, 5.410970108146261e-08, -8.991846683637449e-09, 1.1103671909739103e-09, -2.4400216943556662e-11, -6.946613278815918e-11], [7.594985892790242e-09, 4.196415617716773e-08, 9.366651060234653e-08, -6.427071537644773e-08, 1.835077944490936e-08, -3.871047303073961e-09, 7.667444541445073e-10, -2.2611615594404508e-10, 9.199704872319211e-11], [2.981394834584719e-09, 1.1927193821033628e-08, 2.1332365494122267e-08, -1.8207782481650337e-08, 6.458617048006148e-09, -1.373445735772488e-09, 3.31679301247852e-10, -2.3083126534814653e-11, -5.769447448724254e-11], [1.1640311483661205e-09, 3.439619205359698e-09, 4.699080370526796e-09, -4.502825358497681e-09, 2.300231783114893e-09, -7.89088317067238e-10, -3.590539675038903e-12, -5.1897138377442086e-11, 9.274181755313448e-11], [5.221862374071992e-10, 7.339663314548573e-10, 6.435489903649384e-10, -1.7595659645702504e-09, 2.8637213665233325e-10, -2.647953878364805e-10, 4.78705831128275e-10, -1.3693325334751325e-10, -3.0158978034840686e-11], [-2.0590986469408455e-10, -3.5531689666587237e-10, 1.0607164135510199e-10, 1.5149473752395261e-10, 1.1574719623157498e-09, -2.5222041318499774e-10, -4.0565547769444275e-10, 9.112479020060966e-11, 6.385512763805906e-11], [2.718499323220436e-10, 1.3867815092043836e-10, 3.663893726392215e-11, -4.5040424248513757e-10, -3.0043679523361627e-10, -2.3814132233762482e-11, 3.1980951335296425e-10, -1.1459973623027769e-10, -1.45544644045148e-11]])
 _TABLE_1 = numpy.array([[0.10594222378127582, -0.033463120792582166, 0.0026416639195595455, -0.00013598452383134854, 5.212180561247476e-06, -1.8401441814405728e-07, 8.884556156746326e-09, -7.513655218838178e-10, 1.2875251559352208e-10], [0.0072231078984507984, -0.009877887639669871, 0.0012828204374928799, -8.661657549041777e-05, 4.132755171649613e-06, -2.0179672193497422e-07, 1.3506471645968743e-08, -9.457303967730368e-10, 1.588505802591067e-11], [0.00015241812130391332, -0.001025177425972195, 0.00019137682222471322, -1.715954460617349e-05, 1.277988570322629e-06, -1.1279119718662607e-07, 1.0810438157875853e-08, -1.0160073258516818e-09, 1.2799814439151506e-10], [-6.934741623762171e-06, -8.8108777552712e-05, 2.4497377676497748e-05, -3.912839967914902e-06, 5.747112915593197e-07, -7.347279881162784e-08, 7.952983534421869e-09, -7.149286623219485e-10, -3.3528108480006453e-12], [-1.462842227543878e-06, -6.0550815351570775e-06, 4.1882352259588804e-06, -1.436719040759213e-06, 3.014920589188607e-07, -4.311169094124557e-08, 4.400028861010482e-09, -3.642223934669744e-10, 9.005647620132817e-11], [-1.4434687820209094e-07, -1.3452865056042606e-07, 1.1469606366351764e-06, -5.827889169219164e-07, 1.3664876978699748e-07, -2.1043100327752944e-08, 3.0038489452654984e-09, -5.09965568904757e-10, 6.424607337739098e-11], [-2.902288163543316e-10, 9.709766544102935e-08, 3.4509793480894453e-07, -2.0674967287220414e-07, 5.4583840466515303e-08, -9.199971637456188e-09, 7.507846013852285e-10, 3.6000513281161906e-11, 2.1356475163988277e-11], [7.541261180305926e-09, 4.1786749075976306e-08, 9.326083414943653e-08, -6.490859641531323e-08, 1.7858425730723177e-08, -3.6920631200921488e-09, 1.1484431497225467e-09, -2.608147346990822e-10, -1.52604840475861e-11], [3.043871128071895e-09, 1.2097805976239688e-08, 2.162634307122317e-08, -1.781177589406762e-08, 6.710228961891149e-09, -1.5653279359709153e-09, 1.0844593785478657e-10, 4.1124335026159933e-11, -2.9613831641541337e-12], [1.0273560867098403e-09, 3.1169733474776654e-09, 4.291278964161355e-09, -4.927344713164158e-09, 2.086899797393822e-09, -5.993035697941334e-10, 2.425585696211222e-10, -9.183910958407449e-11, 1.1908809568536271e-11], [6.791914454839792e-10, 1.0828055271990875e-09, 1.0045851223419422e-09, -1.4719739818732016e-09, 3.907407410868012e-10, -3.452447292660313e-10, 2.9389490203665884e-10, -1.597975652299861e-10, 5.593549395729056e-11], [-4.3731116313327745e-10, -8.562914869952076e-10, -3.8389305765445667e-10, -1.9496878030813542e-10, 1.0794044364923019e-09, -1.2132035394763152e-10, -1.8967793093076642e-10, 1.0706740441661096e-10, -4.109044249965782e-11], [3.708121727426586e-10, 3.4136909709174604e-10, 1.9230514622382691e-10, -4.0554472109187925e-10, -3.63237827620197e-10, -7.731778828541876e-11, 2.9350582118544013e-10, -1.1298717449129888e-10, 8.762822173609408e-12]])
 _TABLE_2 = numpy.array([[0.10594222378127581, -0.03346312079258218, 0.0026416639195595386, -0.000135984523831352, 5.212180561247476e-06, -1.8401441814405728e-07, 8.88455616368522e-09, -7.513655184143708e-10, 1.2875251559352208e-10], [0.007223107898450803, -0.009877887639669876, 0.001282820437492881, -8.661657549042384e-05, 4.132755171639638e-06, -2.0179672193410686e-07, 1.35064716446677e-08, -9.457303850636534e-10, 1.588505520698502e-11], [0.00015241812130391237, -0.0010251774259721943, 0.00019137682222470859, -1.715954460617056e-05, 1.2779885703250956e-06, -1.1279119718920106e-07, 1.0810438161670561e-08, -1.0160073266648334e-09, 1.2799814599071327e-10], [-6.9347416237615315e-06, -8.810877755270436e-05, 2.449737767649596e-05, -3.9128399679150004e-06, 5.747112915598974e-07, -7.347279881475e-08, 7.952983541421749e-09, -7.149286650036548e-10, -3.352807451398527e-12], [-1.46284222754377e-06, -6.055081535158224e-06, 4.1882352259522626e-06, -1.4367190407554132e-06, 3.0149205892088446e-07, -4.3111690943514774e-08, 4.4000288667612e-09, -3.6422239037996284e-10, 9.005647377987273e-11], [-1.4434687820631943e-07, -1.3452865056015432e-07, 1.146960636633324e-06, -5.827889169234785e-07, 1.3664876978649154e-07, -2.1043100328259973e-08, 3.0038489466841197e-09, -5.099655679747148e-10, 6.424607536511261e-11], [-2.9022881852274916e-10, 9.709766544662078e-08, 3.4509793481179575e-07, -2.067496728720913e-07, 5.458384047222542e-08, -9.199971635456224e-09, 7.507845963655789e-10, 3.600051511793962e-11, 2.1356471766823676e-11], [7.54126117846278e-09, 4.1786749080935644e-08, 9.326083414906484e-08, -6.490859641979791e-08, 1.785842573975819e-08, -3.692063126411916e-09, 1.148443151395268e-09, -2.608147349255179e-10, -1.5260485312484223e-11], [3.043871130186088e-09, 1.2097805974966164e-08, 2.1626343072903594e-08, -1.7811775901187193e-08, 6.710228964890776e-09, -1.5653279334079958e-09, 1.0844593595752294e-10, 4.1124335218494315e-11, -2.961382712402677e-12], [1.0273560867098407e-09, 3.116973347555886e-09, 4.29127896817272e-09, -4.927344717116307e-09, 2.0868997966710206e-09, -5.993035643056828e-10, 2.425585664771185e-10, -9.183911466804482e-11, 1.1908812315181844e-11], [6.791914465139712e-10, 1.0828055280763818e-09, 1.004585124561274e-09, -1.471973977112004e-09, 3.9074074105066106e-10, -3.4524472991026953e-10, 2.9389489699840156e-10, -1.5979755851485588e-10, 5.593549245747759e-11], [-4.3731116530168185e-10, -8.562914785658575e-10, -3.838930617804431e-10, -1.949687794499115e-10, 1.079404437504224e-09, -1.2132036219347552e-10, -1.896779281058226e-10, 1.0706740597696619e-10, -4.1090443222459305e-11], [3.708121702489936e-10, 3.4136909693318384e-10, 1.923051418407871e-10, -4.0554472153568036e-10, -3.632378269696757e-10, -7.731778679461945e-11, 2.9350582600216086e-10, -1.1298717451237322e-10, 8.76282445043397e-12]])
@@ -84,6 +93,31 @@ def _bc_nested(rows):
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
 
+_GRIDS = {}
+
+
+def _gh_grid(k, n):
+    """Tensor Gauss-Hermite rule for E over k independent N(0, 1): nodes (k, n^k), weights."""
+    key = (k, n)
+    if key not in _GRIDS:
+        x, w = numpy.polynomial.hermite_e.hermegauss(n)
+        w = w / numpy.sqrt(2.0 * numpy.pi)
+        grids = numpy.meshgrid(*([x] * k), indexing="ij")
+        weights = numpy.ones(())
+        for _ in range(k):
+            weights = numpy.multiply.outer(weights, w)
+        _GRIDS[key] = (numpy.array([g.ravel() for g in grids]), weights.ravel())
+    return _GRIDS[key]
+
+
+def _gh_pruned(k, n, prune):
+    """The tensor rule of _gh_grid with the nodes whose weight is at most prune x the largest
+    dropped (they change nothing at double precision): nodes (k, P), weights (P,)."""
+    u, w = _gh_grid(k, n)
+    keep = w > prune * w.max()
+    return u[:, keep], w[keep]
+
+
 def _cheb_basis(y, n):
     """T_0(y)..T_(n-1)(y) stacked on a new first axis (three-term recursion)."""
     out = [numpy.ones_like(y), y]
@@ -99,7 +133,213 @@ def _chebval2(x, y, c):
     ty = _cheb_basis(y, c.shape[1]).reshape(c.shape[1], -1)
     return numpy.einsum("jn,jk,kn->n", tx, c, ty, optimize=True).reshape(x.shape)
 
-def _params(omega=0.5, a=1.0):
+
+def _lobatto(N):
+    """Chebyshev-Lobatto points y_k = cos(pi k / N), k = 0..N."""
+    return numpy.cos(numpy.pi * numpy.arange(N + 1) / N)
+
+
+def _cheb_fit(values, axis=0):
+    """Coefficients c_j of the interpolant sum_j c_j T_j(y) through values at the Lobatto
+    points (DCT-I): c_j = (2/N) sum''_k f_k cos(pi j k / N), c_0 and c_N halved."""
+    v = numpy.moveaxis(numpy.asarray(values, dtype=float), axis, 0)
+    N = v.shape[0] - 1
+    k = numpy.arange(N + 1)
+    M = numpy.cos(numpy.pi * numpy.outer(k, k) / N) * (2.0 / N)
+    M[:, 0] *= 0.5
+    M[:, -1] *= 0.5
+    c = numpy.tensordot(M, v, axes=(1, 0))
+    c[0] *= 0.5
+    c[-1] *= 0.5
+    return numpy.moveaxis(c, 0, axis)
+
+
+def _fd_jacobian(drift, state, h, kwargs):
+    """Jacobian d drift_i / d x_j by central differences of step h: (drift(x + h e_j) -
+    drift(x - h e_j)) / (2 h), error O(h^2) plus the drift's error / h; nested tuples."""
+    x = [numpy.asarray(v, dtype=float) for v in state]
+    n = len(x)
+    cols = []
+    for j in range(n):
+        xp = list(x); xp[j] = x[j] + h
+        xm = list(x); xm[j] = x[j] - h
+        fp = drift(*xp, **kwargs)
+        fm = drift(*xm, **kwargs)
+        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
+    return _bc_nested(tuple(tuple(cols[j][i] for j in range(n)) for i in range(n)))
+
+
+_SC_MEAN1, _SC_MEAN2 = slice(0, 2), slice(2, 4)
+
+
+_SC_COV = (slice(4, 7), slice(7, 10), slice(10, 13))       # eta^2, eta^3, eta^4; (mm, me, ee)
+
+
+_SC_ITO = (slice(13, 15), slice(15, 17), slice(17, 19))    # eta^2, eta^3, eta^4; (m, e)
+
+
+_SC_NORM = slice(19, 21)                                   # eta^2; (m, e)
+
+
+_SC_SIZE = 21
+
+
+def _step_coefficients(m, e, links, C, norm, n, params, prune=1e-15):
+    """The eta-coefficients of one spherical SGD step at a state (m, e), q = 1, one positional
+    direction with coefficients C_l (MATH.md 4), as a vector (_SC_* slices): E G1, E G2,
+    the eta^2, eta^3, eta^4 parts of Cov(G), those of the rescaling (Ito) drift and the eta^2
+    part of the token-norm drift, G = eta G1 + eta^2 G2 being d times the increment of (m, e).
+
+    With s = sqrt(1 - m^2), e' = e / s, token l has z*_l, g_l i.i.d. N(0, 1) and
+    z_l = m z*_l + s g_l + C_l e, zeta_l = e' g_l + sqrt(1 - e'^2) xi_l (xi_l independent).
+    links = (teacher_link, student_link, student_link_gradient); dl_l = -k sum_k (T_k(z*) -
+    S_k(z)) dS_k/dz_l with k = 1 (square loss) or 1 / |T - S| (norm loss, norm=True).
+    A_m = sum dl z*, A_q = sum dl z, A_g = sum dl g, A_C = sum C dl, B = sum dl^2 and A_e =
+    e' A_g + A_C (the mean of sum dl (zeta + C) given z*, g; its variance is (1 - e'^2) B). Then
+    G1 = (-(A_m - m A_q), -(A_e - e A_q)), G2 = -(m, e) B / 2 and
+
+        Cov(G) = eta^2 Cov(G1) + eta^3 (Cov(G1, G2) + Cov(G2, G1)) + eta^4 Cov(G2)
+                 (+ eta^2 (1 - e'^2) E[B] in the (e, e) entry),
+        Ito_X = E[-(1/2) (-eta A_X)(d dQ) + (3/8) X (d dQ)^2],  d dQ = -2 eta A_q + eta^2 B,
+        norm_X = -(eta^2 X / 2) E[A_m^2 + A_g^2 - 2 B + 2 e' A_g A_C + A_C^2]
+
+    (the token Gram excess of MATH.md 4 / symbolic.derive.statistics in whitened coordinates:
+    its (z*, z) part is z*_l z*_l' + g_l g_l' - 2 delta_ll', its positional part
+    C_l' zeta_l + C_l zeta_l' + C_l C_l'). Tensor Gauss-Hermite with n nodes per dimension over
+    (z*, g), nodes of weight <= prune x the largest dropped."""
+    L = len(C)
+    u, w = _gh_pruned(2 * L, n, prune)
+    s = numpy.sqrt(max(0.0, 1.0 - m * m))
+    ep = min(1.0, max(-1.0, e / s)) if s > 1e-12 else 0.0
+    zs, g = u[:L], u[L:]
+    z = [m * zs[l] + s * g[l] + C[l] * e for l in range(L)]
+    T = links[0](*zs, **params)
+    S = links[1](*z)
+    dS = links[2](*z)
+    res = [a - b for a, b in zip(T, S)]
+    scale = 1.0
+    if norm:
+        scale = 1.0 / numpy.maximum(numpy.sqrt(sum(r * r for r in res)), 1e-300)
+    dl = [-scale * sum(res[k] * dS[k][l] for k in range(len(res))) for l in range(L)]
+    Am = sum(dl[l] * zs[l] for l in range(L))
+    Aq = sum(dl[l] * z[l] for l in range(L))
+    Ag = sum(dl[l] * g[l] for l in range(L))
+    AC = sum(C[l] * dl[l] for l in range(L))
+    B = sum(x * x for x in dl)
+    phi = numpy.array([numpy.ones_like(Am), Am, Aq, ep * Ag + AC, B, Ag, AC])
+    M = (phi * w) @ phi.T                                   # E[phi phi^T]
+    a1 = numpy.array([[0, -1, m, 0, 0, 0, 0], [0, 0, e, -1, 0, 0, 0]], dtype=float)
+    a2 = numpy.array([[0, 0, 0, 0, -m / 2, 0, 0], [0, 0, 0, 0, -e / 2, 0, 0]], dtype=float)
+    mu1, mu2 = a1 @ M[:, 0], a2 @ M[:, 0]
+    c2 = a1 @ M @ a1.T - numpy.outer(mu1, mu1)
+    c2[1, 1] += (1.0 - ep * ep) * M[0, 4]
+    c3 = a1 @ M @ a2.T - numpy.outer(mu1, mu2)
+    c3 = c3 + c3.T
+    c4 = a2 @ M @ a2.T - numpy.outer(mu2, mu2)
+    X = numpy.array([m, e])
+    EA_q = numpy.array([M[1, 2], M[3, 2]])                  # E[A_X A_q]
+    EA_B = numpy.array([M[1, 4], M[3, 4]])                  # E[A_X B]
+    EK = M[1, 1] + M[5, 5] - 2 * M[0, 4] + 2 * ep * M[5, 6] + M[6, 6]
+    up = numpy.triu_indices(2)
+    return numpy.concatenate([mu1, mu2, c2[up], c3[up], c4[up],
+                              -EA_q + 1.5 * X * M[2, 2], 0.5 * EA_B - 1.5 * X * M[2, 4],
+                              0.375 * X * M[4, 4], -0.5 * X * EK])
+
+
+def _sc_pieces(c, eta):
+    """From _step_coefficients vectors c (_SC_SIZE, ...): Cov(G) ((mm, me), (em, ee)), the Ito
+    drift and the whole O(1/d) drift (Ito + token norm), each times d, at learning rate eta."""
+    cov = sum(eta ** (k + 2) * c[sl] for k, sl in enumerate(_SC_COV))
+    ito = sum(eta ** (k + 2) * c[sl] for k, sl in enumerate(_SC_ITO))
+    fdc = ito + eta ** 2 * c[_SC_NORM]
+    return ((cov[0], cov[1]), (cov[1], cov[2])), (ito[0], ito[1]), (fdc[0], fdc[1])
+
+
+def _polar(m, e):
+    """Table coordinates of states (m, e) of the unit disk: x = 2 theta / pi - 1 with m =
+    cos theta, and y = e' = e / sin theta (0 at m = +-1), both in [-1, 1]; inside = m^2 + e^2
+    <= 1 + 1e-12."""
+    m, e = numpy.broadcast_arrays(numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float))
+    inside = m * m + e * e <= 1 + 1e-12
+    mc = numpy.clip(m, -1.0, 1.0)
+    s = numpy.sqrt(1.0 - mc * mc)
+    y = numpy.where(s > 1e-12, e / numpy.where(s > 1e-12, s, 1.0), 0.0)
+    return 2 * numpy.arccos(mc) / numpy.pi - 1, numpy.clip(y, -1.0, 1.0), inside
+
+
+def _polar_table(coefficients, degree, checks, refine):
+    """Chebyshev table of the vector function coefficients(m, e) (the _step_coefficients of one
+    parameter set, analytic in (theta, e')) over the disk in the coordinates of _polar, from its
+    values at the Lobatto nodes of degree (Nx, Ny), and its error estimate per component:
+    2 x max over the check states of (|table - direct| + |direct - refine|), refine being the
+    same function with more quadrature nodes, plus the sum of |c_jk| over the last two rows and
+    columns of the coefficients (the size of the truncated series where the interpolant is not
+    checked). Returns (coefficients (Nx+1, Ny+1, K), error (K,))."""
+    Nx, Ny = degree
+    xs, ys = _lobatto(Nx), _lobatto(Ny)
+    th = numpy.pi * (xs + 1) / 2
+    vals = numpy.array([[coefficients(numpy.cos(t), y * numpy.sin(t)) for y in ys] for t in th])
+    table = _cheb_fit(_cheb_fit(vals, 0), 1)
+    err = 0.0
+    for m, e in checks:
+        direct = coefficients(m, e)
+        x, y, _ = _polar(m, e)
+        approx = numpy.array([_chebval2(x, y, table[:, :, k]) for k in range(table.shape[2])])
+        err = numpy.maximum(err, numpy.abs(approx - direct) + numpy.abs(direct - refine(m, e)))
+    tail = (numpy.abs(table[-2:]).sum(axis=(0, 1)) + numpy.abs(table[:, -2:]).sum(axis=(0, 1)))
+    return table, 2 * err + tail
+
+
+def _polar_eval(table, m, e):
+    """The tabulated vector at states (m, e): array (K,) + broadcast shape, NaN outside the
+    unit disk."""
+    x, y, inside = _polar(m, e)
+    tx = _cheb_basis(x, table.shape[0]).reshape(table.shape[0], -1)
+    ty = _cheb_basis(y, table.shape[1]).reshape(table.shape[1], -1)
+    out = numpy.einsum("jn,jkc,kn->cn", tx, table, ty, optimize=True).reshape((-1,) + x.shape)
+    return numpy.where(inside, out, numpy.nan)
+
+
+def _per_state(fn, size, m, e, params):
+    """fn(m, e, params) -> vector (size,) evaluated state by state over the broadcast of the
+    states (m, e) and the parameter values: array (size,) + broadcast shape, NaN outside the
+    unit disk m^2 + e^2 <= 1 + 1e-12."""
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, *params.values())])
+    out = numpy.full((size,) + arrs[0].shape, numpy.nan)
+    for idx in numpy.ndindex(arrs[0].shape):
+        mm, ee = arrs[0][idx], arrs[1][idx]
+        if mm * mm + ee * ee > 1 + 1e-12:
+            continue
+        pv = {k: a[idx] for k, a in zip(params, arrs[2:])}
+        out[(slice(None),) + idx] = fn(mm, ee, pv)
+    return out
+
+
+def _tabulated(table_of, m, e, params):
+    """(values, error estimates) of a tabulated vector function at states (m, e): table_of(**p)
+    -> (Chebyshev table, error vector) of one parameter set p (see _polar_table), looked up once
+    per distinct parameter set of the broadcast; arrays (K,) + broadcast shape."""
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, *params.values())])
+    shape = arrs[0].shape
+    if arrs[0].size == 0:
+        return numpy.empty((_SC_SIZE,) + shape), numpy.empty((_SC_SIZE,) + shape)
+    keys = numpy.array([a.ravel() for a in arrs[2:]]).T.reshape(arrs[0].size, len(params))
+    val = err = None
+    for key in numpy.unique(keys, axis=0):
+        sel = numpy.all(keys == key, axis=1)
+        table, error = table_of(**dict(zip(params, key.tolist())))
+        v = _polar_eval(table, arrs[0].ravel()[sel], arrs[1].ravel()[sel])
+        if val is None:
+            val = numpy.full((v.shape[0], sel.size), numpy.nan)
+            err = numpy.full((v.shape[0], sel.size), numpy.nan)
+        val[:, sel] = v
+        err[:, sel] = numpy.where(numpy.isnan(v), numpy.nan, error[:, None])
+    return val.reshape((-1,) + shape), err.reshape((-1,) + shape)
+
+
+def teacher_coefficients(omega=0.5, a=1.0):
     """Teacher coefficients c_p and constant parts b_i at the parameter values."""
     _c = [numpy.asarray(1 - omega, dtype=float), numpy.asarray(1 - omega, dtype=float), numpy.asarray(1 - omega, dtype=float), numpy.asarray(1 - omega, dtype=float)]
     _b = [numpy.asarray(omega/(1 + numpy.exp(-2*(a*a))), dtype=float), numpy.asarray(omega/(1 + numpy.exp(2*(a*a))), dtype=float), numpy.asarray(omega/(1 + numpy.exp(2*(a*a))), dtype=float), numpy.asarray(omega/(1 + numpy.exp(-2*(a*a))), dtype=float)]
@@ -109,10 +349,10 @@ def _params(omega=0.5, a=1.0):
 def teacher_constant(omega=0.5, a=1.0):
     """1/2 E|T|^2 + K Delta / 2 = 1/2 [sum_pq c_p c_q G_pq + 2 sum_p c_p b_i(p) M_p + |b|^2]
     + K Delta / 2 (depends on the parameters only)."""
-    _c, _b = _params(omega=omega, a=a)
+    _c, _b = teacher_coefficients(omega=omega, a=a)
     out = 0.5 * K * NOISE + 0.5 * sum(x * x for x in _b)
     for p in range(len(_c)):
-        out = out + _c[p] * _b[_PIECE_ENTRY[p]] * _M[p]
+        out = out + _c[p] * _b[PIECE_ENTRY[p]] * _M[p]
         for q in range(len(_c)):
             out = out + 0.5 * _c[p] * _c[q] * _G[p, q]
     return numpy.asarray(out, dtype=float)
@@ -141,7 +381,7 @@ def population_loss(m, e, omega=0.5, a=1.0):
     """Population loss R(m, e) = E[1/2 ||y - y_hat||_F^2] (teacher constant - cross terms -
     b . Sbar(e) + P(e)/2); NaN where |m| > 1 or |e| > 1 (outside the tables)."""
     m, e = numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)
-    _c, _b = _params(omega=omega, a=a)
+    _c, _b = teacher_coefficients(omega=omega, a=a)
     X = cross_terms(m, e)
     sb = student_mean(e)
     out = teacher_constant(omega=omega, a=a) + 0.5 * student_square(e)
@@ -155,10 +395,10 @@ def population_loss(m, e, omega=0.5, a=1.0):
 
 def gradient_origin(omega=0.5, a=1.0):
     """(dR/dm, dR/de) at (m, e) = (0, 0) from first Hermite moments (Stein's lemma)."""
-    _c, _b = _params(omega=omega, a=a)
+    _c, _b = teacher_coefficients(omega=omega, a=a)
     gm = -sum(_c[p] * _D1_M[p] for p in range(len(_c)))
     ge = 0.5 * _D1_P - sum(_b[i] * _D1_SBAR[i] for i in range(K))
-    ge = ge - sum(_c[p] * _M[p] * _D1_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
+    ge = ge - sum(_c[p] * _M[p] * _D1_SBAR[PIECE_ENTRY[p]] for p in range(len(_c)))
     return _bc(gm, ge)
 
 
@@ -168,11 +408,11 @@ def hessian_origin(omega=0.5, a=1.0):
     R_mm = -sum_p c_p 2 sum_(|k|=2) fhat_pk sigma_ik(0),
     R_me = -sum_p c_p sum_(|k|=1) fhat_pk sum_l C_l sigma_(i, k+e_l)(0),
     R_ee = P''(0)/2 - sum_i (b_i + sum_(p in i) c_p M_p) Sbar_i''(0)."""
-    _c, _b = _params(omega=omega, a=a)
+    _c, _b = teacher_coefficients(omega=omega, a=a)
     hmm = -sum(_c[p] * _H_MM[p] for p in range(len(_c)))
     hme = -sum(_c[p] * _H_ME[p] for p in range(len(_c)))
     hee = 0.5 * _D2_P - sum(_b[i] * _D2_SBAR[i] for i in range(K))
-    hee = hee - sum(_c[p] * _M[p] * _D2_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
+    hee = hee - sum(_c[p] * _M[p] * _D2_SBAR[PIECE_ENTRY[p]] for p in range(len(_c)))
     return _bc_nested(((hmm, hme), (hme, hee)))
 
 
@@ -180,7 +420,7 @@ def loss_gradient(m, e, omega=0.5, a=1.0):
     """(dR/dm, dR/de) at q = 1 (derivatives of the Chebyshev tables and series)."""
     m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
     e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    _c, _b = _params(omega=omega, a=a)
+    _c, _b = teacher_coefficients(omega=omega, a=a)
     dXm = (4 * m * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_0_DM), 4 * m * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_1_DM), 4 * m * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_2_DM), 4 * m * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_3_DM))
     dXe = (4 * e * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_0_DE), 4 * e * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_1_DE), 4 * e * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_2_DE), 4 * e * _chebval2((2 * m * m - 1), (2 * e * e - 1), _TABLE_3_DE))
     gm = -sum(_c[p] * dXm[p] for p in range(len(_c)))
@@ -195,7 +435,7 @@ def loss_dl_square(m, e, omega=0.5, a=1.0):
     """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py)."""
     m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
     e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    _c, _b = _params(omega=omega, a=a)
+    _c, _b = teacher_coefficients(omega=omega, a=a)
     v = list(_c) + list(_b) + [1.0]
     m, e = numpy.broadcast_arrays(m, e)
     tx = _cheb_basis((2 * m * m - 1), _GRAM.shape[2]).reshape(_GRAM.shape[2], -1)
@@ -230,114 +470,127 @@ def drift(m, e, eta, omega=0.5, a=1.0):
     return _bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])
 
 
-
 def drift_jacobian(m, e, eta, h=1e-6, omega=0.5, a=1.0):
     """Jacobian d drift_i / d x_j over (m, e) by central differences of step h."""
-    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
-    cols = []
-    for j in range(2):
-        xp = list(x); xp[j] = x[j] + h
-        xm = list(x); xm[j] = x[j] - h
-        fp = drift(*xp, eta=eta, omega=omega, a=a)
-        fm = drift(*xm, eta=eta, omega=omega, a=a)
-        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
-    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
+    return _fd_jacobian(drift, (m, e), h, dict(eta=eta, omega=omega, a=a))
 
 
 def quadrature_error(function, *args, **kwargs):
-    """(value, error estimate): the function's value and LOSS_ERROR_ESTIMATE (from two node
-    counts and an off-node interpolation check when the module was derived)."""
+    """(value, error estimate): for covariance, diffusion, ito_correction and finite_d_correction the table's estimate (_step_error); for step_coefficients and covariance_direct (n as a keyword, default COVARIANCE_NODES) the value with 3n/2 nodes and its difference from the value with n; for the other functions LOSS_ERROR_ESTIMATE (from two node counts and an off-node interpolation check when the module was derived)."""
+    if function in (step_coefficients, covariance_direct):
+        n = kwargs.pop('n', None) or COVARIANCE_NODES
+        coarse = numpy.asarray(function(*args, n=n, **kwargs), dtype=float)
+        fine = numpy.asarray(function(*args, n=(3 * n) // 2, **kwargs), dtype=float)
+        return fine, numpy.abs(fine - coarse)
     v = numpy.asarray(function(*args, **kwargs), dtype=float)
+    if function in (covariance, diffusion, ito_correction, finite_d_correction):
+        return v, _step_error(function, args, kwargs)
     return v, numpy.full(v.shape, LOSS_ERROR_ESTIMATE)
 
 
 def teacher_link(z1, z2, omega=0.5, a=1.0):
-    """Teacher link g*(z) entries. (flattened row by row)"""
+    """Teacher link g*(z) entries (flattened row by row)."""
     with numpy.errstate(over="ignore"):
-        return _bc(omega/(1 + numpy.exp(-2*(a*a))) + (1 - omega)/(1 + numpy.exp(-(z1*z1) + z1*z2)), omega/(1 + numpy.exp(2*(a*a))) + (1 - omega)/(1 + numpy.exp((z1*z1) - z1*z2)), omega/(1 + numpy.exp(2*(a*a))) + (1 - omega)/(1 + numpy.exp((z2*z2) - z1*z2)), omega/(1 + numpy.exp(-2*(a*a))) + (1 - omega)/(1 + numpy.exp(-(z2*z2) + z1*z2)))
+        _x0 = 2*(a*a)
+        _x1 = omega/(1 + numpy.exp(-_x0))
+        _x2 = 1 - omega
+        _x3 = z1*z2
+        _x4 = (z1*z1) - _x3
+        _x5 = omega/(1 + numpy.exp(_x0))
+        _x6 = _x3 - (z2*z2)
+        out = _bc(_x1 + _x2/(1 + numpy.exp(-_x4)), _x5 + _x2/(1 + numpy.exp(_x4)), _x5 + _x2/(1 + numpy.exp(-_x6)), _x1 + _x2/(1 + numpy.exp(_x6)))
+    return out
 
 
 def student_link(z1, z2, omega=0.5, a=1.0):
-    """Student link g(z) entries. (flattened row by row)"""
+    """Student link g(z) entries (flattened row by row)."""
     with numpy.errstate(over="ignore"):
-        return _bc((1 + numpy.exp(-(z1*z1) + z1*z2))**(-1.0), (1 + numpy.exp((z1*z1) - z1*z2))**(-1.0), (1 + numpy.exp((z2*z2) - z1*z2))**(-1.0), (1 + numpy.exp(-(z2*z2) + z1*z2))**(-1.0))
+        _x0 = z1*z2
+        _x1 = (z1*z1) - _x0
+        _x2 = _x0 - (z2*z2)
+        out = _bc((1 + numpy.exp(-_x1))**(-1.0), (1 + numpy.exp(_x1))**(-1.0), (1 + numpy.exp(-_x2))**(-1.0), (1 + numpy.exp(_x2))**(-1.0))
+    return out
 
 
 def student_link_gradient(z1, z2, omega=0.5, a=1.0):
     """dg_k/dz_l of the student link, as K tuples of L entries."""
     with numpy.errstate(over="ignore"):
-        return _bc_nested(((-(z2 - 2*z1)*numpy.exp(-(z1*z1) + z1*z2)/(1 + numpy.exp(-(z1*z1) + z1*z2))**2, -z1*numpy.exp(-(z1*z1) + z1*z2)/(1 + numpy.exp(-(z1*z1) + z1*z2))**2,), (-(-z2 + 2*z1)*numpy.exp((z1*z1) - z1*z2)/(1 + numpy.exp((z1*z1) - z1*z2))**2, z1*numpy.exp((z1*z1) - z1*z2)/(1 + numpy.exp((z1*z1) - z1*z2))**2,), (z2*numpy.exp((z2*z2) - z1*z2)/(1 + numpy.exp((z2*z2) - z1*z2))**2, -(-z1 + 2*z2)*numpy.exp((z2*z2) - z1*z2)/(1 + numpy.exp((z2*z2) - z1*z2))**2,), (-z2*numpy.exp(-(z2*z2) + z1*z2)/(1 + numpy.exp(-(z2*z2) + z1*z2))**2, -(z1 - 2*z2)*numpy.exp(-(z2*z2) + z1*z2)/(1 + numpy.exp(-(z2*z2) + z1*z2))**2,),))
+        _x0 = -z2 + 2*z1
+        _x1 = z1*z2
+        _x2 = (z1*z1) - _x1
+        _x3 = numpy.exp(-_x2)
+        _x4 = _x3/(1 + _x3)**2
+        _x5 = numpy.exp(_x2)
+        _x6 = _x5/(1 + _x5)**2
+        _x7 = _x1 - (z2*z2)
+        _x8 = numpy.exp(-_x7)
+        _x9 = _x8/(1 + _x8)**2
+        _x10 = z1 - 2*z2
+        _x11 = numpy.exp(_x7)
+        _x12 = _x11/(1 + _x11)**2
+        out = _bc_nested(((_x0*_x4, -_x4*z1), (-_x0*_x6, _x6*z1), (_x9*z2, _x10*_x9), (-_x12*z2, -_x10*_x12)))
+    return out
 
 
-COVARIANCE_NODES = 24
+def step_coefficients(m, e, n=None, omega=0.5, a=1.0):
+    """The eta-coefficients of one spherical SGD step at each state (runtime _step_coefficients: E G1, E G2, Cov(G), Ito and token-norm drifts), by tensor Gauss-Hermite with n (default COVARIANCE_NODES) nodes per dimension over (z*, g): array (_SC_SIZE,) + broadcast shape, NaN outside the unit disk."""
+    n = COVARIANCE_NODES if n is None else n
+    fn = lambda mm, ee, pv: _step_coefficients(mm, ee, (teacher_link, student_link, student_link_gradient), C, LOSS == 'norm', n, pv)
+    return _per_state(fn, _SC_SIZE, m, e, dict(omega=omega, a=a))
 
 
-def _rule4(n):
-    x, w = numpy.polynomial.hermite_e.hermegauss(n)
-    w = w / numpy.sqrt(2 * numpy.pi)
-    g = numpy.meshgrid(*([x] * 4), indexing="ij")
-    W = numpy.ones(())
-    for _ in range(4):
-        W = numpy.multiply.outer(W, w)
-    W = W.ravel()
-    keep = W > 1e-15 * W.max()
-    return [a.ravel()[keep] for a in g], W[keep]
+def covariance_direct(m, e, eta, n=None, omega=0.5, a=1.0):
+    """Cov(G) over (m, e) by direct quadrature at each state (step_coefficients with n nodes): ((mm, me), (em, ee))."""
+    c = step_coefficients(m, e, n, omega=omega, a=a)
+    return _bc_nested(_sc_pieces(c, eta)[0])
 
 
-def _increment_moments(m, e, eta, params, n):
-    """E[G] and E[G G^T] of the spherical increments G (MATH.md 4) at one state, by tensor
-    Gauss-Hermite over (z*, g), z = m z* + sqrt(1 - m^2) g + C e; zeta given (z*, z) is
-    Gaussian with mean b1 z* + b2 (z - C e), b = (-m e, e) / (1 - m^2), variance
-    1 - e^2 / (1 - m^2), integrated exactly."""
-    u, w = _rule4(n)
-    C = [1.0, -1.0]
-    _zs = u[:2]
-    s = numpy.sqrt(max(0.0, 1 - m * m))
-    _z = [m * _zs[l] + s * u[2 + l] + C[l] * e for l in range(2)]
-    T = teacher_link(_zs[0], _zs[1], **params)
-    S = student_link(_z[0], _z[1])
-    dS = student_link_gradient(_z[0], _z[1])
-    res = [a - b for a, b in zip(T, S)]
-    scale = 1.0
-    if LOSS == "norm":
-        scale = 1.0 / numpy.maximum(numpy.sqrt(sum(r * r for r in res)), 1e-300)
-    dl = [-scale * sum(res[k] * dS[k][l] for k in range(len(res))) for l in range(2)]
-    if 1 - m * m > 1e-12:
-        b1, b2 = -m * e / (1 - m * m), e / (1 - m * m)
-        tau2 = max(0.0, 1 - e * e / (1 - m * m))
-    else:
-        b1, b2, tau2 = 0.0, 0.0, 1.0
-    Am = sum(dl[l] * _zs[l] for l in range(2))
-    Aq = sum(dl[l] * _z[l] for l in range(2))
-    Ae = sum(dl[l] * (b1 * _zs[l] + b2 * (_z[l] - C[l] * e) + C[l]) for l in range(2))
-    B = sum(x * x for x in dl)
-    Gm = -eta * (Am - m * Aq) - 0.5 * eta * eta * m * B
-    Ge = -eta * (Ae - e * Aq) - 0.5 * eta * eta * e * B
-    mean = numpy.array([w @ Gm, w @ Ge])
-    second = numpy.array([[w @ (Gm * Gm), w @ (Gm * Ge)],
-                          [w @ (Gm * Ge), w @ (Ge * Ge) + eta * eta * tau2 * (w @ B)]])
-    return mean, second
+def step_table(omega=0.5, a=1.0):
+    """(Chebyshev table, error estimate per component) of step_coefficients over the unit disk in (theta, e') (runtime _polar_table: degrees STEP_TABLE_DEGREE, values with STEP_TABLE_NODES nodes, error estimate from STEP_TABLE_CHECKS against direct quadrature with those nodes and 3/2 of them, plus the Chebyshev tail), built on first use per parameter set (about a minute) and kept for the session."""
+    key = (float(omega), float(a))
+    if key not in _STEP_TABLES:
+        f = lambda mm, ee: step_coefficients(mm, ee, STEP_TABLE_NODES, omega=omega, a=a)
+        g = lambda mm, ee: step_coefficients(mm, ee, (3 * STEP_TABLE_NODES) // 2, omega=omega, a=a)
+        _STEP_TABLES[key] = _polar_table(f, STEP_TABLE_DEGREE, STEP_TABLE_CHECKS, g)
+    return _STEP_TABLES[key]
+
+
+def _coefficients(m, e, omega=0.5, a=1.0):
+    """(step coefficients, error estimates) at states (m, e) from step_table."""
+    return _tabulated(step_table, m, e, dict(omega=omega, a=a))
 
 
 def covariance(m, e, eta, omega=0.5, a=1.0):
-    """Cov(G) over (m, e) (MATH.md 4; D = Cov(G) / d), by tensor Gauss-Hermite with
-    COVARIANCE_NODES per dimension over the 2L Gaussian variables at each state (slow: no
-    table). Nested tuples ((mm, me), (em, ee))."""
-    params = dict(omega=omega, a=a)
-    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
-                                    (m, e, eta, *params.values())])
-    out = numpy.full((2, 2) + arrs[0].shape, numpy.nan)
-    for idx in numpy.ndindex(arrs[0].shape):
-        mm, ee, et = arrs[0][idx], arrs[1][idx], arrs[2][idx]
-        if mm * mm + ee * ee > 1 + 1e-12:
-            continue
-        pv = {k: a[idx] for k, a in zip(params, arrs[3:])}
-        mean, second = _increment_moments(mm, ee, et, pv, COVARIANCE_NODES)
-        c = second - numpy.outer(mean, mean)
-        out[(slice(None), slice(None)) + idx] = c
-    return ((out[0, 0], out[0, 1]), (out[1, 0], out[1, 1]))
+    """Cov(G) over (m, e) (MATH.md 4; D = Cov(G) / d), from step_table: ((mm, me), (em, ee)); error estimate: quadrature_error(covariance, ...)."""
+    c, _ = _coefficients(m, e, omega=omega, a=a)
+    return _bc_nested(_sc_pieces(c, eta)[0])
 
 
 def diffusion(m, e, eta, d, omega=0.5, a=1.0):
     """Diffusion matrix D = Cov(G) / d over (m, e), shape (2, 2) + broadcast shape."""
     return numpy.array(covariance(m, e, eta, omega=omega, a=a)) / d
+
+
+def ito_correction(m, e, eta, omega=0.5, a=1.0):
+    """d times the O(1/d) drift of the spherical rescaling, E[-(1/2)(d dX)(d dQ) + (3/8) X (d dQ)^2] (runtime _step_coefficients), from step_table."""
+    c, _ = _coefficients(m, e, omega=omega, a=a)
+    return _bc(*_sc_pieces(c, eta)[1])
+
+
+def finite_d_correction(m, e, eta, omega=0.5, a=1.0):
+    """d times the whole O(1/d) drift (the SDE drift is drift + this / d): the rescaling term plus the token-norm term -(eta^2 X / 2) E[token Gram excess], from step_table."""
+    c, _ = _coefficients(m, e, omega=omega, a=a)
+    return _bc(*_sc_pieces(c, eta)[2])
+
+
+def _step_error(function, args, kwargs):
+    """Error estimate of covariance, diffusion, ito_correction or finite_d_correction called with (args, kwargs): the same combination of the coefficients' error estimates with |eta|^k (triangle inequality), divided by d for the diffusion."""
+    names = ('m', 'e', 'eta') + (('d',) if function is diffusion else ()) + PARAMETERS
+    bound = dict(DEFAULTS, **dict(zip(names, args)), **kwargs)
+    params = {k: v for k, v in bound.items() if k not in ('m', 'e', 'eta', 'd')}
+    _, err = _coefficients(bound['m'], bound['e'], **params)
+    pieces = _sc_pieces(err, numpy.abs(bound['eta']))
+    if function is diffusion:
+        return numpy.array(pieces[0]) / bound['d']
+    k = {covariance: 0, ito_correction: 1, finite_d_correction: 2}[function]
+    return numpy.array(pieces[k])

@@ -13,9 +13,12 @@ Teacher pieces (entry, coefficient c_p, f_p): (0, sqrt(2)/2, z1**2 + z2**2)
 Constant part b: ['-sqrt(2)']
 Tables: {}
 Estimated max error of population_loss (unit coefficients): 3.79e-09
+Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
+(theta, e') of the step statistics per parameter set, built on first use by direct
+quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 41585b14cdd277710c0cbb83aaeb65688b7e5f1620916015488e0c29303c6ad3
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0 attention 1 49de561f8ae0be4c
+# spec-hash: ffa5f9173c7d70a95326b027275e9256c31e5bbcfb7fef62707619a7d24ca9df
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252 attention 1 180f6827e1361307
 import numpy
 import scipy.special
 
@@ -32,8 +35,9 @@ LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
 BACKEND = 'attention'
-UNAVAILABLE = {'ito_correction': 'the attention backend does not derive the O(1/d) drift', 'finite_d_correction': 'the attention backend does not derive the O(1/d) drift'}
-SPEC_HASH = '41585b14cdd277710c0cbb83aaeb65688b7e5f1620916015488e0c29303c6ad3'
+UNAVAILABLE = {}
+FINITE_D_CORRECTION = 'complete'
+SPEC_HASH = 'ffa5f9173c7d70a95326b027275e9256c31e5bbcfb7fef62707619a7d24ca9df'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09
@@ -45,7 +49,12 @@ _G = numpy.array([[7.999999999995623]])
 _M = numpy.array([1.9999999999999367])
 _SBAR = numpy.array([[1.0187049812996636], [-8.480644287553455e-18], [0.09811262869124657], [2.1009451368552423e-16], [-0.0061161325637087965], [-6.74612424707649e-17], [0.0002545077273807138], [3.488723917636688e-16], [-7.947152403974518e-06], [4.1479188385078747e-16], [1.985874145559049e-07], [6.194892540160507e-16], [-4.127737372584888e-09], [2.6560566491678206e-16], [7.109476009424275e-11], [-4.2481427852198716e-16], [-9.726752582611364e-12], [2.760140057726429e-16], [-1.0616596338882782e-12], [-7.023700346782763e-16], [5.869417606036198e-12], [-1.0389063890177769e-15], [-1.281796042989735e-12], [7.825532607578706e-16], [-1.8127497961758602e-12], [-3.415475516751004e-16], [1.5361789770077413e-12], [6.784718865542605e-17], [-5.908418047203649e-13], [8.519442341519412e-17], [1.256093991989123e-13], [1.268277868386375e-16], [-9.570662390056375e-15], [-9.868646847384727e-16], [-3.929341646179799e-15], [6.992865339109838e-16], [2.2705600569613097e-15], [-8.342090188525136e-16], [-5.397143520261002e-18], [8.172497646324051e-17], [1.1179317765433877e-16]])
 _P = numpy.array([1.0984909529565046, 5.648805616310411e-17, 0.20887507882520617, 1.952659342412487e-16, -0.011699553229143825, -3.371756458768985e-17, 0.0004085034927599683, 3.201660245115788e-16, -9.282609589476443e-06, 4.381272208780017e-16, 1.0940207151213253e-07, 6.324162501874041e-16, 1.3510167072517757e-09, 2.5771597937641375e-16, -8.354758649344622e-11, -4.847456683416597e-16, -1.955684323364541e-11, 2.7853266108813543e-16, -3.092861481359425e-11, -1.0121016050386091e-15, 1.5434777478431654e-11, -1.0953683318854959e-15, 1.3330197079588782e-11, 8.683386429202498e-16, -1.4646611290378404e-11, -5.333179256690103e-16, 5.674619518816495e-12, 9.769049318462886e-19, -7.187663019411621e-13, 8.424363177873302e-17, -3.147630821739715e-13, 2.2996040376078483e-16, 2.0820747357570844e-13, -1.005162711134702e-15, -6.987563851727763e-14, 7.711941282655486e-16, 1.8567503181923898e-14, -8.663848330565573e-16, -4.450661147819089e-16, 1.952659342412487e-16, -1.9503176394638544e-15])
-_PIECE_ENTRY = [0]
+PIECE_ENTRY = [0]
+COVARIANCE_NODES = 24
+STEP_TABLE_NODES = 32
+STEP_TABLE_DEGREE = (16, 10)
+STEP_TABLE_CHECKS = ((0.02, 0.01), (0.1, 0.05), (0.45, -0.3), (0.9, 0.1), (-0.2, 0.8), (0.97, -0.2), (0.999, 0.0), (-0.995, 0.05), (0.05, 0.995))
+_STEP_TABLES = {}
 _SIGMA_0_0_0 = numpy.array([1.0187049812996636, -8.480644287553455e-18, 0.09811262869124657, 2.1009451368552423e-16, -0.0061161325637087965, -6.74612424707649e-17, 0.0002545077273807138, 3.488723917636688e-16, -7.947152403974518e-06, 4.1479188385078747e-16, 1.985874145559049e-07, 6.194892540160507e-16, -4.127737372584888e-09, 2.6560566491678206e-16, 7.109476009424275e-11, -4.2481427852198716e-16, -9.726752582611364e-12, 2.760140057726429e-16, -1.0616596338882782e-12, -7.023700346782763e-16, 5.869417606036198e-12, -1.0389063890177769e-15, -1.281796042989735e-12, 7.825532607578706e-16, -1.8127497961758602e-12, -3.415475516751004e-16, 1.5361789770077413e-12, 6.784718865542605e-17, -5.908418047203649e-13, 8.519442341519412e-17, 1.256093991989123e-13, 1.268277868386375e-16, -9.570662390056375e-15, -9.868646847384727e-16, -3.929341646179799e-15, 6.992865339109838e-16, 2.2705600569613097e-15, -8.342090188525136e-16, -5.397143520261002e-18, 8.172497646324051e-17, 1.1179317765433877e-16])
 _SIGMA_0_0_2 = numpy.array([0.020509526363555124, -1.0349716669740307e-17, -0.07048252009719856, -1.0783397538734509e-17, 0.008193543130794985, -2.1842259698086656e-17, -0.00048192192802200593, 6.34699678653646e-18, 1.87170657104261e-05, -9.916035800746106e-18, -5.341127276896059e-07, -1.2424184208620705e-18, 1.1799676420791101e-08, 2.1742667635830622e-17, -2.489578361759048e-10, 1.7405858945888605e-17, -4.843654975160868e-11, 1.415325242843209e-17, 1.655713429416897e-11, 2.0007944159853815e-17, 3.6748258023739966e-11, -9.916035800746106e-18, -2.2473560397699958e-11, 2.781419980174945e-17, -3.297391064698255e-12, 1.0782832013117968e-16, 8.958147533151303e-12, -6.229748414295391e-18, -4.967838699081431e-12, -4.049053706483733e-17, 1.6032474240657318e-12, -4.309262227880254e-17, -3.386892047973739e-13, -2.6612749257022875e-17, 4.567325893437274e-14, -1.4469684925185226e-17, -3.022814281075707e-15, -1.8589653180630143e-17, -2.5041319617586415e-15, -5.918971173707678e-19, 2.075133646044195e-15])
 _SIGMA_0_2_0 = numpy.array([0.02050952636355513, -7.097110152283794e-18, -0.07048252009719859, -7.747631455775097e-18, 0.008193543130794997, -1.6204408401162033e-17, -0.00048192192802200756, 1.2201688517958185e-17, 1.8717065710434775e-05, -2.075805752560115e-17, -5.34112727690907e-07, 9.165922434998772e-18, 1.1799676411683803e-08, 2.2610029373819026e-17, -2.48957837260107e-10, 1.0466965041981378e-17, -4.843655170317259e-11, 2.0658465463345118e-17, 1.655713667941375e-11, 2.2176348504824824e-17, 3.6748266697357346e-11, -1.6760992898562723e-18, -2.2473579696498628e-11, 3.605413631263928e-17, -3.2973969193899863e-12, 9.741997927531884e-17, 8.958146015268261e-12, -6.663429283289593e-18, -4.9678263391766646e-12, -5.436832487265179e-17, 1.6032454725018213e-12, -3.8322132719866323e-17, -3.3867814593521455e-13, -2.9214834470988086e-17, 4.567044000872428e-14, -1.4903365794179428e-17, -3.022814281075707e-15, -2.509486621554317e-17, -2.4971930678547343e-15, 1.0250124607484277e-17, 2.083807263424079e-15])
@@ -71,6 +80,31 @@ def _bc_nested(rows):
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
 
 
+_GRIDS = {}
+
+
+def _gh_grid(k, n):
+    """Tensor Gauss-Hermite rule for E over k independent N(0, 1): nodes (k, n^k), weights."""
+    key = (k, n)
+    if key not in _GRIDS:
+        x, w = numpy.polynomial.hermite_e.hermegauss(n)
+        w = w / numpy.sqrt(2.0 * numpy.pi)
+        grids = numpy.meshgrid(*([x] * k), indexing="ij")
+        weights = numpy.ones(())
+        for _ in range(k):
+            weights = numpy.multiply.outer(weights, w)
+        _GRIDS[key] = (numpy.array([g.ravel() for g in grids]), weights.ravel())
+    return _GRIDS[key]
+
+
+def _gh_pruned(k, n, prune):
+    """The tensor rule of _gh_grid with the nodes whose weight is at most prune x the largest
+    dropped (they change nothing at double precision): nodes (k, P), weights (P,)."""
+    u, w = _gh_grid(k, n)
+    keep = w > prune * w.max()
+    return u[:, keep], w[keep]
+
+
 def _cheb_basis(y, n):
     """T_0(y)..T_(n-1)(y) stacked on a new first axis (three-term recursion)."""
     out = [numpy.ones_like(y), y]
@@ -86,7 +120,213 @@ def _chebval2(x, y, c):
     ty = _cheb_basis(y, c.shape[1]).reshape(c.shape[1], -1)
     return numpy.einsum("jn,jk,kn->n", tx, c, ty, optimize=True).reshape(x.shape)
 
-def _params():
+
+def _lobatto(N):
+    """Chebyshev-Lobatto points y_k = cos(pi k / N), k = 0..N."""
+    return numpy.cos(numpy.pi * numpy.arange(N + 1) / N)
+
+
+def _cheb_fit(values, axis=0):
+    """Coefficients c_j of the interpolant sum_j c_j T_j(y) through values at the Lobatto
+    points (DCT-I): c_j = (2/N) sum''_k f_k cos(pi j k / N), c_0 and c_N halved."""
+    v = numpy.moveaxis(numpy.asarray(values, dtype=float), axis, 0)
+    N = v.shape[0] - 1
+    k = numpy.arange(N + 1)
+    M = numpy.cos(numpy.pi * numpy.outer(k, k) / N) * (2.0 / N)
+    M[:, 0] *= 0.5
+    M[:, -1] *= 0.5
+    c = numpy.tensordot(M, v, axes=(1, 0))
+    c[0] *= 0.5
+    c[-1] *= 0.5
+    return numpy.moveaxis(c, 0, axis)
+
+
+def _fd_jacobian(drift, state, h, kwargs):
+    """Jacobian d drift_i / d x_j by central differences of step h: (drift(x + h e_j) -
+    drift(x - h e_j)) / (2 h), error O(h^2) plus the drift's error / h; nested tuples."""
+    x = [numpy.asarray(v, dtype=float) for v in state]
+    n = len(x)
+    cols = []
+    for j in range(n):
+        xp = list(x); xp[j] = x[j] + h
+        xm = list(x); xm[j] = x[j] - h
+        fp = drift(*xp, **kwargs)
+        fm = drift(*xm, **kwargs)
+        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
+    return _bc_nested(tuple(tuple(cols[j][i] for j in range(n)) for i in range(n)))
+
+
+_SC_MEAN1, _SC_MEAN2 = slice(0, 2), slice(2, 4)
+
+
+_SC_COV = (slice(4, 7), slice(7, 10), slice(10, 13))       # eta^2, eta^3, eta^4; (mm, me, ee)
+
+
+_SC_ITO = (slice(13, 15), slice(15, 17), slice(17, 19))    # eta^2, eta^3, eta^4; (m, e)
+
+
+_SC_NORM = slice(19, 21)                                   # eta^2; (m, e)
+
+
+_SC_SIZE = 21
+
+
+def _step_coefficients(m, e, links, C, norm, n, params, prune=1e-15):
+    """The eta-coefficients of one spherical SGD step at a state (m, e), q = 1, one positional
+    direction with coefficients C_l (MATH.md 4), as a vector (_SC_* slices): E G1, E G2,
+    the eta^2, eta^3, eta^4 parts of Cov(G), those of the rescaling (Ito) drift and the eta^2
+    part of the token-norm drift, G = eta G1 + eta^2 G2 being d times the increment of (m, e).
+
+    With s = sqrt(1 - m^2), e' = e / s, token l has z*_l, g_l i.i.d. N(0, 1) and
+    z_l = m z*_l + s g_l + C_l e, zeta_l = e' g_l + sqrt(1 - e'^2) xi_l (xi_l independent).
+    links = (teacher_link, student_link, student_link_gradient); dl_l = -k sum_k (T_k(z*) -
+    S_k(z)) dS_k/dz_l with k = 1 (square loss) or 1 / |T - S| (norm loss, norm=True).
+    A_m = sum dl z*, A_q = sum dl z, A_g = sum dl g, A_C = sum C dl, B = sum dl^2 and A_e =
+    e' A_g + A_C (the mean of sum dl (zeta + C) given z*, g; its variance is (1 - e'^2) B). Then
+    G1 = (-(A_m - m A_q), -(A_e - e A_q)), G2 = -(m, e) B / 2 and
+
+        Cov(G) = eta^2 Cov(G1) + eta^3 (Cov(G1, G2) + Cov(G2, G1)) + eta^4 Cov(G2)
+                 (+ eta^2 (1 - e'^2) E[B] in the (e, e) entry),
+        Ito_X = E[-(1/2) (-eta A_X)(d dQ) + (3/8) X (d dQ)^2],  d dQ = -2 eta A_q + eta^2 B,
+        norm_X = -(eta^2 X / 2) E[A_m^2 + A_g^2 - 2 B + 2 e' A_g A_C + A_C^2]
+
+    (the token Gram excess of MATH.md 4 / symbolic.derive.statistics in whitened coordinates:
+    its (z*, z) part is z*_l z*_l' + g_l g_l' - 2 delta_ll', its positional part
+    C_l' zeta_l + C_l zeta_l' + C_l C_l'). Tensor Gauss-Hermite with n nodes per dimension over
+    (z*, g), nodes of weight <= prune x the largest dropped."""
+    L = len(C)
+    u, w = _gh_pruned(2 * L, n, prune)
+    s = numpy.sqrt(max(0.0, 1.0 - m * m))
+    ep = min(1.0, max(-1.0, e / s)) if s > 1e-12 else 0.0
+    zs, g = u[:L], u[L:]
+    z = [m * zs[l] + s * g[l] + C[l] * e for l in range(L)]
+    T = links[0](*zs, **params)
+    S = links[1](*z)
+    dS = links[2](*z)
+    res = [a - b for a, b in zip(T, S)]
+    scale = 1.0
+    if norm:
+        scale = 1.0 / numpy.maximum(numpy.sqrt(sum(r * r for r in res)), 1e-300)
+    dl = [-scale * sum(res[k] * dS[k][l] for k in range(len(res))) for l in range(L)]
+    Am = sum(dl[l] * zs[l] for l in range(L))
+    Aq = sum(dl[l] * z[l] for l in range(L))
+    Ag = sum(dl[l] * g[l] for l in range(L))
+    AC = sum(C[l] * dl[l] for l in range(L))
+    B = sum(x * x for x in dl)
+    phi = numpy.array([numpy.ones_like(Am), Am, Aq, ep * Ag + AC, B, Ag, AC])
+    M = (phi * w) @ phi.T                                   # E[phi phi^T]
+    a1 = numpy.array([[0, -1, m, 0, 0, 0, 0], [0, 0, e, -1, 0, 0, 0]], dtype=float)
+    a2 = numpy.array([[0, 0, 0, 0, -m / 2, 0, 0], [0, 0, 0, 0, -e / 2, 0, 0]], dtype=float)
+    mu1, mu2 = a1 @ M[:, 0], a2 @ M[:, 0]
+    c2 = a1 @ M @ a1.T - numpy.outer(mu1, mu1)
+    c2[1, 1] += (1.0 - ep * ep) * M[0, 4]
+    c3 = a1 @ M @ a2.T - numpy.outer(mu1, mu2)
+    c3 = c3 + c3.T
+    c4 = a2 @ M @ a2.T - numpy.outer(mu2, mu2)
+    X = numpy.array([m, e])
+    EA_q = numpy.array([M[1, 2], M[3, 2]])                  # E[A_X A_q]
+    EA_B = numpy.array([M[1, 4], M[3, 4]])                  # E[A_X B]
+    EK = M[1, 1] + M[5, 5] - 2 * M[0, 4] + 2 * ep * M[5, 6] + M[6, 6]
+    up = numpy.triu_indices(2)
+    return numpy.concatenate([mu1, mu2, c2[up], c3[up], c4[up],
+                              -EA_q + 1.5 * X * M[2, 2], 0.5 * EA_B - 1.5 * X * M[2, 4],
+                              0.375 * X * M[4, 4], -0.5 * X * EK])
+
+
+def _sc_pieces(c, eta):
+    """From _step_coefficients vectors c (_SC_SIZE, ...): Cov(G) ((mm, me), (em, ee)), the Ito
+    drift and the whole O(1/d) drift (Ito + token norm), each times d, at learning rate eta."""
+    cov = sum(eta ** (k + 2) * c[sl] for k, sl in enumerate(_SC_COV))
+    ito = sum(eta ** (k + 2) * c[sl] for k, sl in enumerate(_SC_ITO))
+    fdc = ito + eta ** 2 * c[_SC_NORM]
+    return ((cov[0], cov[1]), (cov[1], cov[2])), (ito[0], ito[1]), (fdc[0], fdc[1])
+
+
+def _polar(m, e):
+    """Table coordinates of states (m, e) of the unit disk: x = 2 theta / pi - 1 with m =
+    cos theta, and y = e' = e / sin theta (0 at m = +-1), both in [-1, 1]; inside = m^2 + e^2
+    <= 1 + 1e-12."""
+    m, e = numpy.broadcast_arrays(numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float))
+    inside = m * m + e * e <= 1 + 1e-12
+    mc = numpy.clip(m, -1.0, 1.0)
+    s = numpy.sqrt(1.0 - mc * mc)
+    y = numpy.where(s > 1e-12, e / numpy.where(s > 1e-12, s, 1.0), 0.0)
+    return 2 * numpy.arccos(mc) / numpy.pi - 1, numpy.clip(y, -1.0, 1.0), inside
+
+
+def _polar_table(coefficients, degree, checks, refine):
+    """Chebyshev table of the vector function coefficients(m, e) (the _step_coefficients of one
+    parameter set, analytic in (theta, e')) over the disk in the coordinates of _polar, from its
+    values at the Lobatto nodes of degree (Nx, Ny), and its error estimate per component:
+    2 x max over the check states of (|table - direct| + |direct - refine|), refine being the
+    same function with more quadrature nodes, plus the sum of |c_jk| over the last two rows and
+    columns of the coefficients (the size of the truncated series where the interpolant is not
+    checked). Returns (coefficients (Nx+1, Ny+1, K), error (K,))."""
+    Nx, Ny = degree
+    xs, ys = _lobatto(Nx), _lobatto(Ny)
+    th = numpy.pi * (xs + 1) / 2
+    vals = numpy.array([[coefficients(numpy.cos(t), y * numpy.sin(t)) for y in ys] for t in th])
+    table = _cheb_fit(_cheb_fit(vals, 0), 1)
+    err = 0.0
+    for m, e in checks:
+        direct = coefficients(m, e)
+        x, y, _ = _polar(m, e)
+        approx = numpy.array([_chebval2(x, y, table[:, :, k]) for k in range(table.shape[2])])
+        err = numpy.maximum(err, numpy.abs(approx - direct) + numpy.abs(direct - refine(m, e)))
+    tail = (numpy.abs(table[-2:]).sum(axis=(0, 1)) + numpy.abs(table[:, -2:]).sum(axis=(0, 1)))
+    return table, 2 * err + tail
+
+
+def _polar_eval(table, m, e):
+    """The tabulated vector at states (m, e): array (K,) + broadcast shape, NaN outside the
+    unit disk."""
+    x, y, inside = _polar(m, e)
+    tx = _cheb_basis(x, table.shape[0]).reshape(table.shape[0], -1)
+    ty = _cheb_basis(y, table.shape[1]).reshape(table.shape[1], -1)
+    out = numpy.einsum("jn,jkc,kn->cn", tx, table, ty, optimize=True).reshape((-1,) + x.shape)
+    return numpy.where(inside, out, numpy.nan)
+
+
+def _per_state(fn, size, m, e, params):
+    """fn(m, e, params) -> vector (size,) evaluated state by state over the broadcast of the
+    states (m, e) and the parameter values: array (size,) + broadcast shape, NaN outside the
+    unit disk m^2 + e^2 <= 1 + 1e-12."""
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, *params.values())])
+    out = numpy.full((size,) + arrs[0].shape, numpy.nan)
+    for idx in numpy.ndindex(arrs[0].shape):
+        mm, ee = arrs[0][idx], arrs[1][idx]
+        if mm * mm + ee * ee > 1 + 1e-12:
+            continue
+        pv = {k: a[idx] for k, a in zip(params, arrs[2:])}
+        out[(slice(None),) + idx] = fn(mm, ee, pv)
+    return out
+
+
+def _tabulated(table_of, m, e, params):
+    """(values, error estimates) of a tabulated vector function at states (m, e): table_of(**p)
+    -> (Chebyshev table, error vector) of one parameter set p (see _polar_table), looked up once
+    per distinct parameter set of the broadcast; arrays (K,) + broadcast shape."""
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, *params.values())])
+    shape = arrs[0].shape
+    if arrs[0].size == 0:
+        return numpy.empty((_SC_SIZE,) + shape), numpy.empty((_SC_SIZE,) + shape)
+    keys = numpy.array([a.ravel() for a in arrs[2:]]).T.reshape(arrs[0].size, len(params))
+    val = err = None
+    for key in numpy.unique(keys, axis=0):
+        sel = numpy.all(keys == key, axis=1)
+        table, error = table_of(**dict(zip(params, key.tolist())))
+        v = _polar_eval(table, arrs[0].ravel()[sel], arrs[1].ravel()[sel])
+        if val is None:
+            val = numpy.full((v.shape[0], sel.size), numpy.nan)
+            err = numpy.full((v.shape[0], sel.size), numpy.nan)
+        val[:, sel] = v
+        err[:, sel] = numpy.where(numpy.isnan(v), numpy.nan, error[:, None])
+    return val.reshape((-1,) + shape), err.reshape((-1,) + shape)
+
+
+def teacher_coefficients():
     """Teacher coefficients c_p and constant parts b_i at the parameter values."""
     _c = [numpy.asarray((1/2)*numpy.sqrt(2), dtype=float)]
     _b = [numpy.asarray(-numpy.sqrt(2), dtype=float)]
@@ -96,10 +336,10 @@ def _params():
 def teacher_constant():
     """1/2 E|T|^2 + K Delta / 2 = 1/2 [sum_pq c_p c_q G_pq + 2 sum_p c_p b_i(p) M_p + |b|^2]
     + K Delta / 2 (depends on the parameters only)."""
-    _c, _b = _params()
+    _c, _b = teacher_coefficients()
     out = 0.5 * K * NOISE + 0.5 * sum(x * x for x in _b)
     for p in range(len(_c)):
-        out = out + _c[p] * _b[_PIECE_ENTRY[p]] * _M[p]
+        out = out + _c[p] * _b[PIECE_ENTRY[p]] * _M[p]
         for q in range(len(_c)):
             out = out + 0.5 * _c[p] * _c[q] * _G[p, q]
     return numpy.asarray(out, dtype=float)
@@ -124,11 +364,11 @@ def cross_terms(m, e):
     return ((1.9999999999999367 * m ** 0 * _cheb.chebval(e, _SIGMA_0_0_0) + 0.9999999999989376 * m ** 2 * _cheb.chebval(e, _SIGMA_0_0_2) + 0.9999999999989374 * m ** 2 * _cheb.chebval(e, _SIGMA_0_2_0)),)
 
 
-def population_loss(m, e, ):
+def population_loss(m, e):
     """Population loss R(m, e) = E[1/2 ||y - y_hat||_F^2] (teacher constant - cross terms -
     b . Sbar(e) + P(e)/2); NaN where |m| > 1 or |e| > 1 (outside the tables)."""
     m, e = numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)
-    _c, _b = _params()
+    _c, _b = teacher_coefficients()
     X = cross_terms(m, e)
     sb = student_mean(e)
     out = teacher_constant() + 0.5 * student_square(e)
@@ -142,10 +382,10 @@ def population_loss(m, e, ):
 
 def gradient_origin():
     """(dR/dm, dR/de) at (m, e) = (0, 0) from first Hermite moments (Stein's lemma)."""
-    _c, _b = _params()
+    _c, _b = teacher_coefficients()
     gm = -sum(_c[p] * _D1_M[p] for p in range(len(_c)))
     ge = 0.5 * _D1_P - sum(_b[i] * _D1_SBAR[i] for i in range(K))
-    ge = ge - sum(_c[p] * _M[p] * _D1_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
+    ge = ge - sum(_c[p] * _M[p] * _D1_SBAR[PIECE_ENTRY[p]] for p in range(len(_c)))
     return _bc(gm, ge)
 
 
@@ -155,19 +395,19 @@ def hessian_origin():
     R_mm = -sum_p c_p 2 sum_(|k|=2) fhat_pk sigma_ik(0),
     R_me = -sum_p c_p sum_(|k|=1) fhat_pk sum_l C_l sigma_(i, k+e_l)(0),
     R_ee = P''(0)/2 - sum_i (b_i + sum_(p in i) c_p M_p) Sbar_i''(0)."""
-    _c, _b = _params()
+    _c, _b = teacher_coefficients()
     hmm = -sum(_c[p] * _H_MM[p] for p in range(len(_c)))
     hme = -sum(_c[p] * _H_ME[p] for p in range(len(_c)))
     hee = 0.5 * _D2_P - sum(_b[i] * _D2_SBAR[i] for i in range(K))
-    hee = hee - sum(_c[p] * _M[p] * _D2_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
+    hee = hee - sum(_c[p] * _M[p] * _D2_SBAR[PIECE_ENTRY[p]] for p in range(len(_c)))
     return _bc_nested(((hmm, hme), (hme, hee)))
 
 
-def loss_gradient(m, e, ):
+def loss_gradient(m, e):
     """(dR/dm, dR/de) at q = 1 (derivatives of the Chebyshev tables and series)."""
     m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
     e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    _c, _b = _params()
+    _c, _b = teacher_coefficients()
     dXm = ((1.9999999999978753 * m ** 1 * _cheb.chebval(e, _SIGMA_0_0_2) + 1.9999999999978748 * m ** 1 * _cheb.chebval(e, _SIGMA_0_2_0)),)
     dXe = ((1.9999999999999367 * m ** 0 * _cheb.chebval(e, _cheb.chebder(_SIGMA_0_0_0)) + 0.9999999999989376 * m ** 2 * _cheb.chebval(e, _cheb.chebder(_SIGMA_0_0_2)) + 0.9999999999989374 * m ** 2 * _cheb.chebval(e, _cheb.chebder(_SIGMA_0_2_0))),)
     gm = -sum(_c[p] * dXm[p] for p in range(len(_c)))
@@ -178,11 +418,11 @@ def loss_gradient(m, e, ):
     return _bc(gm, ge)
 
 
-def loss_dl_square(m, e, ):
+def loss_dl_square(m, e):
     """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py)."""
     m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
     e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    _c, _b = _params()
+    _c, _b = teacher_coefficients()
     v = list(_c) + list(_b) + [1.0]
     m, e = numpy.broadcast_arrays(m, e)
     tx = _cheb_basis((2 * m * m - 1), _GRAM.shape[2]).reshape(_GRAM.shape[2], -1)
@@ -196,7 +436,7 @@ def loss_dl_square(m, e, ):
     return numpy.asarray(out, dtype=float)
 
 
-def drift_eta1(m, e, ):
+def drift_eta1(m, e):
     """O(eta) drift coefficients of spherical SGD (MATH.md 4): the projected gradient flow
     -(I - x x^T) grad R at x = (m, e), q = 1 (the d/dq terms cancel under the projection)."""
     gm, ge = loss_gradient(m, e, )
@@ -204,127 +444,122 @@ def drift_eta1(m, e, ):
     return _bc(-(gm - m * r), -(ge - e * r))
 
 
-def drift_eta2(m, e, ):
+def drift_eta2(m, e):
     """O(eta^2) drift coefficients: -(x / 2) E sum_l dl_l^2 for x = m, e."""
     B = loss_dl_square(m, e, )
     return _bc(-0.5 * m * B, -0.5 * e * B)
 
 
-def drift(m, e, eta, ):
+def drift(m, e, eta):
     """Drift d(m, e)/dt = eta drift_eta1 + eta^2 drift_eta2 (spherical online SGD)."""
     a1 = drift_eta1(m, e, )
     a2 = drift_eta2(m, e, )
     return _bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])
 
 
-
-def drift_jacobian(m, e, eta, h=1e-6, ):
+def drift_jacobian(m, e, eta, h=1e-6):
     """Jacobian d drift_i / d x_j over (m, e) by central differences of step h."""
-    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
-    cols = []
-    for j in range(2):
-        xp = list(x); xp[j] = x[j] + h
-        xm = list(x); xm[j] = x[j] - h
-        fp = drift(*xp, eta=eta, )
-        fm = drift(*xm, eta=eta, )
-        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
-    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
+    return _fd_jacobian(drift, (m, e), h, dict(eta=eta, ))
 
 
 def quadrature_error(function, *args, **kwargs):
-    """(value, error estimate): the function's value and LOSS_ERROR_ESTIMATE (from two node
-    counts and an off-node interpolation check when the module was derived)."""
+    """(value, error estimate): for covariance, diffusion, ito_correction and finite_d_correction the table's estimate (_step_error); for step_coefficients and covariance_direct (n as a keyword, default COVARIANCE_NODES) the value with 3n/2 nodes and its difference from the value with n; for the other functions LOSS_ERROR_ESTIMATE (from two node counts and an off-node interpolation check when the module was derived)."""
+    if function in (step_coefficients, covariance_direct):
+        n = kwargs.pop('n', None) or COVARIANCE_NODES
+        coarse = numpy.asarray(function(*args, n=n, **kwargs), dtype=float)
+        fine = numpy.asarray(function(*args, n=(3 * n) // 2, **kwargs), dtype=float)
+        return fine, numpy.abs(fine - coarse)
     v = numpy.asarray(function(*args, **kwargs), dtype=float)
+    if function in (covariance, diffusion, ito_correction, finite_d_correction):
+        return v, _step_error(function, args, kwargs)
     return v, numpy.full(v.shape, LOSS_ERROR_ESTIMATE)
 
 
 def teacher_link(z1, z2):
-    """Teacher link g*(z) entries. (flattened row by row)"""
+    """Teacher link g*(z) entries (flattened row by row)."""
     with numpy.errstate(over="ignore"):
-        return _bc((1/2)*numpy.sqrt(2)*(-2 + (z1*z1) + (z2*z2)))
+        out = _bc((1/2)*numpy.sqrt(2)*(-2 + (z1*z1) + (z2*z2)))
+    return out
 
 
 def student_link(z1, z2):
-    """Student link g(z) entries. (flattened row by row)"""
+    """Student link g(z) entries (flattened row by row)."""
     with numpy.errstate(over="ignore"):
-        return _bc((1/2)*numpy.sqrt(2)*((1 + numpy.exp(-(z1*z1) + z1*z2))**(-1.0) + (1 + numpy.exp(-(z2*z2) + z1*z2))**(-1.0)))
+        out = _bc((1/2)*numpy.sqrt(2)*((1 + numpy.exp(-(z1*z1) + z1*z2))**(-1.0) + (1 + numpy.exp(-(z2*z2) + z1*z2))**(-1.0)))
+    return out
 
 
 def student_link_gradient(z1, z2):
     """dg_k/dz_l of the student link, as K tuples of L entries."""
     with numpy.errstate(over="ignore"):
-        return _bc_nested((((1/2)*numpy.sqrt(2)*(-z2*numpy.exp(-(z2*z2) + z1*z2)/(1 + numpy.exp(-(z2*z2) + z1*z2))**2 - (z2 - 2*z1)*numpy.exp(-(z1*z1) + z1*z2)/(1 + numpy.exp(-(z1*z1) + z1*z2))**2), (1/2)*numpy.sqrt(2)*(-z1*numpy.exp(-(z1*z1) + z1*z2)/(1 + numpy.exp(-(z1*z1) + z1*z2))**2 - (z1 - 2*z2)*numpy.exp(-(z2*z2) + z1*z2)/(1 + numpy.exp(-(z2*z2) + z1*z2))**2),),))
+        _x0 = numpy.exp(-(z2*z2) + z1*z2)
+        _x1 = _x0/(1 + _x0)**2
+        _x2 = numpy.exp(-(z1*z1) + z1*z2)
+        _x3 = _x2/(1 + _x2)**2
+        _x4 = (1/2)*numpy.sqrt(2)
+        out = _bc_nested(((_x4*(-_x1*z2 - _x3*(z2 - 2*z1)), _x4*(-_x1*(z1 - 2*z2) - _x3*z1)),))
+    return out
 
 
-COVARIANCE_NODES = 24
+def step_coefficients(m, e, n=None):
+    """The eta-coefficients of one spherical SGD step at each state (runtime _step_coefficients: E G1, E G2, Cov(G), Ito and token-norm drifts), by tensor Gauss-Hermite with n (default COVARIANCE_NODES) nodes per dimension over (z*, g): array (_SC_SIZE,) + broadcast shape, NaN outside the unit disk."""
+    n = COVARIANCE_NODES if n is None else n
+    fn = lambda mm, ee, pv: _step_coefficients(mm, ee, (teacher_link, student_link, student_link_gradient), C, LOSS == 'norm', n, pv)
+    return _per_state(fn, _SC_SIZE, m, e, dict())
 
 
-def _rule4(n):
-    x, w = numpy.polynomial.hermite_e.hermegauss(n)
-    w = w / numpy.sqrt(2 * numpy.pi)
-    g = numpy.meshgrid(*([x] * 4), indexing="ij")
-    W = numpy.ones(())
-    for _ in range(4):
-        W = numpy.multiply.outer(W, w)
-    W = W.ravel()
-    keep = W > 1e-15 * W.max()
-    return [a.ravel()[keep] for a in g], W[keep]
+def covariance_direct(m, e, eta, n=None):
+    """Cov(G) over (m, e) by direct quadrature at each state (step_coefficients with n nodes): ((mm, me), (em, ee))."""
+    c = step_coefficients(m, e, n, )
+    return _bc_nested(_sc_pieces(c, eta)[0])
 
 
-def _increment_moments(m, e, eta, params, n):
-    """E[G] and E[G G^T] of the spherical increments G (MATH.md 4) at one state, by tensor
-    Gauss-Hermite over (z*, g), z = m z* + sqrt(1 - m^2) g + C e; zeta given (z*, z) is
-    Gaussian with mean b1 z* + b2 (z - C e), b = (-m e, e) / (1 - m^2), variance
-    1 - e^2 / (1 - m^2), integrated exactly."""
-    u, w = _rule4(n)
-    C = [1.0, -1.0]
-    _zs = u[:2]
-    s = numpy.sqrt(max(0.0, 1 - m * m))
-    _z = [m * _zs[l] + s * u[2 + l] + C[l] * e for l in range(2)]
-    T = teacher_link(_zs[0], _zs[1], **params)
-    S = student_link(_z[0], _z[1])
-    dS = student_link_gradient(_z[0], _z[1])
-    res = [a - b for a, b in zip(T, S)]
-    scale = 1.0
-    if LOSS == "norm":
-        scale = 1.0 / numpy.maximum(numpy.sqrt(sum(r * r for r in res)), 1e-300)
-    dl = [-scale * sum(res[k] * dS[k][l] for k in range(len(res))) for l in range(2)]
-    if 1 - m * m > 1e-12:
-        b1, b2 = -m * e / (1 - m * m), e / (1 - m * m)
-        tau2 = max(0.0, 1 - e * e / (1 - m * m))
-    else:
-        b1, b2, tau2 = 0.0, 0.0, 1.0
-    Am = sum(dl[l] * _zs[l] for l in range(2))
-    Aq = sum(dl[l] * _z[l] for l in range(2))
-    Ae = sum(dl[l] * (b1 * _zs[l] + b2 * (_z[l] - C[l] * e) + C[l]) for l in range(2))
-    B = sum(x * x for x in dl)
-    Gm = -eta * (Am - m * Aq) - 0.5 * eta * eta * m * B
-    Ge = -eta * (Ae - e * Aq) - 0.5 * eta * eta * e * B
-    mean = numpy.array([w @ Gm, w @ Ge])
-    second = numpy.array([[w @ (Gm * Gm), w @ (Gm * Ge)],
-                          [w @ (Gm * Ge), w @ (Ge * Ge) + eta * eta * tau2 * (w @ B)]])
-    return mean, second
+def step_table():
+    """(Chebyshev table, error estimate per component) of step_coefficients over the unit disk in (theta, e') (runtime _polar_table: degrees STEP_TABLE_DEGREE, values with STEP_TABLE_NODES nodes, error estimate from STEP_TABLE_CHECKS against direct quadrature with those nodes and 3/2 of them, plus the Chebyshev tail), built on first use per parameter set (about a minute) and kept for the session."""
+    key = ()
+    if key not in _STEP_TABLES:
+        f = lambda mm, ee: step_coefficients(mm, ee, STEP_TABLE_NODES, )
+        g = lambda mm, ee: step_coefficients(mm, ee, (3 * STEP_TABLE_NODES) // 2, )
+        _STEP_TABLES[key] = _polar_table(f, STEP_TABLE_DEGREE, STEP_TABLE_CHECKS, g)
+    return _STEP_TABLES[key]
 
 
-def covariance(m, e, eta, ):
-    """Cov(G) over (m, e) (MATH.md 4; D = Cov(G) / d), by tensor Gauss-Hermite with
-    COVARIANCE_NODES per dimension over the 2L Gaussian variables at each state (slow: no
-    table). Nested tuples ((mm, me), (em, ee))."""
-    params = dict()
-    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
-                                    (m, e, eta, *params.values())])
-    out = numpy.full((2, 2) + arrs[0].shape, numpy.nan)
-    for idx in numpy.ndindex(arrs[0].shape):
-        mm, ee, et = arrs[0][idx], arrs[1][idx], arrs[2][idx]
-        if mm * mm + ee * ee > 1 + 1e-12:
-            continue
-        pv = {k: a[idx] for k, a in zip(params, arrs[3:])}
-        mean, second = _increment_moments(mm, ee, et, pv, COVARIANCE_NODES)
-        c = second - numpy.outer(mean, mean)
-        out[(slice(None), slice(None)) + idx] = c
-    return ((out[0, 0], out[0, 1]), (out[1, 0], out[1, 1]))
+def _coefficients(m, e):
+    """(step coefficients, error estimates) at states (m, e) from step_table."""
+    return _tabulated(step_table, m, e, dict())
 
 
-def diffusion(m, e, eta, d, ):
+def covariance(m, e, eta):
+    """Cov(G) over (m, e) (MATH.md 4; D = Cov(G) / d), from step_table: ((mm, me), (em, ee)); error estimate: quadrature_error(covariance, ...)."""
+    c, _ = _coefficients(m, e, )
+    return _bc_nested(_sc_pieces(c, eta)[0])
+
+
+def diffusion(m, e, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m, e), shape (2, 2) + broadcast shape."""
     return numpy.array(covariance(m, e, eta, )) / d
+
+
+def ito_correction(m, e, eta):
+    """d times the O(1/d) drift of the spherical rescaling, E[-(1/2)(d dX)(d dQ) + (3/8) X (d dQ)^2] (runtime _step_coefficients), from step_table."""
+    c, _ = _coefficients(m, e, )
+    return _bc(*_sc_pieces(c, eta)[1])
+
+
+def finite_d_correction(m, e, eta):
+    """d times the whole O(1/d) drift (the SDE drift is drift + this / d): the rescaling term plus the token-norm term -(eta^2 X / 2) E[token Gram excess], from step_table."""
+    c, _ = _coefficients(m, e, )
+    return _bc(*_sc_pieces(c, eta)[2])
+
+
+def _step_error(function, args, kwargs):
+    """Error estimate of covariance, diffusion, ito_correction or finite_d_correction called with (args, kwargs): the same combination of the coefficients' error estimates with |eta|^k (triangle inequality), divided by d for the diffusion."""
+    names = ('m', 'e', 'eta') + (('d',) if function is diffusion else ()) + PARAMETERS
+    bound = dict(DEFAULTS, **dict(zip(names, args)), **kwargs)
+    params = {k: v for k, v in bound.items() if k not in ('m', 'e', 'eta', 'd')}
+    _, err = _coefficients(bound['m'], bound['e'], **params)
+    pieces = _sc_pieces(err, numpy.abs(bound['eta']))
+    if function is diffusion:
+        return numpy.array(pieces[0]) / bound['d']
+    k = {covariance: 0, ito_correction: 1, finite_d_correction: 2}[function]
+    return numpy.array(pieces[k])

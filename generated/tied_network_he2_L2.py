@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 18578963bac73f70ad951765c63fef110d57bca143433ae94a60bc86ed930166
-# tool: ssi-symbolic 0.1.0 generator 1 source ccee13a77bacccb0
+# spec-hash: 65270e92c6d6abd11456a340e7976eccfd41f08cfe07695f8ce1d75bc7241674
+# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '18578963bac73f70ad951765c63fef110d57bca143433ae94a60bc86ed930166'
+SPEC_HASH = '65270e92c6d6abd11456a340e7976eccfd41f08cfe07695f8ce1d75bc7241674'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

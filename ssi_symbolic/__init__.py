@@ -1,6 +1,20 @@
-"""ssi-symbolic: exact overlap equations of SGD on sequence single-index models.
+"""ssi-symbolic: exact overlap equations of online SGD on sequence single-index models and
+single-layer attention, from a model spec to generated NumPy code, predictions and LaTeX.
 
-Pipeline (one module per stage): spec -> gaussian -> derive -> codegen -> numeric users
-(evaluate, ...) and latex; cli is a thin command line over them.
+The pipeline, one sub-package per stage (imports point down this list, never up):
+
+    model/      the spec: ModelSpec, TOML reading, the link vocabulary, argument checks
+    symbolic/   SymPy: Gaussian expectations token by token, the Derivation, LaTeX
+    backends/   a spec becomes generated/<name>.py: the registry, the exact and attention
+                backends, the printer, the runtime helpers, the module contract
+    numeric/    users of a generated module (no SymPy): evaluate, ODE, SDE, simulator
+    analysis/   questions asked of a model: SIE and flatness, gain, landscapes, predictions
+    report/     `ssi reproduce`: one module per report section
+    api.py      Model: one call per command; cli.py: the `ssi` command line over it
+
+Start with ``ssi_symbolic.load("derivations/he2_L1.toml")`` (see ssi_symbolic.api).
 """
-__version__ = "0.1.0"
+from .version import __version__
+from .api import Model, load, reproduce
+
+__all__ = ["__version__", "Model", "load", "reproduce"]

@@ -1,4 +1,5 @@
-"""The `ssi` command line: thin wrappers that parse arguments, call one function and print.
+"""The `ssi` command line: thin wrappers that parse arguments, call one method of
+:class:`ssi_symbolic.api.Model` (or `reproduce`) and print a table or JSON.
 
     ssi derive SPEC... [--out DIR] [--force]     write generated/<name>.py, print its path
     ssi latex SPEC [--out FILE]                  LaTeX document (stdout without --out)
@@ -14,17 +15,23 @@
     ssi reproduce [--out results/] [--quick]    derive every spec, write the report
 
 Errors are one line on stderr (`ssi: error: ...`) with exit code 2; nothing is written then.
+An unexpected exception (a bug) is one `ssi: internal error: ...` line with exit code 1
+(SSI_DEBUG=1 shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .errors import SSIError, SpecError
-from .numeric.evaluate import DEFAULT_D, DEFAULT_ETA, as_spec, evaluate
+from .api import Model, reproduce
+from .model.checks import as_spec
+from .numeric.evaluate import DEFAULT_D, DEFAULT_ETA
 
 
 def _key_value(text: str, what: str) -> tuple[str, float]:
@@ -62,14 +69,12 @@ def cmd_derive(args) -> int:
 
 def cmd_latex(args) -> int:
     from .backends.files import write_atomic
-    from .symbolic.derive import derive
-    from .symbolic.latex import document
-    spec = as_spec(args.spec)
+    model = Model(args.spec)
     if args.out:
         out = Path(args.out)
         if out.suffix.lower() != ".tex":
             raise SpecError(f"--out {out}: expected a .tex file name")
-    text = document(derive(spec))
+    text = model.latex()
     if args.out:
         write_atomic(args.out, text)
         print(args.out)
@@ -99,8 +104,8 @@ def _table(result: dict) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    res = evaluate(args.spec, _pairs(args.at, "--at"), eta=args.eta, d=args.d,
-                   params=_pairs(args.param, "--param"), out_dir=args.out)
+    res = Model(args.spec, args.out).evaluate(_pairs(args.at, "--at"), eta=args.eta, d=args.d,
+                                              params=_pairs(args.param, "--param"))
     print(json.dumps(res) if args.json else _table(res))
     return 0
 
@@ -115,12 +120,11 @@ def _fmt(v, spec=".6g"):
 
 def cmd_solve(args) -> int:
     from .plots import check_png, trajectory_figure
-    from .analysis.predict import predict_solve
+    model = Model(args.spec, args.out)
     if args.plot:
         check_png(args.plot)
-    res = predict_solve(args.spec, args.eta, args.d, m0=args.m0, e0=args.e0, t_max=args.t_max,
-                        threshold=args.threshold, params=_pairs(args.param, "--param"),
-                        out_dir=args.out)
+    res = model.solve(args.eta, args.d, m0=args.m0, e0=args.e0, t_max=args.t_max,
+                      threshold=args.threshold, params=_pairs(args.param, "--param"))
     if args.plot:
         trajectory_figure(res, args.plot)
 
@@ -147,10 +151,10 @@ def cmd_solve(args) -> int:
 
 
 def cmd_sde(args) -> int:
-    from .analysis.predict import predict_sde
-    res = predict_sde(args.spec, args.eta, args.d, runs=args.runs, seed=args.seed,
-                      t_max=args.t_max, params=_pairs(args.param, "--param"), out_dir=args.out,
-                      threshold=args.threshold, progress=not args.json and sys.stderr.isatty())
+    res = Model(args.spec, args.out).sde(
+        args.eta, args.d, runs=args.runs, seed=args.seed, t_max=args.t_max,
+        params=_pairs(args.param, "--param"), threshold=args.threshold,
+        progress=not args.json and sys.stderr.isatty())
 
     def table(r):
         q = r["quartiles"]
@@ -162,16 +166,13 @@ def cmd_sde(args) -> int:
 
 
 def cmd_max_lr(args) -> int:
-    from .analysis.predict import predict_max_lr
-    res = predict_max_lr(args.spec, params=_pairs(args.param, "--param"), out_dir=args.out)
+    res = Model(args.spec, args.out).max_lr(params=_pairs(args.param, "--param"))
     _print(res, args.json, lambda r: f"max_lr {_fmt(r['max_lr'], '.10g')}\n{r['reason']}")
     return 0
 
 
 def cmd_fixed_points(args) -> int:
-    from .analysis.predict import predict_fixed_points
-    res = predict_fixed_points(args.spec, args.eta, params=_pairs(args.param, "--param"),
-                               out_dir=args.out)
+    res = Model(args.spec, args.out).fixed_points(args.eta, params=_pairs(args.param, "--param"))
 
     def table(r):
         rows = [f"spec {r['spec']}  eta {r['eta']}  ({len(r['fixed_points'])} fixed points)"]
@@ -186,12 +187,10 @@ def cmd_fixed_points(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .numeric.simulate import simulate
-    res = simulate(args.spec, args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed,
-                   m0=args.m0, e0=args.e0, theta=args.threshold,
-                   params=_pairs(args.param, "--param"), out_dir=args.out,
-                   progress=not args.json and sys.stderr.isatty(),
-                   stop_when_escaped=args.stop_when_escaped)
+    res = Model(args.spec, args.out).simulate(
+        args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed, m0=args.m0, e0=args.e0,
+        threshold=args.threshold, params=_pairs(args.param, "--param"),
+        progress=not args.json and sys.stderr.isatty(), stop_when_escaped=args.stop_when_escaped)
     out = res.to_json()
 
     def table(r):
@@ -209,8 +208,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_sie(args) -> int:
-    from .analysis.hermite import static_analysis
-    res = static_analysis(as_spec(args.spec), out_dir=args.out)
+    res = Model(args.spec, args.out).sie()
     _print(res, args.json, lambda r: (f"SIE {r['sie']}  flatness {r['flatness']}  "
                                       f"method {r['method']}"))
     return 0
@@ -237,24 +235,22 @@ def _gain_table(r: dict) -> str:
 
 
 def cmd_gain(args) -> int:
-    from .analysis.gain import predict_gain
     try:
         Ls = [int(x) for x in args.L.split(",") if x.strip()]
     except ValueError:
         raise SpecError(f"--L: expected comma-separated integers like 1,2,4,8, got "
                         f"{args.L!r}") from None
     out = args.out if args.out is not None else str(Path("generated") / "variants")
-    res = predict_gain(args.spec, Ls, eta=args.eta, d=args.d, lr_scaling=args.lr_scaling,
-                       params=_pairs(args.param, "--param"), out_dir=out,
-                       theta=args.threshold, progress=not args.json)
+    res = Model(args.spec).gain(Ls, eta=args.eta, d=args.d, lr_scaling=args.lr_scaling,
+                                params=_pairs(args.param, "--param"), out_dir=out,
+                                threshold=args.threshold, progress=not args.json)
     _print(res, args.json, _gain_table)
     return 0
 
 
 def cmd_reproduce(args) -> int:
-    from .report.reproduce import run_report
-    rep = run_report(out=args.out, quick=args.quick, generated=args.generated,
-                     derivations=args.derivations)
+    rep = reproduce(out=args.out, quick=args.quick, generated=args.generated,
+                    derivations=args.derivations)
     print(Path(args.out) / "report.md")
     if rep["errors"]:
         raise SSIError(f"reproduce: {len(rep['errors'])} error(s), the first: "
@@ -262,14 +258,8 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
-def _grids(items):
-    from .analysis.landscape import parse_grid
-    return [parse_grid(g) for g in items or []]
-
-
 def cmd_landscape(args) -> int:
-    from .analysis.landscape import analyse
-    res = analyse(args.spec, params=_pairs(args.param, "--param"), out_dir=args.out)
+    res = Model(args.spec, args.out).landscape(params=_pairs(args.param, "--param"))
 
     def table(r):
         rows = [f"spec {r['spec']}  " + "  ".join(f"{k}={v:.6g}" for k, v in
@@ -288,7 +278,7 @@ def cmd_landscape(args) -> int:
 
 def cmd_surface(args) -> int:
     import numpy as np
-    from .analysis.landscape import surface, surface_figure
+    from .analysis.landscape import surface_figure
     from .plots import check_png
     out = Path(args.out_file)
     if out.suffix.lower() != ".npz":
@@ -297,8 +287,8 @@ def cmd_surface(args) -> int:
         raise SpecError(f"--out {out}: folder {out.parent} does not exist")
     if args.plot:
         check_png(args.plot)
-    res = surface(args.spec, _grids(args.grid), params=_pairs(args.param, "--param"),
-                  out_dir=args.gen)
+    res = Model(args.spec, args.gen).surface(args.grid or [],
+                                             params=_pairs(args.param, "--param"))
     tmp = out.with_name(f".{out.name}.tmp.npz")
     np.savez(tmp, loss=res["loss"], axes=np.array(res["axes"]),
              **{k: res[k] for k in res["axes"]},
@@ -313,12 +303,13 @@ def cmd_surface(args) -> int:
 
 
 def cmd_phase_diagram(args) -> int:
-    from .analysis.landscape import phase_diagram, phase_diagram_figure
+    from .analysis.landscape import phase_diagram_figure
     from .plots import check_png
     if args.plot:
         check_png(args.plot)
-    res = phase_diagram(args.spec, _grids(args.grid), transition_along=args.transition,
-                        params=_pairs(args.param, "--param"), out_dir=args.out)
+    res = Model(args.spec, args.out).phase_diagram(args.grid or [],
+                                                   transition_along=args.transition,
+                                                   params=_pairs(args.param, "--param"))
     if args.plot:
         phase_diagram_figure(res, args.plot)
 
@@ -498,6 +489,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ssi: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, exit 1 (SSI_DEBUG=1: traceback)
+        if os.environ.get("SSI_DEBUG"):
+            raise
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"ssi: internal error: {type(exc).__name__}: {exc} (at {Path(where.filename).name}:"
+              f"{where.lineno}; rerun with SSI_DEBUG=1 for the traceback and report it)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

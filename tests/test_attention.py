@@ -458,7 +458,7 @@ def test_simulated_escape_direction(ps):
     out = ps.__file__.rsplit("/", 1)[0]
     for omega, kind in ((0.1, "semantic"), (0.95, "positional")):
         kinds, times = simulate_escape(spec, {"omega": omega, "a": 1.0}, eta=2.0, d=200,
-                                       runs=6, max_steps=8000, seed=5)
+                                       runs=6, max_steps=8000, seed=5, out_dir=out)
         assert kinds.count(kind) == 6, kinds
         pred = predict_escape(PS, {"omega": omega, "a": 1.0}, eta=2.0, d=200, paths=100,
                               out_dir=out)

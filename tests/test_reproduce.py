@@ -47,7 +47,7 @@ def test_report_and_every_figure(report):
     on_disk = {p.relative_to(out).as_posix() for p in (out / "figures").glob("*.png")}
     assert on_disk == set(named)
     # every section is in both files, with its figures listed in report.json
-    from ssi_symbolic.report.reproduce import SECTIONS
+    from ssi_symbolic.report import SECTIONS
     keys = [fn.__name__.removeprefix("section_") for fn in SECTIONS]
     assert list(data["sections"]) == keys
     assert sorted(f for s in data["sections"].values() for f in s["figures"]) == sorted(named)
@@ -159,7 +159,7 @@ def test_gain_section(report):
 def test_failing_spec_and_section_are_reported(tmp_path):
     """A spec that fails to derive and a section that raises are errors in the report (and
     exit code 2 with one line on the command line), never skipped."""
-    from ssi_symbolic.report.reproduce import Section, run_report, section_derivations
+    from ssi_symbolic.report import Section, run_report, section_derivations
     der = tmp_path / "derivations"
     der.mkdir()
     shutil.copy(DERIVATIONS / "linear.toml", der / "linear.toml")
@@ -193,7 +193,7 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_missing_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
     import sys
-    from ssi_symbolic.report.reproduce import run_report
+    from ssi_symbolic.report import run_report
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SSIError, match="matplotlib"):
         run_report(out=tmp_path / "res", generated=tmp_path / "gen", derivations=DERIVATIONS,

@@ -3,49 +3,57 @@ origin, the escape direction of real d-dimensional SGD from m = e = 0, and the f
 from the exact Hessian at the origin of the attention backend's module."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import numpy as np
-import sympy as sp
 
-from ..backends.attention import _check, _numeric, gh_rule, stable
+from ..backends.attention import PRUNE, _check
+from ..backends.contract import provides, why_not
+from ..backends.quadrature import gauss_hermite
 from ..backends.registry import ensure_module
-from ..model.spec import ModelSpec, link_entries, token_symbols
+from ..model.spec import ModelSpec, link_entries
 
 
 # ----------------------------------------------------------------------------- finite d
-def link_functions(spec: ModelSpec):
-    """NumPy functions of the links: T(z*1..z*L, **params) and S(z), dS(z) (entries flattened;
-    dS[l * K + k] = dS_k / dz_l), for the simulator and the noise at the origin."""
-    zs = token_symbols(spec.L)
-    psyms = [sp.Symbol(p, real=True) for p in spec.parameters]
-    T = sp.lambdify(list(zs) + psyms, [stable(x) for x in link_entries(spec.teacher)],
-                    modules="numpy", cse=True)
-    S = _numeric(link_entries(spec.student), spec.L)
-    dS = _numeric([sp.diff(stable(sk), zs[l]) for l in range(spec.L)
-                   for sk in link_entries(spec.student)], spec.L)
+def link_functions(spec: ModelSpec, out_dir="generated"):
+    """NumPy functions of the links of the spec's generated module (`registry.links_module`,
+    generated into out_dir if needed): T(z*1..z*L, **params) -> list of the K teacher entries
+    g*_k(z*), S(z1..zL) -> list of the K student entries g_k(z), dS(z1..zL) -> list of the L K
+    derivatives with dS[l * K + k] = dg_k / dz_l (entries flattened row by row, each broadcast
+    to the shape of the z's). The student of an attention spec has no parameters."""
+    from ..backends.registry import links_module
+    mod = links_module(spec, out_dir)
+    L = spec.L
+
+    def entries(values, z):
+        shape = np.broadcast(*z).shape
+        return [np.broadcast_to(np.asarray(v, dtype=float), shape) for v in values]
 
     def teacher(*z, **params):
-        with np.errstate(over="ignore"):
-            out = T(*z, *[params[p] for p in spec.parameters])
-        shape = np.broadcast(*z).shape
-        return [np.broadcast_to(np.asarray(o, dtype=float), shape) for o in out]
-    return teacher, S, dS
+        return entries(mod.teacher_link(*z, **params), z)
+
+    def student(*z):
+        return entries(mod.student_link(*z), z)
+
+    def gradient(*z):
+        rows = mod.student_link_gradient(*z)                          # K rows of L entries
+        return entries([rows[k][l] for l in range(L) for k in range(len(rows))], z)
+    return teacher, student, gradient
 
 
-def origin_noise(spec: ModelSpec, params: dict, n: int = 40) -> np.ndarray:
+def origin_noise(spec: ModelSpec, params: dict, n: int = 40, out_dir="generated") -> np.ndarray:
     """Cov(A_m, A_e) at the origin m = e = 0 (MATH.md 4: A_m = sum_l dl_l z*_l, A_e = sum_l
     dl_l (zeta_l + C_l)), square loss; there z*, z, zeta are independent N(0, 1), so
     Var A_m = E (sum dl_l z*_l)^2, Var A_e = E sum dl_l^2 + E (sum C_l dl_l)^2 - (E sum C_l dl_l)^2,
     Cov = E[sum dl z* sum C dl]. The spherical increments are G = -eta A at the origin, so the
-    diffusion there is D = eta^2 Cov(A) / d. 2L-dim tensor Gauss-Hermite with n nodes."""
+    diffusion there is D = eta^2 Cov(A) / d. 2L-dim tensor Gauss-Hermite with n nodes; the links
+    are those of the spec's generated module in out_dir (`link_functions`)."""
     _check(spec)
-    T, S, dS = link_functions(spec)
+    T, S, dS = link_functions(spec, out_dir)
     L, K = spec.L, len(link_entries(spec.student))
     C = np.array([float(r[0]) for r in spec.C])
-    u, w = gh_rule(2 * L, n)
+    u, w = gauss_hermite(2 * L, n, PRUNE)
     zs, z = u[:L], u[L:]
     Tv, Sv, dSv = T(*zs, **params), S(*z), dS(*z)
     dl = [-sum((Tv[k] - Sv[k]) * dSv[l * K + k] for k in range(K)) for l in range(L)]
@@ -60,58 +68,35 @@ def origin_noise(spec: ModelSpec, params: dict, n: int = 40) -> np.ndarray:
 
 def simulate_escape(spec: ModelSpec, params: dict, eta: float, d: int, runs: int,
                     max_steps: int, theta: float = 0.5, seed: int = 0, loss: str | None = None,
-                    chunk: int = 64):
-    """Finite-d spherical online SGD of an attention spec from m = e = 0 (MATH.md 1-4):
-    w* = sqrt(d) b1, u = b2 (orthonormal), w uniform on the sphere |w|^2 = d orthogonal to both;
-    each step draws fresh tokens x_l ~ N(0, I/d), z*_l = x_l . w*, z_l = (x_l + C_l u/sqrt(d)).w,
-    w <- w - eta sum_l dl_l (x_l + C_l u / sqrt(d)), then w <- sqrt(d) w / |w|. The loss is
-    1/2 ||y - y_hat||_F^2 ("square") or ||y - y_hat||_F ("norm"; default: the spec's).
+                    chunk: int = 64, out_dir="generated"):
+    """Finite-d spherical online SGD of an attention spec from m = e = 0 until each run escapes
+    along one direction: the package's one simulator (`numeric.simulate.simulate_first_escape`,
+    real d-dimensional SGD with the step of `numeric.sgd_step`; MATH.md 1-4): a random frame
+    (w*, u), w uniform on the sphere |w|^2 = d orthogonal to both, each step
+    w <- w - eta sum_l dl_l (x_l + C_l u / sqrt(d)), then w <- sqrt(d) w / |w|, with dl from the
+    loss 1/2 ||y - y_hat||_F^2 ("square") or ||y - y_hat||_F ("norm"). loss: the spec's when
+    None; another kind runs a copy of the spec with that loss (`sgd_step.spec_with_loss`, named
+    <name>_<loss>, its module in out_dir). Runs go in chunks of at most `chunk` seeds; chunk c
+    uses the generator seed `seed + c * 2**32` (chunk 0: `seed`, as `simulate`). params: the
+    parameter values; max_steps: steps per run at most.
 
-    Returns (kind, t): per run 'semantic' (|m| >= theta first), 'positional' (|e| >= theta
-    first) or None, and the escape time t = steps / d (None when not escaped)."""
+    Returns (kinds, times): per run 'semantic' (|m| >= theta first), 'positional' (|e| >= theta
+    first; at a step where both first hold, the larger one) or None, and the escape time
+    t = steps / d (None when not escaped within max_steps)."""
+    from ..numeric.sgd_step import spec_with_loss
+    from ..numeric.simulate import simulate_first_escape
     _check(spec)
-    loss = loss or spec.loss
-    T, S, dS = link_functions(spec)
-    L, K = spec.L, len(link_entries(spec.student))
-    C = np.array([float(r[0]) for r in spec.C])
-    rng = np.random.default_rng(seed)
-    kinds, times = [None] * runs, [None] * runs
-    for s0 in range(0, runs, chunk):
-        R = min(chunk, runs - s0)
-        w = rng.normal(size=(R, d))
-        w[:, :2] = 0.0
-        w *= math.sqrt(d) / np.linalg.norm(w, axis=1, keepdims=True)
-        alive = np.ones(R, dtype=bool)
-        for step in range(1, max_steps + 1):
-            idx = np.nonzero(alive)[0]
-            if not len(idx):
-                break
-            W = w[idx]
-            x = rng.normal(scale=1 / math.sqrt(d), size=(len(idx), L, d))
-            zst = x[:, :, 0] * math.sqrt(d)                       # x_l . w*, w* = sqrt(d) b1
-            xp = x.copy()
-            xp[:, :, 1] += C[None, :] / math.sqrt(d)              # + C_l u / sqrt(d), u = b2
-            z = np.einsum("rld,rd->rl", xp, W)
-            Tv = T(*[zst[:, l] for l in range(L)], **params)
-            Sv = S(*[z[:, l] for l in range(L)])
-            dSv = dS(*[z[:, l] for l in range(L)])
-            r = [Tv[k] - Sv[k] for k in range(K)]
-            scale = 1.0
-            if loss == "norm":
-                scale = 1.0 / np.maximum(np.sqrt(sum(x_ * x_ for x_ in r)), 1e-300)
-            dl = np.stack([-scale * sum(r[k] * dSv[l * K + k] for k in range(K))
-                           for l in range(L)], axis=1)           # (n, L)
-            W = W - eta * np.einsum("rl,rld->rd", dl, xp)
-            W *= math.sqrt(d) / np.linalg.norm(W, axis=1, keepdims=True)
-            w[idx] = W
-            m_, e_ = W[:, 0] / math.sqrt(d), W[:, 1] / math.sqrt(d)
-            sem, pos = np.abs(m_) >= theta, np.abs(e_) >= theta
-            for j in np.nonzero(sem | pos)[0]:
-                g = s0 + idx[j]
-                kinds[g] = "semantic" if (sem[j] and (not pos[j] or abs(m_[j]) >= abs(e_[j]))) \
-                    else "positional"
-                times[g] = step / d
-                alive[idx[j]] = False
+    if loss is not None:
+        spec = spec_with_loss(spec, loss)
+    kinds, times = [], []
+    for c, s0 in enumerate(range(0, runs, chunk)):
+        res = simulate_first_escape(spec, eta, d, max_steps, seeds=min(chunk, runs - s0),
+                                    seed=seed + c * 2 ** 32, m0=0.0, e0=0.0, theta=theta,
+                                    record_every=max_steps, params=params, progress=False,
+                                    out_dir=out_dir)
+        first = np.fmin(res.escape_times["semantic"], res.escape_times["positional"])
+        kinds += list(res.escape_kinds)
+        times += [float(t) if np.isfinite(t) else None for t in first]
     return kinds, times
 
 
@@ -124,9 +109,9 @@ def flatness(spec: ModelSpec, out_dir="generated", tol: float = 1e-8, **_ignored
     t0 = time.perf_counter()
     mod = ensure_module(spec, Path(out_dir))
     pv = {k: float(v) for k, v in spec.parameters.items()}
-    if not hasattr(mod, "hessian_origin"):
+    if not (provides(mod, "gradient_origin") and provides(mod, "hessian_origin")):
         return {"flatness": None, "method": "numerical", "leading_terms": "",
-                "note": "norm loss: no Hessian at the origin from this backend",
+                "note": f"no derivatives at the origin: {why_not(mod, 'hessian_origin')}",
                 "seconds": time.perf_counter() - t0}
     g = [float(np.ravel(x)[0]) for x in mod.gradient_origin(**pv)]
     H = [[float(np.ravel(x)[0]) for x in row] for row in mod.hessian_origin(**pv)]

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..numeric.ode import DynamicsError, OverlapODE, initial_state, leading_drift, max_learning_rate, solve
 from ..errors import SpecError, StateError
-from ..numeric.evaluate import as_spec, check_params
+from ..model.checks import as_spec, check_params
 
 DEFAULT_VARIANTS = Path("generated") / "variants"
 LR_SCALINGS = ("same", "max")

@@ -44,6 +44,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
+from ..backends.quadrature import gauss_hermite
 from ..model.spec import ModelSpec, link_entries, parse_link, token_symbols
 
 _TOKEN = re.compile(r"^z(\d+)$")
@@ -182,12 +183,6 @@ def hermite_coefficients(link, L: int, order: int, params=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # numerical Hermite coefficients (tensor Gauss-Hermite)
 
-@lru_cache(maxsize=None)
-def _rule(n: int):
-    x, w = np.polynomial.hermite_e.hermegauss(n)
-    return x, w / np.sqrt(2.0 * np.pi)
-
-
 def _hermite_table(x, kmax):
     """He_0..He_kmax at the points x: shape (kmax + 1, len(x))."""
     H = np.empty((kmax + 1, len(x)))
@@ -206,7 +201,7 @@ def _nodes_for(s: int) -> int:
 def _tensor_coefficients(f, s: int, n: int, kmax: int):
     """E[f(u) He_a(u)] for all a in {0..kmax}^s (array of that shape) and E[f^2], by the tensor
     Gauss-Hermite rule with n nodes per dimension over s independent N(0, 1)."""
-    x, w = _rule(n)
+    (x,), w = gauss_hermite(1, n)
     grids = np.meshgrid(*([x] * s), indexing="ij")
     vals = np.broadcast_to(np.asarray(f(*grids), dtype=float), (n,) * s)
     if not np.all(np.isfinite(vals)):

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends.contract import provides, require, why_not
+from ..backends.contract import LANDSCAPE_TABLES, provides, require, why_not
 from ..errors import SpecError, SSIError
-from ..numeric.evaluate import as_spec, check_params
+from ..model.checks import as_spec, check_params
 
 REGIONS = ("Unique Semantic Minimum",
            "Unique Semantic Minimum, Misaligned Dynamics",
@@ -75,11 +75,12 @@ def load(spec_or_path, out_dir="generated"):
     from ..backends.registry import ensure_module
     spec = as_spec(spec_or_path)
     mod = ensure_module(spec, Path(out_dir))
-    if not (provides(mod, "cross_terms") and provides(mod, "hessian_origin")):
+    missing = [x for x in LANDSCAPE_TABLES if not provides(mod, x)]
+    if missing:
         raise SpecError(f"{spec.source or spec.name}: landscape analysis needs a softmax "
                         f"attention spec with the squared loss (the attention backend's tables); "
                         f"this module has loss {mod.LOSS!r} and method {mod.METHOD!r}: "
-                        f"{why_not(mod, 'cross_terms') or why_not(mod, 'hessian_origin')}")
+                        f"{why_not(mod, missing[0])}")
     return spec, mod
 
 
@@ -116,7 +117,7 @@ class Landscape:
     def weights(self, params: dict):
         """(K(theta), W(theta)) with W of shape (n_theta, n_basis), parameters flattened."""
         mod = self.mod
-        c, b = mod._params(**params)
+        c, b = mod.teacher_coefficients(**params)
         K = np.asarray(mod.teacher_constant(**params), dtype=float)
         shape = np.broadcast_shapes(K.shape, *[np.shape(x) for x in c + b])
         n = int(np.prod(shape)) if shape else 1
@@ -191,7 +192,7 @@ class Landscape:
                 out[s + a].append((0.0, 0.0, float(R0[a])))
         # a teacher without z-dependence (all c_p = 0, e.g. omega = 1) makes R independent of
         # m: the minima are segments along m; each is reported once, at m = 0
-        npc = len(self.mod._PIECE_ENTRY)
+        npc = len(self.mod.PIECE_ENTRY)
         flat = np.all(W[:, 1:1 + npc] == 0, axis=1)
         merged = []
         for k_, lst in enumerate(out):
@@ -453,12 +454,13 @@ def predict_escape(spec_or_path, params=None, eta=1.0, d=1000, paths=400, theta=
     from .attention import origin_noise
     spec, mod = load(spec_or_path, out_dir)
     require(mod, "drift", "the escape prediction")
+    loss_dl_square = require(mod, "loss_dl_square", "the escape prediction")
     pv, _ = _param_arrays(spec, params or {})
     p1 = {k: float(v) for k, v in pv.items()}
     H = _hessians(mod, pv)[0]
-    B0 = float(mod.loss_dl_square(0.0, 0.0, **p1))
+    B0 = float(loss_dl_square(0.0, 0.0, **p1))
     J = -eta * H - 0.5 * eta ** 2 * B0 * np.eye(2)
-    D = eta ** 2 * origin_noise(spec, p1) / d
+    D = eta ** 2 * origin_noise(spec, p1, out_dir=out_dir) / d
     k = np.diag(J)
     rng = np.random.default_rng(seed)
     var = np.where(k > 0, np.diag(D) / (2 * np.abs(k)), np.diag(D) / (2 * np.abs(k) + 1e-300))
@@ -520,7 +522,8 @@ def escape_fractions(spec_or_path, along: str, values, params=None, eta=1.0, d=1
             steps = max_steps or int(d * 4 * max(1.0, row["prediction"].get(
                 "median_escape_time") or 50.0))
             pv = check_params(spec, p)
-            kinds, times = simulate_escape(spec, pv, eta, d, runs, steps, theta, seed)
+            kinds, times = simulate_escape(spec, pv, eta, d, runs, steps, theta, seed,
+                                           out_dir=out_dir)
             done = sorted(t for t in times if t is not None)
             row["simulation"] = {"semantic": kinds.count("semantic") / runs,
                                  "positional": kinds.count("positional") / runs,

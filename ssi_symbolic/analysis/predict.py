@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..numeric.ode import DEFAULT_THETA, OverlapODE, fixed_points, initial_state, max_learning_rate, solve
-from ..numeric.evaluate import as_spec, check_eta_d, check_params
+from ..model.checks import as_spec, check_eta_d, check_params
 from ..numeric.sde import simulate_sde
 
 

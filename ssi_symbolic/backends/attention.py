@@ -37,6 +37,17 @@ with fhat_pk = E[f_p He_k] / k!, all L-dim integrals evaluated to ~1e-10.
 
 The norm loss R = E ||T - S||_F does not split: its generated module integrates the 2L-dim
 expectation directly at each state (pruned tensor Gauss-Hermite, slower).
+
+Diffusion and O(1/d) drift (MATH.md 4; both losses): the per-state statistics of one spherical
+SGD step, runtime._step_coefficients, give E G1, E G2, the eta^2..eta^4 parts of Cov(G), of the
+rescaling (Ito) drift E[-(1/2)(d dX)(d dQ) + (3/8) X (d dQ)^2] and of the token-norm drift
+-(eta^2 X / 2) E[token Gram excess] (the finite-d term of symbolic.derive.statistics, written in
+whitened coordinates so that no derivative of the link is needed), by 2L-dim tensor Gauss-Hermite
+over (z*, g). A square-loss module tabulates them per parameter set on first use as a Chebyshev
+series in (theta, e'), m = cos theta, e = e' sin theta (analytic on the closed disk), with an error
+estimate checked against direct quadrature (runtime._polar_table), so that the SDE evaluates
+covariance and finite_d_correction at every step and path cheaply; a norm-loss module integrates
+them at each state.
 """
 from __future__ import annotations
 
@@ -53,8 +64,9 @@ from ..errors import SpecError
 from ..model.spec import ModelSpec, link_entries, token_symbols
 from .exact import tool_salt
 from .files import HASH_PREFIX, module_path, read_hash, write_atomic
-from .printing import pycode
-from .runtime import BROADCAST_HELPERS
+from .printing import cse, function_source, pycode, tuple_source
+from .quadrature import gauss_hermite
+from .runtime import ATTENTION_HELPERS, _cheb_fit as cheb_coefficients, _lobatto as lobatto
 
 BACKEND_VERSION = "1"
 #: Chebyshev-Lobatto degrees of the (m, e) table (in y = 2x^2 - 1 for even directions)
@@ -67,14 +79,18 @@ DRIFT_DEGREE = (8, 6)
 E_DEGREE = 40
 #: tensor-product weights below PRUNE times the largest are dropped (they change nothing)
 PRUNE = 1e-15
-NORM_NODES = 24  # = COVARIANCE_NODES, so drift and loss use one rule
+NORM_NODES = 24  # nodes per dimension of every quadrature of a norm-loss module
 #: the pieces of the module contract this backend does not write, per loss kind, with the reason
-UNAVAILABLE = {
-    "square": {piece: "the attention backend does not derive the O(1/d) drift"
-               for piece in ("ito_correction", "finite_d_correction")},
-    "norm": {piece: "the attention backend does not derive the O(1/d) drift"
-             for piece in ("ito_correction", "finite_d_correction")},
-}
+UNAVAILABLE = {"square": {}, "norm": {}}
+#: Gauss-Hermite nodes per dimension of the direct quadrature of the step statistics over the
+#: 2L variables (z*, g) (covariance_direct, step_coefficients)
+COVARIANCE_NODES = 24
+#: nodes per dimension of the values of the step table (its check uses 3/2 of them) and its
+#: Chebyshev degrees in (theta, e'), m = cos theta, e = e' sin theta
+STEP_TABLE_NODES = 32
+STEP_TABLE_DEGREE = (16, 10)
+#: what FINITE_D_CORRECTION says in every attention module
+FINITE_D_NOTE = "complete"
 
 
 # ----------------------------------------------------------------------------- routing
@@ -211,21 +227,6 @@ def _numeric_plain(exprs, L):
 
 
 # ----------------------------------------------------------------------------- quadrature
-def gh_rule(dim: int, n: int, prune: float = PRUNE):
-    """Tensor Gauss-Hermite rule for E over dim independent N(0, 1), nodes with a weight below
-    prune x the largest dropped: (points (dim, P), weights (P,)). Exact for polynomials of degree
-    <= 2n - 1 in each variable (up to the pruned mass, < prune n^dim)."""
-    x, w = np.polynomial.hermite_e.hermegauss(n)
-    w = w / math.sqrt(2 * math.pi)
-    grids = np.meshgrid(*([x] * dim), indexing="ij")
-    W = np.ones(())
-    for _ in range(dim):
-        W = np.multiply.outer(W, w)
-    W = W.ravel()
-    keep = W > prune * W.max()
-    return np.array([g.ravel()[keep] for g in grids]), W[keep]
-
-
 def hermite_e(k: int, x):
     """Probabilists' Hermite polynomial He_k(x) by the three-term recursion."""
     h0, h1 = np.ones_like(x), x
@@ -268,26 +269,6 @@ def node_rule(m: float, extra: int = 0) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- Chebyshev
-def lobatto(N: int) -> np.ndarray:
-    """Chebyshev-Lobatto points y_k = cos(pi k / N), k = 0..N."""
-    return np.cos(np.pi * np.arange(N + 1) / N)
-
-
-def cheb_coefficients(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Coefficients c_j of the interpolant sum_j c_j T_j(y) through values at the Lobatto
-    points (DCT-I): c_j = (2/N) sum''_k f_k cos(pi j k / N), c_0 and c_N halved."""
-    v = np.moveaxis(np.asarray(values, dtype=float), axis, 0)
-    N = v.shape[0] - 1
-    k = np.arange(N + 1)
-    M = np.cos(np.pi * np.outer(k, k) / N) * (2.0 / N)
-    M[:, 0] *= 0.5
-    M[:, -1] *= 0.5
-    c = np.tensordot(M, v, axes=(1, 0))
-    c[0] *= 0.5
-    c[-1] *= 0.5
-    return np.moveaxis(c, 0, axis)
-
-
 def to_y(x, even: bool):
     """The Chebyshev variable: y = 2x^2 - 1 for an even function of x, else y = x."""
     x = np.asarray(x, dtype=float)
@@ -318,7 +299,7 @@ class Integrals:
         self.poly = [sp.sympify(f).is_polynomial(*token_symbols(L)) for _, _, f in self.pieces]
         self.degree = degree
         self.low_nodes, self.e_degree = low_nodes, e_degree
-        u, w = gh_rule(L, low_nodes)
+        u, w = gauss_hermite(L, low_nodes, PRUNE)
         self.u, self.w = u, w
         # teacher-only constants
         Fu = self.F(*u)
@@ -385,7 +366,7 @@ class Integrals:
 
     # -- L-dim check: the same student integrals with 3/4 of the nodes
     def _low_order_check(self) -> float:
-        u, w = gh_rule(self.L, (3 * self.low_nodes) // 4)
+        u, w = gauss_hermite(self.L, (3 * self.low_nodes) // 4, PRUNE)
         diff = 0.0
         for e in (0.0, 0.5, 1.0):
             a = self.S(*(u + self.C[:, None] * e))
@@ -404,8 +385,8 @@ class Integrals:
         s = math.sqrt(max(0.0, 1 - m * m))
         if s == 0.0:
             ng = 1
-        zs, ws = gh_rule(self.L, ns)
-        gs, wg = gh_rule(self.L, ng)
+        zs, ws = gauss_hermite(self.L, ns, PRUNE)
+        gs, wg = gauss_hermite(self.L, ng, PRUNE)
         Fz = self.F(*zs)
         z = [m * zs[l][:, None] + s * gs[l][None, :] + self.C[l] * e for l in range(self.L)]
         Sv = self.S(*z)
@@ -483,8 +464,8 @@ class Integrals:
         s = math.sqrt(max(0.0, 1 - m * m))
         if s == 0.0:
             ng = 1
-        zs, ws = gh_rule(L, ns)
-        gs, wg = gh_rule(L, ng)
+        zs, ws = gauss_hermite(L, ns, PRUNE)
+        gs, wg = gauss_hermite(L, ng, PRUNE)
         Fz = self.F(*zs)
         z = [m * zs[l][:, None] + s * gs[l][None, :] + self.C[l] * e for l in range(L)]
         Sv = self.S(*z)
@@ -580,6 +561,7 @@ def _constants(spec: ModelSpec, h: str) -> list:
         "METHOD = 'quadrature'",
         "BACKEND = 'attention'",
         f"UNAVAILABLE = {UNAVAILABLE[spec.loss]!r}",
+        f"FINITE_D_CORRECTION = {FINITE_D_NOTE!r}",
         f"SPEC_HASH = {h!r}",
     ]
 
@@ -616,6 +598,9 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         f"Constant part b: {[sp.sstr(x) for x in I.b]}",
         f"Tables: {I.table_info}",
         f"Estimated max error of population_loss (unit coefficients): {I.error_estimate():.2e}",
+        "Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in",
+        "(theta, e') of the step statistics per parameter set, built on first use by direct",
+        "quadrature (step_table; its error estimate: quadrature_error).",
         '"""',
         f"{HASH_PREFIX}{h}",
         f"# tool: {backend_salt()}",
@@ -636,7 +621,12 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         f"_M = {_arr(I.M)}",
         f"_SBAR = {_arr(I.sbar_c)}",
         f"_P = {_arr(I.P_c)}",
-        f"_PIECE_ENTRY = {[i for i, _, _ in I.pieces]!r}",
+        f"PIECE_ENTRY = {[i for i, _, _ in I.pieces]!r}",
+        f"COVARIANCE_NODES = {COVARIANCE_NODES}",
+        f"STEP_TABLE_NODES = {STEP_TABLE_NODES}",
+        f"STEP_TABLE_DEGREE = {STEP_TABLE_DEGREE!r}",
+        f"STEP_TABLE_CHECKS = {STEP_TABLE_CHECKS!r}",
+        "_STEP_TABLES = {}",
     ]
     tab_lines, cross_terms = [], []
     for p in range(npc):
@@ -728,108 +718,108 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         f"_D1_P = {de_P!r}",
     ]
     header = "\n".join(lines)
-    fns = []
-    fns.append(f'''
-def _params({', '.join(pa)}):
-    """Teacher coefficients c_p and constant parts b_i at the parameter values."""
-    {body_params[0]}
-    {body_params[1]}
-    return _c, _b
-
-
-def teacher_constant({', '.join(pa)}):
-    """1/2 E|T|^2 + K Delta / 2 = 1/2 [sum_pq c_p c_q G_pq + 2 sum_p c_p b_i(p) M_p + |b|^2]
-    + K Delta / 2 (depends on the parameters only)."""
-    _c, _b = _params({pcall})
-    out = 0.5 * K * NOISE + 0.5 * sum(x * x for x in _b)
-    for p in range(len(_c)):
-        out = out + _c[p] * _b[_PIECE_ENTRY[p]] * _M[p]
-        for q in range(len(_c)):
-            out = out + 0.5 * _c[p] * _c[q] * _G[p, q]
-    return numpy.asarray(out, dtype=float)
-
-
-def student_mean(e):
-    """Sbar_i(e) = E S_i(g + C e), g ~ N(0, I): a tuple over output entries."""
-    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    return tuple(_cheb.chebval(e, _SBAR[:, i]) for i in range(K))
-
-
-def student_square(e):
-    """P(e) = E |S(g + C e)|^2 (squared Frobenius norm of the student output)."""
-    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    return _cheb.chebval(e, _P)
-
-
-def cross_terms(m, e):
-    """X_p(m, e) = E[f_p(z*) S_i(p)(z)] for every teacher piece p (a tuple)."""
-    m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
-    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    return ({', '.join(cross_terms)}{',' if len(cross_terms) == 1 else ''})
-
-
-def population_loss(m, e, {', '.join(pa)}):
-    """Population loss R(m, e) = E[1/2 ||y - y_hat||_F^2] (teacher constant - cross terms -
-    b . Sbar(e) + P(e)/2); NaN where |m| > 1 or |e| > 1 (outside the tables)."""
-    m, e = numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)
-    _c, _b = _params({pcall})
-    X = cross_terms(m, e)
-    sb = student_mean(e)
-    out = teacher_constant({pcall}) + 0.5 * student_square(e)
-    for p in range(len(_c)):
-        out = out - _c[p] * X[p]
-    for i in range(K):
-        out = out - _b[i] * sb[i]
-    inside = (numpy.abs(m) <= 1 + 1e-12) & (numpy.abs(e) <= 1 + 1e-12)
-    return numpy.where(inside, out, numpy.nan)
-
-
-def gradient_origin({', '.join(pa)}):
-    """(dR/dm, dR/de) at (m, e) = (0, 0) from first Hermite moments (Stein's lemma)."""
-    _c, _b = _params({pcall})
-    gm = -sum(_c[p] * _D1_M[p] for p in range(len(_c)))
-    ge = 0.5 * _D1_P - sum(_b[i] * _D1_SBAR[i] for i in range(K))
-    ge = ge - sum(_c[p] * _M[p] * _D1_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
-    return _bc(gm, ge)
-
-
-def hessian_origin({', '.join(pa)}):
-    """Hessian of R in (m, e) at the origin, ((R_mm, R_me), (R_me, R_ee)), from Hermite
-    moments at e = 0 (no finite differences):
-    R_mm = -sum_p c_p 2 sum_(|k|=2) fhat_pk sigma_ik(0),
-    R_me = -sum_p c_p sum_(|k|=1) fhat_pk sum_l C_l sigma_(i, k+e_l)(0),
-    R_ee = P''(0)/2 - sum_i (b_i + sum_(p in i) c_p M_p) Sbar_i''(0)."""
-    _c, _b = _params({pcall})
-    hmm = -sum(_c[p] * _H_MM[p] for p in range(len(_c)))
-    hme = -sum(_c[p] * _H_ME[p] for p in range(len(_c)))
-    hee = 0.5 * _D2_P - sum(_b[i] * _D2_SBAR[i] for i in range(K))
-    hee = hee - sum(_c[p] * _M[p] * _D2_SBAR[_PIECE_ENTRY[p]] for p in range(len(_c)))
-    return _bc_nested(((hmm, hme), (hme, hee)))
-
-
-def loss_gradient(m, e, {', '.join(pa)}):
-    """(dR/dm, dR/de) at q = 1 (derivatives of the Chebyshev tables and series)."""
-    m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
-    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    _c, _b = _params({pcall})
-    dXm = ({', '.join(dm_terms)}{',' if len(dm_terms) == 1 else ''})
-    dXe = ({', '.join(de_terms)}{',' if len(de_terms) == 1 else ''})
-    gm = -sum(_c[p] * dXm[p] for p in range(len(_c)))
-    ge = 0.5 * _cheb.chebval(e, _cheb.chebder(_P))
-    for i in range(K):
-        ge = ge - _b[i] * _cheb.chebval(e, _cheb.chebder(_SBAR[:, i]))
-    ge = ge - sum(_c[p] * dXe[p] for p in range(len(_c)))
-    return _bc(gm, ge)
-{_DRIFT_SRC.format(pa=', '.join(pa), pcall=pcall, ym=_ym(I.drift_info), ye=_ye(I.drift_info)) if drift_ok else ''}
-
-def quadrature_error(function, *args, **kwargs):
-    """(value, error estimate): the function's value and LOSS_ERROR_ESTIMATE (from two node
-    counts and an off-node interpolation check when the module was derived)."""
-    v = numpy.asarray(function(*args, **kwargs), dtype=float)
-    return v, numpy.full(v.shape, LOSS_ERROR_ESTIMATE)
-''')
+    clip = ["m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)",
+            "e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)"]
+    params = "_c, _b = teacher_coefficients(" + pcall + ")"
+    fns = [
+        function_source("teacher_coefficients", pa,
+                        "Teacher coefficients c_p and constant parts b_i at the parameter values.",
+                        body_params, "_c, _b"),
+        function_source(
+            "teacher_constant", pa,
+            "1/2 E|T|^2 + K Delta / 2 = 1/2 [sum_pq c_p c_q G_pq + 2 sum_p c_p b_i(p) M_p + "
+            "|b|^2]\n    + K Delta / 2 (depends on the parameters only).",
+            [params,
+             "out = 0.5 * K * NOISE + 0.5 * sum(x * x for x in _b)",
+             "for p in range(len(_c)):",
+             "    out = out + _c[p] * _b[PIECE_ENTRY[p]] * _M[p]",
+             "    for q in range(len(_c)):",
+             "        out = out + 0.5 * _c[p] * _c[q] * _G[p, q]"],
+            "numpy.asarray(out, dtype=float)"),
+        function_source(
+            "student_mean", ["e"],
+            "Sbar_i(e) = E S_i(g + C e), g ~ N(0, I): a tuple over output entries.",
+            clip[1:], "tuple(_cheb.chebval(e, _SBAR[:, i]) for i in range(K))"),
+        function_source(
+            "student_square", ["e"],
+            "P(e) = E |S(g + C e)|^2 (squared Frobenius norm of the student output).",
+            clip[1:], "_cheb.chebval(e, _P)"),
+        function_source(
+            "cross_terms", ["m", "e"],
+            "X_p(m, e) = E[f_p(z*) S_i(p)(z)] for every teacher piece p (a tuple).",
+            clip, tuple_source(cross_terms)),
+        function_source(
+            "population_loss", ["m", "e"] + pa,
+            "Population loss R(m, e) = E[1/2 ||y - y_hat||_F^2] (teacher constant - cross "
+            "terms -\n    b . Sbar(e) + P(e)/2); NaN where |m| > 1 or |e| > 1 (outside the "
+            "tables).",
+            ["m, e = numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)",
+             params,
+             "X = cross_terms(m, e)",
+             "sb = student_mean(e)",
+             f"out = teacher_constant({pcall}) + 0.5 * student_square(e)",
+             "for p in range(len(_c)):",
+             "    out = out - _c[p] * X[p]",
+             "for i in range(K):",
+             "    out = out - _b[i] * sb[i]",
+             "inside = (numpy.abs(m) <= 1 + 1e-12) & (numpy.abs(e) <= 1 + 1e-12)"],
+            "numpy.where(inside, out, numpy.nan)"),
+        function_source(
+            "gradient_origin", pa,
+            "(dR/dm, dR/de) at (m, e) = (0, 0) from first Hermite moments (Stein's lemma).",
+            [params,
+             "gm = -sum(_c[p] * _D1_M[p] for p in range(len(_c)))",
+             "ge = 0.5 * _D1_P - sum(_b[i] * _D1_SBAR[i] for i in range(K))",
+             "ge = ge - sum(_c[p] * _M[p] * _D1_SBAR[PIECE_ENTRY[p]] for p in range(len(_c)))"],
+            "_bc(gm, ge)"),
+        function_source(
+            "hessian_origin", pa,
+            "Hessian of R in (m, e) at the origin, ((R_mm, R_me), (R_me, R_ee)), from Hermite\n"
+            "    moments at e = 0 (no finite differences):\n"
+            "    R_mm = -sum_p c_p 2 sum_(|k|=2) fhat_pk sigma_ik(0),\n"
+            "    R_me = -sum_p c_p sum_(|k|=1) fhat_pk sum_l C_l sigma_(i, k+e_l)(0),\n"
+            "    R_ee = P''(0)/2 - sum_i (b_i + sum_(p in i) c_p M_p) Sbar_i''(0).",
+            [params,
+             "hmm = -sum(_c[p] * _H_MM[p] for p in range(len(_c)))",
+             "hme = -sum(_c[p] * _H_ME[p] for p in range(len(_c)))",
+             "hee = 0.5 * _D2_P - sum(_b[i] * _D2_SBAR[i] for i in range(K))",
+             "hee = hee - sum(_c[p] * _M[p] * _D2_SBAR[PIECE_ENTRY[p]] for p in range(len(_c)))"],
+            "_bc_nested(((hmm, hme), (hme, hee)))"),
+        function_source(
+            "loss_gradient", ["m", "e"] + pa,
+            "(dR/dm, dR/de) at q = 1 (derivatives of the Chebyshev tables and series).",
+            clip + [params,
+                    f"dXm = {tuple_source(dm_terms)}",
+                    f"dXe = {tuple_source(de_terms)}",
+                    "gm = -sum(_c[p] * dXm[p] for p in range(len(_c)))",
+                    "ge = 0.5 * _cheb.chebval(e, _cheb.chebder(_P))",
+                    "for i in range(K):",
+                    "    ge = ge - _b[i] * _cheb.chebval(e, _cheb.chebder(_SBAR[:, i]))",
+                    "ge = ge - sum(_c[p] * dXe[p] for p in range(len(_c)))"],
+            "_bc(gm, ge)")]
+    if drift_ok:
+        fns += _drift_source(pa, pcall, I.drift_info)
+        fns.append(_jacobian_source(pa, pcall, "1e-6"))
+    fns.append(function_source(
+        "quadrature_error", ["function", "*args", "**kwargs"],
+        "(value, error estimate): for covariance, diffusion, ito_correction and "
+        "finite_d_correction the table's estimate (_step_error); for step_coefficients and "
+        "covariance_direct (n as a keyword, default COVARIANCE_NODES) the value with 3n/2 "
+        "nodes and its difference from the value with n; for the other functions "
+        "LOSS_ERROR_ESTIMATE (from two node counts and an off-node interpolation check when "
+        "the module was derived).",
+        ["if function in (step_coefficients, covariance_direct):",
+         "    n = kwargs.pop('n', None) or COVARIANCE_NODES",
+         "    coarse = numpy.asarray(function(*args, n=n, **kwargs), dtype=float)",
+         "    fine = numpy.asarray(function(*args, n=(3 * n) // 2, **kwargs), dtype=float)",
+         "    return fine, numpy.abs(fine - coarse)",
+         "v = numpy.asarray(function(*args, **kwargs), dtype=float)",
+         "if function in (covariance, diffusion, ito_correction, finite_d_correction):",
+         "    return v, _step_error(function, args, kwargs)"],
+        "v, numpy.full(v.shape, LOSS_ERROR_ESTIMATE)"))
     fns.append(_link_source(spec, pa))
-    return header + "\n\n" + _HELPERS + "\n".join(fns)
+    fns.append(_step_source(spec, pa, tabulated=True))
+    return header + "\n\n" + ATTENTION_HELPERS + "\n\n" + "\n\n".join(fns)
 
 
 def _ym(info):
@@ -840,190 +830,177 @@ def _ye(info):
     return "2 * e * e - 1" if info.get("even_e", False) else "e"
 
 
-def _fd_jacobian_src(h: str) -> str:
+def _jacobian_source(pa, pcall, h: str) -> str:
     """Source of the generated drift_jacobian: central differences of the module's drift with
-    default step h (a template still to be formatted with pa and pcall)."""
-    return '''
-
-def drift_jacobian(m, e, eta, h=''' + h + ''', {pa}):
-    """Jacobian d drift_i / d x_j over (m, e) by central differences of step h."""
-    x = [numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float)]
-    cols = []
-    for j in range(2):
-        xp = list(x); xp[j] = x[j] + h
-        xm = list(x); xm[j] = x[j] - h
-        fp = drift(*xp, eta=eta, {pcall})
-        fm = drift(*xm, eta=eta, {pcall})
-        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
-    return _bc_nested(tuple(tuple(cols[j][i] for j in range(2)) for i in range(2)))
-'''
+    default step h (runtime._fd_jacobian)."""
+    return function_source(
+        "drift_jacobian", ["m", "e", "eta", f"h={h}"] + pa,
+        "Jacobian d drift_i / d x_j over (m, e) by central differences of step h.",
+        [], f"_fd_jacobian(drift, (m, e), h, dict(eta=eta, {pcall}))")
 
 
-_DRIFT_SRC = '''
-
-def loss_dl_square(m, e, {pa}):
-    """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py)."""
-    m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
-    e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
-    _c, _b = _params({pcall})
-    v = list(_c) + list(_b) + [1.0]
-    m, e = numpy.broadcast_arrays(m, e)
-    tx = _cheb_basis(({ym}), _GRAM.shape[2]).reshape(_GRAM.shape[2], -1)
-    ty = _cheb_basis(({ye}), _GRAM.shape[3]).reshape(_GRAM.shape[3], -1)
-    G = numpy.einsum("jn,abjk,kn->abn", tx, _GRAM, ty, optimize=True)
-    G = G.reshape(G.shape[:2] + m.shape)
-    out = 0.0
-    for a in range(len(v)):
-        for b in range(len(v)):
-            out = out + v[a] * v[b] * G[a, b]
-    return numpy.asarray(out, dtype=float)
-
-
-def drift_eta1(m, e, {pa}):
-    """O(eta) drift coefficients of spherical SGD (MATH.md 4): the projected gradient flow
-    -(I - x x^T) grad R at x = (m, e), q = 1 (the d/dq terms cancel under the projection)."""
-    gm, ge = loss_gradient(m, e, {pcall})
-    r = m * gm + e * ge
-    return _bc(-(gm - m * r), -(ge - e * r))
-
-
-def drift_eta2(m, e, {pa}):
-    """O(eta^2) drift coefficients: -(x / 2) E sum_l dl_l^2 for x = m, e."""
-    B = loss_dl_square(m, e, {pcall})
-    return _bc(-0.5 * m * B, -0.5 * e * B)
-
-
-def drift(m, e, eta, {pa}):
-    """Drift d(m, e)/dt = eta drift_eta1 + eta^2 drift_eta2 (spherical online SGD)."""
-    a1 = drift_eta1(m, e, {pcall})
-    a2 = drift_eta2(m, e, {pcall})
-    return _bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])
-
-''' + _fd_jacobian_src("1e-6")
-
-
-_HELPERS = BROADCAST_HELPERS + '''
-
-def _cheb_basis(y, n):
-    """T_0(y)..T_(n-1)(y) stacked on a new first axis (three-term recursion)."""
-    out = [numpy.ones_like(y), y]
-    for _ in range(2, n):
-        out.append(2 * y * out[-1] - out[-2])
-    return numpy.stack(out[:n])
-
-
-def _chebval2(x, y, c):
-    """sum_jk c_jk T_j(x) T_k(y), broadcast over x and y."""
-    x, y = numpy.broadcast_arrays(numpy.asarray(x, dtype=float), numpy.asarray(y, dtype=float))
-    tx = _cheb_basis(x, c.shape[0]).reshape(c.shape[0], -1)
-    ty = _cheb_basis(y, c.shape[1]).reshape(c.shape[1], -1)
-    return numpy.einsum("jn,jk,kn->n", tx, c, ty, optimize=True).reshape(x.shape)
-'''
+def _drift_source(pa, pcall, info) -> list:
+    """loss_dl_square, drift_eta1, drift_eta2 and drift of a square-loss module (from the
+    Gram table _GRAM of the O(eta^2) term and loss_gradient)."""
+    return [
+        function_source(
+            "loss_dl_square", ["m", "e"] + pa,
+            "B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py).",
+            ["m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)",
+             "e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)",
+             f"_c, _b = teacher_coefficients({pcall})",
+             "v = list(_c) + list(_b) + [1.0]",
+             "m, e = numpy.broadcast_arrays(m, e)",
+             f"tx = _cheb_basis(({_ym(info)}), _GRAM.shape[2]).reshape(_GRAM.shape[2], -1)",
+             f"ty = _cheb_basis(({_ye(info)}), _GRAM.shape[3]).reshape(_GRAM.shape[3], -1)",
+             'G = numpy.einsum("jn,abjk,kn->abn", tx, _GRAM, ty, optimize=True)',
+             "G = G.reshape(G.shape[:2] + m.shape)",
+             "out = 0.0",
+             "for a in range(len(v)):",
+             "    for b in range(len(v)):",
+             "        out = out + v[a] * v[b] * G[a, b]"],
+            "numpy.asarray(out, dtype=float)"),
+        function_source(
+            "drift_eta1", ["m", "e"] + pa,
+            "O(eta) drift coefficients of spherical SGD (MATH.md 4): the projected gradient "
+            "flow\n    -(I - x x^T) grad R at x = (m, e), q = 1 (the d/dq terms cancel under the "
+            "projection).",
+            [f"gm, ge = loss_gradient(m, e, {pcall})", "r = m * gm + e * ge"],
+            "_bc(-(gm - m * r), -(ge - e * r))"),
+        function_source(
+            "drift_eta2", ["m", "e"] + pa,
+            "O(eta^2) drift coefficients: -(x / 2) E sum_l dl_l^2 for x = m, e.",
+            [f"B = loss_dl_square(m, e, {pcall})"], "_bc(-0.5 * m * B, -0.5 * e * B)"),
+        function_source(
+            "drift", ["m", "e", "eta"] + pa,
+            "Drift d(m, e)/dt = eta drift_eta1 + eta^2 drift_eta2 (spherical online SGD).",
+            [f"a1 = drift_eta1(m, e, {pcall})", f"a2 = drift_eta2(m, e, {pcall})"],
+            "_bc(*[eta * x + eta ** 2 * y for x, y in zip(a1, a2)])")]
 
 
 def _link_source(spec, pa) -> str:
+    """teacher_link, student_link and student_link_gradient of the module, each after one
+    common-subexpression elimination over its entries (overflow of an exponential in a softmax
+    is harmless: the stable form divides by it)."""
     zs = [str(z) for z in token_symbols(spec.L)]
-    out = []
-    for name, expr, doc in [("teacher_link", spec.teacher, "Teacher link g*(z) entries."),
-                            ("student_link", spec.student, "Student link g(z) entries.")]:
-        ents = [pycode(stable(x)) for x in link_entries(expr)]
-        out.append(f'''
-def {name}({', '.join(zs + pa)}):
-    """{doc} (flattened row by row)"""
-    with numpy.errstate(over="ignore"):
-        return _bc({', '.join(ents)})
-''')
     zsym = token_symbols(spec.L)
-    rows = []
-    for sk in link_entries(spec.student):
-        rows.append("(" + ", ".join(pycode(stable(sp.diff(stable(sk), zl))) for zl in zsym) + ",)")
-    out.append(f'''
-def student_link_gradient({', '.join(zs + pa)}):
-    """dg_k/dz_l of the student link, as K tuples of L entries."""
-    with numpy.errstate(over="ignore"):
-        return _bc_nested(({', '.join(rows)},))
-''')
-    out.append(_COV_SRC.format(L=spec.L, L2=2 * spec.L, C=[float(r[0]) for r in spec.C], pa=", ".join(pa),
-                               pcall=", ".join(f"{p}={p}" for p in spec.parameters),
-                               zst=", ".join(f"_zs[{l}]" for l in range(spec.L)),
-                               zz=", ".join(f"_z[{l}]" for l in range(spec.L))))
-    return "\n".join(out)
+    guard = 'with numpy.errstate(over="ignore"):'
+    student = [stable(x) for x in link_entries(spec.student)]
+    gradient = [stable(sp.diff(sk, zl)) for sk in student for zl in zsym]
+    out = []
+    for name, exprs, doc in [
+            ("teacher_link", [stable(x) for x in link_entries(spec.teacher)],
+             "Teacher link g*(z) entries (flattened row by row)."),
+            ("student_link", student, "Student link g(z) entries (flattened row by row)."),
+            ("student_link_gradient", gradient,
+             "dg_k/dz_l of the student link, as K tuples of L entries.")]:
+        repl, red = cse(exprs)
+        body = [guard] + [f"    {x} = {pycode(v)}" for x, v in repl]
+        if name == "student_link_gradient":
+            L = spec.L
+            rows = [tuple_source([pycode(red[k * L + l]) for l in range(L)])
+                    for k in range(len(student))]
+            body.append(f"    out = _bc_nested({tuple_source(rows)})")
+        else:
+            body.append(f"    out = _bc({', '.join(pycode(x) for x in red)})")
+        out.append(function_source(name, zs + pa, doc, body, "out"))
+    return "\n\n".join(out)
 
 
-_COV_SRC = '''
-COVARIANCE_NODES = 24
+#: states where a table of step coefficients is checked against direct quadrature: the origin
+#: region, the inside of the disk and its boundary near m = +-1 and e = +-1, where the softmax
+#: makes the tensor Gauss-Hermite rule over (z*, g) converge slowest
+STEP_TABLE_CHECKS = ((0.02, 0.01), (0.1, 0.05), (0.45, -0.3), (0.9, 0.1), (-0.2, 0.8),
+                     (0.97, -0.2), (0.999, 0.0), (-0.995, 0.05), (0.05, 0.995))
 
 
-def _rule4(n):
-    x, w = numpy.polynomial.hermite_e.hermegauss(n)
-    w = w / numpy.sqrt(2 * numpy.pi)
-    g = numpy.meshgrid(*([x] * {L2}), indexing="ij")
-    W = numpy.ones(())
-    for _ in range({L2}):
-        W = numpy.multiply.outer(W, w)
-    W = W.ravel()
-    keep = W > 1e-15 * W.max()
-    return [a.ravel()[keep] for a in g], W[keep]
-
-
-def _increment_moments(m, e, eta, params, n):
-    """E[G] and E[G G^T] of the spherical increments G (MATH.md 4) at one state, by tensor
-    Gauss-Hermite over (z*, g), z = m z* + sqrt(1 - m^2) g + C e; zeta given (z*, z) is
-    Gaussian with mean b1 z* + b2 (z - C e), b = (-m e, e) / (1 - m^2), variance
-    1 - e^2 / (1 - m^2), integrated exactly."""
-    u, w = _rule4(n)
-    C = {C}
-    _zs = u[:{L}]
-    s = numpy.sqrt(max(0.0, 1 - m * m))
-    _z = [m * _zs[l] + s * u[{L} + l] + C[l] * e for l in range({L})]
-    T = teacher_link({zst}, **params)
-    S = student_link({zz})
-    dS = student_link_gradient({zz})
-    res = [a - b for a, b in zip(T, S)]
-    scale = 1.0
-    if LOSS == "norm":
-        scale = 1.0 / numpy.maximum(numpy.sqrt(sum(r * r for r in res)), 1e-300)
-    dl = [-scale * sum(res[k] * dS[k][l] for k in range(len(res))) for l in range({L})]
-    if 1 - m * m > 1e-12:
-        b1, b2 = -m * e / (1 - m * m), e / (1 - m * m)
-        tau2 = max(0.0, 1 - e * e / (1 - m * m))
+def _step_source(spec, pa, tabulated: bool) -> str:
+    """The O(1/d) and diffusion pieces of a module (MATH.md 4, runtime._step_coefficients):
+    step_coefficients (direct quadrature at each state), covariance_direct, and covariance,
+    diffusion, ito_correction, finite_d_correction from _coefficients, which is a Chebyshev
+    table in (theta, e') built on first use per parameter set (tabulated=True) or the direct
+    quadrature (False)."""
+    names = list(spec.parameters)
+    pcall = ", ".join(f"{p}={p}" for p in names)
+    links = "(teacher_link, student_link, student_link_gradient)"
+    fns = [function_source(
+        "step_coefficients", ["m", "e", "n=None"] + pa,
+        "The eta-coefficients of one spherical SGD step at each state (runtime "
+        "_step_coefficients: E G1, E G2, Cov(G), Ito and token-norm drifts), by tensor "
+        "Gauss-Hermite with n (default COVARIANCE_NODES) nodes per dimension over (z*, g): "
+        "array (_SC_SIZE,) + broadcast shape, NaN outside the unit disk.",
+        ["n = COVARIANCE_NODES if n is None else n",
+         f"fn = lambda mm, ee, pv: _step_coefficients(mm, ee, {links}, C, LOSS == 'norm', n, "
+         f"pv)"],
+        f"_per_state(fn, _SC_SIZE, m, e, dict({pcall}))"),
+        function_source(
+        "covariance_direct", ["m", "e", "eta", "n=None"] + pa,
+        "Cov(G) over (m, e) by direct quadrature at each state (step_coefficients with n "
+        "nodes): ((mm, me), (em, ee)).",
+        [f"c = step_coefficients(m, e, n, {pcall})"], "_bc_nested(_sc_pieces(c, eta)[0])")]
+    if tabulated:
+        key = tuple_source([f"float({p})" for p in names])
+        fns.append(function_source(
+            "step_table", pa,
+            "(Chebyshev table, error estimate per component) of step_coefficients over the "
+            "unit disk in (theta, e') (runtime _polar_table: degrees STEP_TABLE_DEGREE, values "
+            "with STEP_TABLE_NODES nodes, error estimate from STEP_TABLE_CHECKS against direct "
+            "quadrature with those nodes and 3/2 of them, plus the Chebyshev tail), built on "
+            "first use per parameter set (about a minute) and kept for the session.",
+            [f"key = {key}",
+             "if key not in _STEP_TABLES:",
+             f"    f = lambda mm, ee: step_coefficients(mm, ee, STEP_TABLE_NODES, {pcall})",
+             f"    g = lambda mm, ee: step_coefficients(mm, ee, (3 * STEP_TABLE_NODES) // 2, "
+             f"{pcall})",
+             "    _STEP_TABLES[key] = _polar_table(f, STEP_TABLE_DEGREE, STEP_TABLE_CHECKS, g)"],
+            "_STEP_TABLES[key]"))
+        fns.append(function_source(
+            "_coefficients", ["m", "e"] + pa,
+            "(step coefficients, error estimates) at states (m, e) from step_table.",
+            [], f"_tabulated(step_table, m, e, dict({pcall}))"))
     else:
-        b1, b2, tau2 = 0.0, 0.0, 1.0
-    Am = sum(dl[l] * _zs[l] for l in range({L}))
-    Aq = sum(dl[l] * _z[l] for l in range({L}))
-    Ae = sum(dl[l] * (b1 * _zs[l] + b2 * (_z[l] - C[l] * e) + C[l]) for l in range({L}))
-    B = sum(x * x for x in dl)
-    Gm = -eta * (Am - m * Aq) - 0.5 * eta * eta * m * B
-    Ge = -eta * (Ae - e * Aq) - 0.5 * eta * eta * e * B
-    mean = numpy.array([w @ Gm, w @ Ge])
-    second = numpy.array([[w @ (Gm * Gm), w @ (Gm * Ge)],
-                          [w @ (Gm * Ge), w @ (Ge * Ge) + eta * eta * tau2 * (w @ B)]])
-    return mean, second
-
-
-def covariance(m, e, eta, {pa}):
-    """Cov(G) over (m, e) (MATH.md 4; D = Cov(G) / d), by tensor Gauss-Hermite with
-    COVARIANCE_NODES per dimension over the 2L Gaussian variables at each state (slow: no
-    table). Nested tuples ((mm, me), (em, ee))."""
-    params = dict({pcall})
-    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
-                                    (m, e, eta, *params.values())])
-    out = numpy.full((2, 2) + arrs[0].shape, numpy.nan)
-    for idx in numpy.ndindex(arrs[0].shape):
-        mm, ee, et = arrs[0][idx], arrs[1][idx], arrs[2][idx]
-        if mm * mm + ee * ee > 1 + 1e-12:
-            continue
-        pv = {{k: a[idx] for k, a in zip(params, arrs[3:])}}
-        mean, second = _increment_moments(mm, ee, et, pv, COVARIANCE_NODES)
-        c = second - numpy.outer(mean, mean)
-        out[(slice(None), slice(None)) + idx] = c
-    return ((out[0, 0], out[0, 1]), (out[1, 0], out[1, 1]))
-
-
-def diffusion(m, e, eta, d, {pa}):
-    """Diffusion matrix D = Cov(G) / d over (m, e), shape (2, 2) + broadcast shape."""
-    return numpy.array(covariance(m, e, eta, {pcall})) / d
-'''
+        fns.append(function_source(
+            "_coefficients", ["m", "e"] + pa,
+            "(step coefficients, None) at states (m, e) by direct quadrature with "
+            "QUADRATURE_NODES (quadrature_error re-evaluates with 3/2 of them).",
+            [], f"step_coefficients(m, e, QUADRATURE_NODES, {pcall}), None"))
+    how = ("from step_table" if tabulated else "by direct quadrature at each state")
+    fns += [function_source(
+        "covariance", ["m", "e", "eta"] + pa,
+        f"Cov(G) over (m, e) (MATH.md 4; D = Cov(G) / d), {how}: ((mm, me), (em, ee)); "
+        f"error estimate: quadrature_error(covariance, ...).",
+        [f"c, _ = _coefficients(m, e, {pcall})"], "_bc_nested(_sc_pieces(c, eta)[0])"),
+        function_source(
+        "diffusion", ["m", "e", "eta", "d"] + pa,
+        "Diffusion matrix D = Cov(G) / d over (m, e), shape (2, 2) + broadcast shape.",
+        [], f"numpy.array(covariance(m, e, eta, {pcall})) / d"),
+        function_source(
+        "ito_correction", ["m", "e", "eta"] + pa,
+        f"d times the O(1/d) drift of the spherical rescaling, E[-(1/2)(d dX)(d dQ) + "
+        f"(3/8) X (d dQ)^2] (runtime _step_coefficients), {how}.",
+        [f"c, _ = _coefficients(m, e, {pcall})"], "_bc(*_sc_pieces(c, eta)[1])"),
+        function_source(
+        "finite_d_correction", ["m", "e", "eta"] + pa,
+        f"d times the whole O(1/d) drift (the SDE drift is drift + this / d): the rescaling "
+        f"term plus the token-norm term -(eta^2 X / 2) E[token Gram excess], {how}.",
+        [f"c, _ = _coefficients(m, e, {pcall})"], "_bc(*_sc_pieces(c, eta)[2])")]
+    if not tabulated:
+        return "\n\n".join(fns)
+    fns.append(function_source(
+        "_step_error", ["function", "args", "kwargs"],
+        "Error estimate of covariance, diffusion, ito_correction or finite_d_correction "
+        "called with (args, kwargs): the same combination of the coefficients' error "
+        "estimates with |eta|^k (triangle inequality), divided by d for the diffusion.",
+        ["names = ('m', 'e', 'eta') + (('d',) if function is diffusion else ()) + PARAMETERS",
+         "bound = dict(DEFAULTS, **dict(zip(names, args)), **kwargs)",
+         "params = {k: v for k, v in bound.items() if k not in ('m', 'e', 'eta', 'd')}",
+         "_, err = _coefficients(bound['m'], bound['e'], **params)",
+         "pieces = _sc_pieces(err, numpy.abs(bound['eta']))",
+         "if function is diffusion:",
+         "    return numpy.array(pieces[0]) / bound['d']",
+         "k = {covariance: 0, ito_correction: 1, finite_d_correction: 2}[function]"],
+        "numpy.array(pieces[k])"))
+    return "\n\n".join(fns)
 
 
 def _norm_module_source(spec: ModelSpec) -> str:
@@ -1044,7 +1021,8 @@ def _norm_module_source(spec: ModelSpec) -> str:
         f"Student link: {sp.sstr(spec.student)}",
         "R(m, e) = E ||T(z*) - S(z)||_F, z = m z* + sqrt(1 - m^2) g + C e, by pruned tensor",
         "Gauss-Hermite quadrature over (z*, g) with QUADRATURE_NODES per dimension at each state",
-        "(the norm is not smooth where T = S: read quadrature_error).",
+        "(the norm is not smooth where T = S: read quadrature_error). Drift, covariance and the",
+        "O(1/d) drift: the same quadrature of the step statistics at each state.",
         '"""',
         f"{HASH_PREFIX}{h}",
         f"# tool: {backend_salt()}",
@@ -1053,101 +1031,57 @@ def _norm_module_source(spec: ModelSpec) -> str:
         "",
         *_constants(spec, h),
         f"QUADRATURE_NODES = {NORM_NODES}",
+        "COVARIANCE_NODES = QUADRATURE_NODES  # one rule for loss, drift and covariance",
         f"C = {[float(row[0]) for row in spec.C]!r}",
     ])
-    body = f'''
-
-def _rule(n):
-    x, w = numpy.polynomial.hermite_e.hermegauss(n)
-    w = w / numpy.sqrt(2 * numpy.pi)
-    g = numpy.meshgrid(*([x] * {2 * L}), indexing="ij")
-    W = numpy.ones(())
-    for _ in range({2 * L}):
-        W = numpy.multiply.outer(W, w)
-    W = W.ravel()
-    keep = W > 1e-16 * W.max()
-    return [a.ravel()[keep] for a in g], W[keep]
-
-
-def population_loss(m, e, {', '.join(pa)}, n=None):
-    """R(m, e) = E ||T(z*) - S(z)||_F (norm loss) by tensor Gauss-Hermite over (z*, g), one
-    state at a time (vectorised over the nodes); NaN outside |m|, |e| <= 1."""
-    n = QUADRATURE_NODES if n is None else n
-    u, w = _rule(n)
-    zst, g = u[:{L}], u[{L}:]
-    m, e, *ps = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float)
-                                         for x in (m, e{''.join(', ' + p for p in names)})])
-    out = numpy.full(m.shape, numpy.nan)
-    for idx in numpy.ndindex(m.shape):
-        mm, ee = m[idx], e[idx]
-        if abs(mm) > 1 + 1e-12 or abs(ee) > 1 + 1e-12:
-            continue
-        kw = {{k: p[idx] for k, p in zip(PARAMETERS, ps)}}
-        s = numpy.sqrt(max(0.0, 1 - mm * mm))
-        z = [mm * zst[l] + s * g[l] + C[l] * ee for l in range({L})]
-        T = teacher_link(*zst, **kw)
-        S = student_link(*z)
-        out[idx] = w @ numpy.sqrt(sum((a - b) ** 2 for a, b in zip(T, S)) + 0.0)
-    return out
-
-
-def quadrature_error(function, *args, **kwargs):
-    """(value with 3n/2 nodes, its difference from the value with n nodes)."""
-    global QUADRATURE_NODES
-    n = QUADRATURE_NODES
-    coarse = numpy.asarray(function(*args, **kwargs), dtype=float)
-    QUADRATURE_NODES = (3 * n) // 2
-    try:
-        fine = numpy.asarray(function(*args, **kwargs), dtype=float)
-    finally:
-        QUADRATURE_NODES = n
-    return fine, numpy.abs(fine - coarse)
-'''
     pcall = ", ".join(f"{p}={p}" for p in names)
-    return (head + "\n\n" + _HELPERS + body + _link_source(spec, pa)
-            + _NORM_DRIFT_SRC.format(pa=", ".join(pa), pcall=pcall))
-
-
-_NORM_DRIFT_SRC = '''
-
-def _direct_parts(m, e, params):
-    """Per state: (E[G1], E[G2]) with G = eta G1 + eta^2 G2 (MATH.md 4), by the quadrature of
-    `covariance` (eta = 1 separates the two parts: G1 and G2 do not depend on eta)."""
-    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
-                                    (m, e, *params.values())])
-    g1 = numpy.full((2,) + arrs[0].shape, numpy.nan)
-    g2 = numpy.full((2,) + arrs[0].shape, numpy.nan)
-    for idx in numpy.ndindex(arrs[0].shape):
-        mm, ee = arrs[0][idx], arrs[1][idx]
-        if mm * mm + ee * ee > 1 + 1e-12:
-            continue
-        pv = {{k: a[idx] for k, a in zip(params, arrs[2:])}}
-        a1, _ = _increment_moments(mm, ee, 1.0, pv, COVARIANCE_NODES)
-        a2, _ = _increment_moments(mm, ee, 2.0, pv, COVARIANCE_NODES)
-        # eta G1 + eta^2 G2 at eta = 1 and 2
-        g2[(slice(None),) + idx] = (a2 - 2 * a1) / 2
-        g1[(slice(None),) + idx] = a1 - (a2 - 2 * a1) / 2
-    return g1, g2
-
-
-def drift_eta1(m, e, {pa}):
-    """O(eta) drift coefficients E[G1] (norm loss: direct quadrature at each state)."""
-    g1, _ = _direct_parts(m, e, dict({pcall}))
-    return _bc(g1[0], g1[1])
-
-
-def drift_eta2(m, e, {pa}):
-    """O(eta^2) drift coefficients E[G2] (norm loss: direct quadrature at each state)."""
-    _, g2 = _direct_parts(m, e, dict({pcall}))
-    return _bc(g2[0], g2[1])
-
-
-def drift(m, e, eta, {pa}):
-    """Drift eta E[G1] + eta^2 E[G2] (norm loss: direct quadrature at each state)."""
-    g1, g2 = _direct_parts(m, e, dict({pcall}))
-    return _bc(*[eta * a + eta ** 2 * b for a, b in zip(g1, g2)])
-
-''' + _fd_jacobian_src("1e-5")
+    args = ", ".join(["m", "e"] + names)
+    fns = [function_source(
+        "population_loss", ["m", "e"] + pa + ["n=None"],
+        "R(m, e) = E ||T(z*) - S(z)||_F (norm loss) by tensor Gauss-Hermite over (z*, g), one "
+        "state at a time (vectorised over the nodes); NaN outside |m|, |e| <= 1.",
+        ["n = QUADRATURE_NODES if n is None else n",
+         f"u, w = _gh_pruned({2 * L}, n, 1e-16)",
+         f"zst, g = u[:{L}], u[{L}:]",
+         "m, e, *ps = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float)",
+         f"                                     for x in ({args},)])",
+         "out = numpy.full(m.shape, numpy.nan)",
+         "for idx in numpy.ndindex(m.shape):",
+         "    mm, ee = m[idx], e[idx]",
+         "    if abs(mm) > 1 + 1e-12 or abs(ee) > 1 + 1e-12:",
+         "        continue",
+         "    kw = {k: p[idx] for k, p in zip(PARAMETERS, ps)}",
+         "    s = numpy.sqrt(max(0.0, 1 - mm * mm))",
+         f"    z = [mm * zst[l] + s * g[l] + C[l] * ee for l in range({L})]",
+         "    T = teacher_link(*zst, **kw)",
+         "    S = student_link(*z)",
+         "    out[idx] = w @ numpy.sqrt(sum((a - b) ** 2 for a, b in zip(T, S)) + 0.0)"],
+        "out"),
+        function_source(
+        "quadrature_error", ["function", "*args", "**kwargs"],
+        "(value with 3n/2 nodes, its difference from the value with n nodes).",
+        ["global QUADRATURE_NODES",
+         "n = QUADRATURE_NODES",
+         "coarse = numpy.asarray(function(*args, **kwargs), dtype=float)",
+         "QUADRATURE_NODES = (3 * n) // 2",
+         "try:",
+         "    fine = numpy.asarray(function(*args, **kwargs), dtype=float)",
+         "finally:",
+         "    QUADRATURE_NODES = n"],
+        "fine, numpy.abs(fine - coarse)"),
+        _link_source(spec, pa),
+        _step_source(spec, pa, tabulated=False)]
+    for name, doc, ret in [
+            ("drift_eta1", "O(eta) drift coefficients E[G1]", "_bc(c[0], c[1])"),
+            ("drift_eta2", "O(eta^2) drift coefficients E[G2]", "_bc(c[2], c[3])"),
+            ("drift", "Drift eta E[G1] + eta^2 E[G2]",
+             "_bc(eta * c[0] + eta ** 2 * c[2], eta * c[1] + eta ** 2 * c[3])")]:
+        fns.append(function_source(
+            name, ["m", "e"] + (["eta"] if name == "drift" else []) + pa,
+            f"{doc} (norm loss: direct quadrature at each state, step_coefficients).",
+            [f"c = step_coefficients(m, e, QUADRATURE_NODES, {pcall})"], ret))
+    fns.append(_jacobian_source(pa, pcall, "1e-5"))
+    return head + "\n\n" + ATTENTION_HELPERS + "\n\n" + "\n\n".join(fns)
 
 
 # ----------------------------------------------------------------------------- generate

@@ -34,10 +34,9 @@ overlaps in the order of OVERLAPS, `params` the parameters as keywords with DEFA
     student_link_gradient(*z, **params)          K tuples of L entries dg_k / dz_l
     quadrature_error(function, *args, **kwargs)  (value, error estimate) of a function above
 
-Extras some backends add (a consumer that needs one asks :func:`provides`):
-
-    gradient_origin(**params), hessian_origin(**params)   exact derivatives of R at the origin
-    cross_terms(m, e), loss_gradient(*state, **params)    the landscape tables (attention)
+Extras some backends add (EXTRAS; a consumer that needs one asks :func:`provides`): the
+attention backend's landscape tables (LANDSCAPE_TABLES: R(m, e; theta) as a few array
+operations per parameter value) and exact derivatives of R at the origin.
 
 A module may leave out a piece only by naming it in UNAVAILABLE with the reason, e.g. a
 drift-only module (no Cov(G) derived) or a backend that has no such formula.
@@ -85,13 +84,25 @@ PIECES = {
     "quadrature_error": ("any", "quadrature error estimate"),
 }
 
-#: optional extras -> meaning
+#: optional extras (functions or constants) -> meaning
 EXTRAS = {
     "gradient_origin": "exact gradient of R at the origin",
     "hessian_origin": "exact Hessian of R at the origin",
-    "cross_terms": "tabulated cross terms X_p(m, e) of the landscape",
     "loss_gradient": "gradient of R from the tables",
+    "teacher_coefficients": "teacher coefficients c_p(theta) and constant parts b_i(theta)",
+    "teacher_constant": "the teacher-only part of R",
+    "student_mean": "Sbar(e) = E S(g + C e)",
+    "student_square": "P(e) = E |S(g + C e)|^2",
+    "cross_terms": "tabulated cross terms X_p(m, e) of the landscape",
+    "PIECE_ENTRY": "the output entry of each teacher piece",
+    "LOSS_ERROR_ESTIMATE": "error bound of the tabulated loss",
+    "loss_dl_square": "E sum_l dl_l^2, the O(eta^2) drift factor",
 }
+
+#: the extras that make R(m, e; theta) a few array operations per parameter value (landscapes)
+LANDSCAPE_TABLES = ("teacher_coefficients", "teacher_constant", "student_mean",
+                    "student_square", "cross_terms", "PIECE_ENTRY", "LOSS_ERROR_ESTIMATE",
+                    "gradient_origin", "hessian_origin")
 
 METHODS = ("exact", "quadrature")
 
@@ -193,7 +204,7 @@ def provides(mod, piece: str) -> bool:
         raise KeyError(f"unknown piece {piece!r}")
     if piece in PIECES:
         return piece not in mod.UNAVAILABLE
-    return callable(getattr(mod, piece, None))
+    return hasattr(mod, piece)
 
 
 def why_not(mod, piece: str) -> str | None:
@@ -216,5 +227,5 @@ def require(mod, piece: str, what: str):
     return getattr(mod, piece)
 
 
-__all__ = ["CONSTANTS", "PIECES", "EXTRAS", "ContractError", "check_module", "checked",
+__all__ = ["CONSTANTS", "PIECES", "EXTRAS", "LANDSCAPE_TABLES", "ContractError", "check_module", "checked",
            "provides", "why_not", "require"]

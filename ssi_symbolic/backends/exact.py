@@ -31,7 +31,7 @@ from pathlib import Path
 
 import sympy as sp
 
-from .. import __version__
+from ..version import __version__
 from ..model.spec import ModelSpec, link_entries, token_symbols
 from ..symbolic.derive import Derivation, derive
 from ..symbolic.gaussian import GaussHermite
@@ -48,7 +48,7 @@ DIFFUSION_PIECES = ("covariance", "diffusion", "ito_correction", "finite_d_corre
 #: the files whose source determines the generated code of this backend
 _PIPELINE = ("model/spec.py", "model/links.py", "symbolic/gaussian.py", "symbolic/derive.py",
              "backends/exact.py", "backends/printing.py", "backends/runtime.py",
-             "backends/files.py")
+             "backends/files.py", "version.py")
 
 
 @functools.lru_cache(maxsize=1)

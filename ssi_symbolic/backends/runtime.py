@@ -1,12 +1,32 @@
-"""The runtime helpers that generated modules embed, as source text, in one place.
+"""The runtime helpers that generated modules embed, in one place, as real Python.
 
-A generated module imports only numpy and scipy, so the few helpers it needs are copied into it
-from here: broadcasting of outputs, the tensor Gauss-Hermite rule for E over N(0, I_k) and the
-n-versus-2n quadrature error estimate. Every backend takes its helpers from this module.
+A generated module imports only numpy and scipy, so the few helpers it needs are copied into it.
+They are defined here as ordinary functions (importable, testable) and their text is taken with
+``inspect.getsource``: one copy that is both tested and embedded. The texts:
+
+    BROADCAST_HELPERS       _bc, _bc_nested (broadcasting of outputs)
+    GAUSS_HERMITE_HELPERS   the above, the tensor Gauss-Hermite rule _gh_grid for E over
+                            N(0, I_k), _gh_expect and the n-versus-2n quadrature_error
+                            (exact backend)
+    ATTENTION_HELPERS       broadcasting, _gh_grid and its pruned form _gh_pruned, Chebyshev
+                            helpers, the finite-difference Jacobian, the per-state increment
+                            coefficients of spherical SGD and their (theta, e') tables
+                            (attention backend)
+
+The functions refer to module globals only where the embedding module defines them
+(QUADRATURE_NODES in quadrature_error).
 """
+from __future__ import annotations
 
-#: broadcasting helpers every generated module carries (it imports only numpy and scipy)
-BROADCAST_HELPERS = '''
+import inspect
+import sys
+
+import numpy
+
+#: nodes per dimension of quadrature_error's coarse rule here; an embedding module sets its own
+QUADRATURE_NODES = 8
+
+
 def _bc(*xs):
     """Broadcast the outputs to one common shape (constants become arrays): a tuple."""
     return tuple(numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in xs]))
@@ -16,9 +36,7 @@ def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
-'''
 
-GAUSS_HERMITE_HELPERS = '\n' + BROADCAST_HELPERS + '''
 
 _GRIDS = {}
 
@@ -70,7 +88,260 @@ def quadrature_error(function, *args, **kwargs):
     finally:
         QUADRATURE_NODES = n
     return fine, numpy.abs(fine - coarse)
-'''
 
 
-__all__ = ["BROADCAST_HELPERS", "GAUSS_HERMITE_HELPERS"]
+# ----------------------------------------------------------------------------- attention
+def _gh_pruned(k, n, prune):
+    """The tensor rule of _gh_grid with the nodes whose weight is at most prune x the largest
+    dropped (they change nothing at double precision): nodes (k, P), weights (P,)."""
+    u, w = _gh_grid(k, n)
+    keep = w > prune * w.max()
+    return u[:, keep], w[keep]
+
+
+def _cheb_basis(y, n):
+    """T_0(y)..T_(n-1)(y) stacked on a new first axis (three-term recursion)."""
+    out = [numpy.ones_like(y), y]
+    for _ in range(2, n):
+        out.append(2 * y * out[-1] - out[-2])
+    return numpy.stack(out[:n])
+
+
+def _chebval2(x, y, c):
+    """sum_jk c_jk T_j(x) T_k(y), broadcast over x and y."""
+    x, y = numpy.broadcast_arrays(numpy.asarray(x, dtype=float), numpy.asarray(y, dtype=float))
+    tx = _cheb_basis(x, c.shape[0]).reshape(c.shape[0], -1)
+    ty = _cheb_basis(y, c.shape[1]).reshape(c.shape[1], -1)
+    return numpy.einsum("jn,jk,kn->n", tx, c, ty, optimize=True).reshape(x.shape)
+
+
+def _lobatto(N):
+    """Chebyshev-Lobatto points y_k = cos(pi k / N), k = 0..N."""
+    return numpy.cos(numpy.pi * numpy.arange(N + 1) / N)
+
+
+def _cheb_fit(values, axis=0):
+    """Coefficients c_j of the interpolant sum_j c_j T_j(y) through values at the Lobatto
+    points (DCT-I): c_j = (2/N) sum''_k f_k cos(pi j k / N), c_0 and c_N halved."""
+    v = numpy.moveaxis(numpy.asarray(values, dtype=float), axis, 0)
+    N = v.shape[0] - 1
+    k = numpy.arange(N + 1)
+    M = numpy.cos(numpy.pi * numpy.outer(k, k) / N) * (2.0 / N)
+    M[:, 0] *= 0.5
+    M[:, -1] *= 0.5
+    c = numpy.tensordot(M, v, axes=(1, 0))
+    c[0] *= 0.5
+    c[-1] *= 0.5
+    return numpy.moveaxis(c, 0, axis)
+
+
+def _fd_jacobian(drift, state, h, kwargs):
+    """Jacobian d drift_i / d x_j by central differences of step h: (drift(x + h e_j) -
+    drift(x - h e_j)) / (2 h), error O(h^2) plus the drift's error / h; nested tuples."""
+    x = [numpy.asarray(v, dtype=float) for v in state]
+    n = len(x)
+    cols = []
+    for j in range(n):
+        xp = list(x); xp[j] = x[j] + h
+        xm = list(x); xm[j] = x[j] - h
+        fp = drift(*xp, **kwargs)
+        fm = drift(*xm, **kwargs)
+        cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])
+    return _bc_nested(tuple(tuple(cols[j][i] for j in range(n)) for i in range(n)))
+
+
+#: slices of the vector of _step_coefficients
+_SC_MEAN1, _SC_MEAN2 = slice(0, 2), slice(2, 4)
+_SC_COV = (slice(4, 7), slice(7, 10), slice(10, 13))       # eta^2, eta^3, eta^4; (mm, me, ee)
+_SC_ITO = (slice(13, 15), slice(15, 17), slice(17, 19))    # eta^2, eta^3, eta^4; (m, e)
+_SC_NORM = slice(19, 21)                                   # eta^2; (m, e)
+_SC_SIZE = 21
+
+
+def _step_coefficients(m, e, links, C, norm, n, params, prune=1e-15):
+    """The eta-coefficients of one spherical SGD step at a state (m, e), q = 1, one positional
+    direction with coefficients C_l (MATH.md 4), as a vector (_SC_* slices): E G1, E G2,
+    the eta^2, eta^3, eta^4 parts of Cov(G), those of the rescaling (Ito) drift and the eta^2
+    part of the token-norm drift, G = eta G1 + eta^2 G2 being d times the increment of (m, e).
+
+    With s = sqrt(1 - m^2), e' = e / s, token l has z*_l, g_l i.i.d. N(0, 1) and
+    z_l = m z*_l + s g_l + C_l e, zeta_l = e' g_l + sqrt(1 - e'^2) xi_l (xi_l independent).
+    links = (teacher_link, student_link, student_link_gradient); dl_l = -k sum_k (T_k(z*) -
+    S_k(z)) dS_k/dz_l with k = 1 (square loss) or 1 / |T - S| (norm loss, norm=True).
+    A_m = sum dl z*, A_q = sum dl z, A_g = sum dl g, A_C = sum C dl, B = sum dl^2 and A_e =
+    e' A_g + A_C (the mean of sum dl (zeta + C) given z*, g; its variance is (1 - e'^2) B). Then
+    G1 = (-(A_m - m A_q), -(A_e - e A_q)), G2 = -(m, e) B / 2 and
+
+        Cov(G) = eta^2 Cov(G1) + eta^3 (Cov(G1, G2) + Cov(G2, G1)) + eta^4 Cov(G2)
+                 (+ eta^2 (1 - e'^2) E[B] in the (e, e) entry),
+        Ito_X = E[-(1/2) (-eta A_X)(d dQ) + (3/8) X (d dQ)^2],  d dQ = -2 eta A_q + eta^2 B,
+        norm_X = -(eta^2 X / 2) E[A_m^2 + A_g^2 - 2 B + 2 e' A_g A_C + A_C^2]
+
+    (the token Gram excess of MATH.md 4 / symbolic.derive.statistics in whitened coordinates:
+    its (z*, z) part is z*_l z*_l' + g_l g_l' - 2 delta_ll', its positional part
+    C_l' zeta_l + C_l zeta_l' + C_l C_l'). Tensor Gauss-Hermite with n nodes per dimension over
+    (z*, g), nodes of weight <= prune x the largest dropped."""
+    L = len(C)
+    u, w = _gh_pruned(2 * L, n, prune)
+    s = numpy.sqrt(max(0.0, 1.0 - m * m))
+    ep = min(1.0, max(-1.0, e / s)) if s > 1e-12 else 0.0
+    zs, g = u[:L], u[L:]
+    z = [m * zs[l] + s * g[l] + C[l] * e for l in range(L)]
+    T = links[0](*zs, **params)
+    S = links[1](*z)
+    dS = links[2](*z)
+    res = [a - b for a, b in zip(T, S)]
+    scale = 1.0
+    if norm:
+        scale = 1.0 / numpy.maximum(numpy.sqrt(sum(r * r for r in res)), 1e-300)
+    dl = [-scale * sum(res[k] * dS[k][l] for k in range(len(res))) for l in range(L)]
+    Am = sum(dl[l] * zs[l] for l in range(L))
+    Aq = sum(dl[l] * z[l] for l in range(L))
+    Ag = sum(dl[l] * g[l] for l in range(L))
+    AC = sum(C[l] * dl[l] for l in range(L))
+    B = sum(x * x for x in dl)
+    phi = numpy.array([numpy.ones_like(Am), Am, Aq, ep * Ag + AC, B, Ag, AC])
+    M = (phi * w) @ phi.T                                   # E[phi phi^T]
+    a1 = numpy.array([[0, -1, m, 0, 0, 0, 0], [0, 0, e, -1, 0, 0, 0]], dtype=float)
+    a2 = numpy.array([[0, 0, 0, 0, -m / 2, 0, 0], [0, 0, 0, 0, -e / 2, 0, 0]], dtype=float)
+    mu1, mu2 = a1 @ M[:, 0], a2 @ M[:, 0]
+    c2 = a1 @ M @ a1.T - numpy.outer(mu1, mu1)
+    c2[1, 1] += (1.0 - ep * ep) * M[0, 4]
+    c3 = a1 @ M @ a2.T - numpy.outer(mu1, mu2)
+    c3 = c3 + c3.T
+    c4 = a2 @ M @ a2.T - numpy.outer(mu2, mu2)
+    X = numpy.array([m, e])
+    EA_q = numpy.array([M[1, 2], M[3, 2]])                  # E[A_X A_q]
+    EA_B = numpy.array([M[1, 4], M[3, 4]])                  # E[A_X B]
+    EK = M[1, 1] + M[5, 5] - 2 * M[0, 4] + 2 * ep * M[5, 6] + M[6, 6]
+    up = numpy.triu_indices(2)
+    return numpy.concatenate([mu1, mu2, c2[up], c3[up], c4[up],
+                              -EA_q + 1.5 * X * M[2, 2], 0.5 * EA_B - 1.5 * X * M[2, 4],
+                              0.375 * X * M[4, 4], -0.5 * X * EK])
+
+
+def _sc_pieces(c, eta):
+    """From _step_coefficients vectors c (_SC_SIZE, ...): Cov(G) ((mm, me), (em, ee)), the Ito
+    drift and the whole O(1/d) drift (Ito + token norm), each times d, at learning rate eta."""
+    cov = sum(eta ** (k + 2) * c[sl] for k, sl in enumerate(_SC_COV))
+    ito = sum(eta ** (k + 2) * c[sl] for k, sl in enumerate(_SC_ITO))
+    fdc = ito + eta ** 2 * c[_SC_NORM]
+    return ((cov[0], cov[1]), (cov[1], cov[2])), (ito[0], ito[1]), (fdc[0], fdc[1])
+
+
+def _polar(m, e):
+    """Table coordinates of states (m, e) of the unit disk: x = 2 theta / pi - 1 with m =
+    cos theta, and y = e' = e / sin theta (0 at m = +-1), both in [-1, 1]; inside = m^2 + e^2
+    <= 1 + 1e-12."""
+    m, e = numpy.broadcast_arrays(numpy.asarray(m, dtype=float), numpy.asarray(e, dtype=float))
+    inside = m * m + e * e <= 1 + 1e-12
+    mc = numpy.clip(m, -1.0, 1.0)
+    s = numpy.sqrt(1.0 - mc * mc)
+    y = numpy.where(s > 1e-12, e / numpy.where(s > 1e-12, s, 1.0), 0.0)
+    return 2 * numpy.arccos(mc) / numpy.pi - 1, numpy.clip(y, -1.0, 1.0), inside
+
+
+def _polar_table(coefficients, degree, checks, refine):
+    """Chebyshev table of the vector function coefficients(m, e) (the _step_coefficients of one
+    parameter set, analytic in (theta, e')) over the disk in the coordinates of _polar, from its
+    values at the Lobatto nodes of degree (Nx, Ny), and its error estimate per component:
+    2 x max over the check states of (|table - direct| + |direct - refine|), refine being the
+    same function with more quadrature nodes, plus the sum of |c_jk| over the last two rows and
+    columns of the coefficients (the size of the truncated series where the interpolant is not
+    checked). Returns (coefficients (Nx+1, Ny+1, K), error (K,))."""
+    Nx, Ny = degree
+    xs, ys = _lobatto(Nx), _lobatto(Ny)
+    th = numpy.pi * (xs + 1) / 2
+    vals = numpy.array([[coefficients(numpy.cos(t), y * numpy.sin(t)) for y in ys] for t in th])
+    table = _cheb_fit(_cheb_fit(vals, 0), 1)
+    err = 0.0
+    for m, e in checks:
+        direct = coefficients(m, e)
+        x, y, _ = _polar(m, e)
+        approx = numpy.array([_chebval2(x, y, table[:, :, k]) for k in range(table.shape[2])])
+        err = numpy.maximum(err, numpy.abs(approx - direct) + numpy.abs(direct - refine(m, e)))
+    tail = (numpy.abs(table[-2:]).sum(axis=(0, 1)) + numpy.abs(table[:, -2:]).sum(axis=(0, 1)))
+    return table, 2 * err + tail
+
+
+def _polar_eval(table, m, e):
+    """The tabulated vector at states (m, e): array (K,) + broadcast shape, NaN outside the
+    unit disk."""
+    x, y, inside = _polar(m, e)
+    tx = _cheb_basis(x, table.shape[0]).reshape(table.shape[0], -1)
+    ty = _cheb_basis(y, table.shape[1]).reshape(table.shape[1], -1)
+    out = numpy.einsum("jn,jkc,kn->cn", tx, table, ty, optimize=True).reshape((-1,) + x.shape)
+    return numpy.where(inside, out, numpy.nan)
+
+
+def _per_state(fn, size, m, e, params):
+    """fn(m, e, params) -> vector (size,) evaluated state by state over the broadcast of the
+    states (m, e) and the parameter values: array (size,) + broadcast shape, NaN outside the
+    unit disk m^2 + e^2 <= 1 + 1e-12."""
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, *params.values())])
+    out = numpy.full((size,) + arrs[0].shape, numpy.nan)
+    for idx in numpy.ndindex(arrs[0].shape):
+        mm, ee = arrs[0][idx], arrs[1][idx]
+        if mm * mm + ee * ee > 1 + 1e-12:
+            continue
+        pv = {k: a[idx] for k, a in zip(params, arrs[2:])}
+        out[(slice(None),) + idx] = fn(mm, ee, pv)
+    return out
+
+
+def _tabulated(table_of, m, e, params):
+    """(values, error estimates) of a tabulated vector function at states (m, e): table_of(**p)
+    -> (Chebyshev table, error vector) of one parameter set p (see _polar_table), looked up once
+    per distinct parameter set of the broadcast; arrays (K,) + broadcast shape."""
+    arrs = numpy.broadcast_arrays(*[numpy.asarray(x, dtype=float) for x in
+                                    (m, e, *params.values())])
+    shape = arrs[0].shape
+    if arrs[0].size == 0:
+        return numpy.empty((_SC_SIZE,) + shape), numpy.empty((_SC_SIZE,) + shape)
+    keys = numpy.array([a.ravel() for a in arrs[2:]]).T.reshape(arrs[0].size, len(params))
+    val = err = None
+    for key in numpy.unique(keys, axis=0):
+        sel = numpy.all(keys == key, axis=1)
+        table, error = table_of(**dict(zip(params, key.tolist())))
+        v = _polar_eval(table, arrs[0].ravel()[sel], arrs[1].ravel()[sel])
+        if val is None:
+            val = numpy.full((v.shape[0], sel.size), numpy.nan)
+            err = numpy.full((v.shape[0], sel.size), numpy.nan)
+        val[:, sel] = v
+        err[:, sel] = numpy.where(numpy.isnan(v), numpy.nan, error[:, None])
+    return val.reshape((-1,) + shape), err.reshape((-1,) + shape)
+
+
+# ----------------------------------------------------------------------------- embedding
+_THIS = sys.modules[__name__]
+
+
+def _assignment(name: str) -> str:
+    """The source line of a module-level assignment of this file (with its comment)."""
+    for line in inspect.getsource(_THIS).splitlines():
+        if line.startswith(f"{name} = "):
+            return line + "\n"
+    raise KeyError(name)
+
+
+def embed(*items) -> str:
+    """The source text of functions (inspect.getsource) and module-level assignments (by
+    name) of this file, in order, separated by two blank lines."""
+    parts = [inspect.getsource(x) if callable(x) else _assignment(x) for x in items]
+    return "\n\n".join(parts)
+
+
+#: broadcasting helpers every generated module carries (it imports only numpy and scipy)
+BROADCAST_HELPERS = "\n" + embed(_bc, _bc_nested)
+
+GAUSS_HERMITE_HELPERS = "\n" + BROADCAST_HELPERS + "\n\n" + embed(
+    "_GRIDS", _gh_grid, "_GH_CHUNK", _gh_expect, quadrature_error)
+
+ATTENTION_HELPERS = BROADCAST_HELPERS + "\n\n" + embed(
+    "_GRIDS", _gh_grid, _gh_pruned, _cheb_basis, _chebval2, _lobatto, _cheb_fit, _fd_jacobian,
+    "_SC_MEAN1, _SC_MEAN2", "_SC_COV", "_SC_ITO", "_SC_NORM", "_SC_SIZE", _step_coefficients,
+    _sc_pieces, _polar, _polar_table, _polar_eval, _per_state, _tabulated)
+
+
+__all__ = ["BROADCAST_HELPERS", "GAUSS_HERMITE_HELPERS", "ATTENTION_HELPERS", "embed"]

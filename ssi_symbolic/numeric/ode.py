@@ -182,11 +182,58 @@ def _event(fun, terminal=False, direction=0):
 
 
 def _integrate(ode: OverlapODE, x0, t0, t_max, events, rtol, atol, method="DOP853"):
+    jac = {} if method in ("DOP853", "RK45", "RK23") else {"jac": lambda t, x: ode.jacobian(x)}
     sol = solve_ivp(lambda t, x: ode.drift(x), (t0, t_max), x0, method=method, rtol=rtol,
-                    atol=atol, events=events, dense_output=True)
+                    atol=atol, events=events, dense_output=True, **jac)
     if sol.status == -1:
         raise DynamicsError(f"the ODE solver failed at t = {sol.t[-1]:.6g}: {sol.message}")
     return sol
+
+
+#: the explicit method integrates up to EXPLICIT_HORIZON / eta; a run that goes on (a slow,
+#: power-law approach to a degenerate fixed point, where the other directions make the ODE
+#: stiff) continues with LSODA and the exact Jacobian
+EXPLICIT_HORIZON = 1e4
+
+
+@dataclass
+class _Solution:
+    """One or two solve_ivp segments seen as one: first event times, dense output, end."""
+
+    parts: list
+
+    @property
+    def t_events(self) -> list:
+        return [np.concatenate([p.t_events[k] for p in self.parts])
+                for k in range(len(self.parts[0].t_events))]
+
+    @property
+    def t_end(self) -> float:
+        return float(self.parts[-1].t[-1])
+
+    @property
+    def y_end(self) -> np.ndarray:
+        return self.parts[-1].y[:, -1]
+
+    def __call__(self, t):
+        t = np.asarray(t, dtype=float)
+        out = self.parts[0].sol(t)
+        for p in self.parts[1:]:
+            late = t > p.t[0]
+            if late.any():
+                out[:, late] = p.sol(t[late])
+        return out
+
+
+def _integrate_long(ode: OverlapODE, x0, t_cap, events, rtol, atol, method):
+    """solve_ivp with `method` up to min(t_cap, EXPLICIT_HORIZON / eta), then, unless a
+    terminal event stopped it, LSODA (with the Jacobian) up to t_cap."""
+    t1 = min(t_cap, EXPLICIT_HORIZON / ode.eta)
+    first = _integrate(ode, x0, 0.0, t1, events, rtol, atol, method)
+    parts = [first]
+    if first.status == 0 and t1 < t_cap:  # reached t1 without a terminal event
+        parts.append(_integrate(ode, first.y[:, -1], t1, t_cap, events, rtol, atol, "LSODA"))
+    return _Solution(parts)
 
 
 def fixed_point(ode: OverlapODE, x_guess) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -288,11 +335,6 @@ class Trajectory:
         }
 
 
-def _first_event(sol, k):
-    ev = sol.t_events[k]
-    return float(ev[0]) if len(ev) else None
-
-
 def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
           rtol=1e-10, atol=1e-13, n_grid=400, method="DOP853",
           stop_at_escape=False) -> Trajectory:
@@ -301,7 +343,9 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
     Escape events are non-terminal (all three thresholds are recorded); leaving the unit ball
     (spherical: |(m, e)| > 1; plain: m^2 + |e|^2 > q) or |x| > 1e6 stops with DynamicsError.
     Without t_max the integration runs until the state has converged (drift below 1e-10 eta)
-    or t reaches 1e6 / eta. stop_at_escape: stop at the escape time (the fixed point is then
+    or t reaches 1e6 / eta; past EXPLICIT_HORIZON / eta it continues with LSODA (a slow
+    approach to a degenerate fixed point is stiff for the explicit method). A threshold already
+    reached at t = 0 has time 0 and the phases before it are left out. stop_at_escape: stop at the escape time (the fixed point is then
     the refinement of the state there, usually not the final one).
     """
     _check_eta(ode.eta)
@@ -333,18 +377,22 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
               _event(sem, False, 1), _event(pos, False, 1), _event(pre, False, 1)]
     if t_max is None:  # stop once converged (escaped or not: a too large eta decays to 0)
         events.append(_event(converged, True, -1))
-    sol = _integrate(ode, x0, 0.0, t_cap, events, rtol, atol, method)
-    if sol.t_events[0].size or sol.t_events[1].size:
-        which = "left the unit ball" if sol.t_events[0].size else "blew up"
-        tb = sol.t[-1]
+    sol = _integrate_long(ode, x0, t_cap, events, rtol, atol, method)
+    t_events = sol.t_events
+    if t_events[0].size or t_events[1].size:
+        which = "left the unit ball" if t_events[0].size else "blew up"
         raise DynamicsError(
-            f"eta = {ode.eta}: the dynamics {which} at t = {tb:.6g} "
-            f"(state {dict(zip(ode.names, np.round(sol.y[:, -1], 6)))}); the learning rate is "
+            f"eta = {ode.eta}: the dynamics {which} at t = {sol.t_end:.6g} "
+            f"(state {dict(zip(ode.names, np.round(sol.y_end, 6)))}); the learning rate is "
             f"too large (see `ssi max-lr`)")
-    t_end = float(sol.t[-1])
-    t_esc, t_sem, t_pos, t_pre = (_first_event(sol, k) for k in (2, 3, 4, 5))
+    t_end = sol.t_end
+    # a threshold already reached at t = 0 (a start beyond theta / 4 or theta) counts from 0:
+    # the events only see upward crossings
+    t_esc, t_sem, t_pos, t_pre = (0.0 if fn(0.0, x0) >= 0 else
+                                  (float(t_events[k][0]) if t_events[k].size else None)
+                                  for k, fn in ((2, esc), (3, sem), (4, pos), (5, pre)))
     # fixed point and stability from the final state
-    x_end = sol.y[:, -1]
+    x_end = sol.y_end
     xf, eig, stable = fixed_point(ode, x_end)
     fp = {k: float(v) for k, v in zip(ode.names, xf)}
     # output grid: geometric over the whole run plus linear around the escape
@@ -355,7 +403,7 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
         hi = min(t_end, (t_esc if t_esc is not None else t_pre) * 2 - t_pre + 1e-9)
         grid.append(np.linspace(lo, max(hi, lo), n_grid // 2))
     t = np.unique(np.clip(np.concatenate(grid), 0, t_end))
-    x = sol.sol(t)
+    x = sol(t)
     # alignment: first t after the escape within tol of the fixed point
     t_align = None
     if t_esc is not None:
@@ -364,7 +412,7 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
         if after.any():
             k = int(np.argmax(after))
             if k > 0 and dist[k - 1] > tol:  # refine between grid points
-                g = lambda s: float(np.linalg.norm(sol.sol(s) - xf) - tol)
+                g = lambda s: float(np.linalg.norm(sol(np.array([s]))[:, 0] - xf) - tol)
                 try:
                     t_align = brentq(g, t[k - 1], t[k], xtol=1e-10)
                 except ValueError:
@@ -378,7 +426,8 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
         if a is None:
             break
         end = b if b is not None else t_end
-        phases.append({"name": name, "start": float(a), "end": float(end)})
+        if end > a or name == "converged":  # a start past theta / 4 has no plateau, etc.
+            phases.append({"name": name, "start": float(a), "end": float(end)})
         if b is None:
             break
     return Trajectory(names=ode.names, t=t, x=x, loss=ode.loss(x), escape_time=t_esc,

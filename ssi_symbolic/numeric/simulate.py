@@ -1,9 +1,12 @@
-"""Finite-d online SGD on a sequence single-index model (MATH.md sections 1, 2, 4, 5).
+"""Finite-d online SGD on a sequence single-index model (MATH.md sections 1, 2, 4, 5, 6, 7).
 
 This is the ground truth the ODE/SDE predictions are checked against: real d-dimensional online
 SGD, no reduced or low-dimensional shortcut. The only thing taken from the generated module of the
-spec is the links (``teacher_link``, ``student_link``, ``student_link_gradient``), the same
-functions the predictions are derived from.
+spec is the links (``teacher_link``, ``student_link``, ``student_link_gradient``: the flattened
+output entries, so scalar, vector, matrix and trace links alike), the same functions the
+predictions are derived from. One loop serves tied, untied and attention specs; the step itself
+(loss gradient of the spec's loss kind, label noise, update, spherical or plain normalisation)
+is the one of :mod:`ssi_symbolic.numeric.sgd_step`, one function per convention.
 
 Setup, per seed (the seeds are a batch axis; every seed is an independent run):
 
@@ -11,13 +14,15 @@ Setup, per seed (the seeds are a batch axis; every seed is an independent run):
   d x (1 + r) matrix: |w*|^2 = d, the u_a orthonormal and orthogonal to w*;
 - the initial weights w = m0 w* + sqrt(d) sum_a e0_a u_a + s n, with n a random vector
   orthogonal to the frame, |n|^2 = d, and s = sqrt(1 - m0^2 - |e0|^2): exactly the overlaps
-  (m0, e0) and q0 = 1 (for spherical and for plain SGD).
+  (m0, e0) and q0 = 1 (for spherical and for plain SGD); m0 = e0 = 0 starts orthogonal to w*
+  and the u_a.
 
 One step (fresh sample; X = G / sqrt(d) with G standard normal, shape (seeds, L, d), one draw):
 
     z*_l = g_l . w* / sqrt(d),     z_l = g_l . w / sqrt(d) + sum_a C[l,a] e_a
-    y_k  = g*_k(z*) (+ sqrt(Delta) xi_k),  y_hat_k = g_k(z)
-    dl_l = -sum_k (y_k - y_hat_k) dg_k/dz_l
+    y_k  = g*_k(z*) (+ sqrt(Delta) xi_k),  y_hat_k = g_k(z),  r_k = y_k - y_hat_k
+    dl_l = -sum_k r_k dg_k/dz_l              (square loss 1/2 ||y - y_hat||^2)
+    dl_l = -sum_k r_k dg_k/dz_l / ||r||      (norm loss ||y - y_hat||_F)
     w   <- w - (eta / sqrt(d)) (sum_l dl_l g_l + sum_a (sum_l dl_l C[l,a]) u_a)
     spherical: w <- sqrt(d) w / |w|
 
@@ -26,7 +31,9 @@ projections come from one batched matmul of G with the rows (w*, w); the gradien
 one batched matmul of the coefficients (dl, dl C) with the rows (g_1..g_L, u_1..u_r). After every
 step the overlaps m = w.w*/d, e_a = u_a.w/sqrt(d), q = |w|^2/d are recomputed from the stored w
 (not updated incrementally, so they carry no accumulated round-off). There is no Python loop over
-tokens or seeds; the per-step Python work is a fixed number of NumPy calls.
+tokens or seeds; the per-step Python work is a fixed number of NumPy calls. The untied student
+(MATH.md 6) is the same loop with w_l <- w_l - (eta / sqrt(d)) dl_l g_l and the flattened
+spherical constraint sum_l |w_l|^2 = L d.
 
 Escape times are measured at step resolution: the thresholds ||(m, e)|| >= theta, |m| >= theta
 and ||e|| >= theta are checked after every step (and at step 0) on the overlaps computed
@@ -35,13 +42,18 @@ which the threshold holds) / d, NaN if never reached. The raw overlaps are used 
 (no division by sqrt(q)), as in MATH.md section 5.
 
 Random numbers: one ``numpy.random.Generator(SFC64(seed))`` per run (SFC64 draws normals ~20%
-faster than the default PCG64 here). Its stream does not depend on ``record_every``,
+faster than the default PCG64 here), consumed in the order frame, initial weights, then per step
+G and (with label noise) xi. Its stream does not depend on ``record_every``,
 ``stop_when_escaped`` or ``progress``, so those options never change a trajectory.
 
 Measured speed (one effective CPU, NumPy 2.4, float64, progress off): seeds = 8, L = 2,
 d = 2000 (tied_he2_pe): about 2000 steps/s, ~0.5 ms/step of which ~0.35 ms is drawing the
 32000 normals of X (the floor for real d-dimensional SGD with NumPy's generator); float32 is not
 faster, as the normal generator dominates. seeds = 8, L = 1, d = 1000 (linear): ~5500 steps/s.
+Positional-semantic attention (L = 2, K = 4 entries, seeds = 6, d = 1000, a 2-core machine
+shared with other jobs): ~0.5 ms of CPU per step, of which the three link calls of the
+generated module take ~0.24 ms (the gradient alone ~0.13 ms), the 12000 normals ~0.12 ms and
+the d-dimensional products ~0.1 ms; 300000 steps (t = 300) take ~2.5 min of CPU.
 """
 from __future__ import annotations
 
@@ -56,13 +68,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SpecError, StateError
+from .sgd_step import (TiedStudent, UntiedStudent, check_conventions, initial_weights,
+                       loss_gradient, make_frame, residual)
 
-__all__ = ["SimulationResult", "simulate", "make_frame", "initial_weights"]
+__all__ = ["SimulationResult", "simulate", "simulate_first_escape", "make_frame",
+           "initial_weights"]
 
 # An untied student (MATH.md section 6) has one weight vector w_l per token: z_l = g_l . w_l /
 # sqrt(d), w_l <- w_l - (eta / sqrt(d)) dl_l g_l, and spherical SGD rescales the flattened
 # vector: (w_1..w_L) <- sqrt(L d) (w_1..w_L) / |(w_1..w_L)|. Recorded: m_l = w_l . w* / d,
-# q_l = |w_l|^2 / d; escape when sqrt(sum_l m_l^2 / L) >= theta (see `_simulate_untied`).
+# q_l = |w_l|^2 / d; escape when sqrt(sum_l m_l^2 / L) >= theta (see `_untied_escape_check`).
 
 #: Default number of records over a run (record_every = ceil(steps / this)).
 DEFAULT_RECORDS = 500
@@ -79,6 +94,9 @@ class SimulationResult:
     always (measured on the stored weights; 1 up to round-off for spherical SGD).
     escape_times: {"escape", "semantic", "positional"} -> (seeds,) first t with ||(m, e)|| >=
     theta, |m| >= theta, ||e|| >= theta (NaN when not reached; positional is NaN for r = 0).
+    escape_kinds: per seed the direction of the first escape along one direction, at the first
+    step where |m| >= theta or ||e|| >= theta: 'semantic' when |m| >= ||e|| at that step, else
+    'positional'; None when neither was reached (not part of the JSON output).
     """
 
     t: np.ndarray
@@ -99,6 +117,7 @@ class SimulationResult:
     stopped_early: bool = False
     spherical: bool = True
     wall_time: float = 0.0
+    escape_kinds: tuple = ()
 
     def mean(self) -> dict:
         """name -> (T,) mean over seeds of every recorded overlap."""
@@ -252,48 +271,25 @@ class _Progress:
         self.stream.flush()
 
 
-# ----------------------------------------------------------------------------------------------
-# frame and initial weights
-# ----------------------------------------------------------------------------------------------
-
-def make_frame(rng, seeds, d, r):
-    """Per seed a teacher w* (|w*|^2 = d) and r orthonormal u_a orthogonal to it.
-
-    Returns (wstar, U) of shapes (seeds, d) and (seeds, r, d), float64: the QR factorisation of a
-    Gaussian d x (1 + r) matrix, i.e. a uniformly random orthonormal frame."""
-    Q, _ = np.linalg.qr(rng.standard_normal((seeds, d, 1 + r)))      # (S, d, 1 + r)
-    Q = Q.transpose(0, 2, 1)
-    return math.sqrt(d) * Q[:, 0], np.ascontiguousarray(Q[:, 1:])
-
-
-def initial_weights(rng, wstar, U, m0, e0):
-    """w = m0 w* + sqrt(d) sum_a e0_a u_a + s n with n random, orthogonal to w* and the u_a,
-    |n|^2 = d and s = sqrt(1 - m0^2 - |e0|^2): overlaps exactly (m0, e0) and |w|^2 = d."""
-    S, d = wstar.shape
-    sqrtd = math.sqrt(d)
-    e0 = np.asarray(e0, dtype=float).reshape(-1)
-    Q = np.concatenate([wstar[:, None, :] / sqrtd, U], axis=1)       # orthonormal rows
-    n = rng.standard_normal((S, d))
-    for _ in range(2):                                                # twice: exact projection
-        n -= np.einsum("skd,sk->sd", Q, np.einsum("skd,sd->sk", Q, n))
-    n *= (sqrtd / np.linalg.norm(n, axis=1))[:, None]
-    s0 = math.sqrt(max(0.0, 1.0 - m0 * m0 - float(e0 @ e0)))
-    return m0 * wstar + sqrtd * np.einsum("a,sad->sd", e0, U) + s0 * n
-
-
 class _Book:
-    """The per-step bookkeeping of a simulator loop (tied or untied): records of the overlaps
-    every `record_every` steps and at the last one (names + ('q_norm',)), the first step at
-    which each seed crosses each escape threshold (-1: never), the progress bar, and the early
-    stop once every seed has escaped.
+    """The per-step bookkeeping of the simulator loop (tied or untied student): records of the
+    overlaps every `record_every` steps and at the last one (names + ('q_norm',)), the first step
+    at which each seed crosses each escape threshold (-1: never), the first step at which |m|
+    or ||e|| reaches theta with its direction (`first`, `kinds`), the progress bar, and the
+    early stop: stop_on None (never), "escape" (every seed has ||(m, e)|| >= theta) or "first"
+    (every seed has |m| >= theta or ||e|| >= theta).
 
-    columns(*state) -> the record's rows, one (seeds,) array per record name; check(esc, k,
-    *state) marks in esc the seeds that cross a threshold at step k."""
+    columns(*state) -> the record's rows, one (seeds,) array per record name; check(book, k,
+    *state) marks (with `mark`) the seeds that cross a threshold at step k."""
 
-    def __init__(self, spec, names, seeds, steps, d, record_every, progress, stop_when_escaped,
+    STOP_RULES = (None, "escape", "first")
+
+    def __init__(self, spec, names, seeds, steps, d, record_every, progress, stop_on,
                  columns, check):
+        if stop_on not in self.STOP_RULES:
+            raise StateError(f"stop_on: expected one of {self.STOP_RULES}, got {stop_on!r}")
         self.spec, self.steps, self.d, self.every = spec, steps, d, record_every
-        self.stop_when_escaped = stop_when_escaped
+        self.stop_on = stop_on
         self.columns, self.check = columns, check
         self.rec_names = tuple(names) + ("q_norm",)
         n_rec = steps // record_every + 1 + (1 if steps % record_every else 0)
@@ -301,10 +297,28 @@ class _Book:
         self.rec_steps = np.zeros(n_rec, dtype=np.int64)
         self.esc = {key: np.full(seeds, -1, dtype=np.int64)
                     for key in ("escape", "semantic", "positional")}
+        self.first = np.full(seeds, -1, dtype=np.int64)
+        self.kinds = [None] * seeds
         self.j = self.k = 0
         self.stopped_early = False
         self.bar = _Progress(f"simulate {spec.name}", steps, d, seeds) if progress else None
         self.started = time.perf_counter()
+
+    def mark(self, k, key, hit):
+        """Set the escape step of `key` to k for the seeds in the boolean mask `hit` that had
+        not crossed that threshold yet."""
+        new = hit & (self.esc[key] < 0)
+        if new.any():
+            self.esc[key][new] = k
+
+    def mark_first(self, k, hit, semantic):
+        """Set `first` to k and the direction ('semantic' where the mask `semantic` holds, else
+        'positional') for the seeds in `hit` not marked yet."""
+        new = hit & (self.first < 0)
+        if new.any():
+            self.first[new] = k
+            for s in np.flatnonzero(new):
+                self.kinds[s] = "semantic" if semantic[s] else "positional"
 
     def _record(self, k, state):
         self.rec_steps[self.j] = k
@@ -314,22 +328,28 @@ class _Book:
     def start(self, *state):
         """Record and check the initial state (step 0)."""
         self._record(0, state)
-        self.check(self.esc, 0, *state)
+        self.check(self, 0, *state)
         self.started = time.perf_counter()
 
     def _escaped(self) -> int:
         return int(np.count_nonzero(self.esc["escape"] >= 0))
 
+    def _done(self) -> bool:
+        if self.stop_on is None:
+            return False
+        steps = self.esc["escape"] if self.stop_on == "escape" else self.first
+        return bool((steps >= 0).all())
+
     def step(self, k, *state) -> bool:
-        """Book step k's state; True when the loop should stop (every seed has escaped and
-        stop_when_escaped; that step is then recorded too)."""
+        """Book step k's state; True when the loop should stop (the stop rule holds for every
+        seed; that step is then recorded too)."""
         self.k = k
-        self.check(self.esc, k, *state)
+        self.check(self, k, *state)
         if k % self.every == 0 or k == self.steps:
             self._record(k, state)
         if self.bar is not None and time.monotonic() - self.bar.last >= PROGRESS_INTERVAL:
             self.bar.update(k, self._escaped())
-        if self.stop_when_escaped and (self.esc["escape"] >= 0).all():
+        if self._done():
             if k % self.every and k != self.steps:
                 self._record(k, state)
             self.stopped_early = k < self.steps
@@ -352,39 +372,122 @@ class _Book:
         if not np.all(np.isfinite(rec)):
             warnings.warn(f"simulate {self.spec.name}: non-finite overlaps (the SGD diverged at "
                           f"eta = {fields['eta']:g}); they are reported as NaN", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
             rec = np.where(np.isfinite(rec), rec, np.nan)
         return SimulationResult(
             t=self.rec_steps[:j] / d, overlaps={n: rec[i] for i, n in enumerate(self.rec_names)},
             escape_times={key: np.where(v >= 0, v / d, np.nan) for key, v in self.esc.items()},
             spec_name=self.spec.name, d=d, steps=self.steps, record_every=self.every,
-            steps_run=self.k, stopped_early=self.stopped_early, wall_time=wall, **fields)
+            steps_run=self.k, stopped_early=self.stopped_early, wall_time=wall,
+            escape_kinds=tuple(self.kinds), **fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# escape checks and records of the two students
+# ----------------------------------------------------------------------------------------------
+
+def _tied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on):
+    """The _Book of a tied student: state (m, e (S, r), q); records m, e_a, (q for plain SGD),
+    q_norm; thresholds ||(m, e)||, |m|, ||e|| >= theta checked on the squared overlaps (cheap
+    when no seed is near a threshold)."""
+    r, spherical = spec.r, bool(spec.spherical)
+    theta2 = theta * theta
+    pending = [True]
+
+    def columns(m, e, q):
+        return [m] + [e[:, a] for a in range(r)] + ([] if spherical else [q]) + [q]
+
+    def check(book, k, m, e, q):
+        e2 = np.einsum("sa,sa->s", e, e) if r else 0.0
+        m2 = m * m
+        n2 = m2 + e2
+        if not pending[0] or n2.max() < theta2:                      # |m|, ||e|| <= ||(m, e)||
+            return
+        sem = m2 >= theta2
+        book.mark(k, "escape", n2 >= theta2)
+        book.mark(k, "semantic", sem)
+        if r:
+            pos = e2 >= theta2
+            book.mark(k, "positional", pos)
+            book.mark_first(k, sem | pos, m2 >= e2)
+        else:
+            book.mark_first(k, sem, sem)
+        esc = book.esc
+        pending[0] = bool((esc["escape"] < 0).any() or (esc["semantic"] < 0).any()
+                          or (r and (esc["positional"] < 0).any()))
+
+    return _Book(spec, spec.overlap_names, seeds, steps, d, record_every, progress, stop_on,
+                 columns, check)
+
+
+def _untied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on):
+    """The _Book of an untied student: state (m_l, q_l) as (L, S); records m_1..m_L, q_1..q_L
+    and q_norm = mean_l q_l; escape (and semantic escape) when sqrt(sum_l m_l^2 / L) >= theta."""
+
+    def columns(ms, qs):
+        return list(ms) + list(qs) + [qs.mean(axis=0)]
+
+    def check(book, k, ms, qs):
+        hit = np.sqrt(np.mean(ms ** 2, axis=0)) >= theta
+        book.mark(k, "escape", hit)
+        book.mark(k, "semantic", hit)
+        book.mark_first(k, hit, hit)
+
+    return _Book(spec, spec.overlap_names, seeds, steps, d, record_every, progress, stop_on,
+                 columns, check)
 
 
 # ----------------------------------------------------------------------------------------------
 # the simulator
 # ----------------------------------------------------------------------------------------------
 
-def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
-             record_every=None, params=None, progress=True, out_dir="generated",
-             dtype=np.float64, stop_when_escaped=False) -> SimulationResult:
-    """Run `seeds` independent online-SGD runs of `steps` steps in dimension d.
+def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype):
+    """Run the online-SGD steps 1..steps (MATH.md 4; module docstring), booking each one.
 
-    spec: a ModelSpec or the path of a TOML spec; its generated module supplies the links (the
-    full module if up to date, else the drift-only one, generated if needed).
-    eta: per-step learning rate (> 0). d: input dimension (integer >= L + r + 2). m0, e0:
-    initial overlaps (defaults 1/sqrt(d) and 0; e0 a number for r = 1 or a list of r numbers),
-    with q0 = 1. theta: escape threshold. record_every: steps
-    between records (default ceil(steps / 500)); the last step is always recorded. params:
-    overrides of the spec's parameter defaults. dtype: float64 or float32 for the
-    d-dimensional arrays (the links are evaluated in float64). stop_when_escaped: stop as soon
-    as every seed has escaped (||(m, e)|| >= theta); the records are then truncated at that step.
-    """
+    Per step: the draws (tokens G into the student's buffer, then label noise xi when
+    Delta > 0), fields (z*, z) from the student, links of the generated module, residual with
+    label noise (sgd_step.residual), -dl from the spec's loss kind (sgd_step.loss_gradient), the
+    student's update and normalisation, then its overlaps."""
+    L = spec.L
+    noise_sd = math.sqrt(float(spec.noise))
+    dl_of = loss_gradient(spec)
+    teacher, link, gradient = mod.teacher_link, mod.student_link, mod.student_link_gradient
+    asarray, normal, G = np.asarray, rng.standard_normal, student.G
+    K = None
+    xi = None
+    book.start(*student.state())
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for k in range(1, steps + 1):
+                normal(out=G, dtype=dtype)
+                zs, zw = student.fields()                            # (L, S) each
+                y = asarray(teacher(*zs, **pvals), dtype=float)
+                if K is None:
+                    K = y.shape[0]
+                    if noise_sd > 0:
+                        xi = np.empty((K, seeds))
+                y_hat = asarray(link(*zw, **pvals), dtype=float)
+                if noise_sd > 0:
+                    normal(out=xi)
+                res = residual(y, y_hat, K, noise_sd, xi)            # (K, S) or (K, 1)
+                # (K, L, S), or (K, L, 1) for a gradient that does not depend on z
+                dg = asarray(gradient(*zw, **pvals), dtype=float).reshape(K, L, -1)
+                student.update(dl_of(res, dg))
+                if book.step(k, *student.state()):
+                    break
+    finally:
+        book.close()
+
+
+def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params, progress,
+              out_dir, dtype, stop_on) -> SimulationResult:
+    """`simulate` with the stop rule of _Book (None, "escape" or "first")."""
     from ..model.spec import ModelSpec, load_spec
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
     if not isinstance(spec, ModelSpec):
         raise SpecError(f"spec: expected a ModelSpec or the path of a TOML spec, got {spec!r}")
+    check_conventions(spec)
     L, r = spec.L, spec.r
     eta = _real_arg("eta", eta)
     if eta <= 0:
@@ -408,182 +511,52 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
         seed = _int_arg("seed", seed, 0)
     m0, e0 = _initial_state(spec, d, m0, e0)
     mod = _load_module(spec, out_dir)
+    if mod.LOSS != spec.loss:
+        raise SpecError(f"{spec.where('loss.kind')}: the generated module of '{spec.name}' has "
+                        f"the loss {mod.LOSS!r}, the spec {spec.loss!r}: regenerate it")
     pvals = _parameters(spec, mod, params)
+
+    rng = np.random.Generator(np.random.SFC64(seed))
     if spec.untied:
-        return _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta,
-                                record_every, progress, dtype, stop_when_escaped)
-
-    S = seeds
-    sqrtd = math.sqrt(d)
-    C = np.array([[float(c) for c in row] for row in spec.C], dtype=float).reshape(L, r)
-    noise_sd = math.sqrt(float(spec.noise))
-    spherical = bool(spec.spherical)
-    teacher, student, gradient = mod.teacher_link, mod.student_link, mod.student_link_gradient
-
-    rng = np.random.Generator(np.random.SFC64(seed))
-
-    wstar, U = make_frame(rng, S, d, r)
-    w0 = initial_weights(rng, wstar, U, m0, e0)
-
-    # W rows: 0 = w*, 1 = w (the trained weights, a view), 2.. = u_a.
-    W = np.empty((S, 2 + r, d), dtype=dtype)
-    W[:, 0] = wstar
-    W[:, 1] = w0
-    W[:, 2:] = U
-    del wstar, U, w0
-    w = W[:, 1]
-    W_proj = W[:, :2].transpose(0, 2, 1)                              # (S, d, 2): w*, w
-    # X rows 0..L-1 = g_l (fresh N(0, 1) every step), rows L.. = u_a (fixed)
-    Xbuf = np.empty((L + r, S, d), dtype=dtype)
-    Xbuf[L:] = W[:, 2:].transpose(1, 0, 2)
-    G = Xbuf[:L]                                                      # contiguous: filled in place
-    Xs = Xbuf.transpose(1, 0, 2)                                      # (S, L + r, d) view
-    Gs = Xs[:, :L]
-    proj = np.empty((S, L, 2), dtype=dtype)
-    coef = np.zeros((S, 1, L + r), dtype=dtype)
-    direction = np.empty((S, 1, d), dtype=dtype)
-    ov = np.empty((S, 2 + r, 1), dtype=dtype)
-    K = None
-    xi = None
-    step_scale = eta / sqrtd
-    inv_sqrtd = 1.0 / sqrtd
-    inv_d = 1.0 / d
-
-    def overlaps_now():
-        np.matmul(W, w[:, :, None], out=ov)
-        o = ov[:, :, 0].astype(float)
-        return o[:, 0] * inv_d, o[:, 2:] * inv_sqrtd, o[:, 1] * inv_d  # m, e (S, r), q
-
-    def columns(m, e, q):
-        return [m] + [e[:, a] for a in range(r)] + ([] if spherical else [q]) + [q]
-
-    theta2 = theta * theta
-    pending = [True]
-
-    def check_escape(esc, k, m, e, q):
-        """Mark the seeds that reach a threshold at step k (cheap when none can)."""
-        e2 = np.einsum("sa,sa->s", e, e) if r else 0.0
-        n2 = m * m + e2
-        if not pending[0] or n2.max() < theta2:                      # |m|, ||e|| <= ||(m, e)||
-            return
-        for key, hit in (("escape", n2 >= theta2), ("semantic", m * m >= theta2),
-                         ("positional", (e2 >= theta2) if r else None)):
-            if hit is not None:
-                new = hit & (esc[key] < 0)
-                if new.any():
-                    esc[key][new] = k
-        pending[0] = bool((esc["escape"] < 0).any() or (esc["semantic"] < 0).any()
-                          or (r and (esc["positional"] < 0).any()))
-
-    book = _Book(spec, spec.overlap_names, S, steps, d, record_every, progress,
-                 stop_when_escaped, columns, check_escape)
-    m, e, q = overlaps_now()
-    mu = C @ e.T                                                      # (L, S): p_l . w / sqrt(d)
-    book.start(m, e, q)
-    try:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            for k in range(1, steps + 1):
-                rng.standard_normal(out=G, dtype=dtype)
-                np.matmul(Gs, W_proj, out=proj)
-                zz = proj.astype(float, copy=False) * inv_sqrtd      # (S, L, 2)
-                zs = zz[:, :, 0].T                                    # (L, S) z*_l
-                zw = zz[:, :, 1].T + mu                               # (L, S) z_l
-                y = np.asarray(teacher(*zs, **pvals), dtype=float)
-                if K is None:
-                    K = y.shape[0]
-                    if noise_sd > 0:
-                        xi = np.empty((K, S))
-                yh = np.asarray(student(*zw, **pvals), dtype=float)
-                res = y.reshape(K, -1) - yh.reshape(K, -1)            # (K, S) or (K, 1)
-                if noise_sd > 0:
-                    rng.standard_normal(out=xi)
-                    res = res + noise_sd * xi
-                # (K, L, S), or (K, L) for a gradient that does not depend on z
-                dg = np.asarray(gradient(*zw, **pvals), dtype=float).reshape(K, L, -1)
-                # coefficients of g_l (dl_l) and u_a ((dl C)_a), times -eta / sqrt(d)
-                dl = np.einsum("ks,kls->sl", np.broadcast_to(res, (K, S)),
-                               np.broadcast_to(dg, (K, L, S)))        # = -dl_l
-                dl *= step_scale
-                coef[:, 0, :L] = dl
-                if r:
-                    coef[:, 0, L:] = dl @ C
-                np.matmul(coef, Xs, out=direction)
-                w += direction[:, 0]
-                if spherical:
-                    nrm2 = np.einsum("sd,sd->s", w, w)
-                    w *= np.sqrt(d / nrm2)[:, None]
-                m, e, q = overlaps_now()
-                mu = C @ e.T
-                if book.step(k, m, e, q):
-                    break
-    finally:
-        book.close()
-    return book.result(eta=eta, seeds=S, theta=theta, m0=m0, e0=e0, params=pvals, seed=seed,
-                       spherical=spherical)
+        student = UntiedStudent(spec, rng, seeds, d, m0, eta, dtype)
+        book = _untied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
+        e0 = ()
+    else:
+        student = TiedStudent(spec, rng, seeds, d, m0, e0, eta, dtype)
+        book = _tied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
+    _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype)
+    return book.result(eta=eta, seeds=seeds, theta=theta, m0=m0, e0=e0, params=pvals,
+                       seed=seed, spherical=bool(spec.spherical))
 
 
-def _simulate_untied(spec, mod, pvals, eta, d, steps, seeds, seed, m0, theta, record_every,
-                     progress, dtype, stop_when_escaped) -> SimulationResult:
-    """Finite-d online SGD of an untied student (MATH.md section 6), batched over seeds.
+def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
+             record_every=None, params=None, progress=True, out_dir="generated",
+             dtype=np.float64, stop_when_escaped=False) -> SimulationResult:
+    """Run `seeds` independent online-SGD runs of `steps` steps in dimension d.
 
-    Start: w_l = m0 w* + sqrt(1 - m0^2) n_l with n_l random, orthogonal to w*, |n_l|^2 = d,
-    independent across tokens (so m_l = m0 and q_l = 1 exactly). Step: fresh G (L, seeds, d),
-    z*_l = g_l . w* / sqrt(d), z_l = g_l . w_l / sqrt(d), dl_l from the links of the generated
-    module, w_l <- w_l - (eta / sqrt(d)) dl_l g_l, then the spherical rescaling of the flattened
-    weights to |W|^2 = L d. The semantic overlap is sqrt(sum_l m_l^2 / L) (|m| when tied)."""
-    L, S = spec.L, seeds
-    sqrtd = math.sqrt(d)
-    noise_sd = math.sqrt(float(spec.noise))
-    teacher, student, gradient = mod.teacher_link, mod.student_link, mod.student_link_gradient
-    rng = np.random.Generator(np.random.SFC64(seed))
-    wstar, _ = make_frame(rng, S, d, 0)
-    W = np.empty((S, L + 1, d), dtype=dtype)                         # row 0 = w*, 1.. = w_l
-    W[:, 0] = wstar
-    for l in range(L):
-        W[:, 1 + l] = initial_weights(rng, wstar, np.zeros((S, 0, d)), m0, ())
-    Ws = W[:, 1:]
-    G = np.empty((L, S, d), dtype=dtype)
+    spec: a ModelSpec or the path of a TOML spec (tied or untied student, any link shape, loss
+    "square" or "norm", with or without label noise, spherical or plain: each honoured as the
+    spec states it, SpecError naming the key for a convention the simulator does not implement);
+    its generated module supplies the links (the full module if up to date, else the drift-only
+    one, generated if needed).
+    eta: per-step learning rate (> 0). d: input dimension (integer >= L + r + 2). m0, e0:
+    initial overlaps (defaults 1/sqrt(d) and 0; e0 a number for r = 1 or a list of r numbers),
+    with q0 = 1. theta: escape threshold. record_every: steps
+    between records (default ceil(steps / 500)); the last step is always recorded. params:
+    overrides of the spec's parameter defaults. dtype: float64 or float32 for the
+    d-dimensional arrays (the links are evaluated in float64). stop_when_escaped: stop as soon
+    as every seed has escaped (||(m, e)|| >= theta); the records are then truncated at that step.
+    """
+    return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
+                     progress, out_dir, dtype, "escape" if stop_when_escaped else None)
 
-    def overlaps_now():
-        ms = np.einsum("sld,sd->ls", Ws, W[:, 0]).astype(float) / d      # (L, S)
-        qs = np.einsum("sld,sld->ls", Ws, Ws).astype(float) / d
-        return ms, qs
 
-    def columns(ms, qs):
-        return list(ms) + list(qs) + [qs.mean(axis=0)]
-
-    def check_escape(esc, k, ms, qs):
-        sem = np.sqrt(np.mean(ms ** 2, axis=0))
-        for key in ("escape", "semantic"):
-            new = (sem >= theta) & (esc[key] < 0)
-            esc[key][new] = k
-
-    book = _Book(spec, spec.overlap_names, S, steps, d, record_every, progress,
-                 stop_when_escaped, columns, check_escape)
-    book.start(*overlaps_now())
-    K = None
-    try:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            for k in range(1, steps + 1):
-                rng.standard_normal(out=G, dtype=dtype)
-                zs = np.einsum("lsd,sd->ls", G, W[:, 0]).astype(float) / sqrtd
-                zw = np.einsum("lsd,sld->ls", G, Ws).astype(float) / sqrtd
-                y = np.asarray(teacher(*zs, **pvals), dtype=float)
-                K = y.shape[0] if K is None else K
-                yh = np.asarray(student(*zw, **pvals), dtype=float)
-                res = y.reshape(K, -1) - yh.reshape(K, -1)
-                if noise_sd > 0:
-                    res = res + noise_sd * rng.standard_normal((K, S))
-                dg = np.asarray(gradient(*zw, **pvals), dtype=float).reshape(K, L, -1)
-                dl = np.einsum("ks,kls->ls", np.broadcast_to(res, (K, S)),
-                               np.broadcast_to(dg, (K, L, S)))          # = -dl_l
-                Ws += (eta / sqrtd) * dl.T[:, :, None].astype(dtype) * G.transpose(1, 0, 2)
-                if spec.spherical:
-                    nrm2 = np.einsum("sld,sld->s", Ws, Ws)
-                    Ws *= np.sqrt(L * d / nrm2)[:, None, None]
-                if book.step(k, *overlaps_now()):
-                    break
-    finally:
-        book.close()
-    return book.result(eta=eta, seeds=S, theta=theta, m0=m0, e0=(), params=pvals, seed=seed,
-                       spherical=bool(spec.spherical))
+def simulate_first_escape(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
+                          record_every=None, params=None, progress=False, out_dir="generated",
+                          dtype=np.float64) -> SimulationResult:
+    """`simulate`, stopped as soon as every seed has |m| >= theta or ||e|| >= theta (instead of
+    ||(m, e)|| >= theta): the escape along one direction. Its `escape_kinds` say which
+    direction each seed escaped along ('semantic' when |m| >= ||e|| at the first step where
+    either reaches theta) and min(escape_times['semantic'], escape_times['positional']) when."""
+    return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
+                     progress, out_dir, dtype, "first")

@@ -1,0 +1,66 @@
+"""Validation of what a user passes with a spec: the spec itself (a path or a ModelSpec), a
+state (inside the unit ball: m^2 + |e|^2 <= 1 spherical, <= q plain), eta > 0, d >= 1 and the
+parameter values (names checked against the spec). Each raises one SSIError line naming the
+value at fault."""
+from __future__ import annotations
+
+import math
+
+from ..errors import SpecError, StateError
+from .spec import ModelSpec, load_spec
+
+
+def as_spec(spec_or_path) -> ModelSpec:
+    """The ModelSpec itself, or the spec loaded from a TOML path."""
+    return spec_or_path if isinstance(spec_or_path, ModelSpec) else load_spec(spec_or_path)
+
+
+def check_state(spec: ModelSpec, at: dict) -> dict:
+    """The full state (m, e..., q) as floats, missing entries 0 (q: 1), validated."""
+    names = spec.overlap_names
+    unknown = [k for k in at if k not in names]
+    if unknown:
+        raise StateError(f"unknown overlap '{unknown[0]}' (this spec's overlaps: "
+                         f"{', '.join(names)})")
+    state = {}
+    for k in names:
+        v = at.get(k, 1.0 if k == "q" else 0.0)
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise StateError(f"overlap {k}: expected a number, got {v!r}") from None
+        if not math.isfinite(v):
+            raise StateError(f"overlap {k}: expected a finite number, got {v!r}")
+        state[k] = v
+    radius2 = sum(v * v for k, v in state.items() if k != "q")
+    q = state.get("q", 1.0)
+    if not spec.spherical and q <= 0:
+        raise StateError(f"overlap q = {q} must be > 0 (q is the squared norm |w|^2/d)")
+    if radius2 > q * (1 + 1e-12):
+        where = "the unit ball" if spec.spherical else "the ball m^2 + |e|^2 <= q"
+        raise StateError(f"state {state} lies outside {where}: m^2 + |e|^2 = {radius2:.6g}")
+    return state
+
+
+def check_eta_d(eta, d):
+    if eta is not None and not (math.isfinite(eta) and eta > 0):
+        raise StateError(f"eta = {eta}: the learning rate must be > 0")
+    if d is not None and not (math.isfinite(d) and d >= 1):
+        raise StateError(f"d = {d}: the dimension must be >= 1")
+
+
+def check_params(spec: ModelSpec, params: dict | None) -> dict:
+    """Parameter values: the spec's defaults overridden by `params` (names checked)."""
+    out = {k: float(v) for k, v in spec.parameters.items()}
+    for k, v in (params or {}).items():
+        if k not in out:
+            raise SpecError(f"unknown parameter '{k}' (this spec's parameters: "
+                            f"{', '.join(out) or 'none'})")
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise SpecError(f"parameter {k}: expected a number, got {v!r}") from None
+    return out
+
+
+__all__ = ["as_spec", "check_state", "check_eta_d", "check_params"]

@@ -1,0 +1,286 @@
+"""One online-SGD step of MATH.md section 4, one function per convention.
+
+Every finite-d simulation of the package (``numeric.simulate.simulate`` for tied, untied and
+attention specs, and ``analysis.attention.simulate_escape`` on top of it) takes its step from
+here; nothing else writes the SGD increment.
+
+Per step, with a fresh sample (tokens x_l = g_l / sqrt(d), g_l standard normal), teacher fields
+z*_l = g_l . w* / sqrt(d) and student fields z_l:
+
+    residual        r_k  = y_k - y_hat_k,  y_k = g*_k(z*) + sqrt(Delta) xi_k  (label noise)
+    loss gradient   dl_l = dl/dz_l                                             (the loss)
+        square  l = 1/2 ||y - y_hat||^2   dl_l = -sum_k r_k dg_k/dz_l
+        norm    l = ||y - y_hat||          dl_l = -sum_k r_k dg_k/dz_l / ||r||   (0 where r = 0)
+    update                                                         (tied or untied student)
+        tied    w   <- w - eta sum_l dl_l (x_l + p_l / sqrt(d)),  p_l = sum_a C[l,a] u_a
+        untied  w_l <- w_l - eta dl_l x_l
+    normalisation                                                  (spherical or plain)
+        spherical tied: |w|^2 = d;  untied: sum_l |w_l|^2 = L d;  plain: none
+
+:func:`loss_gradient` and :func:`check_conventions` refuse, with one SpecError line naming the
+spec key, any convention not implemented here, so a spec is never simulated under another
+convention than the one it states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+
+from ..errors import SpecError
+
+__all__ = ["LOSS_GRADIENTS", "square_loss_gradient", "norm_loss_gradient", "loss_gradient",
+           "check_conventions", "residual", "TiedStudent", "UntiedStudent", "make_frame",
+           "initial_weights", "spec_with_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss: -dl/dz_l from the residual and the link gradient
+# ----------------------------------------------------------------------------------------------
+
+def square_loss_gradient(res, dg):
+    """-dl_l for l = 1/2 ||y - y_hat||^2: sum_k r_k dg_k/dz_l.
+
+    res: (K, S) residuals r_k = y_k - y_hat_k; dg: (K, L, S) link gradient dg_k/dz_l (either
+    may have a trailing axis of length 1 for a constant). Returns a new (S, L) array."""
+    K, S = res.shape[0], max(res.shape[1], dg.shape[2])
+    if res.shape[1] != S:
+        res = np.broadcast_to(res, (K, S))
+    if dg.shape[2] != S:
+        dg = np.broadcast_to(dg, (K, dg.shape[1], S))
+    return np.einsum("ks,kls->sl", res, dg)
+
+
+def norm_loss_gradient(res, dg):
+    """-dl_l for l = ||y - y_hat|| (Frobenius norm, not squared): sum_k r_k dg_k/dz_l / ||r||,
+    with ||r|| = sqrt(sum_k r_k^2). Where r = 0 the norm is not differentiable and the
+    subgradient 0 is used. Shapes as :func:`square_loss_gradient`; returns (S, L)."""
+    out = square_loss_gradient(res, dg)
+    norm = np.sqrt(np.einsum("ks,ks->s", res, res))
+    if norm.shape[0] != out.shape[0]:
+        norm = np.broadcast_to(norm, out.shape[:1])
+    inv = np.divide(1.0, norm, out=np.zeros(out.shape[0]), where=norm > 0)
+    out *= inv[:, None]
+    return out
+
+
+#: loss kind (spec.loss, MATH.md 3) -> function (res, dg) -> -dl, (S, L)
+LOSS_GRADIENTS = {"square": square_loss_gradient, "norm": norm_loss_gradient}
+
+
+def loss_gradient(spec):
+    """The -dl/dz_l function of the spec's loss kind (LOSS_GRADIENTS); SpecError naming
+    loss.kind for a loss the simulator does not implement."""
+    try:
+        return LOSS_GRADIENTS[spec.loss]
+    except (KeyError, TypeError):
+        raise SpecError(f"{spec.where('loss.kind')}: the simulator implements the losses "
+                        f"{', '.join(LOSS_GRADIENTS)}, not {spec.loss!r}") from None
+
+
+def check_conventions(spec):
+    """SpecError (one line, naming the key) unless every convention the spec states is one the
+    simulator implements: the loss kind, spherical or plain training (a bool), label noise
+    (a finite variance >= 0) and, for an untied student, no positional encoding."""
+    loss_gradient(spec)
+    if not isinstance(spec.spherical, bool):
+        raise SpecError(f"{spec.where('training.spherical')}: the simulator implements "
+                        f"spherical (true) or plain (false) SGD, got {spec.spherical!r}")
+    noise = float(spec.noise)
+    if not (math.isfinite(noise) and noise >= 0):
+        raise SpecError(f"{spec.where('loss.noise')}: expected a label-noise variance >= 0, "
+                        f"got {spec.noise}")
+    if spec.untied and spec.C:
+        raise SpecError(f"{spec.where('student.positional')}: the simulator's untied student "
+                        f"takes no positional encoding")
+
+
+def residual(y, y_hat, K, noise_sd=0.0, xi=None):
+    """r = y - y_hat (+ sqrt(Delta) xi: label noise on y), as a (K, S) array (or (K, 1) when
+    both links are constant). y, y_hat: the K link entries (arrays); xi: (K, S) standard
+    normals, used when noise_sd = sqrt(Delta) > 0."""
+    res = y.reshape(K, -1) - y_hat.reshape(K, -1)
+    if noise_sd > 0:
+        res = res + noise_sd * xi
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# frame and initial weights
+# ----------------------------------------------------------------------------------------------
+
+def make_frame(rng, seeds, d, r):
+    """Per seed a teacher w* (|w*|^2 = d) and r orthonormal u_a orthogonal to it.
+
+    Returns (wstar, U) of shapes (seeds, d) and (seeds, r, d), float64: the QR factorisation of a
+    Gaussian d x (1 + r) matrix, i.e. a uniformly random orthonormal frame."""
+    Q, _ = np.linalg.qr(rng.standard_normal((seeds, d, 1 + r)))      # (S, d, 1 + r)
+    Q = Q.transpose(0, 2, 1)
+    return math.sqrt(d) * Q[:, 0], np.ascontiguousarray(Q[:, 1:])
+
+
+def initial_weights(rng, wstar, U, m0, e0):
+    """w = m0 w* + sqrt(d) sum_a e0_a u_a + s n with n random, orthogonal to w* and the u_a,
+    |n|^2 = d and s = sqrt(1 - m0^2 - |e0|^2): overlaps exactly (m0, e0) and |w|^2 = d."""
+    S, d = wstar.shape
+    sqrtd = math.sqrt(d)
+    e0 = np.asarray(e0, dtype=float).reshape(-1)
+    Q = np.concatenate([wstar[:, None, :] / sqrtd, U], axis=1)       # orthonormal rows
+    n = rng.standard_normal((S, d))
+    for _ in range(2):                                                # twice: exact projection
+        n -= np.einsum("skd,sk->sd", Q, np.einsum("skd,sd->sk", Q, n))
+    n *= (sqrtd / np.linalg.norm(n, axis=1))[:, None]
+    s0 = math.sqrt(max(0.0, 1.0 - m0 * m0 - float(e0 @ e0)))
+    return m0 * wstar + sqrtd * np.einsum("a,sad->sd", e0, U) + s0 * n
+
+
+# ----------------------------------------------------------------------------------------------
+# the students: fields, update (with the positional encoding), normalisation, overlaps
+# ----------------------------------------------------------------------------------------------
+
+class TiedStudent:
+    """One weight vector w per seed, shared by the tokens, with the positional encoding C
+    (MATH.md 1, 2, 4), batched over S seeds.
+
+    Start: a random frame (w*, u_a) and w with overlaps exactly (m0, e0), |w|^2 = d.
+    G: the (L, S, d) buffer of the draws g_l (standard normal), filled in place by the caller.
+    fields(): z*_l = g_l . w* / sqrt(d), z_l = g_l . w / sqrt(d) + sum_a C[l,a] e_a, as (L, S)
+    arrays, from one batched matmul of the draw G with the rows (w*, w).
+    update(mdl): mdl = -dl, (S, L); w <- w + (eta / sqrt(d)) (sum_l mdl_l g_l + sum_a (mdl C)_a
+    u_a), i.e. w - eta sum_l dl_l (x_l + p_l / sqrt(d)), from one batched matmul of the
+    coefficients with the rows (g_1..g_L, u_1..u_r); then w <- sqrt(d) w / |w| when spherical.
+    state(): (m, e, q) = (w.w*/d, u_a.w/sqrt(d) as (S, r), |w|^2/d), recomputed from the stored w
+    (no accumulated round-off); it also sets the positional means sum_a C[l,a] e_a of the next
+    fields(). The overlaps used for every record and escape check are these."""
+
+    def __init__(self, spec, rng, seeds, d, m0, e0, eta, dtype):
+        L, r, S = spec.L, spec.r, seeds
+        self.L, self.r, self.d, self.dtype = L, r, d, dtype
+        self.spherical = bool(spec.spherical)
+        self.C = np.array([[float(c) for c in row] for row in spec.C],
+                          dtype=float).reshape(L, r)
+        sqrtd = math.sqrt(d)
+        wstar, U = make_frame(rng, S, d, r)
+        w0 = initial_weights(rng, wstar, U, m0, e0)
+        # W rows: 0 = w*, 1 = w (the trained weights, a view), 2.. = u_a.
+        self.W = W = np.empty((S, 2 + r, d), dtype=dtype)
+        W[:, 0] = wstar
+        W[:, 1] = w0
+        W[:, 2:] = U
+        self.w = W[:, 1]
+        self.W_proj = W[:, :2].transpose(0, 2, 1)                    # (S, d, 2): w*, w
+        # X rows 0..L-1 = g_l (fresh N(0, 1) every step), rows L.. = u_a (fixed)
+        Xbuf = np.empty((L + r, S, d), dtype=dtype)
+        Xbuf[L:] = W[:, 2:].transpose(1, 0, 2)
+        self.G = Xbuf[:L]                                             # contiguous: filled in place
+        self.Xs = Xbuf.transpose(1, 0, 2)                             # (S, L + r, d) view
+        self.Gs = self.Xs[:, :L]
+        self.proj = np.empty((S, L, 2), dtype=dtype)
+        self.coef = np.zeros((S, 1, L + r), dtype=dtype)
+        self.direction = np.empty((S, 1, d), dtype=dtype)
+        self.ov = np.empty((S, 2 + r, 1), dtype=dtype)
+        self.step_scale = eta / sqrtd
+        self.inv_sqrtd = 1.0 / sqrtd
+        self.inv_d = 1.0 / d
+        self.mu = None
+
+    def fields(self):
+        """(z*, z): two (L, S) arrays of the teacher and student fields of the current draw."""
+        np.matmul(self.Gs, self.W_proj, out=self.proj)
+        zz = self.proj.astype(float, copy=False) * self.inv_sqrtd    # (S, L, 2)
+        return zz[:, :, 0].T, zz[:, :, 1].T + self.mu
+
+    def update(self, mdl):
+        """w <- w - eta sum_l dl_l (x_l + p_l / sqrt(d)) for mdl = -dl (S, L), modified in
+        place; then the spherical rescaling |w|^2 = d (spherical SGD)."""
+        mdl *= self.step_scale
+        L, coef = self.L, self.coef
+        coef[:, 0, :L] = mdl
+        if self.r:
+            coef[:, 0, L:] = mdl @ self.C
+        np.matmul(coef, self.Xs, out=self.direction)
+        w = self.w
+        w += self.direction[:, 0]
+        if self.spherical:
+            nrm2 = np.einsum("sd,sd->s", w, w)
+            w *= np.sqrt(self.d / nrm2)[:, None]
+
+    def state(self):
+        """(m (S,), e (S, r), q (S,)) of the stored weights; sets the positional means."""
+        np.matmul(self.W, self.w[:, :, None], out=self.ov)
+        o = self.ov[:, :, 0].astype(float)
+        m, e, q = o[:, 0] * self.inv_d, o[:, 2:] * self.inv_sqrtd, o[:, 1] * self.inv_d
+        self.mu = self.C @ e.T                                        # (L, S): p_l . w / sqrt(d)
+        return m, e, q
+
+
+class UntiedStudent:
+    """One weight vector w_l per token and seed (MATH.md 6), batched over S seeds.
+
+    Start: w_l = m0 w* + sqrt(1 - m0^2) n_l with n_l random, orthogonal to w*, |n_l|^2 = d,
+    independent across tokens (so m_l = m0 and q_l = 1 exactly).
+    G: the (L, S, d) buffer of the draws g_l, filled in place by the caller.
+    fields(): z*_l = g_l . w* / sqrt(d), z_l = g_l . w_l / sqrt(d), as (L, S) arrays.
+    update(mdl): w_l <- w_l + (eta / sqrt(d)) mdl_l g_l (= w_l - eta dl_l x_l), then, when
+    spherical, the rescaling of the flattened weights to sum_l |w_l|^2 = L d.
+    state(): (m_l, q_l) = (w_l . w* / d, |w_l|^2 / d) as (L, S) arrays."""
+
+    def __init__(self, spec, rng, seeds, d, m0, eta, dtype):
+        L, S = spec.L, seeds
+        self.L, self.d, self.dtype = L, d, dtype
+        self.spherical = bool(spec.spherical)
+        self.sqrtd = math.sqrt(d)
+        self.eta = eta
+        wstar, _ = make_frame(rng, S, d, 0)
+        self.W = W = np.empty((S, L + 1, d), dtype=dtype)            # row 0 = w*, 1.. = w_l
+        W[:, 0] = wstar
+        for l in range(L):
+            W[:, 1 + l] = initial_weights(rng, wstar, np.zeros((S, 0, d)), m0, ())
+        self.Ws = W[:, 1:]
+        self.G = np.empty((L, S, d), dtype=dtype)                     # the draws g_l
+
+    def fields(self):
+        """(z*, z): two (L, S) arrays."""
+        G, W = self.G, self.W
+        zs = np.einsum("lsd,sd->ls", G, W[:, 0]).astype(float) / self.sqrtd
+        zw = np.einsum("lsd,sld->ls", G, self.Ws).astype(float) / self.sqrtd
+        return zs, zw
+
+    def update(self, mdl):
+        """w_l <- w_l - eta dl_l x_l for mdl = -dl (S, L); then the spherical rescaling of the
+        flattened weights, sum_l |w_l|^2 = L d (spherical SGD)."""
+        Ws, L, d = self.Ws, self.L, self.d
+        Ws += (self.eta / self.sqrtd) * mdl[:, :, None].astype(self.dtype) \
+            * self.G.transpose(1, 0, 2)
+        if self.spherical:
+            nrm2 = np.einsum("sld,sld->s", Ws, Ws)
+            Ws *= np.sqrt(L * d / nrm2)[:, None, None]
+
+    def state(self):
+        """(m_l (L, S), q_l (L, S)) of the stored weights."""
+        Ws, W, d = self.Ws, self.W, self.d
+        ms = np.einsum("sld,sd->ls", Ws, W[:, 0]).astype(float) / d
+        qs = np.einsum("sld,sld->ls", Ws, Ws).astype(float) / d
+        return ms, qs
+
+
+def spec_with_loss(spec, loss: str):
+    """The spec with the loss kind `loss` ("square" or "norm", MATH.md 3): the spec itself when
+    it already has it, else a copy named <name>_<loss> with that loss (its own generated module
+    file and hash: ModelSpec.canonical holds the name and the loss). SpecError for an unknown
+    loss kind."""
+    from ..model.spec import LOSS_KINDS
+    if loss == spec.loss:
+        return spec
+    if loss not in LOSS_KINDS:
+        raise SpecError(f"loss: unknown loss {loss!r} (known: {', '.join(LOSS_KINDS)})")
+    name = f"{spec.name}_{loss}"
+    raw = None
+    if spec.raw is not None:
+        raw = json.loads(json.dumps(spec.raw))
+        raw["name"] = name
+        loss_t = raw.get("loss")
+        raw["loss"] = {**(loss_t if isinstance(loss_t, dict) else {}), "kind": loss}
+    return dataclasses.replace(spec, name=name, loss=loss, raw=raw)

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: dd47d31fd1ca3a6eb66f5bdc63ddcfd5e95d696d2967b1cd8baede01c5f57045
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: bc72f94cc63903095991d6c11065a71f2648cc8e80e349f75f1106a14e7d4f64
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'dd47d31fd1ca3a6eb66f5bdc63ddcfd5e95d696d2967b1cd8baede01c5f57045'
+SPEC_HASH = 'bc72f94cc63903095991d6c11065a71f2648cc8e80e349f75f1106a14e7d4f64'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: c58c98fce8902d0c95d1156f10a7106a8b803e2a04236f7880dd6aaac394adb4
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: f88c4891de41718cf8d34e3ee146f6020a78ba89381c91c2e2073b2047188110
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'c58c98fce8902d0c95d1156f10a7106a8b803e2a04236f7880dd6aaac394adb4'
+SPEC_HASH = 'f88c4891de41718cf8d34e3ee146f6020a78ba89381c91c2e2073b2047188110'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 2cff2c9c4646c054f5a13f679dc6700b027f3d8e95a6d167cb3a162ea98e7cd1
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: 4e32a509f5f3178b51c269f528513540b94b1511bc5f87a51e7d403ac2aec6c2
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '2cff2c9c4646c054f5a13f679dc6700b027f3d8e95a6d167cb3a162ea98e7cd1'
+SPEC_HASH = '4e32a509f5f3178b51c269f528513540b94b1511bc5f87a51e7d403ac2aec6c2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 75154d080270d526c7f0c0ff25de60422922012a412c78d1864d028823a24793
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: b50605bee0582204a488b7a4a4f2348a93325444259226b9eed23063a5cc3a72
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = False
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '75154d080270d526c7f0c0ff25de60422922012a412c78d1864d028823a24793'
+SPEC_HASH = 'b50605bee0582204a488b7a4a4f2348a93325444259226b9eed23063a5cc3a72'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: [['1', '0'], ['1/2', '-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 7c53b1d9142bcea7d00833a5b11a5c725e49e25e52f0ffaf7c15cef3b1399464
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: 0f0779f1dbe9a627b54151ffc955dbf42dc77666c089c79418eccc69f01cbf3c
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.1
 METHOD = 'exact'
-SPEC_HASH = '7c53b1d9142bcea7d00833a5b11a5c725e49e25e52f0ffaf7c15cef3b1399464'
+SPEC_HASH = '0f0779f1dbe9a627b54151ffc955dbf42dc77666c089c79418eccc69f01cbf3c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 3c84de1ce2fb6cfb8194c01b83eedd81c91e1e3767e4cdfa239091357959268f
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: 675eaa3c4b581f1230cb68314798b2ac2308f50922f3e6b28d1f7d3c68c3e6fa
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '3c84de1ce2fb6cfb8194c01b83eedd81c91e1e3767e4cdfa239091357959268f'
+SPEC_HASH = '675eaa3c4b581f1230cb68314798b2ac2308f50922f3e6b28d1f7d3c68c3e6fa'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 6c8746245c84954a6814a4351fbd901aab37af7ae0d46cf1aaf850752df1cb48
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: d39092ed1f3c58c8bf38946713e78c6c0d8635e0c3fec2af49220d5d3c515912
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '6c8746245c84954a6814a4351fbd901aab37af7ae0d46cf1aaf850752df1cb48'
+SPEC_HASH = 'd39092ed1f3c58c8bf38946713e78c6c0d8635e0c3fec2af49220d5d3c515912'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: ce0048376d485a8ff9b12532f52ab78fa64ae32cf4d6e710cc7941774da14d07
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: ff31f358c30a55bc6ef701e93e162621c23bd0f46b8968556e650cc18e06a777
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'ce0048376d485a8ff9b12532f52ab78fa64ae32cf4d6e710cc7941774da14d07'
+SPEC_HASH = 'ff31f358c30a55bc6ef701e93e162621c23bd0f46b8968556e650cc18e06a777'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

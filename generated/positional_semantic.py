@@ -10,7 +10,7 @@ Student link: Matrix([
 Positional coefficients C: [['1'], ['-1']]
 
 R(m, e) = teacher constant - sum_p c_p X_p(m, e) - sum_i b_i Sbar_i(e) + P(e)/2 + K Delta/2
-(ssi_symbolic/attention.py): X_p = E[f_p(z*) S_i(z)] from a Chebyshev table in (m, e)
+(ssi_symbolic/backends/attention): X_p = E[f_p(z*) S_i(z)] from a Chebyshev table in (m, e)
 built by tensor Gauss-Hermite quadrature (non-polynomial f_p) or from Mehler's formula
 (polynomial f_p); Sbar_i(e) = E S_i, P(e) = E|S|^2 as Chebyshev series in e.
 Teacher pieces (entry, coefficient c_p, f_p): (0, 1 - omega, exp(z1**2)/(exp(z1**2) + exp(z1*z2))); (1, 1 - omega, exp(z1*z2)/(exp(z1**2) + exp(z1*z2))); (2, 1 - omega, exp(z1*z2)/(exp(z2**2) + exp(z1*z2))); (3, 1 - omega, exp(z2**2)/(exp(z2**2) + exp(z1*z2)))
@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: ca6bb8ebaa86ddd194a54af72bce0e92d95d5d7c749017aa3d626bfed912ed78
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252 attention 1 180f6827e1361307
+# spec-hash: 5995988dfb2081d052b41e8bab67cad94cbcf98ad6a37b595f61e7dab94bcacf
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22 attention 1 5e07511ec26a8165
 import numpy
 import scipy.special
 
@@ -41,7 +41,7 @@ METHOD = 'quadrature'
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'ca6bb8ebaa86ddd194a54af72bce0e92d95d5d7c749017aa3d626bfed912ed78'
+SPEC_HASH = '5995988dfb2081d052b41e8bab67cad94cbcf98ad6a37b595f61e7dab94bcacf'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08
@@ -432,7 +432,7 @@ def loss_gradient(m, e, omega=0.5, a=1.0):
 
 
 def loss_dl_square(m, e, omega=0.5, a=1.0):
-    """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py)."""
+    """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see ssi_symbolic/backends/attention)."""
     m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
     e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
     _c, _b = teacher_coefficients(omega=omega, a=a)

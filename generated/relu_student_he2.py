@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
 """
-# spec-hash: 6bc62e45d2bc6e33358510931f081579cab27c7c5f5e62acf6bb57fcd3e27b2a
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: 5cff6631a19816c080927e9cbab09e1a6f0c9ff62c77ebd334399077864a79c8
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
-SPEC_HASH = '6bc62e45d2bc6e33358510931f081579cab27c7c5f5e62acf6bb57fcd3e27b2a'
+SPEC_HASH = '5cff6631a19816c080927e9cbab09e1a6f0c9ff62c77ebd334399077864a79c8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -6,7 +6,7 @@ Student link: sqrt(2)*(exp(z2**2)/(exp(z2**2) + exp(z1*z2)) + exp(z1**2)/(exp(z1
 Positional coefficients C: [['1'], ['-1']]
 
 R(m, e) = teacher constant - sum_p c_p X_p(m, e) - sum_i b_i Sbar_i(e) + P(e)/2 + K Delta/2
-(ssi_symbolic/attention.py): X_p = E[f_p(z*) S_i(z)] from a Chebyshev table in (m, e)
+(ssi_symbolic/backends/attention): X_p = E[f_p(z*) S_i(z)] from a Chebyshev table in (m, e)
 built by tensor Gauss-Hermite quadrature (non-polynomial f_p) or from Mehler's formula
 (polynomial f_p); Sbar_i(e) = E S_i, P(e) = E|S|^2 as Chebyshev series in e.
 Teacher pieces (entry, coefficient c_p, f_p): (0, sqrt(2)/2, z1**2 + z2**2)
@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: ffa5f9173c7d70a95326b027275e9256c31e5bbcfb7fef62707619a7d24ca9df
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252 attention 1 180f6827e1361307
+# spec-hash: 670f144b3e0f05b994d0a1c09cd8a9225fc08f79e4b77c826c14a316acb053e9
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22 attention 1 5e07511ec26a8165
 import numpy
 import scipy.special
 
@@ -37,7 +37,7 @@ METHOD = 'quadrature'
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'ffa5f9173c7d70a95326b027275e9256c31e5bbcfb7fef62707619a7d24ca9df'
+SPEC_HASH = '670f144b3e0f05b994d0a1c09cd8a9225fc08f79e4b77c826c14a316acb053e9'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09
@@ -419,7 +419,7 @@ def loss_gradient(m, e):
 
 
 def loss_dl_square(m, e):
-    """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py)."""
+    """B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see ssi_symbolic/backends/attention)."""
     m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)
     e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)
     _c, _b = teacher_coefficients()

@@ -8,8 +8,8 @@ Positional coefficients C: [['1'], ['-1']]
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: aedae1ae5620f241ac6fb81163d572a695752c4638e58c396578a99e8de3e03c
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: 1d81b7ae9fc37ae11e784d0d7257ea0c3129507c3f2e71ae65a5e2d80e9f3ed8
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = 'aedae1ae5620f241ac6fb81163d572a695752c4638e58c396578a99e8de3e03c'
+SPEC_HASH = '1d81b7ae9fc37ae11e784d0d7257ea0c3129507c3f2e71ae65a5e2d80e9f3ed8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

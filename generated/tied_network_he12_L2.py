@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 3224cae5e89a1d355c42844e1a14d40428f317e13a47ceba4332e813257d2a23
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: 34869856fade11c6961046ea7cf4df98b7c8969012a1f5239a033f5532d1761e
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '3224cae5e89a1d355c42844e1a14d40428f317e13a47ceba4332e813257d2a23'
+SPEC_HASH = '34869856fade11c6961046ea7cf4df98b7c8969012a1f5239a033f5532d1761e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

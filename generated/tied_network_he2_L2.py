@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 65270e92c6d6abd11456a340e7976eccfd41f08cfe07695f8ce1d75bc7241674
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: 7f57abd2d98cdb30d19f0e1e4f8988e397fcb117890f65bee1a55a4aecd8de26
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '65270e92c6d6abd11456a340e7976eccfd41f08cfe07695f8ce1d75bc7241674'
+SPEC_HASH = '7f57abd2d98cdb30d19f0e1e4f8988e397fcb117890f65bee1a55a4aecd8de26'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

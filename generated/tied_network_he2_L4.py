@@ -8,8 +8,8 @@ Positional coefficients C: []
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
 covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact (Gaussian moments, token by token).
 """
-# spec-hash: 510bf9d0a46e6d25ba997a4659d273d63b1ab10883c3ac791865259fe7e73f0b
-# tool: ssi-symbolic 0.1.0 generator 1 source 293fc8efb3b8c252
+# spec-hash: cfe2251f03e5c8ed1bcf0a822ac4300cae28771ef335e055ddba1a2658cf9931
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
 import numpy
 import scipy.special
 
@@ -23,7 +23,7 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'exact'
-SPEC_HASH = '510bf9d0a46e6d25ba997a4659d273d63b1ab10883c3ac791865259fe7e73f0b'
+SPEC_HASH = 'cfe2251f03e5c8ed1bcf0a822ac4300cae28771ef335e055ddba1a2658cf9931'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

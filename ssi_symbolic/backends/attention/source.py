@@ -1,84 +1,21 @@
-"""Quadrature backend for softmax attention models (issue 4, MATH.md section 7).
-
-The generic symbolic path cannot integrate softmax links (it hangs); specs whose student link
-contains ``exp`` (softmax_rows, trace of a softmax, ...) or whose loss is the non-squared norm
-are routed here by :func:`ssi_symbolic.backends.registry.backend_for`.
-
-Method (spherical SGD, q = 1, one positional direction e with coefficients C_l). Given the state,
-the token pairs are independent and z_l = m z*_l + sqrt(1 - m^2) g_l + C_l e with z*, g i.i.d.
-N(0, 1). The teacher is split by SymPy into T = sum_p c_p(theta) f_p(z*) + b(theta) (c_p, b
-depend on the parameters only, each f_p lives in one output entry i(p) and has no parameter);
-the student S(z) may not depend on parameters. With the squared loss
-
-    R(m, e) = 1/2 E|T|^2 - E[T . S] + 1/2 E|S|^2 + K Delta / 2
-            = 1/2 [sum_pq c_p c_q G_pq + 2 sum_p c_p b_i(p) M_p + |b|^2]       (teacher only)
-              - sum_p c_p X_p(m, e) - sum_i b_i Sbar_i(e) + 1/2 P(e) + K Delta / 2
-
-with G_pq = E[f_p f_q] (same entry), M_p = E f_p (L-dim integrals), Sbar_i(e) = E S_i(g + C e),
-P(e) = E|S(g + C e)|^2 (L-dim, functions of e only) and the cross terms X_p(m, e) =
-E[f_p(z*) S_i(p)(z)] (2L-dim). A polynomial f_p is expanded in Hermite polynomials, and by
-Mehler's formula X_p = sum_k fhat_pk m^|k| sigma_ik(e) with sigma_ik(e) = E[S_i(g + C e) He_k(g)]
-(L-dim). A non-polynomial f_p (the softmax teacher, L = 2) needs the 4-dim integral: it is
-tabulated once at Chebyshev-Lobatto nodes in (m, e) (in y = 2 x^2 - 1 when X_p is numerically even
-in x, which halves the degree) by pruned tensor Gauss-Hermite quadrature, and interpolated.
-Every parameter value then costs only a few array operations: a whole phase diagram reuses the
-same tables.
-
-The Hessian at the origin comes from Hermite moments at e = 0 (Stein's lemma, no finite
-differences): d/de E F(g + C e) = sum_l C_l E[F He_{e_l}(g)] and d/de sigma_ik = sum_l C_l
-sigma_{i, k + e_l}, so
-
-    R_mm = -sum_p c_p 2 sum_{|k|=2} fhat_pk sigma_ik(0)
-    R_me = -sum_p c_p sum_{|k|=1} fhat_pk sum_l C_l sigma_{i,k+e_l}(0)
-    R_ee = 1/2 sum_ll' C_l C_l' Pi_{e_l+e_l'} - sum_i (b_i + sum_{p in i} c_p M_p)
-           sum_ll' C_l C_l' sigma_{i, e_l+e_l'}(0),            Pi_k = E[|S(g)|^2 He_k(g)]
-
-with fhat_pk = E[f_p He_k] / k!, all L-dim integrals evaluated to ~1e-10.
-
-The norm loss R = E ||T - S||_F does not split: its generated module integrates the 2L-dim
-expectation directly at each state (pruned tensor Gauss-Hermite, slower).
-
-Diffusion and O(1/d) drift (MATH.md 4; both losses): the per-state statistics of one spherical
-SGD step, runtime._step_coefficients, give E G1, E G2, the eta^2..eta^4 parts of Cov(G), of the
-rescaling (Ito) drift E[-(1/2)(d dX)(d dQ) + (3/8) X (d dQ)^2] and of the token-norm drift
--(eta^2 X / 2) E[token Gram excess] (the finite-d term of symbolic.derive.statistics, written in
-whitened coordinates so that no derivative of the link is needed), by 2L-dim tensor Gauss-Hermite
-over (z*, g). A square-loss module tabulates them per parameter set on first use as a Chebyshev
-series in (theta, e'), m = cos theta, e = e' sin theta (analytic on the closed disk), with an error
-estimate checked against direct quadrature (runtime._polar_table), so that the SDE evaluates
-covariance and finite_d_correction at every step and path cheaply; a norm-loss module integrates
-them at each state.
-"""
+"""The generated module of an attention spec, as source text printed by backends.printing:
+header and constants, the loss and its tables, the drift, the Jacobian, the links, the step
+statistics (Cov(G), O(1/d) drift) and the norm-loss variant."""
 from __future__ import annotations
 
 import hashlib
-import itertools
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import sympy as sp
 
-from ..errors import SpecError
-from ..model.spec import ModelSpec, link_entries, token_symbols
-from .exact import tool_salt
-from .files import HASH_PREFIX, module_path, read_hash, write_atomic
-from .printing import cse, function_source, pycode, tuple_source
-from .quadrature import gauss_hermite
-from .runtime import ATTENTION_HELPERS, _cheb_fit as cheb_coefficients, _lobatto as lobatto
+from ...model.spec import ModelSpec, link_entries, token_symbols
+from ..exact import tool_salt
+from ..printing import cse, function_source, module_header, pycode, tuple_source
+from ..runtime import ATTENTION_HELPERS
+from .integrals import BACKEND_VERSION, Integrals
+from .routing import _check, stable
 
-BACKEND_VERSION = "1"
-#: Chebyshev-Lobatto degrees of the (m, e) table (in y = 2x^2 - 1 for even directions)
-TABLE_DEGREE = (12, 8)
-#: Gauss-Hermite nodes per dimension of the L-dim integrals (student parts, constants, Hessian)
-LOW_NODES = 160
-#: degrees of the tables of the O(eta^2) drift term E sum_l dl_l^2
-DRIFT_DEGREE = (8, 6)
-#: Chebyshev degree in e of the one-dimensional functions of e
-E_DEGREE = 40
-#: tensor-product weights below PRUNE times the largest are dropped (they change nothing)
-PRUNE = 1e-15
 NORM_NODES = 24  # nodes per dimension of every quadrature of a norm-loss module
 #: the pieces of the module contract this backend does not write, per loss kind, with the reason
 UNAVAILABLE = {"square": {}, "norm": {}}
@@ -93,456 +30,19 @@ STEP_TABLE_DEGREE = (16, 10)
 FINITE_D_NOTE = "complete"
 
 
-# ----------------------------------------------------------------------------- routing
-def _has_exp(expr) -> bool:
-    return any(sp.sympify(x).has(sp.exp) for x in link_entries(expr))
-
-
-def _has_softmax_exp(expr, L: int) -> bool:
-    """True when some exp in the link has an argument of degree >= 2 in the tokens (the
-    attention scores z_i z_j of a softmax), as opposed to a sigmoid or tanh of a linear form,
-    which the generic quadrature path handles."""
-    zs = token_symbols(L)
-    for x in link_entries(expr):
-        for e in sp.sympify(x).atoms(sp.exp):
-            try:
-                if sp.Poly(e.args[0], *zs).total_degree() >= 2:
-                    return True
-            except sp.PolynomialError:
-                return True
-    return False
-
-
-def handles(spec: ModelSpec) -> bool:
-    """True for the specs this backend writes: a student link with a softmax (an exp of
-    attention scores z_i z_j) or the non-squared norm loss."""
-    return spec.loss == "norm" or _has_softmax_exp(spec.student, spec.L)
-
-
-def _check(spec: ModelSpec) -> None:
-    where = spec.where
-    if not _has_exp(spec.student) and not _has_exp(spec.teacher):
-        raise SpecError(f"{where('loss.kind')}: the norm loss is supported only for softmax "
-                        f"attention specs (links with exp/softmax_rows)")
-    if not spec.spherical:
-        raise SpecError(f"{where('training.spherical')}: the attention backend needs spherical "
-                        f"SGD (q = 1)")
-    if spec.r != 1:
-        raise SpecError(f"{where('student.positional')}: the attention backend needs exactly one "
-                        f"positional direction (r = 1), got r = {spec.r}")
-    params = {sp.Symbol(p, real=True) for p in spec.parameters}
-    for s in link_entries(spec.student):
-        bad = sorted(str(x) for x in sp.sympify(s).free_symbols & params)
-        if bad:
-            raise SpecError(f"{where('student.link')}: the attention backend needs a "
-                            f"parameter-free student, found '{bad[0]}'")
-
-
-# ----------------------------------------------------------------------------- SymPy helpers
-def stable(expr):
-    """Rewrite softmax entries exp(x) / sum_k exp(y_k) as 1 / sum_k exp(y_k - x): the same
-    function, one exponential fewer and no overflow of the numerator."""
-    expr = sp.sympify(expr)
-
-    def is_exp_sum(f):
-        return (f.is_Pow and f.exp == -1 and f.base.is_Add
-                and all(isinstance(t, sp.exp) for t in f.base.args))
-
-    def rule(e):
-        nums = [f for f in e.args if isinstance(f, sp.exp)]
-        dens = [f for f in e.args if is_exp_sum(f)]
-        if len(nums) != 1 or len(dens) != 1:
-            return e
-        x = nums[0].args[0]
-        rest = sp.Mul(*[f for f in e.args if f is not nums[0] and f is not dens[0]])
-        return rest / sp.Add(*[sp.exp(sp.expand(t.args[0] - x)) for t in dens[0].base.args])
-
-    return expr.replace(lambda e: e.is_Mul, rule)
-
-
-def split_teacher(spec: ModelSpec):
-    """T_i = sum_p c_p f_p + b_i: returns (pieces, b) with pieces a list of (i, c_p, f_p) (c_p
-    parameters only, f_p tokens only) and b the list of parameter-only parts per entry."""
-    zs = set(token_symbols(spec.L))
-    pieces, b = [], []
-    for i, t in enumerate(link_entries(spec.teacher)):
-        t = sp.expand(sp.sympify(t), deep=False, power_exp=False, log=False, multinomial=False)
-        const = sp.Integer(0)
-        groups = {}
-        for term in sp.Add.make_args(t):
-            coef, zpart = term.as_independent(*zs, as_Add=False)
-            if zpart == 1:
-                const += coef
-            else:
-                groups[zpart] = groups.get(zpart, 0) + coef
-        # merge z-parts with the same coefficient (e.g. the polynomial terms of one link)
-        by_coef = {}
-        for zpart, coef in groups.items():
-            coef = sp.simplify(coef)
-            by_coef[coef] = by_coef.get(coef, 0) + zpart
-        for coef, f in by_coef.items():
-            pieces.append((i, coef, f))
-        b.append(const)
-    return pieces, b
-
-
-def _numeric(exprs, L):
-    """A NumPy function (z1..zL) -> list of arrays for SymPy expressions in the tokens.
-
-    An entry that equals 1 minus (or minus) an earlier entry (the rows of a 2-column softmax
-    and their derivatives; checked at 256 random points to 1e-13) is computed from it, saving
-    its exponentials."""
-    exprs = [stable(x) for x in exprs]
-    probe = _numeric_plain(exprs, L)(*np.random.default_rng(7).normal(0, 2, size=(L, 256)))
-    comp = {}
-    for j in range(len(exprs)):
-        for i in range(j):
-            if i in comp:
-                continue
-            if np.all(np.abs(probe[i] + probe[j] - 1) < 1e-13):
-                comp[j] = (i, 1.0)
-                break
-            if np.all(np.abs(probe[i] + probe[j]) < 1e-13):
-                comp[j] = (i, 0.0)
-                break
-    base = [j for j in range(len(exprs)) if j not in comp]
-    fn = _numeric_plain([exprs[j] for j in base], L)
-
-    def call(*z):
-        vals = dict(zip(base, fn(*z)))
-        return [vals[j] if j in vals else comp[j][1] - vals[comp[j][0]]
-                for j in range(len(exprs))]
-    return call
-
-
-def _numeric_plain(exprs, L):
-    fn = sp.lambdify(token_symbols(L), list(exprs), modules="numpy", cse=True)
-
-    def call(*z):
-        with np.errstate(over="ignore"):
-            out = fn(*z)
-        shape = np.broadcast(*z).shape
-        return [np.broadcast_to(np.asarray(o, dtype=float), shape) for o in out]
-    return call
-
-
-# ----------------------------------------------------------------------------- quadrature
-def hermite_e(k: int, x):
-    """Probabilists' Hermite polynomial He_k(x) by the three-term recursion."""
-    h0, h1 = np.ones_like(x), x
-    if k == 0:
-        return h0
-    for j in range(1, k):
-        h0, h1 = h1, x * h1 - j * h0
-    return h1
-
-
-def multi_indices(L: int, order: int):
-    """All multi-indices k in N^L with |k| <= order."""
-    return [k for k in itertools.product(range(order + 1), repeat=L) if sum(k) <= order]
-
-
-def _he_multi(k, u):
-    out = np.ones(u.shape[1])
-    for l, kl in enumerate(k):
-        if kl:
-            out = out * hermite_e(kl, u[l])
-    return out
-
-
-def node_rule(m: float, extra: int = 0) -> tuple[int, int]:
-    """Gauss-Hermite nodes per dimension (for z*, for g) of the 2L-dim cross integrals at
-    overlap m, z = m z* + sqrt(1 - m^2) g + C e: the steep softmax integrand moves from g to z*
-    as m grows (chosen from convergence runs against 80-100 node references: errors ~1e-9)."""
-    m = abs(m)
-    if m >= 0.999999:
-        base = (160, 1)
-    elif m >= 0.94:
-        base = (72, 20)
-    elif m >= 0.45:
-        base = (64, 32)
-    elif m >= 0.2:
-        base = (56, 40)
-    else:
-        base = (40, 72)
-    return base[0] + extra, (base[1] + extra if base[1] > 1 else 1)
-
-
-# ----------------------------------------------------------------------------- Chebyshev
-def to_y(x, even: bool):
-    """The Chebyshev variable: y = 2x^2 - 1 for an even function of x, else y = x."""
-    x = np.asarray(x, dtype=float)
-    return 2 * x * x - 1 if even else x
-
-
-def from_y(y, even: bool):
-    y = np.asarray(y, dtype=float)
-    return np.sqrt(np.clip((1 + y) / 2, 0, 1)) if even else y
-
-
-# ----------------------------------------------------------------------------- integrals
-class Integrals:
-    """The numerical tables of one spec (teacher split, student parts, cross terms, Hessian
-    moments), with error estimates; see the module docstring for the formulas."""
-
-    def __init__(self, spec: ModelSpec, degree=TABLE_DEGREE, low_nodes=LOW_NODES, e_degree=E_DEGREE,
-                 drift: bool = True):
-        _check(spec)
-        t0 = time.perf_counter()
-        self.spec = spec
-        L = self.L = spec.L
-        self.C = np.array([float(row[0]) for row in spec.C])
-        self.pieces, self.b = split_teacher(spec)
-        self.K = len(link_entries(spec.student))
-        self.S = _numeric(link_entries(spec.student), L)
-        self.F = _numeric([f for _, _, f in self.pieces], L)
-        self.poly = [sp.sympify(f).is_polynomial(*token_symbols(L)) for _, _, f in self.pieces]
-        self.degree = degree
-        self.low_nodes, self.e_degree = low_nodes, e_degree
-        u, w = gauss_hermite(L, low_nodes, PRUNE)
-        self.u, self.w = u, w
-        # teacher-only constants
-        Fu = self.F(*u)
-        npc = len(self.pieces)
-        self.G = np.zeros((npc, npc))
-        for p in range(npc):
-            for q in range(npc):
-                if self.pieces[p][0] == self.pieces[q][0]:
-                    self.G[p, q] = w @ (Fu[p] * Fu[q])
-        self.M = np.array([w @ f for f in Fu])
-        # Hermite coefficients fhat_pk = E[f_p He_k] / k! (|k| <= 2 for every piece; up to the
-        # degree for polynomial pieces, exact by Gauss-Hermite)
-        self.fhat = []
-        for p, (_, _, f) in enumerate(self.pieces):
-            order = 2
-            if self.poly[p]:
-                order = max(2, int(sp.Poly(f, *token_symbols(L)).total_degree()))
-            coeffs = {}
-            for k in multi_indices(L, order):
-                v = w @ (Fu[p] * _he_multi(k, u)) / math.prod(math.factorial(x) for x in k)
-                if abs(v) > 1e-13:
-                    coeffs[k] = v
-            self.fhat.append(coeffs)
-        # student parts as Chebyshev series in e (general parity), Hermite moments needed
-        self.sigma_keys = sorted({k for p in range(npc) for k in self.fhat[p]
-                                  if self.poly[p]} | set(multi_indices(L, 2)))
-        self.e_nodes = lobatto(e_degree)
-        sb, P, sig = [], [], {k: [] for k in self.sigma_keys}
-        hk = {k: _he_multi(k, u) for k in self.sigma_keys}
-        for e in self.e_nodes:
-            Sv = self.S(*(u + self.C[:, None] * e))
-            sb.append([w @ s for s in Sv])
-            P.append(w @ sum(s * s for s in Sv))
-            for k in self.sigma_keys:
-                sig[k].append([w @ (s * hk[k]) for s in Sv])
-        self.sbar_c = cheb_coefficients(np.array(sb), 0)          # (deg+1, K)
-        self.P_c = cheb_coefficients(np.array(P), 0)
-        self.sigma_c = {k: cheb_coefficients(np.array(v), 0) for k, v in sig.items()}
-        # Hessian moments at e = 0
-        S0 = self.S(*u)
-        self.sigma0 = {k: np.array([w @ (s * _he_multi(k, u)) for s in S0])
-                       for k in multi_indices(L, 2)}
-        Pw = sum(s * s for s in S0)
-        self.Pi0 = {k: w @ (Pw * _he_multi(k, u)) for k in multi_indices(L, 2)}
-        self.e_tail = float(max(np.abs(self.sbar_c[-3:]).max(), np.abs(self.P_c[-3:]).max()))
-        self.low_check = self._low_order_check()
-        self.time_low = time.perf_counter() - t0
-        # cross-term tables for the non-polynomial pieces
-        t1 = time.perf_counter()
-        self.tables = {}
-        self.table_info = {}
-        nonpoly = [p for p in range(npc) if not self.poly[p]]
-        if nonpoly:
-            if L != 2:
-                raise SpecError(f"{spec.where('teacher.link')}: a non-polynomial teacher is "
-                                f"supported for L = 2 only (a 2L-dim table), got L = {L}")
-            self._build_tables(nonpoly)
-        self.time_tables = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        self.drift_tables = None
-        if drift:
-            self._build_drift_tables()
-        self.time_drift = time.perf_counter() - t2
-
-    # -- L-dim check: the same student integrals with 3/4 of the nodes
-    def _low_order_check(self) -> float:
-        u, w = gauss_hermite(self.L, (3 * self.low_nodes) // 4, PRUNE)
-        diff = 0.0
-        for e in (0.0, 0.5, 1.0):
-            a = self.S(*(u + self.C[:, None] * e))
-            b = self.S(*(self.u + self.C[:, None] * e))
-            for s1, s2 in zip(a, b):
-                diff = max(diff, abs(w @ s1 - self.w @ s2), abs(w @ (s1 * s1) - self.w @ (s2 * s2)))
-        return diff
-
-    def cross_direct(self, pieces, m, e, n=None):
-        """E[f_p(z*) S_i(p)(z)] at one state (m, e) by pruned tensor Gauss-Hermite over
-        (z*, g), z = m z* + sqrt(1 - m^2) g + C e: a list over pieces. n = (nodes per dimension
-        for z*, for g), default `node_rule(m)`; an int n means (n, n)."""
-        if n is None:
-            n = node_rule(m)
-        ns, ng = (n, n) if isinstance(n, int) else n
-        s = math.sqrt(max(0.0, 1 - m * m))
-        if s == 0.0:
-            ng = 1
-        zs, ws = gauss_hermite(self.L, ns, PRUNE)
-        gs, wg = gauss_hermite(self.L, ng, PRUNE)
-        Fz = self.F(*zs)
-        z = [m * zs[l][:, None] + s * gs[l][None, :] + self.C[l] * e for l in range(self.L)]
-        Sv = self.S(*z)
-        h = {}
-        out = []
-        for p in pieces:
-            i = self.pieces[p][0]
-            if i not in h:
-                h[i] = Sv[i] @ wg
-            out.append(float(ws @ (Fz[p] * h[i])))
-        return out
-
-    def _parity(self, pieces):
-        """Per piece: (even in m, even in e), tested at one state with symmetric nodes."""
-        res = []
-        base = self.cross_direct(pieces, 0.61, 0.37, 16)
-        fm = self.cross_direct(pieces, -0.61, 0.37, 16)
-        fe = self.cross_direct(pieces, 0.61, -0.37, 16)
-        for j in range(len(pieces)):
-            tol = 1e-11 * max(1.0, abs(base[j]))
-            res.append((abs(base[j] - fm[j]) < tol, abs(base[j] - fe[j]) < tol))
-        return res
-
-    def _build_tables(self, pieces):
-        Nm, Ne = self.degree
-        par = self._parity(pieces)
-        even_m = all(p[0] for p in par)
-        even_e = all(p[1] for p in par)
-        if not even_m:
-            Nm *= 2
-        if not even_e:
-            Ne *= 2
-        ym, ye = lobatto(Nm), lobatto(Ne)
-        xm, xe = from_y(ym, even_m), from_y(ye, even_e)
-        vals = np.zeros((len(pieces), Nm + 1, Ne + 1))
-        for a, m in enumerate(xm):
-            for b_, e in enumerate(xe):
-                vals[:, a, b_] = self.cross_direct(pieces, m, e)
-        # quadrature error of the node values: against 16 more nodes per dimension at the states
-        # where the integrand is hardest (m near 1, e large)
-        quad_err = 0.0
-        for m, e in [(0.999, 0.04), (0.6, 0.8), (0.1, 1.0)]:
-            lo = self.cross_direct(pieces, m, e)
-            hi = self.cross_direct(pieces, m, e, node_rule(m, 16))
-            quad_err = max(quad_err, max(abs(x - y) for x, y in zip(lo, hi)))
-        coeffs = cheb_coefficients(cheb_coefficients(vals, 1), 2)
-        tail = float(max(np.abs(coeffs[:, -1, :]).sum(axis=-1).max(),
-                         np.abs(coeffs[:, :, -1]).sum(axis=-1).max()))
-        # off-node check of the interpolant against direct quadrature
-        rng = np.random.default_rng(12345)
-        pts = [(0.97, 0.2), (0.3, 0.9), (0.55, 0.55), (0.05, 0.05), (0.8, 0.45), (0.999, 0.02)]
-        pts += [tuple(x) for x in rng.uniform(0, 0.7, size=(2, 2))]
-        interp_err = 0.0
-        for m, e in pts:
-            direct = self.cross_direct(pieces, m, e)
-            for j, p in enumerate(pieces):
-                val = np.polynomial.chebyshev.chebval2d(to_y(m, even_m), to_y(e, even_e),
-                                                        coeffs[j])
-                interp_err = max(interp_err, abs(float(val) - direct[j]))
-        for j, p in enumerate(pieces):
-            self.tables[p] = coeffs[j]
-        self.table_info = {"even_m": even_m, "even_e": even_e, "degree_m": Nm, "degree_e": Ne,
-                           "nodes": "node_rule(m): (z*, g) per dimension, 40-160",
-                           "check": "node_rule(m) + 16 at 3 states",
-                           "quadrature_error": quad_err, "chebyshev_tail": tail,
-                           "interpolation_check": interp_err}
-
-    # -- the O(eta^2) drift: B = E sum_l dl_l^2 as a quadratic form in v = (c_p, b_k, 1)
-    def gram_direct(self, m, e, n):
-        """G_ab(m, e) = sum_l E[phi_a,l phi_b,l] with dl_l = -sum_a v_a phi_a,l, v = (c_p, b_k,
-        1): phi_p,l = f_p(z*) d_l S_i(p)(z), phi_k,l = d_l S_k(z), phi_1,l = -sum_k S_k d_l S_k,
-        by pruned tensor Gauss-Hermite with n = (nodes for z*, nodes for g)."""
-        L, K, npc = self.L, self.K, len(self.pieces)
-        ns, ng = n
-        s = math.sqrt(max(0.0, 1 - m * m))
-        if s == 0.0:
-            ng = 1
-        zs, ws = gauss_hermite(L, ns, PRUNE)
-        gs, wg = gauss_hermite(L, ng, PRUNE)
-        Fz = self.F(*zs)
-        z = [m * zs[l][:, None] + s * gs[l][None, :] + self.C[l] * e for l in range(L)]
-        Sv = self.S(*z)
-        dS = self.dS(*z)
-        H = np.zeros((K + 1, K + 1, len(ws)))
-        for l in range(L):
-            comps = [dS[l * K + k] for k in range(K)]
-            comps.append(-sum(Sv[k] * comps[k] for k in range(K)))
-            for a in range(K + 1):
-                for b in range(a, K + 1):
-                    H[a, b] += (comps[a] * comps[b]) @ wg
-        for a in range(K + 1):
-            for b in range(a):
-                H[a, b] = H[b, a]
-        na = npc + K + 1
-        ent = [self.pieces[p][0] for p in range(npc)] + list(range(K)) + [K]
-        fac = [Fz[p] for p in range(npc)] + [None] * (K + 1)
-        G = np.zeros((na, na))
-        for a in range(na):
-            for b in range(a, na):
-                f = ws * H[ent[a], ent[b]]
-                if fac[a] is not None:
-                    f = f * fac[a]
-                if fac[b] is not None:
-                    f = f * fac[b]
-                G[a, b] = G[b, a] = f.sum()
-        return G
-
-    def _build_drift_tables(self):
-        spec, L = self.spec, self.L
-        zsym = token_symbols(L)
-        self.dS = _numeric([sp.diff(stable(sk), zsym[l]) for l in range(L)
-                            for sk in link_entries(spec.student)], L)
-        Nm, Ne = DRIFT_DEGREE
-        rule = lambda m: tuple(max(12, int(0.6 * x)) if x > 1 else 1   # noqa: E731
-                               for x in node_rule(m))
-        g0 = self.gram_direct(0.61, 0.37, (16, 16))
-        tol = 1e-11 * max(1.0, np.abs(g0).max())
-        ti = {"even_m": bool(np.abs(g0 - self.gram_direct(-0.61, 0.37, (16, 16))).max() < tol),
-              "even_e": bool(np.abs(g0 - self.gram_direct(0.61, -0.37, (16, 16))).max() < tol)}
-        xm = from_y(lobatto(Nm), True) if ti["even_m"] else lobatto(2 * Nm)
-        xe = from_y(lobatto(Ne), True) if ti["even_e"] else lobatto(2 * Ne)
-        vals = np.array([[self.gram_direct(m, e, rule(m)) for e in xe] for m in xm])
-        coeffs = cheb_coefficients(cheb_coefficients(vals, 0), 1)     # (Nm+1, Ne+1, na, na)
-        check = []
-        for m, e in [(0.55, 0.55), (0.93, 0.2), (0.2, 0.9)]:
-            direct = self.gram_direct(m, e, rule(m))
-            vm = np.polynomial.chebyshev.chebvander(to_y(m, ti["even_m"]), len(xm) - 1)
-            ve = np.polynomial.chebyshev.chebvander(to_y(e, ti["even_e"]), len(xe) - 1)
-            val = np.einsum("j,k,jkab->ab", vm.ravel(), ve.ravel(), coeffs)
-            check.append(float(np.abs(val - direct).max()))
-        self.drift_tables = np.moveaxis(coeffs, (2, 3), (0, 1))          # (na, na, Nm+1, Ne+1)
-        self.drift_info = {"degree_m": len(xm) - 1, "degree_e": len(xe) - 1, **ti,
-                           "nodes": "0.6 x node_rule(m)",
-                           "interpolation_check": max(check)}
-
-    # -- error estimate of R for unit-size coefficients
-    def error_estimate(self) -> float:
-        """A bound-like estimate of |R_table - R| at coefficients of size <= 1: the quadrature
-        difference between two node counts plus the interpolation error, per table, times the
-        number of pieces, plus the L-dim integrals' errors."""
-        ti = self.table_info
-        tab = (max(ti["quadrature_error"], 1e-16) + max(ti["chebyshev_tail"],
-                                                         ti["interpolation_check"])
-               if ti else 0.0)
-        return float(len(self.pieces) * tab + 2 * self.K * (self.low_check + self.e_tail))
-
-
 # ----------------------------------------------------------------------------- code writing
 def _arr(a) -> str:
     return "numpy.array(" + repr(np.asarray(a, dtype=float).tolist()) + ")"
 
 
 def backend_salt() -> str:
-    here = Path(__file__).resolve()
-    h = hashlib.sha256(here.read_bytes()).hexdigest()[:16]
-    return f"{tool_salt()} attention {BACKEND_VERSION} {h}"
+    """What, besides the spec, determines an attention module: the exact backend's salt (tool
+    version and the shared printing and runtime sources), this backend's version and a hash of
+    its own source files."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return f"{tool_salt()} attention {BACKEND_VERSION} {h.hexdigest()[:16]}"
 
 
 def _constants(spec: ModelSpec, h: str) -> list:
@@ -576,12 +76,9 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
     pa = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
     pcall = ", ".join(f"{p}={p}" for p in names)
     h = spec.hash(backend_salt())
-    src = Path(spec.source).name if spec.source else "(Python spec)"
     npc = len(I.pieces)
     L = spec.L
-    lines = [
-        f'"""Generated by ssi-symbolic (attention backend) from {src}: do not edit; regenerate '
-        f"with `ssi derive`.",
+    doc = [
         "",
         f"Model {spec.name}: L = {L}, r = 1, output shape {spec.shape or 'scalar'}, loss "
         f"{spec.loss} (1/2 ||y - y_hat||^2, label noise {spec.noise}), spherical online SGD.",
@@ -590,7 +87,7 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         f"Positional coefficients C: {[[str(c) for c in row] for row in spec.C]}",
         "",
         "R(m, e) = teacher constant - sum_p c_p X_p(m, e) - sum_i b_i Sbar_i(e) + P(e)/2 + K Delta/2",
-        "(ssi_symbolic/attention.py): X_p = E[f_p(z*) S_i(z)] from a Chebyshev table in (m, e)",
+        "(ssi_symbolic/backends/attention): X_p = E[f_p(z*) S_i(z)] from a Chebyshev table in (m, e)",
         "built by tensor Gauss-Hermite quadrature (non-polynomial f_p) or from Mehler's formula",
         "(polynomial f_p); Sbar_i(e) = E S_i, P(e) = E|S|^2 as Chebyshev series in e.",
         "Teacher pieces (entry, coefficient c_p, f_p): "
@@ -601,12 +98,8 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         "Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in",
         "(theta, e') of the step statistics per parameter set, built on first use by direct",
         "quadrature (step_table; its error estimate: quadrature_error).",
-        '"""',
-        f"{HASH_PREFIX}{h}",
-        f"# tool: {backend_salt()}",
-        "import numpy",
-        "import scipy.special",
-        "",
+    ]
+    lines = [
         "_cheb = numpy.polynomial.chebyshev",
         "",
         *_constants(spec, h),
@@ -717,7 +210,7 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         f"_D1_SBAR = {de_sbar!r}  # d Sbar_i / de at e = 0",
         f"_D1_P = {de_P!r}",
     ]
-    header = "\n".join(lines)
+    header = module_header(spec, doc, h, backend_salt(), lines, backend="attention backend")
     clip = ["m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)",
             "e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)"]
     params = "_c, _b = teacher_coefficients(" + pcall + ")"
@@ -845,7 +338,7 @@ def _drift_source(pa, pcall, info) -> list:
     return [
         function_source(
             "loss_dl_square", ["m", "e"] + pa,
-            "B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see attention.py).",
+            "B(m, e) = E sum_l dl_l^2 = v^T G(m, e) v with v = (c_p, b_k, 1) (see ssi_symbolic/backends/attention).",
             ["m = numpy.clip(numpy.asarray(m, dtype=float), -1.0, 1.0)",
              "e = numpy.clip(numpy.asarray(e, dtype=float), -1.0, 1.0)",
              f"_c, _b = teacher_coefficients({pcall})",
@@ -1009,11 +502,8 @@ def _norm_module_source(spec: ModelSpec) -> str:
     names = list(spec.parameters)
     pa = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
     h = spec.hash(backend_salt())
-    src = Path(spec.source).name if spec.source else "(Python spec)"
     L = spec.L
-    head = "\n".join([
-        f'"""Generated by ssi-symbolic (attention backend) from {src}: do not edit; regenerate '
-        f"with `ssi derive`.",
+    doc = [
         "",
         f"Model {spec.name}: L = {L}, r = 1, loss norm (||y - y_hat||_F, not squared), "
         f"spherical online SGD.",
@@ -1023,17 +513,13 @@ def _norm_module_source(spec: ModelSpec) -> str:
         "Gauss-Hermite quadrature over (z*, g) with QUADRATURE_NODES per dimension at each state",
         "(the norm is not smooth where T = S: read quadrature_error). Drift, covariance and the",
         "O(1/d) drift: the same quadrature of the step statistics at each state.",
-        '"""',
-        f"{HASH_PREFIX}{h}",
-        f"# tool: {backend_salt()}",
-        "import numpy",
-        "import scipy.special",
-        "",
+    ]
+    head = module_header(spec, doc, h, backend_salt(), [
         *_constants(spec, h),
         f"QUADRATURE_NODES = {NORM_NODES}",
         "COVARIANCE_NODES = QUADRATURE_NODES  # one rule for loss, drift and covariance",
         f"C = {[float(row[0]) for row in spec.C]!r}",
-    ])
+    ], backend="attention backend")
     pcall = ", ".join(f"{p}={p}" for p in names)
     args = ", ".join(["m", "e"] + names)
     fns = [function_source(
@@ -1082,23 +568,3 @@ def _norm_module_source(spec: ModelSpec) -> str:
             [f"c = step_coefficients(m, e, QUADRATURE_NODES, {pcall})"], ret))
     fns.append(_jacobian_source(pa, pcall, "1e-5"))
     return head + "\n\n" + ATTENTION_HELPERS + "\n\n" + "\n\n".join(fns)
-
-
-# ----------------------------------------------------------------------------- generate
-def salt(diffusion: bool = True) -> str:
-    """The salt of this backend's spec hash (its modules always carry the covariance)."""
-    return backend_salt()
-
-
-def generate(spec: ModelSpec, out_dir="generated", force: bool = False, diffusion: bool = True):
-    """Write <out_dir>/<name>.py for an attention spec unless its hash is current. Its
-    covariance is a direct quadrature at each state (no derivation cost), so a drift-only
-    request (diffusion=False) gets the full module.
-
-    Returns (path, written), like the exact backend's generate."""
-    _check(spec)
-    path = module_path(spec, out_dir)
-    if not force and read_hash(path) == spec.hash(backend_salt()):
-        return path, False
-    write_atomic(path, module_source(spec))
-    return path, True

@@ -171,6 +171,11 @@ def initial_state(ode: OverlapODE, d: float, m0=None, e0=None) -> np.ndarray:
     return np.array(x, dtype=float)
 
 
+def _rounded(names, x) -> dict:
+    """{name: value rounded to 6 decimals} of a state, for messages."""
+    return {k: round(float(v), 6) for k, v in zip(names, x)}
+
+
 def _check_eta(eta):
     if not (math.isfinite(eta) and eta > 0):
         raise StateError(f"eta = {eta}: the learning rate must be > 0")
@@ -383,7 +388,7 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
         which = "left the unit ball" if t_events[0].size else "blew up"
         raise DynamicsError(
             f"eta = {ode.eta}: the dynamics {which} at t = {sol.t_end:.6g} "
-            f"(state {dict(zip(ode.names, np.round(sol.y_end, 6)))}); the learning rate is "
+            f"(state {_rounded(ode.names, sol.y_end)}); the learning rate is "
             f"too large (see `ssi max-lr`)")
     t_end = sol.t_end
     # a threshold already reached at t = 0 (a start beyond theta / 4 or theta) counts from 0:
@@ -474,6 +479,10 @@ def leading_drift(mod, params=None, m=None, direction=None):
     return tuple(out)
 
 
+#: at most this many Newton continuation steps in eta (each a root solve) in max_learning_rate
+MAX_CONTINUATION_STEPS = 400
+
+
 def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10,
                       direction=None) -> dict:
     """Largest eta for which the dynamics escape from the origin and reach a stable
@@ -483,7 +492,9 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10,
     eta < -a1/a2 when a2 < 0. Stability: the informative fixed point reached at small eta is
     followed along eta (Newton continuation); the branch is lost where a Jacobian eigenvalue
     crosses zero or the point collapses to the origin, located by bisection. direction: the
-    pattern of the m_l of an untied student (see `leading_drift`).
+    pattern of the m_l of an untied student (see `leading_drift`). A continuation that does not
+    get through in MAX_CONTINUATION_STEPS steps (a fixed point on the boundary of the ball, a
+    kink) gives max_lr None with the reason "unresolved: ..." and how far it got.
     """
     params = params or {}
     p1, a1, p2, a2 = leading_drift(mod, params, direction=direction)
@@ -533,7 +544,9 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10,
     top = eta_escape if math.isfinite(eta_escape) else 1e3
     x, eta, step = x_ref, eta0, eta0
     lost = None
-    while eta < top:
+    for _ in range(MAX_CONTINUATION_STEPS):
+        if eta >= top:
+            break
         nxt = min(eta + step, top * (1 - 1e-12))
         xn = follow(x, nxt)
         if xn is None:  # too long a step, or the end of the branch: halve until tiny
@@ -547,6 +560,16 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10,
         x, eta = xn, nxt
         if nxt >= top * (1 - 1e-12):
             break
+    else:  # the continuation did not get through: say so, with how far it got
+        bound = (f"the escape bound {eta_escape:.6g}" if math.isfinite(eta_escape) else
+                 "no escape bound")
+        return {"max_lr": None, "reason": (
+            f"unresolved: the continuation of the informative fixed point stalled after "
+            f"{MAX_CONTINUATION_STEPS} steps at eta = {eta:.6g} (state "
+            f"{_rounded(mod.OVERLAPS, x)}, near the boundary of the unit ball or "
+            f"a kink of the drift), below {bound}; its stability above that eta is unknown"),
+            "eta_checked": eta, "eta_escape": eta_escape if math.isfinite(eta_escape) else None,
+            "leading_power": power, "a1": a1, "a2": a2}
     eta_stab, reason = (top, None) if lost is None else (eta, "stability")
     if reason is None and math.isfinite(eta_escape):
         if p1 == p2:
@@ -560,6 +583,6 @@ def max_learning_rate(mod, params=None, d=10_000, eta_hi=None, tol=1e-10,
                 "stable below it", "leading_power": power, "a1": a1, "a2": a2, "d": d}
     return {"max_lr": eta_stab, "reason": (
         f"stability: at eta = {eta_stab:.8g} the informative fixed point "
-        f"{dict(zip(mod.OVERLAPS, np.round(x, 6)))} loses stability (an eigenvalue of the "
+        f"{_rounded(mod.OVERLAPS, x)} loses stability (an eigenvalue of the "
         f"drift Jacobian crosses zero) or merges with the origin"),
         "leading_power": power, "a1": a1, "a2": a2}

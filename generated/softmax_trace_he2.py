@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 670f144b3e0f05b994d0a1c09cd8a9225fc08f79e4b77c826c14a316acb053e9
-# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22 attention 1 5e07511ec26a8165
+# spec-hash: 5704898fcb0d2a743d97c6499789b3af2181143a84087ec9e5009745228b8fcf
+# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22 attention 1 598da1ece5532532
 import numpy
 import scipy.special
 
@@ -37,7 +37,7 @@ METHOD = 'quadrature'
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '670f144b3e0f05b994d0a1c09cd8a9225fc08f79e4b77c826c14a316acb053e9'
+SPEC_HASH = '5704898fcb0d2a743d97c6499789b3af2181143a84087ec9e5009745228b8fcf'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

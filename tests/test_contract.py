@@ -55,6 +55,14 @@ def test_fresh_modules_of_every_backend_comply(backend, tmp_path):
         assert provides(lean, "drift") and provides(lean, "student_link_gradient")
         with pytest.raises(ContractError, match="the SDE needs diffusion.*drift-only"):
             require(lean, "diffusion", "the SDE")
+    if backend == "attention":  # tables without the drift: the module says so
+        from ssi_symbolic.backends.attention import Integrals, module_source
+        lean_path = tmp_path / "lean.py"
+        lean_path.write_text(module_source(spec, Integrals(spec, drift=False)))
+        lean = load_module(lean_path)
+        assert check_module(lean, spec) == []
+        assert not provides(lean, "drift") and not provides(lean, "drift_jacobian")
+        assert provides(lean, "population_loss") and provides(lean, "covariance")
 
 
 def _clone(mod, drop=(), **changes):

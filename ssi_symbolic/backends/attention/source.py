@@ -19,6 +19,8 @@ from .routing import _check, stable
 NORM_NODES = 24  # nodes per dimension of every quadrature of a norm-loss module
 #: the pieces of the module contract this backend does not write, per loss kind, with the reason
 UNAVAILABLE = {"square": {}, "norm": {}}
+#: the contract pieces that need the drift tables of Integrals
+DRIFT_PIECES = ("drift_eta1", "drift_eta2", "drift", "drift_jacobian")
 #: Gauss-Hermite nodes per dimension of the direct quadrature of the step statistics over the
 #: 2L variables (z*, g) (covariance_direct, step_coefficients)
 COVARIANCE_NODES = 24
@@ -45,9 +47,11 @@ def backend_salt() -> str:
     return f"{tool_salt()} attention {BACKEND_VERSION} {h.hexdigest()[:16]}"
 
 
-def _constants(spec: ModelSpec, h: str) -> list:
+def _constants(spec: ModelSpec, h: str, unavailable: dict | None = None) -> list:
     """The constants every attention module defines after its imports (NAME .. SPEC_HASH),
-    as source lines; h is the spec's hash."""
+    as source lines; h is the spec's hash, unavailable the module's UNAVAILABLE (default: the
+    backend's for the spec's loss)."""
+    unavailable = UNAVAILABLE[spec.loss] if unavailable is None else unavailable
     return [
         f"NAME = {spec.name!r}",
         f"L = {spec.L}",
@@ -60,7 +64,7 @@ def _constants(spec: ModelSpec, h: str) -> list:
         f"NOISE = {float(spec.noise)!r}",
         "METHOD = 'quadrature'",
         "BACKEND = 'attention'",
-        f"UNAVAILABLE = {UNAVAILABLE[spec.loss]!r}",
+        f"UNAVAILABLE = {unavailable!r}",
         f"FINITE_D_CORRECTION = {FINITE_D_NOTE!r}",
         f"SPEC_HASH = {h!r}",
     ]
@@ -72,6 +76,10 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         _check(spec)
         return _norm_module_source(spec)
     I = I or Integrals(spec)
+    unavailable = dict(UNAVAILABLE[spec.loss])
+    if I.drift_tables is None:  # Integrals(spec, drift=False): loss and landscape only
+        unavailable.update({piece: "built without the drift tables (Integrals(drift=False))"
+                            for piece in DRIFT_PIECES})
     names = list(spec.parameters)
     pa = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
     pcall = ", ".join(f"{p}={p}" for p in names)
@@ -102,7 +110,7 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
     lines = [
         "_cheb = numpy.polynomial.chebyshev",
         "",
-        *_constants(spec, h),
+        *_constants(spec, h, unavailable),
         f"QUADRATURE_NODES = {I.low_nodes}  # L-dim integrals; tables: TABLE_INFO",
         f"TABLE_INFO = {I.table_info!r}",
         f"LOSS_ERROR_ESTIMATE = {I.error_estimate()!r}",

@@ -6,10 +6,13 @@ Student link: Max(0, z1)
 Positional coefficients C: []
 
 Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];
-covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact where polynomial, tensor Gauss-Hermite quadrature elsewhere (see quadrature_error).
+covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact Gaussian moments
+where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, completed
+squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
+elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5cff6631a19816c080927e9cbab09e1a6f0c9ff62c77ebd334399077864a79c8
-# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22
+# spec-hash: bc99571ba02a324c0904a600ad095881bf5a1c481f907e474630c5368702295c
+# tool: ssi-symbolic 0.1.0 generator 1 source a1d0f44a75ddd875
 import numpy
 import scipy.special
 
@@ -22,8 +25,10 @@ DEFAULTS = {}
 SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
-METHOD = 'quadrature'
-SPEC_HASH = '5cff6631a19816c080927e9cbab09e1a6f0c9ff62c77ebd334399077864a79c8'
+METHOD = 'exact'
+OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
+QUADRATURE_TOLERANCE = 1e-08
+SPEC_HASH = 'bc99571ba02a324c0904a600ad095881bf5a1c481f907e474630c5368702295c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'
@@ -47,12 +52,21 @@ def _bc_nested(rows):
 _GRIDS = {}
 
 
-def _gh_grid(k, n):
-    """Tensor Gauss-Hermite rule for E over k independent N(0, 1): nodes (k, n^k), weights."""
-    key = (k, n)
+_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
+
+
+_TRAP_HALF_WIDTH = 10.0  # |u| <= 10: the Gaussian weight beyond is below 1e-21
+
+
+def _trap_grid(k, n):
+    """Tensor trapezoidal rule for E over k independent N(0, 1): n equispaced nodes on
+    [-10, 10] per dimension with weights h phi(u). For an integrand analytic in the strip
+    |Im u| < a it converges like exp(-2 pi a / h) (far faster than Gauss-Hermite for tanh,
+    sigmoid or softplus, whose poles sit near the real axis). Nodes (k, n^k), weights."""
+    key = ("trapezoid", k, n)
     if key not in _GRIDS:
-        x, w = numpy.polynomial.hermite_e.hermegauss(n)
-        w = w / numpy.sqrt(2.0 * numpy.pi)
+        x = numpy.linspace(-_TRAP_HALF_WIDTH, _TRAP_HALF_WIDTH, n)
+        w = (x[1] - x[0]) * numpy.exp(-x * x / 2) / numpy.sqrt(2.0 * numpy.pi)
         grids = numpy.meshgrid(*([x] * k), indexing="ij")
         weights = numpy.ones(())
         for _ in range(k):
@@ -61,13 +75,11 @@ def _gh_grid(k, n):
     return _GRIDS[key]
 
 
-_GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
-
-
 def _gh_expect(integrand, k, n, *args):
-    """E over k independent N(0, 1) of integrand(u, *args), by tensor Gauss-Hermite
-    quadrature, broadcast over the arguments and chunked to bound memory."""
-    u, w = _gh_grid(k, n)
+    """E over k independent N(0, 1) of integrand(u, *args), by the tensor trapezoidal rule of
+    _trap_grid with n nodes per dimension, broadcast over the arguments and chunked to bound
+    memory."""
+    u, w = _trap_grid(k, n)
     args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
     shape = args[0].shape
     flat = [a.reshape(1, -1) for a in args]
@@ -83,8 +95,11 @@ def _gh_expect(integrand, k, n, *args):
 
 
 def quadrature_error(function, *args, **kwargs):
-    """(value, error estimate) of a function of this module: the value with 2n nodes per
-    dimension and its difference from the value with n = QUADRATURE_NODES."""
+    """(value, error bound) of a function of this module: the value with n = QUADRATURE_NODES
+    nodes per dimension (what the module returns) and |value(n) - value(2n)| plus a round-off
+    floor of 1e-13 (1 + |value|). For the smooth integrands left to quadrature the rule
+    converges geometrically, so the 2n value is far closer to the truth than the n value and
+    the difference bounds the error of the n value."""
     global QUADRATURE_NODES
     n = QUADRATURE_NODES
     coarse = numpy.asarray(function(*args, **kwargs), dtype=float)
@@ -93,507 +108,112 @@ def quadrature_error(function, *args, **kwargs):
         fine = numpy.asarray(function(*args, **kwargs), dtype=float)
     finally:
         QUADRATURE_NODES = n
-    return fine, numpy.abs(fine - coarse)
+    return coarse, numpy.abs(fine - coarse) + 1e-13 * (1.0 + numpy.abs(coarse))
 
 def population_loss(m):
-    """Population loss R(m) = E[1/2 ||y - y_hat||^2] (quadrature)."""
-    _gh0 = _gh_node_0(m)
-    _gh1 = _gh_node_1(m)
-    return _bc(1/2 + _gh0 + _gh1)[0]
+    """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x3 = _x1*_x2
+    _x4 = (1/2)*_x3
+    return _bc(3/4 - _x4)[0]
 
 def drift_eta1(m):
-    """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (quadrature)."""
-    _gh2 = _gh_node_2(m)
-    _gh3 = _gh_node_3(m)
-    _gh4 = _gh_node_4(m)
-    return _bc(-_gh4 + m*(_gh2 + _gh3))
+    """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x3 = _x1*_x2
+    return _bc(m*(_x1 - _x3))
 
 def drift_eta2(m):
-    """O(eta^2) drift coefficients E[G2_i] for (m) (quadrature)."""
-    _gh5 = _gh_node_5(m)
-    _gh6 = _gh_node_6(m)
-    _x0 = (1/2)*_gh5
-    _x1 = (1/2)*_gh6
-    return _bc(m*(-_x0 - _x1))
+    """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x3 = _x1*_x2
+    _x4 = (1/2)*_x3
+    return _bc(m*(-1/2 + _x4))
 
 def drift(m, eta):
-    """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; quadrature)."""
-    _gh2 = _gh_node_2(m)
-    _gh3 = _gh_node_3(m)
-    _gh4 = _gh_node_4(m)
-    _gh5 = _gh_node_5(m)
-    _gh6 = _gh_node_6(m)
-    _x0 = (1/2)*_gh5
-    _x1 = (1/2)*_gh6
-    return _bc(eta * (-_gh4 + m*(_gh2 + _gh3)) + eta**2 * (m*(-_x0 - _x1)))
+    """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x3 = _x1*_x2
+    _x4 = (1/2)*_x3
+    return _bc(eta * (m*(_x1 - _x3)) + eta**2 * (m*(-1/2 + _x4)))
 
 def covariance(m, eta):
-    """Cov(G)_ij over (m), rows and columns in that order (quadrature); the diffusion is D = Cov(G) / d."""
-    _gh10 = _gh_node_10(m)
-    _gh11 = _gh_node_11(m)
-    _gh12 = _gh_node_12(m)
-    _gh13 = _gh_node_13(m)
-    _gh14 = _gh_node_14(m)
-    _gh15 = _gh_node_15(m)
-    _gh2 = _gh_node_2(m)
-    _gh3 = _gh_node_3(m)
-    _gh4 = _gh_node_4(m)
-    _gh5 = _gh_node_5(m)
-    _gh6 = _gh_node_6(m)
-    _gh7 = _gh_node_7(m)
-    _gh8 = _gh_node_8(m)
-    _gh9 = _gh_node_9(m)
-    _x0 = (1/2)*_gh5
-    _x2 = (eta*eta)
-    _x3 = (eta*eta*eta)
-    _x4 = _gh12*_x3
-    _x5 = _gh13*_x2
-    _x6 = 2*_gh2*_x2
-    _x7 = _gh4*_x3
-    _x8 = _gh14*_x2
-    _x9 = _gh7*_x2
+    """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x5 = -3*_x0
+    _x6 = (eta*eta)
+    _x7 = _x1*_x6
+    _x8 = (eta*eta*eta)
+    _x9 = _x1*_x8
     _x10 = (eta*eta*eta*eta)
-    _x11 = (1/4)*_x10
-    _x12 = _gh15*_x3
-    _x13 = _gh8*_x3
-    _x14 = _gh2*_x3
-    _x15 = _gh3*_x3
-    _c0_0 = _gh10*_x2 + m*(_x4 - 2*_x5 + _gh4*_x6 + m*(_x8 + _x9 - _x12 - _x13 + _gh11*_x11 + _gh5*_x14 + _gh5*_x15 + _gh6*_x14 + _gh6*_x15 + _gh9*_x11 - _gh3*_x6 - _x11*(_gh5*_gh5) - _x11*(_gh6*_gh6) - _x2*(_gh2*_gh2) - _x2*(_gh3*_gh3) - _gh6*_x0*_x10) - _gh5*_x7 - _gh6*_x7 + 2*_gh3*_gh4*_x2) - _x2*(_gh4*_gh4)
+    _x11 = _x1*_x10
+    _x12 = (1/4)*_x11
+    _x13 = scipy.constants.pi**(3/2)
+    _x14 = _x13**(-1.0)
+    _x15 = _x14*_x6
+    _x16 = 2*_x0
+    _x17 = _x14*_x8
+    _c0_0 = _x2*(_x12*(-8 + 11*_x0) + _x15*(-_x0 - 5*_x13 + 3*scipy.constants.pi) + _x2*(_x11*(-10 - _x5) + _x15*(_x16 - scipy.constants.pi + 2*_x13) + _x17*(-_x0 - 6*_x13 + 32*scipy.constants.pi) + _x2*(_x2*(-3/4*_x11 + (9/2)*_x1*_x8) + (1/2)*_x17*(_x16 - 33*scipy.constants.pi) - _x6/scipy.constants.pi + (1/4)*_x10*_x14*(-_x0 + 12*scipy.constants.pi))) + _x9*(-20 + 6*_x0)) + _x7*(-2 - _x5)
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
-    """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; quadrature)."""
-    _gh11 = _gh_node_11(m)
-    _gh12 = _gh_node_12(m)
-    _gh13 = _gh_node_13(m)
-    _gh14 = _gh_node_14(m)
-    _gh15 = _gh_node_15(m)
-    _gh7 = _gh_node_7(m)
-    _gh8 = _gh_node_8(m)
-    _gh9 = _gh_node_9(m)
-    _x2 = (eta*eta)
-    _x3 = (eta*eta*eta)
-    _x4 = _gh12*_x3
-    _x5 = _gh13*_x2
-    _x8 = _gh14*_x2
-    _x9 = _gh7*_x2
+    """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x5 = -3*_x0
+    _x6 = (eta*eta)
+    _x7 = _x1*_x6
+    _x8 = (eta*eta*eta)
+    _x9 = _x1*_x8
     _x10 = (eta*eta*eta*eta)
-    _x12 = _gh15*_x3
-    _x13 = _gh8*_x3
-    _x16 = (3/8)*_x10
-    _x17 = (1/2)*_x4 - _x5 + m*(-3/2*_x12 - 3/2*_x13 + (3/2)*_x8 + (3/2)*_x9 + _gh11*_x16 + _gh9*_x16)
-    return _bc(_x17)
+    _x11 = _x1*_x10
+    _x12 = (1/4)*_x11
+    _x18 = -9*_x0
+    _x19 = m*(-17/2*_x9 + _x2*(_x12*(-63 + 18*_x0) + _x2*(-45/4*_x9 + (9/2)*_x11 + _x2*(-9/8*_x11 + 3*_x1*_x8)) + _x7*(-7 - _x5) + _x9*(33 + _x18)) + _x7*(4 - _x0) + (1/2)*_x11*(-6 - _x18))
+    return _bc(_x19)
 
 def finite_d_correction(m, eta):
-    """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here; quadrature)."""
-    _gh11 = _gh_node_11(m)
-    _gh12 = _gh_node_12(m)
-    _gh13 = _gh_node_13(m)
-    _gh14 = _gh_node_14(m)
-    _gh15 = _gh_node_15(m)
-    _gh7 = _gh_node_7(m)
-    _gh8 = _gh_node_8(m)
-    _gh9 = _gh_node_9(m)
-    _x2 = (eta*eta)
-    _x3 = (eta*eta*eta)
-    _x4 = _gh12*_x3
-    _x5 = _gh13*_x2
-    _x8 = _gh14*_x2
-    _x9 = _gh7*_x2
+    """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here; exact)."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x5 = -3*_x0
+    _x6 = (eta*eta)
+    _x7 = _x1*_x6
+    _x8 = (eta*eta*eta)
+    _x9 = _x1*_x8
     _x10 = (eta*eta*eta*eta)
-    _x12 = _gh15*_x3
-    _x13 = _gh8*_x3
-    _x16 = (3/8)*_x10
-    _x17 = (1/2)*_x4 - _x5 + m*(-3/2*_x12 - 3/2*_x13 + (3/2)*_x8 + (3/2)*_x9 + _gh11*_x16 + _gh9*_x16)
-    return _bc(_x17)
+    _x11 = _x1*_x10
+    _x12 = (1/4)*_x11
+    _x18 = -9*_x0
+    _x19 = m*(-17/2*_x9 + _x2*(_x12*(-63 + 18*_x0) + _x2*(-45/4*_x9 + (9/2)*_x11 + _x2*(-9/8*_x11 + 3*_x1*_x8)) + _x7*(-7 - _x5) + _x9*(33 + _x18)) + _x7*(4 - _x0) + (1/2)*_x11*(-6 - _x18))
+    return _bc(_x19)
 
 def drift_jacobian(m, eta):
-    """Jacobian d drift_i / d x_j over (m), derived symbolically (quadrature)."""
-    _gh16 = _gh_node_16(m)
-    _gh17 = _gh_node_17(m)
-    _gh18 = _gh_node_18(m)
-    _gh19 = _gh_node_19(m)
-    _gh2 = _gh_node_2(m)
-    _gh20 = _gh_node_20(m)
-    _gh3 = _gh_node_3(m)
-    _gh5 = _gh_node_5(m)
-    _gh6 = _gh_node_6(m)
-    _x0 = (1/2)*_gh5
-    _x1 = (1/2)*_gh6
-    _x2 = (eta*eta)
-    _x18 = (1/2)*_x2
-    return _bc_nested(((_gh2*eta + _gh3*eta + m*(_gh19*eta - _gh16*_x18 - _gh20*_x18) - _gh17*eta - _gh18*eta - _x0*_x2 - _x1*_x2,),))
+    """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
+    _x0 = numpy.sqrt(scipy.constants.pi)
+    _x1 = _x0**(-1.0)
+    _x2 = (m*m)
+    _x6 = (eta*eta)
+    _x7 = _x1*_x6
+    _x20 = _x1*eta
+    return _bc_nested(((_x20 - 1/2*_x6 + _x2*(-3*_x20 + (3/2)*_x7),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""
     c = covariance(m, eta)
     return numpy.array(c) / d
-
-def _gh_integrand_0(_u, m):
-    """Integrand of node 0 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    return -1/2*numpy.sqrt(2)*(u1a*u1a)*numpy.maximum(0, m*u1a + u1b*numpy.sqrt(1 - (m*m)))
-
-def _gh_node_0(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    -sqrt(2)*u1a**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2
-    """
-    return _gh_expect(_gh_integrand_0, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_1(_u, m):
-    """Integrand of node 1 at quadrature points _u = (u1b)."""
-    (u1b,) = _u
-    _y0 = numpy.maximum(0, u1b)
-    return (1/2)*(_y0*_y0) + (1/2)*_y0*numpy.sqrt(2)
-
-def _gh_node_1(m, n=None):
-    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    Max(0, u1b)**2/2 + sqrt(2)*Max(0, u1b)/2
-    """
-    return _gh_expect(_gh_integrand_1, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_2(_u, m):
-    """Integrand of node 2 at quadrature points _u = (u1b)."""
-    (u1b,) = _u
-    _y0 = u1b*numpy.heaviside(u1b, 0.5)
-    return _y0*numpy.maximum(0, u1b) + (1/2)*_y0*numpy.sqrt(2)
-
-def _gh_node_2(m, n=None):
-    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    u1b*Heaviside(u1b)*Max(0, u1b) + sqrt(2)*u1b*Heaviside(u1b)/2
-    """
-    return _gh_expect(_gh_integrand_2, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_3(_u, m):
-    """Integrand of node 3 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = u1b*numpy.sqrt(1 - (m*m))
-    _y1 = (1/2)*numpy.sqrt(2)*numpy.heaviside(_y0 + m*u1a, 0.5)
-    return -_y0*_y1*(u1a*u1a) - _y1*m*(u1a*u1a*u1a)
-
-def _gh_node_3(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    -sqrt(2)*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 - sqrt(2)*u1a**2*u1b*sqrt(1 - m**2)*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
-    """
-    return _gh_expect(_gh_integrand_3, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_4(_u, m):
-    """Integrand of node 4 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
-    _y1 = numpy.heaviside(_y0, 0.5)
-    _y2 = _y1*u1a
-    _y3 = (1/2)*numpy.sqrt(2)
-    return _y2*_y3 + _y2*numpy.maximum(0, _y0) - _y1*_y3*(u1a*u1a*u1a)
-
-def _gh_node_4(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    -sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2 + u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + sqrt(2)*u1a*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
-    """
-    return _gh_expect(_gh_integrand_4, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_5(_u, m):
-    """Integrand of node 5 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
-    _y1 = (numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
-    _y2 = _y1*(u1a*u1a)
-    return -_y2 + (1/2)*_y1*(u1a*u1a*u1a*u1a) - _y2*numpy.sqrt(2)*numpy.maximum(0, _y0)
-
-def _gh_node_5(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2
-    """
-    return _gh_expect(_gh_integrand_5, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_6(_u, m):
-    """Integrand of node 6 at quadrature points _u = (u1b)."""
-    (u1b,) = _u
-    _y0 = (numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y1 = numpy.maximum(0, u1b)
-    return (1/2)*_y0 + _y0*(_y1*_y1) + _y0*_y1*numpy.sqrt(2)
-
-def _gh_node_6(m, n=None):
-    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    Heaviside(u1b)**2*Max(0, u1b)**2 + sqrt(2)*Heaviside(u1b)**2*Max(0, u1b) + Heaviside(u1b)**2/2
-    """
-    return _gh_expect(_gh_integrand_6, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_7(_u, m):
-    """Integrand of node 7 at quadrature points _u = (u1b)."""
-    (u1b,) = _u
-    _y0 = (u1b*u1b)*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y1 = numpy.maximum(0, u1b)
-    return (1/2)*_y0 + _y0*(_y1*_y1) + _y0*_y1*numpy.sqrt(2)
-
-def _gh_node_7(m, n=None):
-    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    u1b**2*Heaviside(u1b)**2*Max(0, u1b)**2 + sqrt(2)*u1b**2*Heaviside(u1b)**2*Max(0, u1b) + u1b**2*Heaviside(u1b)**2/2
-    """
-    return _gh_expect(_gh_integrand_7, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_8(_u, m):
-    """Integrand of node 8 at quadrature points _u = (u1b)."""
-    (u1b,) = _u
-    _y0 = u1b*(numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y1 = _y0*numpy.sqrt(2)
-    _y2 = numpy.maximum(0, u1b)
-    return (1/4)*_y1 + _y0*(_y2*_y2*_y2) + (3/2)*_y0*_y2 + (3/2)*_y1*(_y2*_y2)
-
-def _gh_node_8(m, n=None):
-    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    u1b*Heaviside(u1b)**3*Max(0, u1b)**3 + 3*sqrt(2)*u1b*Heaviside(u1b)**3*Max(0, u1b)**2/2 + 3*u1b*Heaviside(u1b)**3*Max(0, u1b)/2 + sqrt(2)*u1b*Heaviside(u1b)**3/4
-    """
-    return _gh_expect(_gh_integrand_8, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_9(_u, m):
-    """Integrand of node 9 at quadrature points _u = (u1b)."""
-    (u1b,) = _u
-    _y0 = (numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5)*numpy.heaviside(u1b, 0.5))
-    _y1 = numpy.maximum(0, u1b)
-    _y2 = _y0*numpy.sqrt(2)
-    return (1/4)*_y0 + _y0*(_y1*_y1*_y1*_y1) + _y1*_y2 + 2*_y2*(_y1*_y1*_y1) + 3*_y0*(_y1*_y1)
-
-def _gh_node_9(m, n=None):
-    """E over (u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    Heaviside(u1b)**4*Max(0, u1b)**4 + 2*sqrt(2)*Heaviside(u1b)**4*Max(0, u1b)**3 + 3*Heaviside(u1b)**4*Max(0, u1b)**2 + sqrt(2)*Heaviside(u1b)**4*Max(0, u1b) + Heaviside(u1b)**4/4
-    """
-    return _gh_expect(_gh_integrand_9, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_10(_u, m):
-    """Integrand of node 10 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = (u1a*u1a)
-    _y1 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
-    _y2 = (numpy.heaviside(_y1, 0.5)*numpy.heaviside(_y1, 0.5))
-    _y3 = (1/2)*_y2
-    _y4 = _y2*(u1a*u1a*u1a*u1a)
-    _y5 = numpy.maximum(0, _y1)
-    _y6 = _y0*_y2
-    _y7 = _y5*numpy.sqrt(2)
-    return -_y4 + _y0*_y3 + _y3*(u1a*u1a*u1a*u1a*u1a*u1a) + _y6*_y7 + _y6*(_y5*_y5) - _y4*_y7
-
-def _gh_node_10(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + u1a**2*Heaviside(m*u1a +
-    """
-    return _gh_expect(_gh_integrand_10, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_11(_u, m):
-    """Integrand of node 11 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
-    _y1 = (numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
-    _y2 = _y1*(u1a*u1a)
-    _y3 = _y1*(u1a*u1a*u1a*u1a*u1a*u1a)
-    _y4 = (u1a*u1a*u1a*u1a)
-    _y5 = numpy.maximum(0, _y0)
-    _y6 = (_y5*_y5)
-    _y7 = numpy.sqrt(2)
-    _y8 = _y5*_y7
-    return -_y2 - _y3 - _y3*_y8 - 6*_y2*_y6 - 3*_y2*_y8 + (1/4)*_y1*(u1a*u1a*u1a*u1a*u1a*u1a*u1a*u1a) + (3/2)*_y1*_y4 - 2*_y2*_y7*(_y5*_y5*_y5) + 3*_y1*_y4*_y6 + 3*_y1*_y4*_y5*_y7
-
-def _gh_node_11(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    u1a**8*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4/4 - sqrt(2)*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4 + 3*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2 + 3*sqrt(2)*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**4*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + 3*u1a**4*Heaviside(m
-    """
-    return _gh_expect(_gh_integrand_11, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_12(_u, m):
-    """Integrand of node 12 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = m*u1a + u1b*numpy.sqrt(1 - (m*m))
-    _y1 = (numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5)*numpy.heaviside(_y0, 0.5))
-    _y2 = _y1*u1a
-    _y3 = numpy.sqrt(2)
-    _y4 = (1/4)*_y3
-    _y5 = _y1*(u1a*u1a*u1a)
-    _y6 = (3/4)*_y3
-    _y7 = _y1*(u1a*u1a*u1a*u1a*u1a)
-    _y8 = numpy.maximum(0, _y0)
-    _y9 = (3/2)*_y8
-    _y10 = (3/2)*_y3*(_y8*_y8)
-    return _y10*_y2 + _y2*_y4 + _y2*_y9 + _y2*(_y8*_y8*_y8) + _y6*_y7 + _y7*_y9 - _y10*_y5 - _y5*_y6 - 3*_y5*_y8 - _y1*_y4*(u1a*u1a*u1a*u1a*u1a*u1a*u1a)
-
-def _gh_node_12(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    -sqrt(2)*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 + 3*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2 + 3*sqrt(2)*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 - 3*sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/2 - 3*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - 3
-    """
-    return _gh_expect(_gh_integrand_12, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_13(_u, m):
-    """Integrand of node 13 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = (u1a*u1a)
-    _y1 = u1b*numpy.sqrt(1 - (m*m))
-    _y2 = _y1 + m*u1a
-    _y3 = (numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5))
-    _y4 = _y3*m
-    _y5 = (1/2)*_y4
-    _y6 = _y4*(u1a*u1a*u1a*u1a)
-    _y7 = _y1*_y3
-    _y8 = (1/2)*_y7
-    _y9 = _y7*(u1a*u1a*u1a)
-    _y10 = numpy.maximum(0, _y2)
-    _y11 = (_y10*_y10)
-    _y12 = _y0*_y4
-    _y13 = _y10*numpy.sqrt(2)
-    _y14 = _y7*u1a
-    return -_y6 - _y9 + _y0*_y5 + _y11*_y12 + _y11*_y14 + _y12*_y13 + _y13*_y14 + _y5*(u1a*u1a*u1a*u1a*u1a*u1a) + _y8*u1a + _y8*(u1a*u1a*u1a*u1a*u1a) - _y13*_y6 - _y13*_y9
-
-def _gh_node_13(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    m*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*m*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - m*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*m*u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + m*u1a**2*Heavi
-    """
-    return _gh_expect(_gh_integrand_13, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_14(_u, m):
-    """Integrand of node 14 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = (u1a*u1a*u1a*u1a)
-    _y1 = (m*m)
-    _y2 = numpy.sqrt(1 - _y1)
-    _y3 = _y2*u1b
-    _y4 = _y3 + m*u1a
-    _y5 = (numpy.heaviside(_y4, 0.5)*numpy.heaviside(_y4, 0.5))
-    _y6 = _y0*_y1*_y5
-    _y7 = (u1a*u1a)
-    _y8 = (u1b*u1b)
-    _y9 = _y5*_y7*_y8
-    _y10 = 2*_y3*_y5*m*(u1a*u1a*u1a)
-    _y11 = numpy.sqrt(2)
-    _y12 = numpy.maximum(0, _y4)
-    _y13 = _y11*_y12
-    return -_y10 - _y6 - _y9 - _y10*_y13 - _y13*_y6 - _y13*_y9 - 1/2*_y6*_y8 + (1/2)*_y0*_y5*_y8 + (1/2)*_y1*_y5*(u1a*u1a*u1a*u1a*u1a*u1a) + _y1*_y5*_y7*_y8 + _y2*_y5*m*u1b*(u1a*u1a*u1a*u1a*u1a) + _y1*_y11*_y12*_y5*_y7*_y8
-
-def _gh_node_14(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    m**2*u1a**6*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - m**2*u1a**4*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/2 - sqrt(2)*m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) - m**2*u1a**4*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2 + sqrt(2)*m**2*u1a**2*u1b**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2*Max(0, m*u1a + u1b*sqrt(1 - m**2)) + m**2*u1a**2*u1b**2*He
-    """
-    return _gh_expect(_gh_integrand_14, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_15(_u, m):
-    """Integrand of node 15 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = numpy.sqrt(1 - (m*m))
-    _y1 = _y0*u1b
-    _y2 = _y1 + m*u1a
-    _y3 = (numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5)*numpy.heaviside(_y2, 0.5))
-    _y4 = _y3*m
-    _y5 = _y4*(u1a*u1a*u1a)
-    _y6 = numpy.sqrt(2)
-    _y7 = (3/4)*_y6
-    _y8 = (u1a*u1a*u1a*u1a*u1a)
-    _y9 = (1/4)*_y6
-    _y10 = _y1*_y3
-    _y11 = _y10*(u1a*u1a)
-    _y12 = (u1a*u1a*u1a*u1a)
-    _y13 = numpy.maximum(0, _y2)
-    _y14 = 3*_y13
-    _y15 = (3/2)*_y6*(_y13*_y13)
-    return -_y11*_y14 - _y11*_y15 - _y11*_y7 - _y14*_y5 - _y15*_y5 - _y5*_y7 - _y10*_y9*(u1a*u1a*u1a*u1a*u1a*u1a) - _y4*_y9*(u1a*u1a*u1a*u1a*u1a*u1a*u1a) + (3/2)*_y13*_y3*_y8*m + (3/4)*_y3*_y6*_y8*m + (3/2)*_y0*_y12*_y13*_y3*u1b + (3/4)*_y0*_y12*_y3*_y6*u1b
-
-def _gh_node_15(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    -sqrt(2)*m*u1a**7*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 + 3*m*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))/2 + 3*sqrt(2)*m*u1a**5*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/4 - 3*sqrt(2)*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - m**2))**2/2 - 3*m*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3*Max(0, m*u1a + u1b*sqrt(1 - 
-    """
-    return _gh_expect(_gh_integrand_15, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_16(_u, m):
-    """Integrand of node 16 at quadrature points _u = (u1a)."""
-    (u1a,) = _u
-    _y0 = (m*m)
-    _y1 = 1 - _y0
-    _y2 = _y0/_y1
-    _y3 = (u1a*u1a*u1a)
-    _y4 = (1/2)*(u1a*u1a*u1a*u1a*u1a)
-    return (1/2)*numpy.sqrt(2)*(_y4 - _y3 + _y2*_y4 - _y2*_y3)*numpy.exp(-1/2*_y2*(u1a*u1a))/(numpy.sqrt(scipy.constants.pi)*abs(numpy.sqrt(_y1)))
-
-def _gh_node_16(m, n=None):
-    """E over (u1a) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    sqrt(2)*(m**2*u1a**5/(2*(1 - m**2)) - m**2*u1a**3/(1 - m**2) + u1a**5/2 - u1a**3)*exp(-m**2*u1a**2/(2*(1 - m**2)))/(2*sqrt(pi)*Abs(sqrt(1 - m**2)))
-    """
-    return _gh_expect(_gh_integrand_16, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_17(_u, m):
-    """Integrand of node 17 at quadrature points _u = (u1a)."""
-    (u1a,) = _u
-    _y0 = (m*m)
-    _y1 = 1 - _y0
-    _y2 = numpy.sqrt(2)
-    _y3 = (u1a*u1a)
-    _y4 = (1/2)*_y2
-    _y5 = _y4*(u1a*u1a*u1a*u1a)
-    _y6 = _y1**(-1.0)
-    _y7 = _y0*_y6
-    return _y4*(-_y5 + (1/2)*_y2*_y3 - _y5*_y7 + (1/2)*_y0*_y2*_y3*_y6)*numpy.exp(-1/2*_y3*_y7)/(numpy.sqrt(scipy.constants.pi)*abs(numpy.sqrt(_y1)))
-
-def _gh_node_17(m, n=None):
-    """E over (u1a) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    sqrt(2)*(-sqrt(2)*m**2*u1a**4/(2*(1 - m**2)) + sqrt(2)*m**2*u1a**2/(2*(1 - m**2)) - sqrt(2)*u1a**4/2 + sqrt(2)*u1a**2/2)*exp(-m**2*u1a**2/(2*(1 - m**2)))/(2*sqrt(pi)*Abs(sqrt(1 - m**2)))
-    """
-    return _gh_expect(_gh_integrand_17, 1, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_18(_u, m):
-    """Integrand of node 18 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = m*u1a
-    _y1 = numpy.sqrt(1 - (m*m))
-    _y2 = (numpy.heaviside(_y0 + _y1*u1b, 0.5)*numpy.heaviside(_y0 + _y1*u1b, 0.5))
-    return _y2*(u1a*u1a) - _y0*_y2*u1b/_y1
-
-def _gh_node_18(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    -m*u1a*u1b*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2/sqrt(1 - m**2) + u1a**2*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**2
-    """
-    return _gh_expect(_gh_integrand_18, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_19(_u, m):
-    """Integrand of node 19 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = numpy.sqrt(1 - (m*m))
-    _y1 = (1/2)*numpy.sqrt(2)*numpy.heaviside(_y0*u1b + m*u1a, 0.5)
-    return -_y1*(u1a*u1a*u1a) + _y1*m*u1b*(u1a*u1a)/_y0
-
-def _gh_node_19(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    sqrt(2)*m*u1a**2*u1b*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/(2*sqrt(1 - m**2)) - sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))/2
-    """
-    return _gh_expect(_gh_integrand_19, 2, QUADRATURE_NODES if n is None else n, m)
-
-def _gh_integrand_20(_u, m):
-    """Integrand of node 20 at quadrature points _u = (u1a, u1b)."""
-    (u1a, u1b) = _u
-    _y0 = numpy.sqrt(1 - (m*m))
-    _y1 = numpy.sqrt(2)*(numpy.heaviside(_y0*u1b + m*u1a, 0.5)*numpy.heaviside(_y0*u1b + m*u1a, 0.5)*numpy.heaviside(_y0*u1b + m*u1a, 0.5))
-    return -_y1*(u1a*u1a*u1a) + _y1*m*u1b*(u1a*u1a)/_y0
-
-def _gh_node_20(m, n=None):
-    """E over (u1a, u1b) ~ N(0, I) of the integrand below, by tensor Gauss-Hermite quadrature with n nodes per dimension.
-
-    sqrt(2)*m*u1a**2*u1b*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3/sqrt(1 - m**2) - sqrt(2)*u1a**3*Heaviside(m*u1a + u1b*sqrt(1 - m**2))**3
-    """
-    return _gh_expect(_gh_integrand_20, 2, QUADRATURE_NODES if n is None else n, m)
 
 def teacher_link(z1):
     """Teacher link g*(z) entries (flattened row by row)."""

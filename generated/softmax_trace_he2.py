@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 5704898fcb0d2a743d97c6499789b3af2181143a84087ec9e5009745228b8fcf
-# tool: ssi-symbolic 0.1.0 generator 1 source 18c17292a4e85d22 attention 1 598da1ece5532532
+# spec-hash: 960a15b31f83c9f109c5abd56fc7bb4ac11456284435bf787f6b86b6a30475c4
+# tool: ssi-symbolic 0.1.0 generator 1 source a1d0f44a75ddd875 attention 1 aecf5013095afddf
 import numpy
 import scipy.special
 
@@ -34,10 +34,11 @@ SPHERICAL = True
 LOSS = 'square'
 NOISE = 0.0
 METHOD = 'quadrature'
+OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_eta1', 'drift_eta2', 'covariance', 'ito_correction', 'finite_d_correction')}
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '5704898fcb0d2a743d97c6499789b3af2181143a84087ec9e5009745228b8fcf'
+SPEC_HASH = '960a15b31f83c9f109c5abd56fc7bb4ac11456284435bf787f6b86b6a30475c4'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -58,7 +58,8 @@ CONSTANTS = {
     "SPHERICAL": (bool, "spherical (True) or plain (False) SGD"),
     "LOSS": (str, "loss kind"),
     "NOISE": (float, "label-noise variance"),
-    "METHOD": (str, "'exact' or 'quadrature'"),
+    "METHOD": (str, "'exact', 'closed form' or 'quadrature' (the least exact output)"),
+    "OUTPUT_METHODS": (dict, "{piece: 'exact' | 'closed form' | 'quadrature'} per output"),
     "SPEC_HASH": (str, "hash of the spec and the generator"),
     "QUADRATURE_NODES": (int, "nodes per dimension of the module's quadratures"),
     "BACKEND": (str, "the backend that wrote the module"),
@@ -104,7 +105,7 @@ LANDSCAPE_TABLES = ("teacher_coefficients", "teacher_constant", "student_mean",
                     "student_square", "cross_terms", "PIECE_ENTRY", "LOSS_ERROR_ESTIMATE",
                     "gradient_origin", "hessian_origin")
 
-METHODS = ("exact", "quadrature")
+METHODS = ("exact", "closed form", "quadrature")
 
 
 class ContractError(SSIError, RuntimeError):

@@ -3,7 +3,7 @@
 The module imports only numpy and scipy, broadcasts over arrays of states and parameter values,
 and computes every function after one common-subexpression elimination over all the module's
 outputs (each function then evaluates only the shared subexpressions it needs). Expectations that
-have no closed form are printed as tensor Gauss-Hermite quadratures over their own variables.
+have no closed form are printed as tensor trapezoidal rules with the Gaussian weight over their own variables.
 A header records where the formulas came from and the sha256 of the spec and tool version;
 :func:`ensure_module` regenerates only when that hash changes, and every write is atomic.
 
@@ -23,12 +23,12 @@ Generated module API (all functions broadcast):
     student_link_gradient(z1..zL, **params)      tuple of K tuples of L entries dg_k/dz_l
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import functools
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import sympy as sp
 
 from ..version import __version__
@@ -38,7 +38,7 @@ from ..symbolic.gaussian import GaussHermite
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, function_source, horner, module_header, pycode,
                        tuple_source)
-from .runtime import GAUSS_HERMITE_HELPERS
+from .runtime import BVN_HELPERS, GAUSS_HERMITE_HELPERS
 
 GENERATOR_VERSION = "1"
 DEFAULT_NODES = 40
@@ -47,7 +47,8 @@ DIFFUSION_PIECES = ("covariance", "diffusion", "ito_correction", "finite_d_corre
 
 
 #: the files whose source determines the generated code of this backend
-_PIPELINE = ("model/spec.py", "model/links.py", "symbolic/gaussian.py", "symbolic/derive.py",
+_PIPELINE = ("model/spec.py", "model/links.py", "model/integrability.py", "symbolic/gaussian.py",
+             "symbolic/closed_forms.py", "symbolic/derive.py",
              "backends/exact.py", "backends/printing.py", "backends/runtime.py",
              "backends/files.py", "version.py")
 
@@ -218,7 +219,7 @@ class _Module:
                 f"Integrand of node {idx} at quadrature points _u = ({', '.join(us)}).",
                 lines, pycode(red)))
             doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below, by tensor "
-                   f"Gauss-Hermite quadrature with n nodes per dimension.\n\n"
+                   f"trapezoidal rule on [-10, 10] with n nodes per dimension.\n\n"
                    f"    {sp.sstr(node.integrand)[:400]}\n    ")
             fns.append(function_source(
                 f"_gh_node_{idx}", args + ["n=None"], doc, [],
@@ -281,10 +282,10 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
         f"Positional coefficients C: {[[str(c) for c in row] for row in spec.C]}",
         "",
         "Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];",
-        "covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: "
-        + ("exact (Gaussian moments, token by token)." if D.method == "exact" else
-           "exact where polynomial, tensor Gauss-Hermite quadrature elsewhere "
-           "(see quadrature_error)."),
+        "covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact Gaussian moments",
+        "where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, completed",
+        "squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature",
+        "elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.",
     ]
     constants = [
         f"NAME = {spec.name!r}",
@@ -297,6 +298,8 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
         f"LOSS = {spec.loss!r}",
         f"NOISE = {float(spec.noise)!r}",
         f"METHOD = {D.method!r}",
+        f"OUTPUT_METHODS = {D.methods!r}",
+        f"QUADRATURE_TOLERANCE = {QUADRATURE_TOLERANCE!r}",
         f"SPEC_HASH = {h!r}",
         f"QUADRATURE_NODES = {DEFAULT_NODES}",
         f"JACOBIAN = {mod.jacobian_method!r}",
@@ -306,7 +309,10 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
         f"UNAVAILABLE = {unavailable!r}",
     ]
     header = module_header(spec, doc, h, tool_salt(), constants)
-    parts = [header, GAUSS_HERMITE_HELPERS] + state_fns + quad_fns + link_fns
+    body = state_fns + quad_fns + link_fns
+    helpers = [GAUSS_HERMITE_HELPERS] + (
+        [BVN_HELPERS] if any("_bvn(" in f for f in body) else [])
+    parts = [header] + helpers + body
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 
 
@@ -320,9 +326,74 @@ def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
     path = module_path(spec, out_dir, diffusion)
     if not force and read_hash(path) == spec.hash(salt(diffusion)):
         return path, False
-    text = module_source(derive(spec, diffusion=diffusion), diffusion)
+    D = derive(spec, diffusion=diffusion)
+    text = module_source(D, diffusion)
+    if D.method == "quadrature":
+        text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
+                            f"\nQUADRATURE_NODES = {choose_nodes(text, spec)}\n", 1)
     write_atomic(path, text)
     return path, True
+
+
+#: requested accuracy of every quadrature node: |Q_n - Q_2n| <= tol max(1, |Q_2n|)
+QUADRATURE_TOLERANCE = 1e-8
+#: candidate nodes per dimension; the tensor rule of a k-dimensional node has n^k points
+NODE_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+MAX_POINTS = 2 ** 20
+
+
+def _probe_states(spec) -> list:
+    """A few fixed states spread over the ball (state order of the spec), for choosing nodes."""
+    names = spec.overlap_names
+    out = []
+    for radius, q in ((0.0, 1.0), (0.35, 1.0), (0.7, 1.3), (0.92, 0.8)):
+        v = []
+        for i, name in enumerate(names):
+            if name.startswith("q"):
+                v.append(q if not spec.spherical else 1.0)
+            else:
+                v.append(radius * (0.8 if i == 0 else 0.45) * (-1) ** i)
+        out.append(v)
+    return out
+
+
+def choose_nodes(text: str, spec) -> int:
+    """The smallest n of NODE_CANDIDATES for which every quadrature node of the module's
+    source meets QUADRATURE_TOLERANCE at the probe states (n versus 2n), within MAX_POINTS
+    points per rule; the largest allowed n when none does (the runtime error estimate of
+    quadrature_error then says how far off it is)."""
+    import types
+    ns = types.ModuleType("_ssi_probe")
+    exec(compile(text, "<generated module probe>", "exec"), ns.__dict__)
+    nodes = [getattr(ns, k) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
+    dims = [int(k.split("_")[-1]) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
+    kmax = max((_node_dim(text, i) for i in dims), default=1)
+    allowed = [n for n in NODE_CANDIDATES if (2 * n) ** kmax <= MAX_POINTS] or [8]
+    params = {k: float(v) for k, v in spec.parameters.items()}
+    states = _probe_states(spec)
+    with np.errstate(all="ignore"):
+        for n in allowed:
+            ok = True
+            for f in nodes:
+                for st in states:
+                    a = np.asarray(f(*st, **params, n=n), dtype=float)
+                    b = np.asarray(f(*st, **params, n=2 * n), dtype=float)
+                    if np.isfinite(b).all() and not (np.abs(a - b) <= QUADRATURE_TOLERANCE
+                                                     * np.maximum(1.0, np.abs(b))).all():
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok:
+                return n
+    return allowed[-1]
+
+
+def _node_dim(text: str, i: int) -> int:
+    """Dimension k of node i, read from its _gh_expect call."""
+    key = f"_gh_expect(_gh_integrand_{i}, "
+    j = text.index(key) + len(key)
+    return int(text[j:text.index(",", j)])
 
 
 __all__ = ["generate", "module_source", "tool_salt", "salt", "DEFAULT_NODES"]

@@ -8,10 +8,19 @@ spec's parameters. Besides SymPy's arithmetic it may call:
     tsum(v)           sum of the entries of a vector or matrix (tsum(z) = z1 + .. + zL)
     L                 the sequence length, so that one link string serves every L
                       (e.g. "tsum(He(2, z)) / sqrt(2 * L)"; see ModelSpec.with_length)
-    sqrt, exp, log, erf, tanh, pi, E
+    sqrt, exp, log, sin, cos, tanh, erf, erfc, pi, E   as in SymPy / NumPy / SciPy
+    Phi(x)            standard normal CDF (1 + erf(x / sqrt 2)) / 2 (scipy.special.ndtr)
+    sigmoid(x)        1 / (1 + exp(-x))                     (torch.sigmoid)
+    relu(x)           max(x, 0)                             (torch.relu)
+    leaky_relu(x, a)  max(x, a x), a = 0.01 by default      (torch's negative_slope, 0 <= a <= 1)
     Abs(x), abs(x)    |x|, written max(x, -x)
-    sigmoid(x)        1 / (1 + exp(-x))
-    relu(x)           max(x, 0)
+    sign(x)           -1, 0, 1                              (numpy.sign)
+    Heaviside(x)      step 0 / 1 with Heaviside(0) = 1/2   (numpy.heaviside(x, 0.5))
+    Max(...), Min(...) largest / smallest argument          (any number of arguments)
+    hardtanh(x)       clip(x, -1, 1)                        (torch.nn.functional.hardtanh)
+    softplus(x)       log(1 + exp(x))                       (torch's softplus, beta = 1)
+    gelu(x)           x Phi(x)                              (exact GELU, approximate="none")
+    silu(x)           x sigmoid(x)                          (torch's silu / swish)
     Matrix(...)       a matrix or vector of expressions
     outer(u, v)       u v^T
     trace(M)          sum of the diagonal
@@ -45,6 +54,44 @@ def sigmoid(x):
 def relu(x):
     """Rectified linear unit max(x, 0)."""
     return sp.Max(x, 0)
+
+
+def leaky_relu(x, a=sp.Rational(1, 100)):
+    """max(x, a x) for a slope 0 <= a <= 1 (PyTorch's negative_slope, default 0.01)."""
+    a = sp.sympify(a)
+    if a.is_number and not (0 <= a <= 1):
+        raise ValueError(f"leaky_relu(x, a) needs 0 <= a <= 1, got a = {a}")
+    return sp.Max(x, a * x)
+
+
+def Phi(x):
+    """Standard normal CDF (1 + erf(x / sqrt 2)) / 2."""
+    return (1 + sp.erf(x / sp.sqrt(2))) / 2
+
+
+def hardtanh(x):
+    """clip(x, -1, 1), written max(x, -1) - max(x, 1) + 1 (a sum of kinks)."""
+    return sp.Max(x, -1) - sp.Max(x, 1) + 1
+
+
+def softplus(x):
+    """log(1 + exp(x)) (PyTorch's softplus with beta = 1)."""
+    return sp.log(1 + sp.exp(x))
+
+
+def gelu(x):
+    """Exact GELU x Phi(x)."""
+    return x * Phi(x)
+
+
+def silu(x):
+    """SiLU (swish) x sigmoid(x)."""
+    return x * sigmoid(x)
+
+
+def heaviside(x):
+    """Step function with H(0) = 1/2 (numpy.heaviside(x, 0.5))."""
+    return sp.Heaviside(x, sp.Rational(1, 2))
 
 
 def absolute(x):
@@ -88,7 +135,20 @@ VOCABULARY = {
     "exp": sp.exp,
     "log": sp.log,
     "erf": sp.erf,
+    "erfc": sp.erfc,
+    "Phi": Phi,
     "tanh": sp.tanh,
+    "sin": sp.sin,
+    "cos": sp.cos,
+    "sign": sp.sign,
+    "Heaviside": heaviside,
+    "Max": sp.Max,
+    "Min": sp.Min,
+    "leaky_relu": leaky_relu,
+    "hardtanh": hardtanh,
+    "softplus": softplus,
+    "gelu": gelu,
+    "silu": silu,
     "Abs": absolute,
     "abs": absolute,
     "sigmoid": sigmoid,

@@ -254,6 +254,15 @@ def spec_from_dict(data: dict, source: str | None = None) -> ModelSpec:
         raise SpecError(f"{src}student.link: shape {link_shape(student) or 'scalar'} does not "
                         f"match the teacher's {link_shape(teacher) or 'scalar'}")
 
+    from .integrability import check_link
+    zs = token_symbols(L)
+    for role, link, table in (("teacher", teacher, teacher_t), ("student", student, student_t)):
+        key = f"{src}{role}.link" if role == "teacher" or "link" in student_t else \
+            f"{src}teacher.link (the student's link)"
+        text = (table.get("link") if "link" in table else teacher_t["link"])
+        for entry in link_entries(link):
+            check_link(entry, zs, parameters, key, str(text), student=role == "student")
+
     C = ()
     if "positional" in student_t:
         pos = student_t["positional"]

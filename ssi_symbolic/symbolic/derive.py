@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .gaussian import Expectation, NotPolynomial, TokenGaussian
+from .gaussian import Expectation, NotPolynomial, TokenGaussian, distribute
 from ..model.spec import ModelSpec, link_entries
 
 ETA = sp.Symbol("eta", positive=True)
@@ -60,6 +60,19 @@ class Derivation:
     finite_d_note: str
     method: str
     seconds: float = 0.0
+    methods: dict | None = None
+
+    def output_methods(self) -> dict:
+        """{output: "exact" | "closed form" | "quadrature"}: "quadrature" when the formula
+        holds a Gauss-Hermite node, "closed form" when it holds a transcendental function of
+        the state (arcsin, erfc, Phi_2, sqrt, exp ...), "exact" when it is a polynomial in
+        the state (Gaussian moments)."""
+        outs = {"population_loss": [self.population_loss],
+                "drift_eta1": list(self.drift_eta1), "drift_eta2": list(self.drift_eta2),
+                "covariance": list(self.covariance),
+                "ito_correction": list(self.ito_correction),
+                "finite_d_correction": list(self.finite_d_correction)}
+        return {k: method_of(v, self.state) for k, v in outs.items()}
 
     @property
     def overlap_names(self) -> tuple[str, ...]:
@@ -210,6 +223,43 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
     return Statistics(loss, base, plain, gq, power, coef, norm_terms)
 
 
+def method_of(exprs, state) -> str:
+    """"quadrature", "closed form" or "exact" for a list of formulas (see
+    Derivation.output_methods)."""
+    from .gaussian import has_quadrature
+    state = {s for s in state if isinstance(s, sp.Symbol)}
+    kind = "exact"
+    for x in exprs:
+        x = sp.sympify(x)
+        if has_quadrature(x):
+            return "quadrature"
+        if kind == "exact" and x.free_symbols & state:
+            try:
+                sp.Poly(x, *sorted(x.free_symbols & state, key=str))
+            except sp.PolynomialError:
+                kind = "closed form"
+    return kind
+
+
+def _check_existence(spec, E, gauss):
+    """Refuse a spec whose closed-form expectations do not exist: every completed square
+    det(I + A Sigma) must be positive at the starting state (m = e = 0, q = 1) with the
+    parameter defaults."""
+    from ..errors import SpecError
+    at = {s: 0 for s in gauss.state}
+    at.update({s: 1 for s in gauss.qs if isinstance(s, sp.Symbol)})
+    at.update({sp.Symbol(k, real=True): v for k, v in spec.parameters.items()})
+    for cond, factor in E.conditions:
+        try:
+            val = complex(sp.sympify(cond).subs(at).evalf())
+        except (TypeError, ValueError):
+            continue
+        if val.real <= 0:
+            raise SpecError(f"{spec.where('teacher.link')}: E[{factor}] does not exist (the "
+                            f"Gaussian integral diverges: det(I + A Sigma) = {val.real:g} <= 0 "
+                            f"at the starting state)")
+
+
 def _quadratic(c1, M, c2, zero):
     """c1^T M c2 (SymPy expressions or ring elements)."""
     out = zero
@@ -223,7 +273,7 @@ def _quadratic(c1, M, c2, zero):
 
 
 def _eta_part(expr, k):
-    return sp.expand(expr).coeff(ETA, k)
+    return distribute(expr).coeff(ETA, k)
 
 
 def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
@@ -250,8 +300,8 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         mean = [E.expect(b) for b in st.base]
         coef = st.coef
         product = lambda a, b: E.expect(a * b)
-        zero, back = sp.Integer(0), sp.expand
-        method = "quadrature"
+        zero, back = sp.Integer(0), distribute
+        method = None
     drift = [back(_quadratic(c, [[x] for x in mean], [1], zero)) for c in coef]
     d1 = tuple(_eta_part(x, 1) for x in drift)
     d2 = tuple(_eta_part(x, 2) for x in drift)
@@ -280,11 +330,20 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                   if t != 0 else zero for t in st.norm_terms]
             note = "complete"
         corr = ito if EK is None else tuple(back(x + k) for x, k in zip(ito_raw, EK))
+    if method is None:
+        _check_existence(spec, E, gauss)
     params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
-    return Derivation(spec=spec, state=gauss.state, parameters=params,
-                      population_loss=back(R), drift_eta1=d1, drift_eta2=d2, covariance=cov,
-                      ito_correction=ito, finite_d_correction=corr, finite_d_note=note,
-                      method=method, seconds=time.perf_counter() - t0)
+    D = Derivation(spec=spec, state=gauss.state, parameters=params,
+                   population_loss=back(R), drift_eta1=d1, drift_eta2=d2, covariance=cov,
+                   ito_correction=ito, finite_d_correction=corr, finite_d_note=note,
+                   method=method or "exact", seconds=time.perf_counter() - t0)
+    D.methods = D.output_methods()
+    if not diffusion:
+        for k in ("covariance", "ito_correction", "finite_d_correction"):
+            D.methods.pop(k)
+    order = ("exact", "closed form", "quadrature")
+    D.method = max(D.methods.values(), key=order.index)
+    return D
 
 
 def _ito_correction(st: Statistics, X, M, zero, const):

@@ -215,28 +215,57 @@ class TokenGaussian:
 # Exact engine: sums of products of per-token polynomial factors
 # ----------------------------------------------------------------------------------------
 
+def _radical_parts(x):
+    """For a power of a positive rational with a rational exponent (sqrt(6), 2**(1/3),
+    (2/3)**(-1/2)): (rational factor, {prime: exponent}) with x = factor * prod p**exponent and
+    every exponent in [0, 1); None for anything else."""
+    if not (x.is_Pow and x.base.is_Rational and x.base > 0 and x.exp.is_Rational
+            and not x.exp.is_Integer):
+        return None
+    factor, out = sp.Integer(1), {}
+    for num, sign in ((x.base.p, 1), (x.base.q, -1)):
+        for prime, k in sp.factorint(num).items():
+            e = sign * k * x.exp
+            whole = sp.floor(e)
+            factor *= sp.Integer(prime) ** whole
+            if e - whole:
+                out[prime] = e - whole
+    return factor, out
+
+
 def _constant_atoms(exprs, random, keep):
     """Sub-expressions free of the random variables that are not polynomial in `keep`.
 
-    They become extra generators of the polynomial ring (sqrt(2), exp(a^2), pi, ...)."""
-    atoms = {}
+    They become extra generators of the polynomial ring (exp(a^2), pi, log(2), sqrt(a), ...).
+    Radicals of rationals are not atoms of their own: each prime p under a radical gets one
+    generator p**(1/N_p) (N_p the common denominator of its exponents), so that products of
+    radicals (sqrt(2) sqrt(6) = 2 sqrt(3)) stay in the ring. Returns (atoms, primes) with
+    primes = {p: N_p}."""
+    atoms, primes = {}, {}
 
     def walk(x):
         if x.is_Rational or x in keep:
             return
         if not (x.free_symbols & random):
+            parts = _radical_parts(x)
+            if parts is not None:
+                for prime, e in parts[1].items():
+                    primes[prime] = int(sp.ilcm(primes.get(prime, 1), e.q))
+                return
             if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
                 for a in x.args:
                     walk(a)
             else:
                 atoms.setdefault(x, sp.Dummy(f"c{len(atoms)}"))
+                if x.is_Pow and x.exp.is_Rational:  # sqrt(a): the base may hold radicals
+                    walk(x.base)
             return
         for a in x.args:
             walk(a)
 
     for ex in exprs:
         walk(sp.sympify(ex))
-    return atoms
+    return atoms, primes
 
 
 class ExactEngine:
@@ -258,16 +287,25 @@ class ExactEngine:
             syms |= sp.sympify(ex).free_symbols
         params = tuple(sorted((syms - self.random - set(overlaps)) | set(extra_symbols),
                               key=str))
-        self.atoms = _constant_atoms(exprs, self.random, set(params))
-        gens = rv + overlaps + params + tuple(self.atoms.values())
+        self.atoms, primes = _constant_atoms(exprs, self.random, set(params))
+        self.prime_gens = {p: (sp.Dummy(f"r{p}"), n) for p, n in sorted(primes.items())}
+        gens = (rv + overlaps + params + tuple(self.atoms.values())
+                + tuple(d for d, _ in self.prime_gens.values()))
         self.R, *gs = poly_ring(list(gens), sp.QQ)
         self.gen = dict(zip(gens, gs))
         self.back = {v: k for k, v in self.atoms.items()}
-        # sqrt atoms: c**2 is a rational, reduce powers as they appear
-        self.sqrt_atoms = {}
+        self.back.update({d: sp.Integer(p) ** sp.Rational(1, n)
+                          for p, (d, n) in self.prime_gens.items()})
+        # radicals: c**n is known for c = p**(1/n) (a prime) and for c = b**(k/n) (b polynomial
+        # in the parameters, k > 0); powers are reduced as they appear
+        self.reducers = {gens.index(d): (n, sp.QQ(p)) for p, (d, n) in self.prime_gens.items()}
         for a, dummy in self.atoms.items():
-            if a.is_Pow and a.base.is_Rational and a.exp == sp.Rational(1, 2):
-                self.sqrt_atoms[gens.index(dummy)] = a.base
+            if a.is_Pow and a.exp.is_Rational and a.exp > 0 and not a.exp.is_Integer:
+                try:
+                    base = self._const_raw(a.base ** a.exp.p, gens, gs)
+                except NotPolynomial:
+                    continue
+                self.reducers[gens.index(dummy)] = (int(a.exp.q), base)
         # groups: tokens, noise, constants
         self.n_groups = gauss.L + 2
         self.group_of = {}
@@ -296,6 +334,14 @@ class ExactEngine:
         self._means = [[self._const(mu) for mu in gauss.token_mean(l)] for l in range(gauss.L)]
 
     # --- conversion ------------------------------------------------------------------------
+    def _const_raw(self, x, gens, gs):
+        """A ring element for a polynomial in the parameters with rational coefficients (the
+        value of a parameter radical's power; used before the reducers exist)."""
+        try:
+            return self.R.from_expr(sp.sympify(x))
+        except (sp.PolynomialError, ValueError, TypeError, KeyError):
+            raise NotPolynomial(x) from None
+
     def _const(self, x):
         """A ring element for an expression free of random variables."""
         x = sp.sympify(x)
@@ -305,6 +351,15 @@ class ExactEngine:
             return self.gen[x]
         if x in self.atoms:
             return self.gen[self.atoms[x]]
+        parts = _radical_parts(x)
+        if parts is not None:
+            out = self.R(sp.QQ(int(parts[0].p), int(parts[0].q)))
+            for prime, e in parts[1].items():
+                if prime not in self.prime_gens:
+                    raise NotPolynomial(x)
+                d, n = self.prime_gens[prime]
+                out = out * self.gen[d] ** int(e * n)
+            return self._reduce(out)
         if x.is_Add:
             return sum((self._const(a) for a in x.args), self.R.zero)
         if x.is_Mul:
@@ -317,24 +372,23 @@ class ExactEngine:
         raise NotPolynomial(x)
 
     def _reduce(self, p):
-        """Replace c**2 by its rational value for every sqrt atom c."""
-        if not self.sqrt_atoms or not p:
+        """Replace c**n by its known value for every radical generator c (p**(1/n) -> p)."""
+        if not self.reducers or not p:
             return p
-        out = {}
-        changed = False
+        if not any(mon[i] >= n for mon in p.itermonoms() for i, (n, _) in self.reducers.items()):
+            return p
+        out = self.R.zero
         for mon, coef in p.items():
             mon = list(mon)
-            for i, base in self.sqrt_atoms.items():
+            term = self.R(coef)
+            for i, (n, value) in self.reducers.items():
                 k = mon[i]
-                if k >= 2:
-                    changed = True
-                    coef = coef * sp.QQ(int(base.p), int(base.q)) ** (k // 2)
-                    mon[i] = k % 2
-            mon = tuple(mon)
-            out[mon] = out.get(mon, 0) + coef
-        if not changed:
-            return p
-        return self.R({k: v for k, v in out.items() if v})
+                if k >= n:
+                    term = term * value ** (k // n)
+                    mon[i] = k % n
+            one_mon = self.R({tuple(mon): 1})
+            out += term * one_mon
+        return self._reduce(out)
 
     def _intern(self, group, poly):
         """(id, lc): the id of the monic polynomial poly / lc in `group`'s factor table."""
@@ -625,43 +679,114 @@ def _integrate_polynomial_part(expr, variables, cov):
 
 
 class Expectation:
-    """E[expr] over the Gaussian of a spec: exact for polynomials, quadrature otherwise.
+    """E[expr] over the Gaussian of a spec: exact for polynomials, closed forms for the link
+    families of :mod:`closed_forms`, quadrature otherwise.
 
-    Use :meth:`expect`; :attr:`methods` records "exact" or "quadrature" for every call.
-    """
+    Use :meth:`expect`; :attr:`kinds` collects what each call needed ("exact", "closed form",
+    "quadrature") and :attr:`conditions` the expressions that must be positive for the
+    closed-form expectations to exist (completed squares of exponentials)."""
 
     def __init__(self, gauss: TokenGaussian, exprs, extra_symbols=()):
         self.g = gauss
         self.exact = ExactEngine(gauss, exprs, extra_symbols)
-        self.used_quadrature = False
+        self.outside = tuple(extra_symbols)  # symbols kept out of quadrature integrands
+        self.kinds = set()
+        self.conditions = []
+        self._closed = {}
+        self._closed_cache = {}
+        self._projections = {}
+        self._cond_moments = {}
+
+    @property
+    def used_quadrature(self) -> bool:
+        return "quadrature" in self.kinds
 
     def expect(self, expr):
         """E[expr]; a SymPy expression in the overlaps, parameters and GaussHermite nodes."""
         try:
-            return self.exact.expect(expr)
+            out = self.exact.expect(expr)
+            self.kinds.add("exact")
+            return out
         except NotPolynomial:
-            self.used_quadrature = True
             return self._expect_mixed(sp.sympify(expr))
+
+    def _token_of(self, v):
+        g = self.g
+        for l in range(g.L):
+            if v in g.token_variables(l):
+                return l
+        return None
+
+    def _factors_by_token(self, term):
+        """The factors of a product grouped so that groups share no token: a list of
+        (sub-product, tokens); the groups are independent, their expectations multiply."""
+        const, dep = term.as_independent(*self.g.random_variables, as_Add=False)
+        groups = []  # [set of tokens, product]
+        for f in sp.Mul.make_args(dep):
+            toks = {self._token_of(v) for v in f.free_symbols} - {None}
+            merged = [gr for gr in groups if gr[0] & toks]
+            rest = [gr for gr in groups if not gr[0] & toks]
+            tok, prod = set(toks), f
+            for gr in merged:
+                tok |= gr[0]
+                prod = prod * gr[1]
+            groups = rest + [[tok, prod]]
+        return const, [(prod, tuple(sorted(tok))) for tok, prod in groups]
+
+    def _gaussian_of(self, variables):
+        """Mean and covariance of a tuple of token variables (independent across tokens)."""
+        g = self.g
+        mean, cov = [], sp.zeros(len(variables), len(variables))
+        where = [(self._token_of(v), g.token_variables(self._token_of(v)).index(v))
+                 for v in variables]
+        covs = {}
+        for i, (l, a) in enumerate(where):
+            mean.append(g.token_mean(l)[a])
+            for j, (l2, b) in enumerate(where):
+                if l == l2:
+                    if l not in covs:
+                        covs[l] = g.token_covariance(l)
+                    cov[i, j] = covs[l][a, b]
+        return tuple(mean), cov
+
+    def _closed_form(self, factor):
+        """Closed-form E[factor] (one token group), or None."""
+        from .closed_forms import GaussianClosedForm, NoClosedForm
+        hit = self._closed_cache.get(factor)
+        if hit is not None or factor in self._closed_cache:
+            return hit
+        variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
+        engine = self._closed.get(variables)
+        if engine is None:
+            mean, cov = self._gaussian_of(variables)
+            engine = self._closed[variables] = GaussianClosedForm(variables, mean, cov)
+        n0 = len(engine.conditions)
+        try:
+            out = engine.expect(factor)
+        except NoClosedForm:
+            out = None
+        else:
+            self.conditions.extend((c, factor) for c in engine.conditions[n0:])
+        self._closed_cache[factor] = out
+        return out
 
     def _expect_mixed(self, expr):
         g = self.g
         # 1. label noise: independent standard Gaussians, polynomial in the integrand
         expr = _integrate_polynomial_part(expr, g.xi, [[int(i == j) for j in range(g.K)]
                                                         for i in range(g.K)])
-        # 2. split into terms: polynomial ones exactly, the rest grouped by the variables used
+        # 2. split into terms: polynomial ones exactly, the rest factor by factor
         random = set(g.zstar) | set(g.z) | {v for row in g.zeta for v in row}
-        poly_part, groups = sp.Integer(0), {}
-        for term in sp.Add.make_args(sp.expand(expr)):
-            used = term.free_symbols & random
-            if not used:
+        poly_part, rest_terms = sp.Integer(0), []
+        for term in sp.Add.make_args(distribute(sp.expand(expr, deep=False))):
+            if not (term.free_symbols & random):
                 poly_part += term
                 continue
             try:
                 self.exact.to_spt(term)
                 poly_part += term
             except NotPolynomial:
-                key = frozenset(used)
-                groups[key] = groups.get(key, sp.Integer(0)) + term
+                rest_terms.append(term)
         # polynomial terms: constant factors (possibly new non-polynomial constants made by
         # the expansion, like 1/(1 + exp(a^2))) stay outside the exact engine's ring
         rv = set(g.random_variables)
@@ -672,15 +797,180 @@ class Expectation:
         out = sp.Integer(0)
         for dep, const in by_monomial.items():
             out += const * (self.exact.expect(dep) if dep.free_symbols & rv else dep)
-        nodes = {}  # one Gauss-Hermite node per set of quadrature variables
-        for used, integrand in sorted(groups.items(), key=lambda kv: sorted(map(str, kv[0]))):
-            exact, us, rest = self._quadrature_node(integrand, used)
-            out += exact
-            if us:
-                nodes[us] = nodes.get(us, sp.Integer(0)) + rest
-        for us, integrand in nodes.items():
-            out += GaussHermite(integrand, sp.Tuple(*us))
-        return out
+        if by_monomial:
+            self.kinds.add("exact")
+        # 3. non-polynomial terms: a product over independent token groups; each group's
+        # expectation in closed form where one exists, else a Gauss-Hermite node
+        pending = {}  # one-group terms left to quadrature, summed per (variables, eta part)
+        for term in rest_terms:
+            const, groups = self._factors_by_token(term)
+            live = [f for f, _ in groups if f.free_symbols & random]
+            if len(live) == 1 and self._closed_form_or_exact(live[0]) is None:
+                c_out = (const.as_independent(*self.outside, as_Add=False)[1]
+                         if self.outside else sp.Integer(1))
+                key = (frozenset(live[0].free_symbols & random), c_out)
+                rest = sp.Mul(*[f for f, _ in groups if f is not live[0]])
+                pending[key] = pending.get(key, sp.Integer(0)) + const / c_out * rest * live[0]
+                continue
+            value = const
+            for factor, _ in groups:
+                if not (factor.free_symbols & random):
+                    value *= factor
+                    continue
+                try:
+                    e = self.exact.expect(factor)
+                    self.kinds.add("exact")
+                except NotPolynomial:
+                    e = self._closed_form(factor)
+                    if e is not None:
+                        self.kinds.add("closed form")
+                if e is None:
+                    e = self._quadrature_expect(factor)
+                value *= e
+            out += value
+        for (_, c_out), integrand in pending.items():
+            out += c_out * self._quadrature_expect(integrand)
+        return _merge_nodes(out, self.outside)
+
+    def _closed_form_or_exact(self, factor):
+        """E[factor] exactly or in closed form, or None."""
+        try:
+            return self.exact.expect(factor)
+        except NotPolynomial:
+            return self._closed_form(factor)
+
+    def _quadrature_expect(self, factor):
+        """E[factor] by a Gauss-Hermite node over the fewest standard Gaussians (the
+        polynomial parts integrated exactly): over the independent affine forms the
+        non-polynomial functions read (:meth:`_projected_node`), else token by token."""
+        self.kinds.add("quadrature")
+        random = set(self.g.random_variables)
+        node = self._projected_node(factor)
+        if node is None:
+            node = self._quadrature_node(factor, factor.free_symbols & random)
+        exact, us, rest = node
+        return exact + (GaussHermite(rest, sp.Tuple(*us)) if us else 0)
+
+    def _projection(self, variables, forms):
+        """(mu, W, R, k) of :meth:`_projected_node` for affine forms (rows) of the variables,
+        or None when they give no reduction or their covariance is degenerate."""
+        A = sp.Matrix(forms)
+        basis = A.T.columnspace()
+        k = len(basis)
+        if k >= len(variables):
+            return None  # no reduction: the token-by-token whitening is as good
+        A = sp.Matrix.hstack(*basis).T
+        mean, S = self._gaussian_of(variables)
+        mu = sp.Matrix(mean)
+        K = (A * S * A.T).applyfunc(sp.expand)
+        try:
+            Lc = K.cholesky(hermitian=False)
+        except (ValueError, sp.NonSquareMatrixError):
+            return None
+        if any(Lc[i, i] == 0 for i in range(k)):
+            return None
+        W = (S * A.T * Lc.T.inv()).applyfunc(sp.expand)  # x = mu + W u + r
+        R = (S - W * W.T).applyfunc(sp.expand)
+        return mu, W, R, k
+
+    def _projected_node(self, factor):
+        """Quadrature in as many dimensions as the integrand has independent affine forms
+        inside its non-polynomial functions (tanh(z1 + z2) and tanh(zs1 + zs2): two, not four).
+
+        With x ~ N(mu, Sigma) the factor's variables and Y = A x those forms (independent rows,
+        K = A Sigma A^T = L L^T by Cholesky): x = mu + Sigma A^T L^-T u + r, u ~ N(0, I_k)
+        and r ~ N(0, Sigma - Sigma A^T K^-1 A Sigma) independent of u. The polynomial part in r
+        (and in any u outside the functions) is integrated exactly. Returns (exact part,
+        quadrature variables, integrand) or None when a function reads a non-affine form."""
+        variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
+        forms, args = [], {}
+
+        def walk(x):
+            if not (x.free_symbols & set(variables)):
+                return True
+            if x.is_Symbol:
+                return True
+            if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
+                return all(walk(a) for a in x.args)
+            if x.is_Pow:  # 1 / (1 + exp(-z)), sqrt(1 + z^2): the base holds the forms
+                if x.base.is_Add or x.base.is_Mul:
+                    return all(walk(a) for a in x.base.args) and walk(x.exp)
+                return collect(x.base) and walk(x.exp)
+            return all(collect(a) for a in x.args)
+
+        def collect(arg):
+            if not (arg.free_symbols & set(variables)):
+                return True
+            if isinstance(arg, sp.Function) or (arg.is_Pow and not arg.exp.is_Integer):
+                return walk(arg)
+            try:
+                P = sp.Poly(arg, *variables)
+            except sp.PolynomialError:
+                return walk(arg)
+            if P.total_degree() > 1:
+                return False
+            row = tuple(P.coeff_monomial(v) for v in variables)
+            if any(c != 0 for c in row):
+                forms.append(row)
+                args[arg] = row
+            return True
+
+        if not walk(factor) or not forms:
+            return None
+        key = (variables, tuple(dict.fromkeys(forms)))
+        if key not in self._projections:
+            self._projections[key] = self._projection(variables, forms)
+        if self._projections[key] is None:
+            return None
+        mu, W, R, k = self._projections[key]
+        us = tuple(sp.Symbol(f"u{i + 1}", real=True) for i in range(k))
+        # the function arguments a.x + b first (their r part vanishes: a is in the row space
+        # of A), then the polynomial occurrences of x
+        inner = {}
+        for arg, row in args.items():
+            a = sp.Matrix([row])
+            b = arg - sum(c * v for c, v in zip(row, variables))
+            inner[arg] = sp.expand((a * mu)[0] + b + sum((a * W)[0, j] * us[j]
+                                                         for j in range(k)))
+        # E[p(x) | u] monomial by monomial: x | u ~ N(mu + W u, R)
+        cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
+                     for i in range(len(variables))]
+        memo = self._cond_moments.setdefault(key, {})
+
+        def moment(alpha):
+            hit = memo.get(alpha)
+            if hit is None:
+                i = next((i for i, a in enumerate(alpha) if a), None)
+                if i is None:
+                    hit = sp.Integer(1)
+                else:
+                    a1 = list(alpha)
+                    a1[i] -= 1
+                    hit = cond_mean[i] * moment(tuple(a1))
+                    for j, aj in enumerate(a1):
+                        if aj and R[i, j] != 0:
+                            a2 = list(a1)
+                            a2[j] -= 1
+                            hit += R[i, j] * aj * moment(tuple(a2))
+                    hit = sp.expand(hit)
+                memo[alpha] = hit
+            return hit
+
+        body = factor.xreplace(inner)
+        try:
+            P = sp.Poly(body, *variables)
+        except sp.PolynomialError:
+            return None
+        integrand = sp.Add(*[c * moment(alpha) for alpha, c in P.terms()])
+        inside = _nonpolynomial_symbols(integrand)
+        poly_us = [u for u in us if u not in inside]
+        integrand = _integrate_polynomial_part(
+            integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
+                                 for i in range(len(poly_us))])
+        us = tuple(u for u in us if u in inside)
+        exact = sp.Add(*[t for t in sp.Add.make_args(sp.expand(integrand))
+                         if not (t.free_symbols & set(us))])
+        return exact, us, integrand - exact
 
     def _quadrature_node(self, integrand, used):
         """Whiten token by token with the fewest standard Gaussians u and integrate exactly
@@ -737,10 +1027,53 @@ class Expectation:
         return exact, us, integrand - exact
 
 
+def _merge_nodes(expr, outside=()):
+    """Terms c * GaussHermite(f, u) over the same variables u become one node
+    GaussHermite(sum c f, u) (c free of u): one quadrature per set of variables. The part of c
+    in the `outside` symbols (eta) stays a factor of the node."""
+    nodes, out = {}, sp.Integer(0)
+    for term in sp.Add.make_args(expr):
+        gh = [f for f in sp.Mul.make_args(term) if isinstance(f, GaussHermite)]
+        if len(gh) != 1:
+            out += term
+            continue
+        node = gh[0]
+        c = term / node
+        if c.free_symbols & set(node.variables):
+            out += term
+            continue
+        c, c_out = c.as_independent(*outside, as_Add=False) if outside else (c, sp.Integer(1))
+        key = (node.variables, c_out)
+        nodes[key] = nodes.get(key, sp.Integer(0)) + c * node.integrand
+    for (us, c_out), f in nodes.items():
+        out += c_out * GaussHermite(f, sp.Tuple(*us))
+    return out
+
+
+def distribute(expr):
+    """Products distributed over sums at the top level only (a sum of products): unlike
+    sp.expand, the arguments of functions (quadrature integrands, arcsines) are left alone."""
+    expr = sp.sympify(expr)
+    if expr.is_Add:
+        return sp.Add(*[distribute(a) for a in expr.args])
+    if expr.is_Mul:
+        terms = [sp.Integer(1)]
+        for a in expr.args:
+            parts = sp.Add.make_args(distribute(a))
+            if len(parts) == 1:
+                terms = [t * parts[0] for t in terms]
+            else:
+                terms = [t * p for t in terms for p in parts]
+        return sp.Add(*terms)
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 1 and expr.base.is_Add:
+        return distribute(sp.Mul(*([expr.base] * int(expr.exp)), evaluate=False))
+    return expr
+
+
 def has_quadrature(expr) -> bool:
     """True when an expression holds a GaussHermite node."""
     return bool(sp.sympify(expr).atoms(GaussHermite))
 
 
-__all__ = ["TokenGaussian", "ExactEngine", "Expectation", "GaussHermite", "NotPolynomial",
+__all__ = ["distribute", "TokenGaussian", "ExactEngine", "Expectation", "GaussHermite", "NotPolynomial",
            "has_quadrature"]

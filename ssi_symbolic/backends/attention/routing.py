@@ -16,16 +16,21 @@ def _has_exp(expr) -> bool:
 
 
 def _has_softmax_exp(expr, L: int) -> bool:
-    """True when some exp in the link has an argument of degree >= 2 in the tokens (the
-    attention scores z_i z_j of a softmax), as opposed to a sigmoid or tanh of a linear form,
-    which the generic quadrature path handles."""
+    """True when the link has softmax structure: a normalisation 1 / (sum of exps) in which
+    some exp has an argument of degree >= 2 in the tokens (attention scores z_i z_j). A
+    Gaussian bump exp(-z1^2/2), a sigmoid or a tanh is not softmax: the exact backend takes it
+    (closed forms or quadrature)."""
     zs = token_symbols(L)
+
+    def score_exp(e):
+        try:
+            return sp.Poly(e.args[0], *zs).total_degree() >= 2
+        except sp.PolynomialError:
+            return True
+
     for x in link_entries(expr):
-        for e in sp.sympify(x).atoms(sp.exp):
-            try:
-                if sp.Poly(e.args[0], *zs).total_degree() >= 2:
-                    return True
-            except sp.PolynomialError:
+        for p in sp.sympify(x).atoms(sp.Pow):
+            if p.exp.is_negative and any(score_exp(e) for e in p.base.atoms(sp.exp)):
                 return True
     return False
 

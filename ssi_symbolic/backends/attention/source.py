@@ -63,6 +63,8 @@ def _constants(spec: ModelSpec, h: str, unavailable: dict | None = None) -> list
         f"LOSS = {spec.loss!r}",
         f"NOISE = {float(spec.noise)!r}",
         "METHOD = 'quadrature'",
+        "OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_eta1', "
+        "'drift_eta2', 'covariance', 'ito_correction', 'finite_d_correction')}",
         "BACKEND = 'attention'",
         f"UNAVAILABLE = {unavailable!r}",
         f"FINITE_D_CORRECTION = {FINITE_D_NOTE!r}",

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 960a15b31f83c9f109c5abd56fc7bb4ac11456284435bf787f6b86b6a30475c4
-# tool: ssi-symbolic 0.1.0 generator 1 source a1d0f44a75ddd875 attention 1 aecf5013095afddf
+# spec-hash: eef4d881c0b25fe3165cffdc3a4f80ab4aac2b76f1a368b07f0ce13551dc9abe
+# tool: ssi-symbolic 0.1.0 generator 1 source f6f11b906d095984 attention 1 aecf5013095afddf
 import numpy
 import scipy.special
 
@@ -38,7 +38,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '960a15b31f83c9f109c5abd56fc7bb4ac11456284435bf787f6b86b6a30475c4'
+SPEC_HASH = 'eef4d881c0b25fe3165cffdc3a4f80ab4aac2b76f1a368b07f0ce13551dc9abe'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -34,6 +34,7 @@ import sympy as sp
 from ..version import __version__
 from ..model.spec import ModelSpec, link_entries, token_symbols
 from ..symbolic.derive import Derivation, derive
+from ..symbolic.expectation import kink_breaks
 from ..symbolic.gaussian import GaussHermite
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, function_source, horner, module_header, pycode,
@@ -48,7 +49,7 @@ DIFFUSION_PIECES = ("covariance", "diffusion", "ito_correction", "finite_d_corre
 
 #: the files whose source determines the generated code of this backend
 _PIPELINE = ("model/spec.py", "model/links.py", "model/integrability.py", "symbolic/gaussian.py",
-             "symbolic/closed_forms.py", "symbolic/derive.py",
+             "symbolic/closed_forms.py", "symbolic/expectation.py", "symbolic/derive.py",
              "backends/exact.py", "backends/printing.py", "backends/runtime.py",
              "backends/files.py", "version.py")
 
@@ -74,6 +75,7 @@ class _Module:
         self.param_args = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
         self.param_names = list(spec.parameters)
         self.quad = {}  # GaussHermite node -> placeholder symbol
+        self.unsplit_kinks = False
 
     # quadrature nodes become placeholders before CSE; each gets its own function
     def _extract(self, expr):
@@ -218,13 +220,28 @@ class _Module:
                 f"_gh_integrand_{idx}", ["_u"] + args,
                 f"Integrand of node {idx} at quadrature points _u = ({', '.join(us)}).",
                 lines, pycode(red)))
-            doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below, by tensor "
-                   f"trapezoidal rule on [-10, 10] with n nodes per dimension.\n\n"
-                   f"    {sp.sstr(node.integrand)[:400]}\n    ")
-            fns.append(function_source(
-                f"_gh_node_{idx}", args + ["n=None"], doc, [],
-                f"_gh_expect(_gh_integrand_{idx}, {len(us)}, "
-                f"QUADRATURE_NODES if n is None else n, {', '.join(args)})"))
+            breaks = kink_breaks(node)
+            nodes = "QUADRATURE_NODES if n is None else n"
+            if breaks:
+                doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below: {us[0]} "
+                       f"split at the kinks {', '.join(sp.sstr(b) for b in breaks)} with "
+                       f"n-node Gauss-Legendre pieces, the rest by the trapezoidal rule.")
+                blines = [f"_b{j} = {pycode(b)}" for j, b in enumerate(breaks)]
+                call = (f"_split_expect(_gh_integrand_{idx}, {len(us)}, {nodes}, "
+                        f"{tuple_source([f'_b{j}' for j in range(len(breaks))])}, "
+                        f"{', '.join(args)})")
+            else:
+                if breaks is None:
+                    self.unsplit_kinks = True
+                doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below, by the "
+                       f"tensor trapezoidal rule on [-10, 10] with n nodes per dimension"
+                       + (" (a kink not along the first variable: convergence like n^-2)."
+                          if breaks is None else "."))
+                blines = []
+                call = f"_gh_expect(_gh_integrand_{idx}, {len(us)}, {nodes}, {', '.join(args)})"
+            doc += f"\n\n    {sp.sstr(node.integrand)[:400]}\n    "
+            fns.append(function_source(f"_gh_node_{idx}", args + ["n=None"], doc, blines,
+                                       call))
         return fns
 
     def link_functions(self) -> list[str]:
@@ -300,6 +317,7 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
         f"METHOD = {D.method!r}",
         f"OUTPUT_METHODS = {D.methods!r}",
         f"QUADRATURE_TOLERANCE = {QUADRATURE_TOLERANCE!r}",
+        f"QUADRATURE_ERROR_FACTOR = {4.0 if mod.unsplit_kinks else 1.0!r}",
         f"SPEC_HASH = {h!r}",
         f"QUADRATURE_NODES = {DEFAULT_NODES}",
         f"JACOBIAN = {mod.jacobian_method!r}",
@@ -391,7 +409,7 @@ def choose_nodes(text: str, spec) -> int:
 
 def _node_dim(text: str, i: int) -> int:
     """Dimension k of node i, read from its _gh_expect call."""
-    key = f"_gh_expect(_gh_integrand_{i}, "
+    key = f"(_gh_integrand_{i}, "
     j = text.index(key) + len(key)
     return int(text[j:text.index(",", j)])
 

@@ -56,6 +56,11 @@ def horner(expr, gens):
     gens = [g for g in gens if isinstance(g, sp.Symbol) and g in expr.free_symbols]
     if not gens:
         return expr
+    g = set(gens)
+    if any(f.free_symbols & g for f in expr.atoms(sp.Function)) or any(
+            p.free_symbols & g and not (p.exp.is_Integer and p.exp >= 0)
+            for p in expr.atoms(sp.Pow)):
+        return expr  # a closed form or a quadrature node: not a polynomial in the state
     others = sorted(expr.free_symbols - set(gens), key=str)
     try:  # every symbol a generator: much faster than coefficients in a polynomial domain
         poly = sp.Poly(expr, *gens, *others, expand=False)

@@ -52,6 +52,7 @@ def evaluate(spec_or_path, at: dict, eta: float = DEFAULT_ETA, d: float = DEFAUL
         "drift_eta2": {k: _f(eta ** 2 * b) for k, b in zip(names, d2)},
         "diffusion": [[_f(D[i][j]) for j in range(len(names))] for i in range(len(names))],
         "method": mod.METHOD,
+        "methods": dict(mod.OUTPUT_METHODS),
         "loss_kind": spec.loss,
     }
     if mod.METHOD == "quadrature":

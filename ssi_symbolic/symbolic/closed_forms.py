@@ -101,6 +101,27 @@ def _max_terms(args, sign):
     return out
 
 
+def kinks_as_steps(expr, random: set):
+    """Max, Min, Abs and sign of expressions of the random variables written with Heaviside
+    steps (Max(a, b) = b + (a - b) H(a - b), |y| = y (2 H(y) - 1), sign y = 2 H(y) - 1), every
+    other function left alone: the form in which quadrature splits its domain at the kinks."""
+    def rw(x):
+        if not (x.free_symbols & random) or x.is_Atom:
+            return x
+        args = [rw(a) for a in x.args]
+        f = x.func
+        if f is sp.Max or f is sp.Min:
+            return _max_terms(args, 1 if f is sp.Max else -1).replace(
+                lambda e: isinstance(e, _H), lambda e: sp.Heaviside(e.args[0], sp.Rational(1, 2)))
+        if f is sp.Abs:
+            return args[0] * (2 * sp.Heaviside(args[0], sp.Rational(1, 2)) - 1)
+        if f is sp.sign:
+            return 2 * sp.Heaviside(args[0], sp.Rational(1, 2)) - 1
+        return x.func(*args)
+
+    return rw(sp.sympify(expr))
+
+
 def rewrite(expr, random: set):
     """The integrand in the internal vocabulary (_P, _H, _D, exp, polynomials); NoClosedForm
     for any function outside the families of this module."""
@@ -337,7 +358,6 @@ class GaussianClosedForm:
         forms = [(a, b, 1) for a, b in phis] + [(a, b, 0) for a, b in hs]
         if not forms:
             return sp.Integer(1)
-        n = len(self.xs)
         avs = [sp.Matrix(a) for a, _, _ in forms]
         nus = [sp.expand((av.T * sp.Matrix(mu))[0] + b) for av, (_, b, _) in zip(avs, forms)]
         T = [[sp.expand((avs[i].T * S * avs[j])[0] + (forms[i][2] if i == j else 0))
@@ -367,4 +387,4 @@ class GaussianClosedForm:
         raise NoClosedForm(f"orthant probability of dimension {len(forms)}")
 
 
-__all__ = ["GaussianClosedForm", "NoClosedForm", "NormalCDF2", "rewrite"]
+__all__ = ["GaussianClosedForm", "NoClosedForm", "NormalCDF2", "rewrite", "kinks_as_steps"]

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .gaussian import Expectation, NotPolynomial, TokenGaussian, distribute
+from .expectation import Expectation
+from .gaussian import NotPolynomial, TokenGaussian, distribute
 from ..model.spec import ModelSpec, link_entries
 
 ETA = sp.Symbol("eta", positive=True)
@@ -234,9 +235,9 @@ def method_of(exprs, state) -> str:
         if has_quadrature(x):
             return "quadrature"
         if kind == "exact" and x.free_symbols & state:
-            try:
-                sp.Poly(x, *sorted(x.free_symbols & state, key=str))
-            except sp.PolynomialError:
+            if any(f.free_symbols & state for f in x.atoms(sp.Function)) or any(
+                    p.free_symbols & state and not (p.exp.is_Integer and p.exp >= 0)
+                    for p in x.atoms(sp.Pow)):
                 kind = "closed form"
     return kind
 
@@ -300,11 +301,17 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         mean = [E.expect(b) for b in st.base]
         coef = st.coef
         product = lambda a, b: E.expect(a * b)
-        zero, back = sp.Integer(0), distribute
+        zero, back = sp.Integer(0), sp.sympify
         method = None
-    drift = [back(_quadratic(c, [[x] for x in mean], [1], zero)) for c in coef]
-    d1 = tuple(_eta_part(x, 1) for x in drift)
-    d2 = tuple(_eta_part(x, 2) for x in drift)
+    if method == "exact":
+        drift = [back(_quadratic(c, [[x] for x in mean], [1], zero)) for c in coef]
+        d1 = tuple(_eta_part(x, 1) for x in drift)
+        d2 = tuple(_eta_part(x, 2) for x in drift)
+    else:  # coefficient by coefficient: the means (closed forms, nodes) are not multiplied out
+        d1 = tuple(sp.Add(*[sp.expand(c).coeff(ETA, 1) * x for c, x in zip(row, mean)])
+                   for row in coef)
+        d2 = tuple(sp.Add(*[sp.expand(c).coeff(ETA, 2) * x for c, x in zip(row, mean)])
+                   for row in coef)
     n, nb = len(coef), len(st.base)
     cov = sp.zeros(n, n)
     ito = tuple(sp.Integer(0) for _ in range(n))

@@ -52,7 +52,11 @@ def document(D: Derivation) -> str:
         r"\begin{align*}",
         rf"g^*(z) &= {tex(spec.teacher)}, & g(z) &= {tex(spec.student)}.",
         r"\end{align*}",
-        rf"All expectations are {'exact' if D.method == 'exact' else 'exact where the integrand is polynomial; the others are written as Gaussian expectations, evaluated by Gauss--Hermite quadrature'}.",
+        "All expectations are " + (
+            "exact (Gaussian moments)." if D.method == "exact" else
+            r"exact where the integrand is polynomial; closed forms (arcsine, arc-cosine, "
+            r"bivariate normal CDF $\Phi_2$) where the link families allow; the others are "
+            r"written as Gaussian expectations, evaluated by quadrature."),
         r"\section*{Population loss}",
         broken_lines(r"\mathcal{R}", D.population_loss),
         r"\section*{Drift}",

@@ -1,0 +1,470 @@
+"""Expectations of any statistic over the token Gaussians (MATH.md sections 2 and 8): the
+dispatcher between the exact moment engine, the closed forms and quadrature.
+
+:class:`Expectation` splits a statistic term by term: polynomial terms go to the exact engine
+(:class:`gaussian.ExactEngine`); a product over tokens that share no factor factors into
+per-token expectations; each remaining factor is tried in closed form
+(:mod:`closed_forms`: erf/Phi, kinks, exponentials) over the joint Gaussian of its variables,
+and what is left becomes a :class:`gaussian.GaussHermite` node over the fewest standard
+Gaussians: the independent affine forms its functions read, whitened by Cholesky, with the
+polynomial part integrated by conditional moments (:meth:`Expectation._projected_node`), the
+kinks put on the first variable (:func:`kink_breaks` gives the break points the generated code
+splits at).
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .gaussian import (ExactEngine, GaussHermite, NotPolynomial, TokenGaussian,
+                       _integrate_polynomial_part, _nonpolynomial_symbols, distribute)
+
+
+class Expectation:
+    """E[expr] over the Gaussian of a spec: exact for polynomials, closed forms for the link
+    families of :mod:`closed_forms`, quadrature otherwise.
+
+    Use :meth:`expect`; :attr:`kinds` collects what each call needed ("exact", "closed form",
+    "quadrature") and :attr:`conditions` the expressions that must be positive for the
+    closed-form expectations to exist (completed squares of exponentials)."""
+
+    def __init__(self, gauss: TokenGaussian, exprs, extra_symbols=()):
+        self.g = gauss
+        self.exact = ExactEngine(gauss, exprs, extra_symbols)
+        self.outside = tuple(extra_symbols)  # symbols kept out of quadrature integrands
+        self.kinds = set()
+        self.conditions = []
+        self._closed = {}
+        self._closed_cache = {}
+        self._projections = {}
+        self._factor_cache = {}
+        self._cond_moments = {}
+
+    @property
+    def used_quadrature(self) -> bool:
+        return "quadrature" in self.kinds
+
+    def expect(self, expr):
+        """E[expr]; a SymPy expression in the overlaps, parameters and GaussHermite nodes."""
+        try:
+            out = self.exact.expect(expr)
+            self.kinds.add("exact")
+            return out
+        except NotPolynomial:
+            return self._expect_mixed(sp.sympify(expr))
+
+    def _token_of(self, v):
+        g = self.g
+        for l in range(g.L):
+            if v in g.token_variables(l):
+                return l
+        return None
+
+    def _factors_by_token(self, term):
+        """The factors of a product grouped so that groups share no token: a list of
+        (sub-product, tokens); the groups are independent, their expectations multiply."""
+        const, dep = term.as_independent(*self.g.random_variables, as_Add=False)
+        groups = []  # [set of tokens, product]
+        for f in sp.Mul.make_args(dep):
+            toks = {self._token_of(v) for v in f.free_symbols} - {None}
+            merged = [gr for gr in groups if gr[0] & toks]
+            rest = [gr for gr in groups if not gr[0] & toks]
+            tok, prod = set(toks), f
+            for gr in merged:
+                tok |= gr[0]
+                prod = prod * gr[1]
+            groups = rest + [[tok, prod]]
+        return const, [(prod, tuple(sorted(tok))) for tok, prod in groups]
+
+    def _gaussian_of(self, variables):
+        """Mean and covariance of a tuple of token variables (independent across tokens)."""
+        g = self.g
+        mean, cov = [], sp.zeros(len(variables), len(variables))
+        where = [(self._token_of(v), g.token_variables(self._token_of(v)).index(v))
+                 for v in variables]
+        covs = {}
+        for i, (l, a) in enumerate(where):
+            mean.append(g.token_mean(l)[a])
+            for j, (l2, b) in enumerate(where):
+                if l == l2:
+                    if l not in covs:
+                        covs[l] = g.token_covariance(l)
+                    cov[i, j] = covs[l][a, b]
+        return tuple(mean), cov
+
+    def _closed_form(self, factor):
+        """Closed-form E[factor] (one token group), or None."""
+        from .closed_forms import GaussianClosedForm, NoClosedForm
+        hit = self._closed_cache.get(factor)
+        if hit is not None or factor in self._closed_cache:
+            return hit
+        variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
+        engine = self._closed.get(variables)
+        if engine is None:
+            mean, cov = self._gaussian_of(variables)
+            engine = self._closed[variables] = GaussianClosedForm(variables, mean, cov)
+        n0 = len(engine.conditions)
+        try:
+            out = engine.expect(factor)
+        except NoClosedForm:
+            out = None
+        else:
+            self.conditions.extend((c, factor) for c in engine.conditions[n0:])
+        self._closed_cache[factor] = out
+        return out
+
+    def _expect_mixed(self, expr):
+        g = self.g
+        # 1. label noise: independent standard Gaussians, polynomial in the integrand
+        expr = _integrate_polynomial_part(expr, g.xi, [[int(i == j) for j in range(g.K)]
+                                                        for i in range(g.K)])
+        # 2. split into terms: polynomial ones exactly, the rest factor by factor
+        random = set(g.zstar) | set(g.z) | {v for row in g.zeta for v in row}
+        poly_part, rest_terms = sp.Integer(0), []
+        for term in sp.Add.make_args(distribute(sp.expand(expr, deep=False))):
+            if not (term.free_symbols & random):
+                poly_part += term
+                continue
+            try:
+                self.exact.to_spt(term)
+                poly_part += term
+            except NotPolynomial:
+                rest_terms.append(term)
+        # polynomial terms: constant factors (possibly new non-polynomial constants made by
+        # the expansion, like 1/(1 + exp(a^2))) stay outside the exact engine's ring
+        rv = set(g.random_variables)
+        by_monomial = {}
+        for term in sp.Add.make_args(poly_part):
+            const, dep = term.as_independent(*rv, as_Add=False)
+            by_monomial[dep] = by_monomial.get(dep, sp.Integer(0)) + const
+        out = sp.Integer(0)
+        for dep, const in by_monomial.items():
+            out += const * (self.exact.expect(dep) if dep.free_symbols & rv else dep)
+        if by_monomial:
+            self.kinds.add("exact")
+        # 3. non-polynomial terms: a product over independent token groups; each group's
+        # expectation in closed form where one exists, else a Gauss-Hermite node
+        pending = {}  # one-group terms left to quadrature, summed per (variables, eta part)
+        for term in rest_terms:
+            const, groups = self._factors_by_token(term)
+            live = [f for f, _ in groups if f.free_symbols & random]
+            if len(live) == 1 and self._closed_form_or_exact(self._canonical(live[0])) is None:
+                c_out = (const.as_independent(*self.outside, as_Add=False)[1]
+                         if self.outside else sp.Integer(1))
+                f0 = self._canonical(live[0])
+                key = (frozenset(f0.free_symbols & random), c_out)
+                rest = sp.Mul(*[f for f, _ in groups if f is not live[0]])
+                pending[key] = pending.get(key, sp.Integer(0)) + const / c_out * rest * f0
+                continue
+            value = const
+            for factor, _ in groups:
+                if not (factor.free_symbols & random):
+                    value *= factor
+                    continue
+                value *= self._expect_factor(factor)
+            out += value
+        for (_, c_out), integrand in pending.items():
+            out += c_out * self._quadrature_expect(integrand)
+        return _merge_nodes(out, self.outside)
+
+    def _canonical(self, factor):
+        """A one-token factor of a tied student renamed to the first token with the same row
+        of C (same Gaussian): E[tanh(zs2)^2] is E[tanh(zs1)^2]. Other factors as they are."""
+        g = self.g
+        if g.untied:
+            return factor
+        toks = {self._token_of(v) for v in factor.free_symbols} - {None}
+        if len(toks) != 1:
+            return factor
+        l = toks.pop()
+        row = tuple(g.C[l]) if g.C else ()
+        l0 = next(k for k in range(g.L) if (tuple(g.C[k]) if g.C else ()) == row)
+        if l0 == l:
+            return factor
+        return factor.xreplace(dict(zip(g.token_variables(l), g.token_variables(l0))))
+
+    def _expect_factor(self, factor):
+        """E[factor] of one independent token group: exact, closed form or a quadrature node
+        (cached on the canonical form of the factor)."""
+        factor = self._canonical(factor)
+        hit = self._factor_cache.get(factor)
+        if hit is None:
+            try:
+                hit = self.exact.expect(factor)
+                self.kinds.add("exact")
+            except NotPolynomial:
+                hit = self._closed_form(factor)
+                if hit is not None:
+                    self.kinds.add("closed form")
+            if hit is None:
+                hit = self._quadrature_expect(factor)
+            self._factor_cache[factor] = hit
+        return hit
+
+    def _closed_form_or_exact(self, factor):
+        """E[factor] exactly or in closed form, or None."""
+        try:
+            return self.exact.expect(factor)
+        except NotPolynomial:
+            return self._closed_form(factor)
+
+    def _quadrature_expect(self, factor):
+        """E[factor] by a Gauss-Hermite node over the fewest standard Gaussians (the
+        polynomial parts integrated exactly): over the independent affine forms the
+        non-polynomial functions read (:meth:`_projected_node`), else token by token."""
+        self.kinds.add("quadrature")
+        random = set(self.g.random_variables)
+        node = self._projected_node(factor)
+        if node is None:
+            node = self._quadrature_node(factor, factor.free_symbols & random)
+        exact, us, rest = node
+        return exact + (GaussHermite(rest, sp.Tuple(*us)) if us else 0)
+
+    def _projection(self, variables, forms):
+        """(mu, W, R, k) of :meth:`_projected_node` for affine forms (rows) of the variables,
+        or None when they give no reduction or their covariance is degenerate."""
+        A = sp.Matrix(forms)
+        _, pivots = A.T.rref()
+        k = len(pivots)
+        A = sp.Matrix([forms[i] for i in pivots])
+        mean, S = self._gaussian_of(variables)
+        mu = sp.Matrix(mean)
+        K = (A * S * A.T).applyfunc(sp.expand)
+        try:
+            Lc = K.cholesky(hermitian=False)
+        except (ValueError, sp.NonSquareMatrixError):
+            return None
+        if any(Lc[i, i] == 0 for i in range(k)):
+            return None
+        W = (S * A.T * Lc.T.inv()).applyfunc(sp.expand)  # x = mu + W u + r
+        R = (S - W * W.T).applyfunc(sp.expand)
+        return mu, W, R, k
+
+    def _projected_node(self, factor):
+        """Quadrature in as many dimensions as the integrand has independent affine forms
+        inside its non-polynomial functions (tanh(z1 + z2) and tanh(zs1 + zs2): two, not four).
+
+        With x ~ N(mu, Sigma) the factor's variables and Y = A x those forms (independent rows,
+        K = A Sigma A^T = L L^T by Cholesky): x = mu + Sigma A^T L^-T u + r, u ~ N(0, I_k)
+        and r ~ N(0, Sigma - Sigma A^T K^-1 A Sigma) independent of u. The polynomial part in r
+        (and in any u outside the functions) is integrated exactly. Returns (exact part,
+        quadrature variables, integrand) or None when a function reads a non-affine form."""
+        from .closed_forms import kinks_as_steps
+        variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
+        factor = kinks_as_steps(factor, set(variables))
+        forms, args, kinks = [], {}, []
+
+        def walk(x):
+            if not (x.free_symbols & set(variables)):
+                return True
+            if x.is_Symbol:
+                return True
+            if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
+                return all(walk(a) for a in x.args)
+            if x.is_Pow:  # 1 / (1 + exp(-z)), sqrt(1 + z^2): the base holds the forms
+                if x.base.is_Add or x.base.is_Mul:
+                    return all(walk(a) for a in x.base.args) and walk(x.exp)
+                return collect(x.base) and walk(x.exp)
+            if isinstance(x, sp.Heaviside):
+                n0 = len(forms)
+                ok = collect(x.args[0])
+                kinks.extend(forms[n0:])
+                return ok
+            return all(collect(a) for a in x.args)
+
+        def collect(arg):
+            if not (arg.free_symbols & set(variables)):
+                return True
+            if isinstance(arg, sp.Function) or (arg.is_Pow and not arg.exp.is_Integer):
+                return walk(arg)
+            try:
+                P = sp.Poly(arg, *variables)
+            except sp.PolynomialError:
+                return walk(arg)
+            if P.total_degree() > 1:
+                return False
+            row = tuple(P.coeff_monomial(v) for v in variables)
+            if any(c != 0 for c in row):
+                forms.append(row)
+                args[arg] = row
+            return True
+
+        if not walk(factor) or not forms:
+            return None
+        # kink forms first: the first quadrature variable then carries the first kink, and
+        # every kink parallel to it splits the u1 axis at a point (see kink_breaks)
+        forms = kinks + [f for f in forms if f not in kinks]
+        key = (variables, tuple(dict.fromkeys(forms)))
+        if key not in self._projections:
+            self._projections[key] = self._projection(variables, forms)
+        if self._projections[key] is None:
+            return None
+        mu, W, R, k = self._projections[key]
+        us = tuple(sp.Symbol(f"u{i + 1}", real=True) for i in range(k))
+        # the function arguments a.x + b first (their r part vanishes: a is in the row space
+        # of A), then the polynomial occurrences of x
+        inner = {}
+        for arg, row in args.items():
+            a = sp.Matrix([row])
+            b = arg - sum(c * v for c, v in zip(row, variables))
+            inner[arg] = sp.expand((a * mu)[0] + b + sum((a * W)[0, j] * us[j]
+                                                         for j in range(k)))
+        # E[p(x) | u] monomial by monomial: x | u ~ N(mu + W u, R)
+        cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
+                     for i in range(len(variables))]
+        memo = self._cond_moments.setdefault(key, {})
+
+        def moment(alpha):
+            hit = memo.get(alpha)
+            if hit is None:
+                i = next((i for i, a in enumerate(alpha) if a), None)
+                if i is None:
+                    hit = sp.Integer(1)
+                else:
+                    a1 = list(alpha)
+                    a1[i] -= 1
+                    hit = cond_mean[i] * moment(tuple(a1))
+                    for j, aj in enumerate(a1):
+                        if aj and R[i, j] != 0:
+                            a2 = list(a1)
+                            a2[j] -= 1
+                            hit += R[i, j] * aj * moment(tuple(a2))
+                    hit = sp.expand(hit)
+                memo[alpha] = hit
+            return hit
+
+        terms = _poly_terms(factor.xreplace(inner), variables)
+        if terms is None:
+            return None
+        integrand = sp.Add(*[c * moment(alpha) for alpha, c in terms.items()])
+        inside = _nonpolynomial_symbols(integrand)
+        poly_us = [u for u in us if u not in inside]
+        integrand = _integrate_polynomial_part(
+            integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
+                                 for i in range(len(poly_us))])
+        us = tuple(u for u in us if u in inside)
+        exact, rest = [], []
+        for t in sp.Add.make_args(distribute(integrand)):
+            (rest if t.free_symbols & set(us) else exact).append(t)
+        return sp.Add(*exact), us, sp.Add(*rest)
+
+    def _quadrature_node(self, integrand, used):
+        """Whiten token by token with the fewest standard Gaussians u and integrate exactly
+        everything that enters polynomially. Returns (the exact part, the quadrature
+        variables, the integrand left for quadrature).
+
+        Token l with both z*_l and z_l: z*_l = u_la, z_l = mu_l + m u_la + s u_lb with
+        s = sqrt(q - m^2), and zeta_la = (e_a / s) u_lb + eps_la, eps_l ~ N(0, I - e e^T / s^2)
+        (the regression of zeta on (z*_l, z_l)). With z_l alone: z_l = mu_l + sqrt(q) u_lb and
+        zeta_la = (e_a / sqrt(q)) u_lb + eps_la, eps_l ~ N(0, I - e e^T / q). With z*_l alone or
+        neither, zeta_l ~ N(0, I) is independent of the rest. The eps enter polynomially and are
+        integrated exactly.
+        """
+        g = self.g
+        sub, us, eps_cov = {}, [], []
+        for l in range(g.L):
+            has_t, has_s = g.zstar[l] in used, g.z[l] in used
+            zetas = [a for a in range(g.r) if g.zeta[l][a] in used]
+            scale = None
+            if has_t:
+                u1 = sp.Symbol(f"u{l + 1}a", real=True)
+                sub[g.zstar[l]] = u1
+                us.append(u1)
+            if has_s:
+                u2 = sp.Symbol(f"u{l + 1}b", real=True)
+                m, q = g.ms[l], g.qs[l]
+                scale = sp.sqrt(q - m ** 2) if has_t else sp.sqrt(q)
+                sub[g.z[l]] = g.mu(l) + (m * sub[g.zstar[l]] if has_t else 0) + scale * u2
+                us.append(u2)
+            for a in zetas:
+                ep = sp.Dummy(f"eps{l + 1}_{a + 1}")
+                sub[g.zeta[l][a]] = ep if scale is None else ep + g.e[a] / scale * u2
+                eps_cov.append((l, a, ep, scale))
+        integrand = integrand.xreplace(sub)
+        if eps_cov:
+            n = len(eps_cov)
+            cov = [[sp.Integer(0)] * n for _ in range(n)]
+            for i, (l, a, _, scale) in enumerate(eps_cov):
+                for j, (l2, b, _, _) in enumerate(eps_cov):
+                    if l == l2:
+                        cov[i][j] = int(a == b) - (g.e[a] * g.e[b] / scale ** 2
+                                                   if scale is not None else 0)
+            integrand = _integrate_polynomial_part(integrand, [x[2] for x in eps_cov], cov)
+        # a u that enters only polynomially (outside every non-polynomial function) is
+        # integrated exactly by its moments; quadrature runs over the others only
+        inside = _nonpolynomial_symbols(integrand)
+        poly_us = [u for u in us if u not in inside]
+        integrand = _integrate_polynomial_part(
+            integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
+                                 for i in range(len(poly_us))])
+        us = tuple(u for u in us if u in inside)
+        exact = sp.Add(*[t for t in sp.Add.make_args(sp.expand(integrand))
+                         if not (t.free_symbols & set(us))])
+        return exact, us, integrand - exact
+
+
+def _merge_nodes(expr, outside=()):
+    """Terms c * GaussHermite(f, u) over the same variables u become one node
+    GaussHermite(sum c f, u) (c free of u): one quadrature per set of variables. The part of c
+    in the `outside` symbols (eta) stays a factor of the node."""
+    nodes, out = {}, sp.Integer(0)
+    for term in sp.Add.make_args(expr):
+        gh = [f for f in sp.Mul.make_args(term) if isinstance(f, GaussHermite)]
+        if len(gh) != 1:
+            out += term
+            continue
+        node = gh[0]
+        c = term / node
+        if c.free_symbols & set(node.variables):
+            out += term
+            continue
+        c, c_out = c.as_independent(*outside, as_Add=False) if outside else (c, sp.Integer(1))
+        key = (node.variables, c_out)
+        nodes[key] = nodes.get(key, sp.Integer(0)) + c * node.integrand
+    for (us, c_out), f in nodes.items():
+        out += c_out * GaussHermite(f, sp.Tuple(*us))
+    return out
+
+
+def _poly_terms(expr, variables):
+    """{alpha: coefficient} of an expression polynomial in `variables` whose coefficients
+    may be anything free of them (much faster than sp.Poly with function coefficients); None
+    when a variable occurs otherwise."""
+    index = {v: i for i, v in enumerate(variables)}
+    out = {}
+    for t in sp.Add.make_args(distribute(expr)):
+        mono, coef = [0] * len(variables), []
+        for f in sp.Mul.make_args(t):
+            base, e = f.as_base_exp()
+            if base in index and e.is_Integer and e > 0:
+                mono[index[base]] += int(e)
+            elif f.free_symbols & set(variables):
+                return None
+            else:
+                coef.append(f)
+        out.setdefault(tuple(mono), []).append(sp.Mul(*coef))
+    return {k: sp.Add(*v) for k, v in out.items()}
+
+
+def kink_breaks(node):
+    """The kinks of a quadrature node's integrand as break points of its first variable:
+    () without Heaviside factors; a tuple of expressions t_j (the integrand is smooth in u1 on
+    each interval between them) when every Heaviside(nu + c . u) has c = (c1, 0, ..., 0); None
+    when some kink is not along u1 (the rule then converges only like n^-2)."""
+    us = node.variables
+    steps = node.integrand.atoms(sp.Heaviside)
+    if not steps:
+        return ()
+    out = []
+    for h in steps:
+        try:
+            P = sp.Poly(h.args[0], *us)
+        except sp.PolynomialError:
+            return None
+        if P.total_degree() != 1 or any(P.coeff_monomial(u) != 0 for u in us[1:]):
+            return None
+        c1 = P.coeff_monomial(us[0])
+        out.append(sp.simplify(-P.coeff_monomial(1) / c1))
+    return tuple(sorted(set(out), key=sp.default_sort_key))
+
+
+__all__ = ["Expectation", "kink_breaks"]

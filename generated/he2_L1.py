@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1f5caa749e8c985791f1d95911e3b6cf94ef375e9604482d46791b25a8034f03
-# tool: ssi-symbolic 0.1.0 generator 1 source f6f11b906d095984
+# spec-hash: 85a2fc0313e5b417cee4f73cbe2df67f62bd8cb9a69bb00ae4a832dda88e2a74
+# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '1f5caa749e8c985791f1d95911e3b6cf94ef375e9604482d46791b25a8034f03'
+SPEC_HASH = '85a2fc0313e5b417cee4f73cbe2df67f62bd8cb9a69bb00ae4a832dda88e2a74'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 165caf26598ae3247026012b80a38ea655b2b4c603570bb04ea20aae7ad86799
-# tool: ssi-symbolic 0.1.0 generator 1 source f6f11b906d095984
+# spec-hash: 9d63a350f7378091c387c4672f471cdb5039cc2a69029c49b744512bf9f72a12
+# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '165caf26598ae3247026012b80a38ea655b2b4c603570bb04ea20aae7ad86799'
+SPEC_HASH = '9d63a350f7378091c387c4672f471cdb5039cc2a69029c49b744512bf9f72a12'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: eabedc5f8845c5e98bdcce3abdeeb2ef7ce20c08be8fe97c7d54e75ebf258bcc
-# tool: ssi-symbolic 0.1.0 generator 1 source f6f11b906d095984
+# spec-hash: 35dcf3441634cf8f352a69f9be606b4cf1ec6e7802bb8338ed7e3a1edfa01c6a
+# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'eabedc5f8845c5e98bdcce3abdeeb2ef7ce20c08be8fe97c7d54e75ebf258bcc'
+SPEC_HASH = '35dcf3441634cf8f352a69f9be606b4cf1ec6e7802bb8338ed7e3a1edfa01c6a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 816c08b35d59b7bc1d745917aa6307c39b05f9d2aec443d1fff38c1a2f877c8f
-# tool: ssi-symbolic 0.1.0 generator 1 source f6f11b906d095984
+# spec-hash: de090d07f50c774aae05111f2ecae8296718fb70aa3b7117a331f43055d34788
+# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '816c08b35d59b7bc1d745917aa6307c39b05f9d2aec443d1fff38c1a2f877c8f'
+SPEC_HASH = 'de090d07f50c774aae05111f2ecae8296718fb70aa3b7117a331f43055d34788'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

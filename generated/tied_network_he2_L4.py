@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f3cf7531d7124bee2fc584a1a9cac50e6962f64922924a8c02a1d21fb1ec0fd4
-# tool: ssi-symbolic 0.1.0 generator 1 source f6f11b906d095984
+# spec-hash: dbd3240c3c6a5dccfd3b2416647089ee0b2e3b50a31309648e0ad49b6852c271
+# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f3cf7531d7124bee2fc584a1a9cac50e6962f64922924a8c02a1d21fb1ec0fd4'
+SPEC_HASH = 'dbd3240c3c6a5dccfd3b2416647089ee0b2e3b50a31309648e0ad49b6852c271'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

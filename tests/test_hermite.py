@@ -235,31 +235,54 @@ def test_constant_teacher(tmp_path):
     assert "infinite" in out["sie_note"]
 
 
-def test_relu_student_numerical_flatness_2(tmp_path):
-    """R(m) = 3/4 - m^2 / (2 sqrt(pi)) for He2(z)/sqrt(2) learnt by a ReLU (quadrature)."""
+def test_relu_student_flatness_2(tmp_path):
+    """R(m) = 3/4 - m^2 / (2 sqrt(pi)) for He2(z)/sqrt(2) learnt by a ReLU: E[relu He_2] =
+    phi(0) = 1/sqrt(2 pi) and E[T He_2] = sqrt(2), so the m^2 coefficient is
+    -sqrt(2) / sqrt(2 pi) / 2!. The ReLU expectations are in closed form, so R is exact."""
     spec = load_spec(DERIVATIONS / "relu_student_he2.toml")
     f = flatness(spec, out_dir=tmp_path)
-    assert f["flatness"] == 2 and f["method"] == "numerical"
-    assert f["tolerance"] == 1e-6 and f["quadrature_nodes"] == [40, 80]
-    c = float(f["leading_terms"].split("*")[0])
-    assert c == pytest.approx(-1 / (2 * math.sqrt(math.pi)), rel=0.05)
+    assert f["flatness"] == 2 and f["method"] == "exact"
+    assert f["leading_terms"] == "-m**2/(2*sqrt(pi))"
     out = static_analysis(spec, out_dir=tmp_path)
-    assert (out["sie"], out["flatness"], out["method"]) == (2, 2, "numerical")
+    assert (out["sie"], out["flatness"], out["method"]) == (2, 2, "exact")
+    # the SIE of the ReLU itself still comes from numerical Hermite coefficients
     assert out["student_sie"] == 1 and out["student_sie_method"] == "numerical"
+    # the numerical estimator on the same (closed-form) loss
+    fn = flatness(spec, out_dir=tmp_path, method="numerical")
+    assert fn["flatness"] == 2 and fn["method"] == "numerical" and fn["quadrature_nodes"] is None
+    c = float(fn["leading_terms"].split("*")[0])
+    assert c == pytest.approx(-1 / (2 * math.sqrt(math.pi)), rel=1e-4)
 
 
-@pytest.mark.parametrize("target, k, c", [("He(2, z1) + He(3, z1)", 2, -1.0),
-                                          ("He(3, z1)", 3, -0.5)])
-def test_shifted_relu_student_numerical_flatness(tmp_path, target, k, c):
-    """Student relu(z - 1/2), whose kink is off the quadrature grid's symmetry: the teacher has
-    no He_1 part, so R has no linear term, yet the quadrature gives one of ~1e-3 (kept out by the
-    error estimate; the He_3 case also needs the automatic node refinement).
-    R = const - sum_j c_j(T) c_j(S) m^j / j! with c_2(S) = phi(1/2), c_3(S) = phi(1/2) / 2."""
+@pytest.mark.parametrize("target, k, c", [("He(2, z1) + He(3, z1)", 2, -1),
+                                          ("He(3, z1)", 3, sp.Rational(-1, 2))])
+def test_shifted_relu_student_flatness(tmp_path, target, k, c):
+    """Student relu(z - 1/2), kink off the origin: the teacher has no He_1 part, so R has no
+    linear term. R = const - sum_j c_j(T) c_j(S) m^j / j! with c_2(S) = phi(1/2),
+    c_3(S) = phi(1/2) / 2 (E[relu(z - a) He_k] = He_{k-2}(a) phi(a)) and c_2(T) = 2, c_3(T) = 6:
+    leading terms -phi(1/2) m^2 resp. -phi(1/2) m^3 / 2, exact (closed-form ReLU expectations)."""
     f = flatness(make_spec("shifted_relu", 1, target, "relu(z1 - 1/2)"), out_dir=tmp_path)
+    assert f["flatness"] == k and f["method"] == "exact"
+    m = sp.Symbol("m")
+    phi = sp.exp(sp.Rational(-1, 8)) / sp.sqrt(2 * sp.pi)
+    assert sp.simplify(sp.sympify(f["leading_terms"]) - c * phi * m ** k) == 0
+
+
+@pytest.mark.parametrize("target, k, c", [("He(2, z1) + He(3, z1)", 2, -0.19715728743090312),
+                                          ("He(3, z1)", 3, 0.0030132928233970711)])
+def test_shifted_saturating_relu_student_numerical_flatness(tmp_path, target, k, c):
+    """Student tanh(relu(z - 1/2)): the kink of the shifted ReLU (off the quadrature grid's
+    symmetry), but no closed form, so R comes from quadrature split at the kink. The teacher has
+    no He_1 part: R has no linear term, and the quadrature must not report one.
+    R = const - sum_j c_j(T) c_j(S) m^j / j!, c_2(T) = 2, c_3(T) = 6, so the leading coefficient
+    is -c_2(S) resp. -c_3(S), with c_j(S) = int_{1/2}^inf tanh(z - 1/2) He_j(z) phi(z) dz
+    (mpmath.quad, 30 digits): c_2(S) = 0.197157287430903..., c_3(S) = -0.00301329282339707...
+    (also c_1(S) = 0.212104994399531..., which the teacher does not see)."""
+    f = flatness(make_spec("shifted_tanh_relu", 1, target, "tanh(relu(z1 - 1/2))"),
+                 out_dir=tmp_path)
     assert f["flatness"] == k and f["method"] == "numerical" and not f["inconclusive"]
-    phi = math.exp(-1 / 8) / math.sqrt(2 * math.pi)
     lead = float(f["leading_terms"].split("*")[0])
-    assert lead == pytest.approx(c * phi, rel=0.02)
+    assert lead == pytest.approx(c, rel=1e-4)
 
 
 @pytest.mark.parametrize("target, k", [("z1", 1), ("He(3, z1)", 3)])

@@ -7,263 +7,55 @@ probabilists' Hermite polynomials); for vector or matrix links, the minimum over
 A link without any non-zero coefficient of order >= 1 (a constant) has no finite SIE: reported as
 ``None`` (infinity).
 
-* Exact (polynomial links): the link is expanded in z1..zL, each monomial prod_l z_l^{n_l} is
-  written in the Hermite basis with z^n = sum_i n! / (2^i i! (n-2i)!) He_{n-2i}(z), and the
-  coefficients are collected per multi-index. Parameters stay symbolic unless values are given; a
-  coefficient that is non-zero as an expression counts as non-zero (``parameter_dependent`` says
-  when every coefficient of the leading order involves parameters, so that special parameter
-  values may raise the SIE).
-* Numerical (any other link): tensor Gauss-Hermite quadrature (hermegauss, weights / sqrt(2 pi))
-  over the tokens the link depends on. Additive terms are grouped by the tokens they involve, so a
-  sum of per-token nonlinearities needs only one-dimensional rules. Each coefficient is computed
-  with a fine and a coarser rule; it counts as non-zero when it exceeds both ``tol`` times the
-  link's L2 norm and ten times the fine-coarse difference (the quadrature error estimate).
+* Exact (polynomial links): the coefficients of hermite_exact.py (each monomial written in the
+  Hermite basis). Parameters stay symbolic unless values are given; a coefficient that is
+  non-zero as an expression counts as non-zero (``parameter_dependent`` says when every
+  coefficient of the leading order involves parameters, so that special parameter values may
+  raise the SIE).
+* Numerical (any other link): the coefficients of hermite_numeric.py (additive terms, products
+  over disjoint tokens, leaves integrated in the dimensions of their linear forms with
+  Gauss-Legendre panels split at the kinks or tensor Gauss-Hermite), orders 1..kmax formed until
+  the first clearly non-zero one. Every coefficient carries an error estimate; it counts as
+  non-zero when it exceeds both ``tol`` times the link's L2 norm and SAFETY times its error
+  estimate. A term with kinks along several directions keeps tensor Gauss-Hermite (slow,
+  algebraic convergence), and the result's note says so.
 
 Every coefficient reported is the Hermite coefficient of the definition, E[g He_alpha]
 (= alpha! times the coefficient of He_alpha in the expansion of g).
 
 Flatness index: the lowest order of a non-zero derivative at the origin of the population loss R,
-jointly in the overlaps (m, e_a) (q = 1 for plain SGD). When R is in closed form it is a polynomial
-(or analytic function) of the state and the homogeneous parts of its Taylor expansion are read off
-exactly, with the parameters kept symbolic (``flatness_at_defaults`` gives the value at the
-defaults when parameters exist). When R contains quadrature nodes, R is evaluated from the
-generated module along lines through the origin at two quadrature levels, fitted by polynomials,
-and each Taylor coefficient is tested against a tolerance and its error estimate (method
-"numerical"; the quadrature nodes are doubled, up to twice, when the test is inconclusive).
-Kinked links (relu, Abs) converge slowly under Gauss-Hermite quadrature (error ~ 1/n): the
-reported error estimates say how far the numerical answers can be trusted.
+jointly in the overlaps (m, e_a) (q = 1 for plain SGD). When R is in closed form (polynomial
+links, and the closed-form Gaussian expectations of symbolic/closed_forms.py: relu, Abs, erf, ...)
+it is a polynomial (or analytic function) of the state and the homogeneous parts of its Taylor
+expansion are read off exactly, with the parameters kept symbolic (``flatness_at_defaults`` gives
+the value at the defaults when parameters exist). When R contains quadrature nodes, R is evaluated
+from the generated module along lines through the origin at two quadrature levels, fitted by
+polynomials, and each Taylor coefficient is tested against a tolerance and its error estimate
+(method "numerical"; the quadrature nodes are doubled, up to twice, when the test is
+inconclusive). The generated modules split their quadrature at the kinks they can locate; a kink
+they cannot split converges slowly: the reported error estimates say how far the numerical
+answers can be trusted.
+
+`static_analysis` puts both together (the JSON of `ssi sie`). The exact and numerical coefficient
+functions (hermite_coefficients, monomial_to_hermite, numerical_coefficients) are re-exported
+here.
 """
 from __future__ import annotations
 
 import itertools
 import math
-import re
 import time
-from functools import lru_cache
 
 import numpy as np
 import sympy as sp
 
-from ..backends.quadrature import gauss_hermite
-from ..model.spec import ModelSpec, link_entries, parse_link, token_symbols
+from ..model.spec import ModelSpec, token_symbols
+from .hermite_exact import (_entries, _exact_coefficients, _is_polynomial, _nonzero,
+                            hermite_coefficients, monomial_to_hermite)
+from .hermite_numeric import QUAD_TOL, _full_order, _numeric_tree, numerical_coefficients
 
-_TOKEN = re.compile(r"^z(\d+)$")
-
-#: Points of one tensor Gauss-Hermite rule (n^s) held at once.
-QUADRATURE_BUDGET = 2 ** 21
-#: Most nodes per dimension (one-token groups).
-MAX_NODES = 160
 #: A numerical coefficient counts as non-zero only above SAFETY times its error estimate.
 SAFETY = 10.0
-
-
-# ---------------------------------------------------------------------------------------------
-# preparing a link
-
-def _param_values(params) -> dict:
-    """{name: sympy number} from a dict keyed by names or Symbols (None -> {})."""
-    if not params:
-        return {}
-    return {str(k): sp.nsimplify(v) if isinstance(v, float) else sp.sympify(v)
-            for k, v in params.items()}
-
-
-def _entries(link, L: int, params=None) -> list:
-    """The entries of a link (scalar, Matrix or string) as SymPy expressions in the real token
-    symbols z1..zL, with the given parameter values substituted."""
-    values = _param_values(params)
-    if isinstance(link, str):
-        link = parse_link(link, L, list(values), "link")
-    if isinstance(link, (list, tuple)):
-        link = sp.Matrix(link)
-    entries = [sp.sympify(x) for x in link_entries(link)]
-    zs = token_symbols(L)
-    out = []
-    for x in entries:
-        subs = {}
-        for s in x.free_symbols:
-            name = str(s)
-            mt = _TOKEN.match(name)
-            if mt:
-                k = int(mt.group(1))
-                if not 1 <= k <= L:
-                    raise ValueError(f"link uses token {name} but L = {L}")
-                if s != zs[k - 1]:
-                    subs[s] = zs[k - 1]
-            elif name in values:
-                subs[s] = values[name]
-        out.append(x.xreplace(subs) if subs else x)
-    return out
-
-
-def _is_polynomial(entry, zs) -> bool:
-    try:
-        return bool(entry.is_polynomial(*zs))
-    except Exception:  # pragma: no cover - SymPy corner cases
-        return False
-
-
-def _nonzero(c) -> bool:
-    """Exact test: is the expression c not identically zero?"""
-    c = sp.expand(c)
-    if c == 0:
-        return False
-    z = c.is_zero
-    if z is not None:
-        return not z
-    return sp.simplify(c) != 0
-
-
-# ---------------------------------------------------------------------------------------------
-# exact Hermite coefficients of polynomial links
-
-@lru_cache(maxsize=None)
-def monomial_to_hermite(n: int) -> tuple:
-    """z^n = sum_j c_{n,j} He_j(z): the pairs (j, c_{n,j}), c_{n,n-2i} = n! / (2^i i! (n-2i)!)."""
-    return tuple((n - 2 * i, sp.Rational(math.factorial(n),
-                                         2 ** i * math.factorial(i) * math.factorial(n - 2 * i)))
-                 for i in range(n // 2 + 1))
-
-
-def _alpha_factorial(alpha) -> int:
-    out = 1
-    for a in alpha:
-        out *= math.factorial(a)
-    return out
-
-
-def _exact_coefficients(entry, zs) -> dict:
-    """All non-zero Hermite coefficients E[g He_alpha] of a polynomial entry: {alpha: expr}."""
-    poly = sp.Poly(sp.expand(entry), *zs)
-    acc = {}
-    for monom, c in poly.terms():
-        for combo in itertools.product(*[monomial_to_hermite(n) for n in monom]):
-            alpha = tuple(j for j, _ in combo)
-            w = c
-            for _, cj in combo:
-                w = w * cj
-            acc[alpha] = acc.get(alpha, 0) + w
-    out = {}
-    for alpha, c in acc.items():
-        c = sp.expand(c * _alpha_factorial(alpha))
-        if _nonzero(c):
-            out[alpha] = c
-    return out
-
-
-def hermite_coefficients(link, L: int, order: int, params=None) -> dict:
-    """Exact Hermite coefficients E[g(z) He_alpha(z)] with |alpha| == order of a polynomial link.
-
-    link: SymPy expression or Matrix in z1..zL (or a link string); params: optional
-    {name: value} substituted first (parameters left out stay symbolic). Returns
-    {alpha: coefficient} for the non-zero coefficients only; for a vector or matrix link the
-    values are Matrices of the link's shape (alpha listed when any entry is non-zero).
-    Raises ValueError for a link that is not polynomial in the tokens."""
-    if order < 0:
-        raise ValueError(f"order must be >= 0, got {order}")
-    zs = token_symbols(L)
-    if isinstance(link, str):
-        link = parse_link(link, L, list(_param_values(params)), "link")
-    if isinstance(link, (list, tuple)):
-        link = sp.Matrix(link)
-    entries = _entries(link, L, params)
-    for x in entries:
-        if not _is_polynomial(x, zs):
-            raise ValueError(f"link entry {x} is not polynomial in z1..z{L}: use sie(..., "
-                             f"method='numerical') for its coefficients")
-    per = [{a: c for a, c in _exact_coefficients(x, zs).items() if sum(a) == order}
-           for x in entries]
-    if not isinstance(link, sp.MatrixBase):
-        return per[0]
-    alphas = sorted(set().union(*per))
-    return {a: sp.Matrix(link.rows, link.cols, [d.get(a, sp.Integer(0)) for d in per])
-            for a in alphas}
-
-
-# ---------------------------------------------------------------------------------------------
-# numerical Hermite coefficients (tensor Gauss-Hermite)
-
-def _hermite_table(x, kmax):
-    """He_0..He_kmax at the points x: shape (kmax + 1, len(x))."""
-    H = np.empty((kmax + 1, len(x)))
-    H[0] = 1.0
-    if kmax >= 1:
-        H[1] = x
-    for a in range(1, kmax):
-        H[a + 1] = x * H[a] - a * H[a - 1]
-    return H
-
-
-def _nodes_for(s: int) -> int:
-    return int(min(MAX_NODES, math.floor(QUADRATURE_BUDGET ** (1.0 / s) + 1e-9)))
-
-
-def _tensor_coefficients(f, s: int, n: int, kmax: int):
-    """E[f(u) He_a(u)] for all a in {0..kmax}^s (array of that shape) and E[f^2], by the tensor
-    Gauss-Hermite rule with n nodes per dimension over s independent N(0, 1)."""
-    (x,), w = gauss_hermite(1, n)
-    grids = np.meshgrid(*([x] * s), indexing="ij")
-    vals = np.broadcast_to(np.asarray(f(*grids), dtype=float), (n,) * s)
-    if not np.all(np.isfinite(vals)):
-        raise ValueError("the link is not finite at some Gauss-Hermite nodes")
-    M = (_hermite_table(x, kmax) * w).T  # (n, kmax + 1)
-    T, S2 = vals, vals * vals
-    for _ in range(s):  # contract the leading axis, append the Hermite axis
-        T = np.tensordot(T, M, axes=([0], [0]))
-        S2 = np.tensordot(S2, w, axes=([0], [0]))
-    return T, float(S2)
-
-
-def _numeric_entry(entry, zs, kmax: int, seed: int = 0):
-    """Numerical Hermite coefficients of one entry up to order kmax.
-
-    Returns ({alpha: (value, error estimate)} for 1 <= |alpha| <= kmax, L2 norm, rules used)."""
-    L = len(zs)
-    groups = {}
-    const = 0.0
-    for term in sp.Add.make_args(entry):
-        sup = frozenset(s for s in term.free_symbols if s in zs)
-        if not sup:
-            const += float(term)
-            continue
-        groups[sup] = groups.get(sup, sp.Integer(0)) + term
-    coefs, rules = {}, {}
-    second = None
-    for sup, expr in groups.items():
-        idx = sorted(zs.index(s) for s in sup)
-        s = len(idx)
-        if (kmax + 1) ** s > 2 * 10 ** 7 or _nodes_for(s) < 3:
-            raise ValueError(f"numerical Hermite coefficients: a term couples {s} tokens jointly, "
-                             f"too many for a tensor Gauss-Hermite rule (at most 7 or so)")
-        nf = _nodes_for(s)
-        nc = max(2, int(round(0.7 * nf)))
-        rules[s] = (nf, nc)
-        f = sp.lambdify([zs[i] for i in idx], expr, modules=["scipy", "numpy"])
-        Tf, S2 = _tensor_coefficients(f, s, nf, kmax)
-        Tc, _ = _tensor_coefficients(f, s, nc, kmax)
-        for a in itertools.product(range(kmax + 1), repeat=s):
-            k = sum(a)
-            if k == 0 or k > kmax:
-                continue
-            alpha = [0] * L
-            for i, ai in zip(idx, a):
-                alpha[i] = ai
-            alpha = tuple(alpha)
-            v, e = coefs.get(alpha, (0.0, 0.0))
-            coefs[alpha] = (v + float(Tf[a]), e + abs(float(Tf[a]) - float(Tc[a])))
-        if len(groups) == 1:
-            mean = float(Tf[(0,) * s])
-            second = const ** 2 + 2 * const * mean + S2
-    if second is None:
-        if not groups:
-            second = const ** 2
-        else:  # several groups: Monte Carlo estimate of E[g^2] (only sets the tolerance scale)
-            used = sorted({s for sup in groups for s in sup}, key=zs.index)
-            f = sp.lambdify(used, entry, modules=["scipy", "numpy"])
-            u = np.random.default_rng(seed).standard_normal((len(used), 2 ** 16))
-            vals = np.broadcast_to(np.asarray(f(*u), dtype=float), (2 ** 16,))
-            second = float(np.mean(vals * vals))
-    return coefs, math.sqrt(max(second, 0.0)), rules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +66,7 @@ def _label(i: int, n: int, alpha) -> str:
 
 
 def sie(link, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
-        method: str = "auto") -> dict:
+        method: str = "auto", quad_tol: float = QUAD_TOL) -> dict:
     """Sequence information exponent of a link (MATH.md section 5).
 
     link: SymPy expression or Matrix in z1..zL, or a link string; params: {name: value}
@@ -284,12 +76,18 @@ def sie(link, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
     checked; coefficients below tol times the link's L2 norm, or below 10 times their quadrature
     error estimate, count as zero).
 
+    quad_tol: numerical method, the absolute accuracy each one-dimensional rule is refined to.
+
     Returns a JSON-able dict: "sie" (int, or None when no non-zero coefficient of order >= 1
     exists -- constant link, SIE infinite -- or, numerically, none up to kmax), "method",
     "tolerance" (None for exact), "coefficients" ({str(alpha): value} at the SIE order; keys
     "[i] alpha" for entry i of a vector/matrix link), "entries" (per-entry SIE), "note",
     and method-specific keys (exact: "degree", "parameter_dependent"; numerical:
-    "absolute_tolerance", "l2_norm", "quadrature_error", "nodes", "kmax")."""
+    "absolute_tolerance", "quadrature_tolerance", "l2_norm", "quadrature_error" (the largest
+    error estimate of orders 1..SIE), "coefficient_errors" (per reported coefficient), "rules"
+    (one per numerically integrated term: its dimension, linear forms, rule, nodes, kinks),
+    "nodes" ({dimension: [fine, coarse]}: total nodes of one-dimensional rules, nodes per
+    dimension of the others), "kmax")."""
     t0 = time.perf_counter()
     zs = token_symbols(L)
     entries = _entries(link, L, params)
@@ -327,43 +125,63 @@ def sie(link, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
             if extra:
                 raise ValueError(f"numerical SIE needs values for the parameters {extra} "
                                  f"(pass params={{name: value}})")
-        per, norms, rules = [], [], {}
-        for x in entries:
-            c, nrm, r = _numeric_entry(x, list(zs), kmax)
-            per.append(c)
-            norms.append(nrm)
-            rules.update(r)
-        norm = math.sqrt(sum(v * v for v in norms))
+        trees = [_numeric_tree(x, list(zs), kmax, quad_tol) for x in entries]
+        norm = math.sqrt(sum(t[2] ** 2 for t in trees))
         thr = tol * norm
-        orders, coefs, qerr = [], {}, 0.0
-        for i, d in enumerate(per):
-            ki = None
-            for kk in range(1, kmax + 1):
-                hit = [a for a, (v, e) in d.items()
-                       if sum(a) == kk and abs(v) > max(thr, SAFETY * e)]
-                if hit:
-                    ki = kk
-                    break
-            orders.append(ki)
+
+        def clear(v, e):
+            return abs(v) > max(thr, SAFETY * e)
+
+        orders = []
+        for root, _, _ in trees:  # orders formed lazily: up to the first clear coefficient
+            orders.append(next((kk for kk in range(1, kmax + 1)
+                                if any(clear(v, e) for v, e in root.order(kk).values())), None))
         finite = [kk for kk in orders if kk is not None]
         k = min(finite) if finite else None
         top = k if k is not None else kmax
-        for i, d in enumerate(per):
-            for a in sorted(d):
-                v, e = d[a]
-                if sum(a) <= top:
-                    qerr = max(qerr, e)
-                if k is not None and sum(a) == k and abs(v) > max(thr, SAFETY * e):
-                    coefs[_label(i, n, a)] = float(v)
+        coefs, errors, qerr = {}, {}, 0.0
+        for i, (root, _, _) in enumerate(trees):
+            for kk in range(1, top + 1):
+                d = _full_order(root, kk, L)
+                qerr = max([qerr] + [e for _, e in d.values()])
+                if kk == k:
+                    for a in sorted(d):
+                        v, e = d[a]
+                        if clear(v, e):
+                            coefs[_label(i, n, a)] = float(v)
+                            errors[_label(i, n, a)] = float(e)
+        rules = [r for _, ctx, _ in trees for r in ctx.rules]
+        notes = list(dict.fromkeys(x for _, ctx, _ in trees for x in ctx.notes))
+        nodes = {}
+        for r in rules:
+            lv = r["nodes"] if r["rule"] == "gauss-legendre" else r["nodes_per_dimension"][:2]
+            old = nodes.get(str(r["dimension"]), [0, 0])
+            nodes[str(r["dimension"])] = [max(old[0], lv[0]), max(old[1], lv[1])]
+        kinds = []
+        if any(r["rule"] == "gauss-legendre" for r in rules):
+            kinds.append("one-dimensional Gauss-Legendre, panels split at the kinks, nodes "
+                         f"doubled to the tolerance {quad_tol:g}")
+        if any(r["rule"] == "gauss-legendre x gauss-hermite" for r in rules):
+            kinds.append("kinks along one direction: Gauss-Legendre panels across it, "
+                         "Gauss-Hermite along the others")
+        if any(r["rule"] == "gauss-hermite" for r in rules):
+            kinds.append("tensor Gauss-Hermite over the linear forms a term depends on")
+        if any(r.get("linear_forms") for r in rules):
+            kinds.append("coefficients over the linear forms of a term projected onto the "
+                         "tokens")
+        method_note = "; ".join(["exact polynomial terms, products over disjoint tokens"]
+                                + kinds + notes)
         if k is None:
             note = (f"no non-zero Hermite coefficient of order 1..{kmax}: constant link (SIE "
                     f"infinite) or SIE > {kmax}" if norm > 0 else "zero link (SIE infinite)")
+            note += "; " + method_note
         else:
-            note = "tensor Gauss-Hermite quadrature"
+            note = method_note
         out = {"sie": k, "method": "numerical", "tolerance": tol,
-               "absolute_tolerance": thr, "l2_norm": norm, "quadrature_error": qerr,
-               "nodes": {str(s): list(r) for s, r in sorted(rules.items())}, "kmax": kmax,
-               "coefficients": coefs, "entries": orders, "note": note}
+               "absolute_tolerance": thr, "quadrature_tolerance": quad_tol, "l2_norm": norm,
+               "quadrature_error": qerr, "nodes": nodes, "rules": rules, "kmax": kmax,
+               "coefficients": coefs, "coefficient_errors": errors, "entries": orders,
+               "note": note}
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -434,22 +252,25 @@ REFINE_SECONDS = 10.0
 
 
 def _flatness_numerical(spec, D, out_dir, kmax, tol, radius, nodes=None):
-    """Numerical flatness: R(t u) for unit directions u (the axes and random ones) and t at
-    Chebyshev nodes in radius * ([-1, -1/5] U [1/5, 1]) (away from the origin, where a kink of
-    the integrand crosses the quadrature grid and the quadrature error is not smooth), two
-    quadrature levels (coarse, fine nodes per dimension: `nodes`, default the module's n0 and
-    2 n0, as its quadrature_error), least-squares polynomial fits of degrees 2..kmax + 4.
+    """Numerical flatness: R(t u) for unit directions u (the axes and random ones; u = 1 alone
+    for one variable) and t at Chebyshev nodes in radius * ([-1, -1/5] U [1/5, 1]) (away from the
+    origin, where a kink of the integrand crosses the quadrature grid and the quadrature error
+    is not smooth), two quadrature levels (coarse, fine nodes per dimension: `nodes`, default the
+    module's n0 and 2 n0, as its quadrature_error), least-squares polynomial fits of degrees
+    2..kmax + 4. The module: the full one when it is up to date, else the drift-only one.
     For each order k the fit degree with the smallest error estimate (fine - coarse, plus
     degree D vs D + 2) is used; c_k is non-zero when |c_k| > max(tol * ptp(R), FLAT_SAFETY * err).
     When a lower-order coefficient is above the tolerance and its error but below the safety
     margin (inconclusive), the nodes are doubled (at most MAX_REFINE times, and only while the
     predicted time stays under REFINE_SECONDS); "inconclusive" reports what remains."""
-    from ..backends.registry import ensure_module
+    from ..backends.registry import links_module
 
     xs, _ = _state_split(D)
     nx = len(xs)
     xnames = [str(x) for x in xs]
-    mod = ensure_module(spec, out_dir)
+    # R only is needed: the full module when it is up to date, else the drift-only one (no
+    # Cov(G) derivation, which dominates the generation time)
+    mod = links_module(spec, out_dir)
     names = [str(s) for s in D.state]
     quad = mod.METHOD == "quadrature"
     n0 = int(mod.QUADRATURE_NODES)
@@ -515,7 +336,9 @@ def _flatness_numerical(spec, D, out_dir, kmax, tol, radius, nodes=None):
                 ambiguous = True
         return k, chosen, errs, ambiguous, cf, thr
 
-    U = np.vstack([np.eye(nx), directions(nx + 3)])
+    # one state variable: the line through the origin is the whole state space (t takes both
+    # signs), so one direction; else the axes and nx + 3 random directions
+    U = np.ones((1, 1)) if nx == 1 else np.vstack([np.eye(nx), directions(nx + 3)])
     refinements = 0
     if quad:
         levels = [int(n) for n in (nodes or (n0, 2 * n0))]
@@ -553,7 +376,7 @@ def _flatness_numerical(spec, D, out_dir, kmax, tol, radius, nodes=None):
     # leading homogeneous part P_k(x) = sum_mono a_mono x^mono, from P_k(u) = c_k(u) / radius^k
     d = chosen[k]
     monos = _monomials(nx, k)
-    need = int(1.5 * len(monos)) + 2
+    need = 1 if nx == 1 else int(1.5 * len(monos)) + 2
     ck = cf[d][:, k]
     if len(U) < need:
         U2 = directions(need - len(U))
@@ -578,7 +401,8 @@ def flatness(spec: ModelSpec, out_dir="generated", kmax: int = 8, tol: float = 1
     population loss R at the origin, jointly in (m, e_a); q = 1 for plain SGD.
 
     method "auto": exact when the derivation is in closed form (D.method == "exact"), else
-    numerical from the generated module (ensure_module(spec, out_dir)). Exact: parameters kept
+    numerical from the generated module (links_module(spec, out_dir): the full module when it is
+    up to date, else the drift-only one, generated if needed). Exact: parameters kept
     symbolic (a Taylor coefficient non-zero as an expression counts), plus
     "flatness_at_defaults". Numerical (parameters at their defaults): R along lines through
     the origin (the axes and random directions, radius/5 <= |x| <= radius) at two quadrature
@@ -636,13 +460,15 @@ def static_analysis(spec: ModelSpec, out_dir="generated", kmax: int = 8,
 
     Keys: name, sie, flatness, method, sie_method, flatness_method, sie_tolerance,
     sie_coefficients, sie_note, student_sie, student_sie_method, leading_terms,
-    flatness_details, seconds (and sie_at_defaults / flatness_at_defaults with parameters)."""
+    flatness_details, sie_seconds (teacher and student SIE), flatness_seconds, seconds (and
+    sie_at_defaults / flatness_at_defaults with parameters)."""
     t0 = time.perf_counter()
     teacher = _sie_of_spec_link(spec.teacher, spec, kmax, tol)
     if spec.student == spec.teacher:
         student = teacher
     else:
         student = _sie_of_spec_link(spec.student, spec, kmax, tol)
+    sie_seconds = time.perf_counter() - t0
     flat = flatness(spec, out_dir=out_dir, kmax=kmax)
     both_exact = teacher["method"] == "exact" and flat["method"] == "exact"
     out = {"name": spec.name, "sie": teacher["sie"], "flatness": flat["flatness"],
@@ -658,8 +484,11 @@ def static_analysis(spec: ModelSpec, out_dir="generated", kmax: int = 8,
         out["flatness_at_defaults"] = flat["flatness_at_defaults"]
     out["flatness_details"] = {k: v for k, v in flat.items()
                                if k not in ("flatness", "method", "leading_terms")}
+    out["sie_seconds"] = sie_seconds
+    out["flatness_seconds"] = flat.get("seconds")
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
-__all__ = ["hermite_coefficients", "sie", "flatness", "static_analysis", "monomial_to_hermite"]
+__all__ = ["hermite_coefficients", "numerical_coefficients", "sie", "flatness",
+           "static_analysis", "monomial_to_hermite"]

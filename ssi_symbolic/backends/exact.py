@@ -214,7 +214,10 @@ class _Module:
         for node, ph in self.quad.items():
             idx = int(str(ph)[3:])
             us = [str(u) for u in node.variables]
-            repl, (red,) = cse([node.integrand], "_y")
+            # exp(a) exp(b) as exp(a + b): the product of separately overflowing factors at
+            # the far nodes (|u| ~ 10) would give inf / inf instead of a vanishing term
+            integrand = sp.powsimp(node.integrand, combine="exp")
+            repl, (red,) = cse([integrand], "_y")
             lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
             fns.append(function_source(
                 f"_gh_integrand_{idx}", ["_u"] + args,

@@ -98,19 +98,108 @@ class Expectation:
         if hit is not None or factor in self._closed_cache:
             return hit
         variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
-        engine = self._closed.get(variables)
-        if engine is None:
+        reduced = self._reduced(factor, variables)
+        if reduced is not None:  # over the k < n forms the functions read
+            body, ys, mean, cov = reduced
+            key = (ys, tuple(mean), tuple(cov))
+        else:
+            body, ys = factor, variables
             mean, cov = self._gaussian_of(variables)
-            engine = self._closed[variables] = GaussianClosedForm(variables, mean, cov)
+            key = variables
+        engine = self._closed.get(key)
+        if engine is None:
+            engine = self._closed[key] = GaussianClosedForm(ys, mean, cov)
         n0 = len(engine.conditions)
         try:
-            out = engine.expect(factor)
+            out = engine.expect(body)
         except NoClosedForm:
             out = None
         else:
             self.conditions.extend((c, factor) for c in engine.conditions[n0:])
         self._closed_cache[factor] = out
         return out
+
+    def _reduced(self, factor, variables):
+        """The factor as a function of the k < n linear forms Y = A x its functions read, with
+        its polynomial part replaced by the conditional moments E[p(x) | Y] (x | Y Gaussian,
+        mean mu + Sigma A^T K^-1 (Y - A mu), covariance Sigma - Sigma A^T K^-1 A Sigma,
+        K = A Sigma A^T): (integrand in y, y symbols, mean A mu, covariance K), or None when
+        there is no reduction. A function argument may be any polynomial whose dependence on x
+        lies in the forms' span (exp(-(z1 + z2)^2 / 2) reads the one form z1 + z2)."""
+        random = set(variables)
+        rows, fargs = [], []
+
+        def walk(x):
+            if not (x.free_symbols & random) or x.is_Symbol:
+                return True
+            if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
+                return all(walk(a) for a in x.args)
+            if x.is_Pow and x.base is not sp.E:
+                return False
+            for a in x.args:
+                if not (a.free_symbols & random):
+                    continue
+                try:
+                    P = sp.Poly(a, *variables)
+                except sp.PolynomialError:
+                    return False
+                if P.total_degree() > 2:
+                    return False
+                fargs.append(a)
+                rows.extend(_dependence_rows(P, variables))
+            return True
+
+        if not walk(factor) or not rows:
+            return None
+        A = sp.Matrix(rows)
+        _, pivots = A.T.rref()
+        k = len(pivots)
+        if k >= len(variables):
+            return None
+        A = sp.Matrix([rows[i] for i in pivots])
+        key = ("reduce", variables, tuple(tuple(r) for r in A.tolist()))
+        if key not in self._projections:
+            mean, S = self._gaussian_of(variables)
+            mu = sp.Matrix(mean)
+            K = (A * S * A.T).applyfunc(sp.expand)
+            Kinv = K.inv().applyfunc(sp.cancel)
+            G = (S * A.T * Kinv).applyfunc(sp.cancel)           # E[x | Y] = mu + G (Y - A mu)
+            R = (S - G * A * S).applyfunc(sp.cancel)
+            ys = tuple(sp.Symbol(f"y{i + 1}", real=True) for i in range(k))
+            yv = sp.Matrix(ys)
+            ymean = A * mu
+            cond = [sp.expand(mu[i] + (G[i, :] * (yv - ymean))[0]) for i in range(len(variables))]
+            right = A.T * (A * A.T).inv()                        # x = right y inside functions
+            inner = {v: sp.expand((right[i, :] * yv)[0]) for i, v in enumerate(variables)}
+            self._projections[key] = (ys, tuple(sp.expand(x) for x in ymean), K, cond, R,
+                                      inner, {})
+        ys, ymean, K, cond, R, inner, memo = self._projections[key]
+        body = factor.xreplace({a: a.xreplace(inner) for a in fargs})
+        terms = _poly_terms(body, variables)
+        if terms is None:
+            return None
+
+        def moment(alpha):
+            hit = memo.get(alpha)
+            if hit is None:
+                i = next((i for i, a in enumerate(alpha) if a), None)
+                if i is None:
+                    hit = sp.Integer(1)
+                else:
+                    a1 = list(alpha)
+                    a1[i] -= 1
+                    hit = cond[i] * moment(tuple(a1))
+                    for j, aj in enumerate(a1):
+                        if aj and R[i, j] != 0:
+                            a2 = list(a1)
+                            a2[j] -= 1
+                            hit += R[i, j] * aj * moment(tuple(a2))
+                    hit = sp.expand(hit)
+                memo[alpha] = hit
+            return hit
+
+        integrand = sp.Add(*[c * moment(alpha) for alpha, c in terms.items()])
+        return integrand, ys, ymean, K
 
     def _expect_mixed(self, expr):
         g = self.g
@@ -280,12 +369,11 @@ class Expectation:
                 P = sp.Poly(arg, *variables)
             except sp.PolynomialError:
                 return walk(arg)
-            if P.total_degree() > 1:
+            if P.total_degree() > 2:
                 return False
-            row = tuple(P.coeff_monomial(v) for v in variables)
-            if any(c != 0 for c in row):
-                forms.append(row)
-                args[arg] = row
+            rows = _dependence_rows(P, variables)
+            forms.extend(rows)
+            args[arg] = rows
             return True
 
         if not walk(factor) or not forms:
@@ -300,14 +388,11 @@ class Expectation:
             return None
         mu, W, R, k = self._projections[key]
         us = tuple(sp.Symbol(f"u{i + 1}", real=True) for i in range(k))
-        # the function arguments a.x + b first (their r part vanishes: a is in the row space
-        # of A), then the polynomial occurrences of x
-        inner = {}
-        for arg, row in args.items():
-            a = sp.Matrix([row])
-            b = arg - sum(c * v for c, v in zip(row, variables))
-            inner[arg] = sp.expand((a * mu)[0] + b + sum((a * W)[0, j] * us[j]
-                                                         for j in range(k)))
+        # the function arguments first: they depend on x only through A x = A (mu + W u)
+        # (A r = 0), so x -> mu + W u there; then the polynomial occurrences of x
+        at_u = {v: mu[i] + sum(W[i, j] * us[j] for j in range(k))
+                for i, v in enumerate(variables)}
+        inner = {arg: sp.expand(arg.xreplace(at_u)) for arg in args}
         # E[p(x) | u] monomial by monomial: x | u ~ N(mu + W u, R)
         cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
                      for i in range(len(variables))]
@@ -422,6 +507,21 @@ def _merge_nodes(expr, outside=()):
         nodes[key] = nodes.get(key, sp.Integer(0)) + c * node.integrand
     for (us, c_out), f in nodes.items():
         out += c_out * GaussHermite(f, sp.Tuple(*us))
+    return out
+
+
+def _dependence_rows(P, variables):
+    """Rows spanning the directions a polynomial of degree <= 2 depends on: its linear part
+    and the rows of its quadratic form."""
+    n = len(variables)
+    lin = [P.coeff_monomial(v) for v in variables]
+    out = [tuple(lin)] if any(c != 0 for c in lin) else []
+    if P.total_degree() == 2:
+        for i in range(n):
+            row = [P.coeff_monomial(variables[i] * variables[j]) if i != j else
+                   2 * P.coeff_monomial(variables[i] ** 2) for j in range(n)]
+            if any(c != 0 for c in row):
+                out.append(tuple(row))
     return out
 
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 85a2fc0313e5b417cee4f73cbe2df67f62bd8cb9a69bb00ae4a832dda88e2a74
-# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
+# spec-hash: 216d41285b6603761f4b5dc47c829050a94842ebd31e1480fdd663e3bcf81bac
+# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '85a2fc0313e5b417cee4f73cbe2df67f62bd8cb9a69bb00ae4a832dda88e2a74'
+SPEC_HASH = '216d41285b6603761f4b5dc47c829050a94842ebd31e1480fdd663e3bcf81bac'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 711080b079c2cdd679582fdc5c01f277cc22e86df5683a8000aff27331c2ab2d
-# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
+# spec-hash: ac97894747934de109985db2682dd5fd2bf8196fabf27c6074bd92adf0252419
+# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '711080b079c2cdd679582fdc5c01f277cc22e86df5683a8000aff27331c2ab2d'
+SPEC_HASH = 'ac97894747934de109985db2682dd5fd2bf8196fabf27c6074bd92adf0252419'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

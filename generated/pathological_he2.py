@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 35dcf3441634cf8f352a69f9be606b4cf1ec6e7802bb8338ed7e3a1edfa01c6a
-# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
+# spec-hash: 38a7e08b0ba128fbf547000f2cdcb85d73973ffeeb4b761d79355293d959a4f2
+# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '35dcf3441634cf8f352a69f9be606b4cf1ec6e7802bb8338ed7e3a1edfa01c6a'
+SPEC_HASH = '38a7e08b0ba128fbf547000f2cdcb85d73973ffeeb4b761d79355293d959a4f2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c54a1737a17306c26dbea562183d9765815f602a43080366e2088455052f30e6
-# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
+# spec-hash: 09ebb77e0c3d20de1b99c6a84ceec4f45a0ae37adebb2f1a949e209863fb0757
+# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c54a1737a17306c26dbea562183d9765815f602a43080366e2088455052f30e6'
+SPEC_HASH = '09ebb77e0c3d20de1b99c6a84ceec4f45a0ae37adebb2f1a949e209863fb0757'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

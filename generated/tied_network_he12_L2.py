@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8c293f2af308e496136a38519f3898b52db8a42377d4015c64a38fb0316f4202
-# tool: ssi-symbolic 0.1.0 generator 1 source e3101bb8a5fd4f6a
+# spec-hash: 7b293972458cc7d6a2dcb26e72ca953f67b20d1d4a7ff34a186e42a9a94f11ce
+# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8c293f2af308e496136a38519f3898b52db8a42377d4015c64a38fb0316f4202'
+SPEC_HASH = '7b293972458cc7d6a2dcb26e72ca953f67b20d1d4a7ff34a186e42a9a94f11ce'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,6 +8,7 @@ from pathlib import Path
 import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
 
+from ..symbolic.gaussian import dag_any
 from .files import HASH_PREFIX
 
 
@@ -57,9 +58,8 @@ def horner(expr, gens):
     if not gens:
         return expr
     g = set(gens)
-    if any(f.free_symbols & g for f in expr.atoms(sp.Function)) or any(
-            p.free_symbols & g and not (p.exp.is_Integer and p.exp >= 0)
-            for p in expr.atoms(sp.Pow)):
+    if dag_any(expr, lambda f: (isinstance(f, sp.Function) or (
+            f.is_Pow and not (f.exp.is_Integer and f.exp >= 0))) and bool(f.free_symbols & g)):
         return expr  # a closed form or a quadrature node: not a polynomial in the state
     others = sorted(expr.free_symbols - set(gens), key=str)
     try:  # every symbol a generator: much faster than coefficients in a polynomial domain

@@ -33,6 +33,10 @@ from __future__ import annotations
 import sympy as sp
 
 
+#: most new sub-problems one expectation may spawn before quadrature takes over
+MAX_REDUCTIONS = 40
+
+
 class NoClosedForm(Exception):
     """The expectation is outside the families above (the caller falls back to quadrature)."""
 
@@ -181,6 +185,71 @@ def _simplify_entry(x):
     return x
 
 
+_THRESHOLDS = (sp.erf, sp.erfc, sp.Heaviside, sp.sign, sp.Abs)
+
+
+def _threshold_count(expr, random) -> int:
+    """Thresholds a product certainly holds: erf and erfc factors with their powers, plus one
+    per direction of the steps (Heaviside, sign, |.|: parallel steps merge into one); Max/Min
+    of n forms n - 1 each. Every term of its expansion keeps them."""
+    n, directions = 0, set()
+    xs = sorted(random, key=str)
+    for f in sp.Mul.make_args(expr):
+        base, k = f.as_base_exp()
+        if not (base.free_symbols & random) or not k.is_Integer:
+            continue
+        if isinstance(base, (sp.erf, sp.erfc)):
+            n += int(k)
+        elif isinstance(base, (sp.Heaviside, sp.sign, sp.Abs)):
+            try:
+                P = sp.Poly(base.args[0], *xs)
+            except sp.PolynomialError:
+                continue
+            row = [P.coeff_monomial(x) for x in xs]
+            lead = next((c for c in row if c != 0), 1)
+            directions.add(tuple(sp.simplify(c / lead) for c in row))
+        elif isinstance(base, (sp.Max, sp.Min)):
+            n += len(base.args) - 1
+    return n + len(directions)
+
+
+def _zero_mean(form, mu) -> bool:
+    """Whether the affine form a.x + b has mean zero under mean mu (symbolically)."""
+    a, b = form
+    return sp.expand(sum(c * m for c, m in zip(a, mu)) + b) == 0
+
+
+def _merge_parallel_steps(hs):
+    """Products of steps along one direction with numeric offsets as signed sums of single
+    steps: H(y - l1) H(y - l2) = H(y - max l), H(y - l) H(u - y) = H(y - l) - H(y - u) for
+    l < u (0 otherwise). Returns [(sign, steps)] whose signed sum equals prod hs."""
+    groups, rest = {}, []
+    for a, b in hs:
+        if not b.is_number:
+            rest.append((a, b))
+            continue
+        lead = next(c for c in a if c != 0)
+        key = a if lead > 0 else tuple(-c for c in a)
+        lo, hi = groups.get(key, (None, None))
+        if lead > 0:  # a.x + b > 0  <=>  y > -b  with y = key.x
+            lo = -b if lo is None else max(lo, -b)
+        else:         # -y + b > 0   <=>  y < b
+            hi = b if hi is None else min(hi, b)
+        groups[key] = (lo, hi)
+    out = [(1, tuple(rest))]
+    for key, (lo, hi) in groups.items():
+        if lo is not None and hi is not None:
+            if hi <= lo:
+                return []
+            choices = [(1, (key, -lo)), (-1, (key, -hi))]
+        elif lo is not None:
+            choices = [(1, (key, -lo))]
+        else:
+            choices = [(1, (tuple(-c for c in key), hi))]
+        out = [(s * s2, hs1 + (form,)) for s, hs1 in out for s2, form in choices]
+    return out
+
+
 def _affine(y, xs):
     """(a, b) with y = a.x + b, or NoClosedForm."""
     try:
@@ -209,8 +278,13 @@ class GaussianClosedForm:
 
     # --- parsing -------------------------------------------------------------------------
     def expect(self, expr):
-        """E[expr]; NoClosedForm when a factor is outside the families."""
+        """E[expr]; NoClosedForm when a factor is outside the families, or when the reduction
+        needs more than MAX_REDUCTIONS new sub-problems (high polynomial degrees times several
+        thresholds: the closed form would be huge and slow, quadrature is the better tool)."""
         random = set(self.xs)
+        self._budget = MAX_REDUCTIONS
+        if _threshold_count(sp.sympify(expr), random) > 3:
+            raise NoClosedForm("more than three thresholds")
         body = sp.expand(rewrite(expr, random))
         total = sp.Integer(0)
         for term in sp.Add.make_args(body):
@@ -252,9 +326,18 @@ class GaussianClosedForm:
                 return sp.Integer(0)  # H(y) H(-y) = 0 almost surely
             if form not in hs:
                 hs.append(form)
-        hs = tuple(hs)
         ds = tuple(self._affine(y) for y in ds)
-        return coef * self._solve(self.mean, self.cov, tuple(mono), sp.expand(Q), phis, hs, ds)
+        total = sp.Integer(0)
+        for sign, hs1 in _merge_parallel_steps(hs):
+            # the orthant probability at the end of every reduction keeps all thresholds:
+            # more than three (or three with a mean shift) cannot close, stop at once
+            n = len(phis) + len(hs1)
+            if n > 3 or (n == 3 and not all(_zero_mean(f, self.mean) for f in
+                                            phis + hs1)):
+                raise NoClosedForm(f"{n} thresholds")
+            total += sign * self._solve(self.mean, self.cov, tuple(mono), sp.expand(Q), phis,
+                                        hs1, ds)
+        return coef * total
 
     def _affine(self, y):
         return _affine(sp.expand(y), self.xs)
@@ -268,6 +351,9 @@ class GaussianClosedForm:
         return hit
 
     def _solve_uncached(self, mu, S, mono, Q, phis, hs, ds):
+        self._budget -= 1
+        if self._budget < 0:
+            raise NoClosedForm("too many reductions")
         n = len(self.xs)
         if ds:  # condition on the first delta's hyperplane
             (a, b), rest = ds[0], ds[1:]

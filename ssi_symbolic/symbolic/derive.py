@@ -227,7 +227,7 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
 def method_of(exprs, state) -> str:
     """"quadrature", "closed form" or "exact" for a list of formulas (see
     Derivation.output_methods)."""
-    from .gaussian import has_quadrature
+    from .gaussian import dag_any, has_quadrature
     state = {s for s in state if isinstance(s, sp.Symbol)}
     kind = "exact"
     for x in exprs:
@@ -235,9 +235,9 @@ def method_of(exprs, state) -> str:
         if has_quadrature(x):
             return "quadrature"
         if kind == "exact" and x.free_symbols & state:
-            if any(f.free_symbols & state for f in x.atoms(sp.Function)) or any(
-                    p.free_symbols & state and not (p.exp.is_Integer and p.exp >= 0)
-                    for p in x.atoms(sp.Pow)):
+            if dag_any(x, lambda f: (isinstance(f, sp.Function) or (
+                    f.is_Pow and not (f.exp.is_Integer and f.exp >= 0)))
+                    and bool(f.free_symbols & state)):
                 kind = "closed form"
     return kind
 

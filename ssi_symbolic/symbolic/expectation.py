@@ -392,7 +392,7 @@ class Expectation:
         # (A r = 0), so x -> mu + W u there; then the polynomial occurrences of x
         at_u = {v: mu[i] + sum(W[i, j] * us[j] for j in range(k))
                 for i, v in enumerate(variables)}
-        inner = {arg: sp.expand(arg.xreplace(at_u)) for arg in args}
+        inner = {arg: _tidy_affine(arg.xreplace(at_u), us) for arg in args}
         # E[p(x) | u] monomial by monomial: x | u ~ N(mu + W u, R)
         cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
                      for i in range(len(variables))]
@@ -508,6 +508,21 @@ def _merge_nodes(expr, outside=()):
     for (us, c_out), f in nodes.items():
         out += c_out * GaussHermite(f, sp.Tuple(*us))
     return out
+
+
+def _tidy_affine(expr, us):
+    """An expression affine in us with each coefficient simplified (a zero coefficient must
+    look like zero: kink_breaks and the delta integration test for it); other expressions
+    expanded."""
+    expr = sp.expand(expr)
+    try:
+        P = sp.Poly(expr, *us)
+    except sp.PolynomialError:
+        return expr
+    if P.total_degree() > 1:
+        return expr
+    return (sp.simplify(P.coeff_monomial(1))
+            + sum(sp.simplify(P.coeff_monomial(u)) * u for u in us))
 
 
 def _dependence_rows(P, variables):

@@ -91,10 +91,12 @@ def integrate_deltas(integrand, us):
         poly = sp.Poly(arg, *us)
         if poly.total_degree() != 1:
             raise ValueError(f"DiracDelta({arg}) is not of a linear form in {us}")
-        coef = {u: poly.coeff_monomial(u) for u in us}
+        # coefficients simplified: a projected integrand can hold a zero coefficient in an
+        # unsimplified form, which must not be divided by
+        coef = {u: sp.simplify(poly.coeff_monomial(u)) for u in us}
         j = [u for u in us if coef[u] != 0][-1]
         c = coef[j]
-        ustar = -(arg - c * j) / c
+        ustar = -(poly.coeff_monomial(1) + sum(coef[u] * u for u in us if u != j)) / c
         val = (rest.xreplace({j: ustar}) * sp.exp(-ustar ** 2 / 2)
                / (sp.sqrt(2 * sp.pi) * sp.Abs(c)))
         others = tuple(u for u in us if u != j)
@@ -698,10 +700,25 @@ def distribute(expr):
     return expr
 
 
+def dag_any(expr, pred) -> bool:
+    """Whether some sub-expression satisfies pred, visiting each distinct sub-expression once
+    (formulas share large sub-trees; a plain tree walk revisits them exponentially often)."""
+    seen, stack = set(), [sp.sympify(expr)]
+    while stack:
+        x = stack.pop()
+        if pred(x):
+            return True
+        for a in x.args:
+            if id(a) not in seen:
+                seen.add(id(a))
+                stack.append(a)
+    return False
+
+
 def has_quadrature(expr) -> bool:
     """True when an expression holds a GaussHermite node."""
-    return bool(sp.sympify(expr).atoms(GaussHermite))
+    return dag_any(expr, lambda x: isinstance(x, GaussHermite))
 
 
-__all__ = ["distribute", "TokenGaussian", "ExactEngine", "GaussHermite", "NotPolynomial",
+__all__ = ["dag_any", "distribute", "TokenGaussian", "ExactEngine", "GaussHermite", "NotPolynomial",
            "has_quadrature", "integrate_deltas"]

@@ -1,0 +1,93 @@
+"""Cold derivation and SIE times of a zoo of links (issue 11).
+
+Each row runs two fresh processes on a spec written to a temporary folder:
+`python -m ssi_symbolic derive SPEC --out DIR` (derivation and code generation, nothing cached)
+and `python -m ssi_symbolic sie SPEC --out DIR` (SIE of the links and flatness of R, the module
+being current by then). Prints wall times, the module's METHOD and OUTPUT_METHODS, and its
+quadrature nodes. Nothing is written outside the temporary folder.
+
+    python3 bench/bench_links.py            # the whole table (a few minutes)
+    python3 bench/bench_links.py relu erf   # rows whose name contains one of the words
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# (name, L, teacher, student or None, positional or None)
+LINKS = [
+    ("hermite_radicals_L2", 2, "He(2, z1)/sqrt(2) + He(3, z2)/sqrt(6)", None, None),
+    ("floats_pi_L1", 1, "0.3*z1 + pi*He(2, z1)/10", None, None),
+    ("erf_L1", 1, "erf(z1/sqrt(2))", None, None),
+    ("erf_lincomb_L2", 2, "erf((z1 + z2)/sqrt(2))", None, None),
+    ("Phi_pe_L1", 1, "Phi(z1)", None, [[0.5]]),
+    ("relu_L1", 1, "relu(z1)", None, None),
+    ("relu_pe_L1", 1, "relu(z1)", None, [[1.0]]),
+    ("relu_erf_pe_L2", 2, "relu(z1) + erf(z2)", None, [[1.0], [-1.0]]),
+    ("leaky_relu_L1", 1, "leaky_relu(z1, 0.2)", None, None),
+    ("abs_L1", 1, "Abs(z1)", None, None),
+    ("sign_teacher_L1", 1, "sign(z1)", "erf(z1)", None),
+    ("max_affine_L2", 2, "Max(z1, z2, 0)", "relu(z1) + relu(z2)", None),
+    ("hardtanh_L1", 1, "hardtanh(z1)", None, None),
+    ("gelu_L1", 1, "gelu(z1)", None, None),
+    ("exp_affine_L1", 1, "exp(0.3*z1)", None, None),
+    ("bump_L1", 1, "exp(-z1**2/2)", "z1**2", None),
+    ("cos_L1", 1, "cos(z1)", "z1**2", None),
+    ("tanh_L1", 1, "tanh(z1)", None, None),
+    ("tanh_product_L2", 2, "tanh(z1)*tanh(z2)", None, None),
+    ("tanh_lincomb_L2", 2, "tanh(z1 + z2)", None, None),
+    ("sigmoid_softplus_L2", 2, "sigmoid(z1) + softplus(z2)", None, None),
+    ("silu_L1", 1, "silu(z1)", None, None),
+    ("tanh_relu_L1", 1, "tanh(z1)", "relu(z1)", None),
+]
+
+
+def spec_text(name, L, teacher, student, positional) -> str:
+    lines = [f'name = "{name}"', f"L = {L}", "[teacher]", f'link = "{teacher}"']
+    if student or positional:
+        lines.append("[student]")
+    if student:
+        lines.append(f'link = "{student}"')
+    if positional:
+        lines.append(f"positional = {positional}")
+    return "\n".join(lines) + "\n"
+
+
+def run(cmd) -> tuple[float, int, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    return time.perf_counter() - t0, p.returncode, p.stderr.strip().splitlines()[-1:] or [""]
+
+
+def main(words) -> None:
+    rows = [r for r in LINKS if not words or any(w in r[0] for w in words)]
+    print(f"{'link':24s} {'derive s':>9s} {'sie s':>7s}  {'METHOD':12s} nodes  per output")
+    for name, L, teacher, student, positional in rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = Path(tmp) / f"{name}.toml"
+            spec.write_text(spec_text(name, L, teacher, student, positional))
+            out = Path(tmp) / "gen"
+            td, rc, err = run([sys.executable, "-m", "ssi_symbolic", "derive", str(spec),
+                               "--out", str(out)])
+            if rc:
+                print(f"{name:24s} failed: {err[0]}")
+                continue
+            ts, rc2, err2 = run([sys.executable, "-m", "ssi_symbolic", "sie", str(spec),
+                                 "--out", str(out)])
+            text = (out / f"{name}.py").read_text()
+            method = re.search(r"^METHOD = '([^']*)'", text, re.M).group(1)
+            nodes = re.search(r"^QUADRATURE_NODES = (\d+)", text, re.M).group(1)
+            per = re.search(r"^OUTPUT_METHODS = (.*)$", text, re.M).group(1)
+            short = {"exact": "E", "closed form": "C", "quadrature": "Q"}
+            per = "".join(short[m] for m in re.findall(r": '([^']*)'", per))
+            sie = f"{ts:7.2f}" if not rc2 else "  fail "
+            print(f"{name:24s} {td:9.2f} {sie}  {method:12s} {nodes:>5s}  {per} "
+                  f"(loss, drift1, drift2, cov, ito, finite-d)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 216d41285b6603761f4b5dc47c829050a94842ebd31e1480fdd663e3bcf81bac
-# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
+# spec-hash: a3bbc1b8aafcb809e362763aeb6c7f600ddded43e2b3e8c9b836e3165ec9a57a
+# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '216d41285b6603761f4b5dc47c829050a94842ebd31e1480fdd663e3bcf81bac'
+SPEC_HASH = 'a3bbc1b8aafcb809e362763aeb6c7f600ddded43e2b3e8c9b836e3165ec9a57a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9694bd8f38af62092ca1b09d9ce85b7321e24c1ed84121a557bc4da950a4b780
-# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
+# spec-hash: 4645a619b8f1ab16edc62317df0185b2411ad7f0aeb3a52d3a2fc2641bb22f9a
+# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9694bd8f38af62092ca1b09d9ce85b7321e24c1ed84121a557bc4da950a4b780'
+SPEC_HASH = '4645a619b8f1ab16edc62317df0185b2411ad7f0aeb3a52d3a2fc2641bb22f9a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a1d6288121db775c9d6aacb68496f4465a835ed20ee5cb7c0a9afe08c8034ae2
-# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
+# spec-hash: 2d30b47ab4540de38b437bf349efdcf9494f2b597e4a5bd504000eb4364033b0
+# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a1d6288121db775c9d6aacb68496f4465a835ed20ee5cb7c0a9afe08c8034ae2'
+SPEC_HASH = '2d30b47ab4540de38b437bf349efdcf9494f2b597e4a5bd504000eb4364033b0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 09ebb77e0c3d20de1b99c6a84ceec4f45a0ae37adebb2f1a949e209863fb0757
-# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
+# spec-hash: 1ea087eafa8b89c92e69b231eec232c3b9579160bec093af8d2ade7096e3a218
+# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '09ebb77e0c3d20de1b99c6a84ceec4f45a0ae37adebb2f1a949e209863fb0757'
+SPEC_HASH = '1ea087eafa8b89c92e69b231eec232c3b9579160bec093af8d2ade7096e3a218'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

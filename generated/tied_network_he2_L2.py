@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8f148a3a13fe480c62f7fb285084bea69a4c3857701fbc0d6bffa69e3c32a366
-# tool: ssi-symbolic 0.1.0 generator 1 source 321b3d77496b3dd6
+# spec-hash: b0445c3b6f111e7c543b74a8b44bfe455648c5b3c379f54244ac53330abd79d4
+# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8f148a3a13fe480c62f7fb285084bea69a4c3857701fbc0d6bffa69e3c32a366'
+SPEC_HASH = 'b0445c3b6f111e7c543b74a8b44bfe455648c5b3c379f54244ac53330abd79d4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

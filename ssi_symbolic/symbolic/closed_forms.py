@@ -89,9 +89,10 @@ class _D(sp.Function):
     nargs = 1
 
 
-def _max_terms(args, sign):
+def _max_terms(args, sign, random=frozenset()):
     """Max (sign = 1) or Min (sign = -1) of affine forms as sum_i a_i prod_{j != i} H(+-(a_i -
-    a_j)) (ties have probability zero for non-degenerate forms)."""
+    a_j)) (ties have probability zero for non-degenerate forms). A difference free of the
+    random variables is a number (ties broken by index) or a Heaviside of the parameters."""
     out = sp.Integer(0)
     for i, a in enumerate(args):
         t = a
@@ -99,8 +100,12 @@ def _max_terms(args, sign):
             if j != i:
                 # break ties by index so that a constant difference 0 is counted once
                 diff = sign * (a - b)
-                t = t * (_H(diff) if diff.free_symbols else
-                         sp.Integer(1 if (diff > 0 or (diff == 0 and i < j)) else 0))
+                if diff.free_symbols & random:
+                    t = t * _H(diff)
+                elif diff.is_number:
+                    t = t * sp.Integer(1 if (diff > 0 or (diff == 0 and i < j)) else 0)
+                else:
+                    t = t * sp.Heaviside(diff, sp.Rational(1, 2))
         out += t
     return out
 
@@ -115,7 +120,7 @@ def kinks_as_steps(expr, random: set):
         args = [rw(a) for a in x.args]
         f = x.func
         if f is sp.Max or f is sp.Min:
-            return _max_terms(args, 1 if f is sp.Max else -1).replace(
+            return _max_terms(args, 1 if f is sp.Max else -1, random).replace(
                 lambda e: isinstance(e, _H), lambda e: sp.Heaviside(e.args[0], sp.Rational(1, 2)))
         if f is sp.Abs:
             return args[0] * (2 * sp.Heaviside(args[0], sp.Rational(1, 2)) - 1)
@@ -158,9 +163,9 @@ def rewrite(expr, random: set):
             y = rw(x.args[0])
             return y * (2 * _H(y) - 1)
         if f is sp.Max:
-            return _max_terms([rw(a) for a in x.args], 1)
+            return _max_terms([rw(a) for a in x.args], 1, random)
         if f is sp.Min:
-            return _max_terms([rw(a) for a in x.args], -1)
+            return _max_terms([rw(a) for a in x.args], -1, random)
         if f is sp.DiracDelta:
             if len(x.args) > 1 and x.args[1] != 0:
                 raise NoClosedForm(x)

@@ -439,32 +439,28 @@ def _relu_exact_drift():
 RELU_STATES = (-0.5, 0.1, 0.37, 0.8)
 
 
-def test_relu_drift_within_its_quadrature_error():
-    """The ReLU model's Jacobian is symbolic (its kink's delta integrated exactly), and its
-    drift agrees with the exact one within the module's own quadrature error estimate."""
+def test_relu_drift_is_exact():
+    """The ReLU model is now derived in closed form (Stein's lemma and half-line Gaussian
+    integrals; against the polynomial teacher the result is a polynomial in m): its drift
+    equals the drift written independently above (half-line moments) to 1e-12."""
     mod = load_module(GENERATED / "relu_student_he2.py")
-    assert mod.JACOBIAN == "symbolic" and mod.METHOD == "quadrature"
+    assert mod.JACOBIAN == "symbolic" and mod.METHOD == "exact"
     exact_drift, _ = _relu_exact_drift()
     for m in RELU_STATES:
         for eta in (0.1, 0.3):
-            fine, err = mod.quadrature_error(mod.drift, m, eta=eta)
-            coarse = float(mod.drift(m, eta=eta)[0])
-            # coarse-vs-exact within 2x the |coarse - fine| estimate (+ the fine rule's own error)
-            assert abs(coarse - exact_drift(m, eta)) <= 2 * float(err[0]) + 1e-3
+            got = float(mod.drift(m, eta=eta)[0])
+            assert abs(got - exact_drift(m, eta)) <= 1e-12 * (1 + abs(exact_drift(m, eta)))
 
 
 def test_relu_jacobian_matches_exact_derivative():
-    """The Dirac-delta term of the kink is integrated exactly (gaussian.integrate_deltas).
-    Against the exact d drift / dm, with the tolerance the module's own quadrature error
-    estimate justifies (3x |J(2n nodes) - J(n nodes)|, plus 2e-3 absolute)."""
+    """The Jacobian of the closed-form ReLU drift is the exact d drift / dm (1e-12)."""
     mod = load_module(GENERATED / "relu_student_he2.py")
     _, exact_jac = _relu_exact_drift()
     for m in RELU_STATES:
         eta = 0.3
         got = float(mod.drift_jacobian(m, eta=eta)[0][0])
-        _, err = mod.quadrature_error(mod.drift_jacobian, m, eta=eta)
-        tol = 3 * float(np.asarray(err).ravel()[0]) + 2e-3
-        assert abs(got - exact_jac(m, eta)) <= tol, (m, got, exact_jac(m, eta), tol)
+        assert abs(got - exact_jac(m, eta)) <= 1e-12 * (1 + abs(exact_jac(m, eta))), \
+            (m, got, exact_jac(m, eta))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: df65bb5a7c65ec56aa5911792ee8b4ef76afad0304c6dcec3f423a0f7fbc5600
-# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
+# spec-hash: 75be0acb17aceec845afe008055b342617361003e14d77477ef141d292076506
+# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'df65bb5a7c65ec56aa5911792ee8b4ef76afad0304c6dcec3f423a0f7fbc5600'
+SPEC_HASH = '75be0acb17aceec845afe008055b342617361003e14d77477ef141d292076506'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

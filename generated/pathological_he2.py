@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4d6eabe5089e885e8c5859cfe2be5895e39f70e93389079984aa644facd6876d
-# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
+# spec-hash: 60f950820751ce2076e6e19974267de53e95d2f88de06bf49359aa02591a05d4
+# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4d6eabe5089e885e8c5859cfe2be5895e39f70e93389079984aa644facd6876d'
+SPEC_HASH = '60f950820751ce2076e6e19974267de53e95d2f88de06bf49359aa02591a05d4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2d30b47ab4540de38b437bf349efdcf9494f2b597e4a5bd504000eb4364033b0
-# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
+# spec-hash: f01e9f11c9aee09c34e0b0b91be5b8c6a807036a761d4abd86ac93bb9d93a004
+# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2d30b47ab4540de38b437bf349efdcf9494f2b597e4a5bd504000eb4364033b0'
+SPEC_HASH = 'f01e9f11c9aee09c34e0b0b91be5b8c6a807036a761d4abd86ac93bb9d93a004'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

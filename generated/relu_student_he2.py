@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0c2bfb64a16eacbdab15db2b929aa60d6802733655e49fc1709e9384cee2ec10
-# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
+# spec-hash: 08d9e4240752dd94bf7936052329e46da06c71dbdb9abba79fd66a2fe4c48b3d
+# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0c2bfb64a16eacbdab15db2b929aa60d6802733655e49fc1709e9384cee2ec10'
+SPEC_HASH = '08d9e4240752dd94bf7936052329e46da06c71dbdb9abba79fd66a2fe4c48b3d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

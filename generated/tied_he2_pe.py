@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1ea087eafa8b89c92e69b231eec232c3b9579160bec093af8d2ade7096e3a218
-# tool: ssi-symbolic 0.1.0 generator 1 source 2a75ce63ed2affbe
+# spec-hash: b6716a3dc10e4d876925b74de9d1089487a2cb3291987d32a2ff84a19f27d2db
+# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '1ea087eafa8b89c92e69b231eec232c3b9579160bec093af8d2ade7096e3a218'
+SPEC_HASH = 'b6716a3dc10e4d876925b74de9d1089487a2cb3291987d32a2ff84a19f27d2db'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

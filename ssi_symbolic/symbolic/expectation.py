@@ -179,26 +179,9 @@ class Expectation:
         if terms is None:
             return None
 
-        def moment(alpha):
-            hit = memo.get(alpha)
-            if hit is None:
-                i = next((i for i, a in enumerate(alpha) if a), None)
-                if i is None:
-                    hit = sp.Integer(1)
-                else:
-                    a1 = list(alpha)
-                    a1[i] -= 1
-                    hit = cond[i] * moment(tuple(a1))
-                    for j, aj in enumerate(a1):
-                        if aj and R[i, j] != 0:
-                            a2 = list(a1)
-                            a2[j] -= 1
-                            hit += R[i, j] * aj * moment(tuple(a2))
-                    hit = sp.expand(hit)
-                memo[alpha] = hit
-            return hit
 
-        integrand = sp.Add(*[c * moment(alpha) for alpha, c in terms.items()])
+        integrand = sp.Add(*[c * _conditional_moment(alpha, cond, R, memo)
+                             for alpha, c in terms.items()])
         return integrand, ys, ymean, K
 
     def _expect_mixed(self, expr):
@@ -398,29 +381,12 @@ class Expectation:
                      for i in range(len(variables))]
         memo = self._cond_moments.setdefault(key, {})
 
-        def moment(alpha):
-            hit = memo.get(alpha)
-            if hit is None:
-                i = next((i for i, a in enumerate(alpha) if a), None)
-                if i is None:
-                    hit = sp.Integer(1)
-                else:
-                    a1 = list(alpha)
-                    a1[i] -= 1
-                    hit = cond_mean[i] * moment(tuple(a1))
-                    for j, aj in enumerate(a1):
-                        if aj and R[i, j] != 0:
-                            a2 = list(a1)
-                            a2[j] -= 1
-                            hit += R[i, j] * aj * moment(tuple(a2))
-                    hit = sp.expand(hit)
-                memo[alpha] = hit
-            return hit
 
         terms = _poly_terms(factor.xreplace(inner), variables)
         if terms is None:
             return None
-        integrand = sp.Add(*[c * moment(alpha) for alpha, c in terms.items()])
+        integrand = sp.Add(*[c * _conditional_moment(alpha, cond_mean, R, memo)
+                             for alpha, c in terms.items()])
         inside = _nonpolynomial_symbols(integrand)
         poly_us = [u for u in us if u not in inside]
         integrand = _integrate_polynomial_part(
@@ -508,6 +474,28 @@ def _merge_nodes(expr, outside=()):
     for (us, c_out), f in nodes.items():
         out += c_out * GaussHermite(f, sp.Tuple(*us))
     return out
+
+
+def _conditional_moment(alpha, mean, R, memo):
+    """E[prod_i x_i^alpha_i] for x ~ N(mean, R) (mean any expressions), memoised in memo:
+    E[x_i X^a] = mean_i E[X^a] + sum_j R_ij a_j E[X^(a - e_j)]."""
+    hit = memo.get(alpha)
+    if hit is None:
+        i = next((i for i, a in enumerate(alpha) if a), None)
+        if i is None:
+            hit = sp.Integer(1)
+        else:
+            a1 = list(alpha)
+            a1[i] -= 1
+            hit = mean[i] * _conditional_moment(tuple(a1), mean, R, memo)
+            for j, aj in enumerate(a1):
+                if aj and R[i, j] != 0:
+                    a2 = list(a1)
+                    a2[j] -= 1
+                    hit += R[i, j] * aj * _conditional_moment(tuple(a2), mean, R, memo)
+            hit = sp.expand(hit)
+        memo[alpha] = hit
+    return hit
 
 
 def _tidy_affine(expr, us):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 42ffa1058e7527d4f5d71538592c789bad52c8f798d8373eab399a7c1daceaa9
-# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
+# spec-hash: dc3f6001f9dd2830e443447e734356c65c775733882f40bcbd1a23b5e4b87d2d
+# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '42ffa1058e7527d4f5d71538592c789bad52c8f798d8373eab399a7c1daceaa9'
+SPEC_HASH = 'dc3f6001f9dd2830e443447e734356c65c775733882f40bcbd1a23b5e4b87d2d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 60f950820751ce2076e6e19974267de53e95d2f88de06bf49359aa02591a05d4
-# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
+# spec-hash: b831440901fbb8ba4412f8fe209b06ee1551e14cef545e170dc59ff0581c1e22
+# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '60f950820751ce2076e6e19974267de53e95d2f88de06bf49359aa02591a05d4'
+SPEC_HASH = 'b831440901fbb8ba4412f8fe209b06ee1551e14cef545e170dc59ff0581c1e22'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

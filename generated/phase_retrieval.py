@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 81d910d4ce8ca564ae29f8639ce0ddcf712754f7035d52753bc5937cf9505b82
-# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
+# spec-hash: bb801c6d5e9516eb4a2badce5c8a5999c65ad82a426ca8fed89d05814d37f7ae
+# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '81d910d4ce8ca564ae29f8639ce0ddcf712754f7035d52753bc5937cf9505b82'
+SPEC_HASH = 'bb801c6d5e9516eb4a2badce5c8a5999c65ad82a426ca8fed89d05814d37f7ae'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

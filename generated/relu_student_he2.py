@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 08d9e4240752dd94bf7936052329e46da06c71dbdb9abba79fd66a2fe4c48b3d
-# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
+# spec-hash: 4ebe11e17d4a932f0727d6a08cc44fcb9d8632f54829004497661ca1f29a7bb8
+# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '08d9e4240752dd94bf7936052329e46da06c71dbdb9abba79fd66a2fe4c48b3d'
+SPEC_HASH = '4ebe11e17d4a932f0727d6a08cc44fcb9d8632f54829004497661ca1f29a7bb8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

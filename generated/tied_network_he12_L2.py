@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 51c115a0cf7230f5cb72deea3ee6056e5b739f25d3d6e81b6e0404cfbcbb0758
-# tool: ssi-symbolic 0.1.0 generator 1 source 3045b8f04cf523d2
+# spec-hash: bebf0a2977fe26520f0a83454c789948425d2aa430e2cf7b42441951bb03e6ea
+# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '51c115a0cf7230f5cb72deea3ee6056e5b739f25d3d6e81b6e0404cfbcbb0758'
+SPEC_HASH = 'bebf0a2977fe26520f0a83454c789948425d2aa430e2cf7b42441951bb03e6ea'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

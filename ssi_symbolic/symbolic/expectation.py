@@ -219,7 +219,7 @@ class Expectation:
         for term in rest_terms:
             const, groups = self._factors_by_token(term)
             live = [f for f, _ in groups if f.free_symbols & random]
-            if len(live) == 1 and self._closed_form_or_exact(self._canonical(live[0])) is None:
+            if len(live) == 1 and self._closed_form_or_exact(self._canonical(live[0]))[0] is None:
                 c_out = (const.as_independent(*self.outside, as_Add=False)[1]
                          if self.outside else sp.Integer(1))
                 f0 = self._canonical(live[0])
@@ -260,24 +260,21 @@ class Expectation:
         factor = self._canonical(factor)
         hit = self._factor_cache.get(factor)
         if hit is None:
-            try:
-                hit = self.exact.expect(factor)
-                self.kinds.add("exact")
-            except NotPolynomial:
-                hit = self._closed_form(factor)
-                if hit is not None:
-                    self.kinds.add("closed form")
+            hit, kind = self._closed_form_or_exact(factor)
             if hit is None:
                 hit = self._quadrature_expect(factor)
+            else:
+                self.kinds.add(kind)
             self._factor_cache[factor] = hit
         return hit
 
     def _closed_form_or_exact(self, factor):
-        """E[factor] exactly or in closed form, or None."""
+        """(E[factor], "exact" or "closed form"), or (None, None) when neither applies."""
         try:
-            return self.exact.expect(factor)
+            return self.exact.expect(factor), "exact"
         except NotPolynomial:
-            return self._closed_form(factor)
+            out = self._closed_form(factor)
+            return out, (None if out is None else "closed form")
 
     def _quadrature_expect(self, factor):
         """E[factor] by a Gauss-Hermite node over the fewest standard Gaussians (the

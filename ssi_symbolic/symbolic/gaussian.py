@@ -304,7 +304,7 @@ class ExactEngine:
         for a, dummy in self.atoms.items():
             if a.is_Pow and a.exp.is_Rational and a.exp > 0 and not a.exp.is_Integer:
                 try:
-                    base = self._const_raw(a.base ** a.exp.p, gens, gs)
+                    base = self._const_raw(a.base ** a.exp.p)
                 except NotPolynomial:
                     continue
                 self.reducers[gens.index(dummy)] = (int(a.exp.q), base)
@@ -336,7 +336,7 @@ class ExactEngine:
         self._means = [[self._const(mu) for mu in gauss.token_mean(l)] for l in range(gauss.L)]
 
     # --- conversion ------------------------------------------------------------------------
-    def _const_raw(self, x, gens, gs):
+    def _const_raw(self, x):
         """A ring element for a polynomial in the parameters with rational coefficients (the
         value of a parameter radical's power; used before the reducers exist)."""
         try:

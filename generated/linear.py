@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3c4e3825c7b35e0ca9f25bbb60728808f7943c6c734ba3cbc55ac80dbf0c3750
-# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
+# spec-hash: 16dffd31373e145feef94cced76699309e3c83be5d85f3cf980a464fa6f599a5
+# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3c4e3825c7b35e0ca9f25bbb60728808f7943c6c734ba3cbc55ac80dbf0c3750'
+SPEC_HASH = '16dffd31373e145feef94cced76699309e3c83be5d85f3cf980a464fa6f599a5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

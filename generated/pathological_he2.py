@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b831440901fbb8ba4412f8fe209b06ee1551e14cef545e170dc59ff0581c1e22
-# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
+# spec-hash: 1ae40fc0071ba307195b034eb221627578b479b1573c6bc317b41f4d4d612333
+# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b831440901fbb8ba4412f8fe209b06ee1551e14cef545e170dc59ff0581c1e22'
+SPEC_HASH = '1ae40fc0071ba307195b034eb221627578b479b1573c6bc317b41f4d4d612333'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

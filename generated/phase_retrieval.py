@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: bb801c6d5e9516eb4a2badce5c8a5999c65ad82a426ca8fed89d05814d37f7ae
-# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
+# spec-hash: d4d0bbf75fddd73577f7a894d61709385e3ebb5e9170069c217fbe070792f02b
+# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'bb801c6d5e9516eb4a2badce5c8a5999c65ad82a426ca8fed89d05814d37f7ae'
+SPEC_HASH = 'd4d0bbf75fddd73577f7a894d61709385e3ebb5e9170069c217fbe070792f02b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

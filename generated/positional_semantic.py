@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: edc088bd6f93054c5d602e40bc2476c7dfec6fca5a01b1531fc4027fac90f8fa
-# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e attention 1 aecf5013095afddf
+# spec-hash: f88d362ef2176ab49e8eef7f71dbba1cb27dd85eb73b591f5d6d7f0ca9c5f91c
+# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762 attention 1 aecf5013095afddf
 import numpy
 import scipy.special
 
@@ -42,7 +42,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'edc088bd6f93054c5d602e40bc2476c7dfec6fca5a01b1531fc4027fac90f8fa'
+SPEC_HASH = 'f88d362ef2176ab49e8eef7f71dbba1cb27dd85eb73b591f5d6d7f0ca9c5f91c'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: b959b71c36bb6183e61b03c20022ed11aae6a1ccfcf9a1af585a91f9f3a1cfd3
-# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e attention 1 aecf5013095afddf
+# spec-hash: d5a97af5f260631d3f0d0e2088043ef4863aec1a79b2bab32d0a19313a5ceda6
+# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762 attention 1 aecf5013095afddf
 import numpy
 import scipy.special
 
@@ -38,7 +38,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'b959b71c36bb6183e61b03c20022ed11aae6a1ccfcf9a1af585a91f9f3a1cfd3'
+SPEC_HASH = 'd5a97af5f260631d3f0d0e2088043ef4863aec1a79b2bab32d0a19313a5ceda6'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

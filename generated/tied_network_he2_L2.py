@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 80b6595f7d665ce7708d16588a641a64c01902b8661ee442151c9557c2e406a7
-# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
+# spec-hash: caeed8904117048fc4cbc4d29bfbfbcf29daa53aaab18a5e7accb087853a3d31
+# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '80b6595f7d665ce7708d16588a641a64c01902b8661ee442151c9557c2e406a7'
+SPEC_HASH = 'caeed8904117048fc4cbc4d29bfbfbcf29daa53aaab18a5e7accb087853a3d31'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

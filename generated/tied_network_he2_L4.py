@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f07c6055b8b6d71efec9b7b3182ccefe74c669a3ad983a246035b6b041363c90
-# tool: ssi-symbolic 0.1.0 generator 1 source f88aa9970b5dab3e
+# spec-hash: 897e3854d275337c225c1a10059361952251ff629ecaced9b12405dabfcf2c17
+# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
 import numpy
 import scipy.special
 
@@ -29,7 +29,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f07c6055b8b6d71efec9b7b3182ccefe74c669a3ad983a246035b6b041363c90'
+SPEC_HASH = '897e3854d275337c225c1a10059361952251ff629ecaced9b12405dabfcf2c17'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

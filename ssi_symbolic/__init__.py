@@ -15,6 +15,6 @@ The pipeline, one sub-package per stage (imports point down this list, never up)
 Start with ``ssi_symbolic.load("derivations/he2_L1.toml")`` (see ssi_symbolic.api).
 """
 from .version import __version__
-from .api import Model, load, reproduce
+from .api import Model, load, reproduce, sweep
 
-__all__ = ["__version__", "Model", "load", "reproduce"]
+__all__ = ["__version__", "Model", "load", "reproduce", "sweep"]

@@ -11,6 +11,7 @@
     model.simulate(eta=0.05, d=1000, steps=40000)        # `ssi simulate --json`
     model.sie(); model.max_lr(); model.fixed_points(eta=0.05)
     model.gain(Ls=(1, 2, 4, 8)); model.landscape(); model.surface(...); model.phase_diagram(...)
+    model.sweep(["eta=0.02:0.3:15", "d=1e3,1e4"], "escape_time", out="sweep.csv")  # `ssi sweep`
     ssi.reproduce("results", quick=True)                 # `ssi reproduce`
 
 Every method returns the JSON-able dict the CLI prints with --json (simulate returns the
@@ -132,13 +133,18 @@ class Model:
 
     def simulate(self, eta: float, d: int, steps: int, seeds: int = 8, seed: int = 0,
                  m0=None, e0=None, threshold: float = 0.5, params: dict | None = None,
-                 progress: bool = False, stop_when_escaped: bool = False, **options):
-        """Real d-dimensional online SGD, vectorised over seeds: a SimulationResult whose
-        to_json() is `ssi simulate --json`."""
+                 progress: bool = False, stop_when_escaped: bool = False,
+                 method: str = "full", batch: int | None = None, schedule=None, **options):
+        """Online SGD, vectorised over seeds: a SimulationResult whose to_json() is
+        `ssi simulate --json`. method "full": real d-dimensional SGD; "reduced": the exact
+        Markov chain of the overlaps (MATH.md 10, same law, cost per step independent of d).
+        batch: sequences averaged per step (default: the spec's, else 1); schedule: None or
+        f(t) -> factor of eta (default: the spec's schedule, if any)."""
         from .numeric.simulate import simulate
         return simulate(self.spec, eta, d, steps, seeds=seeds, seed=seed, m0=m0, e0=e0,
                         theta=threshold, params=params, progress=progress,
-                        out_dir=self.out_dir, stop_when_escaped=stop_when_escaped, **options)
+                        out_dir=self.out_dir, stop_when_escaped=stop_when_escaped,
+                        method=method, batch=batch, schedule=schedule, **options)
 
     def sie(self) -> dict:
         """Sequence information exponent of the teacher link and flatness index of R at the
@@ -187,6 +193,18 @@ class Model:
                              transition_along=transition_along, params=params,
                              out_dir=self.out_dir)
 
+    def sweep(self, grid, quantities=("escape_time",), method: str = "ode",
+              params: dict | None = None, runs=None, seed: int = 0, out=None, plot=None,
+              scheduler=None, eta=None, d=None, threshold=None, t_max=None, workers=None,
+              simulator: str = "full", progress: bool = False) -> dict:
+        """Quantities on a parameter grid, locally or on a Dask scheduler, with resume from
+        the CSV `out` (`ssi sweep --json`; see `ssi_symbolic.analysis.sweep.run.sweep`)."""
+        from .analysis.sweep.run import sweep
+        return sweep(self.spec, grid, quantities, method, params=params, runs=runs, seed=seed,
+                     out=out, plot=plot, scheduler=scheduler, eta=eta, d=d,
+                     threshold=threshold, t_max=t_max, workers=workers, simulator=simulator,
+                     out_dir=self.out_dir, progress=progress)
+
 
 def _grids(grids, parse_grid):
     return [parse_grid(g) if isinstance(g, str) else (g[0], g[1]) for g in grids]
@@ -197,6 +215,12 @@ def load(path, out_dir="generated") -> Model:
     return Model.load(path, out_dir)
 
 
+def sweep(spec, grid, quantities=("escape_time",), method: str = "ode", out_dir="generated",
+          **options) -> dict:
+    """`ssi sweep --json`: `Model(spec, out_dir).sweep(grid, quantities, method, ...)`."""
+    return Model(spec, out_dir).sweep(grid, quantities, method, **options)
+
+
 def reproduce(out="results", quick: bool = False, generated="generated",
               derivations="derivations") -> dict:
     """`ssi reproduce`: derive every spec of `derivations` and write the report into `out`."""
@@ -204,4 +228,4 @@ def reproduce(out="results", quick: bool = False, generated="generated",
     return run_report(out=out, quick=quick, generated=generated, derivations=derivations)
 
 
-__all__ = ["Model", "load", "reproduce"]
+__all__ = ["Model", "load", "reproduce", "sweep"]

@@ -8,11 +8,15 @@
               [--param k=v] [--plot FILE.png] [--json]
     ssi sde SPEC --eta --d --runs N [--seed S] [--t-max T] [--json]
     ssi max-lr SPEC [--json]
-    ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--json]
+    ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--method full|reduced]
+              [--batch B] [--json]
     ssi sie SPEC [--json]
     ssi fixed-points SPEC --eta X [--json]
     ssi gain SPEC --L 1,2,4,8 [--eta X] [--lr-scaling same|max] [--d D] [--json]
     ssi reproduce [--out results/] [--quick]    derive every spec, write the report
+    ssi sweep SPEC --grid eta=0.02:0.3:15 --grid d=1e3,1e4 --quantity escape_time
+              [--method ode|sde|simulate] [--runs N] [--seed S] --out sweep.csv
+              [--plot FILE.png] [--scheduler tcp://HOST:PORT] [--json]
 
 Errors are one line on stderr (`ssi: error: ...`) with exit code 2; nothing is written then.
 An unexpected exception (a bug) is one `ssi: internal error: ...` line with exit code 1
@@ -190,12 +194,13 @@ def cmd_simulate(args) -> int:
     res = Model(args.spec, args.out).simulate(
         args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed, m0=args.m0, e0=args.e0,
         threshold=args.threshold, params=_pairs(args.param, "--param"),
-        progress=not args.json and sys.stderr.isatty(), stop_when_escaped=args.stop_when_escaped)
+        progress=not args.json and sys.stderr.isatty(), stop_when_escaped=args.stop_when_escaped,
+        method=args.method, batch=args.batch)
     out = res.to_json()
 
     def table(r):
-        rows = [f"spec {res.spec_name}  eta {res.eta}  d {res.d}  steps {res.steps}  "
-                f"seeds {res.seeds}  t_end {res.t[-1]:.4g}",
+        rows = [f"spec {res.spec_name}  method {res.method}  eta {res.eta}  d {res.d}  "
+                f"batch {res.batch}  steps {res.steps}  seeds {res.seeds}  t_end {res.t[-1]:.4g}",
                 "final mean overlaps  " + "  ".join(f"{k}={v[-1]:.4g}"
                                                     for k, v in r["mean"].items())]
         for kind, vals in r["escape_times"].items():
@@ -331,6 +336,42 @@ def cmd_phase_diagram(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .analysis.sweep.run import SweepInterrupted, check_out
+    from .plots import check_png
+    check_out(args.out_csv)
+    if args.plot:
+        check_png(args.plot)
+    try:
+        res = Model(args.spec, args.generated).sweep(
+            args.grid, quantities=args.quantity, method=args.method,
+            params=_pairs(args.param, "--param"), runs=args.runs, seed=args.seed,
+            out=args.out_csv, plot=args.plot, scheduler=args.scheduler, eta=args.eta, d=args.d,
+            threshold=args.threshold, t_max=args.t_max, workers=args.workers,
+            simulator=args.simulator, progress=not args.json and sys.stderr.isatty())
+    except SweepInterrupted as exc:
+        print(f"ssi: {exc}", file=sys.stderr)
+        return 130
+
+    def table(r):
+        missing = [row for row in r["rows"] if row["value"] is None]
+        rows = [f"sweep {r['spec']}  method {r['method']}  "
+                + "  ".join(f"{k} ({len(v)})" for k, v in r["grid"].items())
+                + f"  quantities {', '.join(r['quantities'])}",
+                f"{r['points']} points: {r['computed']} computed ({r['executor']}), "
+                f"{r['resumed']} already in {r['out']}  ({r['wall_s']:.1f} s)",
+                f"{len(r['rows']) - len(missing)} values, {len(missing)} rows without a value "
+                f"(see their status)",
+                f"table                  {r['out']}"]
+        if r["plot"]:
+            rows.append(f"plot                   {r['plot']}")
+        if r["plot_note"]:
+            rows.append(f"note: {r['plot_note']}")
+        return "\n".join(rows)
+    _print(res, args.json, table)
+    return 0
+
+
 def _common(p, eta_required=True):
     p.add_argument("spec", help="model spec (TOML)")
     p.add_argument("--eta", type=float, required=eta_required, default=None,
@@ -410,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--threshold", type=float, default=0.5)
     si.add_argument("--stop-when-escaped", action="store_true",
                     help="stop once every seed has escaped")
+    si.add_argument("--method", default="full", metavar="full|reduced",
+                    help="full: d-dimensional SGD (default); reduced: the exact Markov chain of "
+                         "the overlaps (MATH.md 10), cost per step independent of d")
+    si.add_argument("--batch", type=int, default=None,
+                    help="sequences averaged per step (default: the spec's [training] batch)")
     si.set_defaults(func=cmd_simulate)
 
     ie = sub.add_parser("sie", help="sequence information exponent and flatness index")
@@ -472,6 +518,42 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--out", default="generated", help="folder of generated modules")
     ph.add_argument("--json", action="store_true")
     ph.set_defaults(func=cmd_phase_diagram)
+
+    sw = sub.add_parser("sweep", help="a quantity on a parameter grid, locally or on a Dask "
+                        "cluster, written to a CSV table")
+    sw.add_argument("spec", help="model spec (TOML)")
+    sw.add_argument("--grid", action="append", metavar="NAME=START:STOP:COUNT", required=True,
+                    help="eta=0.02:0.3:15 (both ends included; :log for geometric spacing) or "
+                    "d=1e3,1e4,1e5; NAME: a spec parameter, eta, d, L, batch or "
+                    "threshold (repeatable)")
+    sw.add_argument("--quantity", default="escape_time",
+                    help="comma-separated: escape_time, semantic_escape_time, "
+                    "positional_escape_time, alignment_time, escaped_fraction, loss, max_lr")
+    sw.add_argument("--method", choices=("ode", "sde", "simulate"), default="ode")
+    sw.add_argument("--simulator", choices=("full", "reduced"), default="full",
+                    help="--method simulate: d-dimensional SGD (full) or the exact overlap "
+                    "chain (reduced, cost per step independent of d)")
+    sw.add_argument("--runs", type=int, default=None,
+                    help="SDE paths (sde, default 1000) or seeds (simulate, default 8) per point")
+    sw.add_argument("--seed", type=int, default=0, help="sweep seed (per-point seeds from it)")
+    sw.add_argument("--eta", type=float, default=None, help="learning rate when not swept")
+    sw.add_argument("--d", type=float, default=None, help="dimension when not swept")
+    sw.add_argument("--threshold", type=float, default=None,
+                    help="escape threshold when not swept (0.5)")
+    sw.add_argument("--t-max", type=float, default=None,
+                    help="stop time (sde, simulate default: 4 x the ODE escape time)")
+    sw.add_argument("--param", action="append", metavar="NAME=VALUE")
+    sw.add_argument("--out", dest="out_csv", required=True, metavar="FILE.csv",
+                    help="the table, appended to as points complete; a rerun skips its rows")
+    sw.add_argument("--plot", default=None, metavar="FILE.png")
+    sw.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                    help="run on an existing Dask scheduler (pip install '.[cluster]')")
+    sw.add_argument("--workers", type=int, default=None,
+                    help="local processes (default: all cores; 1: in this process)")
+    sw.add_argument("--generated", default="generated",
+                    help="folder of generated modules (default generated/)")
+    sw.add_argument("--json", action="store_true", help="print one JSON object with the rows")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

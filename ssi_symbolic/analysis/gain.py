@@ -30,7 +30,7 @@ import numpy as np
 
 from ..numeric.ode import DynamicsError, OverlapODE, initial_state, leading_drift, max_learning_rate, solve
 from ..errors import SpecError, StateError
-from ..model.checks import as_spec, check_params
+from ..model.checks import as_spec, check_params, refuse_schedule
 
 DEFAULT_VARIANTS = Path("generated") / "variants"
 LR_SCALINGS = ("same", "max")
@@ -208,6 +208,7 @@ def predict_gain(spec_or_path, Ls=(1, 2, 4, 8), eta=0.05, d=10_000, lr_scaling="
     Keys: "rows" (per L: "L", "tied" and "untied" escape predictions, "gain"), "fit" (power
     law of the gain in L, or None), "eta", "d", "lr_scaling", "threshold"."""
     spec = as_spec(spec_or_path)
+    refuse_schedule(spec, "the tied/untied gain")
     if lr_scaling not in LR_SCALINGS:
         raise StateError(f"lr_scaling: expected one of {', '.join(LR_SCALINGS)}, "
                          f"got {lr_scaling!r}")

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..backends.contract import LANDSCAPE_TABLES, provides, require, why_not
 from ..errors import SpecError, SSIError
-from ..model.checks import as_spec, check_params
+from ..model.checks import as_spec, check_params, refuse_schedule
 
 REGIONS = ("Unique Semantic Minimum",
            "Unique Semantic Minimum, Misaligned Dynamics",
@@ -453,6 +453,7 @@ def predict_escape(spec_or_path, params=None, eta=1.0, d=1000, paths=400, theta=
     the deterministic drift of the module (both orders, RK4) until |m| or |e| reaches theta."""
     from .attention import origin_noise
     spec, mod = load(spec_or_path, out_dir)
+    refuse_schedule(spec, "the escape-fraction prediction")
     require(mod, "drift", "the escape prediction")
     loss_dl_square = require(mod, "loss_dl_square", "the escape prediction")
     pv, _ = _param_arrays(spec, params or {})

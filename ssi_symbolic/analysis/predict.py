@@ -10,17 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..numeric.ode import DEFAULT_THETA, OverlapODE, fixed_points, initial_state, max_learning_rate, solve
-from ..model.checks import as_spec, check_eta_d, check_params
+from ..model.checks import as_spec, check_eta_d, check_params, refuse_schedule
 from ..numeric.sde import simulate_sde
 
 
-def _ode(spec_or_path, eta, d, params, out_dir):
+def _ode(spec_or_path, eta, d, params, out_dir, scheduled=True):
+    """The spec and its OverlapODE at eta; with `scheduled`, the spec's learning-rate schedule
+    ([training] schedule) multiplies eta at every time."""
     from ..backends.registry import ensure_module
     spec = as_spec(spec_or_path)
     check_eta_d(eta, d)
     pvals = check_params(spec, params)
     mod = ensure_module(spec, Path(out_dir))
-    return spec, OverlapODE(mod, eta, pvals)
+    schedule = spec.schedule_factor(pvals) if scheduled else None
+    return spec, OverlapODE(mod, eta, pvals, schedule=schedule)
+
+
+def _training(spec) -> dict:
+    """The JSON keys that say how the spec trains: batch and schedule (null without one)."""
+    return {"batch": spec.batch,
+            "schedule": None if spec.schedule is None else str(spec.schedule)}
 
 
 def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
@@ -30,7 +39,7 @@ def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
     tr = solve(ode, initial_state(ode, d, m0, e0), t_max=t_max, theta=threshold)
     out = tr.to_json()
     out.update({"spec": spec.name, "d": d, "parameters": ode.params, "loss_kind": spec.loss,
-                "method": ode.mod.METHOD, "no_escape_reason": None})
+                "method": ode.mod.METHOD, "no_escape_reason": None} | _training(spec))
     if out["escape_time"] is None:  # say why instead of leaving a bare null
         from .gain import learnability
         ok, why = learnability(ode.mod, ode.params)
@@ -49,7 +58,7 @@ def predict_sde(spec_or_path, eta, d, runs=1000, seed=0, t_max=None, m0=None, e0
     res = simulate_sde(ode, d, initial_state(ode, d, m0, e0), runs=runs, t_max=t_max, dt=dt,
                        theta=threshold, seed=seed, progress=progress)
     out = res.summary()
-    out.update({"spec": spec.name, "parameters": ode.params, "seed": seed})
+    out.update({"spec": spec.name, "parameters": ode.params, "seed": seed} | _training(spec))
     return out
 
 
@@ -57,6 +66,7 @@ def predict_max_lr(spec_or_path, params=None, d=10_000, out_dir="generated") -> 
     """Maximal learning rate: the JSON of `ssi max-lr --json`."""
     from ..backends.registry import ensure_module
     spec = as_spec(spec_or_path)
+    refuse_schedule(spec, "the maximal learning rate")
     pvals = check_params(spec, params)
     mod = ensure_module(spec, Path(out_dir))
     out = max_learning_rate(mod, pvals, d=d)
@@ -66,6 +76,6 @@ def predict_max_lr(spec_or_path, params=None, d=10_000, out_dir="generated") -> 
 
 def predict_fixed_points(spec_or_path, eta, params=None, out_dir="generated") -> dict:
     """Fixed points of the drift at eta: the JSON of `ssi fixed-points --json`."""
-    spec, ode = _ode(spec_or_path, eta, None, params, out_dir)
+    spec, ode = _ode(spec_or_path, eta, None, params, out_dir, scheduled=False)
     return {"spec": spec.name, "eta": eta, "parameters": ode.params,
             "overlaps": list(ode.names), "fixed_points": fixed_points(ode)}

@@ -45,8 +45,14 @@ BACKENDS = (
 
 
 def backend_for(spec: ModelSpec) -> Backend:
-    """The backend that writes the module of a spec."""
-    return next(b for b in BACKENDS if b.handles(spec))
+    """The backend that writes the module of a spec (SpecError for a mini-batch spec on the
+    attention backend, whose tables are for one sequence per step)."""
+    backend = next(b for b in BACKENDS if b.handles(spec))
+    if backend.name == "attention" and spec.batch != 1:
+        from ..errors import SpecError
+        raise SpecError(f"{spec.where('training.batch')}: mini-batches are not implemented for "
+                        f"softmax attention or the norm loss (batch = 1 only)")
+    return backend
 
 
 def generate(spec: ModelSpec, out_dir="generated", force: bool = False,

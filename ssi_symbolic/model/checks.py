@@ -63,4 +63,13 @@ def check_params(spec: ModelSpec, params: dict | None) -> dict:
     return out
 
 
-__all__ = ["as_spec", "check_state", "check_eta_d", "check_params"]
+def refuse_schedule(spec: ModelSpec, what: str) -> None:
+    """SpecError naming training.schedule when `what` (a computation defined for a constant
+    learning rate) is asked of a spec with a learning-rate schedule."""
+    if spec.schedule is not None:
+        raise SpecError(f"{spec.where('training.schedule')}: {what} is defined for a constant "
+                        f"learning rate; remove the schedule (it is used by solve, sde and "
+                        f"simulate)")
+
+
+__all__ = ["as_spec", "check_state", "check_eta_d", "check_params", "refuse_schedule"]

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.parsing.sympy_parser import parse_expr, rationalize, standard_transformations
@@ -31,6 +32,10 @@ RESERVED = {"m", "q", "e", "z", "eta", "d", "t", "Delta", "L"} | set(VOCABULARY)
 #: "square": 1/2 ||y - y_hat||^2 (MATH.md 3); "norm": ||y - y_hat|| (Frobenius norm, not squared)
 LOSS_KINDS = ("square", "norm")
 _TRANSFORMS = standard_transformations + (rationalize,)
+#: Keys of the [training] table.
+TRAINING_KEYS = {"spherical", "batch", "schedule"}
+#: The time variable of a learning-rate schedule (t = steps / d).
+T_SYM = sp.Symbol("t", nonnegative=True)
 
 
 def token_symbols(L: int) -> tuple[sp.Symbol, ...]:
@@ -105,6 +110,44 @@ def parse_link(text, L: int, parameters, where: str):
     return expr
 
 
+def parse_schedule(text, parameters, where: str):
+    """Parse a learning-rate schedule f(t, parameters) (e.g. "1 / (1 + t / t0)"), the factor of
+    the learning rate at time t = steps / d. SpecError unless it is an expression in t and the
+    parameters that is finite and > 0 at t = 0, 1, 10, ..., 10^6 at the parameter defaults."""
+    if not isinstance(text, str) or not text.strip() or "__" in text or "lambda" in text:
+        raise SpecError(f"{where}: expected an expression in t like \"1 / (1 + t / 100)\", "
+                        f"got {text!r}")
+    local = {k: VOCABULARY[k] for k in ("exp", "log", "sqrt", "Min", "Max", "cos", "sin",
+                                        "tanh", "Heaviside") if k in VOCABULARY}
+    local["t"] = T_SYM
+    local.update({p: sp.Symbol(p, real=True) for p in parameters})
+    glob = {"Symbol": sp.Symbol, "Integer": sp.Integer, "Float": sp.Float,
+            "Rational": sp.Rational, "Function": sp.Function, "__builtins__": {}}
+    try:
+        expr = sp.sympify(parse_expr(text, local_dict=local, global_dict=glob,
+                                     transformations=_TRANSFORMS, evaluate=True))
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"{where}: cannot parse '{text}': {msg}") from None
+    if not isinstance(expr, sp.Expr) or expr.atoms(AppliedUndef):
+        raise SpecError(f"{where}: '{text}' is not an expression in t and the parameters")
+    extra = sorted(str(s) for s in expr.free_symbols if str(s) != "t" and str(s) not in
+                   parameters)
+    if extra:
+        raise SpecError(f"{where}: unknown name '{extra[0]}' in '{text}' (the time t and the "
+                        f"parameters: {_nice_list(parameters) or 'none'})")
+    at = expr.subs({sp.Symbol(k, real=True): v for k, v in parameters.items()})
+    for t in (0, 1, 10, 100, 10 ** 3, 10 ** 4, 10 ** 5, 10 ** 6):
+        try:
+            v = complex(at.subs(T_SYM, t).evalf())
+        except (TypeError, ValueError):
+            v = complex("nan")
+        if not (math.isfinite(v.real) and v.imag == 0 and v.real > 0):
+            raise SpecError(f"{where}: the schedule '{text}' must be finite and > 0 for t >= 0 "
+                            f"(at t = {t} it is {at.subs(T_SYM, t).evalf(6)})")
+    return expr
+
+
 def link_shape(expr) -> tuple[int, ...]:
     """() for a scalar link, (rows, cols) for a matrix or vector."""
     return tuple(expr.shape) if isinstance(expr, sp.MatrixBase) else ()
@@ -124,6 +167,8 @@ class ModelSpec:
     coefficients (r = 0 for no encoding). noise: label-noise variance Delta. spherical: spherical
     (True) or plain (False) online SGD. untied: one weight vector per token (MATH.md section 6,
     spherical constraint on the flattened vector) instead of one shared (tied) vector.
+    batch: sequences averaged per step, b (MATH.md section 9). schedule: None or a SymPy
+    expression f(t, parameters) > 0; the learning rate at time t is eta f(t) (section 9).
     """
 
     name: str
@@ -137,6 +182,8 @@ class ModelSpec:
     spherical: bool = True
     source: str | None = None
     untied: bool = False
+    batch: int = 1
+    schedule: object = None
     raw: dict | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -172,7 +219,21 @@ class ModelSpec:
             "teacher": sp.srepr(self.teacher), "student": sp.srepr(self.student),
             "C": [[str(c) for c in row] for row in self.C],
             "loss": self.loss, "noise": str(self.noise), "spherical": self.spherical,
-        } | ({"weights": "untied"} if self.untied else {})
+        } | ({"weights": "untied"} if self.untied else {}) | (
+            {"batch": self.batch} if self.batch != 1 else {})
+
+    def schedule_factor(self, params: dict | None = None):
+        """The schedule as a NumPy function t -> f(t) (broadcasting over arrays of t) at the
+        parameter values `params` (defaults: the spec's), or None without a schedule. The
+        learning rate at time t = steps / d is eta f(t) (MATH.md section 9)."""
+        if self.schedule is None:
+            return None
+        values = {k: float(v) for k, v in self.parameters.items()}
+        values.update({k: float(v) for k, v in (params or {}).items() if k in values})
+        expr = self.schedule.subs({sp.Symbol(k, real=True): v for k, v in values.items()})
+        fn = sp.lambdify(T_SYM, expr, modules="numpy")
+        return lambda t: np.broadcast_to(np.asarray(fn(np.asarray(t, dtype=float)),
+                                                    dtype=float), np.shape(t))
 
     def hash(self, salt: str = "") -> str:
         """sha256 of the canonical description plus `salt` (the tool version)."""
@@ -295,13 +356,25 @@ def spec_from_dict(data: dict, source: str | None = None) -> ModelSpec:
         raise SpecError(f"{src}loss.noise: the label-noise variance must be >= 0, got {noise}")
 
     training = _table(data, "training", src + "training")
+    unknown = sorted(set(training) - TRAINING_KEYS)
+    if unknown:
+        raise SpecError(f"{src}training.{unknown[0]}: unknown key (known: "
+                        f"{', '.join(sorted(TRAINING_KEYS))})")
     spherical = training.get("spherical", True)
     if not isinstance(spherical, bool):
         raise SpecError(f"{src}training.spherical: expected true or false, got {spherical!r}")
+    batch = training.get("batch", 1)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 10 ** 6:
+        raise SpecError(f"{src}training.batch: expected an integer number of sequences per "
+                        f"step >= 1, got {batch!r}")
+    schedule = None
+    if "schedule" in training:
+        schedule = parse_schedule(training["schedule"], parameters, f"{src}training.schedule")
 
     return ModelSpec(name=name, L=L, teacher=teacher, student=student, C=C,
                      parameters=parameters, loss=kind, noise=noise, spherical=spherical,
-                     source=source, untied=weights == "untied", raw=_raw_copy(data))
+                     source=source, untied=weights == "untied", batch=batch, schedule=schedule,
+                     raw=_raw_copy(data))
 
 
 def _raw_copy(data: dict) -> dict | None:
@@ -327,7 +400,8 @@ def load_spec(path) -> ModelSpec:
 
 
 def make_spec(name: str, L: int, teacher, student=None, positional=None, parameters=None,
-              noise: float = 0.0, spherical: bool = True, weights: str = "tied") -> ModelSpec:
+              noise: float = 0.0, spherical: bool = True, weights: str = "tied", batch: int = 1,
+              schedule: str | None = None) -> ModelSpec:
     """Python form of a spec, with the same validation as the TOML form.
 
     >>> make_spec("phase_retrieval", 1, "z1**2")  # doctest: +ELLIPSIS
@@ -342,4 +416,8 @@ def make_spec(name: str, L: int, teacher, student=None, positional=None, paramet
         data["student"]["positional"] = positional
     if weights != "tied":
         data["student"]["weights"] = weights
+    if batch != 1:
+        data["training"]["batch"] = batch
+    if schedule is not None:
+        data["training"]["schedule"] = schedule
     return spec_from_dict(data)

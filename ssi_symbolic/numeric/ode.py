@@ -13,7 +13,7 @@ Phases of a trajectory (theta = escape threshold, default 0.5):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.integrate import solve_ivp
@@ -37,6 +37,14 @@ class OverlapODE:
     mod: object
     eta: float
     params: dict = field(default_factory=dict)
+    #: None, or f(t) (vectorised): the learning rate at time t is eta f(t) (MATH.md 9)
+    schedule: object = None
+
+    def eta_at(self, t=None) -> float:
+        """The learning rate at time t: eta f(t) under a schedule, else eta (also for t=None)."""
+        if self.schedule is None or t is None:
+            return self.eta
+        return self.eta * float(self.schedule(float(t)))
 
     @property
     def names(self) -> tuple:
@@ -93,8 +101,9 @@ class OverlapODE:
         x[self.sem_idx] = x[self.sem_idx] * np.sqrt(f)
         return x
 
-    def drift(self, x):
-        return np.array(self.mod.drift(*self.project(x), eta=self.eta, **self.params))
+    def drift(self, x, t=None):
+        """eta E[G1] + eta^2 E[G2] at x, with eta = eta_at(t)."""
+        return np.array(self.mod.drift(*self.project(x), eta=self.eta_at(t), **self.params))
 
     def eigenvalues(self, J) -> np.ndarray:
         """Eigenvalues of a drift Jacobian J that decide stability. A spherical untied student
@@ -110,9 +119,9 @@ class OverlapODE:
         T = Q[:, 1:self.n]                      # orthonormal basis of the complement of c
         return np.linalg.eigvals(T.T @ J @ T)
 
-    def jacobian(self, x):
-        return np.array(self.mod.drift_jacobian(*self.project(x), eta=self.eta, **self.params),
-                        dtype=float)
+    def jacobian(self, x, t=None):
+        return np.array(self.mod.drift_jacobian(*self.project(x), eta=self.eta_at(t),
+                                                **self.params), dtype=float)
 
     def loss(self, x):
         """R at the state(s) x, broadcast to the states' shape (R may not depend on them)."""
@@ -187,8 +196,8 @@ def _event(fun, terminal=False, direction=0):
 
 
 def _integrate(ode: OverlapODE, x0, t0, t_max, events, rtol, atol, method="DOP853"):
-    jac = {} if method in ("DOP853", "RK45", "RK23") else {"jac": lambda t, x: ode.jacobian(x)}
-    sol = solve_ivp(lambda t, x: ode.drift(x), (t0, t_max), x0, method=method, rtol=rtol,
+    jac = {} if method in ("DOP853", "RK45", "RK23") else {"jac": lambda t, x: ode.jacobian(x, t)}
+    sol = solve_ivp(lambda t, x: ode.drift(x, t), (t0, t_max), x0, method=method, rtol=rtol,
                     atol=atol, events=events, dense_output=True, **jac)
     if sol.status == -1:
         raise DynamicsError(f"the ODE solver failed at t = {sol.t[-1]:.6g}: {sol.message}")
@@ -350,8 +359,10 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
     Without t_max the integration runs until the state has converged (drift below 1e-10 eta)
     or t reaches 1e6 / eta; past EXPLICIT_HORIZON / eta it continues with LSODA (a slow
     approach to a degenerate fixed point is stiff for the explicit method). A threshold already
-    reached at t = 0 has time 0 and the phases before it are left out. stop_at_escape: stop at the escape time (the fixed point is then
-    the refinement of the state there, usually not the final one).
+    reached at t = 0 has time 0 and the phases before it are left out. stop_at_escape: stop at
+    the escape time (the fixed point is then the refinement of the state there, usually not the
+    final one). Under a schedule (ode.schedule) the drift at time t uses eta f(t), and the fixed
+    point is that of the drift at the final learning rate.
     """
     _check_eta(ode.eta)
     x0 = np.asarray(x0, dtype=float)
@@ -376,7 +387,7 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
         return float(ode.radius(x) - theta / 4)
 
     def converged(t, x):
-        return float(np.max(np.abs(ode.drift(x))) - 1e-10 * ode.eta)
+        return float(np.max(np.abs(ode.drift(x, t))) - 1e-10 * ode.eta_at(t))
 
     events = [_event(outside, True, 1), _event(blowup, True, 1), _event(esc, stop_at_escape, 1),
               _event(sem, False, 1), _event(pos, False, 1), _event(pre, False, 1)]
@@ -398,7 +409,9 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
                                   for k, fn in ((2, esc), (3, sem), (4, pos), (5, pre)))
     # fixed point and stability from the final state
     x_end = sol.y_end
-    xf, eig, stable = fixed_point(ode, x_end)
+    # under a schedule: the fixed point of the drift at the final learning rate
+    ode_end = ode if ode.schedule is None else replace(ode, eta=ode.eta_at(t_end), schedule=None)
+    xf, eig, stable = fixed_point(ode_end, x_end)
     fp = {k: float(v) for k, v in zip(ode.names, xf)}
     # output grid: geometric over the whole run plus linear around the escape
     grid = [np.array([0.0]), np.geomspace(min(1e-3, t_end / 10) if t_end > 0 else 1e-3,

@@ -68,7 +68,8 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
     record_times: optional increasing times in [0, t_max]; then every path is integrated up to
     t_max (escaped or not) and its state at the first step with t >= each record time is kept in
     `paths` (n, runs, T), with `t_record` the times of those steps (the escape times keep
-    their distribution, but escaped paths then draw noise too, so not the same values)."""
+    their distribution, but escaped paths then draw noise too, so not the same values).
+    Under a schedule (ode.schedule) each step from time t uses the learning rate eta f(t)."""
     _check_eta(ode.eta)
     require(ode.mod, "diffusion", "the SDE")
     require(ode.mod, "finite_d_correction", "the SDE")
@@ -108,9 +109,10 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
         if idx.size == 0:
             break
         xa = x[:, idx]
-        drift = np.array(mod.drift(*xa, eta=eta, **params))
-        drift = drift + np.array(mod.finite_d_correction(*xa, eta=eta, **params)) / d
-        cov = np.array(mod.covariance(*xa, eta=eta, **params))  # (n, n, N)
+        eta_t = ode.eta_at(t)                                    # eta f(t) under a schedule
+        drift = np.array(mod.drift(*xa, eta=eta_t, **params))
+        drift = drift + np.array(mod.finite_d_correction(*xa, eta=eta_t, **params)) / d
+        cov = np.array(mod.covariance(*xa, eta=eta_t, **params))  # (n, n, N)
         S = _sqrt_psd(np.moveaxis(cov, -1, 0) / d)              # (N, n, n)
         noise = np.einsum("kij,kj->ik", S, rng.standard_normal((idx.size, n)))
         xn = xa + drift * dt + noise * math.sqrt(dt)

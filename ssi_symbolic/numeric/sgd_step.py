@@ -14,12 +14,19 @@ z*_l = g_l . w* / sqrt(d) and student fields z_l:
     update                                                         (tied or untied student)
         tied    w   <- w - eta sum_l dl_l (x_l + p_l / sqrt(d)),  p_l = sum_a C[l,a] u_a
         untied  w_l <- w_l - eta dl_l x_l
+    mini-batch of b sequences i = 1..b (MATH.md 9): the gradient is averaged,
+        tied    w   <- w - (eta / b) sum_i sum_l dl_il (x_il + p_l / sqrt(d))
+        untied  w_l <- w_l - (eta / b) sum_i dl_il x_il
     normalisation                                                  (spherical or plain)
         spherical tied: |w|^2 = d;  untied: sum_l |w_l|^2 = L d;  plain: none
 
 :func:`loss_gradient` and :func:`check_conventions` refuse, with one SpecError line naming the
 spec key, any convention not implemented here, so a spec is never simulated under another
 convention than the one it states.
+
+Field layout of a mini-batch: the links are evaluated once per step on N = b S columns, column
+i S + s being sequence i of seed s (b = 1: the column is the seed); -dl is then (N, L).
+`set_eta` changes the learning rate of the next updates (a learning-rate schedule).
 """
 from __future__ import annotations
 
@@ -153,11 +160,15 @@ class TiedStudent:
     coefficients with the rows (g_1..g_L, u_1..u_r); then w <- sqrt(d) w / |w| when spherical.
     state(): (m, e, q) = (w.w*/d, u_a.w/sqrt(d) as (S, r), |w|^2/d), recomputed from the stored w
     (no accumulated round-off); it also sets the positional means sum_a C[l,a] e_a of the next
-    fields(). The overlaps used for every record and escape check are these."""
+    fields(). The overlaps used for every record and escape check are these.
+    batch = b > 1 (MATH.md 9): G is (b L, S, d), row i L + l the token l of sequence i; the
+    fields are (L, b S) (column i S + s), and update(mdl) takes mdl (b S, L) and applies
+    w <- w + (eta / (b sqrt(d))) (sum_il mdl_il g_il + sum_a (sum_i mdl_i C)_a u_a)."""
 
-    def __init__(self, spec, rng, seeds, d, m0, e0, eta, dtype):
+    def __init__(self, spec, rng, seeds, d, m0, e0, eta, dtype, batch=1):
         L, r, S = spec.L, spec.r, seeds
         self.L, self.r, self.d, self.dtype = L, r, d, dtype
+        self.b = b = int(batch)
         self.spherical = bool(spec.spherical)
         self.C = np.array([[float(c) for c in row] for row in spec.C],
                           dtype=float).reshape(L, r)
@@ -171,35 +182,52 @@ class TiedStudent:
         W[:, 2:] = U
         self.w = W[:, 1]
         self.W_proj = W[:, :2].transpose(0, 2, 1)                    # (S, d, 2): w*, w
-        # X rows 0..L-1 = g_l (fresh N(0, 1) every step), rows L.. = u_a (fixed)
-        Xbuf = np.empty((L + r, S, d), dtype=dtype)
-        Xbuf[L:] = W[:, 2:].transpose(1, 0, 2)
-        self.G = Xbuf[:L]                                             # contiguous: filled in place
-        self.Xs = Xbuf.transpose(1, 0, 2)                             # (S, L + r, d) view
-        self.Gs = self.Xs[:, :L]
-        self.proj = np.empty((S, L, 2), dtype=dtype)
-        self.coef = np.zeros((S, 1, L + r), dtype=dtype)
+        # X rows 0..bL-1 = g_il (fresh N(0, 1) every step), rows bL.. = u_a (fixed)
+        Xbuf = np.empty((b * L + r, S, d), dtype=dtype)
+        Xbuf[b * L:] = W[:, 2:].transpose(1, 0, 2)
+        self.G = Xbuf[:b * L]                                         # contiguous: filled in place
+        self.Xs = Xbuf.transpose(1, 0, 2)                             # (S, bL + r, d) view
+        self.Gs = self.Xs[:, :b * L]
+        self.proj = np.empty((S, b * L, 2), dtype=dtype)
+        self.coef = np.zeros((S, 1, b * L + r), dtype=dtype)
         self.direction = np.empty((S, 1, d), dtype=dtype)
         self.ov = np.empty((S, 2 + r, 1), dtype=dtype)
-        self.step_scale = eta / sqrtd
+        self.sqrtd = sqrtd
+        self.set_eta(eta)
         self.inv_sqrtd = 1.0 / sqrtd
         self.inv_d = 1.0 / d
         self.mu = None
 
+    def set_eta(self, eta):
+        """Use the learning rate eta from the next update on: the factor eta / (b sqrt(d))."""
+        self.step_scale = eta / (self.b * self.sqrtd)
+
     def fields(self):
-        """(z*, z): two (L, S) arrays of the teacher and student fields of the current draw."""
+        """(z*, z): two (L, b S) arrays of the teacher and student fields of the current draw
+        (column i S + s: sequence i of seed s)."""
         np.matmul(self.Gs, self.W_proj, out=self.proj)
-        zz = self.proj.astype(float, copy=False) * self.inv_sqrtd    # (S, L, 2)
-        return zz[:, :, 0].T, zz[:, :, 1].T + self.mu
+        zz = self.proj.astype(float, copy=False) * self.inv_sqrtd    # (S, bL, 2)
+        if self.b == 1:
+            return zz[:, :, 0].T, zz[:, :, 1].T + self.mu
+        S, b, L = zz.shape[0], self.b, self.L
+        zz = zz.reshape(S, b, L, 2).transpose(3, 2, 1, 0).reshape(2, L, b * S)
+        return zz[0], zz[1] + np.tile(self.mu, b)
 
     def update(self, mdl):
-        """w <- w - eta sum_l dl_l (x_l + p_l / sqrt(d)) for mdl = -dl (S, L), modified in
-        place; then the spherical rescaling |w|^2 = d (spherical SGD)."""
+        """w <- w - (eta / b) sum_il dl_il (x_il + p_l / sqrt(d)) for mdl = -dl (b S, L),
+        modified in place; then the spherical rescaling |w|^2 = d (spherical SGD)."""
         mdl *= self.step_scale
         L, coef = self.L, self.coef
-        coef[:, 0, :L] = mdl
-        if self.r:
-            coef[:, 0, L:] = mdl @ self.C
+        if self.b == 1:
+            coef[:, 0, :L] = mdl
+            if self.r:
+                coef[:, 0, L:] = mdl @ self.C
+        else:
+            S, b = coef.shape[0], self.b
+            mdl3 = mdl.reshape(b, S, L).transpose(1, 0, 2)                # (S, b, L)
+            coef[:, 0, :b * L] = mdl3.reshape(S, b * L)
+            if self.r:
+                coef[:, 0, b * L:] = mdl3.sum(axis=1) @ self.C
         np.matmul(coef, self.Xs, out=self.direction)
         w = self.w
         w += self.direction[:, 0]
@@ -225,11 +253,14 @@ class UntiedStudent:
     fields(): z*_l = g_l . w* / sqrt(d), z_l = g_l . w_l / sqrt(d), as (L, S) arrays.
     update(mdl): w_l <- w_l + (eta / sqrt(d)) mdl_l g_l (= w_l - eta dl_l x_l), then, when
     spherical, the rescaling of the flattened weights to sum_l |w_l|^2 = L d.
-    state(): (m_l, q_l) = (w_l . w* / d, |w_l|^2 / d) as (L, S) arrays."""
+    state(): (m_l, q_l) = (w_l . w* / d, |w_l|^2 / d) as (L, S) arrays.
+    batch = b > 1 (MATH.md 9): G is (L, b, S, d), the fields (L, b S) (column i S + s), and
+    update(mdl), mdl (b S, L), applies w_l <- w_l + (eta / (b sqrt(d))) sum_i mdl_il g_il."""
 
-    def __init__(self, spec, rng, seeds, d, m0, eta, dtype):
+    def __init__(self, spec, rng, seeds, d, m0, eta, dtype, batch=1):
         L, S = spec.L, seeds
         self.L, self.d, self.dtype = L, d, dtype
+        self.b = b = int(batch)
         self.spherical = bool(spec.spherical)
         self.sqrtd = math.sqrt(d)
         self.eta = eta
@@ -239,21 +270,36 @@ class UntiedStudent:
         for l in range(L):
             W[:, 1 + l] = initial_weights(rng, wstar, np.zeros((S, 0, d)), m0, ())
         self.Ws = W[:, 1:]
-        self.G = np.empty((L, S, d), dtype=dtype)                     # the draws g_l
+        # the draws g_l, (L, S, d); g_il as (L, b, S, d) for a mini-batch
+        self.G = np.empty((L, S, d) if b == 1 else (L, b, S, d), dtype=dtype)
+
+    def set_eta(self, eta):
+        """Use the learning rate eta from the next update on."""
+        self.eta = eta
 
     def fields(self):
-        """(z*, z): two (L, S) arrays."""
+        """(z*, z): two (L, b S) arrays (column i S + s: sequence i of seed s)."""
         G, W = self.G, self.W
+        if self.b > 1:
+            L, N = self.L, self.b * G.shape[2]
+            zs = np.einsum("lbsd,sd->lbs", G, W[:, 0]).astype(float) / self.sqrtd
+            zw = np.einsum("lbsd,sld->lbs", G, self.Ws).astype(float) / self.sqrtd
+            return zs.reshape(L, N), zw.reshape(L, N)
         zs = np.einsum("lsd,sd->ls", G, W[:, 0]).astype(float) / self.sqrtd
         zw = np.einsum("lsd,sld->ls", G, self.Ws).astype(float) / self.sqrtd
         return zs, zw
 
     def update(self, mdl):
-        """w_l <- w_l - eta dl_l x_l for mdl = -dl (S, L); then the spherical rescaling of the
-        flattened weights, sum_l |w_l|^2 = L d (spherical SGD)."""
+        """w_l <- w_l - (eta / b) sum_i dl_il x_il for mdl = -dl (b S, L); then the spherical
+        rescaling of the flattened weights, sum_l |w_l|^2 = L d (spherical SGD)."""
         Ws, L, d = self.Ws, self.L, self.d
-        Ws += (self.eta / self.sqrtd) * mdl[:, :, None].astype(self.dtype) \
-            * self.G.transpose(1, 0, 2)
+        if self.b > 1:
+            S = Ws.shape[0]
+            mdl3 = mdl.reshape(self.b, S, L).astype(self.dtype)
+            Ws += (self.eta / (self.b * self.sqrtd)) * np.einsum("bsl,lbsd->sld", mdl3, self.G)
+        else:
+            Ws += (self.eta / self.sqrtd) * mdl[:, :, None].astype(self.dtype) \
+                * self.G.transpose(1, 0, 2)
         if self.spherical:
             nrm2 = np.einsum("sld,sld->s", Ws, Ws)
             Ws *= np.sqrt(L * d / nrm2)[:, None, None]

@@ -1,10 +1,14 @@
-"""Finite-d online SGD on a sequence single-index model (MATH.md sections 1, 2, 4, 5, 6, 7).
+"""Finite-d online SGD on a sequence single-index model (MATH.md sections 1, 2, 4, 5, 6, 7, 9, 10).
 
 This is the ground truth the ODE/SDE predictions are checked against: real d-dimensional online
-SGD, no reduced or low-dimensional shortcut. The only thing taken from the generated module of the
-spec is the links (``teacher_link``, ``student_link``, ``student_link_gradient``: the flattened
-output entries, so scalar, vector, matrix and trace links alike), the same functions the
-predictions are derived from. One loop serves tied, untied and attention specs; the step itself
+SGD (``method="full"``, the default), no reduced or low-dimensional shortcut.
+``method="reduced"`` samples instead the exact Markov chain of the overlaps of MATH.md section 10
+(:mod:`ssi_symbolic.numeric.reduced`): the same law, the same links, residual and loss
+gradient, the same recording and escape times, at a cost per step independent of d.
+
+The only thing taken from the generated module of the spec is the links (``teacher_link``,
+``student_link``, ``student_link_gradient``: the flattened output entries, so scalar, vector,
+matrix and trace links alike), the same functions the predictions are derived from. One loop serves tied, untied and attention specs; the step itself
 (loss gradient of the spec's loss kind, label noise, update, spherical or plain normalisation)
 is the one of :mod:`ssi_symbolic.numeric.sgd_step`, one function per convention.
 
@@ -34,6 +38,13 @@ step the overlaps m = w.w*/d, e_a = u_a.w/sqrt(d), q = |w|^2/d are recomputed fr
 tokens or seeds; the per-step Python work is a fixed number of NumPy calls. The untied student
 (MATH.md 6) is the same loop with w_l <- w_l - (eta / sqrt(d)) dl_l g_l and the flattened
 spherical constraint sum_l |w_l|^2 = L d.
+
+Mini-batches (MATH.md 9, ``batch = b``, from the argument or ``spec.batch``): a step draws b
+independent sequences and averages their gradients, w <- w - (eta / b) sum_i grad_w l_i (the
+links are evaluated once on the b S sequences). Learning-rate schedules (``schedule = f``, from
+the argument or ``spec.schedule_factor(parameters)``): step k = 1, 2, .. takes the state from
+t = (k - 1) / d to k / d with the rate eta f((k - 1) / d), the rate at the time it starts from
+(the Euler convention of the ODE); f is called on arrays of those times, a chunk at a time.
 
 Escape times are measured at step resolution: the thresholds ||(m, e)|| >= theta, |m| >= theta
 and ||e|| >= theta are checked after every step (and at step 0) on the overlaps computed
@@ -97,6 +108,8 @@ class SimulationResult:
     escape_kinds: per seed the direction of the first escape along one direction, at the first
     step where |m| >= theta or ||e|| >= theta: 'semantic' when |m| >= ||e|| at that step, else
     'positional'; None when neither was reached (not part of the JSON output).
+    method: "full" (d-dimensional SGD) or "reduced" (the exact overlap chain); batch: sequences
+    per step; scheduled: whether a learning-rate schedule multiplied eta.
     """
 
     t: np.ndarray
@@ -118,6 +131,9 @@ class SimulationResult:
     spherical: bool = True
     wall_time: float = 0.0
     escape_kinds: tuple = ()
+    method: str = "full"
+    batch: int = 1
+    scheduled: bool = False
 
     def mean(self) -> dict:
         """name -> (T,) mean over seeds of every recorded overlap."""
@@ -132,7 +148,8 @@ class SimulationResult:
             "m0": _num(self.m0), "e0": [_num(x) for x in self.e0],
             "params": {k: _num(v) for k, v in self.params.items()},
             "spherical": self.spherical, "record_every": self.record_every,
-            "wall_time": self.wall_time,
+            "wall_time": self.wall_time, "method": self.method, "batch": self.batch,
+            "schedule": self.scheduled,
             "t": _jsonable(self.t),
             "overlaps": {k: _jsonable(v) for k, v in self.overlaps.items()},
             "mean": {k: _jsonable(v) for k, v in self.mean().items()},
@@ -222,6 +239,54 @@ def _parameters(spec, mod, params):
         raise SpecError(f"generated module of '{spec.name}' has parameters {names}, the spec "
                         f"{tuple(values)}: regenerate it")
     return values
+
+
+#: methods of `simulate`: the d-dimensional SGD and the exact chain of the overlaps (MATH.md 10)
+METHODS = ("full", "reduced")
+#: steps per evaluation of a learning-rate schedule
+SCHEDULE_CHUNK = 1024
+
+
+def _batch_arg(spec, batch):
+    """The mini-batch size: the explicit argument, else `spec.batch` (default 1)."""
+    if batch is not None:
+        return _int_arg("batch", batch, 1)
+    value = getattr(spec, "batch", 1)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise SpecError(f"{spec.where('training.batch')}: expected an integer >= 1, "
+                        f"got {value!r}")
+    return int(value)
+
+
+def _schedule_rates(spec, schedule, eta, d, pvals):
+    """None (constant eta) or rates(k0, n): the learning rates eta f((k - 1) / d) of the steps
+    k = k0..k0+n-1, as an (n,) float64 array. f is the explicit `schedule` argument, else
+    `spec.schedule_factor(pvals)` when the spec has that method (None: no schedule). StateError
+    for a schedule that is not callable or whose factor is not finite and >= 0."""
+    if schedule is None:
+        factor_of = getattr(spec, "schedule_factor", None)
+        if factor_of is not None:
+            schedule = factor_of(dict(pvals))
+        if schedule is None:
+            return None
+    if not callable(schedule):
+        raise StateError(f"schedule: expected None or a callable f(t) -> learning-rate factor, "
+                         f"got {schedule!r}")
+
+    def rates(k0, n):
+        t = (np.arange(k0 - 1, k0 - 1 + n, dtype=float)) / d
+        try:
+            f = np.broadcast_to(np.asarray(schedule(t), dtype=float), t.shape)
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"schedule: f(t) must return a number or an array of the shape of "
+                             f"t (it is called on arrays of times): {exc}") from None
+        bad = ~(np.isfinite(f) & (f >= 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise StateError(f"schedule: the learning-rate factor must be finite and >= 0, got "
+                             f"f({t[i]:g}) = {f[i]!r}")
+        return eta * f
+    return rates
 
 
 def _load_module(spec, out_dir):
@@ -441,13 +506,14 @@ def _untied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on):
 # the simulator
 # ----------------------------------------------------------------------------------------------
 
-def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype):
+def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype, batch=1, etas=None):
     """Run the online-SGD steps 1..steps (MATH.md 4; module docstring), booking each one.
 
-    Per step: the draws (tokens G into the student's buffer, then label noise xi when
-    Delta > 0), fields (z*, z) from the student, links of the generated module, residual with
-    label noise (sgd_step.residual), -dl from the spec's loss kind (sgd_step.loss_gradient), the
-    student's update and normalisation, then its overlaps."""
+    Per step: the learning rate of the step when there is a schedule (etas(k0, n): the rates of
+    steps k0..k0+n-1, student.set_eta), the draws (tokens G into the student's buffer, then
+    label noise xi when Delta > 0, (K, seeds b)), fields (z*, z) from the student, links of the
+    generated module, residual with label noise (sgd_step.residual), -dl from the spec's loss
+    kind (sgd_step.loss_gradient), the student's update and normalisation, then its overlaps."""
     L = spec.L
     noise_sd = math.sqrt(float(spec.noise))
     dl_of = loss_gradient(spec)
@@ -459,13 +525,18 @@ def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype):
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for k in range(1, steps + 1):
+                if etas is not None:
+                    j = (k - 1) % SCHEDULE_CHUNK
+                    if j == 0:
+                        rates = etas(k, min(SCHEDULE_CHUNK, steps - k + 1))
+                    student.set_eta(rates[j])
                 normal(out=G, dtype=dtype)
-                zs, zw = student.fields()                            # (L, S) each
+                zs, zw = student.fields()                            # (L, S b) each
                 y = asarray(teacher(*zs, **pvals), dtype=float)
                 if K is None:
                     K = y.shape[0]
                     if noise_sd > 0:
-                        xi = np.empty((K, seeds))
+                        xi = np.empty((K, seeds * batch))
                 y_hat = asarray(link(*zw, **pvals), dtype=float)
                 if noise_sd > 0:
                     normal(out=xi)
@@ -480,7 +551,8 @@ def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype):
 
 
 def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params, progress,
-              out_dir, dtype, stop_on) -> SimulationResult:
+              out_dir, dtype, stop_on, method="full", batch=None,
+              schedule=None) -> SimulationResult:
     """`simulate` with the stop rule of _Book (None, "escape" or "first")."""
     from ..model.spec import ModelSpec, load_spec
     if isinstance(spec, (str, Path)):
@@ -488,6 +560,8 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
     if not isinstance(spec, ModelSpec):
         raise SpecError(f"spec: expected a ModelSpec or the path of a TOML spec, got {spec!r}")
     check_conventions(spec)
+    if method not in METHODS:
+        raise StateError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     L, r = spec.L, spec.r
     eta = _real_arg("eta", eta)
     if eta <= 0:
@@ -507,6 +581,10 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
         raise StateError(f"dtype: expected float64 or float32, got {dtype!r}") from None
     if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
         raise StateError(f"dtype: expected float64 or float32, got {dtype}")
+    if method == "reduced" and dtype != np.dtype(np.float64):
+        raise StateError(f"dtype: the reduced simulator has no d-dimensional arrays and runs in "
+                         f"float64, got {dtype}")
+    batch = _batch_arg(spec, batch)
     if seed is not None:
         seed = _int_arg("seed", seed, 0)
     m0, e0 = _initial_state(spec, d, m0, e0)
@@ -515,23 +593,33 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
         raise SpecError(f"{spec.where('loss.kind')}: the generated module of '{spec.name}' has "
                         f"the loss {mod.LOSS!r}, the spec {spec.loss!r}: regenerate it")
     pvals = _parameters(spec, mod, params)
+    etas = _schedule_rates(spec, schedule, eta, d, pvals)
 
-    rng = np.random.Generator(np.random.SFC64(seed))
+    make_book = _untied_book if spec.untied else _tied_book
     if spec.untied:
-        student = UntiedStudent(spec, rng, seeds, d, m0, eta, dtype)
-        book = _untied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
         e0 = ()
+    if method == "reduced":
+        from .reduced import reduced_chain, reduced_loop
+        chain = reduced_chain(spec, seeds, d, m0, e0, batch)
+        book = make_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
+        reduced_loop(spec, mod, pvals, chain, seed, book, steps, seeds, batch, eta, d, etas)
     else:
-        student = TiedStudent(spec, rng, seeds, d, m0, e0, eta, dtype)
-        book = _tied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
-    _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype)
+        rng = np.random.Generator(np.random.SFC64(seed))
+        if spec.untied:
+            student = UntiedStudent(spec, rng, seeds, d, m0, eta, dtype, batch)
+        else:
+            student = TiedStudent(spec, rng, seeds, d, m0, e0, eta, dtype, batch)
+        book = make_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
+        _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype, batch, etas)
     return book.result(eta=eta, seeds=seeds, theta=theta, m0=m0, e0=e0, params=pvals,
-                       seed=seed, spherical=bool(spec.spherical))
+                       seed=seed, spherical=bool(spec.spherical), method=method, batch=batch,
+                       scheduled=etas is not None)
 
 
 def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
              record_every=None, params=None, progress=True, out_dir="generated",
-             dtype=np.float64, stop_when_escaped=False) -> SimulationResult:
+             dtype=np.float64, stop_when_escaped=False, method="full", batch=None,
+             schedule=None) -> SimulationResult:
     """Run `seeds` independent online-SGD runs of `steps` steps in dimension d.
 
     spec: a ModelSpec or the path of a TOML spec (tied or untied student, any link shape, loss
@@ -546,17 +634,24 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     overrides of the spec's parameter defaults. dtype: float64 or float32 for the
     d-dimensional arrays (the links are evaluated in float64). stop_when_escaped: stop as soon
     as every seed has escaped (||(m, e)|| >= theta); the records are then truncated at that step.
+    method: "full" (d-dimensional SGD, the default) or "reduced" (the exact chain of the
+    overlaps, MATH.md 10, float64, cost per step independent of d; its own random stream).
+    batch: sequences per step, w <- w - (eta / b) sum_i grad l_i (default: spec.batch, else 1).
+    schedule: None or f(t) -> factor, vectorised over arrays of t: step k uses the rate
+    eta f((k - 1) / d) (default: spec.schedule_factor(parameter values) when the spec has it).
     """
     return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
-                     progress, out_dir, dtype, "escape" if stop_when_escaped else None)
+                     progress, out_dir, dtype, "escape" if stop_when_escaped else None,
+                     method, batch, schedule)
 
 
 def simulate_first_escape(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
                           record_every=None, params=None, progress=False, out_dir="generated",
-                          dtype=np.float64) -> SimulationResult:
+                          dtype=np.float64, method="full", batch=None,
+                          schedule=None) -> SimulationResult:
     """`simulate`, stopped as soon as every seed has |m| >= theta or ||e|| >= theta (instead of
     ||(m, e)|| >= theta): the escape along one direction. Its `escape_kinds` say which
     direction each seed escaped along ('semantic' when |m| >= ||e|| at the first step where
     either reaches theta) and min(escape_times['semantic'], escape_times['positional']) when."""
     return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
-                     progress, out_dir, dtype, "first")
+                     progress, out_dir, dtype, "first", method, batch, schedule)

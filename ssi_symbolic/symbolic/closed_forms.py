@@ -199,6 +199,16 @@ def _threshold_count(expr, random) -> int:
     of n forms n - 1 each. Every term of its expansion keeps them."""
     n, directions = 0, set()
     xs = sorted(random, key=str)
+
+    def direction(y):
+        try:
+            P = sp.Poly(y, *xs)
+        except sp.PolynomialError:
+            return None
+        row = [P.coeff_monomial(x) for x in xs]
+        lead = next((c for c in row if c != 0), 1)
+        return tuple(sp.simplify(c / lead) for c in row)
+
     for f in sp.Mul.make_args(expr):
         base, k = f.as_base_exp()
         if not (base.free_symbols & random) or not k.is_Integer:
@@ -206,13 +216,14 @@ def _threshold_count(expr, random) -> int:
         if isinstance(base, (sp.erf, sp.erfc)):
             n += int(k)
         elif isinstance(base, (sp.Heaviside, sp.sign, sp.Abs)):
-            try:
-                P = sp.Poly(base.args[0], *xs)
-            except sp.PolynomialError:
-                continue
-            row = [P.coeff_monomial(x) for x in xs]
-            lead = next((c for c in row if c != 0), 1)
-            directions.add(tuple(sp.simplify(c / lead) for c in row))
+            row = direction(base.args[0])
+            if row is not None:
+                directions.add(row)
+        elif isinstance(base, (sp.Max, sp.Min)) and len(base.args) == 2:
+            # one step along a - b: Max(x, -1) and Max(x, 1) (hardtanh) share a direction
+            row = direction(base.args[0] - base.args[1])
+            if row is not None:
+                directions.add(row)
         elif isinstance(base, (sp.Max, sp.Min)):
             n += len(base.args) - 1
     return n + len(directions)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .expectation import Expectation
-from .gaussian import NotPolynomial, TokenGaussian, distribute
-from ..model.spec import ModelSpec, link_entries
+from .gaussian import NotPolynomial, TokenGaussian
+from ..model.spec import ModelSpec, link_entries, token_symbols
 
 ETA = sp.Symbol("eta", positive=True)
 D_SYM = sp.Symbol("d", positive=True)
@@ -119,7 +119,10 @@ class Statistics:
     power[i]: the rescaling maps X to X / Q^power (1/2 for overlaps, 1 for squared norms).
     coef[i]: d times the whole first-order increment G_i = plain_i - power_i X_i gq.
     norm_terms[i]: the statistic whose expectation is d times the O(1/d) drift of variable i
-        caused by the fluctuation of the token norms in |grad|^2 (see `statistics`)."""
+        caused by the fluctuation of the token norms in |grad|^2 (see `statistics`):
+        sum_k norm_coef[i][k] K[k] / b for a batch of b sequences (K: one term tied, one per
+        token untied). With b > 1 the products of different sequences' gradients add
+        sum_k norm_coef[i][k] (b - 1)/b X_k (`batch_cross_terms`)."""
 
     loss: sp.Expr
     base: list
@@ -128,6 +131,9 @@ class Statistics:
     power: list
     coef: list
     norm_terms: list
+    K: list = None
+    norm_coef: list = None
+    dl: list = None
 
 
 def _stein_norm_term(dl, l, l2, zs, zz, m, q):
@@ -138,9 +144,11 @@ def _stein_norm_term(dl, l, l2, zs, zz, m, q):
             + q * sp.diff(f, zz[l], zz[l2]))
 
 
-def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
+def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Statistics:
     """The per-sample loss and the increments G of MATH.md section 4 (section 6 for an untied
-    student) as combinations of base statistics (teacher at z*, student at z)."""
+    student) as combinations of base statistics (teacher at z*, student at z). norm=False
+    leaves out the token-norm terms K (second derivatives of the link, only needed for the
+    O(1/d) drift): K and norm_terms are then zero."""
     to_teacher = dict(zip(gauss.z, gauss.zstar))
     T = [sp.sympify(t).xreplace(to_teacher) for t in link_entries(spec.teacher)]
     S = [sp.sympify(s) for s in link_entries(spec.student)]
@@ -151,6 +159,10 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
     dl = [-sp.Add(*[r * sp.diff(s, zl) for r, s in zip(res, S)]) for zl in gauss.z]
     zs, zz, L = gauss.zstar, gauss.z, spec.L
     zero = sp.Integer(0)
+    b = sp.Integer(spec.batch)
+    # A batch of b sequences (MATH.md 9): the step averages b gradients, so the eta^2 |grad|^2
+    # part of d dq is eta^2 / b times the per-sequence B (plus O(1/d) cross terms).
+    E2 = ETA ** 2 / b
     # Finite d: eta^2 |grad|^2 / d = (eta^2/d) sum_ll' dl_l dl_l' g_ll' with the token Gram
     # matrix g_ll' = (x_l + p_l/sqrt d).(x_l' + p_l'/sqrt d) = delta_ll' + H_ll'/d + (noise
     # independent of the projections). Projecting x_l on span(w*, u_a, w) (dimension k = 2 + r,
@@ -172,18 +184,19 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
             plain.append(row)
         for l in range(L):  # q_l: -2 eta A_q_l + eta^2 B_l
             row = [zero] * nb
-            row[L + l], row[2 * L + l] = -2 * ETA, ETA ** 2
+            row[L + l], row[2 * L + l] = -2 * ETA, E2
             plain.append(row)
         gq = None
         if spec.spherical:  # Q = sum_l q_l / L
-            gq = [zero] * L + [-2 * ETA / L] * L + [ETA ** 2 / L] * L
+            gq = [zero] * L + [-2 * ETA / L] * L + [E2 / L] * L
         power = [sp.Rational(1, 2)] * L + [sp.Integer(1)] * L
-        K = [_stein_norm_term(dl, l, l, zs, zz, gauss.ms[l], gauss.qs[l]) for l in range(L)]
-        KQ = sp.Add(*K) / L
+        K = [_stein_norm_term(dl, l, l, zs, zz, gauss.ms[l], gauss.qs[l]) if norm else zero
+             for l in range(L)]
         X = gauss.state
-        norm_terms = ([-ETA ** 2 * X[l] / 2 * KQ if spec.spherical else zero for l in range(L)]
-                      + [ETA ** 2 * (K[l] - (X[L + l] * KQ if spec.spherical else 0))
-                         for l in range(L)])
+        sph = 1 if spec.spherical else 0
+        norm_coef = ([[-sph * ETA ** 2 * X[l] / (2 * L)] * L for l in range(L)]
+                     + [[ETA ** 2 * ((1 if k == l else 0) - sph * X[L + l] / L)
+                         for k in range(L)] for l in range(L)])
     else:
         A_m = sp.Add(*[d * z for d, z in zip(dl, zs)])
         A_e = [sp.Add(*[dl[l] * (gauss.zeta[l][a] + spec.C[l][a]) for l in range(L)])
@@ -192,7 +205,7 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
         B = sp.Add(*[d ** 2 for d in dl])
         base = [A_m] + A_e + [A_q, B]
         K = zero
-        for l in range(L):
+        for l in range(L if norm else 0):
             for l2 in range(L):
                 K += _stein_norm_term(dl, l, l2, zs, zz, gauss.m, gauss.q)
                 if spec.r:
@@ -208,20 +221,58 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian) -> Statistics:
             row[i] = -ETA
             plain.append(row)
         gq_row = [zero] * nb
-        gq_row[iq], gq_row[iB] = -2 * ETA, ETA ** 2
+        gq_row[iq], gq_row[iB] = -2 * ETA, E2
         power = [sp.Rational(1, 2)] * (1 + spec.r)
         if spec.spherical:
             gq = gq_row
-            norm_terms = [-ETA ** 2 * x / 2 * K for x in (gauss.m,) + gauss.e]
+            norm_coef = [[-ETA ** 2 * x / 2] for x in (gauss.m,) + gauss.e]
         else:  # q is tracked: dq = -2 eta A_q + eta^2 B
             gq = None
             plain.append(gq_row)
             power.append(sp.Integer(1))
-            norm_terms = [zero] * (1 + spec.r) + [ETA ** 2 * K]
+            norm_coef = [[zero]] * (1 + spec.r) + [[ETA ** 2]]
+        K = [K]
+    norm_terms = [sp.Add(*[c * k for c, k in zip(row, K)]) / b for row in norm_coef]
     X = gauss.state
     coef = [list(row) if gq is None else
             [c - power[i] * X[i] * g for c, g in zip(row, gq)] for i, row in enumerate(plain)]
-    return Statistics(loss, base, plain, gq, power, coef, norm_terms)
+    return Statistics(loss, base, plain, gq, power, coef, norm_terms, K, norm_coef, dl)
+
+
+def batch_cross_terms(spec: ModelSpec, st: Statistics, mean, state) -> list:
+    """d times the O(1/d) drift from the products of different sequences' gradients in a
+    batch of b (MATH.md 9): |sum_i grad_i|^2 / b^2 holds b (b - 1) cross products of mean
+    E[grad_i . grad_j] = X / d, where for a tied student, in the orthonormal frame (w*, u_a, v)
+    of span(w*, u, w) with w = sqrt(d) (m w* + e.u + rho v), rho^2 = q - m^2 - |e|^2,
+
+        X = E[A_m]^2 + sum_a E[A_a]^2 + (E[A_q] - m E[A_m] - sum_a e_a E[A_a])^2 / rho^2
+
+    (the components of sqrt(d) E[grad] along w*, u_a and v; the parts of the tokens outside
+    the span are independent across sequences and average out), and for an untied student one
+    X_l per token with rho_l^2 = q_l - m_l^2. Returns, per output i,
+    sum_k norm_coef[i][k] (b - 1)/b X_k (SymPy); all zero for b = 1."""
+    b = spec.batch
+    n = len(st.norm_coef)
+    if b == 1:
+        return [sp.Integer(0)] * n
+    mean = [sp.sympify(x) for x in mean]
+    if spec.untied:
+        L = spec.L
+        X = []
+        for l in range(L):
+            m_l, q_l = state[l], state[L + l]
+            am, aq = mean[l], mean[L + l]
+            X.append(am ** 2 + (aq - m_l * am) ** 2 / (q_l - m_l ** 2))
+    else:
+        r = spec.r
+        m, e = state[0], state[1:1 + r]
+        q = sp.Integer(1) if spec.spherical else state[1 + r]
+        am, aa, aq = mean[0], mean[1:1 + r], mean[1 + r]
+        rho2 = q - m ** 2 - sp.Add(*[x ** 2 for x in e])
+        X = [am ** 2 + sp.Add(*[x ** 2 for x in aa])
+             + (aq - m * am - sp.Add(*[x * y for x, y in zip(e, aa)])) ** 2 / rho2]
+    f = sp.Rational(b - 1, b)
+    return [f * sp.Add(*[c * x for c, x in zip(row, X)]) for row in st.norm_coef]
 
 
 def method_of(exprs, state) -> str:
@@ -273,8 +324,67 @@ def _quadratic(c1, M, c2, zero):
     return out
 
 
-def _eta_part(expr, k):
-    return distribute(expr).coeff(ETA, k)
+def _ring_eta_part(ex, p, k):
+    """The coefficient of eta^k of a polynomial p of the exact engine's ring (eta one of its
+    generators), as a ring element."""
+    i = list(ex.R.gens).index(ex.gen[ETA])
+    terms = {mon[:i] + (0,) + mon[i + 1:]: c for mon, c in p.terms() if mon[i] == k}
+    return ex.R.from_dict(terms) if terms else ex.R.zero
+
+
+def token_symmetric(spec: ModelSpec) -> bool:
+    """Whether the teacher and student links are invariant under every permutation of the
+    tokens (checked on the transposition z1 <-> z2 and the cycle z1 -> z2 -> ... -> zL -> z1,
+    which generate the symmetric group)."""
+    L = spec.L
+    if L < 2:
+        return False
+    zs = token_symbols(L)
+    swaps = [{zs[0]: zs[1], zs[1]: zs[0]}, {zs[k]: zs[(k + 1) % L] for k in range(L)}]
+    for link in (spec.teacher, spec.student):
+        for entry in link_entries(link):
+            entry = sp.sympify(entry)
+            for sw in swaps:
+                if sp.expand(entry.xreplace(sw) - entry) != 0:
+                    return False
+    return True
+
+
+class _TokenPermutation:
+    """Renaming of the per-token overlaps (m_l, q_l) of an untied student inside ring elements
+    of the exact engine: apply(p, sigma) is p with the overlaps of token k replaced by those of
+    token sigma[k]. For token-symmetric links the token Gaussians are exchangeable up to these
+    overlaps, so E[f(token sigma(1), token sigma(2), ...)] = apply(E[f(1, 2, ...)], sigma): the
+    expectations of one token's statistics give every token's."""
+
+    def __init__(self, ex, gauss):
+        gens = list(ex.R.gens)
+        self.ex = ex
+        self.slots = [(gens.index(ex.gen[m]), gens.index(ex.gen[q]))
+                      for m, q in zip(gauss.ms, gauss.qs)]
+
+    def apply(self, p, sigma):
+        if all(k == s for k, s in enumerate(sigma)):
+            return p
+        where = {}
+        for k, s in enumerate(sigma):
+            for a, b in zip(self.slots[k], self.slots[s]):
+                where[a] = b
+        out = {}
+        for mon, c in p.terms():
+            new = list(mon)
+            for a in where:
+                new[a] = 0
+            for a, b in where.items():
+                new[b] += mon[a]
+            out[tuple(new)] = c
+        return self.ex.R.from_dict(out) if out else self.ex.R.zero
+
+    @staticmethod
+    def sending(L, first, second=None):
+        """A permutation sigma of range(L) with sigma[0] = first (and sigma[1] = second)."""
+        head = [first] if second is None else [first, second]
+        return head + [k for k in range(L) if k not in head]
 
 
 def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
@@ -286,27 +396,69 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     exact engine (fast); otherwise in SymPy, with the Gauss-Hermite nodes as opaque factors."""
     t0 = time.perf_counter()
     gauss = TokenGaussian.of(spec)
-    st = statistics(spec, gauss)
+    L = spec.L
+    # an untied student with token-symmetric links: the statistics of token l are those of
+    # token 1 with the tokens permuted, so only token 1's (and for pairs, tokens 1 and 2's)
+    # expectations are computed (base = [A_m_l]_l + [A_q_l]_l + [B_l]_l)
+    symmetric = spec.untied and token_symmetric(spec)
+    # a tied student without positional encoding and token-symmetric links: the tokens are
+    # exchangeable, so with base_k = sum_l f_k(l), f = (dl z*, dl z, dl^2),
+    # E[base_k] = L E[f_k(1)] and E[base_a base_b] = L E[f_a(1) f_b(1)] + L(L-1) E[f_a(1) f_b(2)]
+    # (likewise the token-norm term K = sum_ll' K_ll', see _exchangeable_norm_term)
+    exchangeable = not spec.untied and not spec.C and L > 1 and token_symmetric(spec)
+    st = statistics(spec, gauss, norm=diffusion and not exchangeable)
     E = Expectation(gauss, [st.loss] + st.base, extra_symbols=(ETA,))
     ex = E.exact
     try:
         R = ex.expect_spt(ex.to_spt(st.loss))
-        mean = [ex.expect_spt(ex.to_spt(b)) for b in st.base]
+        raw_product = lambda a, b: ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b),
+                                                        merge=False))
+        if symmetric:
+            perm = _TokenPermutation(ex, gauss)
+            first = {k: ex.expect_spt(ex.to_spt(st.base[k * L])) for k in range(3)}
+            mean = [perm.apply(first[a // L], perm.sending(L, a % L))
+                    for a in range(len(st.base))]
+            pairs = {}
+
+            def product(a, b):
+                (ka, la), (kb, lb) = divmod(a, L), divmod(b, L)
+                if la == lb:
+                    key, sigma = (ka, kb, 0), perm.sending(L, la)
+                else:
+                    key, sigma = (ka, kb, 1), perm.sending(L, la, lb)
+                if key not in pairs:
+                    pairs[key] = raw_product(st.base[ka * L], st.base[kb * L + key[2]])
+                return perm.apply(pairs[key], sigma)
+        elif exchangeable:
+            dl, zs, zz = st.dl, gauss.zstar, gauss.z
+            rep = lambda l: [dl[l] * zs[l], dl[l] * zz[l], dl[l] ** 2]  # A_m, A_q, B terms
+            one, two = rep(0), rep(1)
+            cL, cLL = ex._const(sp.Integer(L)), ex._const(sp.Integer(L * (L - 1)))
+            mean = [cL * ex.expect_spt(ex.to_spt(f)) for f in one]
+
+            def product(a, b):
+                return (cL * raw_product(one[a], one[b])
+                        + cLL * raw_product(one[a], two[b]))
+        else:
+            mean = [ex.expect_spt(ex.to_spt(b)) for b in st.base]
+            product = lambda a, b: raw_product(st.base[a], st.base[b])
         coef = [[ex._const(c) for c in row] for row in st.coef]
-        product = lambda a, b: ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b), merge=False))
         zero, back = ex.R.zero, ex.to_sympy
         method = "exact"
     except NotPolynomial:
+        if exchangeable and diffusion:  # the general path needs the token-norm terms
+            st = statistics(spec, gauss, norm=True)
+        symmetric = exchangeable = False
         R = E.expect(st.loss)
         mean = [E.expect(b) for b in st.base]
         coef = st.coef
-        product = lambda a, b: E.expect(a * b)
+        product = lambda a, b: E.expect(st.base[a] * st.base[b])
         zero, back = sp.Integer(0), sp.sympify
         method = None
-    if method == "exact":
-        drift = [back(_quadratic(c, [[x] for x in mean], [1], zero)) for c in coef]
-        d1 = tuple(_eta_part(x, 1) for x in drift)
-        d2 = tuple(_eta_part(x, 2) for x in drift)
+    if method == "exact":  # the eta^1 and eta^2 parts taken in the polynomial ring
+        drift = [_quadratic(c, [[x] for x in mean], [1], zero) for c in coef]
+        d1 = tuple(back(_ring_eta_part(ex, x, 1)) for x in drift)
+        d2 = tuple(back(_ring_eta_part(ex, x, 2)) for x in drift)
     else:  # coefficient by coefficient: the means (closed forms, nodes) are not multiplied out
         d1 = tuple(sp.Add(*[sp.expand(c).coeff(ETA, 1) * x for c, x in zip(row, mean)])
                    for row in coef)
@@ -314,29 +466,46 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                    for row in coef)
     n, nb = len(coef), len(st.base)
     cov = sp.zeros(n, n)
+    # a batch of b: the increment is the mean of b independent G (eta^2 -> eta^2 / b above),
+    # so its covariance is Cov(G) / b (MATH.md 9)
     ito = tuple(sp.Integer(0) for _ in range(n))
     corr, note = ito, "not derived (diffusion=False)"
     if diffusion:
         M = [[None] * nb for _ in range(nb)]
         for a in range(nb):
             for b in range(a, nb):
-                M[a][b] = M[b][a] = product(st.base[a], st.base[b])
+                M[a][b] = M[b][a] = product(a, b)  # E[base_a base_b]
         C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
         for i in range(n):
             for j in range(i, n):
-                cov[i, j] = cov[j, i] = back(_quadratic(coef[i], C, coef[j], zero))
+                cov[i, j] = cov[j, i] = back(_quadratic(coef[i], C, coef[j], zero)) / spec.batch
         const = ex._const if method == "exact" else sp.sympify
-        ito_raw = (_ito_correction(st, gauss.state, M, zero, const) if st.gq is not None
+        Mb = M
+        if spec.batch != 1:  # second moments of the batch-averaged increment
+            ib = const(sp.Rational(1, spec.batch))
+            Mb = [[mean[a] * mean[c] + ib * C[a][c] for c in range(nb)] for a in range(nb)]
+        ito_raw = (_ito_correction(st, gauss.state, Mb, zero, const) if st.gq is not None
                    else [zero] * n)
         ito = tuple(back(x) for x in ito_raw)
         if any(sp.sympify(t).has(sp.DiracDelta) for t in st.norm_terms):
             EK, note = None, ("rescaling term only: the token-norm term needs second "
                               "derivatives of the link, which has a kink here")
+        elif exchangeable:
+            EK, note = _exchangeable_norm_term(spec, st, gauss, ex)
+        elif symmetric:  # E[K_l] from E[K_1]; norm_terms_i = sum_k norm_coef[i][k] K_k / b
+            K1 = ex.expect_spt(ex.to_spt(st.K[0]))
+            EKl = [perm.apply(K1, perm.sending(L, l)) for l in range(L)]
+            EK = [sum((ex.expect_spt(ex.to_spt(c / spec.batch)) * k
+                       for c, k in zip(row, EKl) if c != 0), zero) for row in st.norm_coef]
+            note = "complete"
         else:
             EK = [(ex.expect_spt(ex.to_spt(t)) if method == "exact" else E.expect(t))
                   if t != 0 else zero for t in st.norm_terms]
             note = "complete"
         corr = ito if EK is None else tuple(back(x + k) for x, k in zip(ito_raw, EK))
+        if spec.batch != 1 and EK is not None:
+            cross = batch_cross_terms(spec, st, [back(x) for x in mean], gauss.state)
+            corr = tuple(sp.sympify(c) + x for c, x in zip(corr, cross))
     if method is None:
         _check_existence(spec, E, gauss)
     params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
@@ -351,6 +520,22 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     order = ("exact", "closed form", "quadrature")
     D.method = max(D.methods.values(), key=order.index)
     return D
+
+
+def _exchangeable_norm_term(spec, st, gauss, ex):
+    """(EK, note) for exchangeable tokens (tied student, no encoding, token-symmetric links):
+    K = sum_ll' K_ll' has E[K] = L E[K_11] + L (L - 1) E[K_12], and the norm term of output i
+    is norm_coef[i][0] E[K] / b. EK is None (with the note) when the link has a kink."""
+    L, dl, zs, zz = spec.L, st.dl, gauss.zstar, gauss.z
+    K11 = _stein_norm_term(dl, 0, 0, zs, zz, gauss.m, gauss.q)
+    K12 = _stein_norm_term(dl, 0, 1, zs, zz, gauss.m, gauss.q)
+    if K11.has(sp.DiracDelta) or K12.has(sp.DiracDelta):
+        return None, ("rescaling term only: the token-norm term needs second derivatives of "
+                      "the link, which has a kink here")
+    EK = (ex._const(sp.Integer(L)) * ex.expect_spt(ex.to_spt(K11))
+          + ex._const(sp.Integer(L * (L - 1))) * ex.expect_spt(ex.to_spt(K12)))
+    return [ex.expect_spt(ex.to_spt(row[0] / spec.batch)) * EK for row in st.norm_coef], \
+        "complete"
 
 
 def _ito_correction(st: Statistics, X, M, zero, const):

@@ -612,11 +612,13 @@ class ExactEngine:
         return self._reduce(contract(0, len(items), 0)) if items else self.R.zero
 
     def to_sympy(self, p):
-        """A ring element back to a SymPy expression (constants restored)."""
-        expr = p.as_expr()
-        if self.back:
-            expr = expr.xreplace(self.back)
-        return expr
+        """A ring element back to a SymPy expression (constants restored: the generators that
+        stand for constants are given their values while the expression is built)."""
+        if not self.back:
+            return p.as_expr()
+        if not hasattr(self, "_back_symbols"):
+            self._back_symbols = [self.back.get(g, g) for g in self.R.symbols]
+        return p.as_expr(*self._back_symbols)
 
     def expect(self, expr):
         """Exact E[expr] for an expression polynomial in the random variables."""

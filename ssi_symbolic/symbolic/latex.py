@@ -47,6 +47,11 @@ def document(D: Derivation) -> str:
         + rf"{'spherical' if spec.spherical else 'plain'} online SGD, loss "
         r"$\ell = \frac12 \lVert y - \hat y\rVert^2$"
         + (rf" with label-noise variance $\Delta = {tex(spec.noise)}$" if spec.noise else "")
+        + (rf", mini-batches of $b = {spec.batch}$ sequences (every formula below is for this "
+           rf"$b$: $F^{{(2)}}$ carries $1/b$ and $\mathrm{{Cov}}(G)$ is that of the batch "
+           rf"mean)" if spec.batch != 1 else "")
+        + (rf", learning rate $\eta\,({tex(spec.schedule)})$ at time $t$ (the formulas "
+           rf"below are at a given $\eta$)" if spec.schedule is not None else "")
         + ". Conventions: MATH.md (overlaps $m$, $e$, $q$; time $t$ = steps$/d$; "
         r"per-step learning rate $\eta$).",
         r"\begin{align*}",

@@ -225,10 +225,11 @@ ACCEPT_D, ACCEPT_STEPS, ACCEPT_SEEDS = 1000, 300_000, 6
 
 
 def test_norm_loss_escapes_where_the_squared_loss_does_not(gen, tmp_path):
-    """`ssi simulate ... --json` (four CLI processes, run side by side), positional-semantic
-    model, a = 1, d = 1000, eta = 0.05, m0 = e0 = 0, t = 300, 6 seeds: mean |m| (omega = 0.5)
-    or mean |e| (omega = 0.8) at t = 300 is above 0.05 with the norm loss (||y - y_hat||_F) and
-    below it with the squared loss."""
+    """`ssi simulate ... --method reduced --json` (four CLI processes, run side by side),
+    positional-semantic model, a = 1, d = 1000, eta = 0.05, m0 = e0 = 0, t = 300, 6 seeds: mean
+    |m| (omega = 0.5) or mean |e| (omega = 0.8) at t = 300 is above 0.05 with the norm loss
+    (||y - y_hat||_F) and below it with the squared loss. The exact reduced simulator has the
+    law of the d-dimensional one (tests/test_reduced.py couples them for softmax attention)."""
     norm_toml = tmp_path / "positional_semantic_norm.toml"
     text = PS.read_text().replace('name = "positional_semantic"',
                                   'name = "positional_semantic_norm"')
@@ -244,7 +245,7 @@ def test_norm_loss_escapes_where_the_squared_loss_does_not(gen, tmp_path):
         [sys.executable, "-m", "ssi_symbolic", "simulate", str(path), "--eta", "0.05",
          "--d", str(ACCEPT_D), "--steps", str(ACCEPT_STEPS), "--seeds", str(ACCEPT_SEEDS),
          "--seed", "1", "--m0", "0", "--e0", "0", "--param", f"omega={key[1]}",
-         "--param", "a=1", "--out", str(gen), "--json"],
+         "--param", "a=1", "--out", str(gen), "--method", "reduced", "--json"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for key, path in runs.items()}
     out = {}

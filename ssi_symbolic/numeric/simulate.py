@@ -251,22 +251,16 @@ def _batch_arg(spec, batch):
     """The mini-batch size: the explicit argument, else `spec.batch` (default 1)."""
     if batch is not None:
         return _int_arg("batch", batch, 1)
-    value = getattr(spec, "batch", 1)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise SpecError(f"{spec.where('training.batch')}: expected an integer >= 1, "
-                        f"got {value!r}")
-    return int(value)
+    return int(spec.batch)  # validated when the spec was read
 
 
 def _schedule_rates(spec, schedule, eta, d, pvals):
     """None (constant eta) or rates(k0, n): the learning rates eta f((k - 1) / d) of the steps
     k = k0..k0+n-1, as an (n,) float64 array. f is the explicit `schedule` argument, else
-    `spec.schedule_factor(pvals)` when the spec has that method (None: no schedule). StateError
+    `spec.schedule_factor(pvals)` (None: no schedule). StateError
     for a schedule that is not callable or whose factor is not finite and >= 0."""
     if schedule is None:
-        factor_of = getattr(spec, "schedule_factor", None)
-        if factor_of is not None:
-            schedule = factor_of(dict(pvals))
+        schedule = spec.schedule_factor(dict(pvals))
         if schedule is None:
             return None
     if not callable(schedule):
@@ -638,7 +632,7 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     overlaps, MATH.md 10, float64, cost per step independent of d; its own random stream).
     batch: sequences per step, w <- w - (eta / b) sum_i grad l_i (default: spec.batch, else 1).
     schedule: None or f(t) -> factor, vectorised over arrays of t: step k uses the rate
-    eta f((k - 1) / d) (default: spec.schedule_factor(parameter values) when the spec has it).
+    eta f((k - 1) / d) (default: spec.schedule_factor(parameter values)).
     """
     return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
                      progress, out_dir, dtype, "escape" if stop_when_escaped else None,

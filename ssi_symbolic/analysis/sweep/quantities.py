@@ -177,8 +177,6 @@ class _Point:
         from ...model.checks import check_eta_d
         check_eta_d(self.eta, self.d)
         spec = self.src["spec"]
-        if getattr(spec, "schedule", None) is None:
-            return OverlapODE(self.mod, self.eta, self.params)
         return OverlapODE(self.mod, self.eta, self.params,
                           schedule=spec.schedule_factor(self.params))
 

@@ -149,11 +149,11 @@ def plan_sweep(spec, grid, quantities=("escape_time",), method="ode", params=Non
         if bad is not None:
             raise StateError(f"d = {bad:g}: the simulator needs an integer dimension")
     _check_simulator(simulator, method)
-    if "max_lr" in qs and getattr(spec, "schedule", None) is not None:
+    if "max_lr" in qs and spec.schedule is not None:
         raise SpecError(f"{spec.where('training.schedule')}: max_lr is defined for a constant "
                         f"learning rate; remove the schedule or the quantity")
     Ls = [int(v) for v in dict(grids).get("L", [spec.L])]
-    bs = [int(v) for v in dict(grids).get("batch", [getattr(spec, "batch", 1)])]
+    bs = [int(v) for v in dict(grids).get("batch", [spec.batch])]
     variants = {(L, b): _with_batch(spec.with_length(L), b)   # SpecError before any derivation
                 for L in Ls for b in bs}
     plan = Plan(spec=spec, grids=grids, quantities=qs, method=method, runs=runs,
@@ -165,6 +165,8 @@ def plan_sweep(spec, grid, quantities=("escape_time",), method="ode", params=Non
     plan.spec_hash = spec.hash(backend_for(spec).salt())[:16]
     plan.settings_hash = _hash({
         "fixed": fixed, "params": {k: float(v) for k, v in overrides.items()},
+        # the schedule changes the dynamics, not the derived formulas (not in the spec hash)
+        **({"schedule": str(spec.schedule)} if spec.schedule is not None else {}),
         "t_max": plan.t_max, **({"runs": runs, "seed": plan.seed} if stochastic else {}),
         **({"simulator": simulator} if method == "simulate" and simulator != "full" else {})})
     return plan
@@ -184,7 +186,7 @@ def _check_simulator(simulator: str, method: str) -> None:
 def _with_batch(spec, b: int):
     """The spec with [training] batch = b (named <name>_b<b>), the spec itself for its own
     batch size."""
-    if b == getattr(spec, "batch", 1):
+    if b == spec.batch:
         return spec
     if spec.raw is None:
         raise SpecError(f"{spec.where('training.batch')}: spec '{spec.name}' was not built from "

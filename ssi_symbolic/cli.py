@@ -134,7 +134,9 @@ def cmd_solve(args) -> int:
 
     def table(r):
         rows = [f"spec {r['spec']}  eta {r['eta']}  d {r['d']}  threshold {r['threshold']}  "
-                f"loss {r['loss_kind']}",
+                f"loss {r['loss_kind']}"
+                + (f"  batch {r['batch']}" if r["batch"] != 1 else "")
+                + (f"  schedule eta * ({r['schedule']})" if r["schedule"] else ""),
                 f"escape time            {_fmt(r['escape_time'])}",
                 f"semantic escape time   {_fmt(r['semantic_escape_time'])}",
                 f"positional escape time {_fmt(r['positional_escape_time'])}",

@@ -108,6 +108,19 @@ def test_escape_times_match_closed_forms(report):
                                                               rel=5e-2)
 
 
+def test_reduced_simulator_rows_bracket_the_ode(report):
+    """The quick report runs the exact reduced simulator for he2_L1 at d = 1000 (64 seeds):
+    every seed escapes and the closed-form ODE escape time lies between the simulated
+    quartiles."""
+    _, _, data = report
+    he2 = data["sections"]["escape_vs_d"]["numbers"]["he2_L1"]
+    rows = he2["reduced"]
+    assert [r["d"] for r in rows] == [1000] and rows[0]["method"] == "reduced"
+    assert rows[0]["escaped"] == rows[0]["seeds"] == 64
+    q1, q3 = rows[0]["quartiles"]
+    assert q1 <= _tau_he2(he2["eta"], 1000) <= q3, (q1, q3)
+
+
 def test_trajectory_numbers(report):
     """The ODE escape time of he2_L1 in the trajectory section is the closed form; every model
     reports an SDE median and simulated escape times."""

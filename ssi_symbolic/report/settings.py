@@ -19,7 +19,9 @@ class Settings:
     traj_cap times the ODE escape time) and the plot covers that run, and at least traj_span
     times the ODE escape time. escape_*: escape time versus d (section 'escape_vs_d'):
     learning rate, the d grid of the ODE and SDE, SDE paths per d, simulator d values per spec
-    ({} skips the simulator) and seeds. lr_*: learning-rate limit (section 'learning_rate'): d
+    ({} skips the simulator) and seeds; escape_reduced_*: the same with the exact reduced
+    simulator (MATH.md section 10, cost per step independent of d: hundreds of seeds up to large
+    d, the d-dimensional simulator staying the anchor at small d). lr_*: learning-rate limit (section 'learning_rate'): d
     for the ODE and the number of learning rates on the grid up to the limit. gain_*: tied
     versus untied gain (section 'gain'): sequence lengths, common eta, d of the ODE
     predictions, and the simulator check (L values, d, seeds). phase_*: grid sizes in omega
@@ -36,6 +38,8 @@ class Settings:
     escape_runs: int = 400
     escape_sim_ds: dict = field(default_factory=dict)
     escape_sim_seeds: int = 0
+    escape_reduced_ds: dict = field(default_factory=lambda: {"he2_L1": (1000,)})
+    escape_reduced_seeds: int = 64
     lr_d: int = 1000
     lr_points: int = 12
     gain_Ls: tuple = (1, 2, 4)
@@ -52,9 +56,12 @@ class Settings:
 QUICK = Settings()
 FULL = Settings(traj_d=2000, traj_seeds=8, traj_runs=1000,
                 escape_ds=tuple(int(round(v)) for v in np.geomspace(500, 512_000, 11)),
-                escape_runs=1000, escape_sim_ds={"linear": (500, 1000, 2000, 4000, 8000),
-                                                 "he2_L1": (500, 1000, 2000, 4000)},
-                escape_sim_seeds=8, lr_points=30, gain_Ls=(1, 2, 4, 8),
+                escape_runs=1000, escape_sim_ds={"linear": (500, 1000, 2000),
+                                                 "he2_L1": (500, 1000)},
+                escape_sim_seeds=8,
+                escape_reduced_ds={"linear": (1000, 4000, 16000, 64000),
+                                   "he2_L1": (1000, 4000, 16000)},
+                escape_reduced_seeds=200, lr_points=30, gain_Ls=(1, 2, 4, 8),
                 gain_sim_Ls=(2, 4), gain_sim_d=500, phase_omega=101, phase_a=51)
 
 __all__ = ["Settings", "QUICK", "FULL", "THETA"]

@@ -18,27 +18,34 @@ TITLE = "Escape time versus the dimension d"
 ESCAPE_SPECS = ("linear", "he2_L1")
 
 
-def _simulations(ctx: Context, name: str, spec, ode, eta: float) -> list:
-    """The simulator's escape times at settings.escape_sim_ds[name] (none when the settings
-    have no simulator seeds): one row per d."""
+def _simulations(ctx: Context, name: str, spec, ode, eta: float, method: str = "full") -> list:
+    """The simulator's escape times at settings.escape_sim_ds[name] (method "full", the
+    d-dimensional simulator) or settings.escape_reduced_ds[name] (method "reduced", the exact
+    chain of MATH.md 10), none when the settings give no seeds: one row per d."""
     from ...numeric.ode import initial_state, solve
     from ...numeric.simulate import simulate
     s = ctx.settings
-    sim_ds = tuple(s.escape_sim_ds.get(name, ())) if s.escape_sim_seeds else ()
+    ds_of, seeds = ((s.escape_sim_ds, s.escape_sim_seeds) if method == "full" else
+                    (s.escape_reduced_ds, s.escape_reduced_seeds))
+    sim_ds = tuple(ds_of.get(name, ())) if seeds else ()
     sim_rows = []
     t0 = time.monotonic()
     for i, d in enumerate(sim_ds, 1):
         x0 = initial_state(ode, d)
         tau = solve(ode, x0, theta=THETA, n_grid=20).escape_time
         steps = int(math.ceil(3 * tau * d))
-        res = simulate(spec, eta, int(d), steps, seeds=s.escape_sim_seeds, seed=s.seed + i,
+        res = simulate(spec, eta, int(d), steps, seeds=seeds, seed=s.seed + i,
                        theta=THETA, out_dir=ctx.generated, progress=ctx.progress.tty,
-                       stop_when_escaped=True, record_every=max(1, steps // 50))
+                       stop_when_escaped=True, record_every=max(1, steps // 50),
+                       method=method)
         e = np.asarray(res.escape_times["escape"], dtype=float)
+        fin = e[np.isfinite(e)]
         sim_rows.append({"d": int(d), "escape_times": e, "median": median_inf(e),
+                         "quartiles": ([float(q) for q in np.percentile(fin, [25, 75])]
+                                       if fin.size == e.size else None),
                          "escaped": int(np.isfinite(e).sum()), "seeds": res.seeds,
-                         "seconds": res.wall_time})
-        ctx.progress.item(f"{name} simulations over d", i, len(sim_ds), t0)
+                         "seconds": res.wall_time, "method": method})
+        ctx.progress.item(f"{name} {method} simulations over d", i, len(sim_ds), t0)
     return sim_rows
 
 
@@ -71,8 +78,10 @@ def escape_vs_d_numbers(ctx: Context) -> dict:
         ode_t = np.array([np.nan if v is None else v for v in ode_t])
         sde_m = np.array([np.nan if v is None else v for v in sde_med])
         sim_rows = _simulations(ctx, name, spec, ode, eta)
+        red_rows = _simulations(ctx, name, spec, ode, eta, "reduced")
         fit_ode, fit_sde = fit_log(ds, ode_t), fit_log(ds, sde_m)
         fit_sim = fit_log([r["d"] for r in sim_rows], [r["median"] for r in sim_rows])
+        fit_red = fit_log([r["d"] for r in red_rows], [r["median"] for r in red_rows])
         # expected scaling from the leading drift along m, dm/dt ~ c m^p with c = eta a1 (+
         # eta^2 a2 when of the same power), started at m0 = d^-1/2:
         #   p = 0 (SIE 1): t = t_inf - m0 / c + ..., a constant plus k d^-1/2 with k = -1/c;
@@ -91,6 +100,7 @@ def escape_vs_d_numbers(ctx: Context) -> dict:
         nums[name] = {"sie": k, "leading_power": p1, "a1": a1, "a2": a2, "eta": eta, "d": ds,
                       "ode_escape_time": ode_t, "sde_median": sde_m, "sde_quartiles": sde_q,
                       "sde_runs": s.escape_runs, "simulation": sim_rows, "fit_ode": fit_ode,
+                      "reduced": red_rows, "fit_reduced": fit_red,
                       "fit_sde": fit_sde, "fit_sim": fit_sim, "fit_ode_sqrt": fit_ode_sqrt,
                       "fit_sde_sqrt": fit_sde_sqrt, "expected": expected,
                       "ode_max_over_min": span}
@@ -127,6 +137,10 @@ def escape_vs_d_figure(ctx: Context, data: dict) -> list:
         if sim_rows:
             ax.plot([r["d"] for r in sim_rows], [r["median"] for r in sim_rows], "s",
                     color="C3", ms=6, mfc="none", label="simulation median (dots: seeds)")
+        red = n["reduced"]
+        if red:
+            ax.plot([r["d"] for r in red], [r["median"] for r in red], "D", color="C2", ms=5,
+                    mfc="none", label=f"reduced simulator median ({red[0]['seeds']} seeds)")
         curve = _sde_fit_curve(n)
         if curve is not None and curve[1] is not None:
             dd = np.geomspace(ds.min(), ds.max(), 50)
@@ -157,19 +171,25 @@ def _law(n: dict, c: float, s: Settings) -> str:
                 f"{fmt(fit_sde['b'])} (a = {fmt(fit_sde['a'])})"
                 + (f", simulator medians b = {fmt(fit_sim['b'])} ({fit_sim['points']} "
                    f"values of d, {s.escape_sim_seeds} seeds each)"
-                   if fit_sim["b"] is not None else ""))
+                   if fit_sim["b"] is not None else "")
+                + (f", reduced-simulator medians b = {fmt(n['fit_reduced']['b'])} "
+                   f"({n['fit_reduced']['points']} values of d, {s.escape_reduced_seeds} seeds "
+                   f"each; {100 * (n['fit_reduced']['b'] * 2 * c - 1):+.1f} % from 1/(2c))"
+                   if n["fit_reduced"]["b"] is not None else ""))
     return n["expected"]["law"] + f". Fit t = a + b ln d: ODE b = {fmt(fit_ode['b'])}"
 
 
 def _rows(name: str, n: dict) -> list:
     """The table rows of one model, by d: ODE, SDE and (where run) simulator."""
     ds, ode_t, sde_m, sde_q = n["d"], n["ode_escape_time"], n["sde_median"], n["sde_quartiles"]
-    by_d = {r["d"]: f"{fmt(r['median'])} ({r['escaped']}/{r['seeds']} seeds)"
-            for r in n["simulation"]}
+    cell = lambda r: f"{fmt(r['median'])} ({r['escaped']}/{r['seeds']} seeds)"
+    by_d = {r["d"]: cell(r) for r in n["simulation"]}
+    red_d = {r["d"]: cell(r) for r in n["reduced"]}
     mine = [[f"`{name}`", int(d), fmt(ode_t[j]), fmt(sde_m[j]),
-             f"[{fmt(sde_q[j][0])}, {fmt(sde_q[j][1])}]", by_d.pop(int(d), "")]
-            for j, d in enumerate(ds)]
-    mine += [[f"`{name}`", dd, "", "", "", v] for dd, v in by_d.items()]
+             f"[{fmt(sde_q[j][0])}, {fmt(sde_q[j][1])}]", by_d.pop(int(d), ""),
+             red_d.pop(int(d), "")] for j, d in enumerate(ds)]
+    for dd in sorted(set(by_d) | set(red_d)):
+        mine.append([f"`{name}`", dd, "", "", "", by_d.get(dd, ""), red_d.get(dd, "")])
     return sorted(mine, key=lambda row: row[1])
 
 
@@ -184,14 +204,19 @@ def escape_vs_d_text(data: dict, s: Settings) -> str:
                         f"{ds.max() / ds.min():.0f}-fold range of d." if span else "."))
         rows += _rows(name, n)
     sim_note = ("Simulator medians at a few d are included." if any(
-        nums[n]["simulation"] for n in nums) else "The simulator is not run here (--quick).")
+        nums[n]["simulation"] for n in nums) else "The d-dimensional simulator is not run here "
+                                                  "(--quick).")
+    if any(nums[n]["reduced"] for n in nums):
+        sim_note += (f" The exact reduced simulator (MATH.md section 10: the same law, a cost "
+                     f"per step independent of d) gives medians over {s.escape_reduced_seeds} "
+                     f"seeds up to larger d.")
     return (
         f"Escape time (|(m, e)| >= {THETA}) from m0 = 1/sqrt(d) at eta = {s.escape_eta}, against "
         f"log d: ODE, and the median and quartiles of the SDE ({s.escape_runs} paths per d). "
         f"{sim_note} The expected law follows from the leading drift along m near the origin, "
         "dm/dt ~ c m^(SIE-1) (`dynamics.leading_drift`).\n\n" + "\n".join(lines) + "\n\n"
-        + table(["model", "d", "ODE", "SDE median", "SDE quartiles", "simulation median"],
-                rows))
+        + table(["model", "d", "ODE", "SDE median", "SDE quartiles", "simulation median",
+                 "reduced simulator median"], rows))
 
 
 def section_escape_vs_d(ctx: Context) -> Section:

@@ -110,6 +110,17 @@ def chunk_steps(per_step: int) -> int:
     return int(min(CHUNK_MAX, max(1, CHUNK_NORMALS // max(1, per_step))))
 
 
+def _add_rest(rho, mc, sqrt_chi):
+    """rho <- sqrt(rho^2 + (mc sqrt_chi)^2) in place: the part of the update outside the frame,
+    |c mdl|^2 chi^2, added to the squared residual norm (mc = c sqrt(B), B = |mdl|^2; mc is
+    overwritten)."""
+    mc *= sqrt_chi
+    mc *= mc
+    rho *= rho
+    rho += mc
+    np.sqrt(rho, out=rho)
+
+
 def tied_step(X, D, mdl, sqrt_chi, c, spherical):
     """One step of the tied chain (module docstring), in place on X.
 
@@ -128,12 +139,7 @@ def tied_step(X, D, mdl, sqrt_chi, c, spherical):
     else:
         X += (D * mdl).sum(axis=1) * c
         mc = np.sqrt((mdl * mdl).sum(axis=0)) * c
-    mc *= sqrt_chi                                         # c sqrt(chi B)
-    mc *= mc
-    rho = X[1]
-    rho *= rho
-    rho += mc
-    np.sqrt(rho, out=rho)
+    _add_rest(X[1], mc, sqrt_chi)
     if spherical:
         X /= np.sqrt((X * X).sum(axis=0))
     return X
@@ -156,12 +162,7 @@ def untied_step(X, D, mdl, sqrt_chi, c, spherical):
     else:
         X += (D * mdl).sum(axis=2) * c
         mc = np.sqrt((mdl * mdl).sum(axis=1)) * c
-    mc *= sqrt_chi                                         # c sqrt(chi_l B_l)
-    mc *= mc
-    rho = X[1]
-    rho *= rho
-    rho += mc
-    np.sqrt(rho, out=rho)
+    _add_rest(X[1], mc, sqrt_chi)
     if spherical:
         X *= np.sqrt(X.shape[1] / (X * X).sum(axis=(0, 1)))
     return X

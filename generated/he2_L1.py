@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f468b271de75c3c8502a1b51448802ebb672924f0e3329ec20a062162a033b55
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
+# spec-hash: a4739717a21f0966ae04f8353f4f4dfee6bde0918a675db0122a01472afc9a0e
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
 import numpy
 import scipy.special
 
@@ -20,6 +20,8 @@ NAME = 'he2_L1'
 L = 1
 R = 0
 OVERLAPS = ('m',)
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ()
 DEFAULTS = {}
 SPHERICAL = True
@@ -29,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f468b271de75c3c8502a1b51448802ebb672924f0e3329ec20a062162a033b55'
+SPEC_HASH = 'a4739717a21f0966ae04f8353f4f4dfee6bde0918a675db0122a01472afc9a0e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 16dffd31373e145feef94cced76699309e3c83be5d85f3cf980a464fa6f599a5
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
+# spec-hash: 6a322e329484a2e2b74edb9cad1b5f95a057162994a0277c04fa41cff65caa52
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
 import numpy
 import scipy.special
 
@@ -20,6 +20,8 @@ NAME = 'linear'
 L = 1
 R = 0
 OVERLAPS = ('m',)
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ()
 DEFAULTS = {}
 SPHERICAL = True
@@ -29,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '16dffd31373e145feef94cced76699309e3c83be5d85f3cf980a464fa6f599a5'
+SPEC_HASH = '6a322e329484a2e2b74edb9cad1b5f95a057162994a0277c04fa41cff65caa52'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

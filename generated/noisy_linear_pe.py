@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: effcf3d23c82e7ae387bcd1219696efa72ccd306e0e5c31270369a1e65ac593b
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
+# spec-hash: 9935924a8f7b3343ffde6f2b86dcf99fc61ddef9e7a2c72d5b10289dd04a8434
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
 import numpy
 import scipy.special
 
@@ -20,6 +20,8 @@ NAME = 'noisy_linear_pe'
 L = 2
 R = 2
 OVERLAPS = ('m', 'e1', 'e2')
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ('alpha',)
 DEFAULTS = {'alpha': 0.5}
 SPHERICAL = True
@@ -29,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'effcf3d23c82e7ae387bcd1219696efa72ccd306e0e5c31270369a1e65ac593b'
+SPEC_HASH = '9935924a8f7b3343ffde6f2b86dcf99fc61ddef9e7a2c72d5b10289dd04a8434'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1ae40fc0071ba307195b034eb221627578b479b1573c6bc317b41f4d4d612333
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
+# spec-hash: 0de24d73ea08d7d3c64d5f60e3973d9f236277c0bb3b08229fd249c624c728ec
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
 import numpy
 import scipy.special
 
@@ -20,6 +20,8 @@ NAME = 'pathological_he2'
 L = 2
 R = 0
 OVERLAPS = ('m',)
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ()
 DEFAULTS = {}
 SPHERICAL = True
@@ -29,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '1ae40fc0071ba307195b034eb221627578b479b1573c6bc317b41f4d4d612333'
+SPEC_HASH = '0de24d73ea08d7d3c64d5f60e3973d9f236277c0bb3b08229fd249c624c728ec'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

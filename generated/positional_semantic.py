@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: f88d362ef2176ab49e8eef7f71dbba1cb27dd85eb73b591f5d6d7f0ca9c5f91c
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762 attention 1 aecf5013095afddf
+# spec-hash: 62598bdeaf4a843563b268ba71cad239c68c0b04efb92beb3e721e84c5c67cc7
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -32,6 +32,8 @@ NAME = 'positional_semantic'
 L = 2
 R = 1
 OVERLAPS = ('m', 'e')
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ('omega', 'a')
 DEFAULTS = {'omega': 0.5, 'a': 1.0}
 SPHERICAL = True
@@ -42,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'f88d362ef2176ab49e8eef7f71dbba1cb27dd85eb73b591f5d6d7f0ca9c5f91c'
+SPEC_HASH = '62598bdeaf4a843563b268ba71cad239c68c0b04efb92beb3e721e84c5c67cc7'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08

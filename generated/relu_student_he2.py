@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 806ceab98e85a5f9e9d8cc53d3e798ee98e3d94eee35cebadd6bf4c3891cfa63
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
+# spec-hash: 747e7cb4768e726911c2410432890fb02669256a85c64f9af90808f3c6ec4786
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
 import numpy
 import scipy.special
 
@@ -20,6 +20,8 @@ NAME = 'relu_student_he2'
 L = 1
 R = 0
 OVERLAPS = ('m',)
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ()
 DEFAULTS = {}
 SPHERICAL = True
@@ -29,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '806ceab98e85a5f9e9d8cc53d3e798ee98e3d94eee35cebadd6bf4c3891cfa63'
+SPEC_HASH = '747e7cb4768e726911c2410432890fb02669256a85c64f9af90808f3c6ec4786'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: d5a97af5f260631d3f0d0e2088043ef4863aec1a79b2bab32d0a19313a5ceda6
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762 attention 1 aecf5013095afddf
+# spec-hash: ee1f0f4e374cadf184b291e20044e171e8297727825e70a7e89cf3b71a09966f
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -28,6 +28,8 @@ NAME = 'softmax_trace_he2'
 L = 2
 R = 1
 OVERLAPS = ('m', 'e')
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ()
 DEFAULTS = {}
 SPHERICAL = True
@@ -38,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'd5a97af5f260631d3f0d0e2088043ef4863aec1a79b2bab32d0a19313a5ceda6'
+SPEC_HASH = 'ee1f0f4e374cadf184b291e20044e171e8297727825e70a7e89cf3b71a09966f'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

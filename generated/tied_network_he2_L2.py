@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: caeed8904117048fc4cbc4d29bfbfbcf29daa53aaab18a5e7accb087853a3d31
-# tool: ssi-symbolic 0.1.0 generator 1 source ba5be424492b1762
+# spec-hash: bdb8abaa475db140a52b190b510e4ac53fb8424c6dc08da238f30d396e4ba1c7
+# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
 import numpy
 import scipy.special
 
@@ -20,6 +20,8 @@ NAME = 'tied_network_he2_L2'
 L = 2
 R = 0
 OVERLAPS = ('m',)
+DIRECTIONS = (1, 1)
+TEACHER_OVERLAPS = ((1.0,),)
 PARAMETERS = ()
 DEFAULTS = {}
 SPHERICAL = True
@@ -29,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'caeed8904117048fc4cbc4d29bfbfbcf29daa53aaab18a5e7accb087853a3d31'
+SPEC_HASH = 'bdb8abaa475db140a52b190b510e4ac53fb8424c6dc08da238f30d396e4ba1c7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -116,20 +116,26 @@ class Model:
                         out_dir=self.out_dir)
 
     def solve(self, eta: float, d: float = 1000, m0=None, e0=None, t_max=None,
-              threshold: float = 0.5, params: dict | None = None) -> dict:
+              threshold: float = 0.5, params: dict | None = None, init: dict | None = None,
+              start_seed: int = 0) -> dict:
         """The ODE from m0 = 1/sqrt(d), e0 = 0: escape, alignment, phases, fixed point
-        (`ssi solve --json`)."""
+        (`ssi solve --json`). Several directions: from a random-like start (M, E, Q of random
+        vectors in dimension d, drawn with start_seed; init = {overlap: value} overrides),
+        with per-direction escape times."""
         from .analysis.predict import predict_solve
         return predict_solve(self.spec, eta, d, m0=m0, e0=e0, t_max=t_max,
-                             threshold=threshold, params=params, out_dir=self.out_dir)
+                             threshold=threshold, params=params, out_dir=self.out_dir,
+                             init=init, start_seed=start_seed)
 
     def sde(self, eta: float, d: float, runs: int = 1000, seed: int = 0, t_max=None,
-            threshold: float = 0.5, params: dict | None = None, progress: bool = False) -> dict:
-        """Escape-time distribution of the finite-d SDE over `runs` paths (`ssi sde --json`)."""
+            threshold: float = 0.5, params: dict | None = None, progress: bool = False,
+            init: dict | None = None, start_seed: int = 0) -> dict:
+        """Escape-time distribution of the finite-d SDE over `runs` paths (`ssi sde --json`);
+        the start as in `solve`."""
         from .analysis.predict import predict_sde
         return predict_sde(self.spec, eta, d, runs=runs, seed=seed, t_max=t_max,
                            threshold=threshold, params=params, out_dir=self.out_dir,
-                           progress=progress)
+                           progress=progress, init=init, start_seed=start_seed)
 
     def simulate(self, eta: float, d: int, steps: int, seeds: int = 8, seed: int = 0,
                  m0=None, e0=None, threshold: float = 0.5, params: dict | None = None,

@@ -9,7 +9,7 @@
     ssi sde SPEC --eta --d --runs N [--seed S] [--t-max T] [--json]
     ssi max-lr SPEC [--json]
     ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--method full|reduced]
-              [--batch B] [--json]
+              [--batch B] [--init m1_1=0.3 ...] [--json]
     ssi sie SPEC [--json]
     ssi fixed-points SPEC --eta X [--json]
     ssi gain SPEC --L 1,2,4,8 [--eta X] [--lr-scaling same|max] [--d D] [--json]
@@ -97,9 +97,12 @@ def _table(result: dict) -> str:
     for k in names:
         rows.append(f"d{k}/dt{'':{max(0, 4 - len(k))}} {result['drift'][k]:16.8g} "
                     f"{result['drift_eta1'][k]:16.8g} {result['drift_eta2'][k]:16.8g}")
-    rows.append("diffusion D = Cov(G)/d (rows/cols " + ", ".join(names) + ")")
-    for row in result["diffusion"]:
-        rows.append("  " + "  ".join(f"{x:14.6g}" for x in row))
+    if result["diffusion"] is None:
+        rows.append(f"diffusion: not available ({result['diffusion_unavailable']})")
+    else:
+        rows.append("diffusion D = Cov(G)/d (rows/cols " + ", ".join(names) + ")")
+        for row in result["diffusion"]:
+            rows.append("  " + "  ".join(f"{x:14.6g}" for x in row))
     if "quadrature" in result:
         qd = result["quadrature"]
         rows.append(f"quadrature: {qd['nodes_per_dimension']} nodes/dim, loss error estimate "
@@ -122,13 +125,23 @@ def _fmt(v, spec=".6g"):
     return "-" if v is None else format(v, spec)
 
 
+def _start_options(p) -> None:
+    """--at and --start-seed: the start of a model with several directions (MATH.md 8)."""
+    p.add_argument("--at", action="append", metavar="NAME=VALUE",
+                   help="several directions: initial overlap, e.g. --at m1_1=0.01 (the others "
+                        "from the random-like start)")
+    p.add_argument("--start-seed", type=int, default=0,
+                   help="several directions: seed of the random-like start (0)")
+
+
 def cmd_solve(args) -> int:
     from .plots import check_png, trajectory_figure
     model = Model(args.spec, args.out)
     if args.plot:
         check_png(args.plot)
     res = model.solve(args.eta, args.d, m0=args.m0, e0=args.e0, t_max=args.t_max,
-                      threshold=args.threshold, params=_pairs(args.param, "--param"))
+                      threshold=args.threshold, params=_pairs(args.param, "--param"),
+                      init=_pairs(args.at, "--at"), start_seed=args.start_seed)
     if args.plot:
         trajectory_figure(res, args.plot)
 
@@ -141,6 +154,9 @@ def cmd_solve(args) -> int:
                 f"semantic escape time   {_fmt(r['semantic_escape_time'])}",
                 f"positional escape time {_fmt(r['positional_escape_time'])}",
                 f"alignment time         {_fmt(r['alignment_time'])}",
+                *(["direction escape times " + "  ".join(
+                    f"w{k + 1}: {_fmt(v)}" for k, v in enumerate(r["direction_escape_times"]))]
+                  if "direction_escape_times" in r else []),
                 "phases                 " + ", ".join(
                     f"{p['name']} [{p['start']:.4g}, {p['end']:.4g}]" for p in r["phases"]),
                 "fixed point            " + "  ".join(
@@ -160,7 +176,8 @@ def cmd_sde(args) -> int:
     res = Model(args.spec, args.out).sde(
         args.eta, args.d, runs=args.runs, seed=args.seed, t_max=args.t_max,
         params=_pairs(args.param, "--param"), threshold=args.threshold,
-        progress=not args.json and sys.stderr.isatty())
+        progress=not args.json and sys.stderr.isatty(), init=_pairs(args.at, "--at"),
+        start_seed=args.start_seed)
 
     def table(r):
         q = r["quartiles"]
@@ -197,7 +214,7 @@ def cmd_simulate(args) -> int:
         args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed, m0=args.m0, e0=args.e0,
         threshold=args.threshold, params=_pairs(args.param, "--param"),
         progress=not args.json and sys.stderr.isatty(), stop_when_escaped=args.stop_when_escaped,
-        method=args.method, batch=args.batch)
+        method=args.method, batch=args.batch, init=_pairs(args.init, "--init") or None)
     out = res.to_json()
 
     def table(r):
@@ -209,6 +226,10 @@ def cmd_simulate(args) -> int:
             done = [v for v in vals if v is not None]
             med = f"{sorted(done)[len(done) // 2]:.4g}" if done else "-"
             rows.append(f"{kind:10} escape: {len(done)}/{len(vals)} seeds, median {med}")
+        for k, vals in enumerate(r.get("direction_escape_times") or []):
+            done = [v for v in vals if v is not None]
+            med = f"{sorted(done)[len(done) // 2]:.4g}" if done else "-"
+            rows.append(f"{f'w{k + 1}':10} escape: {len(done)}/{len(vals)} seeds, median {med}")
         return "\n".join(rows)
     _print(out, args.json, table)
     return 0
@@ -418,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(so)
     so.add_argument("--m0", type=float, default=None, help="initial m (default 1/sqrt(d))")
     so.add_argument("--e0", type=float, default=None, help="initial e (default 0)")
+    _start_options(so)
     so.add_argument("--t-max", type=float, default=None, help="stop time (default: converged)")
     so.add_argument("--threshold", type=float, default=0.5, help="escape threshold theta")
     so.add_argument("--plot", default=None, metavar="FILE.png", help="draw the trajectory")
@@ -429,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--t-max", type=float, default=None)
     sd.add_argument("--threshold", type=float, default=0.5)
+    _start_options(sd)
     sd.set_defaults(func=cmd_sde)
 
     ml = sub.add_parser("max-lr", help="maximal learning rate and why")
@@ -458,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the overlaps (MATH.md 10), cost per step independent of d")
     si.add_argument("--batch", type=int, default=None,
                     help="sequences averaged per step (default: the spec's [training] batch)")
+    si.add_argument("--init", action="append", metavar="NAME=VALUE",
+                    help="several directions: the start, e.g. --init m1_1=0.3 --init q1_2=0.1 "
+                         "(missing overlaps 0, Q[k,k] = 1; default: random vectors per seed)")
     si.set_defaults(func=cmd_simulate)
 
     ie = sub.add_parser("sie", help="sequence information exponent and flatness index")

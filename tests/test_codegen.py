@@ -9,7 +9,7 @@ import sympy as sp
 from ssi_symbolic.backends import attention
 from ssi_symbolic.backends.registry import generate
 from ssi_symbolic.backends.files import load_module, read_hash
-from ssi_symbolic.backends.exact import module_source, tool_salt
+from ssi_symbolic.backends.exact import module_source, salt, tool_salt
 from ssi_symbolic.symbolic.derive import D_SYM, ETA, derive
 from ssi_symbolic.model.spec import load_spec, make_spec
 
@@ -33,13 +33,15 @@ def test_regenerating_reproduces_committed_modules(spec_files):
     assert spec_files
     for f in spec_files:
         spec = load_spec(f)
-        committed = GENERATED / f"{spec.name}.py"
+        full = spec.diffusion  # [derivation] diffusion = false: <name>_drift_only.py
+        committed = GENERATED / f"{spec.name}{'' if full else '_drift_only'}.py"
         assert committed.exists(), f"{committed} missing: run `ssi derive {f}`"
         if attention.handles(spec):  # softmax specs: quadrature backend, see test_attention.py
             assert read_hash(committed) == spec.hash(attention.backend_salt()), committed
             continue
-        assert read_hash(committed) == spec.hash(tool_salt()), f"{committed} is stale"
-        assert module_source(derive(spec)) == committed.read_text(), f"{committed} differs"
+        assert read_hash(committed) == spec.hash(salt(full)), f"{committed} is stale"
+        assert module_source(derive(spec, diffusion=full), full) == committed.read_text(), \
+            f"{committed} differs"
 
 
 @pytest.mark.parametrize("name", ["tied_he2_pe", "he4_example_pe", "noisy_linear_pe",

@@ -32,12 +32,24 @@ def _training(spec) -> dict:
             "schedule": None if spec.schedule is None else str(spec.schedule)}
 
 
+def _start(ode, d, m0, e0, init, start_seed) -> tuple:
+    """The initial state and, for several directions, the JSON key that records it."""
+    x0 = initial_state(ode, d, m0, e0, init=init, seed=start_seed)
+    extra = ({"initial_state": {k: float(v) for k, v in zip(ode.names, x0)},
+              "start_seed": start_seed} if ode.multi else {})
+    return x0, extra
+
+
 def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
-                  threshold=DEFAULT_THETA, params=None, out_dir="generated") -> dict:
-    """The ODE from (m0 = 1/sqrt(d), e0 = 0): the JSON of `ssi solve --json`."""
+                  threshold=DEFAULT_THETA, params=None, out_dir="generated", init=None,
+                  start_seed=0) -> dict:
+    """The ODE from (m0 = 1/sqrt(d), e0 = 0): the JSON of `ssi solve --json`. With several
+    directions from the random-like start of `numeric.ode.random_start` (drawn with
+    start_seed, entries overridden by init = {overlap name: value})."""
     spec, ode = _ode(spec_or_path, eta, d, params, out_dir)
-    tr = solve(ode, initial_state(ode, d, m0, e0), t_max=t_max, theta=threshold)
-    out = tr.to_json()
+    x0, extra = _start(ode, d, m0, e0, init, start_seed)
+    tr = solve(ode, x0, t_max=t_max, theta=threshold)
+    out = tr.to_json() | extra
     out.update({"spec": spec.name, "d": d, "parameters": ode.params, "loss_kind": spec.loss,
                 "method": ode.mod.METHOD, "no_escape_reason": None} | _training(spec))
     if out["escape_time"] is None:  # say why instead of leaving a bare null
@@ -52,12 +64,14 @@ def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
 
 def predict_sde(spec_or_path, eta, d, runs=1000, seed=0, t_max=None, m0=None, e0=None,
                 threshold=DEFAULT_THETA, params=None, dt=None, out_dir="generated",
-                progress=False) -> dict:
-    """Escape-time distribution over SDE paths: the JSON of `ssi sde --json`."""
+                progress=False, init=None, start_seed=0) -> dict:
+    """Escape-time distribution over SDE paths: the JSON of `ssi sde --json` (the start as in
+    `predict_solve`; `seed` draws the noise)."""
     spec, ode = _ode(spec_or_path, eta, d, params, out_dir)
-    res = simulate_sde(ode, d, initial_state(ode, d, m0, e0), runs=runs, t_max=t_max, dt=dt,
+    x0, extra = _start(ode, d, m0, e0, init, start_seed)
+    res = simulate_sde(ode, d, x0, runs=runs, t_max=t_max, dt=dt,
                        theta=threshold, seed=seed, progress=progress)
-    out = res.summary()
+    out = res.summary() | extra
     out.update({"spec": spec.name, "parameters": ode.params, "seed": seed} | _training(spec))
     return out
 

@@ -8,6 +8,9 @@ Constants (all required):
 
     NAME, L, R              spec name, sequence length, number of positional directions r
     OVERLAPS                state names in order (MATH.md sections 2 and 8)
+    DIRECTIONS              (K*, K): teacher and student directions (MATH.md section 8); with
+                            more than one the link functions take the fields z{k}_{l}
+    TEACHER_OVERLAPS        P[j][j'] = w*_j . w*_j' / d (K* x K* floats, ((1.0,),) for one)
     PARAMETERS, DEFAULTS    spec parameters (keyword arguments of every function) and defaults
     SPHERICAL, LOSS, NOISE  training, loss kind ("square", "norm"), label-noise variance Delta
     METHOD                  "exact" (closed forms) or "quadrature" (see quadrature_error)
@@ -29,9 +32,11 @@ overlaps in the order of OVERLAPS, `params` the parameters as keywords with DEFA
     ito_correction(*state, eta, **params)        d x the O(1/d) drift of the spherical rescaling
     finite_d_correction(*state, eta, **params)   d x the whole O(1/d) drift (SDE: drift + this / d);
                                                  FINITE_D_CORRECTION says whether it is complete
-    teacher_link(*z, **params)                   tuple of the K output entries of g*(z*)
-    student_link(*z, **params)                   tuple of the K output entries of g(z)
-    student_link_gradient(*z, **params)          K tuples of L entries dg_k / dz_l
+    teacher_link(*z, **params)                   tuple of the output entries of g*(z*)
+    student_link(*z, **params)                   tuple of the output entries of g(z)
+    student_link_gradient(*z, **params)          one tuple per output entry of dg / dz_l (L
+                                                 entries; K L entries dg / dz{k}_{l}, direction
+                                                 by direction, with several directions)
     quadrature_error(function, *args, **kwargs)  (value, error estimate) of a function above
 
 Extras some backends add (EXTRAS; a consumer that needs one asks :func:`provides`): the
@@ -53,6 +58,8 @@ CONSTANTS = {
     "L": (int, "sequence length"),
     "R": (int, "number of positional directions"),
     "OVERLAPS": (tuple, "state names in order"),
+    "DIRECTIONS": (tuple, "(K*, K) teacher and student directions"),
+    "TEACHER_OVERLAPS": (tuple, "teacher overlaps P (K* x K*)"),
     "PARAMETERS": (tuple, "parameter names"),
     "DEFAULTS": (dict, "parameter defaults"),
     "SPHERICAL": (bool, "spherical (True) or plain (False) SGD"),
@@ -178,6 +185,9 @@ def check_module(mod, spec=None) -> list[str]:
     if spec is not None:
         if mod.NAME != spec.name:
             problems.append(f"NAME = {mod.NAME!r}, the spec is {spec.name!r}")
+        if tuple(mod.DIRECTIONS) != (spec.teacher_directions, spec.student_directions):
+            problems.append(f"DIRECTIONS = {tuple(mod.DIRECTIONS)}, the spec has "
+                            f"{(spec.teacher_directions, spec.student_directions)}")
         if tuple(mod.OVERLAPS) != tuple(spec.overlap_names):
             problems.append(f"OVERLAPS = {tuple(mod.OVERLAPS)}, the spec tracks "
                             f"{tuple(spec.overlap_names)}")

@@ -21,6 +21,7 @@ Generated module API (all functions broadcast):
     teacher_link(z1..zL, **params), student_link(z1..zL, **params)   tuples of K entries
 (drift functions return a tuple even for one overlap, links a tuple even for a scalar link)
     student_link_gradient(z1..zL, **params)      tuple of K tuples of L entries dg_k/dz_l
+                                                 (several directions: the fields z{k}_{l})
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np
 import sympy as sp
 
 from ..version import __version__
-from ..model.spec import ModelSpec, link_entries, token_symbols
+from ..model.spec import ModelSpec, link_entries
 from ..symbolic.derive import Derivation, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.gaussian import GaussHermite
@@ -249,26 +250,30 @@ class _Module:
 
     def link_functions(self) -> list[str]:
         spec = self.D.spec
-        zs = [str(z) for z in token_symbols(spec.L)]
+        zt, zs = spec.variables("teacher"), spec.variables("student")
         fns = []
         T = [sp.sympify(x) for x in link_entries(spec.teacher)]
         S = [sp.sympify(x) for x in link_entries(spec.student)]
-        grad = [[sp.diff(s, z) for z in token_symbols(spec.L)] for s in S]
-        for name, exprs, doc in [
-                ("teacher_link", T, "Teacher link g*(z) entries (flattened row by row)."),
-                ("student_link", S, "Student link g(z) entries (flattened row by row)."),
-                ("student_link_gradient", [x for row in grad for x in row],
-                 "dg_k/dz_l of the student link, as K tuples of L entries.")]:
+        grad = [[sp.diff(s, z) for z in zs] for s in S]
+        grad_doc = ("dg_k/dz_l of the student link, as K tuples of L entries." if not spec.multi
+                    else "dg/dz{k}_{l} of the student link: one tuple per output entry, the "
+                         "fields direction by direction.")
+        for name, args, exprs, doc in [
+                ("teacher_link", zt, T, "Teacher link g*(z) entries (flattened row by row)."),
+                ("student_link", zs, S, "Student link g(z) entries (flattened row by row)."),
+                ("student_link_gradient", zs, [x for row in grad for x in row],
+                 grad_doc)]:
             repl, red = cse(exprs)
             lines = [f"{s} = {pycode(v)}" for s, v in repl]
             if name == "student_link_gradient":
-                L = spec.L
+                L = len(zs)
                 rows = [tuple_source([pycode(red[k * L + l]) for l in range(L)])
                         for k in range(len(S))]
                 ret = "_bc_nested(" + tuple_source(rows) + ")"
             else:
                 ret = "_bc(" + ", ".join(pycode(x) for x in red) + ")"
-            fns.append(function_source(name, zs + self.param_args, doc, lines, ret))
+            fns.append(function_source(name, [str(z) for z in args] + self.param_args, doc,
+                                       lines, ret))
         return fns
 
 
@@ -283,9 +288,10 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
     False)."""
     spec = D.spec
     mod = _Module(D)
+    why = ("the spec asks for the drift only ([derivation] diffusion = false)"
+           if not spec.diffusion else "generated with diffusion=False")
     unavailable = {} if diffusion else {
-        piece: "drift-only module (generated with diffusion=False): Cov(G) and the O(1/d) "
-               "drift were not derived"
+        piece: f"drift-only module ({why}): Cov(G) and the O(1/d) drift were not derived"
         for piece in DIFFUSION_PIECES}
     state_fns = [f for f in mod.state_functions()
                  if f[len("def "):f.index("(")] not in unavailable]
@@ -294,7 +300,11 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
     h = spec.hash(salt(diffusion))
     doc = [
         "",
-        f"Model {spec.name}: L = {spec.L}, r = {spec.r}, output shape "
+        f"Model {spec.name}: L = {spec.L}, r = {spec.r}, "
+        + (f"K* = {spec.teacher_directions} teacher and K = {spec.student_directions} student "
+           f"directions (teacher overlaps P = "
+           f"{[[str(c) for c in row] for row in spec.teacher_overlaps]}), " if spec.multi else "")
+        + f"output shape "
         f"{spec.shape or 'scalar'}, loss {spec.loss} (1/2 ||y - y_hat||^2, label noise "
         f"{spec.noise}), {'spherical' if spec.spherical else 'plain'} online SGD.",
         f"Teacher link: {sp.sstr(spec.teacher)}",
@@ -312,6 +322,9 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
         f"L = {spec.L}",
         f"R = {spec.r}",
         f"OVERLAPS = {tuple(D.overlap_names)!r}",
+        f"DIRECTIONS = {(spec.teacher_directions, spec.student_directions)!r}",
+        f"TEACHER_OVERLAPS = "
+        f"{tuple(tuple(float(c) for c in row) for row in spec.teacher_overlaps)!r}",
         f"PARAMETERS = {tuple(spec.parameters)!r}",
         f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in spec.parameters.items())}}}",
         f"SPHERICAL = {spec.spherical!r}",
@@ -344,6 +357,7 @@ def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
     long sequences; enough for ODE predictions, refused by the SDE).
 
     Returns (path, written)."""
+    diffusion = diffusion and spec.diffusion
     path = module_path(spec, out_dir, diffusion)
     if not force and read_hash(path) == spec.hash(salt(diffusion)):
         return path, False

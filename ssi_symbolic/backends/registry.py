@@ -45,9 +45,18 @@ BACKENDS = (
 
 
 def backend_for(spec: ModelSpec) -> Backend:
-    """The backend that writes the module of a spec (SpecError for a mini-batch spec on the
-    attention backend, whose tables are for one sequence per step)."""
+    """The backend that writes the module of a spec (SpecError for a mini-batch spec or one
+    with several directions on the attention backend, whose tables are for one sequence per
+    step and one head)."""
     backend = next(b for b in BACKENDS if b.handles(spec))
+    if backend.name == "attention" and spec.multi:
+        from ..errors import SpecError
+        raise SpecError(f"{spec.where('student.directions')}: softmax attention with several "
+                        f"heads (directions) is not supported yet")
+    if backend.name != "exact" and not spec.diffusion:
+        from ..errors import SpecError
+        raise SpecError(f"{spec.where('derivation.diffusion')}: the {backend.name} backend has "
+                        f"no drift-only module")
     if backend.name == "attention" and spec.batch != 1:
         from ..errors import SpecError
         raise SpecError(f"{spec.where('training.batch')}: mini-batches are not implemented for "
@@ -57,15 +66,17 @@ def backend_for(spec: ModelSpec) -> Backend:
 
 def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
              diffusion: bool = True) -> tuple[Path, bool]:
-    """Write <out_dir>/<name>.py (or <name>_drift_only.py for diffusion=False, where the
-    backend has such a module) unless it is up to date. Returns (path, written)."""
-    return backend_for(spec).generate(spec, out_dir, force=force, diffusion=diffusion)
+    """Write <out_dir>/<name>.py (or <name>_drift_only.py for diffusion=False, or for a spec
+    with [derivation] diffusion = false, where the backend has such a module) unless it is up
+    to date. Returns (path, written)."""
+    return backend_for(spec).generate(spec, out_dir, force=force,
+                                      diffusion=diffusion and spec.diffusion)
 
 
 def is_current(spec: ModelSpec, out_dir="generated", diffusion: bool = True) -> bool:
     """Whether the module file of a spec exists and carries the spec's current hash."""
     b = backend_for(spec)
-    full = diffusion or not b.drift_only
+    full = (diffusion and spec.diffusion) or not b.drift_only
     return read_hash(module_path(spec, out_dir, full)) == spec.hash(b.salt(full))
 
 
@@ -80,7 +91,7 @@ def links_module(spec: ModelSpec, out_dir="generated"):
     """A module with the spec's links and link gradients (all a simulator needs): the full
     module when it is up to date, else the drift-only one, generated if needed, so a simulation
     never waits for a Cov(G) derivation."""
-    if is_current(spec, out_dir, True):
+    if spec.diffusion and is_current(spec, out_dir, True):
         return checked(load_module(module_path(spec, out_dir, True)), spec)
     return ensure_module(spec, out_dir, diffusion=False)
 

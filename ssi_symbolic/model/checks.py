@@ -24,7 +24,8 @@ def check_state(spec: ModelSpec, at: dict) -> dict:
                          f"{', '.join(names)})")
     state = {}
     for k in names:
-        v = at.get(k, 1.0 if k == "q" else 0.0)
+        diag = k == "q" or (spec.multi and k[0] == "q" and len(set(k[1:].split("_"))) == 1)
+        v = at.get(k, 1.0 if diag else 0.0)
         try:
             v = float(v)
         except (TypeError, ValueError):
@@ -32,6 +33,9 @@ def check_state(spec: ModelSpec, at: dict) -> dict:
         if not math.isfinite(v):
             raise StateError(f"overlap {k}: expected a finite number, got {v!r}")
         state[k] = v
+    if spec.multi:
+        _check_multi_state(spec, state)
+        return state
     radius2 = sum(v * v for k, v in state.items() if k != "q")
     q = state.get("q", 1.0)
     if not spec.spherical and q <= 0:
@@ -40,6 +44,33 @@ def check_state(spec: ModelSpec, at: dict) -> dict:
         where = "the unit ball" if spec.spherical else "the ball m^2 + |e|^2 <= q"
         raise StateError(f"state {state} lies outside {where}: m^2 + |e|^2 = {radius2:.6g}")
     return state
+
+
+def _check_multi_state(spec: ModelSpec, state: dict) -> None:
+    """StateError unless the overlaps M, E, Q of several directions are realisable by vectors:
+    the covariance [[P, M^T, 0], [M, Q, E], [0, E^T, I]] of a token's fields (MATH.md section
+    8) must be positive semi-definite."""
+    import numpy as np
+    Ks, K, r = spec.teacher_directions, spec.student_directions, spec.r
+    n = Ks + K + r
+    G = np.zeros((n, n))
+    G[:Ks, :Ks] = np.array(spec.teacher_overlaps, dtype=float)
+    G[Ks + K:, Ks + K:] = np.eye(r)
+    for k in range(K):
+        G[Ks + k, Ks + k] = 1.0
+    for name, v in state.items():
+        a, b = (int(x) - 1 for x in name[1:].split("_"))
+        i, j = {"m": (Ks + a, b), "e": (Ks + a, Ks + K + b), "q": (Ks + a, Ks + b)}[name[0]]
+        G[i, j] = G[j, i] = v
+    for k in range(K):
+        if G[Ks + k, Ks + k] <= 0:
+            raise StateError(f"overlap q{k + 1}_{k + 1} = {G[Ks + k, Ks + k]} must be > 0 "
+                             f"(the squared norm |w_{k + 1}|^2/d)")
+    low = float(np.min(np.linalg.eigvalsh(G)))
+    if low < -1e-12:
+        raise StateError(f"state {state} is not realisable by vectors: the covariance of the "
+                         f"fields [[P, M^T, 0], [M, Q, E], [0, E^T, I]] has the eigenvalue "
+                         f"{low:.6g} < 0")
 
 
 def check_eta_d(eta, d):

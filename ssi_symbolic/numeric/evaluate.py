@@ -38,7 +38,9 @@ def evaluate(spec_or_path, at: dict, eta: float = DEFAULT_ETA, d: float = DEFAUL
     names = list(spec.overlap_names)
     d1 = mod.drift_eta1(*args, **pvals)
     d2 = mod.drift_eta2(*args, **pvals)
-    D = mod.diffusion(*args, eta=eta, d=d, **pvals)
+    from ..backends.contract import why_not
+    no_diffusion = why_not(mod, "diffusion")   # a drift-only module says why
+    D = None if no_diffusion else mod.diffusion(*args, eta=eta, d=d, **pvals)
     out = {
         "spec": spec.name,
         "overlaps": names,
@@ -50,7 +52,9 @@ def evaluate(spec_or_path, at: dict, eta: float = DEFAULT_ETA, d: float = DEFAUL
         "drift": {k: _f(eta * a + eta ** 2 * b) for k, a, b in zip(names, d1, d2)},
         "drift_eta1": {k: _f(eta * a) for k, a in zip(names, d1)},
         "drift_eta2": {k: _f(eta ** 2 * b) for k, b in zip(names, d2)},
-        "diffusion": [[_f(D[i][j]) for j in range(len(names))] for i in range(len(names))],
+        "diffusion": None if D is None else [[_f(D[i][j]) for j in range(len(names))]
+                                             for i in range(len(names))],
+        "diffusion_unavailable": no_diffusion,
         "method": mod.METHOD,
         "methods": dict(mod.OUTPUT_METHODS),
         "loss_kind": spec.loss,

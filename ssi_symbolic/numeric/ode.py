@@ -63,6 +63,50 @@ class OverlapODE:
         """Number of direction overlaps (m, e... or m1..mL): all but the norms q."""
         return len(self.sem_idx) + len(self.pos_idx)
 
+    @property
+    def directions(self) -> tuple:
+        """(K*, K): teacher and student directions (MATH.md section 8)."""
+        return tuple(self.mod.DIRECTIONS)
+
+    @property
+    def multi(self) -> bool:
+        """Several teacher or student directions: the state is M, E, Q (MATH.md section 8)."""
+        return max(self.directions) > 1
+
+    def matrices(self, x):
+        """(M, E, Q) of a multi-direction state x (arrays K x K*, K x r, K x K, each entry
+        broadcast over the trailing axes of x); Q[k,k] = 1 on the sphere."""
+        x = np.asarray(x, dtype=float)
+        Ks, K = self.directions
+        r = len(self.pos_idx) // K
+        tail = x.shape[1:]
+        M = x[self.sem_idx].reshape((K, Ks) + tail)
+        E = x[self.pos_idx].reshape((K, r) + tail)
+        Q = np.zeros((K, K) + tail)
+        pos = {name: i for i, name in enumerate(self.names)}
+        for k in range(K):
+            for h in range(k, K):
+                name = f"q{k + 1}_{h + 1}"
+                v = x[pos[name]] if name in pos else 1.0
+                Q[k, h] = Q[h, k] = v
+        return M, E, Q
+
+    def gram(self, x) -> np.ndarray:
+        """The covariance [[P, M^T, 0], [M, Q, E], [0, E^T, I]] of a token's fields at a
+        multi-direction state x (one state): positive semi-definite exactly for the states
+        that vectors realise."""
+        M, E, Q = self.matrices(x)
+        P = np.array(self.mod.TEACHER_OVERLAPS, dtype=float)
+        Ks, K, r = P.shape[0], Q.shape[0], E.shape[1]
+        Z = np.zeros
+        return np.block([[P, M.T, Z((Ks, r))], [M, Q, E], [Z((r, Ks)), E.T, np.eye(r)]])
+
+    def direction_overlaps(self, x) -> np.ndarray:
+        """max_j |M[k,j]| for every student direction k (shape (K, ...)): direction k escapes
+        when it reaches theta (MATH.md section 8)."""
+        M, _, _ = self.matrices(x)
+        return np.max(np.abs(M), axis=1)
+
     def _idx(self, first: str) -> np.ndarray:
         return np.array([i for i, k in enumerate(self.names) if k[0] == first], dtype=int)
 
@@ -84,7 +128,7 @@ class OverlapODE:
     @property
     def untied(self) -> bool:
         """One semantic overlap per token (m1..mL, q1..qL) rather than one m."""
-        return "m" not in self.names
+        return "m" not in self.names and not self.multi
 
     def project(self, x):
         """The state on its constraint surface: for a spherical untied student the rescaling
@@ -131,33 +175,59 @@ class OverlapODE:
 
     def semantic(self, x):
         """|m| (tied), or sqrt(sum_l m_l^2 / L) = |W . W*| / (L d) for the flattened untied
-        weights W and the tied teacher (w*, ..., w*) normalised alike (README: untied)."""
+        weights W and the tied teacher (w*, ..., w*) normalised alike (README: untied); with
+        several directions max_kj |M[k,j]| (the first direction's escape, MATH.md 8)."""
         x = np.asarray(x)
+        if self.multi:
+            return np.max(self.direction_overlaps(x), axis=0)
         return np.sqrt(np.mean(x[self.sem_idx] ** 2, axis=0))
 
     def positional(self, x):
-        """||e||, 0 without positional encoding."""
+        """||e||, 0 without positional encoding; with several directions max_k ||E[k]||."""
         x = np.asarray(x)
-        return np.sqrt(np.sum(x[self.pos_idx] ** 2, axis=0)) if len(self.pos_idx) else \
-            np.zeros(np.shape(x)[1:])
+        if not len(self.pos_idx):
+            return np.zeros(np.shape(x)[1:])
+        if self.multi:
+            _, E, _ = self.matrices(x)
+            return np.max(np.sqrt(np.sum(E ** 2, axis=1)), axis=0)
+        return np.sqrt(np.sum(x[self.pos_idx] ** 2, axis=0))
 
     def radius(self, x):
-        """|(m, e)|, with the semantic part as in `semantic`."""
+        """|(m, e)|, with the semantic part as in `semantic`; with several directions the
+        escape measure of MATH.md section 8, max_kj |M[k,j]|."""
+        if self.multi:
+            return self.semantic(x)
         return np.sqrt(self.semantic(x) ** 2 + self.positional(x) ** 2)
 
     def excess(self, x) -> float:
         """How far the state is outside its domain (> 0 outside): spherical tied m^2 + |e|^2
-        <= 1, plain tied <= q, untied m_l^2 <= q_l for every token (Cauchy-Schwarz)."""
+        <= 1, plain tied <= q, untied m_l^2 <= q_l for every token (Cauchy-Schwarz); several
+        directions: minus the smallest eigenvalue of the fields' covariance `gram`."""
         x = np.asarray(x, dtype=float)
+        if self.multi:
+            G = self.gram(x)
+            if not np.all(np.isfinite(G)):
+                return math.inf
+            return float(-np.min(np.linalg.eigvalsh(G)))
         if self.untied:
             return float(np.max(x[self.sem_idx] ** 2 - x[self.norm_idx]))
         q = 1.0 if self.spherical else x[self.norm_idx[0]]
         return float(np.sum(x[:self.n_dir] ** 2) - q)
 
 
-def initial_state(ode: OverlapODE, d: float, m0=None, e0=None) -> np.ndarray:
+def initial_state(ode: OverlapODE, d: float, m0=None, e0=None, init=None,
+                  seed: int = 0) -> np.ndarray:
     """(m0, e0..., q0 = 1) with defaults m0 = 1/sqrt(d), e0 = 0 (MATH.md section 2); an untied
-    student starts at m_l = m0 and q_l = 1 for every token."""
+    student starts at m_l = m0 and q_l = 1 for every token. Several directions: see
+    `random_start` (init: {overlap name: value} overriding its entries)."""
+    if ode.multi:
+        if m0 is not None or e0 is not None:
+            raise StateError("m0/e0: a model with several directions starts from its overlaps "
+                             "M, E, Q: give them as --at NAME=VALUE (init={name: value})")
+        return random_start(ode, d, init=init, seed=seed)
+    if init:
+        raise StateError(f"--at {next(iter(init))}=...: a single-direction model starts from "
+                         f"m0 and e0")
     m0 = 1.0 / math.sqrt(d) if m0 is None else float(m0)
     if ode.untied:
         if e0 not in (None, 0, 0.0):
@@ -178,6 +248,37 @@ def initial_state(ode: OverlapODE, d: float, m0=None, e0=None) -> np.ndarray:
     if math.sqrt(sum(v * v for v in x[:ode.n_dir])) > 1 + 1e-12:
         raise StateError(f"initial state m0 = {m0}, e0 = {e0} lies outside the unit ball")
     return np.array(x, dtype=float)
+
+
+def random_start(ode: OverlapODE, d: float, init=None, seed: int = 0) -> np.ndarray:
+    """A random-like start of a model with several directions (MATH.md section 8): the
+    overlaps of K independent uniformly random student vectors in dimension d, to leading
+    order, drawn with `seed`: M = N L_P^T / sqrt(d) (N a K x K* standard normal matrix, L_P
+    the Cholesky factor of the teacher overlaps P), E and the Q[k,h] (k < h) independent
+    N(0, 1/d), Q[k,k] = 1. init: {overlap name: value} replaces those entries; the state must
+    be realisable (a positive semi-definite covariance of the fields), else StateError."""
+    Ks, K = ode.directions
+    rng = np.random.default_rng(seed)
+    P = np.array(ode.mod.TEACHER_OVERLAPS, dtype=float)
+    M = rng.standard_normal((K, Ks)) @ np.linalg.cholesky(P).T / math.sqrt(d)
+    r = len(ode.pos_idx) // K
+    E = rng.standard_normal((K, r)) / math.sqrt(d)
+    Qoff = rng.standard_normal((K, K)) / math.sqrt(d)
+    x = []
+    for name in ode.names:
+        a, b = (int(v) - 1 for v in name[1:].split("_"))
+        x.append({"m": M, "e": E}[name[0]][a, b] if name[0] != "q" else
+                 (1.0 if a == b else Qoff[a, b]))
+    x = np.array(x, dtype=float)
+    for name, v in (init or {}).items():
+        if name not in ode.names:
+            raise StateError(f"--at {name}: not an overlap of this model (overlaps: "
+                             f"{', '.join(ode.names)})")
+        x[ode.names.index(name)] = float(v)
+    if ode.excess(x) > 1e-12:
+        raise StateError(f"initial state {_rounded(ode.names, x)} is not realisable by vectors "
+                         f"(the covariance of the fields is not positive semi-definite)")
+    return x
 
 
 def _rounded(names, x) -> dict:
@@ -272,6 +373,8 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
     Jacobian eigenvalues and stability, distinct to 1e-6, sorted by |(m, e)|."""
     rng = np.random.default_rng(seed)
     nd, n = ode.n_dir, ode.n
+    if ode.multi:
+        return _report_fixed_points(ode, _solve_guesses(ode, _multi_guesses(ode, starts, rng)))
     guesses = [np.zeros(nd)]
     for i in range(nd):
         for v in (0.5, -0.5, 0.99, -0.99):
@@ -285,6 +388,49 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
         guesses = [np.append(g, np.ones(nd)) for g in guesses]
     elif not ode.spherical:
         guesses = [np.append(g, q) for g in guesses for q in (1.0, 0.5 + np.dot(g, g))]
+    return _report_fixed_points(ode, _solve_guesses(ode, guesses))
+
+
+def _multi_guesses(ode: OverlapODE, starts: int, rng) -> list:
+    """Starting states of a model with several directions: the overlaps of the student at the
+    origin (M = E = 0, Q = I), of students equal to permutations of the teacher directions
+    (specialised), and of `starts` random configurations of vectors of every length scale."""
+    Ks, K = ode.directions
+    P = np.array(ode.mod.TEACHER_OVERLAPS, dtype=float)
+    r = len(ode.pos_idx) // K
+    n = Ks + r + K + 2
+    Lp = np.linalg.cholesky(P)
+    T = np.zeros((Ks, n))
+    T[:, :Ks] = Lp                       # teacher vectors (rows), Gram P
+    U = np.zeros((r, n))
+    U[:, Ks:Ks + r] = np.eye(r)          # positional directions
+    configs = [np.eye(n)[Ks + r:Ks + r + K]]
+    for perm in (np.arange(K), np.arange(K)[::-1]):
+        W = np.zeros((K, n))
+        for k in range(K):
+            W[k] = T[perm[k] % Ks] * 0.9
+            W[k, Ks + r + k] = math.sqrt(1 - 0.81)
+        configs.append(W)
+    for _ in range(starts):
+        W = rng.standard_normal((K, n))
+        W[:, :Ks + r] *= rng.uniform(0, 2)
+        configs.append(W)
+    out = []
+    for W in configs:
+        if ode.spherical:
+            W = W / np.linalg.norm(W, axis=1, keepdims=True)
+        M, E, Q = W @ T.T, W @ U.T, W @ W.T
+        x = []
+        for name in ode.names:
+            a, b = (int(v) - 1 for v in name[1:].split("_"))
+            x.append({"m": M, "e": E, "q": Q}[name[0]][a, b])
+        out.append(np.array(x))
+    return out
+
+
+def _solve_guesses(ode: OverlapODE, guesses) -> list:
+    """The distinct roots of the drift reached by Newton's method from the guesses, inside the
+    state's domain (norms in (0, 4]; to 1e-6)."""
     found = []
     with np.errstate(all="ignore"):
         for g in guesses:
@@ -293,7 +439,8 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
             x = sol.x
             if not sol.success or not np.all(np.isfinite(x)):
                 continue
-            qs = x[ode.norm_idx] if len(ode.norm_idx) else np.ones(1)
+            qs = (np.diagonal(ode.matrices(x)[2]) if ode.multi else
+                  x[ode.norm_idx] if len(ode.norm_idx) else np.ones(1))
             if not np.all((qs > 0) & (qs <= 4 * len(qs))) or ode.excess(x) > 1e-9:
                 continue
             if np.max(np.abs(ode.drift(x))) > 1e-9 * ode.eta:
@@ -301,6 +448,12 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
             if any(np.linalg.norm(x - f) < 1e-6 for f in found):
                 continue
             found.append(x)
+    return found
+
+
+def _report_fixed_points(ode: OverlapODE, found) -> list:
+    """The fixed points sorted by |(m, e)|, each with its eigenvalues and stability."""
+    n = ode.n
     out = []
     for x in sorted(found, key=lambda v: (ode.radius(v), tuple(v))):
         J = ode.jacobian(x)
@@ -329,10 +482,15 @@ class Trajectory:
     stable: bool | None
     eta: float
     theta: float
+    #: several directions: the escape time of each student direction k (first t at which
+    #: max_j |M[k,j]| >= theta, None if never), MATH.md section 8; None for one direction
+    direction_escape_times: list | None = None
 
     def to_json(self) -> dict:
         f = lambda v: None if v is None or not math.isfinite(v) else float(v)
-        return {
+        extra = ({} if self.direction_escape_times is None else
+                 {"direction_escape_times": [f(v) for v in self.direction_escape_times]})
+        return extra | {
             "t": [float(v) for v in self.t],
             "overlaps": {k: [float(v) for v in row] for k, row in zip(self.names, self.x)},
             "loss": [float(v) for v in self.loss],
@@ -391,6 +549,10 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
 
     events = [_event(outside, True, 1), _event(blowup, True, 1), _event(esc, stop_at_escape, 1),
               _event(sem, False, 1), _event(pos, False, 1), _event(pre, False, 1)]
+    K = ode.directions[1] if ode.multi else 0
+    for k in range(K):  # direction k escapes when max_j |M[k,j]| reaches theta (MATH.md 8)
+        events.append(_event(lambda t, x, k=k: float(ode.direction_overlaps(x)[k] - theta),
+                             False, 1))
     if t_max is None:  # stop once converged (escaped or not: a too large eta decays to 0)
         events.append(_event(converged, True, -1))
     sol = _integrate_long(ode, x0, t_cap, events, rtol, atol, method)
@@ -407,6 +569,12 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
     t_esc, t_sem, t_pos, t_pre = (0.0 if fn(0.0, x0) >= 0 else
                                   (float(t_events[k][0]) if t_events[k].size else None)
                                   for k, fn in ((2, esc), (3, sem), (4, pos), (5, pre)))
+    t_dirs = None
+    if K:
+        over0 = ode.direction_overlaps(x0)
+        t_dirs = [0.0 if over0[k] >= theta else
+                  (float(t_events[6 + k][0]) if t_events[6 + k].size else None)
+                  for k in range(K)]
     # fixed point and stability from the final state
     x_end = sol.y_end
     # under a schedule: the fixed point of the drift at the final learning rate
@@ -452,7 +620,8 @@ def solve(ode: OverlapODE, x0, t_max=None, theta=DEFAULT_THETA, tol=ALIGN_TOL,
                       semantic_escape_time=t_sem, positional_escape_time=t_pos,
                       alignment_time=t_align, phases=phases, fixed_point=fp,
                       eigenvalues=[[float(e.real), float(e.imag)] for e in eig],
-                      stable=stable, eta=ode.eta, theta=theta)
+                      stable=stable, eta=ode.eta, theta=theta,
+                      direction_escape_times=t_dirs)
 
 
 # ----------------------------------------------------------------------------------------

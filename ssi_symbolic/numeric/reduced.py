@@ -7,6 +7,8 @@ module, the same residual with label noise (:func:`sgd_step.residual`) and the s
 (:func:`sgd_step.loss_gradient`), and only replaces the d-dimensional vectors by the
 coordinates that the law of the next step depends on. No array has a dimension d, so d = 10^6 or
 10^9 costs what d = 100 costs per step (the number of steps d t still grows with d).
+Several teacher and student directions (MATH.md 8): :class:`ReducedMulti` and
+:func:`reduced_multi_loop` at the end of this module, with their derivation.
 
 Derivation, tied student (MATH.md 1, 2, 4). Write the weights as
 
@@ -94,10 +96,10 @@ import math
 import numpy as np
 
 from ..errors import SpecError
-from .sgd_step import loss_gradient, residual
+from .sgd_step import loss_gradient, residual, teacher_cholesky
 
 __all__ = ["ReducedTied", "ReducedUntied", "tied_step", "untied_step", "reduced_loop",
-           "reduced_chain", "chunk_steps"]
+           "reduced_chain", "chunk_steps", "ReducedMulti", "reduced_multi_loop", "bartlett"]
 
 #: target number of float64 normals drawn at once (a chunk of steps holds about this many)
 CHUNK_NORMALS = 2 ** 16
@@ -313,6 +315,177 @@ def reduced_loop(spec, mod, pvals, chain, seed, book, steps, seeds, batch, eta, 
                                    None if xis is None else xis[j])
                     dg = asarray(gradient(*zw, **pvals), dtype=float).reshape(K, L, -1)
                     chain.update(dl_of(res, dg), D, chis[j], cs[j])
+                    if book.step(k, *chain.state()):
+                        return
+    finally:
+        book.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# several teacher and student directions (MATH.md 8 and the last paragraph of 10)
+# ----------------------------------------------------------------------------------------------
+#
+# Derivation. Per seed take the orthonormal frame f_1..f_K* of the teacher span
+# (w*_j = sqrt(d) sum_i L_P[j,i] f_i, L_P the Cholesky factor of P), u_1..u_r, and an orthonormal
+# basis v_1..v_K of a K-dimensional space holding the student parts outside span(f, u) (padded
+# arbitrarily when those parts span less). The students are w_k = sqrt(d) X[k,:] . (f, u, v):
+# X = [A | E | R], (K, K* + r + K), with M = A L_P^T, E the positional overlaps and
+# Q = X X^T. A step draws L tokens g_l ~ N(0, I_d); their coordinates g*_{i,l} = g_l . f_i,
+# zeta_{a,l} = g_l . u_a, h_{i,l} = g_l . v_i are independent standard normals and the rest
+# o_l (in the (d - K* - r - K)-dimensional complement) is independent of them. The fields are
+# z*_{j,l} = sum_i L_P[j,i] g*_{i,l} and z_{k,l} = X[k,:] . D_l with D_l = (g*_{.,l},
+# zeta_{.,l} + C[l,.], h_{.,l}), so -dl = mdl is a function of D, the label noise and X. With
+# c = eta / d the update w_k += (eta / sqrt(d)) (sum_l mdl_{k,l} g_l + sum_a (mdl C)_{k,a} u_a)
+# gives
+#
+#     X[k,:] += c sum_l mdl_{k,l} D_l          (the A, E and R blocks)
+#     outside part of w_k / sqrt(d) += c sum_l mdl_{k,l} o_l,
+#
+# and the o_l enter only through their Gram matrix W = (o_l . o_l')_{ll'} ~ Wishart_L(n, I),
+# n = d - K* - r - K, independent of everything else. Writing W = T T^T (Bartlett: T lower
+# triangular, T_ll^2 ~ chi^2(n - l + 1), T_ll' ~ N(0, 1) below the diagonal), the outside
+# parts have in an orthonormal basis of span(v, rest) the coordinates [R + c mdl H^T, c mdl T]
+# (K x (K + L)); their Gram matrix is all the law of the next step depends on, so R is
+# replaced by the K x K factor R' of [R, c mdl T] [R, c mdl T]^T from a QR factorisation (a
+# rotation to a new basis v' that depends on the past only). Spherical SGD divides every row
+# X[k,:] by its norm sqrt(Q[k,k]). The next tokens are fresh and isotropic, so (M, E, Q) is a
+# Markov chain with exactly this kernel; the per-step cost is O(L (K* + r + K) K + L^2 K) per
+# seed, whatever d.
+#
+# Random start (the full simulator's w_k = sqrt(d) n_k / |n_k|, n_k ~ N(0, I_d)): the frame
+# coordinates of the n_k are K (K* + r) standard normals and the Gram matrix of their outside
+# parts is Wishart_K(d - K* - r, I), factor T0 by Bartlett; X0 = [coordinates | T0] with every
+# row divided by its norm.
+#
+# Random numbers: five generators Generator(SFC64(s)) from SeedSequence(seed).spawn(5): the
+# normals D of every step, (n, K* + r + K, L, S) per chunk of n steps; the chi-squares of the
+# Bartlett factor of W (L per step and seed); its L (L - 1) / 2 normals below the diagonal; the
+# label noise (K_out, S); and the random start. Each is read in step order, so a trajectory
+# does not depend on the chunk size, `steps`, `record_every`, `stop_when_escaped` or
+# `progress`.
+
+def bartlett(rng, size, p, df, rng_normal=None):
+    """Lower-triangular T of shape size + (p, p) with T T^T ~ Wishart_p(df, I) (Bartlett):
+    T[i,i] = sqrt(chi^2(df - i)) (0-based i), T[i,j] ~ N(0, 1) for i > j. Needs df >= p.
+    The chi-squares come from rng, then the normals below the diagonal from rng_normal
+    (default rng)."""
+    size = tuple(size)
+    chi = rng.chisquare(df - np.arange(p, dtype=float), size + (p,))
+    low = np.tril_indices(p, -1)
+    off = (rng if rng_normal is None else rng_normal).standard_normal(size + (len(low[0]),))
+    T = np.zeros(size + (p, p))
+    idx = np.arange(p)
+    T[..., idx, idx] = np.sqrt(chi)
+    T[..., low[0], low[1]] = off
+    return T
+
+
+class ReducedMulti:
+    """The chain of a student with several directions: state X = [A | E | R], (S, K, K* + r + K)
+    (derivation above), float64.
+
+    Start: X0 (K, K* + r + K) from sgd_step.multi_start (the same for every seed) or None: the
+    exact law of the full simulator's random start. fields(D) -> z (K L, S) for the draws
+    D (K* + r + K, L, S) of a step (zeta rows with + C[l,a], see prepare); update(mdl (S, K L),
+    D, T (S, L, L), c); state() -> (M (S, K, K*), E (S, K, r), Q (S, K, K))."""
+
+    def __init__(self, spec, seeds, d, X0, seed):
+        self.L, self.r, self.S = spec.L, spec.r, seeds
+        self.Ks, self.K = Ks, K = spec.teacher_directions, spec.student_directions
+        self.spherical = bool(spec.spherical)
+        self.C = np.array([[float(c) for c in row] for row in spec.C],
+                          dtype=float).reshape(self.L, self.r)
+        self.Lp = teacher_cholesky(spec)
+        self.nc = nc = Ks + self.r + K
+        self.df = d - nc                                              # the rest of the tokens
+        self.rngs = [np.random.Generator(np.random.SFC64(s))
+                     for s in np.random.SeedSequence(seed).spawn(5)]
+        if X0 is None:
+            g = self.rngs[4]
+            frame = g.standard_normal((seeds, K, Ks + self.r))
+            T0 = bartlett(g, (seeds,), K, d - Ks - self.r)
+            X = np.concatenate([frame, T0], axis=2)
+            X /= np.sqrt((X * X).sum(axis=2))[:, :, None]
+        else:
+            X = np.broadcast_to(np.asarray(X0, dtype=float), (seeds, K, nc)).copy()
+        self.X = X
+        self.normals_shape = (nc, self.L, seeds)
+
+    def prepare(self, Dc):
+        """Add C[l,a] to the zeta rows of a chunk of draws (n, K* + r + K, L, S)."""
+        if self.r:
+            Dc[:, self.Ks:self.Ks + self.r] += self.C.T[None, :, :, None]
+
+    def teacher_fields(self, Dc):
+        """z*_{j,l} = sum_i L_P[j,i] g*_{i,l} of a chunk: (n, K*, L, S)."""
+        return np.einsum("ji,nils->njls", self.Lp, Dc[:, :self.Ks])
+
+    def fields(self, D):
+        return np.einsum("skc,cls->kls", self.X, D).reshape(self.K * self.L, -1)
+
+    def update(self, mdl, D, T, c):
+        """X += c mdl D, the outside block R replaced by the factor of
+        [R, c mdl T] [R, c mdl T]^T, then the spherical normalisation of every row."""
+        X, K, L = self.X, self.K, self.L
+        mdl3 = mdl.reshape(-1, K, L)                                  # (S, K, L)
+        X += c * np.einsum("skl,cls->skc", mdl3, D)
+        o = self.nc - K
+        Z = np.concatenate([X[:, :, o:], c * (mdl3 @ T)], axis=2)    # (S, K, K + L)
+        R = np.linalg.qr(Z.transpose(0, 2, 1), mode="r")              # Z Z^T = R^T R
+        X[:, :, o:] = R.transpose(0, 2, 1)
+        if self.spherical:
+            X /= np.sqrt((X * X).sum(axis=2))[:, :, None]
+
+    def state(self):
+        X, Ks, r = self.X, self.Ks, self.r
+        M = np.einsum("ski,ji->skj", X[:, :, :Ks], self.Lp)
+        return M, X[:, :, Ks:Ks + r], X @ X.transpose(0, 2, 1)
+
+
+def reduced_multi_loop(spec, mod, pvals, chain, seed, book, steps, seeds, eta, d, etas):
+    """Run the chain of a student with several directions for steps 1..steps, booking each one
+    (the reduced twin of simulate._sgd_loop for sgd_step.MultiStudent): per step the draws D
+    of the chunk, the student fields, link and gradient (K L entries per output entry), the
+    residual with label noise, -dl of the spec's loss kind and chain.update with c = eta_k / d
+    and the Bartlett factor of the step's Wishart matrix. The teacher link is evaluated once
+    per chunk. etas: None or (k0, n) -> the rates of steps k0..k0+n-1."""
+    L, Ks = spec.L, chain.Ks
+    KL = chain.K * L
+    noise_sd = math.sqrt(float(spec.noise))
+    dl_of = loss_gradient(spec)
+    teacher, link, gradient = mod.teacher_link, mod.student_link, mod.student_link_gradient
+    asarray = np.asarray
+    g_norm, g_chi, g_off, g_noise = chain.rngs[:4]
+    n_shape = chain.normals_shape
+    chunk = chunk_steps(int(np.prod(n_shape)))
+    book.start(*chain.state())
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            k = 0
+            while k < steps:
+                n = min(chunk, steps - k)
+                Dc = g_norm.standard_normal((n,) + n_shape)
+                Ts = bartlett(g_chi, (n, seeds), L, chain.df, g_off)
+                Zs = chain.teacher_fields(Dc)                         # (n, K*, L, S)
+                ys = asarray(teacher(*(Zs[:, j, l].reshape(n * seeds) for j in range(Ks)
+                                       for l in range(L)), **pvals), dtype=float)
+                K = ys.shape[0]
+                if ys.size == K:                                      # a constant teacher
+                    Y, ys = None, ys.reshape(K, 1)
+                else:
+                    Y = np.ascontiguousarray(ys.reshape(K, n, seeds).transpose(1, 0, 2))
+                xis = g_noise.standard_normal((n, K, seeds)) if noise_sd > 0 else None
+                chain.prepare(Dc)
+                cs = np.full(n, eta / d) if etas is None else etas(k + 1, n) / d
+                for j in range(n):
+                    k += 1
+                    D = Dc[j]
+                    zw = chain.fields(D)
+                    y_hat = asarray(link(*zw, **pvals), dtype=float)
+                    res = residual(ys if Y is None else Y[j], y_hat, K, noise_sd,
+                                   None if xis is None else xis[j])
+                    dg = asarray(gradient(*zw, **pvals), dtype=float).reshape(K, KL, -1)
+                    chain.update(dl_of(res, dg), D, Ts[j], cs[j])
                     if book.step(k, *chain.state()):
                         return
     finally:

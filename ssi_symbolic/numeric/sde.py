@@ -28,6 +28,27 @@ def _sqrt_psd(D):
     return np.einsum("...ij,...j,...kj->...ik", V, np.sqrt(w), V)
 
 
+def _multi_project(ode: OverlapODE, x):
+    """States of a model with several directions back in their domain (spherical SGD): for
+    each student direction k, |w_k| = sqrt(d) bounds its overlaps, M[k] P^-1 M[k]^T +
+    |E[k]|^2 <= 1 (a step beyond is scaled back onto that sphere), and |Q[k,h]| <= 1. Plain
+    SGD states are left as they are."""
+    if not ode.spherical:
+        return x
+    M, E, _ = ode.matrices(x)
+    Pinv = np.linalg.inv(np.array(ode.mod.TEACHER_OVERLAPS, dtype=float))
+    norm2 = np.einsum("kj...,ji,ki...->k...", M, Pinv, M) + np.sum(E ** 2, axis=1)
+    scale = 1.0 / np.sqrt(np.maximum(norm2, 1.0))            # (K, N)
+    x = np.array(x, dtype=float)
+    for i, name in enumerate(ode.names):
+        k, h = (int(v) - 1 for v in name[1:].split("_"))
+        if name[0] in "me":
+            x[i] = x[i] * scale[k]
+        else:
+            x[i] = np.clip(x[i], -1.0, 1.0)
+    return x
+
+
 @dataclass
 class SDEResult:
     """Escape times of an ensemble of SDE paths (NaN: no escape before t_max)."""
@@ -120,6 +141,8 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
             xn = ode.project(xn)
             qn = np.maximum(xn[ode.norm_idx], 1e-12)
             xn[ode.sem_idx] = np.clip(xn[ode.sem_idx], -np.sqrt(qn), np.sqrt(qn))
+        elif ode.multi:  # every student direction stays in its ball, |Q[k,h]| <= 1
+            xn = _multi_project(ode, xn)
         elif ode.spherical:  # the finite-d state never leaves the ball
             rad = np.sqrt(np.sum(xn[:nd] ** 2, axis=0))
             xn[:nd] /= np.maximum(rad, 1.0)

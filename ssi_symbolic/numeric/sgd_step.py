@@ -36,11 +36,12 @@ import math
 
 import numpy as np
 
-from ..errors import SpecError
+from ..errors import SpecError, StateError
 
 __all__ = ["LOSS_GRADIENTS", "square_loss_gradient", "norm_loss_gradient", "loss_gradient",
            "check_conventions", "residual", "TiedStudent", "UntiedStudent", "make_frame",
-           "initial_weights", "spec_with_loss"]
+           "initial_weights", "spec_with_loss", "MultiStudent", "multi_start",
+           "teacher_cholesky", "multi_min_d"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +311,218 @@ class UntiedStudent:
         ms = np.einsum("sld,sd->ls", Ws, W[:, 0]).astype(float) / d
         qs = np.einsum("sld,sld->ls", Ws, Ws).astype(float) / d
         return ms, qs
+
+
+# ----------------------------------------------------------------------------------------------
+# several teacher and student directions (MATH.md section 8)
+# ----------------------------------------------------------------------------------------------
+
+def teacher_cholesky(spec) -> np.ndarray:
+    """The lower-triangular Cholesky factor L_P of the teacher overlaps P (K* x K*, float64):
+    w*_j = sqrt(d) sum_i L_P[j,i] f_i with f_1..f_K* orthonormal has w*_j . w*_j' / d = P[j,j']."""
+    P = np.array([[float(c) for c in row] for row in spec.teacher_overlaps], dtype=float)
+    return np.linalg.cholesky(P)
+
+
+def multi_min_d(spec) -> int:
+    """The smallest dimension the simulators of a spec with several directions accept:
+    K* + r + K + L (the frame, the K student directions outside it and, for the exact chain,
+    a rest of dimension >= L for the Wishart matrix of the tokens; K* = K = 1 gives the
+    single-direction minimum L + r + 2)."""
+    return spec.teacher_directions + spec.r + spec.student_directions + spec.L
+
+
+def _overlap_index(name):
+    """'m2_1' -> ('m', 1, 0) (0-based), None for a name of another form."""
+    if len(name) < 4 or name[0] not in "meq" or "_" not in name:
+        return None
+    a, _, b = name[1:].partition("_")
+    if not (a.isdigit() and b.isdigit()):
+        return None
+    return name[0], int(a) - 1, int(b) - 1
+
+
+def multi_start(spec, init):
+    """The explicit start of a student with several directions, as the coordinates of the
+    w_k / sqrt(d) in an orthonormal frame (f_1..f_K*, u_1..u_r, v_1..v_K): a (K, K* + r + K)
+    array X = [A | E | R], or None for init None (the random start).
+
+    init: {overlap name: value} over spec.overlap_names (missing names 0, Q[k,k] = 1; for
+    spherical SGD a q{k}_{k} may be given only as 1). With P = L_P L_P^T the teacher overlaps:
+    A = M L_P^-T (so A L_P^T = M), E as given and R any K x K factor of the Gram matrix of the
+    parts outside the frame, S = Q - M P^-1 M^T - E E^T (here from its eigendecomposition).
+    StateError (one line) for a name that is not an overlap of the spec, a value that is not a
+    finite number, or a configuration that is not a Gram matrix (S not positive semidefinite)."""
+    if init is None:
+        return None
+    if not isinstance(init, dict):
+        raise StateError(f"init: expected a dict {{overlap name: value}}, got {init!r}")
+    K, Ks, r = spec.student_directions, spec.teacher_directions, spec.r
+    names = tuple(spec.overlap_names)
+    M, E, Q = np.zeros((K, Ks)), np.zeros((K, r)), np.eye(K)
+    for name, value in init.items():
+        idx = _overlap_index(name) if isinstance(name, str) else None
+        diagonal = (idx is not None and idx[0] == "q" and idx[1] == idx[2] and 0 <= idx[1] < K)
+        if name not in names and not diagonal:
+            raise StateError(f"init: '{name}' is not an overlap of spec '{spec.name}' "
+                             f"(overlaps: {', '.join(names)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
+                                                              np.integer)) \
+                or not math.isfinite(float(value)):
+            raise StateError(f"init: {name} = {value!r} is not a finite number")
+        value = float(value)
+        kind, a, b = idx
+        if diagonal and spec.spherical and value != 1.0:
+            raise StateError(f"init: {name} = {value:g}, but spherical SGD keeps every "
+                             f"|w_k|^2 / d = 1")
+        if kind == "m":
+            M[a, b] = value
+        elif kind == "e":
+            E[a, b] = value
+        else:
+            Q[a, b] = Q[b, a] = value
+    Lp = teacher_cholesky(spec)
+    A = np.linalg.solve(Lp, M.T).T                                    # M L_P^-T
+    S = Q - A @ A.T - E @ E.T
+    S = (S + S.T) / 2
+    lam, V = np.linalg.eigh(S)
+    tol = 1e-10 * max(1.0, float(np.abs(Q).max()))
+    if lam[0] < -tol:
+        raise StateError(f"init: the overlaps {dict((k, float(v)) for k, v in init.items())} "
+                         f"are not those of vectors: Q - M P^-1 M^T - E E^T (the Gram matrix "
+                         f"of the student parts outside the teacher and positional directions) "
+                         f"has the eigenvalue {lam[0]:.4g} < 0")
+    R = V * np.sqrt(np.clip(lam, 0.0, None))                          # R R^T = S
+    return np.concatenate([A, E, R], axis=1)
+
+
+def _orthonormal_rows(G):
+    """The rows of G (S, p, d), p <= d, made orthonormal by Gram-Schmidt in the form of the
+    Cholesky QR, applied twice (the second pass removes the round-off of the first): the
+    Q factor with a positive-diagonal R, i.e. for Gaussian G a uniformly random orthonormal
+    p-frame per seed (the same law as numpy's QR, at a fraction of its cost for many seeds)."""
+    for _ in range(2):
+        Lg = np.linalg.cholesky(G @ G.transpose(0, 2, 1))           # G G^T = Lg Lg^T
+        G = _small_matmul(np.linalg.inv(Lg), G)                       # Lg^-1 G
+    return G
+
+
+def _small_matmul(A, X):
+    """A @ X for a small A, (p, q) or (S, p, q), and X (S, q, d) with a large d: p q
+    multiply-adds of (S, d) rows (numpy's batched matmul is several times slower for these
+    shapes)."""
+    A = np.asarray(A, dtype=float)
+    S, q, d = X.shape
+    p = A.shape[-2]
+    A = np.broadcast_to(A, (S, p, q))
+    out = np.empty((S, p, d))
+    tmp = np.empty((S, d))
+    for i in range(p):
+        o = out[:, i]
+        np.multiply(X[:, 0], A[:, i, 0, None], out=o)
+        for j in range(1, q):
+            np.multiply(X[:, j], A[:, i, j, None], out=tmp)
+            o += tmp
+    return out
+
+
+class MultiStudent:
+    """K student vectors w_1..w_K per seed, tied across the tokens, a teacher of K* directions
+    with overlaps P and the positional encoding C (MATH.md 8), batched over S seeds.
+
+    Frame, per seed: the QR factorisation of a Gaussian d x (K* + r + K) matrix gives
+    orthonormal f_1..f_K*, u_1..u_r, v_1..v_K; w*_j = sqrt(d) sum_i L_P[j,i] f_i.
+    Start: X0 = None (random): each w_k = sqrt(d) n_k / |n_k|, n_k ~ N(0, I_d) independent, i.e.
+    uniform on its sphere |w_k|^2 = d; X0 a (K, K* + r + K) array [A | E | R] (`multi_start`):
+    w_k = sqrt(d) (sum_i A[k,i] f_i + sum_a E[k,a] u_a + sum_i R[k,i] v_i).
+    G: the (L, S, d) buffer of the draws g_l (standard normal), filled in place by the caller.
+    fields(): z*_{j,l} = g_l . w*_j / sqrt(d) as (K* L, S) and z_{k,l} = g_l . w_k / sqrt(d) +
+    sum_a C[l,a] E[k,a] as (K L, S), rows in the order of spec.variables (direction-major).
+    update(mdl): mdl = -dl, (S, K L) in that order; w_k <- w_k + (eta / sqrt(d)) (sum_l
+    mdl_{k,l} g_l + sum_a (sum_l mdl_{k,l} C[l,a]) u_a), then w_k <- sqrt(d) w_k / |w_k| for
+    spherical SGD, every direction on its own sphere.
+    state(): (M (S, K, K*), E (S, K, r), Q (S, K, K)) recomputed from the stored vectors:
+    M[k,j] = w_k . w*_j / d, E[k,a] = u_a . w_k / sqrt(d), Q[k,h] = w_k . w_h / d; it also sets
+    the positional means of the next fields()."""
+
+    def __init__(self, spec, rng, seeds, d, X0, eta, dtype):
+        L, r, S = spec.L, spec.r, seeds
+        Ks, K = spec.teacher_directions, spec.student_directions
+        self.L, self.r, self.d, self.Ks, self.K, self.dtype = L, r, d, Ks, K, dtype
+        self.spherical = bool(spec.spherical)
+        self.C = np.array([[float(c) for c in row] for row in spec.C],
+                          dtype=float).reshape(L, r)
+        sqrtd = math.sqrt(d)
+        F = _orthonormal_rows(rng.standard_normal((S, Ks + r + K, d)))  # (S, Ks + r + K, d)
+        wstar = sqrtd * _small_matmul(teacher_cholesky(spec), F[:, :Ks])
+        if X0 is None:
+            w0 = rng.standard_normal((S, K, d))
+            w0 *= (sqrtd / np.linalg.norm(w0, axis=2))[:, :, None]
+        else:
+            w0 = sqrtd * _small_matmul(X0, F)
+        # W rows: 0..K*-1 = w*_j, K*..K*+K-1 = w_k (the trained weights, a view), then u_a
+        self.W = W = np.empty((S, Ks + K + r, d), dtype=dtype)
+        W[:, :Ks] = wstar
+        W[:, Ks:Ks + K] = w0
+        W[:, Ks + K:] = F[:, Ks:Ks + r]
+        self.w = W[:, Ks:Ks + K]
+        self.W_proj = W[:, :Ks + K].transpose(0, 2, 1)                # (S, d, K* + K)
+        # X rows 0..L-1 = g_l (fresh N(0, 1) every step), rows L.. = u_a (fixed)
+        Xbuf = np.empty((L + r, S, d), dtype=dtype)
+        Xbuf[L:] = W[:, Ks + K:].transpose(1, 0, 2)
+        self.G = Xbuf[:L]
+        self.Xs = Xbuf.transpose(1, 0, 2)                             # (S, L + r, d) view
+        self.Gs = self.Xs[:, :L]
+        self.proj = np.empty((S, L, Ks + K), dtype=dtype)
+        self.coef = np.zeros((S, K, L + r), dtype=dtype)
+        self.direction = np.empty((S, K, d), dtype=dtype)
+        self.ov = np.empty((S, Ks + K + r, K), dtype=dtype)
+        self.sqrtd, self.inv_sqrtd, self.inv_d = sqrtd, 1.0 / sqrtd, 1.0 / d
+        self.set_eta(eta)
+        self.mu = None
+
+    def set_eta(self, eta):
+        """Use the learning rate eta from the next update on: the factor eta / sqrt(d)."""
+        self.step_scale = eta / self.sqrtd
+
+    def fields(self):
+        """(z*, z): (K* L, S) and (K L, S) arrays of the fields of the current draw."""
+        np.matmul(self.Gs, self.W_proj, out=self.proj)
+        zz = self.proj.astype(float, copy=False) * self.inv_sqrtd    # (S, L, K* + K)
+        zz = zz.transpose(2, 1, 0)                                    # (K* + K, L, S)
+        Ks, L, S = self.Ks, self.L, zz.shape[2]
+        zs = zz[:Ks].reshape(Ks * L, S)
+        zw = zz[Ks:] + self.mu                                        # (K, L, S)
+        return zs, zw.reshape(self.K * L, S)
+
+    def update(self, mdl):
+        """w_k <- w_k - eta sum_l dl_{k,l} (x_l + p_l / sqrt(d)) for mdl = -dl (S, K L),
+        modified in place; then every |w_k|^2 = d (spherical SGD)."""
+        S, K, L = mdl.shape[0], self.K, self.L
+        mdl3 = mdl.reshape(S, K, L) * self.step_scale
+        coef = self.coef
+        coef[:, :, :L] = mdl3
+        if self.r:
+            coef[:, :, L:] = mdl3 @ self.C
+        np.matmul(coef, self.Xs, out=self.direction)
+        w = self.w
+        w += self.direction
+        if self.spherical:
+            nrm2 = np.einsum("skd,skd->sk", w, w)
+            w *= np.sqrt(self.d / nrm2)[:, :, None]
+
+    def state(self):
+        """(M (S, K, K*), E (S, K, r), Q (S, K, K)) of the stored vectors; sets the positional
+        means sum_a C[l,a] E[k,a] of the next fields()."""
+        np.matmul(self.W, self.w.transpose(0, 2, 1), out=self.ov)
+        o = self.ov.astype(float)                                     # (S, K* + K + r, K)
+        Ks, K = self.Ks, self.K
+        M = o[:, :Ks].transpose(0, 2, 1) * self.inv_d
+        Q = o[:, Ks:Ks + K] * self.inv_d
+        Q = (Q + Q.transpose(0, 2, 1)) / 2
+        E = o[:, Ks + K:].transpose(0, 2, 1) * self.inv_sqrtd
+        self.mu = np.einsum("la,ska->kls", self.C, E)                # (K, L, S)
+        return M, E, Q
 
 
 def spec_with_loss(spec, loss: str):

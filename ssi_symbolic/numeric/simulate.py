@@ -39,6 +39,19 @@ tokens or seeds; the per-step Python work is a fixed number of NumPy calls. The 
 (MATH.md 6) is the same loop with w_l <- w_l - (eta / sqrt(d)) dl_l g_l and the flattened
 spherical constraint sum_l |w_l|^2 = L d.
 
+Several teacher and student directions (MATH.md 8, ``spec.multi``): per seed the QR factorisation
+of a Gaussian d x (K* + r + K) matrix gives orthonormal f_1..f_K*, u_1..u_r, v_1..v_K; the
+teachers are w*_j = sqrt(d) sum_i L_P[j,i] f_i (L_P the Cholesky factor of P, so
+w*_j . w*_j' / d = P[j,j']), the K students w_k either uniform on their spheres |w_k|^2 = d,
+independently (the default), or sqrt(d) (A f + E u + R v) with exactly the overlaps of
+``init`` (sgd_step.multi_start). Per step z*_{j,l} = g_l . w*_j / sqrt(d), z_{k,l} =
+g_l . w_k / sqrt(d) + sum_a C[l,a] E[k,a], the links take them in the order of
+spec.variables, -dl is (S, K L), and w_k <- w_k - eta sum_l dl_{k,l} (x_l + p_l / sqrt(d)),
+each w_k then back on its own sphere for spherical SGD (sgd_step.MultiStudent). Recorded:
+M, E, Q under spec.overlap_names and q_norm = mean_k Q[k,k]; direction k escapes at the first
+step with max_j |M[k,j]| >= theta, the run at the first direction's
+(result.direction_escape_times). Batch 1 only (the spec refuses others).
+
 Mini-batches (MATH.md 9, ``batch = b``, from the argument or ``spec.batch``): a step draws b
 independent sequences and averages their gradients, w <- w - (eta / b) sum_i grad_w l_i (the
 links are evaluated once on the b S sequences). Learning-rate schedules (``schedule = f``, from
@@ -79,8 +92,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SpecError, StateError
-from .sgd_step import (TiedStudent, UntiedStudent, check_conventions, initial_weights,
-                       loss_gradient, make_frame, residual)
+from .sgd_step import (MultiStudent, TiedStudent, UntiedStudent, check_conventions,
+                       initial_weights, loss_gradient, make_frame, multi_min_d, multi_start,
+                       residual)
 
 __all__ = ["SimulationResult", "simulate", "simulate_first_escape", "make_frame",
            "initial_weights"]
@@ -110,6 +124,13 @@ class SimulationResult:
     'positional'; None when neither was reached (not part of the JSON output).
     method: "full" (d-dimensional SGD) or "reduced" (the exact overlap chain); batch: sequences
     per step; scheduled: whether a learning-rate schedule multiplied eta.
+
+    Several directions (MATH.md 8; empty or None for a single-direction spec, and then absent
+    from the JSON): directions = (K*, K); init: the explicit start {overlap name: value}, None
+    for the random one; direction_escape_times: (K, seeds), the first t at which
+    max_j |M[k,j]| >= theta for direction k. Then escape_times['escape'] (= 'semantic') is the
+    first direction's, 'positional' the first t with some ||E[k,:]|| >= theta, and q_norm is
+    the mean over k of |w_k|^2 / d.
     """
 
     t: np.ndarray
@@ -134,6 +155,9 @@ class SimulationResult:
     method: str = "full"
     batch: int = 1
     scheduled: bool = False
+    directions: tuple = ()
+    init: dict | None = None
+    direction_escape_times: np.ndarray | None = None
 
     def mean(self) -> dict:
         """name -> (T,) mean over seeds of every recorded overlap."""
@@ -154,7 +178,11 @@ class SimulationResult:
             "overlaps": {k: _jsonable(v) for k, v in self.overlaps.items()},
             "mean": {k: _jsonable(v) for k, v in self.mean().items()},
             "escape_times": {k: _jsonable(v) for k, v in self.escape_times.items()},
-        }
+        } | ({} if self.direction_escape_times is None else {
+            "directions": list(self.directions),
+            "init": None if self.init is None else {k: _num(v) for k, v in self.init.items()},
+            "direction_escape_times": _jsonable(self.direction_escape_times),
+        })
 
 
 def _num(x):
@@ -358,6 +386,7 @@ class _Book:
                     for key in ("escape", "semantic", "positional")}
         self.first = np.full(seeds, -1, dtype=np.int64)
         self.kinds = [None] * seeds
+        self.dir_esc = None            # (K, seeds) escape steps of the directions (multi)
         self.j = self.k = 0
         self.stopped_early = False
         self.bar = _Progress(f"simulate {spec.name}", steps, d, seeds) if progress else None
@@ -433,6 +462,9 @@ class _Book:
                           f"eta = {fields['eta']:g}); they are reported as NaN", RuntimeWarning,
                           stacklevel=4)
             rec = np.where(np.isfinite(rec), rec, np.nan)
+        if self.dir_esc is not None:
+            fields["direction_escape_times"] = np.where(self.dir_esc >= 0, self.dir_esc / d,
+                                                        np.nan)
         return SimulationResult(
             t=self.rec_steps[:j] / d, overlaps={n: rec[i] for i, n in enumerate(self.rec_names)},
             escape_times={key: np.where(v >= 0, v / d, np.nan) for key, v in self.esc.items()},
@@ -496,6 +528,50 @@ def _untied_book(spec, seeds, steps, d, theta, record_every, progress, stop_on):
                  columns, check)
 
 
+def _multi_book(spec, seeds, steps, d, theta, record_every, progress, stop_on):
+    """The _Book of a student with several directions (MATH.md 8): state (M (S, K, K*),
+    E (S, K, r), Q (S, K, K)); records spec.overlap_names (M row by row, E, Q[k,h] for k <= h
+    or k < h) and q_norm = mean_k Q[k,k]. Direction k escapes when max_j |M[k,j]| >= theta
+    (book.dir_esc, (K, S)); 'escape' and 'semantic' when the first direction does, 'positional'
+    when some ||E[k,:]|| >= theta; the first of the two gives `first` and the kind."""
+    K, Ks, r = spec.student_directions, spec.teacher_directions, spec.r
+    spherical = bool(spec.spherical)
+    pairs = [(k, h) for k in range(K) for h in range(k, K) if not (spherical and h == k)]
+    theta2 = theta * theta
+
+    def columns(M, E, Q):
+        return ([M[:, k, j] for k in range(K) for j in range(Ks)]
+                + [E[:, k, a] for k in range(K) for a in range(r)]
+                + [Q[:, k, h] for k, h in pairs]
+                + [np.einsum("skk->s", Q) / K])
+
+    def check(book, k, M, E, Q):
+        m2 = (M * M).max(axis=2)                                      # (S, K)
+        e2 = np.einsum("ska,ska->sk", E, E).max(axis=1) if r else None
+        if m2.max() < theta2 and (e2 is None or e2.max() < theta2):
+            return
+        hit = m2 >= theta2                                            # (S, K)
+        for j in range(K):
+            new = hit[:, j] & (book.dir_esc[j] < 0)
+            if new.any():
+                book.dir_esc[j][new] = k
+        sem_all = m2.max(axis=1)
+        sem = sem_all >= theta2
+        book.mark(k, "escape", sem)
+        book.mark(k, "semantic", sem)
+        if r:
+            pos = e2 >= theta2
+            book.mark(k, "positional", pos)
+            book.mark_first(k, sem | pos, sem_all >= e2)
+        else:
+            book.mark_first(k, sem, sem)
+
+    book = _Book(spec, spec.overlap_names, seeds, steps, d, record_every, progress, stop_on,
+                 columns, check)
+    book.dir_esc = np.full((K, seeds), -1, dtype=np.int64)
+    return book
+
+
 # ----------------------------------------------------------------------------------------------
 # the simulator
 # ----------------------------------------------------------------------------------------------
@@ -507,8 +583,10 @@ def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype, batch=1
     steps k0..k0+n-1, student.set_eta), the draws (tokens G into the student's buffer, then
     label noise xi when Delta > 0, (K, seeds b)), fields (z*, z) from the student, links of the
     generated module, residual with label noise (sgd_step.residual), -dl from the spec's loss
-    kind (sgd_step.loss_gradient), the student's update and normalisation, then its overlaps."""
-    L = spec.L
+    kind (sgd_step.loss_gradient), the student's update and normalisation, then its overlaps.
+    With several student directions the link gradient has K L entries per output entry (the
+    fields z{k}_{l}, spec.variables("student")) and -dl is (S, K L)."""
+    L = spec.L * (spec.student_directions if spec.multi else 1)
     noise_sd = math.sqrt(float(spec.noise))
     dl_of = loss_gradient(spec)
     teacher, link, gradient = mod.teacher_link, mod.student_link, mod.student_link_gradient
@@ -546,7 +624,7 @@ def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype, batch=1
 
 def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params, progress,
               out_dir, dtype, stop_on, method="full", batch=None,
-              schedule=None) -> SimulationResult:
+              schedule=None, init=None) -> SimulationResult:
     """`simulate` with the stop rule of _Book (None, "escape" or "first")."""
     from ..model.spec import ModelSpec, load_spec
     if isinstance(spec, (str, Path)):
@@ -560,6 +638,13 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
     eta = _real_arg("eta", eta)
     if eta <= 0:
         raise StateError(f"eta: the learning rate must be > 0, got {eta:g}")
+    if spec.multi:
+        return _simulate_multi(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every,
+                               params, progress, out_dir, dtype, stop_on, method, batch,
+                               schedule, init)
+    if init is not None:
+        raise StateError(f"init: spec '{spec.name}' has one teacher and one student direction: "
+                         f"give its start as m0 and e0")
     d = _int_arg("d", d, L + r + 2, f" (L + r + 2 for spec '{spec.name}')")
     steps = _int_arg("steps", steps, 1)
     seeds = _int_arg("seeds", seeds, 1)
@@ -610,10 +695,79 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
                        scheduled=etas is not None)
 
 
+def _common_args(spec, d, min_d, hint, steps, seeds, theta, record_every, dtype, method):
+    """The validated (d, steps, seeds, theta, record_every, dtype) of a run."""
+    d = _int_arg("d", d, min_d, hint)
+    steps = _int_arg("steps", steps, 1)
+    seeds = _int_arg("seeds", seeds, 1)
+    theta = _real_arg("theta", theta)
+    if theta <= 0:
+        raise StateError(f"theta: the escape threshold must be > 0, got {theta:g}")
+    if record_every is None:
+        record_every = max(1, math.ceil(steps / DEFAULT_RECORDS))
+    record_every = _int_arg("record_every", record_every, 1)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise StateError(f"dtype: expected float64 or float32, got {dtype!r}") from None
+    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise StateError(f"dtype: expected float64 or float32, got {dtype}")
+    if method == "reduced" and dtype != np.dtype(np.float64):
+        raise StateError(f"dtype: the reduced simulator has no d-dimensional arrays and runs in "
+                         f"float64, got {dtype}")
+    return d, steps, seeds, theta, record_every, dtype
+
+
+def _simulate_multi(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
+                    progress, out_dir, dtype, stop_on, method, batch, schedule, init):
+    """`_simulate` for a spec with several teacher or student directions (MATH.md 8): the
+    d-dimensional SGD of sgd_step.MultiStudent or the exact chain reduced.ReducedMulti, booked
+    by _multi_book; the start is `init` (sgd_step.multi_start) or random."""
+    Ks, K = spec.teacher_directions, spec.student_directions
+    if m0 is not None or e0 is not None:
+        raise StateError(f"m0/e0: spec '{spec.name}' has several directions (K* = {Ks}, "
+                         f"K = {K}): give the start as init={{name: value}} over its overlaps "
+                         f"{', '.join(spec.overlap_names)} (missing 0, Q[k,k] = 1; default: "
+                         f"random vectors)")
+    d, steps, seeds, theta, record_every, dtype = _common_args(
+        spec, d, multi_min_d(spec), f" (K* + r + K + L for spec '{spec.name}')", steps, seeds,
+        theta, record_every, dtype, method)
+    batch = _batch_arg(spec, batch)
+    if batch != 1:
+        raise StateError(f"batch: mini-batches with several directions are not supported "
+                         f"(spec '{spec.name}'), got batch = {batch}; use batch = 1")
+    if seed is not None:
+        seed = _int_arg("seed", seed, 0)
+    X0 = multi_start(spec, init)
+    mod = _load_module(spec, out_dir)
+    if mod.LOSS != spec.loss:
+        raise SpecError(f"{spec.where('loss.kind')}: the generated module of '{spec.name}' has "
+                        f"the loss {mod.LOSS!r}, the spec {spec.loss!r}: regenerate it")
+    if tuple(getattr(mod, "DIRECTIONS", (1, 1))) != (Ks, K):
+        raise SpecError(f"generated module of '{spec.name}' has the directions "
+                        f"{tuple(getattr(mod, 'DIRECTIONS', (1, 1)))}, the spec {(Ks, K)}: "
+                        f"regenerate it")
+    pvals = _parameters(spec, mod, params)
+    etas = _schedule_rates(spec, schedule, eta, d, pvals)
+    book = _multi_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
+    if method == "reduced":
+        from .reduced import ReducedMulti, reduced_multi_loop
+        chain = ReducedMulti(spec, seeds, d, X0, seed)
+        reduced_multi_loop(spec, mod, pvals, chain, seed, book, steps, seeds, eta, d, etas)
+    else:
+        rng = np.random.Generator(np.random.SFC64(seed))
+        student = MultiStudent(spec, rng, seeds, d, X0, eta, dtype)
+        _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype, 1, etas)
+    return book.result(eta=eta, seeds=seeds, theta=theta, params=pvals, seed=seed,
+                       spherical=bool(spec.spherical), method=method, batch=batch,
+                       scheduled=etas is not None, directions=(Ks, K),
+                       init=None if init is None else {k: float(v) for k, v in init.items()})
+
+
 def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
              record_every=None, params=None, progress=True, out_dir="generated",
              dtype=np.float64, stop_when_escaped=False, method="full", batch=None,
-             schedule=None) -> SimulationResult:
+             schedule=None, init=None) -> SimulationResult:
     """Run `seeds` independent online-SGD runs of `steps` steps in dimension d.
 
     spec: a ModelSpec or the path of a TOML spec (tied or untied student, any link shape, loss
@@ -633,19 +787,30 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     batch: sequences per step, w <- w - (eta / b) sum_i grad l_i (default: spec.batch, else 1).
     schedule: None or f(t) -> factor, vectorised over arrays of t: step k uses the rate
     eta f((k - 1) / d) (default: spec.schedule_factor(parameter values)).
+
+    Several teacher or student directions (spec.multi, MATH.md 8): K* teacher vectors with
+    the overlaps P, K student vectors tied across the tokens, every one on its own sphere for
+    spherical SGD; d >= K* + r + K + L, batch 1. The start is random per seed (each w_k
+    uniform on |w_k|^2 = d, independently) unless init = {overlap name: value} gives it (names
+    of spec.overlap_names, missing ones 0, Q[k,k] = 1; the same overlaps for every seed;
+    StateError if they are not those of vectors); m0 and e0 are refused. Recorded: the
+    overlaps M, E, Q of spec.overlap_names and the per-direction escape times
+    (result.direction_escape_times, (K, seeds): first t with max_j |M[k,j]| >= theta);
+    escape_times['escape'] is the first direction's. method="reduced" is the exact chain of
+    (M, E, Q) (reduced.ReducedMulti).
     """
     return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
                      progress, out_dir, dtype, "escape" if stop_when_escaped else None,
-                     method, batch, schedule)
+                     method, batch, schedule, init)
 
 
 def simulate_first_escape(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
                           record_every=None, params=None, progress=False, out_dir="generated",
                           dtype=np.float64, method="full", batch=None,
-                          schedule=None) -> SimulationResult:
+                          schedule=None, init=None) -> SimulationResult:
     """`simulate`, stopped as soon as every seed has |m| >= theta or ||e|| >= theta (instead of
     ||(m, e)|| >= theta): the escape along one direction. Its `escape_kinds` say which
     direction each seed escaped along ('semantic' when |m| >= ||e|| at the first step where
     either reaches theta) and min(escape_times['semantic'], escape_times['positional']) when."""
     return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
-                     progress, out_dir, dtype, "first", method, batch, schedule)
+                     progress, out_dir, dtype, "first", method, batch, schedule, init)

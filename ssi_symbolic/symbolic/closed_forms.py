@@ -279,6 +279,23 @@ def _affine(y, xs):
     return a, b
 
 
+def _split_factors(term, random):
+    """The factors of a product, with a power of a sum or product that mixes constants and
+    exponentials of the variables split up: 1 / (c exp(y^2/2) - c' exp(y^2/2)), which
+    sp.expand makes of (1 / (c - c')) exp(-y^2/2), gives 1 / (c - c') and exp(-y^2/2)."""
+    out = []
+    for f in sp.Mul.make_args(term):
+        if (f.is_Pow and f.exp.is_Integer and f.exp < 0 and (f.base.is_Add or f.base.is_Mul)
+                and f.base.free_symbols & random):
+            base = sp.factor_terms(f.base)
+            if base.is_Mul:
+                parts = [g ** f.exp for g in base.args]
+                out.extend(x for g in parts for x in sp.Mul.make_args(sp.powsimp(g)))
+                continue
+        out.append(f)
+    return out
+
+
 class GaussianClosedForm:
     """Closed-form E[integrand] over x ~ N(mean, cov) (see the module docstring).
 
@@ -315,7 +332,7 @@ class GaussianClosedForm:
         xs = self.xs
         coef, mono, Q = sp.Integer(1), [0] * len(xs), sp.Integer(0)
         phis, hs0, ds = [], [], []
-        for f in sp.Mul.make_args(term):
+        for f in _split_factors(term, set(xs)):
             base, k = (f.base, f.exp) if f.is_Pow else (f, sp.Integer(1))
             if not (f.free_symbols & set(xs)):
                 coef *= f

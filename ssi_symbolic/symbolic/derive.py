@@ -114,15 +114,19 @@ class Statistics:
     base: the base statistics (A_m, A_1..A_r, A_q, B for a tied student; per token
     A_m_l = dl_l z*_l, A_q_l = dl_l z_l, B_l = dl_l^2 for an untied one).
     plain[i]: d times the plain-SGD increment of tracked variable i, as coefficients over base.
-    gq: d times the increment of the normalised squared norm Q = |w|^2 / (d n_w) over base (n_w
-        = 1 tied, L untied), the spherical rescaling's input; None for plain SGD.
-    power[i]: the rescaling maps X to X / Q^power (1/2 for overlaps, 1 for squared norms).
-    coef[i]: d times the whole first-order increment G_i = plain_i - power_i X_i gq.
+    gq: None for plain SGD; for spherical SGD one row per rescaled weight vector g (the tied
+        w, each direction's w_k, the flattened untied W): d times the increment of its
+        normalised squared norm Q_g = |w_g|^2 / (d n_w) over base (n_w = 1, or L untied).
+    power[i]: {g: p}: the rescaling maps X_i to X_i / prod_g Q_g^p (p = 1/2 for an overlap
+        with w_g, 1/2 + 1/2 for Q[k,h] of two directions, 1 for an untied squared norm).
+    coef[i]: d times the whole first-order increment G_i = plain_i - sum_g p_ig X_i gq_g.
     norm_terms[i]: the statistic whose expectation is d times the O(1/d) drift of variable i
-        caused by the fluctuation of the token norms in |grad|^2 (see `statistics`):
-        sum_k norm_coef[i][k] K[k] / b for a batch of b sequences (K: one term tied, one per
-        token untied). With b > 1 the products of different sequences' gradients add
-        sum_k norm_coef[i][k] (b - 1)/b X_k (`batch_cross_terms`)."""
+        caused by the fluctuation of the token norms in the gradients' inner products (see
+        `statistics`): sum_k norm_coef[i][k] K[k] / b for a batch of b sequences (K: one term
+        tied, one per token untied, one per pair k <= h of directions). With b > 1 the
+        products of different sequences' gradients add sum_k norm_coef[i][k] (b - 1)/b X_k
+        (`batch_cross_terms`).
+    dl: dl/dz_l per token (one direction), or dl[k][l] (several directions)."""
 
     loss: sp.Expr
     base: list
@@ -144,36 +148,54 @@ def _stein_norm_term(dl, l, l2, zs, zz, m, q):
             + q * sp.diff(f, zz[l], zz[l2]))
 
 
+def _stein_gram_term(f, s_l, s_l2, Gamma):
+    """sum_ij Gamma_ij d^2 f / ds_li ds_l'j for the field vectors s_l, s_l' of two tokens and
+    their covariance Gamma (several directions: s = (z*_1..z*_K*, z_1..z_K))."""
+    n = len(s_l)
+    return sp.Add(*[Gamma[i][j] * sp.diff(f, s_l[i], s_l2[j]) for i in range(n) for j in range(n)
+                    if Gamma[i][j] != 0])
+
+
 def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Statistics:
     """The per-sample loss and the increments G of MATH.md section 4 (section 6 for an untied
-    student) as combinations of base statistics (teacher at z*, student at z). norm=False
-    leaves out the token-norm terms K (second derivatives of the link, only needed for the
-    O(1/d) drift): K and norm_terms are then zero."""
-    to_teacher = dict(zip(gauss.z, gauss.zstar))
+    student, section 8 for several directions) as combinations of base statistics (teacher at
+    z*, student at z). norm=False leaves out the token-norm terms K (second derivatives of the
+    link, only needed for the O(1/d) drift): K and norm_terms are then zero."""
+    L = spec.L
+    Ks, Kd = gauss.teacher_directions, gauss.student_directions
+    tf = [gauss.teacher_fields(l) for l in range(L)]   # tf[l][j]
+    sf = [gauss.student_fields(l) for l in range(L)]   # sf[l][k]
+    student_vars = spec.variables("student")
+    teacher_vars = spec.variables("teacher")
+    to_teacher = {v: tf[l][j] for v, (j, l) in zip(
+        teacher_vars, [(j, l) for j in range(Ks) for l in range(L)])}
     T = [sp.sympify(t).xreplace(to_teacher) for t in link_entries(spec.teacher)]
     S = [sp.sympify(s) for s in link_entries(spec.student)]
     if spec.noise:
         T = [t + sp.sqrt(spec.noise) * x for t, x in zip(T, gauss.xi)]
     res = [t - s for t, s in zip(T, S)]
     loss = sp.Rational(1, 2) * sp.Add(*[r ** 2 for r in res])
-    dl = [-sp.Add(*[r * sp.diff(s, zl) for r, s in zip(res, S)]) for zl in gauss.z]
-    zs, zz, L = gauss.zstar, gauss.z, spec.L
+    # dl[k][l] = dl / dz_{k,l}
+    dlk = [[-sp.Add(*[r * sp.diff(s, sf[l][k]) for r, s in zip(res, S)]) for l in range(L)]
+           for k in range(Kd)]
+    dl = dlk[0]
     zero = sp.Integer(0)
     b = sp.Integer(spec.batch)
     # A batch of b sequences (MATH.md 9): the step averages b gradients, so the eta^2 |grad|^2
     # part of d dq is eta^2 / b times the per-sequence B (plus O(1/d) cross terms).
     E2 = ETA ** 2 / b
-    # Finite d: eta^2 |grad|^2 / d = (eta^2/d) sum_ll' dl_l dl_l' g_ll' with the token Gram
-    # matrix g_ll' = (x_l + p_l/sqrt d).(x_l' + p_l'/sqrt d) = delta_ll' + H_ll'/d + (noise
-    # independent of the projections). Projecting x_l on span(w*, u_a, w) (dimension k = 2 + r,
-    # zero-mean coordinates s_l = (z*_l, zeta_l, z_l - mu_l) of covariance Gamma):
-    # H_ll' = s_l^T Gamma^-1 s_l' - k delta_ll' + C_l'.zeta_l + C_l.zeta_l' + C_l.C_l'.
+    # Finite d: eta^2 grad_k . grad_h / d = (eta^2/d) sum_ll' dl_kl dl_hl' g_ll' with the token
+    # Gram matrix g_ll' = (x_l + p_l/sqrt d).(x_l' + p_l'/sqrt d) = delta_ll' + H_ll'/d + (noise
+    # independent of the projections). Projecting x_l on span(w*_j, u_a, w_k) (dimension
+    # k = K* + r + K, zero-mean coordinates s_l = (z*_l, zeta_l, z_l - mu_l) of covariance
+    # Gamma): H_ll' = s_l^T Gamma^-1 s_l' - k delta_ll' + C_l'.zeta_l + C_l.zeta_l' + C_l.C_l'.
     # Stein's lemma removes Gamma^-1: E[f (s_l^T Gamma^-1 s_l' - k delta_ll')] =
-    # sum_ij Gamma_ij E[d^2 f / ds_li ds_l'j], with f = dl_l dl_l' a function of (z*, z) only.
-    # K = sum_ll' (that integrand), so E[K] is the O(1/d) excess of E[d dq] over -2 eta A_q +
-    # eta^2 B divided by eta^2. An untied student has grad_{w_l} = dl_l x_l: only l = l'
-    # enters, token by token (K_l), with that token's own overlaps.
+    # sum_ij Gamma_ij E[d^2 f / ds_li ds_l'j], with f = dl_kl dl_hl' a function of (z*, z) only.
+    # K_kh = sum_ll' (that integrand), so E[K_kh] is the O(1/d) excess of E[d dQ_kh] over its
+    # d -> infinity value divided by eta^2. An untied student has grad_{w_l} = dl_l x_l: only
+    # l = l' enters, token by token (K_l), with that token's own overlaps.
     if spec.untied:
+        zs, zz = gauss.zstar, gauss.z
         base = ([dl[l] * zs[l] for l in range(L)] + [dl[l] * zz[l] for l in range(L)]
                 + [dl[l] ** 2 for l in range(L)])
         nb = 3 * L
@@ -188,8 +210,8 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Stat
             plain.append(row)
         gq = None
         if spec.spherical:  # Q = sum_l q_l / L
-            gq = [zero] * L + [-2 * ETA / L] * L + [E2 / L] * L
-        power = [sp.Rational(1, 2)] * L + [sp.Integer(1)] * L
+            gq = [[zero] * L + [-2 * ETA / L] * L + [E2 / L] * L]
+        power = [{0: sp.Rational(1, 2)}] * L + [{0: sp.Integer(1)}] * L
         K = [_stein_norm_term(dl, l, l, zs, zz, gauss.ms[l], gauss.qs[l]) if norm else zero
              for l in range(L)]
         X = gauss.state
@@ -198,45 +220,92 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Stat
                      + [[ETA ** 2 * ((1 if k == l else 0) - sph * X[L + l] / L)
                          for k in range(L)] for l in range(L)])
     else:
-        A_m = sp.Add(*[d * z for d, z in zip(dl, zs)])
-        A_e = [sp.Add(*[dl[l] * (gauss.zeta[l][a] + spec.C[l][a]) for l in range(L)])
-               for a in range(spec.r)]
-        A_q = sp.Add(*[d * zl for d, zl in zip(dl, zz)])
-        B = sp.Add(*[d ** 2 for d in dl])
-        base = [A_m] + A_e + [A_q, B]
-        K = zero
-        for l in range(L if norm else 0):
-            for l2 in range(L):
-                K += _stein_norm_term(dl, l, l2, zs, zz, gauss.m, gauss.q)
-                if spec.r:
-                    pos = sp.Add(*[spec.C[l2][a] * gauss.zeta[l][a]
-                                   + spec.C[l][a] * gauss.zeta[l2][a]
-                                   + spec.C[l][a] * spec.C[l2][a] for a in range(spec.r)])
-                    K += dl[l] * dl[l2] * pos
+        # base: A_M[k,j] = sum_l dl_kl z*_jl, A_E[k,a] = sum_l dl_kl (zeta_la + C[l,a]),
+        # A_Q[k,h] = sum_l (dl_kl z_hl + dl_hl z_kl) for k < h and sum_l dl_kl z_kl for k = h,
+        # B[k,h] = sum_l dl_kl dl_hl (k <= h); one direction: A_m, A_1..A_r, A_q, B
+        pairs = [(k, h) for k in range(Kd) for h in range(k, Kd)]
+        A_M = [sp.Add(*[dlk[k][l] * tf[l][j] for l in range(L)])
+               for k in range(Kd) for j in range(Ks)]
+        A_E = [sp.Add(*[dlk[k][l] * (gauss.zeta[l][a] + spec.C[l][a]) for l in range(L)])
+               for k in range(Kd) for a in range(spec.r)]
+        A_Q = [sp.Add(*[dlk[k][l] * sf[l][k] for l in range(L)]) if k == h else
+               sp.Add(*[dlk[k][l] * sf[l][h] + dlk[h][l] * sf[l][k] for l in range(L)])
+               for k, h in pairs]
+        B = [sp.Add(*[dlk[k][l] * dlk[h][l] for l in range(L)]) for k, h in pairs]
+        base = A_M + A_E + A_Q + B
         nb = len(base)
-        iq, iB = nb - 2, nb - 1
-        plain = []
-        for i in range(1 + spec.r):  # m and e_a: -eta A_X
+        iQ = {p: len(A_M) + len(A_E) + i for i, p in enumerate(pairs)}
+        iB = {p: len(A_M) + len(A_E) + len(pairs) + i for i, p in enumerate(pairs)}
+        # token-norm terms K_kh (one direction: K), see above
+        P, Mo, Eo, Qo = gauss.overlap_matrices()
+        Gamma = ([[P[i][j] for j in range(Ks)] + [Mo[h][i] for h in range(Kd)]
+                  for i in range(Ks)]
+                 + [[Mo[k][j] for j in range(Ks)] + [Qo[k][h] for h in range(Kd)]
+                    for k in range(Kd)])
+        Kn = {}
+        for k, h in pairs:
+            Kkh = zero
+            for l in range(L if norm else 0):
+                for l2 in range(L):
+                    if not gauss.multi:
+                        Kkh += _stein_norm_term(dl, l, l2, gauss.zstar, gauss.z, gauss.m,
+                                                gauss.q)
+                    else:
+                        Kkh += _stein_gram_term(dlk[k][l] * dlk[h][l2], tf[l] + sf[l],
+                                                tf[l2] + sf[l2], Gamma)
+                    if spec.r:
+                        pos = sp.Add(*[spec.C[l2][a] * gauss.zeta[l][a]
+                                       + spec.C[l][a] * gauss.zeta[l2][a]
+                                       + spec.C[l][a] * spec.C[l2][a] for a in range(spec.r)])
+                        Kkh += dlk[k][l] * dlk[h][l2] * pos
+            Kn[(k, h)] = Kkh
+        plain, power, tracked = [], [], []
+        for k in range(Kd):  # M[k,j] and E[k,a]: -eta A_X
+            for i in list(range(k * Ks, (k + 1) * Ks)):
+                row = [zero] * nb
+                row[i] = -ETA
+                plain.append(row)
+                power.append({k: sp.Rational(1, 2)})
+                tracked.append(None)
+        for k in range(Kd):
+            for a in range(spec.r):
+                row = [zero] * nb
+                row[len(A_M) + k * spec.r + a] = -ETA
+                plain.append(row)
+                power.append({k: sp.Rational(1, 2)})
+                tracked.append(None)
+
+        def q_row(k, h):  # dQ_kh = -eta A_Q[k,h] (-2 eta for k = h) + eta^2 B[k,h]
             row = [zero] * nb
-            row[i] = -ETA
-            plain.append(row)
-        gq_row = [zero] * nb
-        gq_row[iq], gq_row[iB] = -2 * ETA, E2
-        power = [sp.Rational(1, 2)] * (1 + spec.r)
-        if spec.spherical:
-            gq = gq_row
-            norm_coef = [[-ETA ** 2 * x / 2] for x in (gauss.m,) + gauss.e]
-        else:  # q is tracked: dq = -2 eta A_q + eta^2 B
-            gq = None
-            plain.append(gq_row)
-            power.append(sp.Integer(1))
-            norm_coef = [[zero]] * (1 + spec.r) + [[ETA ** 2]]
-        K = [K]
+            row[iQ[(k, h)]], row[iB[(k, h)]] = (-2 * ETA if k == h else -ETA), E2
+            return row
+        gq = [q_row(k, k) for k in range(Kd)] if spec.spherical else None
+        for k, h in pairs:
+            if spec.spherical and k == h:
+                continue
+            plain.append(q_row(k, h))
+            power.append({k: sp.Rational(1, 2), h: sp.Rational(1, 2)} if spec.spherical
+                         else {})
+            tracked.append((k, h))
+        # norm_coef[i][p]: the coefficient of K_p in the O(1/d) drift of output i
+        X = gauss.state
+        norm_coef = []
+        for i, pw in enumerate(power):
+            row = [zero] * len(pairs)
+            if tracked[i] is not None:
+                row[pairs.index(tracked[i])] += ETA ** 2
+            if spec.spherical:
+                for g, p in pw.items():
+                    row[pairs.index((g, g))] += -p * ETA ** 2 * X[i]
+            norm_coef.append(row)
+        K = [Kn[p] for p in pairs]
     norm_terms = [sp.Add(*[c * k for c, k in zip(row, K)]) / b for row in norm_coef]
     X = gauss.state
     coef = [list(row) if gq is None else
-            [c - power[i] * X[i] * g for c, g in zip(row, gq)] for i, row in enumerate(plain)]
-    return Statistics(loss, base, plain, gq, power, coef, norm_terms, K, norm_coef, dl)
+            [c - sp.Add(*[p * X[i] * gq[g][n] for g, p in power[i].items()])
+             for n, c in enumerate(row)] for i, row in enumerate(plain)]
+    return Statistics(loss, base, plain, gq, power, coef, norm_terms, K, norm_coef,
+                      dlk if gauss.multi else dl)
 
 
 def batch_cross_terms(spec: ModelSpec, st: Statistics, mean, state) -> list:
@@ -300,6 +369,9 @@ def _check_existence(spec, E, gauss):
     from ..errors import SpecError
     at = {s: 0 for s in gauss.state}
     at.update({s: 1 for s in gauss.qs if isinstance(s, sp.Symbol)})
+    if gauss.multi:  # Q = I
+        Q = gauss.overlap_matrices()[3]
+        at.update({Q[k][k]: 1 for k in range(len(Q)) if isinstance(Q[k][k], sp.Symbol)})
     at.update({sp.Symbol(k, real=True): v for k, v in spec.parameters.items()})
     for cond, factor in E.conditions:
         try:
@@ -393,8 +465,10 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     Cov(G_i, G_j) = c_i^T (E[base base^T] - E[base] E[base]^T) c_j.
 
     When every statistic is polynomial the combination is done in the polynomial ring of the
-    exact engine (fast); otherwise in SymPy, with the Gauss-Hermite nodes as opaque factors."""
+    exact engine (fast); otherwise in SymPy, with the Gauss-Hermite nodes as opaque factors.
+    A spec with [derivation] diffusion = false gets the loss and the drift only."""
     t0 = time.perf_counter()
+    diffusion = diffusion and spec.diffusion
     gauss = TokenGaussian.of(spec)
     L = spec.L
     # an untied student with token-symmetric links: the statistics of token l are those of
@@ -405,7 +479,8 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     # exchangeable, so with base_k = sum_l f_k(l), f = (dl z*, dl z, dl^2),
     # E[base_k] = L E[f_k(1)] and E[base_a base_b] = L E[f_a(1) f_b(1)] + L(L-1) E[f_a(1) f_b(2)]
     # (likewise the token-norm term K = sum_ll' K_ll', see _exchangeable_norm_term)
-    exchangeable = not spec.untied and not spec.C and L > 1 and token_symmetric(spec)
+    exchangeable = (not spec.untied and not spec.multi and not spec.C and L > 1
+                    and token_symmetric(spec))
     st = statistics(spec, gauss, norm=diffusion and not exchangeable)
     E = Expectation(gauss, [st.loss] + st.base, extra_symbols=(ETA,))
     ex = E.exact
@@ -539,17 +614,32 @@ def _exchangeable_norm_term(spec, st, gauss, ex):
 
 
 def _ito_correction(st: Statistics, X, M, zero, const):
-    """Spherical SGD: one step maps X to (X + dX) / (1 + dQ)^p (p = 1/2 for an overlap, 1 for
-    a squared norm) with d*dX = plain_X . base and d*dQ = gq . base. To second order,
-    (1 + dQ)^-p = 1 - p dQ + p (p + 1)/2 dQ^2, so per unit time (d steps) the rescaling adds
-    (1/d) E[-p (d dX)(d dQ) + p (p + 1)/2 X (d dQ)^2]. (Tied: -(1/2) dX dQ + (3/8) X dQ^2.)"""
-    gq = [const(c) for c in st.gq]
-    gq2 = _quadratic(gq, M, gq, zero)
+    """Spherical SGD: one step maps X to (X + dX) / prod_g (1 + dQ_g)^p_g (p = 1/2 per weight
+    vector an overlap involves, 1 for an untied squared norm) with d*dX = plain_X . base and
+    d*dQ_g = gq_g . base. To second order, prod_g (1 + dQ_g)^-p_g = 1 - sum_g p_g dQ_g +
+    sum_g p_g (p_g + 1)/2 dQ_g^2 + sum_{g < g'} p_g p_g' dQ_g dQ_g', so per unit time (d steps)
+    the rescaling adds (1/d) E[-sum_g p_g (d dX)(d dQ_g) + X (sum_g p_g (p_g + 1)/2 (d dQ_g)^2
+    + sum_{g < g'} p_g p_g' (d dQ_g)(d dQ_g'))]. (Tied: -(1/2) dX dQ + (3/8) X dQ^2.)"""
+    gq = [[const(c) for c in row] for row in st.gq]
+    gram = {}
+
+    def second(g, h):  # E[(d dQ_g)(d dQ_h)]
+        key = (min(g, h), max(g, h))
+        if key not in gram:
+            gram[key] = _quadratic(gq[g], M, gq[h], zero)
+        return gram[key]
     out = []
     for i, row in enumerate(st.plain):
-        p = st.power[i]
-        a = [const(-p * c) for c in row]
-        out.append(_quadratic(a, M, gq, zero) + const(p * (p + 1) / 2 * X[i]) * gq2)
+        groups = sorted(st.power[i].items())
+        val = zero
+        for g, p in groups:
+            a = [const(-p * c) for c in row]
+            val = val + _quadratic(a, M, gq[g], zero)
+        for n, (g, p) in enumerate(groups):
+            val = val + const(p * (p + 1) / 2 * X[i]) * second(g, g)
+            for h, p2 in groups[n + 1:]:
+                val = val + const(p * p2 * X[i]) * second(g, h)
+        out.append(val)
     return out
 
 

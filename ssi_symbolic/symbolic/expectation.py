@@ -98,7 +98,10 @@ class Expectation:
         if hit is not None or factor in self._closed_cache:
             return hit
         variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
-        reduced = self._reduced(factor, variables)
+        # several directions: conditioning on the forms divides by det(their covariance),
+        # which vanishes where a student direction meets a teacher direction (the specialised
+        # fixed point of a committee); the full-dimensional closed form has no such division
+        reduced = None if self.g.multi else self._reduced(factor, variables)
         if reduced is not None:  # over the k < n forms the functions read
             body, ys, mean, cov = reduced
             key = (ys, tuple(mean), tuple(cov))
@@ -190,7 +193,7 @@ class Expectation:
         expr = _integrate_polynomial_part(expr, g.xi, [[int(i == j) for j in range(g.K)]
                                                         for i in range(g.K)])
         # 2. split into terms: polynomial ones exactly, the rest factor by factor
-        random = set(g.zstar) | set(g.z) | {v for row in g.zeta for v in row}
+        random = {v for l in range(g.L) for v in g.token_variables(l)}
         poly_part, rest_terms = sp.Integer(0), []
         for term in sp.Add.make_args(distribute(sp.expand(expr, deep=False))):
             if not (term.free_symbols & random):
@@ -304,7 +307,9 @@ class Expectation:
             return None
         if any(Lc[i, i] == 0 for i in range(k)):
             return None
-        W = (S * A.T * Lc.T.inv()).applyfunc(sp.expand)  # x = mu + W u + r
+        # x = mu + W u + r with W = S A^T L^-T, i.e. W^T = L^-1 (A S): a triangular solve
+        # (a general symbolic inverse of L is far slower with several directions)
+        W = Lc.lower_triangular_solve(A * S).T.applyfunc(sp.expand)
         R = (S - W * W.T).applyfunc(sp.expand)
         return mu, W, R, k
 
@@ -408,6 +413,11 @@ class Expectation:
         integrated exactly.
         """
         g = self.g
+        if g.multi:
+            from ..errors import SpecError
+            raise SpecError(f"E[{sp.sstr(integrand)[:120]}]: quadrature over the fields of "
+                            f"several directions needs the link's functions to read affine "
+                            f"forms of the fields")
         sub, us, eps_cov = {}, [], []
         for l in range(g.L):
             has_t, has_s = g.zstar[l] in used, g.z[l] in used

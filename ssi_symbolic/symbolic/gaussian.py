@@ -115,11 +115,59 @@ class TokenGaussian:
     C: tuple
     spherical: bool
     untied: bool = False
+    #: several directions (MATH.md section 8): K* teacher and K student directions, teacher
+    #: overlaps P (K* x K*; empty for the identity)
+    teacher_directions: int = 1
+    student_directions: int = 1
+    P: tuple = ()
 
     @classmethod
     def of(cls, spec: ModelSpec) -> "TokenGaussian":
         return cls(spec.L, spec.r, len(link_entries(spec.teacher)), spec.C, spec.spherical,
-                   spec.untied)
+                   spec.untied, spec.teacher_directions, spec.student_directions,
+                   spec.teacher_overlaps if spec.multi else ())
+
+    @property
+    def multi(self) -> bool:
+        """Several directions: fields z*{j}_{l}, z{k}_{l} and overlaps M, E, Q (section 8)."""
+        return self.teacher_directions > 1 or self.student_directions > 1
+
+    def teacher_fields(self, l: int) -> tuple:
+        """The teacher fields of token l: (z*_l,), or z*_{1,l}..z*_{K*,l} (symbols zs{j}_{l})."""
+        if not self.multi:
+            return (self.zstar[l],)
+        return tuple(sp.Symbol(f"zs{j + 1}_{l + 1}", real=True)
+                     for j in range(self.teacher_directions))
+
+    def student_fields(self, l: int) -> tuple:
+        """The student fields of token l: (z_l,), or z_{1,l}..z_{K,l} (symbols z{k}_{l})."""
+        if not self.multi:
+            return (self.z[l],)
+        return tuple(sp.Symbol(f"z{k + 1}_{l + 1}", real=True)
+                     for k in range(self.student_directions))
+
+    def overlap_matrices(self, l: int = 0):
+        """(P, M, E, Q) of token l as nested lists: P[j][j'] teacher overlaps, M[k][j] =
+        w_k . w*_j / d, E[k][a] = u_a . w_k / sqrt(d), Q[k][h] = w_k . w_h / d (Q[k][k] = 1
+        on the sphere). One direction: [[1]], [[m]], [[e_1..e_r]], [[q]] (an untied student's
+        m_l and q_l for token l)."""
+        if not self.multi:
+            return ([[sp.Integer(1)]], [[self.ms[l]]], [list(self.e) if self.r else []],
+                    [[self.qs[l]]])
+        K, Ks, r = self.student_directions, self.teacher_directions, self.r
+        P = ([[sp.sympify(c) for c in row] for row in self.P] if self.P else
+             [[sp.Integer(int(i == j)) for j in range(Ks)] for i in range(Ks)])
+        M = [[sp.Symbol(f"m{k + 1}_{j + 1}", real=True) for j in range(Ks)] for k in range(K)]
+        E = [[sp.Symbol(f"e{k + 1}_{a + 1}", real=True) for a in range(r)] for k in range(K)]
+
+        def q(k, h):
+            k, h = min(k, h), max(k, h)
+            if k == h and self.spherical:
+                return sp.Integer(1)
+            return sp.Symbol(f"q{k + 1}_{h + 1}", **({"positive": True} if k == h
+                                                      else {"real": True}))
+        Q = [[q(k, h) for h in range(K)] for k in range(K)]
+        return P, M, E, Q
 
     # --- symbols -------------------------------------------------------------------------
     @property
@@ -176,33 +224,55 @@ class TokenGaussian:
 
     @property
     def state(self):
-        """Overlap symbols in state order: m, e..., (q for plain SGD); untied: m1..mL, q1..qL."""
+        """Overlap symbols in state order: m, e..., (q for plain SGD); untied: m1..mL, q1..qL;
+        several directions: M row by row, E row by row, Q[k][h] for k <= h (k < h on the
+        sphere), as in ModelSpec.overlap_names."""
         if self.untied:
             return self.ms + self.qs
+        if self.multi:
+            _, M, E, Q = self.overlap_matrices()
+            K = self.student_directions
+            return (tuple(x for row in M for x in row) + tuple(x for row in E for x in row)
+                    + tuple(Q[k][h] for k in range(K) for h in range(k, K)
+                            if not (self.spherical and h == k)))
         return (self.m,) + self.e + (() if self.spherical else (self.q,))
 
-    def mu(self, l: int):
-        """Mean of the student projection of token l: mu_l = sum_a C[l,a] e_a."""
+    def mu(self, l: int, k: int = 0):
+        """Mean of the student field k of token l: mu_kl = sum_a C[l,a] E[k,a]."""
         if not self.r:
             return sp.Integer(0)
-        return sp.Add(*[self.C[l][a] * self.e[a] for a in range(self.r)])
+        E = self.overlap_matrices()[2][k] if self.multi else self.e
+        return sp.Add(*[self.C[l][a] * E[a] for a in range(self.r)])
 
     def token_variables(self, l: int):
-        """(z*_l, z_l, zeta_l1..zeta_lr): the Gaussian vector of token l."""
-        return (self.zstar[l], self.z[l]) + self.zeta[l]
+        """(z*_l, z_l, zeta_l1..zeta_lr): the Gaussian vector of token l (with several
+        directions: the K* teacher fields, the K student fields, then the zetas)."""
+        return self.teacher_fields(l) + self.student_fields(l) + self.zeta[l]
 
     def token_mean(self, l: int):
-        return (sp.Integer(0), self.mu(l)) + (sp.Integer(0),) * self.r
+        Ks, K = self.teacher_directions, self.student_directions
+        return ((sp.Integer(0),) * Ks + tuple(self.mu(l, k) for k in range(K))
+                + (sp.Integer(0),) * self.r)
 
     def token_covariance(self, l: int = 0):
-        """Covariance of (z*_l, z_l, zeta_l1..): the same for every token of a tied student."""
-        n = 2 + self.r
-        m, q = self.ms[l], self.qs[l]
+        """Covariance [[P, M^T, 0], [M, Q, E], [0, E^T, I]] of (z*_l, z_l, zeta_l1..) (MATH.md
+        sections 2 and 8): the same for every token of a tied student."""
+        P, M, E, Q = self.overlap_matrices(l)
+        Ks, K, r = len(P), len(Q), self.r
+        n = Ks + K + r
         S = sp.zeros(n, n)
-        S[0, 0], S[0, 1], S[1, 0], S[1, 1] = 1, m, m, q
-        for a in range(self.r):
-            S[1, 2 + a] = S[2 + a, 1] = self.e[a]
-            S[2 + a, 2 + a] = 1
+        for i in range(Ks):
+            for j in range(Ks):
+                S[i, j] = P[i][j]
+        for k in range(K):
+            for j in range(Ks):
+                S[Ks + k, j] = S[j, Ks + k] = M[k][j]
+            for h in range(K):
+                S[Ks + k, Ks + h] = Q[k][h]
+            for a in range(r):
+                S[Ks + k, Ks + K + a] = S[Ks + K + a, Ks + k] = E[k][a]
+        for a in range(r):
+            S[Ks + K + a, Ks + K + a] = 1
         return S
 
     @property

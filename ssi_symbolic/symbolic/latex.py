@@ -52,6 +52,11 @@ def document(D: Derivation) -> str:
            rf"mean)" if spec.batch != 1 else "")
         + (rf", learning rate $\eta\,({tex(spec.schedule)})$ at time $t$ (the formulas "
            rf"below are at a given $\eta$)" if spec.schedule is not None else "")
+        + (rf", $K^* = {spec.teacher_directions}$ teacher directions"
+           + (rf" with overlaps $P = {tex(sp.Matrix(spec.teacher_overlaps))}$" if spec.P else "")
+           + rf" and $K = {spec.student_directions}$ student directions (fields "
+           r"$z_{k l}$ of direction $k$ at token $l$; overlaps $m_{k j} = M_{kj}$, "
+           r"$e_{k a} = E_{ka}$, $q_{k h} = Q_{kh}$, MATH.md section 8)" if spec.multi else "")
         + ". Conventions: MATH.md (overlaps $m$, $e$, $q$; time $t$ = steps$/d$; "
         r"per-step learning rate $\eta$).",
         r"\begin{align*}",
@@ -72,6 +77,11 @@ def document(D: Derivation) -> str:
         parts.append(broken_lines(rf"F^{{(1)}}_{{{name}}}", a))
         parts.append(broken_lines(rf"F^{{(2)}}_{{{name}}}", b))
     parts.append(r"\section*{Diffusion}")
+    if "covariance" not in D.methods:  # a drift-only derivation
+        parts.append(r"Not derived: the spec asks for the drift only "
+                     r"(\texttt{[derivation] diffusion = false}).")
+        parts.append(r"\end{document}")
+        return "\n".join(parts) + "\n"
     parts.append(r"$D = \mathrm{Cov}(G)/d$, with $\mathrm{Cov}(G)_{ij}$ below "
                  r"(rows and columns in the order $" + ", ".join(names) + "$).")
     n = len(names)

@@ -167,3 +167,10 @@ def test_staircase_simulator_agrees_on_the_order_of_escapes(gen):
     for k in range(2):
         q1, q3 = np.percentile(dirs[k], [25, 75])
         assert q1 <= np.median(ode[k]) <= q3, (k, np.median(ode[k]), q1, q3)
+
+
+@pytest.mark.parametrize("command", ["sie", "max-lr"])
+def test_single_direction_analyses_refuse_several_directions(command, gen, capsys):
+    code = main([command, str(DERIVATIONS / "staircase_K2.toml"), "--out", str(gen)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and "teacher.directions" in err[0]

@@ -462,6 +462,8 @@ def static_analysis(spec: ModelSpec, out_dir="generated", kmax: int = 8,
     sie_coefficients, sie_note, student_sie, student_sie_method, leading_terms,
     flatness_details, sie_seconds (teacher and student SIE), flatness_seconds, seconds (and
     sie_at_defaults / flatness_at_defaults with parameters)."""
+    from ..model.checks import refuse_multi
+    refuse_multi(spec, "the SIE and flatness analysis")
     t0 = time.perf_counter()
     teacher = _sie_of_spec_link(spec.teacher, spec, kmax, tol)
     if spec.student == spec.teacher:

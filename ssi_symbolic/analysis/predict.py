@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..numeric.ode import DEFAULT_THETA, OverlapODE, fixed_points, initial_state, max_learning_rate, solve
-from ..model.checks import as_spec, check_eta_d, check_params, refuse_schedule
+from ..model.checks import as_spec, check_eta_d, check_params, refuse_multi, refuse_schedule
 from ..numeric.sde import simulate_sde
 
 
@@ -81,6 +81,7 @@ def predict_max_lr(spec_or_path, params=None, d=10_000, out_dir="generated") -> 
     from ..backends.registry import ensure_module
     spec = as_spec(spec_or_path)
     refuse_schedule(spec, "the maximal learning rate")
+    refuse_multi(spec, "the maximal learning rate")
     pvals = check_params(spec, params)
     mod = ensure_module(spec, Path(out_dir))
     out = max_learning_rate(mod, pvals, d=d)

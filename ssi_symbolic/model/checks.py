@@ -103,4 +103,15 @@ def refuse_schedule(spec: ModelSpec, what: str) -> None:
                         f"simulate)")
 
 
-__all__ = ["as_spec", "check_state", "check_eta_d", "check_params", "refuse_schedule"]
+def refuse_multi(spec: ModelSpec, what: str) -> None:
+    """SpecError naming the directions key when `what` (defined for one teacher and one
+    student direction so far) is asked of a spec with several (MATH.md section 8)."""
+    if spec.multi:
+        key = "teacher.directions" if spec.teacher_directions > 1 else "student.directions"
+        raise SpecError(f"{spec.where(key)}: {what} is not implemented for several directions "
+                        f"yet (K* = {spec.teacher_directions}, K = {spec.student_directions}); "
+                        f"solve, sde, simulate, evaluate, fixed-points and latex are")
+
+
+__all__ = ["as_spec", "check_state", "check_eta_d", "check_params", "refuse_schedule",
+           "refuse_multi"]

@@ -294,7 +294,10 @@ def test_tanh_student_numerical_flatness(tmp_path, target, k):
 
 def test_static_analysis_of_every_example_is_json(tmp_path, spec_files):
     for path in spec_files:
-        out = static_analysis(load_spec(path), out_dir=tmp_path)
+        spec = load_spec(path)
+        if spec.multi:  # several directions: refused in one line (test_multi_dynamics.py)
+            continue
+        out = static_analysis(spec, out_dir=tmp_path)
         text = json.dumps(out)
         assert {"sie", "flatness", "method"} <= set(json.loads(text))
         if path.stem.startswith("pathological"):

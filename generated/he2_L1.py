@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a4739717a21f0966ae04f8353f4f4dfee6bde0918a675db0122a01472afc9a0e
-# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
+# spec-hash: e352ccae589476798cedff5cbbc4765fe70b058e87911c8a1645483fedc7f115
+# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a4739717a21f0966ae04f8353f4f4dfee6bde0918a675db0122a01472afc9a0e'
+SPEC_HASH = 'e352ccae589476798cedff5cbbc4765fe70b058e87911c8a1645483fedc7f115'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

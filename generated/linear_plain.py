@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e5310ebbcb7f9d2c664f9eedce448e19b202af8df16ea35549946af5230557e9
-# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
+# spec-hash: 37ea91939edf97f5cca89fe5a229102dbc0055bf33a2d36a9193f012c1bce136
+# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e5310ebbcb7f9d2c664f9eedce448e19b202af8df16ea35549946af5230557e9'
+SPEC_HASH = '37ea91939edf97f5cca89fe5a229102dbc0055bf33a2d36a9193f012c1bce136'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

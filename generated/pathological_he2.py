@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0de24d73ea08d7d3c64d5f60e3973d9f236277c0bb3b08229fd249c624c728ec
-# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
+# spec-hash: c700bc88e8b86ba2d40ecdab7d25f9d85847762eda6a445a41d9e5a2c1519597
+# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0de24d73ea08d7d3c64d5f60e3973d9f236277c0bb3b08229fd249c624c728ec'
+SPEC_HASH = 'c700bc88e8b86ba2d40ecdab7d25f9d85847762eda6a445a41d9e5a2c1519597'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

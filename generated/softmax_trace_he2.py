@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: ee1f0f4e374cadf184b291e20044e171e8297727825e70a7e89cf3b71a09966f
-# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9 attention 1 f9f1643c73eb773f
+# spec-hash: 09e00e34f880555ed14f8a4966da0b586d24431861f56c25cb3cc98d9e22d2ef
+# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'ee1f0f4e374cadf184b291e20044e171e8297727825e70a7e89cf3b71a09966f'
+SPEC_HASH = '09e00e34f880555ed14f8a4966da0b586d24431861f56c25cb3cc98d9e22d2ef'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8e917ead745446d849961222dbdcee178a751d79d6062b4f81975a054363a238
-# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
+# spec-hash: dbc1a1e372ff2770fa7e47fcf9a052f7cb5edd441ef39c3424a9f6e993f500a5
+# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8e917ead745446d849961222dbdcee178a751d79d6062b4f81975a054363a238'
+SPEC_HASH = 'dbc1a1e372ff2770fa7e47fcf9a052f7cb5edd441ef39c3424a9f6e993f500a5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 09303d2820f67898d328b4ce5d5c9e77d98f50618a45dbddf33d9cedca241a6b
-# tool: ssi-symbolic 0.1.0 generator 1 source 8263c7bd94356cf9
+# spec-hash: f58053db6d327f1e26cd9e0b85fbb78788b9c6abe87b0b549cfcd9212ecce35b
+# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '09303d2820f67898d328b4ce5d5c9e77d98f50618a45dbddf33d9cedca241a6b'
+SPEC_HASH = 'f58053db6d327f1e26cd9e0b85fbb78788b9c6abe87b0b549cfcd9212ecce35b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -154,7 +154,10 @@ class Model:
 
     def sie(self) -> dict:
         """Sequence information exponent of the teacher link and flatness index of R at the
-        origin (`ssi sie --json`)."""
+        origin (`ssi sie --json`). Several directions: the information exponent of each
+        teacher direction and the leap structure of the teacher link instead (keys
+        information_exponents, leaps, leap_complexity, unreachable; the student link is not
+        analysed; teacher overlaps P must be the identity)."""
         from .analysis.hermite import static_analysis
         return static_analysis(self.spec, out_dir=self.out_dir)
 

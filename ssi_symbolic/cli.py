@@ -235,8 +235,24 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _leap_line(r: dict) -> str:
+    """`ssi sie` of a spec with several directions: information exponents and leaps."""
+    ies = ", ".join(f"{k}: {'none' if v is None else v}"
+                    for k, v in r["information_exponents"].items())
+    leaps = " -> ".join("{" + ",".join(str(k) for k in s["directions"]) + "}"
+                        + f" ({s['leap']})" for s in r["leaps"]) or "none"
+    line = (f"information exponents: {ies}; leaps: {leaps}; leap complexity "
+            f"{'none' if r['leap_complexity'] is None else r['leap_complexity']}")
+    if r["unreachable"]:
+        line += "; unreachable: " + ", ".join(str(k) for k in r["unreachable"])
+    return line + f"; method {r['method']}"
+
+
 def cmd_sie(args) -> int:
     res = Model(args.spec, args.out).sie()
+    if "information_exponents" in res:
+        _print(res, args.json, _leap_line)
+        return 0
     _print(res, args.json, lambda r: (f"SIE {r['sie']}  flatness {r['flatness']}  "
                                       f"method {r['method']}"))
     return 0
@@ -486,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(missing overlaps 0, Q[k,k] = 1; default: random vectors per seed)")
     si.set_defaults(func=cmd_simulate)
 
-    ie = sub.add_parser("sie", help="sequence information exponent and flatness index")
+    ie = sub.add_parser("sie", help="sequence information exponent and flatness index (several "
+                        "directions: information exponents per direction and leaps)")
     ie.add_argument("spec")
     ie.add_argument("--out", default="generated", help="folder of generated modules")
     ie.add_argument("--json", action="store_true")

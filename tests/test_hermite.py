@@ -295,9 +295,12 @@ def test_tanh_student_numerical_flatness(tmp_path, target, k):
 def test_static_analysis_of_every_example_is_json(tmp_path, spec_files):
     for path in spec_files:
         spec = load_spec(path)
-        if spec.multi:  # several directions: refused in one line (test_multi_dynamics.py)
-            continue
         out = static_analysis(spec, out_dir=tmp_path)
+        if spec.multi:  # several directions: information exponents and leaps (test_leap.py)
+            res = json.loads(json.dumps(out))
+            assert {"information_exponents", "leaps", "leap_complexity", "method"} <= set(res)
+            assert len(res["information_exponents"]) == spec.teacher_directions
+            continue
         text = json.dumps(out)
         assert {"sie", "flatness", "method"} <= set(json.loads(text))
         if path.stem.startswith("pathological"):

@@ -169,7 +169,7 @@ def test_staircase_simulator_agrees_on_the_order_of_escapes(gen):
         assert q1 <= np.median(ode[k]) <= q3, (k, np.median(ode[k]), q1, q3)
 
 
-@pytest.mark.parametrize("command", ["sie", "max-lr"])
+@pytest.mark.parametrize("command", ["max-lr"])  # sie: leaps instead (tests/test_leap.py)
 def test_single_direction_analyses_refuse_several_directions(command, gen, capsys):
     code = main([command, str(DERIVATIONS / "staircase_K2.toml"), "--out", str(gen)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

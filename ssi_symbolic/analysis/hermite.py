@@ -39,6 +39,14 @@ answers can be trusted.
 `static_analysis` puts both together (the JSON of `ssi sie`). The exact and numerical coefficient
 functions (hermite_coefficients, monomial_to_hermite, numerical_coefficients) are re-exported
 here.
+
+Several directions (MATH.md section 8): `leap_analysis` expands the teacher link in its K* L
+fields z{k}_{l} (independent standard Gaussians when the teacher directions are orthonormal,
+P = identity), by the same exact or numerical machinery, and reads off the information exponent
+of each teacher direction (the lowest order of a non-zero coefficient involving that direction
+only) and the leap structure (Abbe, Boix-Adsera, Misiakiewicz 2023, Gaussian leaps with Hermite
+degrees; `leap_structure`). `static_analysis` of such a spec returns that report
+(`multi_static_analysis`); the student link and the flatness of R are not analysed there.
 """
 from __future__ import annotations
 
@@ -49,9 +57,9 @@ import time
 import numpy as np
 import sympy as sp
 
-from ..model.spec import ModelSpec, token_symbols
+from ..model.spec import ModelSpec, link_variables, parse_link, token_symbols
 from .hermite_exact import (_entries, _exact_coefficients, _is_polynomial, _nonzero,
-                            hermite_coefficients, monomial_to_hermite)
+                            _param_values, hermite_coefficients, monomial_to_hermite)
 from .hermite_numeric import QUAD_TOL, _full_order, _numeric_tree, numerical_coefficients
 
 #: A numerical coefficient counts as non-zero only above SAFETY times its error estimate.
@@ -63,6 +71,34 @@ SAFETY = 10.0
 
 def _label(i: int, n: int, alpha) -> str:
     return f"{alpha}" if n == 1 else f"[{i}] {alpha}"
+
+
+def _numeric_details(trees, quad_tol: float):
+    """(rules, nodes, method note) of numerical Hermite trees [(root, context, norm)]: the rules
+    of the numerically integrated terms, the nodes per dimension ({dimension: [fine, coarse]})
+    and a note saying which quadratures were used."""
+    rules = [r for _, ctx, _ in trees for r in ctx.rules]
+    notes = list(dict.fromkeys(x for _, ctx, _ in trees for x in ctx.notes))
+    nodes = {}
+    for r in rules:
+        lv = r["nodes"] if r["rule"] == "gauss-legendre" else r["nodes_per_dimension"][:2]
+        old = nodes.get(str(r["dimension"]), [0, 0])
+        nodes[str(r["dimension"])] = [max(old[0], lv[0]), max(old[1], lv[1])]
+    kinds = []
+    if any(r["rule"] == "gauss-legendre" for r in rules):
+        kinds.append("one-dimensional Gauss-Legendre, panels split at the kinks, nodes "
+                     f"doubled to the tolerance {quad_tol:g}")
+    if any(r["rule"] == "gauss-legendre x gauss-hermite" for r in rules):
+        kinds.append("kinks along one direction: Gauss-Legendre panels across it, "
+                     "Gauss-Hermite along the others")
+    if any(r["rule"] == "gauss-hermite" for r in rules):
+        kinds.append("tensor Gauss-Hermite over the linear forms a term depends on")
+    if any(r.get("linear_forms") for r in rules):
+        kinds.append("coefficients over the linear forms of a term projected onto the "
+                     "tokens")
+    method_note = "; ".join(["exact polynomial terms, products over disjoint tokens"]
+                            + kinds + notes)
+    return rules, nodes, method_note
 
 
 def sie(link, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
@@ -150,27 +186,7 @@ def sie(link, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
                         if clear(v, e):
                             coefs[_label(i, n, a)] = float(v)
                             errors[_label(i, n, a)] = float(e)
-        rules = [r for _, ctx, _ in trees for r in ctx.rules]
-        notes = list(dict.fromkeys(x for _, ctx, _ in trees for x in ctx.notes))
-        nodes = {}
-        for r in rules:
-            lv = r["nodes"] if r["rule"] == "gauss-legendre" else r["nodes_per_dimension"][:2]
-            old = nodes.get(str(r["dimension"]), [0, 0])
-            nodes[str(r["dimension"])] = [max(old[0], lv[0]), max(old[1], lv[1])]
-        kinds = []
-        if any(r["rule"] == "gauss-legendre" for r in rules):
-            kinds.append("one-dimensional Gauss-Legendre, panels split at the kinks, nodes "
-                         f"doubled to the tolerance {quad_tol:g}")
-        if any(r["rule"] == "gauss-legendre x gauss-hermite" for r in rules):
-            kinds.append("kinks along one direction: Gauss-Legendre panels across it, "
-                         "Gauss-Hermite along the others")
-        if any(r["rule"] == "gauss-hermite" for r in rules):
-            kinds.append("tensor Gauss-Hermite over the linear forms a term depends on")
-        if any(r.get("linear_forms") for r in rules):
-            kinds.append("coefficients over the linear forms of a term projected onto the "
-                         "tokens")
-        method_note = "; ".join(["exact polynomial terms, products over disjoint tokens"]
-                                + kinds + notes)
+        rules, nodes, method_note = _numeric_details(trees, quad_tol)
         if k is None:
             note = (f"no non-zero Hermite coefficient of order 1..{kmax}: constant link (SIE "
                     f"infinite) or SIE > {kmax}" if norm > 0 else "zero link (SIE infinite)")
@@ -440,6 +456,153 @@ def flatness(spec: ModelSpec, out_dir="generated", kmax: int = 8, tol: float = 1
 
 
 # ---------------------------------------------------------------------------------------------
+# several teacher directions: information exponent per direction and leap structure
+
+def _field_label(alpha, zs) -> str:
+    """"z1_1^1 z2_1^2" for the multi-index alpha over the fields zs."""
+    return " ".join(f"{z}^{a}" for z, a in zip(zs, alpha) if a)
+
+
+def direction_degrees(alpha, Ks: int, L: int) -> tuple:
+    """(d_1, .., d_K*): the degree of the multi-index alpha over the fields z{k}_{l} (flattened
+    direction by direction) in each teacher direction, d_k = sum_l alpha_{k,l}."""
+    return tuple(sum(alpha[k * L:(k + 1) * L]) for k in range(Ks))
+
+
+def leap_structure(degrees, Ks: int) -> dict:
+    """Information exponents per direction and the leaps of a multi-index target from the
+    per-direction degrees (d_1, .., d_K*) of its non-zero Hermite coefficients.
+
+    Information exponent of direction k: the smallest |alpha| of a non-zero coefficient whose
+    support is {k} (None when there is none). Leaps (Gaussian leap with Hermite degrees, Abbe,
+    Boix-Adsera and Misiakiewicz 2023): from U = {}, among the alpha whose support is not inside
+    U the cost sum_{k not in U} d_k is minimised; the step's leap is the minimal cost and the
+    directions outside U in the support of a minimal-cost alpha are learnt; repeated until no
+    alpha is left. Returns {"information_exponents": {"k": int|None}, "leaps": [{"step",
+    "leap", "directions"}], "leap_complexity": int|None, "unreachable": [k]}, directions
+    1-based."""
+    degs = {tuple(int(x) for x in d) for d in degrees if any(d)}
+    ie = {}
+    for d in degs:
+        supp = [k for k in range(Ks) if d[k]]
+        if len(supp) == 1:
+            k = supp[0]
+            ie[k] = min(ie.get(k, d[k]), d[k])
+    learnt, steps = set(), []
+    while True:
+        cand = []
+        for d in degs:
+            new = {k for k in range(Ks) if d[k] and k not in learnt}
+            if new:
+                cand.append((sum(d[k] for k in new), new))
+        if not cand:
+            break
+        leap = min(c for c, _ in cand)
+        new = set().union(*(s for c, s in cand if c == leap))
+        learnt |= new
+        steps.append({"step": len(steps) + 1, "leap": leap,
+                      "directions": [k + 1 for k in sorted(new)]})
+    return {"information_exponents": {str(k + 1): ie.get(k) for k in range(Ks)},
+            "leaps": steps,
+            "leap_complexity": max((s["leap"] for s in steps), default=None),
+            "unreachable": [k + 1 for k in range(Ks) if k not in learnt]}
+
+
+_LEAP_NOTE = ("information exponent of direction k: the lowest order of a non-zero Hermite "
+              "coefficient of the teacher link involving the fields of direction k only "
+              "(learning k from a start where no direction is learnt); leaps: Gaussian leaps "
+              "with Hermite degrees (Abbe, Boix-Adsera, Misiakiewicz 2023) over the teacher "
+              "directions, assumed orthonormal (fields independent standard Gaussians); the "
+              "student link is not analysed")
+
+
+def leap_analysis(link, Ks: int, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
+                  method: str = "auto", quad_tol: float = QUAD_TOL) -> dict:
+    """Information exponents per teacher direction and leap structure of a link in the fields
+    z{k}_{l} of K* orthonormal directions at L tokens (MATH.md section 8), from its Hermite
+    expansion in the K* L independent standard Gaussian fields.
+
+    link: SymPy expression or Matrix in the fields, or a link string; params: {name: value}
+    substituted first (needed for the numerical method). method: "auto" (exact when every
+    entry is polynomial in the fields, else numerical), "exact" or "numerical"; kmax, tol,
+    quad_tol as in `sie` (numerical: every order 1..kmax formed, a coefficient non-zero above
+    tol times the L2 norm and SAFETY times its error estimate). A vector or matrix link: a
+    multi-index counts when the coefficient of any entry is non-zero.
+
+    Returns the keys of `leap_structure` and "method", "kmax" (the highest order examined:
+    numerical the argument, exact the link's degree, where every coefficient is known),
+    "tolerance" (None for exact), "coefficients" ({label: value} of every non-zero
+    coefficient of order >= 1, label "z1_1^1 z2_1^1", "[i] ..." for entry i of a vector link;
+    strings for exact, floats for numerical), "coefficient_errors" (numerical), "note",
+    "seconds"."""
+    t0 = time.perf_counter()
+    zs = link_variables(L, Ks)
+    values = _param_values(params)
+    if isinstance(link, str):
+        link = parse_link(link, L, list(values), "link", Ks)
+    entries = _entries(link, L, params)
+    poly = all(_is_polynomial(x, zs) for x in entries)
+    if method == "auto":
+        method = "exact" if poly else "numerical"
+    if method not in ("exact", "numerical"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'numerical', got {method!r}")
+    n = len(entries)
+
+    def label(i, a):
+        key = _field_label(a, zs)
+        return key if n == 1 else f"[{i}] {key}"
+
+    coefs, errors, alphas = {}, {}, set()
+    if method == "exact":
+        if not poly:
+            raise ValueError("the exact leap analysis needs a link polynomial in the fields")
+        found = []
+        for i, x in enumerate(entries):
+            for a, c in _exact_coefficients(x, zs).items():
+                if sum(a) >= 1:
+                    found.append((i, a, c))
+        for i, a, c in sorted(found, key=lambda t: (sum(t[1]), [-x for x in t[1]], t[0])):
+            alphas.add(a)
+            coefs[label(i, a)] = str(c)
+        top = max((sp.Poly(x, *zs).total_degree() for x in entries), default=0)
+        note = "exact Hermite expansion; " + _LEAP_NOTE
+    else:
+        for x in entries:
+            extra = sorted(str(s) for s in x.free_symbols if s not in zs)
+            if extra:
+                raise ValueError(f"numerical leap analysis needs values for the parameters "
+                                 f"{extra} (pass params={{name: value}})")
+        trees = [_numeric_tree(x, list(zs), kmax, quad_tol) for x in entries]
+        norm = math.sqrt(sum(t[2] ** 2 for t in trees))
+        thr = tol * norm
+        found = []
+        for i, (root, _, _) in enumerate(trees):
+            for kk in range(1, kmax + 1):
+                for a, (v, e) in _full_order(root, kk, len(zs)).items():
+                    if abs(v) > max(thr, SAFETY * e):
+                        found.append((i, a, float(v), float(e)))
+        for i, a, v, e in sorted(found, key=lambda t: (sum(t[1]), [-x for x in t[1]], t[0])):
+            alphas.add(a)
+            coefs[label(i, a)] = v
+            errors[label(i, a)] = e
+        top = kmax
+        _, _, method_note = _numeric_details(trees, quad_tol)
+        note = (f"numerical Hermite coefficients of orders 1..{kmax} only: an information "
+                f"exponent or a leap larger than kmax = {kmax} is not seen; a coefficient "
+                f"counts when above {tol:g} times the L2 norm and {SAFETY:g} times its error "
+                f"estimate; " + _LEAP_NOTE + "; " + method_note)
+    out = leap_structure([direction_degrees(a, Ks, L) for a in alphas], Ks)
+    out.update({"method": method, "kmax": int(top),
+                "tolerance": tol if method == "numerical" else None,
+                "coefficients": coefs})
+    if method == "numerical":
+        out["coefficient_errors"] = errors
+    out["note"] = note
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # the `ssi sie` report
 
 def _sie_of_spec_link(link, spec: ModelSpec, kmax: int, tol: float) -> dict:
@@ -461,9 +624,12 @@ def static_analysis(spec: ModelSpec, out_dir="generated", kmax: int = 8,
     Keys: name, sie, flatness, method, sie_method, flatness_method, sie_tolerance,
     sie_coefficients, sie_note, student_sie, student_sie_method, leading_terms,
     flatness_details, sie_seconds (teacher and student SIE), flatness_seconds, seconds (and
-    sie_at_defaults / flatness_at_defaults with parameters)."""
-    from ..model.checks import refuse_multi
-    refuse_multi(spec, "the SIE and flatness analysis")
+    sie_at_defaults / flatness_at_defaults with parameters).
+
+    A spec with several directions (spec.multi, MATH.md section 8) gets the report of
+    `multi_static_analysis` instead (information exponents per teacher direction and leaps)."""
+    if spec.multi:
+        return multi_static_analysis(spec, kmax=kmax, tol=tol)
     t0 = time.perf_counter()
     teacher = _sie_of_spec_link(spec.teacher, spec, kmax, tol)
     if spec.student == spec.teacher:
@@ -492,5 +658,45 @@ def static_analysis(spec: ModelSpec, out_dir="generated", kmax: int = 8,
     return out
 
 
+def multi_static_analysis(spec: ModelSpec, kmax: int = 8, tol: float = 1e-8) -> dict:
+    """The JSON of `ssi sie SPEC --json` for a spec with several directions: information
+    exponent of each teacher direction and the leap structure of the teacher link
+    (`leap_analysis`, parameters at the spec's defaults); the student link and the flatness of
+    R are not analysed. One teacher direction (K* = 1, several student directions) gives the
+    same report with one direction. Teacher overlaps P other than the identity are refused
+    (SpecError naming teacher.overlaps): the analysis needs independent fields.
+
+    Keys: name, directions ([K*, K]), information_exponents ({"k": int|None}), leaps
+    ([{"step", "leap", "directions"}]), leap_complexity, unreachable, method, kmax, tolerance,
+    coefficients, coefficient_errors (numerical), note, seconds."""
+    from ..errors import SpecError
+    t0 = time.perf_counter()
+    Ks = spec.teacher_directions
+    P = spec.teacher_overlaps
+    if any(P[i][j] != int(i == j) for i in range(Ks) for j in range(Ks)):
+        raise SpecError(f"{spec.where('teacher.overlaps')}: the information exponents and leaps "
+                        f"of `ssi sie` need orthonormal teacher directions (P = identity), got "
+                        f"P = {[[str(c) for c in row] for row in P]}")
+    try:
+        res = leap_analysis(spec.teacher, Ks, spec.L, params=dict(spec.parameters),
+                            kmax=kmax, tol=tol)
+    except ValueError as exc:
+        if isinstance(exc, SpecError):
+            raise
+        raise SpecError(f"{spec.where('teacher.link')}: {exc}") from None
+    if spec.parameters:
+        res["note"] = ("parameters at their defaults ("
+                       + ", ".join(f"{k} = {v}" for k, v in spec.parameters.items()) + "); "
+                       + res["note"])
+    out = {"name": spec.name, "directions": [Ks, spec.student_directions]}
+    for key in ("information_exponents", "leaps", "leap_complexity", "unreachable", "method",
+                "kmax", "tolerance", "coefficients", "coefficient_errors", "note"):
+        if key in res:
+            out[key] = res[key]
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
 __all__ = ["hermite_coefficients", "numerical_coefficients", "sie", "flatness",
-           "static_analysis", "monomial_to_hermite"]
+           "static_analysis", "monomial_to_hermite", "leap_analysis", "leap_structure",
+           "direction_degrees", "multi_static_analysis"]

@@ -110,7 +110,7 @@ def refuse_multi(spec: ModelSpec, what: str) -> None:
         key = "teacher.directions" if spec.teacher_directions > 1 else "student.directions"
         raise SpecError(f"{spec.where(key)}: {what} is not implemented for several directions "
                         f"yet (K* = {spec.teacher_directions}, K = {spec.student_directions}); "
-                        f"solve, sde, simulate, evaluate, fixed-points and latex are")
+                        f"solve, sde, simulate, evaluate, fixed-points, latex and sie are")
 
 
 __all__ = ["as_spec", "check_state", "check_eta_d", "check_params", "refuse_schedule",

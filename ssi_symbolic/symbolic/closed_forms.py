@@ -26,11 +26,25 @@ The expectation is then reduced, one rule at a time, to orthant probabilities:
   (s = 1 for Phi, 0 for H): Phi(h) for one factor; for two, the bivariate normal CDF
   Phi_2(h1, h2; rho) (1/4 + arcsin(rho) / 2 pi at zero mean, the Saad-Solla arcsine and
   arc-cosine kernels); for three at zero mean 1/8 + (arcsin rho_12 + arcsin rho_13 +
-  arcsin rho_23) / 4 pi. Anything else raises NoClosedForm (the caller uses quadrature).
+  arcsin rho_23) / 4 pi.
+* With ``orthant_quadrature`` (several directions: the committee's squared error to the fourth
+  power holds four erf factors), an orthant probability of Phi factors only, of dimension 4, or
+  3 with a mean shift, has no closed form: Plackett's identity reduces it to one dimension.
+  With h = nu / sqrt(diag T), R the correlation matrix of T and R(t) = (1 - t) I + t R (positive
+  definite for t in [0, 1]: T = A Sigma A^T + I is, whatever Sigma),
+      P(Z <= h; R) = prod_i Phi(h_i) + int_0^1 sum_{i<j} R_ij phi_2(h_i, h_j; t R_ij)
+                     P(Z_rest <= h_rest | Z_i = h_i, Z_j = h_j; R(t)) dt,
+  the conditional probability a Phi (dimension 3) or a bivariate normal CDF (dimension 4: at
+  zero mean 1/4 + arcsin(rho) / 2 pi). The t-integral, smooth on [0, 1], is a one-dimensional
+  GaussHermite node in w with t = Phi(w) (its error bound is the generated module's n versus
+  2n estimate).
+Anything else raises NoClosedForm (the caller uses quadrature).
 """
 from __future__ import annotations
 
 import sympy as sp
+from sympy.polys.constructor import construct_domain
+from sympy.polys.matrices import DomainMatrix
 
 
 #: most new sub-problems one expectation may spawn before quadrature takes over
@@ -296,14 +310,73 @@ def _split_factors(term, random):
     return out
 
 
+def _field_of(exprs):
+    """(domain, elements, back) with the expressions as elements of one field of rational
+    functions and back(expr) undoing the renaming; irrational constants (sqrt(2), pi) are
+    generators of that field. None when the expressions are not rational functions."""
+    exprs = [sp.sympify(e) for e in exprs]
+    dom, elems = construct_domain(exprs, field=True)
+    if dom.is_EX or dom.is_EXRAW:
+        consts = {a for e in exprs for a in e.atoms(sp.Pow, sp.Function)
+                  if a.is_number and not a.is_Rational}
+        if not consts:
+            return None
+        names = {c: sp.Dummy(f"c{i}") for i, c in enumerate(consts)}
+        dom, elems = construct_domain([e.xreplace(names) for e in exprs], field=True)
+        if dom.is_EX or dom.is_EXRAW:
+            return None
+        inverse = {v: c for c, v in names.items()}
+        return dom, elems, lambda x: x.xreplace(inverse)
+    return dom, elems, lambda x: x
+
+
+def _completed_covariance(S, used, A):
+    """(det(I + A S_SS), S - S_:S (I + A S_SS)^-1 A S_S:) of a completed square, its entries
+    as reduced rational functions of the state. The algebra runs in the field of rational
+    functions (every product reduced at once); in SymPy expressions the unreduced entries
+    of nested completions grow to tens of thousands of operations before they cancel."""
+    n, k = S.shape[0], len(used)
+    got = _field_of(list(S) + list(A))
+    if got is None:  # not rational functions: plain SymPy, cancelled at the end
+        S_SS, S_allS = S.extract(used, used), S.extract(list(range(n)), used)
+        Mk = sp.eye(k) + A * S_SS
+        det = sp.expand(Mk.det())
+        if det == 0:
+            return det, None
+        S2 = (S - S_allS * (Mk.adjugate() / det) * A * S_allS.T).applyfunc(_simplify_entry)
+        return det, S2
+    dom, elems, back = got
+    dS = DomainMatrix([elems[i * n:(i + 1) * n] for i in range(n)], (n, n), dom)
+    dA = DomainMatrix([elems[n * n + i * k:n * n + (i + 1) * k] for i in range(k)], (k, k),
+                      dom)
+    S_SS = dS.extract(used, used)
+    S_allS = dS.extract(list(range(n)), used)
+    Mk = DomainMatrix.eye(k, dom) + dA * S_SS
+    det = Mk.det()
+    if not det:
+        return sp.Integer(0), None
+    S2 = dS - S_allS * Mk.inv() * dA * S_allS.transpose()
+    to_expr = lambda x: back(_fraction_expr(dom, x))
+    return to_expr(det), sp.Matrix(n, n, [to_expr(x) for row in S2.to_list() for x in row])
+
+
+def _fraction_expr(dom, x):
+    """A field element as numerator / denominator, both expanded polynomials."""
+    if dom.is_QQ or dom.is_ZZ:
+        return dom.to_sympy(x)
+    num, den = x.numer.as_expr(), x.denom.as_expr()
+    return num if den == 1 else num / den
+
+
 class GaussianClosedForm:
     """Closed-form E[integrand] over x ~ N(mean, cov) (see the module docstring).
 
     `conditions` collects the expressions that must be positive for the expectations computed
     so far to exist (det(I + A Sigma) of every completed square)."""
 
-    def __init__(self, variables, mean, cov):
+    def __init__(self, variables, mean, cov, orthant_quadrature: bool = False):
         self.xs = tuple(variables)
+        self.orthant_quadrature = orthant_quadrature
         self.mean = tuple(sp.sympify(m) for m in mean)
         self.cov = sp.Matrix(cov)
         self.conditions = []
@@ -316,12 +389,13 @@ class GaussianClosedForm:
         thresholds: the closed form would be huge and slow, quadrature is the better tool)."""
         random = set(self.xs)
         self._budget = MAX_REDUCTIONS
-        if _threshold_count(sp.sympify(expr), random) > 3:
-            raise NoClosedForm("more than three thresholds")
+        if _threshold_count(sp.sympify(expr), random) > self._most_thresholds:
+            raise NoClosedForm(f"more than {self._most_thresholds} thresholds")
         body = sp.expand(rewrite(expr, random))
         total = sp.Integer(0)
         for term in sp.Add.make_args(body):
             total += self._expect_term(term)
+        total = _one_node(total)
         if total.has(sp.I):
             total = sp.expand_complex(total)
             if total.has(sp.I):
@@ -363,14 +437,19 @@ class GaussianClosedForm:
         total = sp.Integer(0)
         for sign, hs1 in _merge_parallel_steps(hs):
             # the orthant probability at the end of every reduction keeps all thresholds:
-            # more than three (or three with a mean shift) cannot close, stop at once
+            # more than three (or three with a mean shift) cannot close, stop at once (up to
+            # four Phi factors with orthant_quadrature: Plackett's one-dimensional integral)
             n = len(phis) + len(hs1)
-            if n > 3 or (n == 3 and not all(_zero_mean(f, self.mean) for f in
-                                            phis + hs1)):
+            closed = n < 3 or (n == 3 and all(_zero_mean(f, self.mean) for f in phis + hs1))
+            if not closed and not (self.orthant_quadrature and not hs1 and n <= 4):
                 raise NoClosedForm(f"{n} thresholds")
             total += sign * self._solve(self.mean, self.cov, tuple(mono), sp.expand(Q), phis,
                                         hs1, ds)
         return coef * total
+
+    @property
+    def _most_thresholds(self) -> int:
+        return 4 if self.orthant_quadrature else 3
 
     def _affine(self, y):
         return _affine(sp.expand(y), self.xs)
@@ -427,14 +506,9 @@ class GaussianClosedForm:
                 else:
                     A[r, c] = -P.coeff_monomial(xs[i] * xs[j])
         c0 = P.coeff_monomial(1)
-        S_SS = S.extract(used, used)
-        S_allS = S.extract(list(range(n)), used)
-        Mk = sp.eye(k) + A * S_SS
-        det = sp.expand(Mk.det())
+        det, S2 = _completed_covariance(S, used, A)
         if det == 0:
             raise NoClosedForm("singular completed square")
-        Minv = (Mk.adjugate() / det)
-        S2 = (S - S_allS * Minv * A * S_allS.T).applyfunc(_simplify_entry)
         muS = sp.Matrix([mu[i] for i in used])
         b = B - A * muS
         S2_allS = S2.extract(list(range(n)), used)
@@ -503,7 +577,84 @@ class GaussianClosedForm:
         if len(forms) == 3 and zero_mean:
             return (sp.Rational(1, 8) + (sp.asin(rho(0, 1)) + sp.asin(rho(0, 2))
                                          + sp.asin(rho(1, 2))) / (4 * sp.pi))
+        if self.orthant_quadrature and not hs and len(forms) <= 4:
+            n = len(forms)
+            h = [nus[i] / sp.sqrt(T[i][i]) for i in range(n)]
+            R = [[sp.Integer(1) if i == j else rho(i, j) for j in range(n)] for i in range(n)]
+            return plackett_orthant(h, R)
         raise NoClosedForm(f"orthant probability of dimension {len(forms)}")
+
+
+#: the quadrature variable of Plackett's integral (t = Phi(w))
+PLACKETT_W = sp.Symbol("w", real=True)
+
+
+def plackett_orthant(h, R):
+    """P(Z <= h) for Z ~ N(0, R), R a correlation matrix of dimension 3 or 4, by Plackett's
+    identity along R(t) = (1 - t) I + t R (see the module docstring): prod Phi(h_i) plus a
+    GaussHermite node in w (t = Phi(w)) of
+        sum_{i<j} R_ij phi_2(h_i, h_j; t R_ij) P(Z_rest <= h_rest | Z_i = h_i, Z_j = h_j).
+    d P / d rho_ij = phi_2(h_i, h_j; rho_ij) P(rest | Z_i = h_i, Z_j = h_j) (Plackett 1954),
+    and d R(t)_ij / dt = R_ij."""
+    from .gaussian import GaussHermite
+    n = len(h)
+    t = _Phi(PLACKETT_W)
+    zero = all(x == 0 for x in h)
+    F = sp.Integer(0)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if R[i][j] == 0:
+                continue
+            r = t * R[i][j]
+            s2 = 1 - r ** 2
+            density = (sp.exp(-(h[i] ** 2 - 2 * r * h[i] * h[j] + h[j] ** 2) / (2 * s2))
+                       / (2 * sp.pi * sp.sqrt(s2)))
+            rest = [k for k in range(n) if k not in (i, j)]
+            # Z_rest | (Z_i, Z_j) = (h_i, h_j): mean B (h_i, h_j), covariance R_rr - B R_ij,r
+            # with B = R_r,ij R_ij^-1 and R_ij^-1 = [[1, -r], [-r, 1]] / s2 (all at t)
+            Rt = lambda a, b: sp.Integer(1) if a == b else t * R[a][b]
+            B = {k: ((Rt(k, i) - r * Rt(k, j)) / s2, (Rt(k, j) - r * Rt(k, i)) / s2)
+                 for k in rest}
+            mean = {k: B[k][0] * h[i] + B[k][1] * h[j] for k in rest}
+            cov = lambda a, b: Rt(a, b) - B[a][0] * Rt(i, b) - B[a][1] * Rt(j, b)
+            if len(rest) == 1:
+                (k,) = rest
+                cond = _Phi((h[k] - mean[k]) / sp.sqrt(cov(k, k)))
+            else:
+                k, l = rest
+                c = cov(k, l) / sp.sqrt(cov(k, k) * cov(l, l))
+                if zero:
+                    cond = sp.Rational(1, 4) + sp.asin(c) / (2 * sp.pi)
+                else:
+                    cond = NormalCDF2((h[k] - mean[k]) / sp.sqrt(cov(k, k)),
+                                      (h[l] - mean[l]) / sp.sqrt(cov(l, l)), c)
+            F += R[i][j] * density * cond
+    return sp.Mul(*[_Phi(x) for x in h]) + GaussHermite(F, sp.Tuple(PLACKETT_W))
+
+
+def _one_node(expr, outside=()):
+    """An expression linear in Plackett nodes GaussHermite(f_k, (w,)) as base + one node
+    GaussHermite(sum_k c_k f_k, (w,)), c_k = d expr / d node_k (the reduction multiplies an
+    orthant probability only by factors free of w and adds): one quadrature, not one per
+    orthant probability. The part of c_k in the `outside` symbols (eta) stays a factor of
+    the node (one node per such factor)."""
+    from .gaussian import GaussHermite
+    nodes = [x for x in expr.atoms(GaussHermite) if tuple(x.variables) == (PLACKETT_W,)]
+    if len(nodes) < 2:
+        return expr
+    names = {x: sp.Dummy(f"orthant{i}") for i, x in enumerate(nodes)}
+    flat = expr.xreplace(names)
+    out = flat.xreplace({d: 0 for d in names.values()})
+    groups = {}
+    for x, d in names.items():
+        c = sp.diff(flat, d)
+        for term in sp.Add.make_args(sp.expand(c) if outside and c.has(*outside) else c):
+            inner, c_out = (term.as_independent(*outside, as_Add=False) if outside
+                            else (term, sp.Integer(1)))
+            groups[c_out] = groups.get(c_out, sp.Integer(0)) + inner * x.integrand
+    for c_out, integrand in groups.items():
+        out += c_out * GaussHermite(integrand, sp.Tuple(PLACKETT_W))
+    return out
 
 
 __all__ = ["GaussianClosedForm", "NoClosedForm", "NormalCDF2", "rewrite", "kinks_as_steps"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .closed_forms import _one_node
 from .gaussian import (ExactEngine, GaussHermite, NotPolynomial, TokenGaussian,
                        _integrate_polynomial_part, _nonpolynomial_symbols, distribute)
 
@@ -111,7 +112,10 @@ class Expectation:
             key = variables
         engine = self._closed.get(key)
         if engine is None:
-            engine = self._closed[key] = GaussianClosedForm(ys, mean, cov)
+            # several directions: orthant probabilities of four Phi factors (the committee's
+            # fourth power of the error) by Plackett's one-dimensional integral
+            engine = self._closed[key] = GaussianClosedForm(ys, mean, cov,
+                                                            orthant_quadrature=self.g.multi)
         n0 = len(engine.conditions)
         try:
             out = engine.expect(body)
@@ -119,6 +123,8 @@ class Expectation:
             out = None
         else:
             self.conditions.extend((c, factor) for c in engine.conditions[n0:])
+            if out.has(GaussHermite):
+                self.kinds.add("quadrature")
         self._closed_cache[factor] = out
         return out
 
@@ -239,7 +245,7 @@ class Expectation:
             out += value
         for (_, c_out), integrand in pending.items():
             out += c_out * self._quadrature_expect(integrand)
-        return _merge_nodes(out, self.outside)
+        return _merge_nodes(_one_node(out, self.outside), self.outside)
 
     def _canonical(self, factor):
         """A one-token factor of a tied student renamed to the first token with the same row

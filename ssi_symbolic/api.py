@@ -145,7 +145,10 @@ class Model:
         `ssi simulate --json`. method "full": real d-dimensional SGD; "reduced": the exact
         Markov chain of the overlaps (MATH.md 10, same law, cost per step independent of d).
         batch: sequences averaged per step (default: the spec's, else 1); schedule: None or
-        f(t) -> factor of eta (default: the spec's schedule, if any)."""
+        f(t) -> factor of eta (default: the spec's schedule, if any). Several directions
+        (MATH.md 8): every seed starts at random unit vectors, or exactly at the overlaps
+        init={"m1_2": 0.3, ...} (options init=, missing names 0 and Q[k,k] = 1); the result
+        adds direction_escape_times (K, seeds)."""
         from .numeric.simulate import simulate
         return simulate(self.spec, eta, d, steps, seeds=seeds, seed=seed, m0=m0, e0=e0,
                         theta=threshold, params=params, progress=progress,

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d51edecd0d7405f5cd1fdb4305226fe2240855a5a743cbf6676914d8f49f614f
-# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
+# spec-hash: 5ba803194a33f134188fcc57ddd35e763b28fd6629fdcbb69c3e77ed83ea12b3
+# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd51edecd0d7405f5cd1fdb4305226fe2240855a5a743cbf6676914d8f49f614f'
+SPEC_HASH = '5ba803194a33f134188fcc57ddd35e763b28fd6629fdcbb69c3e77ed83ea12b3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

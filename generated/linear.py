@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 836d8d6d054ede10f7e36e5f448f691c5c01cabbb35e9ee121d5f55c35b42031
-# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
+# spec-hash: 08a7bf2adc631f257212c5df0775a28e413171bfaaf3492fc740aa8ecaaf3ee5
+# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '836d8d6d054ede10f7e36e5f448f691c5c01cabbb35e9ee121d5f55c35b42031'
+SPEC_HASH = '08a7bf2adc631f257212c5df0775a28e413171bfaaf3492fc740aa8ecaaf3ee5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 575e2b52bdc573b2fe610e18a974832e4d0894b38d88d00e586fe59fd7abd25e
-# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
+# spec-hash: c72cc28338d1da304348779bf2c4db32ec3a996f8fb76b010f35b7694797eba3
+# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '575e2b52bdc573b2fe610e18a974832e4d0894b38d88d00e586fe59fd7abd25e'
+SPEC_HASH = 'c72cc28338d1da304348779bf2c4db32ec3a996f8fb76b010f35b7694797eba3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

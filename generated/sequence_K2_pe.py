@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 99ee28b70378ec1ad49f6694a39ec0a8529e0a97c7a74aaf3a6ab7aac8aebcdf
-# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
+# spec-hash: 78f1d871a1be09f12ac22313579a926df1a2b69123ff7fe46aa68595000a14e7
+# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '99ee28b70378ec1ad49f6694a39ec0a8529e0a97c7a74aaf3a6ab7aac8aebcdf'
+SPEC_HASH = '78f1d871a1be09f12ac22313579a926df1a2b69123ff7fe46aa68595000a14e7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

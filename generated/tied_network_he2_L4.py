@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6d008b71e5c69a30a0338dbf98410d8a49ff8d583ec52bd567e4d1aecb5cd01e
-# tool: ssi-symbolic 0.1.0 generator 1 source a14fa7a8c1b60a7f
+# spec-hash: f92321ddb80cb6c9c4e0eb4da283cb8ae264fb3a578456b543c9adc8769cab24
+# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6d008b71e5c69a30a0338dbf98410d8a49ff8d583ec52bd567e4d1aecb5cd01e'
+SPEC_HASH = 'f92321ddb80cb6c9c4e0eb4da283cb8ae264fb3a578456b543c9adc8769cab24'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

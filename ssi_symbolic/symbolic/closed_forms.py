@@ -349,15 +349,29 @@ def _completed_covariance(S, used, A):
     dS = DomainMatrix([elems[i * n:(i + 1) * n] for i in range(n)], (n, n), dom)
     dA = DomainMatrix([elems[n * n + i * k:n * n + (i + 1) * k] for i in range(k)], (k, k),
                       dom)
-    S_SS = dS.extract(used, used)
-    S_allS = dS.extract(list(range(n)), used)
-    Mk = DomainMatrix.eye(k, dom) + dA * S_SS
-    det = Mk.det()
-    if not det:
+    # fraction-free: S = N / delta and A = N_A / alpha over the polynomial ring, so that
+    # I + A S_SS = Mn / (alpha delta) with Mn = alpha delta I + N_A N_SS and
+    #   S' = [N det(Mn) - N_:S adj(Mn) N_A N_S:] / (delta det(Mn)),
+    #   det(I + A S_SS) = det(Mn) / (alpha delta)^k,
+    # every product a polynomial one; one gcd per entry at the end (in the field every
+    # product of the matrix algebra took its own gcd)
+    delta, N = dS.clear_denoms(convert=True)
+    alpha, NA = dA.clear_denoms(convert=True)
+    ring = N.domain
+    delta, alpha = ring.convert(delta.element, delta.domain), ring.convert(alpha.element,
+                                                                           alpha.domain)
+    NA = NA.convert_to(ring)
+    N_SS, N_allS = N.extract(used, used), N.extract(list(range(n)), used)
+    Mn = DomainMatrix.eye(k, ring) * (alpha * delta) + NA * N_SS
+    adj, det_n = Mn.adj_det()
+    if not det_n:
         return sp.Integer(0), None
-    S2 = dS - S_allS * Mk.inv() * dA * S_allS.transpose()
+    num = N * det_n - N_allS * adj * NA * N_allS.transpose()
+    den = dom.convert(delta * det_n, ring)
     to_expr = lambda x: back(_fraction_expr(dom, x))
-    return to_expr(det), sp.Matrix(n, n, [to_expr(x) for row in S2.to_list() for x in row])
+    S2 = [to_expr(dom.convert(x, ring) / den) for row in num.to_list() for x in row]
+    det = dom.convert(det_n, ring) / dom.convert((alpha * delta) ** k, ring)
+    return to_expr(det), sp.Matrix(n, n, S2)
 
 
 def _fraction_expr(dom, x):

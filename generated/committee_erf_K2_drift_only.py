@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cea5c1d547ca1111edadfbfd9368a2c04e73e82ad42bd2b46c64dde059bda43c
-# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
+# spec-hash: c34584d1eced21d7650f7ca6f6f2d2fb13d6184b0123cafe4485090d7cb8aa48
+# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'cea5c1d547ca1111edadfbfd9368a2c04e73e82ad42bd2b46c64dde059bda43c'
+SPEC_HASH = 'c34584d1eced21d7650f7ca6f6f2d2fb13d6184b0123cafe4485090d7cb8aa48'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5ba803194a33f134188fcc57ddd35e763b28fd6629fdcbb69c3e77ed83ea12b3
-# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
+# spec-hash: 6da20f3b4f0f47ff1a9e0d005fa6b051e63dfcb450bae2e3a841f256081f19cb
+# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5ba803194a33f134188fcc57ddd35e763b28fd6629fdcbb69c3e77ed83ea12b3'
+SPEC_HASH = '6da20f3b4f0f47ff1a9e0d005fa6b051e63dfcb450bae2e3a841f256081f19cb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

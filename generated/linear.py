@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 08a7bf2adc631f257212c5df0775a28e413171bfaaf3492fc740aa8ecaaf3ee5
-# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
+# spec-hash: e94457fa96a554cd1765d77730489e115091c8c4f4609085b44f32a7d1efbfa0
+# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '08a7bf2adc631f257212c5df0775a28e413171bfaaf3492fc740aa8ecaaf3ee5'
+SPEC_HASH = 'e94457fa96a554cd1765d77730489e115091c8c4f4609085b44f32a7d1efbfa0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

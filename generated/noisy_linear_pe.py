@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f566dd7a66a2726cb35237b87c808dde81386ffe82572629e53d0dad197298bf
-# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
+# spec-hash: 0bd4e888c6815ac0c35a5da92f1515ed65bc7231d2cd4edd80821d4dae4fb18a
+# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f566dd7a66a2726cb35237b87c808dde81386ffe82572629e53d0dad197298bf'
+SPEC_HASH = '0bd4e888c6815ac0c35a5da92f1515ed65bc7231d2cd4edd80821d4dae4fb18a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

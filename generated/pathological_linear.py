@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5cdf5541b78f83feefb4252720a4ff010d43c27bea91b2ac8d50faf62016726c
-# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
+# spec-hash: 8370d71ccca8b0a11c1f969379c418e9787f6984ed47658bb5f892219e89f765
+# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5cdf5541b78f83feefb4252720a4ff010d43c27bea91b2ac8d50faf62016726c'
+SPEC_HASH = '8370d71ccca8b0a11c1f969379c418e9787f6984ed47658bb5f892219e89f765'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

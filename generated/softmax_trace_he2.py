@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: bd46696a81f5079939333f772ccf25337c109d2f9e4d62f335199fe1d3af8fc0
-# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d attention 1 f9f1643c73eb773f
+# spec-hash: e1ede01c31a28904c83f1ef35e1e16aa403887d20a1318d4d68bb88aa74e9b54
+# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'bd46696a81f5079939333f772ccf25337c109d2f9e4d62f335199fe1d3af8fc0'
+SPEC_HASH = 'e1ede01c31a28904c83f1ef35e1e16aa403887d20a1318d4d68bb88aa74e9b54'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

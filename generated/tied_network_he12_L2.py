@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 04e53d1b57f0a3394852de6bad419957050b88756da92a27fa7a19c42a1cac80
-# tool: ssi-symbolic 0.1.0 generator 1 source 6fbf17d4022da99d
+# spec-hash: e1c0377bffdfa50f83bce047ce9e084905857a523c5853bd8fecd65a30b85002
+# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '04e53d1b57f0a3394852de6bad419957050b88756da92a27fa7a19c42a1cac80'
+SPEC_HASH = 'e1c0377bffdfa50f83bce047ce9e084905857a523c5853bd8fecd65a30b85002'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

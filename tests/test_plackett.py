@@ -1,6 +1,7 @@
 """Orthant probabilities beyond the closed forms: Plackett's one-dimensional integral
-(symbolic/closed_forms.py, used with several directions), and the expectation it serves, the
-committee's fourth power of the error (E over four erf factors).
+(closed_forms.NormalOrthant, evaluated by runtime._orthant in generated modules; used with
+several directions), and the expectation it serves, the committee's fourth power of the error
+(E over four erf factors).
 
 Oracles, none taken from the code under test:
 - dimension 3 at zero mean: 1/8 + (arcsin r12 + arcsin r13 + arcsin r23) / 4 pi (Sheppard);
@@ -22,23 +23,25 @@ import sympy as sp
 from scipy.special import erf
 from scipy.stats import multivariate_normal
 
-from ssi_symbolic.backends.quadrature import gauss_hermite
-from ssi_symbolic.backends.runtime import _bvn
-from ssi_symbolic.symbolic.closed_forms import PLACKETT_W, plackett_orthant
-from ssi_symbolic.symbolic.gaussian import GaussHermite
+import ssi_symbolic.backends.runtime as runtime
+from ssi_symbolic.backends.runtime import _bvn, _orthant
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def evaluate(expr, nodes: int = 48) -> float:
-    """A number from an expression holding GaussHermite nodes in w (1-d Gauss-Hermite)."""
-    u, wts = gauss_hermite(1, nodes)
-    out = expr
-    for node in expr.atoms(GaussHermite):
-        f = sp.lambdify(PLACKETT_W, node.integrand,
-                        modules=[{"NormalCDF2": _bvn}, "scipy", "numpy"])
-        out = out.xreplace({node: sp.Float(float(np.sum(wts * f(u[0]))), 30)})
-    return float(out)
+def orthant(h, R, nodes=16):
+    """runtime._orthant with 2 * nodes Gauss-Legendre points, and its n versus 2n estimate."""
+    n = len(h)
+    args = list(h) + [R[i][j] for i in range(n) for j in range(i + 1, n)]
+    old = runtime.QUADRATURE_NODES
+    try:
+        runtime.QUADRATURE_NODES = nodes
+        coarse = float(_orthant(*args))
+        runtime.QUADRATURE_NODES = 2 * nodes
+        fine = float(_orthant(*args))
+    finally:
+        runtime.QUADRATURE_NODES = old
+    return coarse, abs(fine - coarse) + 1e-13
 
 
 def random_correlation(rng, n):
@@ -48,17 +51,13 @@ def random_correlation(rng, n):
     return T / np.outer(d, d)
 
 
-def as_sympy(h, R):
-    return ([sp.Float(float(x), 30) for x in h],
-            [[sp.Float(float(x), 30) for x in row] for row in R])
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dimension_three_at_zero_mean_is_sheppard(seed):
     R = random_correlation(np.random.default_rng(seed), 3)
     exact = 1 / 8 + (math.asin(R[0, 1]) + math.asin(R[0, 2]) + math.asin(R[1, 2])) / (4 * math.pi)
-    out = evaluate(plackett_orthant(*as_sympy(np.zeros(3), R)))
+    out, err = orthant(np.zeros(3), R)
     assert abs(out - exact) < 1e-10, (out, exact)
+    assert abs(out - exact) <= err  # the n versus 2n estimate bounds the actual error
 
 
 def test_dimension_four_block_diagonal_is_a_product():
@@ -67,8 +66,9 @@ def test_dimension_four_block_diagonal_is_a_product():
     R[0, 1] = R[1, 0] = r1
     R[2, 3] = R[3, 2] = r2
     exact = (0.25 + math.asin(r1) / (2 * math.pi)) * (0.25 + math.asin(r2) / (2 * math.pi))
-    out = evaluate(plackett_orthant(*as_sympy(np.zeros(4), R)))
+    out, err = orthant(np.zeros(4), R)
     assert abs(out - exact) < 1e-10, (out, exact)
+    assert abs(out - exact) <= err
 
 
 @pytest.mark.parametrize("n,seed,shift", [(3, 3, True), (4, 4, False), (4, 5, True),
@@ -79,13 +79,26 @@ def test_against_scipy_multivariate_normal_cdf(n, seed, shift):
     h = rng.normal(size=n) if shift else np.zeros(n)
     ref = multivariate_normal(np.zeros(n), R, maxpts=10 ** 7, abseps=1e-10,
                               releps=1e-10).cdf(h)
-    out = evaluate(plackett_orthant(*as_sympy(h, R)))
+    out, err = orthant(h, R)
     assert abs(out - ref) < 1e-7, (out, ref)
+    assert err < 1e-9
+
+
+def test_vectorised_over_states():
+    rng = np.random.default_rng(8)
+    Rs = [random_correlation(rng, 4) for _ in range(3)]
+    hs = rng.normal(size=(3, 4))
+    args = [hs[:, i] for i in range(4)] + [np.array([R[i, j] for R in Rs])
+                                           for i in range(4) for j in range(i + 1, 4)]
+    together = _orthant(*args)
+    one_by_one = [orthant(hs[s], Rs[s])[0] for s in range(3)]
+    assert np.allclose(together, one_by_one, rtol=0, atol=1e-12)
 
 
 def test_committee_fourth_power_of_the_error_against_monte_carlo():
     from ssi_symbolic.model.spec import load_spec
-    from ssi_symbolic.symbolic.derive import ETA, statistics
+    from ssi_symbolic.symbolic.closed_forms import NormalOrthant
+    from ssi_symbolic.symbolic.derive import ETA, method_of, statistics
     from ssi_symbolic.symbolic.expectation import Expectation
     from ssi_symbolic.symbolic.gaussian import TokenGaussian
     spec = load_spec(ROOT / "derivations" / "committee_erf_K2.toml")
@@ -94,13 +107,16 @@ def test_committee_fourth_power_of_the_error_against_monte_carlo():
     E = Expectation(gauss, [st.loss] + st.base, extra_symbols=(ETA,))
     # base = A_M (4), A_Q (3), B_11, B_12, B_22: E[B_11^2] = E[r^4 g'(z_1)^4]
     value = E.expect(st.base[7] ** 2)
-    assert value.has(GaussHermite)  # four erf factors: not a closed form
+    assert value.has(NormalOrthant)  # four erf factors: not a closed form
+    assert method_of([value], gauss.state) == "quadrature"
     Mv = np.array([[0.3, 0.1], [0.05, 0.4]])
     Qv = np.array([[1.0, 0.2], [0.2, 0.8]])
     at = {"m1_1": Mv[0, 0], "m1_2": Mv[0, 1], "m2_1": Mv[1, 0], "m2_2": Mv[1, 1],
           "q1_1": Qv[0, 0], "q1_2": Qv[0, 1], "q2_2": Qv[1, 1]}
-    subs = {s: sp.Float(at[str(s)], 30) for s in value.free_symbols if str(s) in at}
-    got = evaluate(value.xreplace(subs), nodes=64)
+    syms = sorted(value.free_symbols, key=str)
+    f = sp.lambdify(syms, value, modules=[{"NormalOrthant": _orthant, "NormalCDF2": _bvn},
+                                          "scipy", "numpy"])
+    got = float(f(*[at[str(s)] for s in syms]))
     # Monte Carlo: fields (z*_1, z*_2, z_1, z_2) with covariance [[I, M^T], [M, Q]]
     cov = np.block([[np.eye(2), Mv.T], [Mv, Qv]])
     rng = np.random.default_rng(7)

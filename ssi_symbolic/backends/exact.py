@@ -40,7 +40,7 @@ from ..symbolic.gaussian import GaussHermite
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, function_source, horner, module_header, pycode,
                        tuple_source)
-from .runtime import BVN_HELPERS, GAUSS_HERMITE_HELPERS
+from .runtime import BVN_HELPERS, GAUSS_HERMITE_HELPERS, ORTHANT_HELPERS
 
 GENERATOR_VERSION = "1"
 DEFAULT_NODES = 40
@@ -344,8 +344,10 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
     ]
     header = module_header(spec, doc, h, tool_salt(), constants)
     body = state_fns + quad_fns + link_fns
+    orthant = any("_orthant(" in f for f in body)
     helpers = [GAUSS_HERMITE_HELPERS] + (
-        [BVN_HELPERS] if any("_bvn(" in f for f in body) else [])
+        [BVN_HELPERS] if orthant or any("_bvn(" in f for f in body) else []) + (
+        [ORTHANT_HELPERS] if orthant else [])
     parts = [header] + helpers + body
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 

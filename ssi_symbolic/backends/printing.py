@@ -38,6 +38,9 @@ class _Printer(SciPyPrinter):
     def _print_NormalCDF2(self, expr):
         return "_bvn({})".format(", ".join(self._print(a) for a in expr.args))
 
+    def _print_NormalOrthant(self, expr):
+        return "_orthant({})".format(", ".join(self._print(a) for a in expr.args))
+
     def _print_Heaviside(self, expr):
         return f"numpy.heaviside({self._print(expr.args[0])}, 0.5)"
 

@@ -10,6 +10,8 @@ They are defined here as ordinary functions (importable, testable) and their tex
                             (exact backend)
     BVN_HELPERS             _bvn, the bivariate normal CDF by Owen's T (closed forms with
                             mean shifts)
+    ORTHANT_HELPERS         _orthant, normal orthant probabilities of dimension 3 and 4 by
+                            Plackett's one-dimensional integral (with _bvn)
     ATTENTION_HELPERS       broadcasting, _gh_grid and its pruned form _gh_pruned, Chebyshev
                             helpers, the finite-difference Jacobian, the per-state increment
                             coefficients of spherical SGD and their (theta, e') tables
@@ -186,6 +188,58 @@ def _bvn(h, k, rho):
     out = numpy.where((h == 0) & (k == 0), 0.25 + numpy.arcsin(rho) / (2 * numpy.pi), out)
     out = numpy.where(s == 0, numpy.where(rho > 0, numpy.minimum(ph, pk),
                                           numpy.maximum(0.0, ph + pk - 1.0)), out)
+    return out[()] if out.ndim == 0 else out
+
+
+def _orthant(*args):
+    """P(Z <= h) for Z ~ N(0, R), R a correlation matrix of dimension n = 3 or 4, args
+    (h_1, .., h_n, R_12, R_13, .., R_(n-1)n) broadcast over states, by Plackett's identity
+    (Plackett 1954) along R(t) = (1 - t) I + t R (positive definite for t in [0, 1]):
+
+        P = prod_i Phi(h_i) + int_0^1 sum_{i<j} R_ij phi_2(h_i, h_j; t R_ij)
+                                     P(Z_rest <= h_rest | Z_i = h_i, Z_j = h_j; R(t)) dt,
+
+    the conditional probability a Phi (n = 3) or a bivariate normal CDF (n = 4, _bvn). The
+    t-integral by Gauss-Legendre with 2 QUADRATURE_NODES points (quadrature_error's n versus 2n
+    is its error bound)."""
+    import scipy.special as _sc
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    n = 3 if len(args) == 6 else 4
+    h = args[:n]
+    R = numpy.empty((n, n), dtype=object)
+    k = n
+    for i in range(n):
+        R[i, i] = 1.0
+        for j in range(i + 1, n):
+            R[i, j] = R[j, i] = args[k]
+            k += 1
+    out = numpy.ones_like(h[0])
+    for x in h:
+        out = out * _sc.ndtr(x)
+    x, w = numpy.polynomial.legendre.leggauss(2 * QUADRATURE_NODES)
+    ts, ws = (x + 1.0) / 2.0, w / 2.0
+    for i in range(n):
+        for j in range(i + 1, n):
+            rest = [a for a in range(n) if a not in (i, j)]
+            for t, wt in zip(ts, ws):
+                Rt = lambda a, b: 1.0 if a == b else t * R[a, b]
+                r = t * R[i, j]
+                s2 = 1.0 - r * r
+                dens = (numpy.exp(-(h[i] ** 2 - 2 * r * h[i] * h[j] + h[j] ** 2) / (2 * s2))
+                        / (2 * numpy.pi * numpy.sqrt(s2)))
+                B = {a: ((Rt(a, i) - r * Rt(a, j)) / s2, (Rt(a, j) - r * Rt(a, i)) / s2)
+                     for a in rest}
+                mean = {a: B[a][0] * h[i] + B[a][1] * h[j] for a in rest}
+                cov = lambda a, b: Rt(a, b) - B[a][0] * Rt(i, b) - B[a][1] * Rt(j, b)
+                if n == 3:
+                    a = rest[0]
+                    cond = _sc.ndtr((h[a] - mean[a]) / numpy.sqrt(cov(a, a)))
+                else:
+                    a, b = rest
+                    sa, sb = numpy.sqrt(cov(a, a)), numpy.sqrt(cov(b, b))
+                    cond = _bvn((h[a] - mean[a]) / sa, (h[b] - mean[b]) / sb,
+                                cov(a, b) / (sa * sb))
+                out = out + wt * R[i, j] * dens * cond
     return out[()] if out.ndim == 0 else out
 
 
@@ -440,6 +494,7 @@ GAUSS_HERMITE_HELPERS = "\n" + BROADCAST_HELPERS + "\n\n" + embed(
 
 #: the bivariate normal CDF of the closed forms (embedded only where a formula uses it)
 BVN_HELPERS = embed(_bvn)
+ORTHANT_HELPERS = embed(_orthant)
 
 ATTENTION_HELPERS = BROADCAST_HELPERS + "\n\n" + embed(
     "_GRIDS", _gh_grid, _gh_pruned, _cheb_basis, _chebval2, _lobatto, _cheb_fit, _fd_jacobian,
@@ -447,5 +502,5 @@ ATTENTION_HELPERS = BROADCAST_HELPERS + "\n\n" + embed(
     _sc_pieces, _polar, _polar_table, _polar_eval, _per_state, _tabulated)
 
 
-__all__ = ["BROADCAST_HELPERS", "GAUSS_HERMITE_HELPERS", "BVN_HELPERS", "ATTENTION_HELPERS",
-           "embed"]
+__all__ = ["BROADCAST_HELPERS", "GAUSS_HERMITE_HELPERS", "BVN_HELPERS", "ORTHANT_HELPERS",
+           "ATTENTION_HELPERS", "embed"]

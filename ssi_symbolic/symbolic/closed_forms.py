@@ -35,9 +35,10 @@ The expectation is then reduced, one rule at a time, to orthant probabilities:
       P(Z <= h; R) = prod_i Phi(h_i) + int_0^1 sum_{i<j} R_ij phi_2(h_i, h_j; t R_ij)
                      P(Z_rest <= h_rest | Z_i = h_i, Z_j = h_j; R(t)) dt,
   the conditional probability a Phi (dimension 3) or a bivariate normal CDF (dimension 4: at
-  zero mean 1/4 + arcsin(rho) / 2 pi). The t-integral, smooth on [0, 1], is a one-dimensional
-  GaussHermite node in w with t = Phi(w) (its error bound is the generated module's n versus
-  2n estimate).
+  zero mean 1/4 + arcsin(rho) / 2 pi). The result is the function NormalOrthant(h, R): the
+  t-integral, smooth on [0, 1], is done numerically by the generated module's runtime helper
+  _orthant (Gauss-Legendre in t, its error bound the module's n versus 2n estimate), so the
+  formulas stay the size of the closed forms.
 Anything else raises NoClosedForm (the caller uses quadrature).
 """
 from __future__ import annotations
@@ -409,7 +410,6 @@ class GaussianClosedForm:
         total = sp.Integer(0)
         for term in sp.Add.make_args(body):
             total += self._expect_term(term)
-        total = _one_node(total)
         if total.has(sp.I):
             total = sp.expand_complex(total)
             if total.has(sp.I):
@@ -594,81 +594,34 @@ class GaussianClosedForm:
         if self.orthant_quadrature and not hs and len(forms) <= 4:
             n = len(forms)
             h = [nus[i] / sp.sqrt(T[i][i]) for i in range(n)]
-            R = [[sp.Integer(1) if i == j else rho(i, j) for j in range(n)] for i in range(n)]
-            return plackett_orthant(h, R)
+            return NormalOrthant(*h, *[rho(i, j) for i in range(n) for j in range(i + 1, n)])
         raise NoClosedForm(f"orthant probability of dimension {len(forms)}")
 
 
-#: the quadrature variable of Plackett's integral (t = Phi(w))
-PLACKETT_W = sp.Symbol("w", real=True)
+class NormalOrthant(sp.Function):
+    """P(Z <= h) for Z ~ N(0, R), R a correlation matrix of dimension n = 3 or 4: args
+    (h_1, .., h_n, R_12, R_13, .., R_(n-1)n). No closed form: generated modules evaluate it by
+    Plackett's one-dimensional integral (runtime._orthant, see the module docstring), a
+    quadrature with the module's error bound."""
+
+    nargs = (6, 10)
+    #: evaluated by quadrature (Derivation.output_methods, has_quadrature)
+    numeric_quadrature = True
+
+    @property
+    def dimension(self) -> int:
+        return 3 if len(self.args) == 6 else 4
+
+    def _latex(self, printer, exp=None):
+        n = self.dimension
+        h = ", ".join(printer._print(a) for a in self.args[:n])
+        r = ", ".join(printer._print(a) for a in self.args[n:])
+        out = rf"\Phi_{n}\left({h}; {r}\right)"
+        return out if exp is None else rf"{out}^{{{exp}}}"
+
+    def _sympystr(self, printer):
+        return "NormalOrthant({})".format(", ".join(printer._print(a) for a in self.args))
 
 
-def plackett_orthant(h, R):
-    """P(Z <= h) for Z ~ N(0, R), R a correlation matrix of dimension 3 or 4, by Plackett's
-    identity along R(t) = (1 - t) I + t R (see the module docstring): prod Phi(h_i) plus a
-    GaussHermite node in w (t = Phi(w)) of
-        sum_{i<j} R_ij phi_2(h_i, h_j; t R_ij) P(Z_rest <= h_rest | Z_i = h_i, Z_j = h_j).
-    d P / d rho_ij = phi_2(h_i, h_j; rho_ij) P(rest | Z_i = h_i, Z_j = h_j) (Plackett 1954),
-    and d R(t)_ij / dt = R_ij."""
-    from .gaussian import GaussHermite
-    n = len(h)
-    t = _Phi(PLACKETT_W)
-    zero = all(x == 0 for x in h)
-    F = sp.Integer(0)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if R[i][j] == 0:
-                continue
-            r = t * R[i][j]
-            s2 = 1 - r ** 2
-            density = (sp.exp(-(h[i] ** 2 - 2 * r * h[i] * h[j] + h[j] ** 2) / (2 * s2))
-                       / (2 * sp.pi * sp.sqrt(s2)))
-            rest = [k for k in range(n) if k not in (i, j)]
-            # Z_rest | (Z_i, Z_j) = (h_i, h_j): mean B (h_i, h_j), covariance R_rr - B R_ij,r
-            # with B = R_r,ij R_ij^-1 and R_ij^-1 = [[1, -r], [-r, 1]] / s2 (all at t)
-            Rt = lambda a, b: sp.Integer(1) if a == b else t * R[a][b]
-            B = {k: ((Rt(k, i) - r * Rt(k, j)) / s2, (Rt(k, j) - r * Rt(k, i)) / s2)
-                 for k in rest}
-            mean = {k: B[k][0] * h[i] + B[k][1] * h[j] for k in rest}
-            cov = lambda a, b: Rt(a, b) - B[a][0] * Rt(i, b) - B[a][1] * Rt(j, b)
-            if len(rest) == 1:
-                (k,) = rest
-                cond = _Phi((h[k] - mean[k]) / sp.sqrt(cov(k, k)))
-            else:
-                k, l = rest
-                c = cov(k, l) / sp.sqrt(cov(k, k) * cov(l, l))
-                if zero:
-                    cond = sp.Rational(1, 4) + sp.asin(c) / (2 * sp.pi)
-                else:
-                    cond = NormalCDF2((h[k] - mean[k]) / sp.sqrt(cov(k, k)),
-                                      (h[l] - mean[l]) / sp.sqrt(cov(l, l)), c)
-            F += R[i][j] * density * cond
-    return sp.Mul(*[_Phi(x) for x in h]) + GaussHermite(F, sp.Tuple(PLACKETT_W))
-
-
-def _one_node(expr, outside=()):
-    """An expression linear in Plackett nodes GaussHermite(f_k, (w,)) as base + one node
-    GaussHermite(sum_k c_k f_k, (w,)), c_k = d expr / d node_k (the reduction multiplies an
-    orthant probability only by factors free of w and adds): one quadrature, not one per
-    orthant probability. The part of c_k in the `outside` symbols (eta) stays a factor of
-    the node (one node per such factor)."""
-    from .gaussian import GaussHermite
-    nodes = [x for x in expr.atoms(GaussHermite) if tuple(x.variables) == (PLACKETT_W,)]
-    if len(nodes) < 2:
-        return expr
-    names = {x: sp.Dummy(f"orthant{i}") for i, x in enumerate(nodes)}
-    flat = expr.xreplace(names)
-    out = flat.xreplace({d: 0 for d in names.values()})
-    groups = {}
-    for x, d in names.items():
-        c = sp.diff(flat, d)
-        for term in sp.Add.make_args(sp.expand(c) if outside and c.has(*outside) else c):
-            inner, c_out = (term.as_independent(*outside, as_Add=False) if outside
-                            else (term, sp.Integer(1)))
-            groups[c_out] = groups.get(c_out, sp.Integer(0)) + inner * x.integrand
-    for c_out, integrand in groups.items():
-        out += c_out * GaussHermite(integrand, sp.Tuple(PLACKETT_W))
-    return out
-
-
-__all__ = ["GaussianClosedForm", "NoClosedForm", "NormalCDF2", "rewrite", "kinks_as_steps"]
+__all__ = ["GaussianClosedForm", "NoClosedForm", "NormalCDF2", "NormalOrthant", "rewrite",
+           "kinks_as_steps"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .closed_forms import _one_node
 from .gaussian import (ExactEngine, GaussHermite, NotPolynomial, TokenGaussian,
-                       _integrate_polynomial_part, _nonpolynomial_symbols, distribute)
+                       _integrate_polynomial_part, _nonpolynomial_symbols, distribute,
+                       has_quadrature)
 
 
 class Expectation:
@@ -123,7 +123,7 @@ class Expectation:
             out = None
         else:
             self.conditions.extend((c, factor) for c in engine.conditions[n0:])
-            if out.has(GaussHermite):
+            if has_quadrature(out):  # an orthant probability done by Plackett's integral
                 self.kinds.add("quadrature")
         self._closed_cache[factor] = out
         return out
@@ -245,7 +245,7 @@ class Expectation:
             out += value
         for (_, c_out), integrand in pending.items():
             out += c_out * self._quadrature_expect(integrand)
-        return _merge_nodes(_one_node(out, self.outside), self.outside)
+        return _merge_nodes(out, self.outside)
 
     def _canonical(self, factor):
         """A one-token factor of a tied student renamed to the first token with the same row

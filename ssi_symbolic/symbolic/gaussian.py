@@ -788,8 +788,10 @@ def dag_any(expr, pred) -> bool:
 
 
 def has_quadrature(expr) -> bool:
-    """True when an expression holds a GaussHermite node."""
-    return dag_any(expr, lambda x: isinstance(x, GaussHermite))
+    """True when an expression holds a GaussHermite node or another function evaluated by
+    quadrature (closed_forms.NormalOrthant)."""
+    return dag_any(expr, lambda x: isinstance(x, GaussHermite)
+                   or getattr(type(x), "numeric_quadrature", False))
 
 
 __all__ = ["dag_any", "distribute", "TokenGaussian", "ExactEngine", "GaussHermite", "NotPolynomial",

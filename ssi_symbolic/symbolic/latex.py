@@ -77,7 +77,9 @@ def document(D: Derivation) -> str:
         "All expectations are " + (
             "exact (Gaussian moments)." if D.method == "exact" else
             r"exact where the integrand is polynomial; closed forms (arcsine, arc-cosine, "
-            r"bivariate normal CDF $\Phi_2$) where the link families allow; the others are "
+            r"bivariate normal CDF $\Phi_2$) where the link families allow; orthant "
+            r"probabilities $\Phi_3$, $\Phi_4$ without a closed form are evaluated by "
+            r"Plackett's one-dimensional integral; the others are "
             r"written as Gaussian expectations, evaluated by quadrature."),
         r"\section*{Population loss}",
         broken_lines(r"\mathcal{R}", D.population_loss),

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 76bb73c6dfb057a72bc96f5f663f56821ad853edb8c84daed7e9e6618b3720d4
-# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
+# spec-hash: 7685aa73240aee3eefba3d8d1690f59246768a206ccd312215093d97645abb21
+# tool: ssi-symbolic 0.1.0 generator 1 source ddddeb28ff66ec6f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '76bb73c6dfb057a72bc96f5f663f56821ad853edb8c84daed7e9e6618b3720d4'
+SPEC_HASH = '7685aa73240aee3eefba3d8d1690f59246768a206ccd312215093d97645abb21'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fe0125cb651c7cc07041902d5124a1c62b49db92cc9923ab9a3dc0c08b8a0c83
-# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
+# spec-hash: 4e712bb90edb36ab38300d7b91a6f925f307f6e75a0b53b4f7384a511a22aa8c
+# tool: ssi-symbolic 0.1.0 generator 1 source ddddeb28ff66ec6f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fe0125cb651c7cc07041902d5124a1c62b49db92cc9923ab9a3dc0c08b8a0c83'
+SPEC_HASH = '4e712bb90edb36ab38300d7b91a6f925f307f6e75a0b53b4f7384a511a22aa8c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

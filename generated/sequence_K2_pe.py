@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 933d3d985d3bad82c2b3401fd0dcb6617c48d97a709e3dd82a85e924c7868316
-# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
+# spec-hash: a7554fd242d7271db4ee6fe95ecccce6e5b1a918d62ad9fabe89e5d85ebc66c4
+# tool: ssi-symbolic 0.1.0 generator 1 source ddddeb28ff66ec6f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '933d3d985d3bad82c2b3401fd0dcb6617c48d97a709e3dd82a85e924c7868316'
+SPEC_HASH = 'a7554fd242d7271db4ee6fe95ecccce6e5b1a918d62ad9fabe89e5d85ebc66c4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

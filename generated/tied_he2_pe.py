@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5ad783575a0c6bfe6f536112341be525c65d117dac29040195ea0cc95c1089a1
-# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
+# spec-hash: 98a1df09dccca7461dda4656b085948660b073c8b291e3619e19c2f53fc1a7ec
+# tool: ssi-symbolic 0.1.0 generator 1 source ddddeb28ff66ec6f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5ad783575a0c6bfe6f536112341be525c65d117dac29040195ea0cc95c1089a1'
+SPEC_HASH = '98a1df09dccca7461dda4656b085948660b073c8b291e3619e19c2f53fc1a7ec'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

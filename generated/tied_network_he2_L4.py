@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6332ae05037c5db123797f3ffe4b4f30bd36c467b6c42c00590cacf66c2c1065
-# tool: ssi-symbolic 0.1.0 generator 1 source fe2ff7c48e03bb2e
+# spec-hash: c6f59fdac6ff1fc564491a0f568b9eea742b651f8379040852070b02b8fca15e
+# tool: ssi-symbolic 0.1.0 generator 1 source ddddeb28ff66ec6f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6332ae05037c5db123797f3ffe4b4f30bd36c467b6c42c00590cacf66c2c1065'
+SPEC_HASH = 'c6f59fdac6ff1fc564491a0f568b9eea742b651f8379040852070b02b8fca15e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

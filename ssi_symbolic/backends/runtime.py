@@ -218,28 +218,35 @@ def _orthant(*args):
         out = out * _sc.ndtr(x)
     x, w = numpy.polynomial.legendre.leggauss(2 * QUADRATURE_NODES)
     ts, ws = (x + 1.0) / 2.0, w / 2.0
+    # zero means (no positional shift): the conditional means vanish and Phi_2(0, 0; rho) =
+    # 1/4 + arcsin(rho) / 2 pi, with no Owen's T
+    centred = not any(numpy.any(x != 0) for x in h)
+    # the Gauss-Legendre points along a new first axis: arrays of shape (points,) + states
+    t = ts.reshape((-1,) + (1,) * h[0].ndim)
+    wt = ws.reshape(t.shape)
+    Rt = lambda a, b: 1.0 if a == b else t * R[a, b]
     for i in range(n):
         for j in range(i + 1, n):
             rest = [a for a in range(n) if a not in (i, j)]
-            for t, wt in zip(ts, ws):
-                Rt = lambda a, b: 1.0 if a == b else t * R[a, b]
-                r = t * R[i, j]
-                s2 = 1.0 - r * r
-                dens = (numpy.exp(-(h[i] ** 2 - 2 * r * h[i] * h[j] + h[j] ** 2) / (2 * s2))
-                        / (2 * numpy.pi * numpy.sqrt(s2)))
-                B = {a: ((Rt(a, i) - r * Rt(a, j)) / s2, (Rt(a, j) - r * Rt(a, i)) / s2)
-                     for a in rest}
-                mean = {a: B[a][0] * h[i] + B[a][1] * h[j] for a in rest}
-                cov = lambda a, b: Rt(a, b) - B[a][0] * Rt(i, b) - B[a][1] * Rt(j, b)
-                if n == 3:
-                    a = rest[0]
-                    cond = _sc.ndtr((h[a] - mean[a]) / numpy.sqrt(cov(a, a)))
-                else:
-                    a, b = rest
-                    sa, sb = numpy.sqrt(cov(a, a)), numpy.sqrt(cov(b, b))
-                    cond = _bvn((h[a] - mean[a]) / sa, (h[b] - mean[b]) / sb,
-                                cov(a, b) / (sa * sb))
-                out = out + wt * R[i, j] * dens * cond
+            r = t * R[i, j]
+            s2 = 1.0 - r * r
+            dens = (numpy.exp(-(h[i] ** 2 - 2 * r * h[i] * h[j] + h[j] ** 2) / (2 * s2))
+                    / (2 * numpy.pi * numpy.sqrt(s2)))
+            B = {a: ((Rt(a, i) - r * Rt(a, j)) / s2, (Rt(a, j) - r * Rt(a, i)) / s2)
+                 for a in rest}
+            mean = {a: B[a][0] * h[i] + B[a][1] * h[j] for a in rest}
+            cov = lambda a, b: Rt(a, b) - B[a][0] * Rt(i, b) - B[a][1] * Rt(j, b)
+            if n == 3:
+                a = rest[0]
+                cond = _sc.ndtr((h[a] - mean[a]) / numpy.sqrt(cov(a, a)))
+            else:
+                a, b = rest
+                sa, sb = numpy.sqrt(cov(a, a)), numpy.sqrt(cov(b, b))
+                rho = cov(a, b) / (sa * sb)
+                cond = (0.25 + numpy.arcsin(numpy.clip(rho, -1.0, 1.0)) / (2 * numpy.pi)
+                        if centred else
+                        _bvn((h[a] - mean[a]) / sa, (h[b] - mean[b]) / sb, rho))
+            out = out + numpy.sum(wt * R[i, j] * dens * cond, axis=0)
     return out[()] if out.ndim == 0 else out
 
 

@@ -69,6 +69,12 @@ SAFETY = 10.0
 # ---------------------------------------------------------------------------------------------
 # SIE
 
+def _clearly_nonzero(value: float, error: float, threshold: float) -> bool:
+    """The numerical methods' test for a non-zero Hermite coefficient: |value| above both the
+    absolute threshold (tol times the link's L2 norm) and SAFETY times its error estimate."""
+    return abs(value) > max(threshold, SAFETY * error)
+
+
 def _label(i: int, n: int, alpha) -> str:
     return f"{alpha}" if n == 1 else f"[{i}] {alpha}"
 
@@ -166,7 +172,7 @@ def sie(link, L: int, params=None, kmax: int = 8, tol: float = 1e-8,
         thr = tol * norm
 
         def clear(v, e):
-            return abs(v) > max(thr, SAFETY * e)
+            return _clearly_nonzero(v, e, thr)
 
         orders = []
         for root, _, _ in trees:  # orders formed lazily: up to the first clear coefficient
@@ -579,7 +585,7 @@ def leap_analysis(link, Ks: int, L: int, params=None, kmax: int = 8, tol: float 
         for i, (root, _, _) in enumerate(trees):
             for kk in range(1, kmax + 1):
                 for a, (v, e) in _full_order(root, kk, len(zs)).items():
-                    if abs(v) > max(thr, SAFETY * e):
+                    if _clearly_nonzero(v, e, thr):
                         found.append((i, a, float(v), float(e)))
         for i, a, v, e in sorted(found, key=lambda t: (sum(t[1]), [-x for x in t[1]], t[0])):
             alphas.add(a)

@@ -65,10 +65,12 @@ def main() -> None:
             res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(case), tmp],
                                  capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
-            print(f"{name:48} failed: {res.stderr.strip().splitlines()[-1]}")
+            last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+            print(f"{name:48} failed: {last}", flush=True)
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{name:48} {r['cold_s']:14.1f} s {1e6 / r['states_per_s']:17.2f} s  {r['method']}")
+        print(f"{name:48} {r['cold_s']:14.1f} s {1e6 / r['states_per_s']:17.2f} s  {r['method']}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4e712bb90edb36ab38300d7b91a6f925f307f6e75a0b53b4f7384a511a22aa8c
-# tool: ssi-symbolic 0.1.0 generator 1 source ddddeb28ff66ec6f
+# spec-hash: 615e2263c75a95b9294247f12cfab9ae1327a933e82f07af26079aa706ad4a4b
+# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4e712bb90edb36ab38300d7b91a6f925f307f6e75a0b53b4f7384a511a22aa8c'
+SPEC_HASH = '615e2263c75a95b9294247f12cfab9ae1327a933e82f07af26079aa706ad4a4b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -155,6 +155,41 @@ def quadrature_error(function, *args, **kwargs):
     return coarse, (QUADRATURE_ERROR_FACTOR * numpy.abs(fine - coarse)
                     + 1e-13 * (1.0 + numpy.abs(coarse)))
 
+_CHUNK = 2 ** 14
+
+
+def _chunked(f):
+    """f evaluated in blocks of _CHUNK states when its broadcast arguments hold more: the
+    same values (each state is computed independently), outputs of the broadcast shape, the
+    nested tuple structure of f's result kept. (Small calls, as an ODE step's, go straight
+    to f: only an argument of more than 2 _CHUNK entries starts the blocks.)"""
+    def blocks(*args, **kw):
+        if all(getattr(a, "size", 1) <= 2 * _CHUNK for a in args) and all(
+                getattr(v, "size", 1) <= 2 * _CHUNK for v in kw.values()):
+            return f(*args, **kw)
+        arrays = [numpy.asarray(a, dtype=float) for a in args]
+        named = {k: numpy.asarray(v, dtype=float) for k, v in kw.items()}
+        shape = numpy.broadcast_shapes(*[a.shape for a in arrays],
+                                       *[v.shape for v in named.values()])
+        size = int(numpy.prod(shape))
+        if size <= 2 * _CHUNK:
+            return f(*args, **kw)
+        flat = [numpy.broadcast_to(a, shape).reshape(-1) for a in arrays]
+        flat_kw = {k: numpy.broadcast_to(v, shape).reshape(-1) for k, v in named.items()}
+        starts = range(0, size, _CHUNK)
+        parts = [f(*[a[i:i + _CHUNK] for a in flat],
+                   **{k: v[i:i + _CHUNK] for k, v in flat_kw.items()}) for i in starts]
+
+        def join(items):
+            if isinstance(items[0], tuple):
+                return tuple(join([p[k] for p in items]) for k in range(len(items[0])))
+            return numpy.concatenate([
+                numpy.broadcast_to(numpy.asarray(p, dtype=float), (min(_CHUNK, size - i),))
+                for i, p in zip(starts, items)]).reshape(shape)
+        return join(parts)
+    blocks.__name__, blocks.__doc__, blocks.__wrapped__ = f.__name__, f.__doc__, f
+    return blocks
+
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
     _x0 = (m*m)
@@ -234,3 +269,13 @@ def student_link(z1):
 def student_link_gradient(z1):
     """dg_k/dz_l of the student link, as K tuples of L entries."""
     return _bc_nested(((2*z1,),))
+
+# a call on more than 2 _CHUNK states is evaluated in blocks of _CHUNK (cache-sized temporaries)
+population_loss = _chunked(population_loss)
+drift_eta1 = _chunked(drift_eta1)
+drift_eta2 = _chunked(drift_eta2)
+drift = _chunked(drift)
+covariance = _chunked(covariance)
+ito_correction = _chunked(ito_correction)
+finite_d_correction = _chunked(finite_d_correction)
+drift_jacobian = _chunked(drift_jacobian)

@@ -16,6 +16,12 @@ CASES = [
     pytest.param(lambda: make_spec("cross_r2", 2, "z1*z2 + He(2, z1)/2", "z1*z2",
                                    positional=[[1.0, 0.5], [-0.5, 1.0]]),
                  0.3, [0.2, -0.1], 0.15, id="cross_r2"),
+    # constants in the links (1/pi, sqrt 3): the token-norm term has 1/pi^2 .. 1/pi^4, which
+    # the exact engine must know as constants (it ended in NotPolynomial: pi**(-4))
+    pytest.param(lambda: make_spec("pi_constants", 2, "He(2, z1)/sqrt(2) + z2",
+                                   "sqrt(3)*z1*z2/pi + z1**2/(2*pi)",
+                                   positional=[[1.0], [-0.5]]),
+                 0.3, 0.2, 0.2, id="pi_constants"),
 ]
 
 

@@ -50,3 +50,38 @@ def test_delta_integration_closed_form():
         else:
             total += float(sp.lambdify([m], part, "numpy")(0.3))
     assert abs(total - 0.5) < 2e-2  # kinked smooth part: Gauss-Hermite converges slowly
+
+
+def test_ring_to_sympy_is_the_canonical_expression(monkeypatch):
+    """ExactEngine.to_sympy assembles SymPy's canonical form directly (ranked factors and
+    terms, no re-flattening): every conversion made while deriving models with radicals,
+    pi, parameters, several directions and positional encodings must equal, argument order
+    included, what SymPy's own p.as_expr builds."""
+    import sympy as sp
+
+    from ssi_symbolic.model.spec import make_spec
+    from ssi_symbolic.symbolic import gaussian
+    from ssi_symbolic.symbolic.derive import derive
+
+    fast = gaussian.ExactEngine.to_sympy
+    seen = []
+
+    def checked(self, p):
+        a = fast(self, p)
+        b = p.as_expr(*self._back_symbols)
+        seen.append(sp.srepr(a) == sp.srepr(b) and a == b)
+        return a
+
+    monkeypatch.setattr(gaussian.ExactEngine, "to_sympy", checked)
+    specs = [
+        make_spec("c1", 2, "He(2, z1)/sqrt(2) + He(3, z2)/sqrt(6)",
+                  student="sqrt(3)*z1*z2/pi + beta*z1", positional=[[1.0], [-0.5]],
+                  parameters={"beta": 0.5}, spherical=False),
+        make_spec("c2", 1, "He(2, z1_1)/sqrt(2) + He(2, z2_1)/sqrt(2)", teacher_directions=2,
+                  student_directions=2, spherical=False),
+        make_spec("c3", 2, "exp(1)*z1**2 + sqrt(2)*sqrt(3)*z2**3 - 3*z1*z2/7", student="z1*z2",
+                  noise=0.1),
+    ]
+    for spec in specs:
+        derive(spec)
+    assert len(seen) > 50 and all(seen), (len(seen), seen.count(False))

@@ -413,6 +413,60 @@ def test_symbolic_jacobian_matches_finite_differences(name):
                                        err_msg=f"{name} eta={eta} state {k}")
 
 
+# Closed-form drifts (arcsine, arc-cosine, Owen's T, completed squares) are differentiated by
+# the chain rule through the module's common subexpressions: the same Richardson check.
+CLOSED_FORM_LINKS = {
+    "cf_erf": dict(L=1, teacher="erf(z1/sqrt(2))", student="erf(z1/sqrt(2))"),
+    "cf_relu_plain": dict(L=1, teacher="relu(z1)", student="relu(z1)", spherical=False),
+    "cf_relu_pe": dict(L=1, teacher="relu(z1)", student="relu(z1)", positional=[[1.0]]),
+    "cf_exp_erf_pe": dict(L=2, teacher="exp(z1/3) + erf(z2)", student="erf(z1) + z2/2",
+                          positional=[[1.0], [-0.5]], spherical=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSED_FORM_LINKS))
+def test_closed_form_jacobian_matches_finite_differences(name, gen_dir):
+    opts = dict(CLOSED_FORM_LINKS[name])
+    spec = make_spec(name, opts.pop("L"), opts.pop("teacher"), **opts)
+    mod = load_module(generate(spec, out_dir=gen_dir, diffusion=False)[0])
+    assert "closed form" in (mod.OUTPUT_METHODS["drift_eta1"], mod.OUTPUT_METHODS["drift_eta2"])
+    assert mod.JACOBIAN == "symbolic"
+    states = shipped_states(mod, np.random.default_rng(11))
+    n = len(mod.OVERLAPS)
+    for eta in (0.05, 0.4):
+        jac = mod.drift_jacobian(*states, eta=eta)
+        got = np.array([[np.broadcast_to(x, states[0].shape) for x in row] for row in jac])
+        ref = richardson_jacobian(lambda *x: mod.drift(*x, eta=eta), states, 1e-3)
+        assert got.shape == (n, n, len(states[0]))
+        for k in range(len(states[0])):
+            scale = np.abs(ref[..., k]).max()
+            np.testing.assert_allclose(got[..., k], ref[..., k], rtol=1e-6, atol=1e-8 * scale,
+                                       err_msg=f"{name} eta={eta} state {k}")
+
+
+def test_committee_jacobian_matches_finite_differences():
+    """The K = 2 erf committee (shipped, arcsine closed forms) at realisable states drawn from
+    random vectors."""
+    mod = load_module(GENERATED / "committee_erf_K2_drift_only.py")
+    assert mod.JACOBIAN == "symbolic"
+    rng = np.random.default_rng(5)
+    cols = []
+    for _ in range(4):
+        W = rng.standard_normal((2, 40)) / math.sqrt(40)
+        M, Q = W[:, :2], W @ W.T
+        cols.append([{"m": M, "q": Q}[nm[0]][int(nm[1]) - 1, int(nm[3]) - 1]
+                     for nm in mod.OVERLAPS])
+    states = [np.array(c) for c in zip(*cols)]
+    for eta in (0.1, 0.8):
+        got = np.array([[np.broadcast_to(x, states[0].shape) for x in row]
+                        for row in mod.drift_jacobian(*states, eta=eta)])
+        ref = richardson_jacobian(lambda *x: mod.drift(*x, eta=eta), states, 1e-3)
+        for k in range(len(cols)):
+            scale = np.abs(ref[..., k]).max()
+            np.testing.assert_allclose(got[..., k], ref[..., k], rtol=1e-6, atol=1e-8 * scale,
+                                       err_msg=f"eta={eta} state {k}")
+
+
 def _relu_exact_drift():
     """Exact drift of relu_student_he2 (teacher He2(zs)/sqrt 2, student relu(z), spherical).
 

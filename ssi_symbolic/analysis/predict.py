@@ -56,9 +56,18 @@ def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
         from .gain import learnability
         ok, why = learnability(ode.mod, ode.params)
         fp = {k: round(v, 6) for k, v in (out["fixed_point"] or {}).items()}
-        out["no_escape_reason"] = why if not ok else (
-            f"the dynamics converge to {fp} before |(m, e)| reaches {threshold} (eta too large, "
-            f"see `ssi max-lr`, or an uninformative fixed point)")
+        end = {k: round(v[-1], 6) for k, v in out["overlaps"].items()}
+        if not ok:
+            out["no_escape_reason"] = why
+        elif t_max is not None and out["t"][-1] >= t_max * (1 - 1e-9):
+            # stopped by the horizon, not by convergence (a plateau looks converged)
+            out["no_escape_reason"] = (
+                f"the threshold {threshold} is not reached by t_max = {t_max:g} (the state "
+                f"there: {end}); a longer --t-max may reach the escape")
+        else:
+            out["no_escape_reason"] = (
+                f"the dynamics converge to {fp} before |(m, e)| reaches {threshold} (eta too "
+                f"large, see `ssi max-lr`, or an uninformative fixed point)")
     return out
 
 

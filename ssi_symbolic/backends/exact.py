@@ -38,9 +38,9 @@ from ..symbolic.derive import Derivation, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.gaussian import GaussHermite
 from .files import module_path, read_hash, write_atomic
-from .printing import (closure, cse, function_source, horner, module_header, pycode,
-                       tuple_source)
-from .runtime import BVN_HELPERS, GAUSS_HERMITE_HELPERS, ORTHANT_HELPERS
+from .printing import (closure, cse, forward_jacobian, function_source, horner, module_header,
+                       pycode, tuple_source)
+from .runtime import BVN_HELPERS, CHUNK_HELPERS, GAUSS_HERMITE_HELPERS, ORTHANT_HELPERS
 
 GENERATOR_VERSION = "1"
 DEFAULT_NODES = 40
@@ -96,17 +96,43 @@ class _Module:
         flat_cov = [cov[i][j] for i in range(n) for j in range(i, n)]
         ito = [self._extract(x) for x in D.ito_correction]
         fdc = [self._extract(x) for x in D.finite_d_correction]
-        jac_exprs = list(D.drift_jacobian())
-        # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
-        # Jacobian is taken by central differences of the generated drift instead
-        self.jacobian_method = ("finite-difference" if any(x.has(sp.DiracDelta)
-                                                           for x in jac_exprs) else "symbolic")
-        jac = ([self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
-               else [sp.Integer(0)] * (n * n))
-        outputs = [horner(x, D.state)
-                   for x in [loss] + d1 + d2 + flat_cov + ito + jac + fdc]
-        repl, reduced = cse(outputs)
-        repl_index = {s: i for i, (s, _) in enumerate(repl)}
+        methods = D.methods or D.output_methods()
+        drift_methods = {methods["drift_eta1"], methods["drift_eta2"]}
+        # a closed-form drift (arcsine, erf, sqrt ...) is differentiated through the common
+        # subexpressions (forward mode, linear in their size; differentiating the expanded
+        # drift took 30 s for the K = 2 erf committee); polynomial and quadrature drifts are
+        # differentiated whole (Poly.diff; derivatives of the quadrature integrands)
+        forward = "quadrature" not in drift_methods and "closed form" in drift_methods
+        jac_lines, jac_grads = [], None
+        if forward:
+            outputs = [horner(x, D.state) for x in [loss] + d1 + d2 + flat_cov + ito + fdc]
+            repl, reduced = cse(outputs)
+            repl_index = {s: i for i, (s, _) in enumerate(repl)}
+            r_d = reduced[1:1 + 2 * n]
+            try:
+                jac_lines, jac_grads = forward_jacobian(repl, repl_index, r_d, list(D.state))
+            except ValueError:
+                forward = False
+            else:
+                reduced = reduced[:1 + 2 * n + len(flat_cov) + n] + [sp.Integer(0)] * (n * n) \
+                    + reduced[1 + 2 * n + len(flat_cov) + n:]
+        if forward:
+            # a kink (ReLU, |x|) differentiates to a Dirac delta: central differences instead
+            self.jacobian_method = ("finite-difference" if any(
+                v.has(sp.DiracDelta) for _, v in jac_lines) or any(
+                g.has(sp.DiracDelta) for row in jac_grads for g in row) else "symbolic")
+        else:
+            jac_exprs = list(D.drift_jacobian())
+            # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
+            # Jacobian is taken by central differences of the generated drift instead
+            self.jacobian_method = ("finite-difference" if any(
+                x.has(sp.DiracDelta) for x in jac_exprs) else "symbolic")
+            jac = ([self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
+                   else [sp.Integer(0)] * (n * n))
+            outputs = [horner(x, D.state)
+                       for x in [loss] + d1 + d2 + flat_cov + ito + jac + fdc]
+            repl, reduced = cse(outputs)
+            repl_index = {s: i for i, (s, _) in enumerate(repl)}
         r_loss = reduced[0]
         r_d1, r_d2 = reduced[1:1 + n], reduced[1 + n:1 + 2 * n]
         k0 = 1 + 2 * n + len(flat_cov)
@@ -180,7 +206,18 @@ class _Module:
             f"d times the whole O(1/d) drift for ({names}): the SDE drift is drift + "
             f"finite_d_correction / d ({D.finite_d_note}; {method}).",
             body(r_fdc), f"_bc({', '.join(pycode(x) for x in r_fdc)})"))
-        if self.jacobian_method == "symbolic":
+        if self.jacobian_method == "symbolic" and forward:
+            eta = sp.Symbol("eta")
+            g1, g2 = jac_grads[:n], jac_grads[n:]
+            jrows = [tuple_source([pycode(eta * g1[i][j] + eta ** 2 * g2[i][j])
+                                   for j in range(n)]) for i in range(n)]
+            lines = body(list(r_d1) + list(r_d2)) + [f"{s} = {pycode(v)}" for s, v in jac_lines]
+            fns.append(function_source(
+                "drift_jacobian", st + ["eta"] + pa,
+                f"Jacobian d drift_i / d x_j over ({names}), derived symbolically by the chain "
+                f"rule through the common subexpressions of the drift ({method}).",
+                lines, "_bc_nested(" + tuple_source(jrows) + ")"))
+        elif self.jacobian_method == "symbolic":
             jrows = [tuple_source([pycode(r_jac[i * n + j]) for j in range(n)]) for i in range(n)]
             fns.append(function_source(
                 "drift_jacobian", st + ["eta"] + pa,
@@ -345,10 +382,14 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
     header = module_header(spec, doc, h, tool_salt(), constants)
     body = state_fns + quad_fns + link_fns
     orthant = any("_orthant(" in f for f in body)
-    helpers = [GAUSS_HERMITE_HELPERS] + (
+    helpers = [GAUSS_HERMITE_HELPERS, CHUNK_HELPERS] + (
         [BVN_HELPERS] if orthant or any("_bvn(" in f for f in body) else []) + (
         [ORTHANT_HELPERS] if orthant else [])
-    parts = [header] + helpers + body
+    wrapped = [f[len("def "):f.index("(")] for f in state_fns]
+    wrapped = [w for w in wrapped if w != "diffusion"]  # diffusion calls covariance
+    chunking = ("# a call on more than 2 _CHUNK states is evaluated in blocks of _CHUNK "
+                "(cache-sized temporaries)\n" + "\n".join(f"{w} = _chunked({w})" for w in wrapped))
+    parts = [header] + helpers + body + [chunking]
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 
 

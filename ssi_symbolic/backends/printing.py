@@ -174,3 +174,62 @@ def module_header(spec, doc: list, spec_hash: str, tool: str, body: list,
 
 
 __all__ = ["module_header", "pycode", "horner", "cse", "closure", "function_source", "tuple_source", "MAX_ADD_TERMS"]
+
+
+def forward_jacobian(repl, repl_index, outputs, state, prefix="_dx"):
+    """Forward-mode differentiation of the assignments of a common-subexpression elimination:
+    for every replacement x_k = v_k(state, x_<k) needed by `outputs`, its gradient
+
+        d x_k / d s_j = dv_k/ds_j + sum_i (dv_k/dx_i) (d x_i / d s_j)
+
+    written as new assignments, each the derivative of one small v_k (the chain rule on the
+    DAG, exact; cost linear in its size, where differentiating the expanded outputs repeats
+    every shared subtree). Returns (lines, grads): lines, a list of (symbol, expression) in
+    order, and grads[o][j] = d outputs[o] / d state[j] in terms of the replacements, the state
+    and those symbols. Unevaluated derivatives (a function without a known derivative) raise
+    ValueError, so the caller can fall back to differentiating the whole expression."""
+    names = sp.numbered_symbols(prefix)
+    zero = sp.Integer(0)
+    n = len(state)
+    grad = {}      # replacement symbol -> [d/ds_j]
+    lines = []
+
+    # the replacements hold real numbers: differentiated as real symbols (else Abs, sign and
+    # sqrt differentiate into re/im derivatives)
+    real = {s: sp.Symbol(s.name, real=True) for s, _ in repl}
+    back = {r: s for s, r in real.items()}
+
+    def name(e):
+        if e.is_Atom or e == zero:
+            return e
+        if e.has(sp.Derivative):
+            raise ValueError(f"unevaluated derivative in {e}")
+        s = next(names)
+        lines.append((s, e))
+        return s
+
+    def gradient(v):
+        free = v.free_symbols
+        vr = v.xreplace({a: real[a] for a in free if a in real})
+        row = [vr.diff(x).xreplace(back) if x in free else zero for x in state]
+        for a in sorted(free, key=str):
+            ga = grad.get(a)
+            if ga is None or all(g == zero for g in ga):
+                continue
+            pa = vr.diff(real[a]).xreplace(back)
+            if pa == zero:
+                continue
+            if sum(g != zero for g in ga) > 1:
+                pa = name(pa)
+            row = [r + pa * g if g != zero else r for r, g in zip(row, ga)]
+        for r in row:
+            if r.has(sp.Derivative):
+                raise ValueError(f"unevaluated derivative in {r}")
+        return row
+
+    for k in closure(outputs, repl_index, repl):
+        s, v = repl[k]
+        grad[s] = [name(r) for r in gradient(v)]
+    grads = [gradient(o) for o in outputs]
+    assert all(len(g) == n for g in grads)
+    return lines, grads

@@ -8,6 +8,8 @@ They are defined here as ordinary functions (importable, testable) and their tex
     GAUSS_HERMITE_HELPERS   the above, the tensor trapezoidal rule _trap_grid for E over
                             N(0, I_k), _gh_expect and the n-versus-2n quadrature_error
                             (exact backend)
+    CHUNK_HELPERS           _chunked: a call on many states evaluated in blocks of _CHUNK
+                            states (exact backend)
     BVN_HELPERS             _bvn, the bivariate normal CDF by Owen's T (closed forms with
                             mean shifts)
     ORTHANT_HELPERS         _orthant, normal orthant probabilities of dimension 3 and 4 by
@@ -42,6 +44,44 @@ def _bc_nested(rows):
     flat = _bc(*[x for row in rows for x in row])
     n = len(rows[0])
     return tuple(tuple(flat[i * n:(i + 1) * n]) for i in range(len(rows)))
+
+
+#: states evaluated at once by a _chunked function: every temporary array of a formula then
+#: stays in the processor's cache (about 6x faster on 10^6 states than one call)
+_CHUNK = 2 ** 14
+
+
+def _chunked(f):
+    """f evaluated in blocks of _CHUNK states when its broadcast arguments hold more: the
+    same values (each state is computed independently), outputs of the broadcast shape, the
+    nested tuple structure of f's result kept. (Small calls, as an ODE step's, go straight
+    to f: only an argument of more than 2 _CHUNK entries starts the blocks.)"""
+    def blocks(*args, **kw):
+        if all(getattr(a, "size", 1) <= 2 * _CHUNK for a in args) and all(
+                getattr(v, "size", 1) <= 2 * _CHUNK for v in kw.values()):
+            return f(*args, **kw)
+        arrays = [numpy.asarray(a, dtype=float) for a in args]
+        named = {k: numpy.asarray(v, dtype=float) for k, v in kw.items()}
+        shape = numpy.broadcast_shapes(*[a.shape for a in arrays],
+                                       *[v.shape for v in named.values()])
+        size = int(numpy.prod(shape))
+        if size <= 2 * _CHUNK:
+            return f(*args, **kw)
+        flat = [numpy.broadcast_to(a, shape).reshape(-1) for a in arrays]
+        flat_kw = {k: numpy.broadcast_to(v, shape).reshape(-1) for k, v in named.items()}
+        starts = range(0, size, _CHUNK)
+        parts = [f(*[a[i:i + _CHUNK] for a in flat],
+                   **{k: v[i:i + _CHUNK] for k, v in flat_kw.items()}) for i in starts]
+
+        def join(items):
+            if isinstance(items[0], tuple):
+                return tuple(join([p[k] for p in items]) for k in range(len(items[0])))
+            return numpy.concatenate([
+                numpy.broadcast_to(numpy.asarray(p, dtype=float), (min(_CHUNK, size - i),))
+                for i, p in zip(starts, items)]).reshape(shape)
+        return join(parts)
+    blocks.__name__, blocks.__doc__, blocks.__wrapped__ = f.__name__, f.__doc__, f
+    return blocks
 
 
 _GRIDS = {}
@@ -216,7 +256,10 @@ def _orthant(*args):
     out = numpy.ones_like(h[0])
     for x in h:
         out = out * _sc.ndtr(x)
-    x, w = numpy.polynomial.legendre.leggauss(2 * QUADRATURE_NODES)
+    key = ("legendre", 2 * QUADRATURE_NODES)
+    if key not in _GRIDS:
+        _GRIDS[key] = numpy.polynomial.legendre.leggauss(2 * QUADRATURE_NODES)
+    x, w = _GRIDS[key]
     ts, ws = (x + 1.0) / 2.0, w / 2.0
     # zero means (no positional shift): the conditional means vanish and Phi_2(0, 0; rho) =
     # 1/4 + arcsin(rho) / 2 pi, with no Owen's T
@@ -495,6 +538,9 @@ def embed(*items) -> str:
 #: broadcasting helpers every generated module carries (it imports only numpy and scipy)
 BROADCAST_HELPERS = "\n" + embed(_bc, _bc_nested)
 
+#: evaluation in blocks of states (the exact backend's state functions)
+CHUNK_HELPERS = embed("_CHUNK", _chunked)
+
 GAUSS_HERMITE_HELPERS = "\n" + BROADCAST_HELPERS + "\n\n" + embed(
     "_GRIDS", "_GH_CHUNK", "_TRAP_HALF_WIDTH", _trap_grid, _gh_expect, _split_expect,
     quadrature_error)
@@ -509,5 +555,5 @@ ATTENTION_HELPERS = BROADCAST_HELPERS + "\n\n" + embed(
     _sc_pieces, _polar, _polar_table, _polar_eval, _per_state, _tabulated)
 
 
-__all__ = ["BROADCAST_HELPERS", "GAUSS_HERMITE_HELPERS", "BVN_HELPERS", "ORTHANT_HELPERS",
-           "ATTENTION_HELPERS", "embed"]
+__all__ = ["BROADCAST_HELPERS", "CHUNK_HELPERS", "GAUSS_HERMITE_HELPERS", "BVN_HELPERS",
+           "ORTHANT_HELPERS", "ATTENTION_HELPERS", "embed"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from ..errors import SpecError, StateError
-from .spec import ModelSpec, load_spec
+from .spec import ModelSpec, load_spec, overlap_index
 
 
 def as_spec(spec_or_path) -> ModelSpec:
@@ -24,7 +24,7 @@ def check_state(spec: ModelSpec, at: dict) -> dict:
                          f"{', '.join(names)})")
     state = {}
     for k in names:
-        diag = k == "q" or (spec.multi and k[0] == "q" and len(set(k[1:].split("_"))) == 1)
+        diag = k == "q" or (spec.multi and k[0] == "q" and overlap_index(k)[1] == overlap_index(k)[2])
         v = at.get(k, 1.0 if diag else 0.0)
         try:
             v = float(v)
@@ -59,8 +59,8 @@ def _check_multi_state(spec: ModelSpec, state: dict) -> None:
     for k in range(K):
         G[Ks + k, Ks + k] = 1.0
     for name, v in state.items():
-        a, b = (int(x) - 1 for x in name[1:].split("_"))
-        i, j = {"m": (Ks + a, b), "e": (Ks + a, Ks + K + b), "q": (Ks + a, Ks + b)}[name[0]]
+        kind, a, b = overlap_index(name)
+        i, j = {"m": (Ks + a, b), "e": (Ks + a, Ks + K + b), "q": (Ks + a, Ks + b)}[kind]
         G[i, j] = G[j, i] = v
     for k in range(K):
         if G[Ks + k, Ks + k] <= 0:

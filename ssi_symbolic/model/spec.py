@@ -199,6 +199,15 @@ def link_entries(expr) -> list:
     return list(expr) if isinstance(expr, sp.MatrixBase) else [expr]
 
 
+def overlap_index(name: str) -> tuple[str, int, int]:
+    """The kind and 0-based indices of a several-direction overlap name (MATH.md section 8):
+    "m2_1" -> ("m", 1, 0) is M[2,1], "e{k}_{a}" -> E[k,a], "q{k}_{h}" -> Q[k,h]."""
+    if not _MULTI_OVERLAP.match(name) or name[0] == "z":
+        raise ValueError(f"not an overlap name of several directions: {name!r}")
+    a, b = name[1:].split("_")
+    return name[0], int(a) - 1, int(b) - 1
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A sequence single-index model (MATH.md section 1).

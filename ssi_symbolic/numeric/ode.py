@@ -20,6 +20,7 @@ from scipy.integrate import solve_ivp
 from scipy.optimize import brentq, root
 
 from ..errors import SSIError, StateError
+from ..model.spec import overlap_index
 
 DEFAULT_THETA = 0.5
 ALIGN_TOL = 1e-2
@@ -266,8 +267,8 @@ def random_start(ode: OverlapODE, d: float, init=None, seed: int = 0) -> np.ndar
     Qoff = rng.standard_normal((K, K)) / math.sqrt(d)
     x = []
     for name in ode.names:
-        a, b = (int(v) - 1 for v in name[1:].split("_"))
-        x.append({"m": M, "e": E}[name[0]][a, b] if name[0] != "q" else
+        kind, a, b = overlap_index(name)
+        x.append({"m": M, "e": E}[kind][a, b] if kind != "q" else
                  (1.0 if a == b else Qoff[a, b]))
     x = np.array(x, dtype=float)
     for name, v in (init or {}).items():
@@ -356,8 +357,11 @@ def fixed_point(ode: OverlapODE, x_guess) -> tuple[np.ndarray, np.ndarray, bool]
     stable) with stable = all real parts < 0."""
     x_guess = np.asarray(x_guess, dtype=float)
     scale = max(1.0, float(np.max(np.abs(ode.drift(x_guess)))))
-    sol = root(lambda x: ode.drift(x) / scale, x_guess, jac=lambda x: ode.jacobian(x) / scale,
-               method="hybr", options={"xtol": 1e-13})
+    # Newton may step outside the states vectors realise (arcsin of a value above 1): NaN
+    # there, and a root that is not finite or not inside is rejected below
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        sol = root(lambda x: ode.drift(x) / scale, x_guess,
+                   jac=lambda x: ode.jacobian(x) / scale, method="hybr", options={"xtol": 1e-13})
     inside = ode.excess(sol.x) <= 1e-9
     x = sol.x if sol.success and inside and np.linalg.norm(sol.x - x_guess) < 0.1 else x_guess
     J = ode.jacobian(x)
@@ -422,8 +426,8 @@ def _multi_guesses(ode: OverlapODE, starts: int, rng) -> list:
         M, E, Q = W @ T.T, W @ U.T, W @ W.T
         x = []
         for name in ode.names:
-            a, b = (int(v) - 1 for v in name[1:].split("_"))
-            x.append({"m": M, "e": E, "q": Q}[name[0]][a, b])
+            kind, a, b = overlap_index(name)
+            x.append({"m": M, "e": E, "q": Q}[kind][a, b])
         out.append(np.array(x))
     return out
 

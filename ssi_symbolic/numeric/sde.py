@@ -19,6 +19,7 @@ import numpy as np
 from .ode import DEFAULT_THETA, OverlapODE, _check_eta
 from ..backends.contract import require
 from ..errors import StateError
+from ..model.spec import overlap_index
 
 
 def _sqrt_psd(D):
@@ -41,8 +42,8 @@ def _multi_project(ode: OverlapODE, x):
     scale = 1.0 / np.sqrt(np.maximum(norm2, 1.0))            # (K, N)
     x = np.array(x, dtype=float)
     for i, name in enumerate(ode.names):
-        k, h = (int(v) - 1 for v in name[1:].split("_"))
-        if name[0] in "me":
+        kind, k, _ = overlap_index(name)
+        if kind in "me":
             x[i] = x[i] * scale[k]
         else:
             x[i] = np.clip(x[i], -1.0, 1.0)

@@ -482,7 +482,10 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     exchangeable = (not spec.untied and not spec.multi and not spec.C and L > 1
                     and token_symmetric(spec))
     st = statistics(spec, gauss, norm=diffusion and not exchangeable)
-    E = Expectation(gauss, [st.loss] + st.base, extra_symbols=(ETA,))
+    # the token-norm terms hold second derivatives of the links: their constants (1/pi^4 from
+    # a 1/pi in a link) are registered with the others
+    E = Expectation(gauss, [st.loss] + st.base + [t for t in st.norm_terms if t != 0]
+                    + [k for k in (st.K or []) if k != 0], extra_symbols=(ETA,))
     ex = E.exact
     try:
         R = ex.expect_spt(ex.to_spt(st.loss))
@@ -588,7 +591,16 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                    population_loss=back(R), drift_eta1=d1, drift_eta2=d2, covariance=cov,
                    ito_correction=ito, finite_d_correction=corr, finite_d_note=note,
                    method=method or "exact", seconds=time.perf_counter() - t0)
-    D.methods = D.output_methods()
+    if method == "exact":
+        # ring elements are polynomials in the state (their generators are the state, the
+        # parameters and constants): exact without walking the formulas; only the batch
+        # cross terms (divided by rho^2) were built in SymPy
+        D.methods = {k: "exact" for k in ("population_loss", "drift_eta1", "drift_eta2",
+                                          "covariance", "ito_correction")}
+        D.methods["finite_d_correction"] = (
+            method_of(corr, gauss.state) if diffusion and spec.batch != 1 else "exact")
+    else:
+        D.methods = D.output_methods()
     if not diffusion:
         for k in ("covariance", "ito_correction", "finite_d_correction"):
             D.methods.pop(k)

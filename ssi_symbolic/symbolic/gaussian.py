@@ -340,6 +340,79 @@ def _constant_atoms(exprs, random, keep):
     return atoms, primes
 
 
+def _ring_to_expr(ex, p):
+    """ExactEngine.to_sympy: p.as_expr(*back_symbols), built term by term in canonical order
+    (Mul: the number first, then the factors sorted by Basic.compare; Add: the number first,
+    then the terms sorted by Basic.compare, as Mul.flatten and Add.flatten order them)."""
+    from functools import cmp_to_key
+    if not p:
+        return sp.Integer(0)
+    syms, is_const, to_number = ex._back_symbols, ex._is_const, ex.R.domain.to_sympy
+    powers, const_parts = ex._powers, ex._const_parts
+    rows = []
+    for monom, coeff in p.items():
+        num = to_number(coeff)
+        factors = []
+        cmon = tuple(e if c else 0 for e, c in zip(monom, is_const))
+        if any(cmon):  # constants (radicals, pi, ...) multiplied out by SymPy, once each
+            part = const_parts.get(cmon)
+            if part is None:
+                part = sp.Mul(*[syms[i] ** e for i, e in enumerate(cmon) if e]).as_coeff_Mul()
+                const_parts[cmon] = part
+            num = num * part[0]
+            rest = part[1]
+            if rest is not sp.S.One:
+                factors.extend(rest.args if rest.is_Mul else (rest,))
+        for i, e in enumerate(monom):
+            if e and not is_const[i]:
+                f = powers.get((i, e))
+                if f is None:
+                    f = powers[(i, e)] = syms[i] ** e
+                factors.append(f)
+        if not num.is_Number:
+            return p.as_expr(*syms)
+        rows.append((num, factors))
+    distinct = {f for _, fs in rows for f in fs}
+    if any(not (f.is_Symbol or f.is_Pow or f.is_NumberSymbol) for f in distinct):
+        return p.as_expr(*syms)  # other constant factors: let SymPy combine them
+    rank = {f: k for k, f in enumerate(sorted(distinct, key=cmp_to_key(sp.Basic.compare)))}
+    constant, terms, seen = sp.Integer(0), [], set()
+    for num, fs in rows:
+        if num == 0:
+            continue
+        if not fs:
+            constant = constant + num
+            continue
+        fs.sort(key=rank.__getitem__)
+        key = tuple(fs)
+        if key in seen:  # two monomials with one SymPy form: let Add collect them
+            return p.as_expr(*syms)
+        seen.add(key)
+        if num == 1:
+            terms.append(fs[0] if len(fs) == 1 else sp.Mul._from_args(fs, True))
+        else:
+            terms.append(sp.Mul._from_args([num] + fs, True))
+    # Add's order, sp.Basic.compare, without comparing whole terms: objects of different
+    # classes are ordered by their classes alone; two products by their number of arguments,
+    # then argument by argument, so a rank of every distinct argument (and bare factor) does
+    # it (Basic.compare reads _hashable_content, which is args for Mul)
+    compare = cmp_to_key(sp.Basic.compare)
+    reps = {}
+    for t in terms:
+        reps.setdefault(type(t), t)
+    cls_rank = {c: k for k, c in enumerate(sorted(reps, key=lambda c: compare(reps[c])))}
+    objs = {a for t in terms for a in (t.args if t.is_Mul else (t,))}
+    arg_rank = {a: k for k, a in enumerate(sorted(objs, key=compare))}
+    terms.sort(key=lambda t: (cls_rank[type(t)], len(t.args),
+                              tuple(arg_rank[a] for a in t.args)) if t.is_Mul
+               else (cls_rank[type(t)], arg_rank[t]))
+    if constant != 0:
+        terms.insert(0, constant)
+    if not terms:
+        return sp.Integer(0)
+    return terms[0] if len(terms) == 1 else sp.Add._from_args(terms, True)
+
+
 class ExactEngine:
     """Exact expectations of polynomial statistics, token by token.
 
@@ -683,12 +756,17 @@ class ExactEngine:
 
     def to_sympy(self, p):
         """A ring element back to a SymPy expression (constants restored: the generators that
-        stand for constants are given their values while the expression is built)."""
-        if not self.back:
-            return p.as_expr()
+        stand for constants are given their values while the expression is built).
+
+        The result is the canonical expression p.as_expr() builds, assembled directly: each
+        term's factors put in SymPy's canonical order by a rank computed once per distinct
+        factor, instead of Mul and Add re-flattening and re-sorting every term (which took
+        most of a large derivation's time)."""
         if not hasattr(self, "_back_symbols"):
             self._back_symbols = [self.back.get(g, g) for g in self.R.symbols]
-        return p.as_expr(*self._back_symbols)
+            self._is_const = [g in self.back for g in self.R.symbols]
+            self._powers, self._const_parts = {}, {}
+        return _ring_to_expr(self, p)
 
     def expect(self, expr):
         """Exact E[expr] for an expression polynomial in the random variables."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f3f7417dccec063f69e2d961676f4582321b00ecb23ec9d553d1b5b60b0131ce
-# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c
+# spec-hash: 53f0c540bc301df748531350a6cdb61b240d36242c052ef25358dd0d59ffe90e
+# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f3f7417dccec063f69e2d961676f4582321b00ecb23ec9d553d1b5b60b0131ce'
+SPEC_HASH = '53f0c540bc301df748531350a6cdb61b240d36242c052ef25358dd0d59ffe90e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

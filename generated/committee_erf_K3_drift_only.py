@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e1e3934d9423bf3d4455c42d2e081fdfd2004bbcf92d6076bff54743b75890c7
-# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c
+# spec-hash: fdb6cbd359f279aeaabced8ceeb3e55d5cae97ec20b9d4d61d4a9a22c361ec74
+# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e1e3934d9423bf3d4455c42d2e081fdfd2004bbcf92d6076bff54743b75890c7'
+SPEC_HASH = 'fdb6cbd359f279aeaabced8ceeb3e55d5cae97ec20b9d4d61d4a9a22c361ec74'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

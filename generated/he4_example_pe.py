@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 18b69e62f7c164a5cc334803d6167571ccd6dfaed9da3afe34b6813375c712cc
-# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c
+# spec-hash: 0b28470d35b656854e5fe744efa9aca1286b5a8d9c1a94da989e0dba069e783f
+# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '18b69e62f7c164a5cc334803d6167571ccd6dfaed9da3afe34b6813375c712cc'
+SPEC_HASH = '0b28470d35b656854e5fe744efa9aca1286b5a8d9c1a94da989e0dba069e783f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 04c317d7d44b3b72706d27bfaed113cf664e9ef00830886b24bb034090d27ab6
-# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c
+# spec-hash: 2c3542e2f334e699bb64aef2f7e0a48fbe68d2162a72637f2f2476a11193367d
+# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '04c317d7d44b3b72706d27bfaed113cf664e9ef00830886b24bb034090d27ab6'
+SPEC_HASH = '2c3542e2f334e699bb64aef2f7e0a48fbe68d2162a72637f2f2476a11193367d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: b98e79810b305211d2543b648a79c46345af5192548eb7e8a1129ec20c1afa94
-# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c attention 1 f9f1643c73eb773f
+# spec-hash: d5ae6f12871286cf35e1e7be1313be85b446167f051ed3dcef0f88779f54e4d8
+# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'b98e79810b305211d2543b648a79c46345af5192548eb7e8a1129ec20c1afa94'
+SPEC_HASH = 'd5ae6f12871286cf35e1e7be1313be85b446167f051ed3dcef0f88779f54e4d8'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

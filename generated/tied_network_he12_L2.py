@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f18b48d01855e864975a2c07b6d3104976cf923c963b551f0e5ec4629b40f835
-# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c
+# spec-hash: 52c78abb9a796f6a9b908890cb8195a85e598f4941ea4768810f3cfcb8d9872a
+# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f18b48d01855e864975a2c07b6d3104976cf923c963b551f0e5ec4629b40f835'
+SPEC_HASH = '52c78abb9a796f6a9b908890cb8195a85e598f4941ea4768810f3cfcb8d9872a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

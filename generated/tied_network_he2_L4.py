@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e745e492d2787d065a11858810652cf1b6ae05735222a82d1af70e905943febe
-# tool: ssi-symbolic 0.1.0 generator 1 source 94cd3bd57baa297c
+# spec-hash: dd752b996807d260fc7345970fc9c199a66a8fcc29ca813baf10f37dc0f77c0d
+# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e745e492d2787d065a11858810652cf1b6ae05735222a82d1af70e905943febe'
+SPEC_HASH = 'dd752b996807d260fc7345970fc9c199a66a8fcc29ca813baf10f37dc0f77c0d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

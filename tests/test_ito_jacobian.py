@@ -444,6 +444,25 @@ def test_closed_form_jacobian_matches_finite_differences(name, gen_dir):
                                        err_msg=f"{name} eta={eta} state {k}")
 
 
+def test_forward_jacobian_of_a_polynomial_drift_with_many_overlaps(gen_dir):
+    """The untied L = 8 student (16 overlaps m_l, q_l): a polynomial drift of that many
+    overlaps is differentiated through the CSE too; against Richardson differences."""
+    spec = make_spec("untied_L8", 8, "tsum(He(2, z)) / sqrt(2 * L)",
+                     "He(2, tsum(z) / sqrt(L)) / sqrt(2)", weights="untied")
+    mod = load_module(generate(spec, out_dir=gen_dir, diffusion=False)[0])
+    assert len(mod.OVERLAPS) == 16 and mod.JACOBIAN == "symbolic"
+    assert "chain rule" in mod.drift_jacobian.__doc__
+    rng = np.random.default_rng(3)
+    states = ([rng.uniform(-0.3, 0.3, 3) for _ in range(8)]
+              + [rng.uniform(0.8, 1.2, 3) for _ in range(8)])
+    got = np.array([[np.broadcast_to(x, (3,)) for x in row]
+                    for row in mod.drift_jacobian(*states, eta=0.05)])
+    ref = richardson_jacobian(lambda *x: mod.drift(*x, eta=0.05), states, 1e-3)
+    for k in range(3):
+        scale = np.abs(ref[..., k]).max()
+        np.testing.assert_allclose(got[..., k], ref[..., k], rtol=1e-6, atol=1e-8 * scale)
+
+
 def test_committee_jacobian_matches_finite_differences():
     """The K = 2 erf committee (shipped, arcsine closed forms) at realisable states drawn from
     random vectors."""

@@ -66,6 +66,10 @@ def tool_salt() -> str:
     return f"ssi-symbolic {__version__} generator {GENERATOR_VERSION} source {h.hexdigest()[:16]}"
 
 
+#: polynomial drifts of at least this many overlaps get the forward-mode Jacobian
+FORWARD_JACOBIAN_STATES = 16
+
+
 class _Module:
     """Collects the source of one generated module."""
 
@@ -100,9 +104,13 @@ class _Module:
         drift_methods = {methods["drift_eta1"], methods["drift_eta2"]}
         # a closed-form drift (arcsine, erf, sqrt ...) is differentiated through the common
         # subexpressions (forward mode, linear in their size; differentiating the expanded
-        # drift took 30 s for the K = 2 erf committee); polynomial and quadrature drifts are
-        # differentiated whole (Poly.diff; derivatives of the quadrature integrands)
-        forward = "quadrature" not in drift_methods and "closed form" in drift_methods
+        # drift took 30 s for the K = 2 erf committee), and so is a polynomial drift of many
+        # overlaps (its n^2 Poly derivatives, each put in Horner form and through the CSE, took
+        # 158 s of the untied L = 16 student's drift-only module; forward mode 29 s, the
+        # Jacobian then about 3x slower to evaluate); smaller polynomial drifts by Poly.diff,
+        # quadrature drifts whole (derivatives of the quadrature integrands)
+        forward = "quadrature" not in drift_methods and (
+            "closed form" in drift_methods or n >= FORWARD_JACOBIAN_STATES)
         jac_lines, jac_grads = [], None
         if forward:
             outputs = [horner(x, D.state) for x in [loss] + d1 + d2 + flat_cov + ito + fdc]

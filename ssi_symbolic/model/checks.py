@@ -24,7 +24,11 @@ def check_state(spec: ModelSpec, at: dict) -> dict:
                          f"{', '.join(names)})")
     state = {}
     for k in names:
-        diag = k == "q" or (spec.multi and k[0] == "q" and overlap_index(k)[1] == overlap_index(k)[2])
+        if spec.multi:
+            kind, a, b = overlap_index(k)
+            diag = kind == "q" and a == b
+        else:
+            diag = k == "q"
         v = at.get(k, 1.0 if diag else 0.0)
         try:
             v = float(v)

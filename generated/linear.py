@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 545cd66a7a8decf3dde3511ae6eba004f8300d276231d3fc1b2db50d13e1097d
-# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
+# spec-hash: 7af67e4fd331a8341e31b619a8c37d6dd22d4701f2be61b2642afb939ba550e3
+# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '545cd66a7a8decf3dde3511ae6eba004f8300d276231d3fc1b2db50d13e1097d'
+SPEC_HASH = '7af67e4fd331a8341e31b619a8c37d6dd22d4701f2be61b2642afb939ba550e3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

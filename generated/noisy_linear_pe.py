@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 53d923046060c2d6562b197b02db92a8249da227e4162924a0413e553a35db71
-# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
+# spec-hash: 175a0194683ef7b3e63042898bffd988b12f1a6ee4b034372d58650195e859bb
+# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '53d923046060c2d6562b197b02db92a8249da227e4162924a0413e553a35db71'
+SPEC_HASH = '175a0194683ef7b3e63042898bffd988b12f1a6ee4b034372d58650195e859bb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 991a00ecbd605891ae70256ee9d788c53e0bbe03728d32d9e143478550e2fbe2
-# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
+# spec-hash: 72ee5f9a4ed4b6c239a00eb089797a7dd355ec64f2e3382884f0de961745cdad
+# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '991a00ecbd605891ae70256ee9d788c53e0bbe03728d32d9e143478550e2fbe2'
+SPEC_HASH = '72ee5f9a4ed4b6c239a00eb089797a7dd355ec64f2e3382884f0de961745cdad'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1600a994b43fd96dccec0b4218a433238efa6533ea4c71ee7c38383b0b6827d8
-# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
+# spec-hash: 73a372371b3fc4eaf3455e241189908c8ca4320a3c857e26212e9bb9a194aad0
+# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '1600a994b43fd96dccec0b4218a433238efa6533ea4c71ee7c38383b0b6827d8'
+SPEC_HASH = '73a372371b3fc4eaf3455e241189908c8ca4320a3c857e26212e9bb9a194aad0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

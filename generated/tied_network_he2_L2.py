@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f8022a50ae7fb46d3577370be1f88e63ebb3be11fc5a97706888a4ed250d8f90
-# tool: ssi-symbolic 0.1.0 generator 1 source 4fb125e95f62fa5e
+# spec-hash: 8d5f0348d2103f5f948537845b615ad6839e3f27437bf92804d8668803272012
+# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f8022a50ae7fb46d3577370be1f88e63ebb3be11fc5a97706888a4ed250d8f90'
+SPEC_HASH = '8d5f0348d2103f5f948537845b615ad6839e3f27437bf92804d8668803272012'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -81,6 +81,9 @@ def test_ring_to_sympy_is_the_canonical_expression(monkeypatch):
                   student_directions=2, spherical=False),
         make_spec("c3", 2, "exp(1)*z1**2 + sqrt(2)*sqrt(3)*z2**3 - 3*z1*z2/7", student="z1*z2",
                   noise=0.1),
+        # a parameter and its radicals (beta, sqrt(beta), beta**(1/3)): powers of one base
+        make_spec("c4", 1, "z1**2 + z1", student="beta**(1/3)*z1**2 + sqrt(beta)*z1 + beta*z1**3",
+                  parameters={"beta": 0.5}),
     ]
     for spec in specs:
         derive(spec)

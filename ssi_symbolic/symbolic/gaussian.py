@@ -375,6 +375,9 @@ def _ring_to_expr(ex, p):
     distinct = {f for _, fs in rows for f in fs}
     if any(not (f.is_Symbol or f.is_Pow or f.is_NumberSymbol) for f in distinct):
         return p.as_expr(*syms)  # other constant factors: let SymPy combine them
+    bases = [f.as_base_exp()[0] for f in distinct]
+    if len(set(bases)) != len(bases):  # beta and sqrt(beta): Mul makes beta**(3/2)
+        return p.as_expr(*syms)
     rank = {f: k for k, f in enumerate(sorted(distinct, key=cmp_to_key(sp.Basic.compare)))}
     constant, terms, seen = sp.Integer(0), [], set()
     for num, fs in rows:

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e444a26728098ce1b305376b71d50108fff317b05b44a1d444fc6d3785f382a5
-# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
+# spec-hash: 1b9a2500c2f50a4088ebc9faf102d3dbae2c93f595ded135b5c09ccd979992aa
+# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e444a26728098ce1b305376b71d50108fff317b05b44a1d444fc6d3785f382a5'
+SPEC_HASH = '1b9a2500c2f50a4088ebc9faf102d3dbae2c93f595ded135b5c09ccd979992aa'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

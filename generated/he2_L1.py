@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1f909379ce5ea636dd6251b5ac59d8042e49aac1372006aecad25c0f8eb12965
-# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
+# spec-hash: 84b6da0967141c11c4b61655aef307dd5041a268f2ed90233765932c940a5913
+# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '1f909379ce5ea636dd6251b5ac59d8042e49aac1372006aecad25c0f8eb12965'
+SPEC_HASH = '84b6da0967141c11c4b61655aef307dd5041a268f2ed90233765932c940a5913'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

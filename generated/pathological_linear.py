@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e3c484ad864ea7f753f4b8e7f02b057a081483381af4d7ae7f072a5433a25243
-# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
+# spec-hash: 6e90f6f4a0034f8ecddc959f71b0acd6894edd4e6b7b890c55307fec2c5ae586
+# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e3c484ad864ea7f753f4b8e7f02b057a081483381af4d7ae7f072a5433a25243'
+SPEC_HASH = '6e90f6f4a0034f8ecddc959f71b0acd6894edd4e6b7b890c55307fec2c5ae586'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8a6e4863dbf4d7f03e06ceeacc6381fcded0e3b7f517186df5191b0dec01d43f
-# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
+# spec-hash: c47b6451fee9f7c6c077941f5bb578506d2a426fc4337bdd27f5358b81118445
+# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8a6e4863dbf4d7f03e06ceeacc6381fcded0e3b7f517186df5191b0dec01d43f'
+SPEC_HASH = 'c47b6451fee9f7c6c077941f5bb578506d2a426fc4337bdd27f5358b81118445'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

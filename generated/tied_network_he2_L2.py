@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8d5f0348d2103f5f948537845b615ad6839e3f27437bf92804d8668803272012
-# tool: ssi-symbolic 0.1.0 generator 1 source de7fbf8391a07907
+# spec-hash: 1fc614fc42f9a39885f0ad9350d64a674d55ca4a21be4683ce97699bf2767201
+# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8d5f0348d2103f5f948537845b615ad6839e3f27437bf92804d8668803272012'
+SPEC_HASH = '1fc614fc42f9a39885f0ad9350d64a674d55ca4a21be4683ce97699bf2767201'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -111,36 +111,34 @@ class _Module:
         # quadrature drifts whole (derivatives of the quadrature integrands)
         forward = "quadrature" not in drift_methods and (
             "closed form" in drift_methods or n >= FORWARD_JACOBIAN_STATES)
-        jac_lines, jac_grads = [], None
-        if forward:
-            outputs = [horner(x, D.state) for x in [loss] + d1 + d2 + flat_cov + ito + fdc]
-            repl, reduced = cse(outputs)
-            repl_index = {s: i for i, (s, _) in enumerate(repl)}
-            r_d = reduced[1:1 + 2 * n]
-            try:
-                jac_lines, jac_grads = forward_jacobian(repl, repl_index, r_d, list(D.state))
-            except ValueError:
-                forward = False
-            else:
-                reduced = reduced[:1 + 2 * n + len(flat_cov) + n] + [sp.Integer(0)] * (n * n) \
-                    + reduced[1 + 2 * n + len(flat_cov) + n:]
-        if forward:
-            # a kink (ReLU, |x|) differentiates to a Dirac delta: central differences instead
-            self.jacobian_method = ("finite-difference" if any(
-                v.has(sp.DiracDelta) for _, v in jac_lines) or any(
-                g.has(sp.DiracDelta) for row in jac_grads for g in row) else "symbolic")
-        else:
-            jac_exprs = list(D.drift_jacobian())
-            # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
-            # Jacobian is taken by central differences of the generated drift instead
-            self.jacobian_method = ("finite-difference" if any(
-                x.has(sp.DiracDelta) for x in jac_exprs) else "symbolic")
-            jac = ([self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
-                   else [sp.Integer(0)] * (n * n))
+
+        def eliminate(jac):
+            """One CSE over every output, the Jacobian entries `jac` included."""
             outputs = [horner(x, D.state)
                        for x in [loss] + d1 + d2 + flat_cov + ito + jac + fdc]
             repl, reduced = cse(outputs)
-            repl_index = {s: i for i, (s, _) in enumerate(repl)}
+            return repl, {s: i for i, (s, _) in enumerate(repl)}, reduced
+
+        no_jac = [sp.Integer(0)] * (n * n)
+        if forward:  # the Jacobian is written from the CSE of the other outputs
+            repl, repl_index, reduced = eliminate(no_jac)
+            try:
+                jac_lines, jac_grads = forward_jacobian(repl, repl_index, reduced[1:1 + 2 * n],
+                                                        list(D.state))
+            except ValueError:
+                forward = False
+            else:
+                jac_exprs = [v for _, v in jac_lines] + [g for row in jac_grads for g in row]
+        if not forward:
+            jac_exprs = list(D.drift_jacobian())
+        # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
+        # Jacobian is taken by central differences of the generated drift instead
+        self.jacobian_method = ("finite-difference" if any(x.has(sp.DiracDelta)
+                                                           for x in jac_exprs) else "symbolic")
+        if not forward:
+            repl, repl_index, reduced = eliminate(
+                [self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
+                else no_jac)
         r_loss = reduced[0]
         r_d1, r_d2 = reduced[1:1 + n], reduced[1 + n:1 + 2 * n]
         k0 = 1 + 2 * n + len(flat_cov)
@@ -327,6 +325,11 @@ def salt(diffusion: bool = True) -> str:
     return tool_salt() + ("" if diffusion else " drift-only")
 
 
+def _function_name(source: str) -> str:
+    """The name of the function whose source text starts with "def name(..."."""
+    return source[len("def "):source.index("(")]
+
+
 def module_source(D: Derivation, diffusion: bool = True) -> str:
     """The full source text of the generated module of a Derivation (diffusion=False: a
     drift-only module, whose covariance, Ito and finite-d functions are zero and DIFFUSION is
@@ -338,8 +341,7 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
     unavailable = {} if diffusion else {
         piece: f"drift-only module ({why}): Cov(G) and the O(1/d) drift were not derived"
         for piece in DIFFUSION_PIECES}
-    state_fns = [f for f in mod.state_functions()
-                 if f[len("def "):f.index("(")] not in unavailable]
+    state_fns = [f for f in mod.state_functions() if _function_name(f) not in unavailable]
     quad_fns = mod.quadrature_functions()
     link_fns = mod.link_functions()
     h = spec.hash(salt(diffusion))
@@ -393,8 +395,8 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
     helpers = [GAUSS_HERMITE_HELPERS, CHUNK_HELPERS] + (
         [BVN_HELPERS] if orthant or any("_bvn(" in f for f in body) else []) + (
         [ORTHANT_HELPERS] if orthant else [])
-    wrapped = [f[len("def "):f.index("(")] for f in state_fns]
-    wrapped = [w for w in wrapped if w != "diffusion"]  # diffusion calls covariance
+    # diffusion calls covariance, which is wrapped already
+    wrapped = [_function_name(f) for f in state_fns if _function_name(f) != "diffusion"]
     chunking = ("# a call on more than 2 _CHUNK states is evaluated in blocks of _CHUNK "
                 "(cache-sized temporaries)\n" + "\n".join(f"{w} = _chunked({w})" for w in wrapped))
     parts = [header] + helpers + body + [chunking]

@@ -145,7 +145,10 @@ class Model:
         `ssi simulate --json`. method "full": real d-dimensional SGD; "reduced": the exact
         Markov chain of the overlaps (MATH.md 10, same law, cost per step independent of d).
         batch: sequences averaged per step (default: the spec's, else 1); schedule: None or
-        f(t) -> factor of eta (default: the spec's schedule, if any). Several directions
+        f(t) -> factor of eta (default: the spec's schedule, if any). options engine="numba"
+        (method "reduced", tied students: the chain compiled with Numba) and
+        records_after_escape=False (records NaN after each seed's escape): see
+        numeric.simulate.simulate. Several directions
         (MATH.md 8): every seed starts at random unit vectors, or exactly at the overlaps
         init={"m1_2": 0.3, ...} (options init=, missing names 0 and Q[k,k] = 1); the result
         adds direction_escape_times (K, seeds)."""

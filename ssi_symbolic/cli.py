@@ -9,7 +9,7 @@
     ssi sde SPEC --eta --d --runs N [--seed S] [--t-max T] [--json]
     ssi max-lr SPEC [--json]
     ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--method full|reduced]
-              [--batch B] [--init m1_1=0.3 ...] [--json]
+              [--engine numpy|numba] [--batch B] [--init m1_1=0.3 ...] [--json]
     ssi sie SPEC [--json]
     ssi fixed-points SPEC --eta X [--json]
     ssi gain SPEC --L 1,2,4,8 [--eta X] [--lr-scaling same|max] [--d D] [--json]
@@ -214,11 +214,14 @@ def cmd_simulate(args) -> int:
         args.eta, args.d, args.steps, seeds=args.seeds, seed=args.seed, m0=args.m0, e0=args.e0,
         threshold=args.threshold, params=_pairs(args.param, "--param"),
         progress=not args.json and sys.stderr.isatty(), stop_when_escaped=args.stop_when_escaped,
-        method=args.method, batch=args.batch, init=_pairs(args.init, "--init") or None)
+        method=args.method, batch=args.batch, init=_pairs(args.init, "--init") or None,
+        engine=args.engine)
     out = res.to_json()
 
     def table(r):
-        rows = [f"spec {res.spec_name}  method {res.method}  eta {res.eta}  d {res.d}  "
+        rows = [f"spec {res.spec_name}  method {res.method}"
+                + (f" ({res.engine} engine)" if res.method == "reduced" else "")
+                + f"  eta {res.eta}  d {res.d}  "
                 f"batch {res.batch}  steps {res.steps}  seeds {res.seeds}  t_end {res.t[-1]:.4g}",
                 "final mean overlaps  " + "  ".join(f"{k}={v[-1]:.4g}"
                                                     for k, v in r["mean"].items())]
@@ -495,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--method", default="full", metavar="full|reduced",
                     help="full: d-dimensional SGD (default); reduced: the exact Markov chain of "
                          "the overlaps (MATH.md 10), cost per step independent of d")
+    si.add_argument("--engine", default="numpy", metavar="numpy|numba",
+                    help="--method reduced: numpy (default, vectorised over seeds) or numba "
+                         "(compiled, one random stream per seed, seeds on all cores; tied "
+                         "students with one direction; needs the [fast] extra)")
     si.add_argument("--batch", type=int, default=None,
                     help="sequences averaged per step (default: the spec's [training] batch)")
     si.add_argument("--init", action="append", metavar="NAME=VALUE",

@@ -123,7 +123,8 @@ class SimulationResult:
     step where |m| >= theta or ||e|| >= theta: 'semantic' when |m| >= ||e|| at that step, else
     'positional'; None when neither was reached (not part of the JSON output).
     method: "full" (d-dimensional SGD) or "reduced" (the exact overlap chain); batch: sequences
-    per step; scheduled: whether a learning-rate schedule multiplied eta.
+    per step; scheduled: whether a learning-rate schedule multiplied eta; engine: "numpy" or
+    "numba" (compiled reduced chain).
 
     Several directions (MATH.md 8; empty or None for a single-direction spec, and then absent
     from the JSON): directions = (K*, K); init: the explicit start {overlap name: value}, None
@@ -155,6 +156,7 @@ class SimulationResult:
     method: str = "full"
     batch: int = 1
     scheduled: bool = False
+    engine: str = "numpy"
     directions: tuple = ()
     init: dict | None = None
     direction_escape_times: np.ndarray | None = None
@@ -173,7 +175,7 @@ class SimulationResult:
             "params": {k: _num(v) for k, v in self.params.items()},
             "spherical": self.spherical, "record_every": self.record_every,
             "wall_time": self.wall_time, "method": self.method, "batch": self.batch,
-            "schedule": self.scheduled,
+            "schedule": self.scheduled, "engine": self.engine,
             "t": _jsonable(self.t),
             "overlaps": {k: _jsonable(v) for k, v in self.overlaps.items()},
             "mean": {k: _jsonable(v) for k, v in self.mean().items()},
@@ -387,6 +389,7 @@ class _Book:
         self.first = np.full(seeds, -1, dtype=np.int64)
         self.kinds = [None] * seeds
         self.dir_esc = None            # (K, seeds) escape steps of the directions (multi)
+        self.simulated_to = None       # (seeds,) last step run per seed, when not all were
         self.j = self.k = 0
         self.stopped_early = False
         self.bar = _Progress(f"simulate {spec.name}", steps, d, seeds) if progress else None
@@ -457,7 +460,10 @@ class _Book:
         self.close()
         j, d = self.j, self.d
         rec = self.rec[:, :, :j]
-        if not np.all(np.isfinite(rec)):
+        finite = np.isfinite(rec)
+        if self.simulated_to is not None:        # records a seed was not run to (by design)
+            finite |= (self.rec_steps[:j][None, :] > self.simulated_to[:, None])[None]
+        if not np.all(finite):
             warnings.warn(f"simulate {self.spec.name}: non-finite overlaps (the SGD diverged at "
                           f"eta = {fields['eta']:g}); they are reported as NaN", RuntimeWarning,
                           stacklevel=4)
@@ -624,7 +630,8 @@ def _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype, batch=1
 
 def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params, progress,
               out_dir, dtype, stop_on, method="full", batch=None,
-              schedule=None, init=None) -> SimulationResult:
+              schedule=None, init=None, engine="numpy",
+              records_after_escape=True) -> SimulationResult:
     """`simulate` with the stop rule of _Book (None, "escape" or "first")."""
     from ..model.spec import ModelSpec, load_spec
     if isinstance(spec, (str, Path)):
@@ -634,14 +641,29 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
     check_conventions(spec)
     if method not in METHODS:
         raise StateError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    from .compiled import ENGINES
+    if engine not in ENGINES:
+        raise StateError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "numpy" and method != "reduced":
+        raise StateError(f"engine: the {engine} engine runs the reduced simulator; use "
+                         f"method='reduced' (got method={method!r})")
+    if not isinstance(records_after_escape, bool):
+        raise StateError(f"records_after_escape: expected true or false, got "
+                         f"{records_after_escape!r}")
     L, r = spec.L, spec.r
     eta = _real_arg("eta", eta)
     if eta <= 0:
         raise StateError(f"eta: the learning rate must be > 0, got {eta:g}")
     if spec.multi:
-        return _simulate_multi(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every,
-                               params, progress, out_dir, dtype, stop_on, method, batch,
-                               schedule, init)
+        if engine != "numpy":
+            raise SpecError(f"engine {engine}: spec '{spec.name}' has several directions "
+                            f"(K* = {spec.teacher_directions}, K = {spec.student_directions}); "
+                            f"the compiled chain is the tied single-direction one: use "
+                            f"engine numpy")
+        return _apply_records_rule(_simulate_multi(
+            spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params, progress,
+            out_dir, dtype, stop_on, method, batch, schedule, init), records_after_escape,
+            stop_on)
     if init is not None:
         raise StateError(f"init: spec '{spec.name}' has one teacher and one student direction: "
                          f"give its start as m0 and e0")
@@ -677,7 +699,18 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
     make_book = _untied_book if spec.untied else _tied_book
     if spec.untied:
         e0 = ()
-    if method == "reduced":
+    if method == "reduced" and engine == "numba":
+        from .compiled import run_tied
+        if spec.untied:
+            raise SpecError(f"engine numba: spec '{spec.name}' has an untied student; the "
+                            f"compiled chain is the tied one: use engine numpy")
+        book = make_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
+        try:
+            run_tied(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta, m0,
+                     e0, stop_on, records_after_escape)
+        finally:
+            book.close()
+    elif method == "reduced":
         from .reduced import reduced_chain, reduced_loop
         chain = reduced_chain(spec, seeds, d, m0, e0, batch)
         book = make_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
@@ -690,9 +723,24 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
             student = TiedStudent(spec, rng, seeds, d, m0, e0, eta, dtype, batch)
         book = make_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
         _sgd_loop(spec, mod, pvals, student, rng, book, steps, seeds, dtype, batch, etas)
-    return book.result(eta=eta, seeds=seeds, theta=theta, m0=m0, e0=e0, params=pvals,
-                       seed=seed, spherical=bool(spec.spherical), method=method, batch=batch,
-                       scheduled=etas is not None)
+    return _apply_records_rule(
+        book.result(eta=eta, seeds=seeds, theta=theta, m0=m0, e0=e0, params=pvals, seed=seed,
+                    spherical=bool(spec.spherical), method=method, batch=batch,
+                    scheduled=etas is not None, engine=engine), records_after_escape, stop_on)
+
+
+def _apply_records_rule(result, records_after_escape, stop_on):
+    """records_after_escape=False with a stop rule: every record of a seed after its own stop
+    (its escape, or its first escape for stop_on "first") becomes NaN, whichever engine ran it
+    (the numba engine has not simulated those steps at all)."""
+    if records_after_escape or stop_on is None:
+        return result
+    times = result.escape_times["escape"] if stop_on == "escape" else np.fmin(
+        result.escape_times["semantic"], result.escape_times["positional"])
+    after = result.t[None, :] > np.where(np.isnan(times), np.inf, times)[:, None]
+    for v in result.overlaps.values():
+        v[after] = np.nan
+    return result
 
 
 def _common_args(spec, d, min_d, hint, steps, seeds, theta, record_every, dtype, method):
@@ -767,7 +815,8 @@ def _simulate_multi(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_ever
 def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
              record_every=None, params=None, progress=True, out_dir="generated",
              dtype=np.float64, stop_when_escaped=False, method="full", batch=None,
-             schedule=None, init=None) -> SimulationResult:
+             schedule=None, init=None, engine="numpy",
+             records_after_escape=True) -> SimulationResult:
     """Run `seeds` independent online-SGD runs of `steps` steps in dimension d.
 
     spec: a ModelSpec or the path of a TOML spec (tied or untied student, any link shape, loss
@@ -787,6 +836,12 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     batch: sequences per step, w <- w - (eta / b) sum_i grad l_i (default: spec.batch, else 1).
     schedule: None or f(t) -> factor, vectorised over arrays of t: step k uses the rate
     eta f((k - 1) / d) (default: spec.schedule_factor(parameter values)).
+    engine (method="reduced"): "numpy" (the default, vectorised over seeds) or "numba" (the
+    chain of a tied student compiled with Numba, one random stream per seed, seeds on threads:
+    module compiled; Numba is the optional extra [fast]). The two have the same law, not the
+    same random numbers. records_after_escape: with stop_when_escaped, False leaves the records
+    of a seed after its own escape NaN instead of running it on to the last seed's escape
+    (escape-time studies; the numba engine then skips that work).
 
     Several teacher or student directions (spec.multi, MATH.md 8): K* teacher vectors with
     the overlaps P, K student vectors tied across the tokens, every one on its own sphere for
@@ -801,16 +856,19 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     """
     return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
                      progress, out_dir, dtype, "escape" if stop_when_escaped else None,
-                     method, batch, schedule, init)
+                     method, batch, schedule, init, engine, records_after_escape)
 
 
 def simulate_first_escape(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
                           record_every=None, params=None, progress=False, out_dir="generated",
                           dtype=np.float64, method="full", batch=None,
-                          schedule=None, init=None) -> SimulationResult:
+                          schedule=None, init=None, engine="numpy",
+                          records_after_escape=True) -> SimulationResult:
     """`simulate`, stopped as soon as every seed has |m| >= theta or ||e|| >= theta (instead of
     ||(m, e)|| >= theta): the escape along one direction. Its `escape_kinds` say which
     direction each seed escaped along ('semantic' when |m| >= ||e|| at the first step where
-    either reaches theta) and min(escape_times['semantic'], escape_times['positional']) when."""
+    either reaches theta) and min(escape_times['semantic'], escape_times['positional']) when.
+    engine, records_after_escape: as `simulate` (the escape being the first one here)."""
     return _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params,
-                     progress, out_dir, dtype, "first", method, batch, schedule, init)
+                     progress, out_dir, dtype, "first", method, batch, schedule, init, engine,
+                     records_after_escape)

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a18b08de6bafb0d35668bacff23b46b188e5a8bad82947cd24d4f82ffd24a627
-# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
+# spec-hash: 5183c8ec177d7db3c73bc4b840e590b02245aea7c15c2b74383f0dc9240a906e
+# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a18b08de6bafb0d35668bacff23b46b188e5a8bad82947cd24d4f82ffd24a627'
+SPEC_HASH = '5183c8ec177d7db3c73bc4b840e590b02245aea7c15c2b74383f0dc9240a906e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

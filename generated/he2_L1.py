@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 84b6da0967141c11c4b61655aef307dd5041a268f2ed90233765932c940a5913
-# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
+# spec-hash: 92314fa460d774f7efcc12381242d5496b0d183ea66bfdc2870e21f4e84052a1
+# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '84b6da0967141c11c4b61655aef307dd5041a268f2ed90233765932c940a5913'
+SPEC_HASH = '92314fa460d774f7efcc12381242d5496b0d183ea66bfdc2870e21f4e84052a1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: af06f2456fe3699a1506fb8f667a4a34a27f488245946d865e6861923874b6c5
-# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
+# spec-hash: ac6b10ac91b4a09cefba38bbb1a39b8912b2933d7602ccb47b7db79a0879107c
+# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'af06f2456fe3699a1506fb8f667a4a34a27f488245946d865e6861923874b6c5'
+SPEC_HASH = 'ac6b10ac91b4a09cefba38bbb1a39b8912b2933d7602ccb47b7db79a0879107c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

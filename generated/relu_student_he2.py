@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e600ba039f8746ad63636d6905e369a455dc95be0cad956c4b5e55640a77f9be
-# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
+# spec-hash: 4a4bce811d2f769805bcfabd261d6dc6411071e3b4b7d4972d06928ccd4509fb
+# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e600ba039f8746ad63636d6905e369a455dc95be0cad956c4b5e55640a77f9be'
+SPEC_HASH = '4a4bce811d2f769805bcfabd261d6dc6411071e3b4b7d4972d06928ccd4509fb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

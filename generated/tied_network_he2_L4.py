@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 059012a04cc656e036a48a1270bb5cc9eb7f7556c29956990265a60dbdcbff45
-# tool: ssi-symbolic 0.1.0 generator 1 source 28011dda15aee9b5
+# spec-hash: 4febf55893e118c95aa1fa0cc2e3d300ff9c69f4e7d055aa2e3b66d817600683
+# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '059012a04cc656e036a48a1270bb5cc9eb7f7556c29956990265a60dbdcbff45'
+SPEC_HASH = '4febf55893e118c95aa1fa0cc2e3d300ff9c69f4e7d055aa2e3b66d817600683'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -375,9 +375,10 @@ def _ring_to_expr(ex, p):
     distinct = {f for _, fs in rows for f in fs}
     if any(not (f.is_Symbol or f.is_Pow or f.is_NumberSymbol) for f in distinct):
         return p.as_expr(*syms)  # other constant factors: let SymPy combine them
-    bases = [f.as_base_exp()[0] for f in distinct]
-    if len(set(bases)) != len(bases):  # beta and sqrt(beta): Mul makes beta**(3/2)
-        return p.as_expr(*syms)
+    base = {f: f.as_base_exp()[0] for f in distinct}
+    for _, fs in rows:  # beta and sqrt(beta) in one term: Mul makes beta**(3/2)
+        if len(fs) > 1 and len({base[f] for f in fs}) != len(fs):
+            return p.as_expr(*syms)
     rank = {f: k for k, f in enumerate(sorted(distinct, key=cmp_to_key(sp.Basic.compare)))}
     constant, terms, seen = sp.Integer(0), [], set()
     for num, fs in rows:

@@ -500,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the overlaps (MATH.md 10), cost per step independent of d")
     si.add_argument("--engine", default="numpy", metavar="numpy|numba",
                     help="--method reduced: numpy (default, vectorised over seeds) or numba "
-                         "(compiled, one random stream per seed, seeds on all cores; tied "
-                         "students with one direction; needs the [fast] extra)")
+                         "(compiled, one random stream per seed, seeds on all cores; students "
+                         "with one direction; needs the [fast] extra)")
     si.add_argument("--batch", type=int, default=None,
                     help="sequences averaged per step (default: the spec's [training] batch)")
     si.add_argument("--init", action="append", metavar="NAME=VALUE",

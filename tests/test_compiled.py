@@ -5,11 +5,13 @@ d-dimensional simulator and the NumPy engine of the same chain (MATH.md 10).
    numba engine and of the full simulator from the same state agree within 5 standard errors
    (tests/test_reduced.law_z_scores), at d = 200 and 2000: tied with positional encoding
    (spherical), a batch of 4 (plain SGD, positional encoding, label noise), softmax attention
-   (a matrix link, several outputs), a ReLU student (a Heaviside gradient) and the norm loss.
+   (a matrix link, several outputs), a ReLU student (a Heaviside gradient), the norm loss, and
+   untied students (spherical; plain with a batch of 2).
 2. Escape times: two-sample KS test against the NumPy engine (600 seeds each, d = 1000), with
    power (eta 30 % smaller is rejected).
 3. The chi-square sampler against scipy.stats.chi2 (KS), df = 1 (the boosted branch), 3, 10^5.
-4. Bookkeeping: escape steps are the first records over theta (record_every = 1); the stop
+4. Bookkeeping: escape steps are the first records over theta (record_every = 1; tied and
+   untied); the stop
    rule's continuation gives the same trajectories as records_after_escape=False up to each
    seed's escape, NaN after it there; a seed's stream depends on (seed, s) only (fewer seeds,
    one worker thread: identical).
@@ -65,6 +67,12 @@ def relu_student():
     return make_spec("relu_red", 1, "He(2, z1)/sqrt(2) + z1/2", student="relu(z1)")
 
 
+def untied_spec(spherical=True):
+    return make_spec("untied_red" + ("" if spherical else "_plain"), 2, "z1*z2 + He(2, z1)/2",
+                     student="He(2, (z1 + z2)/sqrt(2))/sqrt(2)", weights="untied",
+                     spherical=spherical)
+
+
 def norm_loss(tmp_path_factory):
     """The positional-semantic attention model with the norm loss (its own module)."""
     from ssi_symbolic.numeric.sgd_step import spec_with_loss
@@ -92,6 +100,9 @@ LAW_CASES = [
                  id="softmax_attention"),
     pytest.param(lambda f: relu_student(), dict(eta=0.4, m0=0.3), id="relu_student"),
     pytest.param(norm_loss, dict(eta=0.3, m0=0.4), id="norm_loss"),
+    pytest.param(lambda f: untied_spec(), dict(eta=0.3, m0=0.3), id="untied"),
+    pytest.param(lambda f: untied_spec(spherical=False), dict(eta=0.3, m0=0.3, batch=2),
+                 id="untied_plain_b2"),
 ]
 
 
@@ -136,7 +147,7 @@ def test_chisquare_sampler(df):
     """200000 draws of the kernel's Marsaglia-Tsang chi-square against scipy.stats.chi2(df):
     KS p > 0.001, and the mean within 5 standard errors of df."""
     import numba
-    mod = compiled.tied_kernel(shipped("he2_L1"))
+    mod = compiled.kernel_module(shipped("he2_L1"))
     chisquare, params = mod.chisquare, mod.chisquare_params
 
     @numba.njit
@@ -175,6 +186,25 @@ def test_escape_steps_are_the_first_records_over_theta(gen):
             first = np.where(hit.any(axis=1), res.t[np.argmax(hit, axis=1)], np.nan)
             np.testing.assert_array_equal(first, res.escape_times[key])
         assert np.isfinite(res.escape_times["escape"]).sum() >= 3
+
+
+def test_untied_escape_steps_and_records(gen):
+    """Untied student: the escape time is the first recorded t with sqrt(mean_l m_l^2) >=
+    theta (record_every = 1), q_norm is the mean of the q_l, and spherical SGD keeps
+    sum_l q_l = L."""
+    spec = untied_spec()
+    res = numba_run(spec, gen, eta=0.2, d=200, steps=8000, seeds=6, seed=3, theta=0.3,
+                    record_every=1, m0=0.1)
+    ms = np.stack([res.overlaps["m1"], res.overlaps["m2"]])
+    qs = np.stack([res.overlaps["q1"], res.overlaps["q2"]])
+    hit = np.sqrt((ms ** 2).mean(axis=0)) >= 0.3
+    first = np.where(hit.any(axis=1), res.t[np.argmax(hit, axis=1)], np.nan)
+    np.testing.assert_array_equal(first, res.escape_times["escape"])
+    np.testing.assert_array_equal(first, res.escape_times["semantic"])
+    assert np.isfinite(first).sum() >= 3
+    np.testing.assert_allclose(res.overlaps["q_norm"], qs.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(qs.sum(axis=0), 2.0, rtol=1e-12)
+    assert res.escape_kinds[int(np.nanargmin(first))] == "semantic"
 
 
 def test_stop_rule_records_and_continuation(gen):
@@ -261,10 +291,7 @@ def test_refusals(spec_name, kw, exc, words, gen):
         run(shipped(spec_name), gen, eta=0.1, d=100, steps=10, seeds=2, **kw)
 
 
-def test_untied_and_missing_numba_are_refused(gen, monkeypatch):
-    untied = make_spec("untied_c", 2, "z1*z2", weights="untied")
-    with pytest.raises(SpecError, match="untied"):
-        numba_run(untied, gen, eta=0.1, d=100, steps=10, seeds=2)
+def test_missing_numba_is_refused(gen, monkeypatch):
     monkeypatch.setattr(compiled, "numba_available", lambda: False)
     with pytest.raises(StateError, match=r"Numba is not installed.*\[fast\]"):
         numba_run(shipped("he2_L1"), gen, eta=0.1, d=100, steps=10, seeds=2)

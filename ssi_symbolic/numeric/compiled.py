@@ -1,4 +1,5 @@
-"""The exact reduced chain of a tied student (MATH.md 10, :mod:`.reduced`) compiled with Numba:
+"""The exact reduced chain of a tied or untied student (MATH.md 10, :mod:`.reduced`) compiled
+with Numba:
 ``simulate(..., method="reduced", engine="numba")``, ``ssi simulate --method reduced --engine
 numba``. Numba is an optional dependency (``pip install "ssi-symbolic[fast]"``); without it
 this engine is refused in one line and the NumPy engine (the default) is unchanged.
@@ -39,8 +40,10 @@ ssi-symbolic``, default ``~/.cache/ssi-symbolic``), ``kernels/<hash>.py`` named 
 its text, and compiled by Numba with ``cache=True``: the first run of a model compiles (a few
 seconds), later runs load the machine code. Nothing is written into ``generated/``.
 
-Not implemented here (refused in one line naming the reason, use ``engine="numpy"``): untied
-students and several student or teacher directions.
+An untied student (:func:`.reduced.untied_step`) has the state (m_1..m_L, rho_1..rho_L), one
+chi^2(d - 2) per token and step, and the spherical constraint over all tokens (see
+``_untied_source``). Not implemented here (refused in one line naming the reason, use
+``engine="numpy"``): several student or teacher directions.
 """
 from __future__ import annotations
 
@@ -59,8 +62,8 @@ import sympy as sp
 
 from ..errors import SpecError, StateError
 
-__all__ = ["ENGINES", "BLOCK", "numba_available", "kernel_source", "cache_dir", "tied_kernel",
-           "run_tied"]
+__all__ = ["ENGINES", "BLOCK", "numba_available", "kernel_source", "cache_dir", "kernel_module",
+           "run_chain"]
 
 #: engines of the reduced simulator
 ENGINES = ("numpy", "numba")
@@ -94,8 +97,8 @@ def _unsupported(spec) -> str | None:
     if spec.multi:
         return (f"spec '{spec.name}' has several directions (K* = {spec.teacher_directions}, "
                 f"K = {spec.student_directions})")
-    if spec.untied:
-        return f"spec '{spec.name}' has an untied student"
+    if spec.untied and spec.C:
+        return f"spec '{spec.name}' has an untied student with a positional encoding"
     return None
 
 
@@ -188,6 +191,7 @@ def kernel_source(spec) -> str:
     repl_t, red_t = cse(T, prefix="_t")
     repl_s, red_s = cse(S + grad, prefix="_s")
     C = [[float(c) for c in row] for row in spec.C] if r else []
+    untied = bool(spec.untied)
     ind = " " * 12
     lines = []
     add = lines.append
@@ -196,8 +200,11 @@ def kernel_source(spec) -> str:
         add(f"{ind}h{l + 1} = rng.standard_normal()")
         for a in range(r):
             add(f"{ind}zt{l + 1}_{a + 1} = rng.standard_normal() + {C[l][a]!r}")
-        field = f"m * gs{l + 1} + rho * h{l + 1}" + "".join(
-            f" + e{a + 1} * zt{l + 1}_{a + 1}" for a in range(r))
+        if untied:                     # token l's own weights: z_l = m_l g*_l + rho_l h_l
+            field = f"m{l + 1} * gs{l + 1} + rho{l + 1} * h{l + 1}"
+        else:
+            field = f"m * gs{l + 1} + rho * h{l + 1}" + "".join(
+                f" + e{a + 1} * zt{l + 1}_{a + 1}" for a in range(r))
         add(f"{ind}z{l + 1} = {field}")
     for s_, v in repl_t:
         add(f"{ind}{s_} = {pr(v)}")
@@ -215,12 +222,19 @@ def kernel_source(spec) -> str:
     for l in range(L):
         terms = " + ".join(f"r{k} * ({pr(red_s[K + k * L + l])})" for k in range(K))
         add(f"{ind}g{l + 1} = " + (f"({terms}) * rn" if b_loss == "norm" else terms))
+        if untied:                     # per token: A_m,l, A_h,l and B_l
+            add(f"{ind}Am{l + 1} += g{l + 1} * gs{l + 1}")
+            add(f"{ind}Ah{l + 1} += g{l + 1} * h{l + 1}")
+            add(f"{ind}B{l + 1} += g{l + 1} * g{l + 1}")
+            continue
         add(f"{ind}A0 += g{l + 1} * gs{l + 1}")
         add(f"{ind}A1 += g{l + 1} * h{l + 1}")
         for a in range(r):
             add(f"{ind}Ae{a + 1} += g{l + 1} * zt{l + 1}_{a + 1}")
         add(f"{ind}B += g{l + 1} * g{l + 1}")
     per_seq = "\n".join(lines)
+    if untied:
+        return _untied_source(spec, per_seq)
     e_names = [f"e{a + 1}" for a in range(r)]
     e_load = "".join(f"    e{a + 1} = X[{2 + a}]\n" for a in range(r))
     e_store = "".join(f"    X[{2 + a}] = e{a + 1}\n" for a in range(r))
@@ -232,49 +246,7 @@ def kernel_source(spec) -> str:
             + "".join(f"        e{a + 1} *= nn\n" for a in range(r))
             + "        en2 = " + en2 + "\n") if spec.spherical else ""
     plain_q = "" if spec.spherical else "            rec[1 + R, j] = q\n"
-    return f'''"""Numba kernel of the reduced chain of spec {spec.name!r} (ssi-symbolic
-{__name__}; MATH.md 10): a cache file, written by ssi-symbolic, never edited by hand."""
-import math
-
-from numba import njit
-
-R = {r}
-
-
-@njit(cache=True, nogil=True)
-def chisquare_params(df):
-    """(dd, cc, inv_a) of chisquare for df > 0 degrees of freedom."""
-    a = 0.5 * df
-    inv_a = 0.0
-    if a < 1.0:
-        inv_a = 1.0 / a
-        a += 1.0
-    dd = a - 1.0 / 3.0
-    return dd, 1.0 / math.sqrt(9.0 * dd), inv_a
-
-
-@njit(cache=True, nogil=True)
-def chisquare(rng, dd, cc, inv_a):
-    """chi^2(df) = 2 Gamma(df / 2) by Marsaglia and Tsang's exact rejection method: with
-    a' = df / 2 (or df / 2 + 1 when df < 2), dd = a' - 1/3, cc = 1 / sqrt(9 dd); for df < 2 the
-    Gamma(a' - 1) variate is Gamma(a') U^(1/a) (inv_a = 1/a, else 0)."""
-    while True:
-        x = rng.standard_normal()
-        v = 1.0 + cc * x
-        if v <= 0.0:
-            continue
-        v = v * v * v
-        u = rng.random()
-        x2 = x * x
-        if u < 1.0 - 0.0331 * x2 * x2:
-            break
-        if math.log(u) < 0.5 * x2 + dd * (1.0 - v + math.log(v)):
-            break
-    g = dd * v
-    if inv_a > 0.0:
-        g *= rng.random() ** inv_a
-    return 2.0 * g
-
+    return _HEADER.format(name=spec.name, module=__name__, r=r) + f'''
 
 @njit(cache=True, nogil=True)
 def run(rng, X, k0, k1, cs, P, rec, every, nsteps, esc, theta2, stop, noise_sd, df, batch):
@@ -324,7 +296,105 @@ def run(rng, X, k0, k1, cs, P, rec, every, nsteps, esc, theta2, stop, noise_sd, 
 '''
 
 
-def tied_kernel(spec):
+_HEADER = '''"""Numba kernel of the reduced chain of spec {name!r} (ssi-symbolic
+{module}; MATH.md 10): a cache file, written by ssi-symbolic, never edited by hand."""
+import math
+
+from numba import njit
+
+R = {r}
+
+
+@njit(cache=True, nogil=True)
+def chisquare_params(df):
+    """(dd, cc, inv_a) of chisquare for df > 0 degrees of freedom."""
+    a = 0.5 * df
+    inv_a = 0.0
+    if a < 1.0:
+        inv_a = 1.0 / a
+        a += 1.0
+    dd = a - 1.0 / 3.0
+    return dd, 1.0 / math.sqrt(9.0 * dd), inv_a
+
+
+@njit(cache=True, nogil=True)
+def chisquare(rng, dd, cc, inv_a):
+    """chi^2(df) = 2 Gamma(df / 2) by Marsaglia and Tsang's exact rejection method: with
+    a' = df / 2 (or df / 2 + 1 when df < 2), dd = a' - 1/3, cc = 1 / sqrt(9 dd); for df < 2 the
+    Gamma(a' - 1) variate is Gamma(a') U^(1/a) (inv_a = 1/a, else 0)."""
+    while True:
+        x = rng.standard_normal()
+        v = 1.0 + cc * x
+        if v <= 0.0:
+            continue
+        v = v * v * v
+        u = rng.random()
+        x2 = x * x
+        if u < 1.0 - 0.0331 * x2 * x2:
+            break
+        if math.log(u) < 0.5 * x2 + dd * (1.0 - v + math.log(v)):
+            break
+    g = dd * v
+    if inv_a > 0.0:
+        g *= rng.random() ** inv_a
+    return 2.0 * g
+'''
+
+
+def _untied_source(spec, per_seq: str) -> str:
+    """The kernel of an untied student (reduced.untied_step): state X = (m_1..m_L,
+    rho_1..rho_L); per step and token l, m_l' = m_l + c A_m,l and rho_l' = sqrt((rho_l +
+    c A_h,l)^2 + c^2 B_l chi_l), chi_l ~ chi^2(d - 2) one per token, then (spherical SGD) every
+    m_l', rho_l' times sqrt(L / sum_l (m_l'^2 + rho_l'^2)); escape when mean_l m_l^2 >= theta^2
+    (the untied _Book: 'escape', 'semantic' and the first escape, semantic); records m_l, q_l,
+    mean q_l."""
+    L = spec.L
+    toks = range(1, L + 1)
+    i4, i8, i12 = " " * 4, " " * 8, " " * 12
+    load = "".join(f"{i4}m{l} = X[{l - 1}]\n{i4}rho{l} = X[{L + l - 1}]\n" for l in toks)
+    store = "".join(f"{i4}X[{l - 1}] = m{l}\n{i4}X[{L + l - 1}] = rho{l}\n" for l in toks)
+    zero = "".join(f"{i8}Am{l} = 0.0\n{i8}Ah{l} = 0.0\n{i8}B{l} = 0.0\n" for l in toks)
+    step = "".join(f"{i8}chi = chisquare(rng, dd, cc, inv_a)\n{i8}m{l} += c * Am{l}\n"
+                   f"{i8}t = rho{l} + c * Ah{l}\n"
+                   f"{i8}rho{l} = math.sqrt(t * t + c * c * B{l} * chi)\n" for l in toks)
+    tot = " + ".join(f"m{l} * m{l} + rho{l} * rho{l}" for l in toks)
+    norm = (f"{i8}nn = math.sqrt({L}.0 / ({tot}))\n"
+            + "".join(f"{i8}m{l} *= nn\n{i8}rho{l} *= nn\n" for l in toks)
+            if spec.spherical else "")
+    msq = " + ".join(f"m{l} * m{l}" for l in toks)
+    rec = "".join(f"{i12}rec[{l - 1}, j] = m{l}\n"
+                  f"{i12}rec[{L + l - 1}, j] = m{l} * m{l} + rho{l} * rho{l}\n" for l in toks)
+    qmean = " + ".join(f"rec[{L + l - 1}, j]" for l in toks)
+    return _HEADER.format(name=spec.name, module=__name__, r=0) + f'''
+
+@njit(cache=True, nogil=True)
+def run(rng, X, k0, k1, cs, P, rec, every, nsteps, esc, theta2, stop, noise_sd, df, batch):
+{load}    ncs = cs.shape[0]
+    dd, cc, inv_a = chisquare_params(df)
+    k = k0
+    while k < k1:
+        k += 1
+        c = cs[0] if ncs == 1 else cs[k - k0 - 1]
+{zero}        for i in range(batch):
+{per_seq}
+{step}{norm}        if ({msq}) >= {L}.0 * theta2:
+            if esc[0] < 0:
+                esc[0] = k
+            if esc[1] < 0:
+                esc[1] = k
+            if esc[3] < 0:
+                esc[3] = k
+                esc[4] = 1
+        if k % every == 0 or k == nsteps:
+            j = k // every if k % every == 0 else k // every + 1
+{rec}{i12}rec[{2 * L}, j] = ({qmean}) / {L}.0
+        if (stop == 1 and esc[0] >= 0) or (stop == 2 and esc[3] >= 0):
+            break
+{store}    return k
+'''
+
+
+def kernel_module(spec):
     """The kernel module of a spec (module docstring; its functions `run`, `chisquare` and
     `chisquare_params`): the source is written to cache_dir()/kernels/k_<hash>.py (atomically,
     once) and imported; Numba compiles a function on its first call (or loads its cache).
@@ -364,21 +434,49 @@ def _compile_error(spec, exc) -> SpecError:
                      f"({first[:200]}); use engine numpy")
 
 
-def run_tied(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta, m0, e0,
-             stop_on, records_after_escape=True, workers=None):
-    """Run the compiled chain of a tied student for every seed and fill `book` (the tied _Book
-    of the simulator: records, escape steps, first escapes and kinds, the early stop) as the
-    NumPy engine's loop would (module docstring for the order of the work). etas: None or
-    rates(k0, n) (simulate._schedule_rates)."""
-    run = tied_kernel(spec).run
+def _columns(spec, X):
+    """The record columns of states X (S, nx), as the simulator's _Book records them: tied
+    (m, rho, e_1..e_r) -> m, e_a, (q for plain SGD), q_norm = q; untied (m_1..m_L,
+    rho_1..rho_L) -> m_l, q_l, mean_l q_l."""
+    if spec.untied:
+        L = spec.L
+        ms, rhos = X[:, :L], X[:, L:]
+        qs = ms * ms + rhos * rhos
+        return np.column_stack([ms, qs, qs.mean(axis=1)])
+    r = spec.r
+    q = (X * X).sum(axis=1)
+    return np.column_stack([X[:, 0]] + [X[:, 2 + a] for a in range(r)]
+                           + ([] if spec.spherical else [q]) + [q])
+
+
+def _book_state(spec, X):
+    """The state arguments of the _Book (its check and records) from X (S, nx)."""
+    if spec.untied:
+        L = spec.L
+        ms, rhos = X[:, :L].T.copy(), X[:, L:].T
+        return ms, ms * ms + rhos * rhos
+    return X[:, 0].copy(), X[:, 2:].copy(), (X * X).sum(axis=1)
+
+
+def run_chain(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta, m0, e0,
+              stop_on, records_after_escape=True, workers=None):
+    """Run the compiled chain (tied or untied student) for every seed and fill `book` (the
+    simulator's _Book of that student: records, escape steps, first escapes and kinds, the
+    early stop) as the NumPy engine's loop would (module docstring for the order of the work).
+    etas: None or rates(k0, n) (simulate._schedule_rates)."""
+    run = kernel_module(spec).run
     r = spec.r
     P = np.array([float(pvals[p]) for p in spec.parameters], dtype=float)
     streams = np.random.SeedSequence(seed).spawn(seeds)
     rngs = [np.random.Generator(np.random.SFC64(s)) for s in streams]
-    e0 = np.asarray(e0, dtype=float).reshape(-1)
-    rho0 = math.sqrt(max(0.0, 1.0 - m0 * m0 - float(e0 @ e0)))
-    X = np.empty((seeds, 2 + r))
-    X[:, 0], X[:, 1], X[:, 2:] = m0, rho0, e0[None, :]
+    if spec.untied:                   # (m_1..m_L, rho_1..rho_L), q_l = 1
+        X = np.empty((seeds, 2 * spec.L))
+        X[:, :spec.L], X[:, spec.L:] = m0, math.sqrt(max(0.0, 1.0 - m0 * m0))
+    else:                             # (m, rho, e_1..e_r), q = 1
+        e0 = np.asarray(e0, dtype=float).reshape(-1)
+        rho0 = math.sqrt(max(0.0, 1.0 - m0 * m0 - float(e0 @ e0)))
+        X = np.empty((seeds, 2 + r))
+        X[:, 0], X[:, 1], X[:, 2:] = m0, rho0, e0[None, :]
     esc = np.full((seeds, 5), -1, dtype=np.int64)
     every = book.every
     rec = np.full((seeds,) + book.rec.shape[::2], np.nan)       # (S, columns, records)
@@ -404,13 +502,8 @@ def run_tied(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta, 
         return np.ascontiguousarray(etas(k0 + 1, k1 - k0) / (batch * d))
 
     # step 0: records and checks of the start, as _Book.start
-    q0 = float(X[0] @ X[0])
-    rec[:, 0, 0] = m0
-    rec[:, 1:1 + r, 0] = e0[None, :]
-    if not spec.spherical:
-        rec[:, 1 + r, 0] = q0
-    rec[:, -1, 0] = q0
-    book.start(X[:, 0].copy(), X[:, 2:].copy(), (X * X).sum(axis=1))
+    rec[:, :, 0] = _columns(spec, X)
+    book.start(*_book_state(spec, X))
     for s in range(seeds):            # thresholds crossed at the start (step 0)
         esc[s, 0] = book.esc["escape"][s]
         esc[s, 1] = book.esc["semantic"][s]
@@ -495,10 +588,7 @@ def run_tied(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta, 
         # the final record at the stop step, from the states there (NaN for a seed stopped
         # earlier and not continued)
         at_end = done_steps == k_end
-        cols = np.column_stack([X[:, 0]] + [X[:, 2 + a] for a in range(r)]
-                               + ([] if spec.spherical else [(X * X).sum(axis=1)])
-                               + [(X * X).sum(axis=1)])
-        rec[:, :, n_grid] = np.where(at_end[:, None], cols, np.nan)
+        rec[:, :, n_grid] = np.where(at_end[:, None], _columns(spec, X), np.nan)
     book.rec[:, :, :j_end] = rec[:, :, :j_end].transpose(1, 0, 2)
     book.rec_steps[:n_grid] = np.arange(n_grid) * every
     if j_end > n_grid:

@@ -658,7 +658,7 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
         if engine != "numpy":
             raise SpecError(f"engine {engine}: spec '{spec.name}' has several directions "
                             f"(K* = {spec.teacher_directions}, K = {spec.student_directions}); "
-                            f"the compiled chain is the tied single-direction one: use "
+                            f"the compiled chain has one student direction: use "
                             f"engine numpy")
         return _apply_records_rule(_simulate_multi(
             spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, params, progress,
@@ -700,14 +700,11 @@ def _simulate(spec, eta, d, steps, seeds, seed, m0, e0, theta, record_every, par
     if spec.untied:
         e0 = ()
     if method == "reduced" and engine == "numba":
-        from .compiled import run_tied
-        if spec.untied:
-            raise SpecError(f"engine numba: spec '{spec.name}' has an untied student; the "
-                            f"compiled chain is the tied one: use engine numpy")
+        from .compiled import run_chain
         book = make_book(spec, seeds, steps, d, theta, record_every, progress, stop_on)
         try:
-            run_tied(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta, m0,
-                     e0, stop_on, records_after_escape)
+            run_chain(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta, m0,
+                      e0, stop_on, records_after_escape)
         finally:
             book.close()
     elif method == "reduced":
@@ -837,8 +834,8 @@ def simulate(spec, eta, d, steps, seeds=8, seed=0, m0=None, e0=None, theta=0.5,
     schedule: None or f(t) -> factor, vectorised over arrays of t: step k uses the rate
     eta f((k - 1) / d) (default: spec.schedule_factor(parameter values)).
     engine (method="reduced"): "numpy" (the default, vectorised over seeds) or "numba" (the
-    chain of a tied student compiled with Numba, one random stream per seed, seeds on threads:
-    module compiled; Numba is the optional extra [fast]). The two have the same law, not the
+    chain of a tied or untied student with one direction compiled with Numba, one random stream
+    per seed, seeds on threads: module compiled; Numba is the optional extra [fast]). The two have the same law, not the
     same random numbers. records_after_escape: with stop_when_escaped, False leaves the records
     of a seed after its own escape NaN instead of running it on to the last seed's escape
     (escape-time studies; the numba engine then skips that work).

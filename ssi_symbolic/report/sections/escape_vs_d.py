@@ -34,7 +34,7 @@ def _simulations(ctx: Context, name: str, spec, ode, eta: float, method: str = "
     engine = "numpy"
     if method == "reduced":
         from ...numeric.compiled import numba_available
-        if numba_available() and not (spec.multi or spec.untied):
+        if numba_available() and not spec.multi:
             engine = "numba"       # the compiled chain: the same law, ~100x less per step
         else:
             too_big = [int(d) for d in sim_ds if d > s.escape_reduced_numpy_max_d]

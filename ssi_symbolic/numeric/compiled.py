@@ -140,10 +140,11 @@ def _scalar_printer():
 
 
 def kernel_source(spec) -> str:
-    """The Python source of the Numba kernel of a tied student (module docstring): function
+    """The Python source of the Numba kernel of a student with one direction (module
+    docstring): function
     ``run(rng, X, k0, k1, cs, P, rec, every, nsteps, esc, theta2, stop, noise_sd, df, batch)`` that
-    advances one seed's state X = (m, rho, e_1..e_r) from step k0 to at most k1 and returns the
-    last step made. cs: the c = eta_k / (b d) of steps k0+1..k1 (length 1: a constant); P: the
+    advances one seed's state X = (m, rho, e_1..e_r) (tied; untied: _untied_source) from step
+    k0 to at most k1 and returns the last step made. cs: the c = eta_k / (b d) of steps k0+1..k1 (length 1: a constant); P: the
     parameter values in spec order; rec: (columns, records) of this seed, written at the steps
     k % every == 0 and k == nsteps; esc: (5,) int64 [escape, semantic, positional, first,
     first-is-semantic] steps (-1: not yet), updated in place; stop: 0 none, 1 the seed's escape,

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5183c8ec177d7db3c73bc4b840e590b02245aea7c15c2b74383f0dc9240a906e
-# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
+# spec-hash: 6f5cd8905808f3833f53f8491c306b5478484f5f79913d824afd29f943c16897
+# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5183c8ec177d7db3c73bc4b840e590b02245aea7c15c2b74383f0dc9240a906e'
+SPEC_HASH = '6f5cd8905808f3833f53f8491c306b5478484f5f79913d824afd29f943c16897'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

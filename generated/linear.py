@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 12b6de86e01584ed06c2db4df930eb94c7d81b4bde315ad7a6d4ec89faa39525
-# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
+# spec-hash: e45505b97f8bf6374e97dbb17bc76f100d0dd985bc4f55c5abe22551fce12385
+# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '12b6de86e01584ed06c2db4df930eb94c7d81b4bde315ad7a6d4ec89faa39525'
+SPEC_HASH = 'e45505b97f8bf6374e97dbb17bc76f100d0dd985bc4f55c5abe22551fce12385'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

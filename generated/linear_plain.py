@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cb281307367b8735acbee91ecff149a16965d8d8253482b3ec8744f231af1c8f
-# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
+# spec-hash: 077e5f01ba6ec5e0965b8eec220525fc4e1526c1dc5b27d1c4aed594ac67dc11
+# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'cb281307367b8735acbee91ecff149a16965d8d8253482b3ec8744f231af1c8f'
+SPEC_HASH = '077e5f01ba6ec5e0965b8eec220525fc4e1526c1dc5b27d1c4aed594ac67dc11'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 85f13451dc23cfef1a74f841db82b740d2a6a853aa66bb6fcb4f1d336c7387df
-# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
+# spec-hash: a261cec1fb547bd2fccd8f694055cdd210d6d2dc256b19dc85cea2a67e576b0a
+# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '85f13451dc23cfef1a74f841db82b740d2a6a853aa66bb6fcb4f1d336c7387df'
+SPEC_HASH = 'a261cec1fb547bd2fccd8f694055cdd210d6d2dc256b19dc85cea2a67e576b0a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4a4bce811d2f769805bcfabd261d6dc6411071e3b4b7d4972d06928ccd4509fb
-# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f
+# spec-hash: a957df49e335f6a22a7c41e7111a6e267944b02933efabfb59d536e2d01b3f74
+# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4a4bce811d2f769805bcfabd261d6dc6411071e3b4b7d4972d06928ccd4509fb'
+SPEC_HASH = 'a957df49e335f6a22a7c41e7111a6e267944b02933efabfb59d536e2d01b3f74'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 6665138c72261b31e374e18f02a839fbd819f70f1f7f5a9b84b8482e77785dc9
-# tool: ssi-symbolic 0.1.0 generator 1 source ed48d707d5ccfa4f attention 1 f9f1643c73eb773f
+# spec-hash: 815b8452b7272b7d59f55828e195c3ff1f1a0721a14a0b37fe48fba62fe09c98
+# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '6665138c72261b31e374e18f02a839fbd819f70f1f7f5a9b84b8482e77785dc9'
+SPEC_HASH = '815b8452b7272b7d59f55828e195c3ff1f1a0721a14a0b37fe48fba62fe09c98'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

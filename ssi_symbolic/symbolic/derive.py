@@ -396,6 +396,21 @@ def _quadratic(c1, M, c2, zero):
     return out
 
 
+def _exact_drift(st: Statistics, ex, X, mean, zero) -> list:
+    """E G_i = coef_i . E[base] in the exact engine's ring, computed as
+    plain_i . E[base] - sum_g p_ig X_i (gq_g . E[base]) (coef = plain - sum_g p X gq, see
+    `statistics`): the rows plain_i are sparse and gq_g . E[base] is taken once per rescaled
+    vector g, instead of a dense coefficient row per output (the same ring element)."""
+    const = ex._const
+    dot = lambda row: sum((const(c) * m for c, m in zip(row, mean) if c != 0), zero)
+    if st.gq is None:
+        return [dot(row) for row in st.plain]
+    gq_mean = [dot(row) for row in st.gq]
+    return [dot(row) - sum((const(p * X[i]) * gq_mean[g] for g, p in st.power[i].items()),
+                           zero)
+            for i, row in enumerate(st.plain)]
+
+
 def _ring_eta_part(ex, p, k):
     """The coefficient of eta^k of a polynomial p of the exact engine's ring (eta one of its
     generators), as a ring element."""
@@ -488,12 +503,12 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                     + [k for k in (st.K or []) if k != 0], extra_symbols=(ETA,))
     ex = E.exact
     try:
-        R = ex.expect_spt(ex.to_spt(st.loss))
+        R = ex.expect_ring(st.loss)
         raw_product = lambda a, b: ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b),
                                                         merge=False))
         if symmetric:
             perm = _TokenPermutation(ex, gauss)
-            first = {k: ex.expect_spt(ex.to_spt(st.base[k * L])) for k in range(3)}
+            first = {k: ex.expect_ring(st.base[k * L]) for k in range(3)}
             mean = [perm.apply(first[a // L], perm.sending(L, a % L))
                     for a in range(len(st.base))]
             pairs = {}
@@ -512,13 +527,13 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
             rep = lambda l: [dl[l] * zs[l], dl[l] * zz[l], dl[l] ** 2]  # A_m, A_q, B terms
             one, two = rep(0), rep(1)
             cL, cLL = ex._const(sp.Integer(L)), ex._const(sp.Integer(L * (L - 1)))
-            mean = [cL * ex.expect_spt(ex.to_spt(f)) for f in one]
+            mean = [cL * ex.expect_ring(f) for f in one]
 
             def product(a, b):
                 return (cL * raw_product(one[a], one[b])
                         + cLL * raw_product(one[a], two[b]))
         else:
-            mean = [ex.expect_spt(ex.to_spt(b)) for b in st.base]
+            mean = [ex.expect_ring(b) for b in st.base]
             product = lambda a, b: raw_product(st.base[a], st.base[b])
         coef = [[ex._const(c) for c in row] for row in st.coef]
         zero, back = ex.R.zero, ex.to_sympy
@@ -534,7 +549,7 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         zero, back = sp.Integer(0), sp.sympify
         method = None
     if method == "exact":  # the eta^1 and eta^2 parts taken in the polynomial ring
-        drift = [_quadratic(c, [[x] for x in mean], [1], zero) for c in coef]
+        drift = _exact_drift(st, ex, gauss.state, mean, zero)
         d1 = tuple(back(_ring_eta_part(ex, x, 1)) for x in drift)
         d2 = tuple(back(_ring_eta_part(ex, x, 2)) for x in drift)
     else:  # coefficient by coefficient: the means (closed forms, nodes) are not multiplied out
@@ -571,13 +586,13 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         elif exchangeable:
             EK, note = _exchangeable_norm_term(spec, st, gauss, ex)
         elif symmetric:  # E[K_l] from E[K_1]; norm_terms_i = sum_k norm_coef[i][k] K_k / b
-            K1 = ex.expect_spt(ex.to_spt(st.K[0]))
+            K1 = ex.expect_ring(st.K[0])
             EKl = [perm.apply(K1, perm.sending(L, l)) for l in range(L)]
-            EK = [sum((ex.expect_spt(ex.to_spt(c / spec.batch)) * k
+            EK = [sum((ex.expect_ring(c / spec.batch) * k
                        for c, k in zip(row, EKl) if c != 0), zero) for row in st.norm_coef]
             note = "complete"
         else:
-            EK = [(ex.expect_spt(ex.to_spt(t)) if method == "exact" else E.expect(t))
+            EK = [(ex.expect_ring(t) if method == "exact" else E.expect(t))
                   if t != 0 else zero for t in st.norm_terms]
             note = "complete"
         corr = ito if EK is None else tuple(back(x + k) for x, k in zip(ito_raw, EK))
@@ -619,9 +634,9 @@ def _exchangeable_norm_term(spec, st, gauss, ex):
     if K11.has(sp.DiracDelta) or K12.has(sp.DiracDelta):
         return None, ("rescaling term only: the token-norm term needs second derivatives of "
                       "the link, which has a kink here")
-    EK = (ex._const(sp.Integer(L)) * ex.expect_spt(ex.to_spt(K11))
-          + ex._const(sp.Integer(L * (L - 1))) * ex.expect_spt(ex.to_spt(K12)))
-    return [ex.expect_spt(ex.to_spt(row[0] / spec.batch)) * EK for row in st.norm_coef], \
+    EK = (ex._const(sp.Integer(L)) * ex.expect_ring(K11)
+          + ex._const(sp.Integer(L * (L - 1))) * ex.expect_ring(K12))
+    return [ex.expect_ring(row[0] / spec.batch) * EK for row in st.norm_coef], \
         "complete"
 
 

@@ -772,9 +772,22 @@ class ExactEngine:
             self._powers, self._const_parts = {}, {}
         return _ring_to_expr(self, p)
 
+    def expect_ring(self, expr):
+        """Exact E[expr] as a ring element. A product is multiplied smallest factor first and
+        its last product is not merged (expect_spt takes the sum term by term, so merging the
+        largest factored form, 86000 terms for the untied L = 16 drift, only costs time)."""
+        expr = sp.sympify(expr)
+        if not expr.is_Mul:
+            return self.expect_spt(self.to_spt(expr))
+        parts = sorted((self.to_spt(a) for a in expr.args), key=len)
+        out = parts[0]
+        for k, part in enumerate(parts[1:], 1):
+            out = self.mul(out, part, merge=k < len(parts) - 1)
+        return self.expect_spt(out)
+
     def expect(self, expr):
         """Exact E[expr] for an expression polynomial in the random variables."""
-        return self.to_sympy(self.expect_spt(self.to_spt(expr)))
+        return self.to_sympy(self.expect_ring(expr))
 
 
 # ----------------------------------------------------------------------------------------

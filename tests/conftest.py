@@ -1,7 +1,14 @@
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# compiled kernels of the numba engine (numeric/compiled.py) go to a cache folder of the test
+# runs, not to the user's ~/.cache (shared by the xdist workers: kernel files are written
+# atomically and Numba's cache tolerates concurrent writers)
+os.environ.setdefault("SSI_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ssi-test-cache"))
 
 ROOT = Path(__file__).resolve().parent.parent
 DERIVATIONS = ROOT / "derivations"

@@ -19,7 +19,8 @@ d-dimensional simulator and the NumPy engine of the same chain (MATH.md 10).
    scheduled ODE.
 6. Refusals and the CLI.
 
-The whole module is skipped when Numba is not installed (the optional extra [fast]).
+The whole module is skipped when Numba is not installed (the optional extra [fast]). Kernels are
+compiled into the tests' cache folder (conftest: SSI_CACHE_DIR).
 """
 from __future__ import annotations
 
@@ -43,15 +44,6 @@ from .conftest import DERIVATIONS  # noqa: E402
 from .test_reduced import _ode_mean_check, increments, law_z_scores  # noqa: E402
 
 Z_MAX = 5.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def kernel_cache(tmp_path_factory):
-    """Kernels compiled into a temporary cache folder (not the user's ~/.cache)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SSI_CACHE_DIR", str(tmp_path_factory.mktemp("ssi_cache")))
-    yield
-    mp.undo()
 
 
 def shipped(name):
@@ -322,3 +314,13 @@ def test_cli_engine(gen, capsys):
                  "reduced", "--engine", "cuda", "--out", str(gen)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("ssi: error: engine") and "Traceback" not in err
+
+
+def test_unwritable_cache_is_one_clear_error(gen, tmp_path, monkeypatch):
+    """SSI_CACHE_DIR under a regular file: StateError naming the folder and SSI_CACHE_DIR."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SSI_CACHE_DIR", str(blocker / "cache"))
+    spec = make_spec("cache_probe", 1, "z1**3/7 + z1", student="z1**3/7 + z1")
+    with pytest.raises(StateError, match=r"cannot write the kernel cache .*SSI_CACHE_DIR"):
+        numba_run(spec, gen, eta=0.1, d=100, steps=10, seeds=2)

@@ -45,6 +45,7 @@ def main() -> int:
     from ssi_symbolic.model.spec import load_spec
     from ssi_symbolic.numeric.ode import leading_drift
     from ssi_symbolic.numeric.simulate import simulate
+    from ssi_symbolic.report.fits import fit_log
 
     gen = Path(tempfile.mkdtemp(prefix="ssi-bench-scale-"))          # never into generated/
     for f in (ROOT / "generated").glob("*.py"):
@@ -80,10 +81,10 @@ def main() -> int:
             print(f"{d:8d} {ode:8.3f} {sde:11.3f} {med:11.3f} [{q1:7.3f}, {q3:7.3f}] "
                   f"{100 * (med / sde - 1):+7.2f}% {100 * se / sde:5.2f}% "
                   f"{int(np.isfinite(tau).sum()):4d}/{tau.size:<4d} {wall:7.1f}", flush=True)
-        ok = np.isfinite(meds)
-        if ok.sum() >= 2:
-            b, a = np.polyfit(np.log(np.array(ds, float)[ok]), np.array(meds)[ok], 1)
-            print(f"fit of the simulated medians: t = {a:.4g} + {b:.5g} ln d; "
+        fit = fit_log(ds, meds)
+        if fit["b"] is not None:
+            b = fit["b"]
+            print(f"fit of the simulated medians: t = {fit['a']:.4g} + {b:.5g} ln d; "
                   f"1/(2c) = {1 / (2 * c):.5g}; {100 * (b * 2 * c - 1):+.2f} %", flush=True)
     shutil.rmtree(gen, ignore_errors=True)
     return 0

@@ -435,23 +435,9 @@ def _compile_error(spec, exc) -> SpecError:
                      f"({first[:200]}); use engine numpy")
 
 
-def _columns(spec, X):
-    """The record columns of states X (S, nx), as the simulator's _Book records them: tied
-    (m, rho, e_1..e_r) -> m, e_a, (q for plain SGD), q_norm = q; untied (m_1..m_L,
-    rho_1..rho_L) -> m_l, q_l, mean_l q_l."""
-    if spec.untied:
-        L = spec.L
-        ms, rhos = X[:, :L], X[:, L:]
-        qs = ms * ms + rhos * rhos
-        return np.column_stack([ms, qs, qs.mean(axis=1)])
-    r = spec.r
-    q = (X * X).sum(axis=1)
-    return np.column_stack([X[:, 0]] + [X[:, 2 + a] for a in range(r)]
-                           + ([] if spec.spherical else [q]) + [q])
-
-
 def _book_state(spec, X):
-    """The state arguments of the _Book (its check and records) from X (S, nx)."""
+    """The state arguments of the simulator's _Book (its check and its record columns) from the
+    kernel states X (S, nx): tied (m, e (S, r), q), untied (m_l (L, S), q_l (L, S))."""
     if spec.untied:
         L = spec.L
         ms, rhos = X[:, :L].T.copy(), X[:, L:].T
@@ -503,7 +489,8 @@ def run_chain(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta,
         return np.ascontiguousarray(etas(k0 + 1, k1 - k0) / (batch * d))
 
     # step 0: records and checks of the start, as _Book.start
-    rec[:, :, 0] = _columns(spec, X)
+    columns = lambda: np.column_stack(book.columns(*_book_state(spec, X)))
+    rec[:, :, 0] = columns()
     book.start(*_book_state(spec, X))
     for s in range(seeds):            # thresholds crossed at the start (step 0)
         esc[s, 0] = book.esc["escape"][s]
@@ -589,7 +576,7 @@ def run_chain(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta,
         # the final record at the stop step, from the states there (NaN for a seed stopped
         # earlier and not continued)
         at_end = done_steps == k_end
-        rec[:, :, n_grid] = np.where(at_end[:, None], _columns(spec, X), np.nan)
+        rec[:, :, n_grid] = np.where(at_end[:, None], columns(), np.nan)
     book.rec[:, :, :j_end] = rec[:, :, :j_end].transpose(1, 0, 2)
     book.rec_steps[:n_grid] = np.arange(n_grid) * every
     if j_end > n_grid:

@@ -59,7 +59,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends.numba_kernel import kernel_source
 from ..errors import SpecError, StateError
 
 __all__ = ["ENGINES", "BLOCK", "numba_available", "cache_dir", "kernel_module", "run_chain"]
@@ -99,6 +98,7 @@ def kernel_module(spec):
     if not numba_available():
         raise StateError("engine numba: Numba is not installed (pip install "
                          "'ssi-symbolic[fast]', or pip install numba); use engine numpy")
+    from ..backends.numba_kernel import kernel_source   # SymPy only when a kernel is built
     src = kernel_source(spec)
     key = hashlib.sha256(src.encode()).hexdigest()[:20]
     with _LOCK:

@@ -162,7 +162,6 @@ def kernel_source(spec) -> str:
     per_seq = "\n".join(lines)
     if untied:
         return _untied_source(spec, per_seq)
-    e_names = [f"e{a + 1}" for a in range(r)]
     e_load = "".join(f"    e{a + 1} = X[{2 + a}]\n" for a in range(r))
     e_store = "".join(f"    X[{2 + a}] = e{a + 1}\n" for a in range(r))
     ae_zero = "".join(f"        Ae{a + 1} = 0.0\n" for a in range(r))

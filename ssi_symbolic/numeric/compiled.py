@@ -172,29 +172,25 @@ def run_chain(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta,
     rates_lock = threading.Lock()
 
     def cs_of(k0, k1):
+        """c = eta_k / (b d) of steps k0+1..k1: the rates of a block are computed once and
+        shared by the seeds (the threads run different seeds through the same blocks)."""
         if etas is None:
             return c_const
-        if k0 % BLOCK == 0 and k1 - k0 == BLOCK or (k0 % BLOCK == 0 and k1 == steps):
-            with rates_lock:
-                if k0 not in rates_cache:
-                    if len(rates_cache) > 64:
-                        rates_cache.clear()
-                    rates_cache[k0] = np.ascontiguousarray(etas(k0 + 1, k1 - k0)
-                                                           / (batch * d))
-                return rates_cache[k0]
-        return np.ascontiguousarray(etas(k0 + 1, k1 - k0) / (batch * d))
+        with rates_lock:
+            if (k0, k1) not in rates_cache:
+                if len(rates_cache) > 64:
+                    rates_cache.clear()
+                rates_cache[(k0, k1)] = np.ascontiguousarray(etas(k0 + 1, k1 - k0)
+                                                             / (batch * d))
+            return rates_cache[(k0, k1)]
 
-    # step 0: records and checks of the start, as _Book.start
-    columns = lambda: np.column_stack(book.columns(*_book_state(spec, X)))
-    rec[:, :, 0] = columns()
+    # step 0: the _Book records and checks the start; the kernel's arrays take them over
     book.start(*_book_state(spec, X))
-    for s in range(seeds):            # thresholds crossed at the start (step 0)
-        esc[s, 0] = book.esc["escape"][s]
-        esc[s, 1] = book.esc["semantic"][s]
-        esc[s, 2] = book.esc["positional"][s]
-        esc[s, 3] = book.first[s]
-        if book.first[s] >= 0:
-            esc[s, 4] = 1 if book.kinds[s] == "semantic" else 0
+    rec[:, :, 0] = book.rec[:, :, 0].T
+    esc[:, 0], esc[:, 1] = book.esc["escape"], book.esc["semantic"]
+    esc[:, 2], esc[:, 3] = book.esc["positional"], book.first
+    esc[:, 4] = np.where(book.first >= 0,
+                         [1 if kind == "semantic" else 0 for kind in book.kinds], -1)
     done_steps = np.zeros(seeds, dtype=np.int64)
     progress = {"steps": 0}
     plock = threading.Lock()
@@ -272,7 +268,8 @@ def run_chain(spec, book, pvals, seeds, seed, d, steps, batch, eta, etas, theta,
         # the final record at the stop step, from the states there (NaN for a seed stopped
         # earlier and not continued)
         at_end = done_steps == k_end
-        rec[:, :, n_grid] = np.where(at_end[:, None], columns(), np.nan)
+        columns = np.column_stack(book.columns(*_book_state(spec, X)))
+        rec[:, :, n_grid] = np.where(at_end[:, None], columns, np.nan)
     book.rec[:, :, :j_end] = rec[:, :, :j_end].transpose(1, 0, 2)
     book.rec_steps[:n_grid] = np.arange(n_grid) * every
     if j_end > n_grid:

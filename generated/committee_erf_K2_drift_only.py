@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f22bc3fa0b6e795345ec533e4dd5f7f69d9c084c07a13bbcf3990821f9babe2f
-# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
+# spec-hash: 4e9c7ce44cb5dfb1a6385a8387c36edf6fd02e8082fbe1c34ad4fa4da125c3a1
+# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f22bc3fa0b6e795345ec533e4dd5f7f69d9c084c07a13bbcf3990821f9babe2f'
+SPEC_HASH = '4e9c7ce44cb5dfb1a6385a8387c36edf6fd02e8082fbe1c34ad4fa4da125c3a1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e47190e11c5f6a36e792e8737290c7cac1d910357af16bd07c62ea5b84d4d018
-# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
+# spec-hash: 0b028dda2d07c72d1978e789e7c8e59582f6da2df114d83e0562be2d671bdc1c
+# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e47190e11c5f6a36e792e8737290c7cac1d910357af16bd07c62ea5b84d4d018'
+SPEC_HASH = '0b028dda2d07c72d1978e789e7c8e59582f6da2df114d83e0562be2d671bdc1c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e45505b97f8bf6374e97dbb17bc76f100d0dd985bc4f55c5abe22551fce12385
-# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
+# spec-hash: cc529df748cc4ac00ad15ef75d1afc27037d3a161890fc0bf37c2cd4adb84140
+# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e45505b97f8bf6374e97dbb17bc76f100d0dd985bc4f55c5abe22551fce12385'
+SPEC_HASH = 'cc529df748cc4ac00ad15ef75d1afc27037d3a161890fc0bf37c2cd4adb84140'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

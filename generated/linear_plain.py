@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 077e5f01ba6ec5e0965b8eec220525fc4e1526c1dc5b27d1c4aed594ac67dc11
-# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
+# spec-hash: bfdfd2087fa0a7eaa109509b501b48dfa61f57d6d121764aad23a171b815489f
+# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '077e5f01ba6ec5e0965b8eec220525fc4e1526c1dc5b27d1c4aed594ac67dc11'
+SPEC_HASH = 'bfdfd2087fa0a7eaa109509b501b48dfa61f57d6d121764aad23a171b815489f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

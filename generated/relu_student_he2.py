@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a957df49e335f6a22a7c41e7111a6e267944b02933efabfb59d536e2d01b3f74
-# tool: ssi-symbolic 0.1.0 generator 1 source 800a46bb43bb6a15
+# spec-hash: 71dfc3776c9d29d186e41bfc094fbe460c70a12f956a2145bf74b36d4e469e6b
+# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a957df49e335f6a22a7c41e7111a6e267944b02933efabfb59d536e2d01b3f74'
+SPEC_HASH = '71dfc3776c9d29d186e41bfc094fbe460c70a12f956a2145bf74b36d4e469e6b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -411,6 +411,37 @@ def _exact_drift(st: Statistics, ex, X, mean, zero) -> list:
             for i, row in enumerate(st.plain)]
 
 
+def _second_moments(st: Statistics, M, X, const, zero):
+    """second(i, j) = E[G_i G_j] = c_i^T M c_j (M = E[base base^T]) for the increments
+    c_i = plain_i - sum_g p_ig X_i gq_g, using the sparsity of the rows plain_i:
+    c_i^T M c_j = plain_i^T M plain_j - sum_h p_jh X_j plain_i . v_h - sum_g p_ig X_i
+    plain_j . v_g + sum_gh p_ig p_jh X_i X_j w_gh with v_g = M gq_g and w_gh = gq_g^T v_h
+    (the same ring element as the dense c_i^T M c_j, with a few products per entry instead of
+    one per pair of base statistics)."""
+    nb = len(M)
+    plain = [{a: const(c) for a, c in enumerate(row) if c != 0} for row in st.plain]
+    gq = [{a: const(c) for a, c in enumerate(row) if c != 0} for row in (st.gq or [])]
+    v = [[sum((M[a][b] * c for b, c in g.items()), zero) for a in range(nb)] for g in gq]
+    w = [[sum((c * v[h][a] for a, c in g.items()), zero) for h in range(len(gq))] for g in gq]
+    pw = [{g: const(-p * X[i]) for g, p in st.power[i].items()} if gq else {}
+          for i in range(len(plain))]
+
+    def second(i, j):
+        pi, pj = plain[i], plain[j]
+        out = zero
+        for a, ca in pi.items():
+            for b, cb in pj.items():
+                out += ca * M[a][b] * cb
+        for h, ph in pw[j].items():
+            out += ph * sum((ca * v[h][a] for a, ca in pi.items()), zero)
+        for g, pg in pw[i].items():
+            out += pg * sum((cb * v[g][b] for b, cb in pj.items()), zero)
+            for h, ph in pw[j].items():
+                out += pg * ph * w[g][h]
+        return out
+    return second
+
+
 def _ring_eta_part(ex, p, k):
     """The coefficient of eta^k of a polynomial p of the exact engine's ring (eta one of its
     generators), as a ring element."""
@@ -504,8 +535,7 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     ex = E.exact
     try:
         R = ex.expect_ring(st.loss)
-        raw_product = lambda a, b: ex.expect_spt(ex.mul(ex.to_spt(a), ex.to_spt(b),
-                                                        merge=False))
+        raw_product = ex.expect_ring
         if symmetric:
             perm = _TokenPermutation(ex, gauss)
             first = {k: ex.expect_ring(st.base[k * L]) for k in range(3)}
@@ -568,13 +598,21 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         for a in range(nb):
             for b in range(a, nb):
                 M[a][b] = M[b][a] = product(a, b)  # E[base_a base_b]
-        C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
-        for i in range(n):
-            for j in range(i, n):
-                cov[i, j] = cov[j, i] = back(_quadratic(coef[i], C, coef[j], zero)) / spec.batch
         const = ex._const if method == "exact" else sp.sympify
+        if method == "exact":  # Cov(G_i, G_j) = c_i^T M c_j - E[G_i] E[G_j], in the ring
+            second = _second_moments(st, M, gauss.state, const, zero)
+            for i in range(n):
+                for j in range(i, n):
+                    cov[i, j] = cov[j, i] = back(second(i, j) - drift[i] * drift[j]) / spec.batch
+        else:
+            C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
+            for i in range(n):
+                for j in range(i, n):
+                    cov[i, j] = cov[j, i] = (back(_quadratic(coef[i], C, coef[j], zero))
+                                             / spec.batch)
         Mb = M
         if spec.batch != 1:  # second moments of the batch-averaged increment
+            C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
             ib = const(sp.Rational(1, spec.batch))
             Mb = [[mean[a] * mean[c] + ib * C[a][c] for c in range(nb)] for a in range(nb)]
         ito_raw = (_ito_correction(st, gauss.state, Mb, zero, const) if st.gq is not None

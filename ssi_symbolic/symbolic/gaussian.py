@@ -347,24 +347,27 @@ def _ring_to_expr(ex, p):
     from functools import cmp_to_key
     if not p:
         return sp.Integer(0)
-    syms, is_const, to_number = ex._back_symbols, ex._is_const, ex.R.domain.to_sympy
+    syms, to_number = ex._back_symbols, ex.R.domain.to_sympy
+    const_idx, var_idx = ex._const_idx, ex._var_idx
     powers, const_parts = ex._powers, ex._const_parts
     rows = []
     for monom, coeff in p.items():
         num = to_number(coeff)
         factors = []
-        cmon = tuple(e if c else 0 for e, c in zip(monom, is_const))
+        cmon = tuple(monom[i] for i in const_idx)
         if any(cmon):  # constants (radicals, pi, ...) multiplied out by SymPy, once each
             part = const_parts.get(cmon)
             if part is None:
-                part = sp.Mul(*[syms[i] ** e for i, e in enumerate(cmon) if e]).as_coeff_Mul()
+                part = sp.Mul(*[syms[i] ** e for i, e in zip(const_idx, cmon) if e]
+                              ).as_coeff_Mul()
                 const_parts[cmon] = part
             num = num * part[0]
             rest = part[1]
             if rest is not sp.S.One:
                 factors.extend(rest.args if rest.is_Mul else (rest,))
-        for i, e in enumerate(monom):
-            if e and not is_const[i]:
+        for i in var_idx:
+            e = monom[i]
+            if e:
                 f = powers.get((i, e))
                 if f is None:
                     f = powers[(i, e)] = syms[i] ** e
@@ -644,20 +647,24 @@ class ExactEngine:
         """Product of two factored statistics; merge=False skips the one-group merging (cheaper
         when the product only feeds an expectation)."""
         out = {}
-        n = self.n_groups
         mf = self._mul_factor
+        if len(a) < len(b):
+            a, b = b, a
+        # the groups in which b's term has a factor other than 1: only those need a product
+        b_items = [(kb, sb, [j for j, i in enumerate(kb) if i]) for kb, sb in b.items()]
+        get = out.get
         for ka, sa in a.items():
-            for kb, sb in b.items():
+            for kb, sb, nz in b_items:
                 scale = sa * sb
-                key = []
-                for j in range(n):
+                key = list(ka)
+                for j in nz:
                     r = mf(j, ka[j], kb[j])
                     if type(r) is tuple:
                         r, lc = r
                         scale = scale * lc
-                    key.append(r)
+                    key[j] = r
                 key = tuple(key)
-                out[key] = out.get(key, 0) + scale
+                out[key] = get(key, 0) + scale
         return self._normalize(out) if merge else out
 
     def power(self, a, n):
@@ -750,9 +757,14 @@ class ExactEngine:
                 end = start + 1
                 while end < hi and items[end][0][j] == i:
                     end += 1
-                rest = contract(start, end, j + 1)
-                if rest:
-                    total += rest if i == 0 else self._expect_factor(j, i) * rest
+                if i == 0:
+                    total += contract(start, end, j + 1)
+                else:
+                    e = self._expect_factor(j, i)
+                    if e:  # a factor of mean zero (odd moments) ends the whole branch
+                        rest = contract(start, end, j + 1)
+                        if rest:
+                            total += e * rest
                 start = end
             return total
 
@@ -768,18 +780,124 @@ class ExactEngine:
         most of a large derivation's time)."""
         if not hasattr(self, "_back_symbols"):
             self._back_symbols = [self.back.get(g, g) for g in self.R.symbols]
-            self._is_const = [g in self.back for g in self.R.symbols]
+            self._const_idx = [i for i, g in enumerate(self.R.symbols) if g in self.back]
+            # generators other than constants: the random variables appear only before an
+            # expectation, but to_sympy is also asked for statistics
+            self._var_idx = [i for i, g in enumerate(self.R.symbols) if g not in self.back]
             self._powers, self._const_parts = {}, {}
         return _ring_to_expr(self, p)
 
-    def expect_ring(self, expr):
-        """Exact E[expr] as a ring element. A product is multiplied smallest factor first and
-        its last product is not merged (expect_spt takes the sum term by term, so merging the
+    # --- exchangeable tokens -----------------------------------------------------------------
+    def _exchangeable(self):
+        """The classes of tokens whose Gaussian vectors have one law (a tied student: tokens with
+        the same row of the positional encoding C), as lists of at least two tokens."""
+        if getattr(self, "_classes", None) is None:
+            classes = {}
+            if not self.g.untied:
+                for l in range(self.g.L):
+                    classes.setdefault(tuple(self.g.C[l]) if self.g.C else (), []).append(l)
+            self._classes = [c for c in classes.values() if len(c) > 1]
+            self._token_vars = [set(self.g.token_variables(l)) for l in range(self.g.L)]
+            self._move_cache = {}
+        return self._classes
+
+    def _invariant(self, expr, H) -> bool:
+        """Whether expr is unchanged (structurally) by every permutation of the tokens H: checked
+        on the transposition of H's first two tokens and the cycle through H, which generate
+        the symmetric group of H."""
+        tv = self.g.token_variables
+        for sigma in ({H[0]: H[1], H[1]: H[0]}, {h: H[(k + 1) % len(H)] for k, h in enumerate(H)}):
+            sub = {}
+            for l, l2 in sigma.items():
+                sub.update(zip(tv(l), tv(l2)))
+            if expr.xreplace(sub) != expr:
+                return False
+        return True
+
+    def _move(self, l, i, l2):
+        """(id, lc): factor i of token l with token l's variables renamed to token l2's, as
+        lc times factor id of token l2."""
+        if i == 0 or l == l2:
+            return i, 1
+        key = (l, i, l2)
+        hit = self._move_cache.get(key)
+        if hit is None:
+            src, dst = self.group_index[l], self.group_index[l2]
+            terms = {}
+            for mon, c in self._fac[l][i].items():
+                m = list(mon)
+                for a, b in zip(src, dst):
+                    m[a], m[b] = 0, mon[a]
+                terms[tuple(m)] = c
+            hit = self._move_cache[key] = self._intern(l2, self.R.from_dict(terms))
+        return hit
+
+    def _orbit_reduce(self, spt, classes):
+        """A factored statistic with the same expectation against anything invariant under the
+        permutations of each token class in `classes`: every term is replaced by its image
+        under the permutation that puts its factors on the class's first tokens in a fixed
+        order (E[P sigma(q)] = E[P q] when P and the tokens' law are invariant under sigma), so
+        the terms of one orbit merge into one."""
+        out = {}
+        move = self._move
+        for key, scale in spt.items():
+            key = list(key)
+            for H in classes:
+                h0 = H[0]
+                sigs = []
+                for l in H:
+                    i = key[l]
+                    if i:
+                        j, lc = move(l, i, h0)
+                        scale = scale * lc
+                        sigs.append(j)
+                        key[l] = 0
+                sigs.sort()
+                for l, j in zip(H, sigs):
+                    key[l], lc = move(h0, j, l)
+                    scale = scale * lc
+            key = tuple(key)
+            out[key] = out.get(key, 0) + scale
+        return {k: v for k, v in out.items() if v}
+
+    def _reducible(self, others):
+        """The token classes under whose permutations the product of `others` (SymPy factors)
+        is invariant: an exchangeable class minus the tokens of every factor that is not
+        itself invariant under the class's permutations."""
+        out = []
+        for H in self._exchangeable():
+            H = list(H)
+            for a in others:
+                toks = [l for l in H if a.free_symbols & self._token_vars[l]]
+                if toks and len(H) > 1 and not (len(toks) == len(H) and self._invariant(a, H)):
+                    H = [l for l in H if l not in toks]
+            if len(H) > 1:
+                out.append(H)
+        return out
+
+    def expect_ring(self, *factors):
+        """Exact E[prod factors] as a ring element.
+
+        The largest factor's terms are first reduced to one per orbit of the token permutations
+        that leave the other factors and the tokens' law unchanged (exchangeable tokens of a tied
+        student, `_orbit_reduce`). The product is then multiplied smallest factor first and its
+        last product is not merged (expect_spt takes the sum term by term, so merging the
         largest factored form, 86000 terms for the untied L = 16 drift, only costs time)."""
-        expr = sp.sympify(expr)
-        if not expr.is_Mul:
-            return self.expect_spt(self.to_spt(expr))
-        parts = sorted((self.to_spt(a) for a in expr.args), key=len)
+        args = []
+        for f in factors:
+            for a in sp.Mul.make_args(sp.sympify(f)):
+                if (a.is_Pow and a.exp.is_Integer and 1 < a.exp <= 4 and self._exchangeable()
+                        and a.base.free_symbols & self.random):
+                    args.extend([a.base] * int(a.exp))  # one copy can be orbit-reduced
+                else:
+                    args.append(a)
+        parts = sorted(((self.to_spt(a), a) for a in args), key=lambda p: len(p[0]))
+        big, big_expr = parts.pop()
+        if len(big) > 64:
+            classes = self._reducible([a for _, a in parts])
+            if classes:
+                big = self._orbit_reduce(big, classes)
+        parts = sorted([p for p, _ in parts] + [big], key=len)
         out = parts[0]
         for k, part in enumerate(parts[1:], 1):
             out = self.mul(out, part, merge=k < len(parts) - 1)

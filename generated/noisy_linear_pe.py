@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ec2ef5841d79ab124e339c41a211e381adbb0415b5ba6002eadf1c84b136ee12
-# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
+# spec-hash: 13627c65218d786998685916d20146b3f77100e00562b9230968034934154611
+# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ec2ef5841d79ab124e339c41a211e381adbb0415b5ba6002eadf1c84b136ee12'
+SPEC_HASH = '13627c65218d786998685916d20146b3f77100e00562b9230968034934154611'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 71dfc3776c9d29d186e41bfc094fbe460c70a12f956a2145bf74b36d4e469e6b
-# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
+# spec-hash: 269cee005ff0590642a4d63f7e52a83325cd51b95a6789fb04c288a06a21076f
+# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '71dfc3776c9d29d186e41bfc094fbe460c70a12f956a2145bf74b36d4e469e6b'
+SPEC_HASH = '269cee005ff0590642a4d63f7e52a83325cd51b95a6789fb04c288a06a21076f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fda2a2988d06afa7d3701e779044af044310f004840651a3724128e92a8e477d
-# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
+# spec-hash: f3f8411ab928c02f065f8c6d3fd61b741a313b9effb0acf39b2726c6314cf80b
+# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fda2a2988d06afa7d3701e779044af044310f004840651a3724128e92a8e477d'
+SPEC_HASH = 'f3f8411ab928c02f065f8c6d3fd61b741a313b9effb0acf39b2726c6314cf80b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

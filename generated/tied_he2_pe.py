@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 06cb61d3a1849543331ec47f561888e2fbe220ee5b3252a52c15d1c1b21dc83a
-# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
+# spec-hash: 716f9c72c421883cdbe3413eb17e0e215890216071f4b9989844f136bcf7f459
+# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '06cb61d3a1849543331ec47f561888e2fbe220ee5b3252a52c15d1c1b21dc83a'
+SPEC_HASH = '716f9c72c421883cdbe3413eb17e0e215890216071f4b9989844f136bcf7f459'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

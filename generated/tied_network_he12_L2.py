@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3af7bb7a903cabe73b0a307d1e0ef517b25b68a6ffe9a533545f78adfbfde178
-# tool: ssi-symbolic 0.1.0 generator 1 source 69f7b8b2e9b20572
+# spec-hash: aca9ca6cd8ae0165b6c85a3e2a62f4f710023d6f15963fbf94706c5d481a9166
+# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3af7bb7a903cabe73b0a307d1e0ef517b25b68a6ffe9a533545f78adfbfde178'
+SPEC_HASH = 'aca9ca6cd8ae0165b6c85a3e2a62f4f710023d6f15963fbf94706c5d481a9166'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -124,3 +124,33 @@ def test_ring_to_sympy_takes_the_fast_path_for_powers_in_different_terms(monkeyp
     derive(spec.with_length(4).untied_student(), diffusion=False)
     assert same and all(eq for _, eq in same)
     assert sum(used for used, _ in same) == 0, same
+
+
+def test_parity_pruned_products_keep_the_expectation():
+    """ExactEngine.mul(..., expect_only=True) leaves out the term products with an odd factor
+    in a zero-mean group (their expectation vanishes): the factored product is smaller and its
+    expectation equals that of the whole product. Tokens with a positional mean (token 1 here)
+    are never pruned. Untied, tied and tied-with-encoding engines; random polynomials."""
+    import random
+
+    from ssi_symbolic.symbolic.gaussian import ExactEngine, TokenGaussian
+
+    rnd = random.Random(3)
+    specs = [make_spec("p", 3, "z1*z2*z3"), make_spec("p", 3, "z1*z2*z3", weights="untied"),
+             make_spec("p", 3, "z1*z2*z3", positional=[[1], [0], [0]])]
+    for spec in specs:
+        g = TokenGaussian.of(spec)
+        ex = ExactEngine(g, [])
+        rv = [v for l in range(3) for v in g.token_variables(l)]
+
+        def poly():
+            return sp.Add(*[rnd.choice([-2, -1, 1, 3]) * sp.Mul(*rnd.sample(rv, rnd.randint(1, 3)))
+                            for _ in range(6)])
+        pruned_somewhere = False
+        for _ in range(5):
+            a, b = ex.to_spt(poly()), ex.to_spt(poly() * poly())
+            whole = ex.mul(a, b, merge=False)
+            pruned = ex.mul(a, b, expect_only=True)
+            pruned_somewhere |= len(pruned) < len(whole)
+            assert ex.expect_spt(pruned) == ex.expect_spt(whole)
+        assert pruned_somewhere

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import sympy as sp
-from sympy.polys.rings import ring as poly_ring
+from sympy.polys.rings import PolyElement, ring as poly_ring
 
 from ..model.spec import ModelSpec, link_entries, token_symbols
 
@@ -351,8 +351,11 @@ def _ring_to_expr(ex, p):
     const_idx, var_idx = ex._const_idx, ex._var_idx
     powers, const_parts = ex._powers, ex._const_parts
     rows = []
+    numbers = ex._numbers
     for monom, coeff in p.items():
-        num = to_number(coeff)
+        num = numbers.get(coeff)
+        if num is None:
+            num = numbers[coeff] = to_number(coeff)
         factors = []
         cmon = tuple(monom[i] for i in const_idx)
         if any(cmon):  # constants (radicals, pi, ...) multiplied out by SymPy, once each
@@ -385,7 +388,7 @@ def _ring_to_expr(ex, p):
     rank = {f: k for k, f in enumerate(sorted(distinct, key=cmp_to_key(sp.Basic.compare)))}
     constant, terms, seen = sp.Integer(0), [], set()
     for num, fs in rows:
-        if num == 0:
+        if num is sp.S.Zero:
             continue
         if not fs:
             constant = constant + num
@@ -395,7 +398,7 @@ def _ring_to_expr(ex, p):
         if key in seen:  # two monomials with one SymPy form: let Add collect them
             return p.as_expr(*syms)
         seen.add(key)
-        if num == 1:
+        if num is sp.S.One:
             terms.append(fs[0] if len(fs) == 1 else sp.Mul._from_args(fs, True))
         else:
             terms.append(sp.Mul._from_args([num] + fs, True))
@@ -478,6 +481,7 @@ class ExactEngine:
         self._expect_cache = {}
         self._mul_cache = {}
         self._spt_cache = {}
+        self._parities, self._key_parities = {}, {}
         self._cov = []
         for l in range(gauss.L):
             cov = gauss.token_covariance(l)
@@ -529,17 +533,25 @@ class ExactEngine:
             return p
         if not any(mon[i] >= n for mon in p.itermonoms() for i, (n, _) in self.reducers.items()):
             return p
-        out = self.R.zero
+        rational, rest = {}, self.R.zero  # terms reduced by rationals (primes' radicals) are
+        zero = self.R.domain.zero           # collected in one dict, not added one by one
         for mon, coef in p.items():
             mon = list(mon)
-            term = self.R(coef)
+            factor = None  # the product of the parameter radicals' powers met in this term
             for i, (n, value) in self.reducers.items():
                 k = mon[i]
                 if k >= n:
-                    term = term * value ** (k // n)
+                    if isinstance(value, PolyElement):
+                        factor = value ** (k // n) if factor is None else factor * value ** (k // n)
+                    else:
+                        coef = coef * value ** (k // n)
                     mon[i] = k % n
-            one_mon = self.R({tuple(mon): 1})
-            out += term * one_mon
+            mon = tuple(mon)
+            if factor is None:
+                rational[mon] = rational.get(mon, zero) + coef
+            else:
+                rest += factor * self.R({mon: coef})
+        out = self.R.from_dict({m: c for m, c in rational.items() if c}) + rest
         return self._reduce(out)
 
     def _intern(self, group, poly):
@@ -643,9 +655,49 @@ class ExactEngine:
             self._mul_cache[key] = hit
         return hit
 
-    def mul(self, a, b, merge=True):
+    def _parity(self, key):
+        """(odd, mixed) bit masks over the groups of a term: bit j of odd is set when the
+        factor of group j has odd total degree in every monomial, bit j of mixed when its
+        monomials' degrees have both parities or the group's Gaussian has a non-zero mean
+        (then nothing is known). A zero-mean Gaussian vector's odd moments vanish, so a product
+        of two terms has expectation zero when (odd_a ^ odd_b) & ~(mixed_a | mixed_b) != 0."""
+        hit = self._key_parities.get(key)
+        if hit is not None:
+            return hit
+        odd = mixed = 0
+        for j, i in enumerate(key):
+            if i:
+                p = self._factor_parity(j, i)
+                if p == 1:
+                    odd |= 1 << j
+                elif p is None:
+                    mixed |= 1 << j
+        hit = self._key_parities[key] = (odd, mixed)
+        return hit
+
+    def _factor_parity(self, j, i):
+        """0 or 1: the parity of every monomial's degree in group j's variables; None when the
+        monomials' parities differ or group j has a non-zero mean."""
+        key = (j, i)
+        hit = self._parities.get(key, -1)
+        if hit != -1:
+            return hit
+        if j == self.const_group:
+            out = 0
+        elif j < self.g.L and any(self._means[j]):
+            out = None
+        else:
+            idx = self.group_index[j]
+            pars = {sum(mon[k] for k in idx) % 2 for mon in self._fac[j][i].itermonoms()}
+            out = pars.pop() if len(pars) == 1 else None
+        self._parities[key] = out
+        return out
+
+    def mul(self, a, b, merge=True, expect_only=False):
         """Product of two factored statistics; merge=False skips the one-group merging (cheaper
-        when the product only feeds an expectation)."""
+        when the product only feeds an expectation). expect_only=True (implies merge=False)
+        also leaves out the products whose expectation vanishes by parity (`_parity`): the
+        result has the product's expectation, not its value."""
         out = {}
         mf = self._mul_factor
         if len(a) < len(b):
@@ -653,7 +705,20 @@ class ExactEngine:
         # the groups in which b's term has a factor other than 1: only those need a product
         b_items = [(kb, sb, [j for j, i in enumerate(kb) if i]) for kb, sb in b.items()]
         get = out.get
+        if expect_only:
+            buckets = {}
+            for kb, sb, nz in b_items:
+                buckets.setdefault(self._parity(kb), []).append((kb, sb, nz))
+            a_cache = {}
         for ka, sa in a.items():
+            if expect_only:  # only b's terms whose product with ka can have a non-zero mean
+                pa = self._parity(ka)
+                b_items = a_cache.get(pa)
+                if b_items is None:
+                    odd_a, mixed_a = pa
+                    b_items = a_cache[pa] = [
+                        t for (odd_b, mixed_b), items in buckets.items()
+                        if not (odd_a ^ odd_b) & ~(mixed_a | mixed_b) for t in items]
             for kb, sb, nz in b_items:
                 scale = sa * sb
                 key = list(ka)
@@ -665,7 +730,7 @@ class ExactEngine:
                     key[j] = r
                 key = tuple(key)
                 out[key] = get(key, 0) + scale
-        return self._normalize(out) if merge else out
+        return self._normalize(out) if merge and not expect_only else out
 
     def power(self, a, n):
         result, base = None, a
@@ -784,8 +849,10 @@ class ExactEngine:
             # generators other than constants: the random variables appear only before an
             # expectation, but to_sympy is also asked for statistics
             self._var_idx = [i for i, g in enumerate(self.R.symbols) if g not in self.back]
-            self._powers, self._const_parts = {}, {}
-        return _ring_to_expr(self, p)
+            self._powers, self._const_parts, self._numbers = {}, {}, {}
+        # products of ring elements (Cov(G), the drift's constants) can hold c**n for a
+        # radical generator c: reduced first, so that no two monomials share a SymPy form
+        return _ring_to_expr(self, self._reduce(p))
 
     # --- exchangeable tokens -----------------------------------------------------------------
     def _exchangeable(self):
@@ -899,8 +966,9 @@ class ExactEngine:
                 big = self._orbit_reduce(big, classes)
         parts = sorted([p for p, _ in parts] + [big], key=len)
         out = parts[0]
+        last = len(parts) - 1
         for k, part in enumerate(parts[1:], 1):
-            out = self.mul(out, part, merge=k < len(parts) - 1)
+            out = self.mul(out, part, merge=k < last, expect_only=k == last)
         return self.expect_spt(out)
 
     def expect(self, expr):

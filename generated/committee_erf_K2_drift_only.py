@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fe809cc07222e46b2d217d47eebe8427013536e3a11d9e2d4dabd21dacbf5edc
-# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
+# spec-hash: afa3511bc476e0ee1fe858395068702e525fab1b0acf03dfe2e10d7890bdb918
+# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fe809cc07222e46b2d217d47eebe8427013536e3a11d9e2d4dabd21dacbf5edc'
+SPEC_HASH = 'afa3511bc476e0ee1fe858395068702e525fab1b0acf03dfe2e10d7890bdb918'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a7282fcd5c25cb22820b1f2c407808b6197a4aaa1b2fe0f3a88e9832ed69b448
-# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
+# spec-hash: adc556066d40ea07edfb42e2274f92ea13409eb7c70bafb1db302dc20ab181e3
+# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a7282fcd5c25cb22820b1f2c407808b6197a4aaa1b2fe0f3a88e9832ed69b448'
+SPEC_HASH = 'adc556066d40ea07edfb42e2274f92ea13409eb7c70bafb1db302dc20ab181e3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

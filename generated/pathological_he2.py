@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ed85ab4966b010951de3c82971ae0a146e49b2ecd8a358c7fad04fc47bf2fc87
-# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
+# spec-hash: 22c1baaf04fe10bb5b34d0fe2fa01f1abe7c9f61bab802bca60b6419c133642d
+# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ed85ab4966b010951de3c82971ae0a146e49b2ecd8a358c7fad04fc47bf2fc87'
+SPEC_HASH = '22c1baaf04fe10bb5b34d0fe2fa01f1abe7c9f61bab802bca60b6419c133642d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

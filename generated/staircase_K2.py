@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f3f8411ab928c02f065f8c6d3fd61b741a313b9effb0acf39b2726c6314cf80b
-# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
+# spec-hash: f5eab2cfc6dfbbe6b56756dba26768540e12eca422b3061bc812f11e18f43846
+# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f3f8411ab928c02f065f8c6d3fd61b741a313b9effb0acf39b2726c6314cf80b'
+SPEC_HASH = 'f5eab2cfc6dfbbe6b56756dba26768540e12eca422b3061bc812f11e18f43846'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

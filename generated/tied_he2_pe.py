@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 716f9c72c421883cdbe3413eb17e0e215890216071f4b9989844f136bcf7f459
-# tool: ssi-symbolic 0.1.0 generator 1 source 2e3eb186eca9f972
+# spec-hash: 6274b601f7c03ee080ffa568db7caf269131230a8f811bf6da97863110e9aa41
+# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '716f9c72c421883cdbe3413eb17e0e215890216071f4b9989844f136bcf7f459'
+SPEC_HASH = '6274b601f7c03ee080ffa568db7caf269131230a8f811bf6da97863110e9aa41'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

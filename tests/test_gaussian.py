@@ -62,10 +62,10 @@ def test_ring_to_sympy_is_the_canonical_expression(monkeypatch):
     import sympy as sp
 
     from ssi_symbolic.model.spec import make_spec
-    from ssi_symbolic.symbolic import gaussian
+    from ssi_symbolic.symbolic import exact_engine
     from ssi_symbolic.symbolic.derive import derive
 
-    fast = gaussian.ExactEngine.to_sympy
+    fast = exact_engine.ExactEngine.to_sympy
     seen = []
 
     def checked(self, p):
@@ -74,7 +74,7 @@ def test_ring_to_sympy_is_the_canonical_expression(monkeypatch):
         seen.append(sp.srepr(a) == sp.srepr(b) and a == b)
         return a
 
-    monkeypatch.setattr(gaussian.ExactEngine, "to_sympy", checked)
+    monkeypatch.setattr(exact_engine.ExactEngine, "to_sympy", checked)
     specs = [
         make_spec("c1", 2, "He(2, z1)/sqrt(2) + He(3, z2)/sqrt(6)",
                   student="sqrt(3)*z1*z2/pi + beta*z1", positional=[[1.0], [-0.5]],
@@ -100,10 +100,10 @@ def test_ring_to_sympy_takes_the_fast_path_for_powers_in_different_terms(monkeyp
     from sympy.polys.rings import PolyElement
 
     from ssi_symbolic.model.spec import load_spec
-    from ssi_symbolic.symbolic import gaussian
+    from ssi_symbolic.symbolic import exact_engine
     from ssi_symbolic.symbolic.derive import derive
 
-    fast = gaussian.ExactEngine.to_sympy
+    fast = exact_engine.ExactEngine.to_sympy
     calls, same = [0], []
     orig = PolyElement.as_expr
 
@@ -119,7 +119,7 @@ def test_ring_to_sympy_takes_the_fast_path_for_powers_in_different_terms(monkeyp
         return a
 
     monkeypatch.setattr(PolyElement, "as_expr", counting)
-    monkeypatch.setattr(gaussian.ExactEngine, "to_sympy", checked)
+    monkeypatch.setattr(exact_engine.ExactEngine, "to_sympy", checked)
     spec = load_spec(Path(__file__).parent.parent / "derivations" / "tied_network_he2_L2.toml")
     derive(spec.with_length(4).untied_student(), diffusion=False)
     assert same and all(eq for _, eq in same)
@@ -133,7 +133,8 @@ def test_parity_pruned_products_keep_the_expectation():
     are never pruned. Untied, tied and tied-with-encoding engines; random polynomials."""
     import random
 
-    from ssi_symbolic.symbolic.gaussian import ExactEngine, TokenGaussian
+    from ssi_symbolic.symbolic.exact_engine import ExactEngine
+    from ssi_symbolic.symbolic.gaussian import TokenGaussian
 
     rnd = random.Random(3)
     specs = [make_spec("p", 3, "z1*z2*z3"), make_spec("p", 3, "z1*z2*z3", weights="untied"),

@@ -12,7 +12,8 @@ import sympy as sp
 
 import ssi_symbolic.symbolic.derive as derive_mod
 from ssi_symbolic.model.spec import make_spec
-from ssi_symbolic.symbolic.gaussian import ExactEngine, TokenGaussian
+from ssi_symbolic.symbolic.exact_engine import ExactEngine
+from ssi_symbolic.symbolic.gaussian import TokenGaussian
 
 
 def _outputs(D):

@@ -2,7 +2,7 @@
 dispatcher between the exact moment engine, the closed forms and quadrature.
 
 :class:`Expectation` splits a statistic term by term: polynomial terms go to the exact engine
-(:class:`gaussian.ExactEngine`); a product over tokens that share no factor factors into
+(:class:`exact_engine.ExactEngine`); a product over tokens that share no factor factors into
 per-token expectations; each remaining factor is tried in closed form
 (:mod:`closed_forms`: erf/Phi, kinks, exponentials) over the joint Gaussian of its variables,
 and what is left becomes a :class:`gaussian.GaussHermite` node over the fewest standard
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .gaussian import (ExactEngine, GaussHermite, NotPolynomial, TokenGaussian,
-                       _integrate_polynomial_part, _nonpolynomial_symbols, distribute,
-                       has_quadrature)
+from .exact_engine import ExactEngine
+from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
+                       _nonpolynomial_symbols, distribute, has_quadrature)
 
 
 class Expectation:

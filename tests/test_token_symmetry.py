@@ -63,6 +63,18 @@ def _engine(L, positional=None):
     return ExactEngine(g, []), g
 
 
+def _count_reductions(monkeypatch) -> list:
+    """[n]: n counts the calls of ExactEngine._orbit_reduce from now on."""
+    calls = [0]
+    orig = ExactEngine._orbit_reduce
+
+    def counting(self, spt, classes):
+        calls[0] += 1
+        return orig(self, spt, classes)
+    monkeypatch.setattr(ExactEngine, "_orbit_reduce", counting)
+    return calls
+
+
 def _moment_X2_Y4(mu, sx2, sy2, c):
     """E[X^2 Y^4] for jointly Gaussian X (mean 0, variance sx2) and Y (mean mu, variance sy2)
     with covariance c, by Wick's theorem on Y = mu + Y0: E[X^2 Y0^0] = sx2,
@@ -80,13 +92,7 @@ def test_orbit_reduction_against_wick(expanded, positional, monkeypatch):
     against Wick's formula. With the encoding the tokens 1-4 and 5-6 form two classes (different
     means mu_l = C_l e). The reduction must have been used (counted) for the expanded form."""
     ex, g = _engine(6, positional)
-    calls = [0]
-    orig = ExactEngine._orbit_reduce
-
-    def counting(self, spt, classes):
-        calls[0] += 1
-        return orig(self, spt, classes)
-    monkeypatch.setattr(ExactEngine, "_orbit_reduce", counting)
+    calls = _count_reductions(monkeypatch)
     L, zs, z = 6, g.zstar, g.z
     m, q = g.m, g.q
     C = [row[0] for row in positional] if positional else [0] * L
@@ -116,13 +122,7 @@ def test_tied_network_with_and_without_orbits(L, monkeypatch):
     spec = make_spec("tn", L, " + ".join(f"He(2, z{l}) / sqrt(2 * {L})" for l in range(1, L + 1)),
                      "He(2, (" + " + ".join(f"z{l}" for l in range(1, L + 1)) + f") / sqrt({L}))"
                      " / sqrt(2)")
-    calls = [0]
-    orig = ExactEngine._orbit_reduce
-
-    def counting(self, spt, classes):
-        calls[0] += 1
-        return orig(self, spt, classes)
-    monkeypatch.setattr(ExactEngine, "_orbit_reduce", counting)
+    calls = _count_reductions(monkeypatch)
     fast = derive_mod.derive(spec, diffusion=False)
     assert calls[0] > 0
     monkeypatch.setattr(ExactEngine, "_reducible", lambda self, others: [])

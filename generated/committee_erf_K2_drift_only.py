@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: afa3511bc476e0ee1fe858395068702e525fab1b0acf03dfe2e10d7890bdb918
-# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
+# spec-hash: db19b02c94a0247873bf507669488706186fab04d35ec0e63773d3e6bbabef0f
+# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'afa3511bc476e0ee1fe858395068702e525fab1b0acf03dfe2e10d7890bdb918'
+SPEC_HASH = 'db19b02c94a0247873bf507669488706186fab04d35ec0e63773d3e6bbabef0f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: da42055a30122e0867205ad7e90b27083c370c34d4f99af7e6a6b659fa68083f
-# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
+# spec-hash: a3d936ed94a08109d079e6b791c547208302a76abb949547558b69fc1c8a1d69
+# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'da42055a30122e0867205ad7e90b27083c370c34d4f99af7e6a6b659fa68083f'
+SPEC_HASH = 'a3d936ed94a08109d079e6b791c547208302a76abb949547558b69fc1c8a1d69'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

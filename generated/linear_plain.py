@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 550382405e0448e46e08844353ed159159637634517c1f9a46357fbb62fa64a3
-# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
+# spec-hash: 3f6d6392e9ec8405978e0f196aac3f5f508a07e47f9b7e706dfb3e4f3e7f2700
+# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '550382405e0448e46e08844353ed159159637634517c1f9a46357fbb62fa64a3'
+SPEC_HASH = '3f6d6392e9ec8405978e0f196aac3f5f508a07e47f9b7e706dfb3e4f3e7f2700'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

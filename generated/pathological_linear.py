@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a9fc350c9c418980ba223d448b14f09f691bbde56a080c3e9224dff25977d9fa
-# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
+# spec-hash: 7b1aae51427e015bcd4be284a9856c36f135138b4904ff915b4b294680ba4dcd
+# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a9fc350c9c418980ba223d448b14f09f691bbde56a080c3e9224dff25977d9fa'
+SPEC_HASH = '7b1aae51427e015bcd4be284a9856c36f135138b4904ff915b4b294680ba4dcd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

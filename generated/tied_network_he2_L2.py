@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ecdfa00e4c8f86752fe28cd968c98f9cd6d3d1c908f5755a725cba8d8cf6ae4e
-# tool: ssi-symbolic 0.1.0 generator 1 source 06f9212194bd616c
+# spec-hash: 98605c4b08e09fa54f0ddf1377efa716d26947b24c37d5ba3f7a8b48c921399d
+# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ecdfa00e4c8f86752fe28cd968c98f9cd6d3d1c908f5755a725cba8d8cf6ae4e'
+SPEC_HASH = '98605c4b08e09fa54f0ddf1377efa716d26947b24c37d5ba3f7a8b48c921399d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .expectation import Expectation
-from .gaussian import NotPolynomial, TokenGaussian
+from .gaussian import NotPolynomial, TokenGaussian, permutation_generators
 from ..model.spec import ModelSpec, link_entries, token_symbols
 
 ETA = sp.Symbol("eta", positive=True)
@@ -458,11 +458,10 @@ def token_symmetric(spec: ModelSpec) -> bool:
     if L < 2:
         return False
     zs = token_symbols(L)
-    swaps = [{zs[0]: zs[1], zs[1]: zs[0]}, {zs[k]: zs[(k + 1) % L] for k in range(L)}]
     for link in (spec.teacher, spec.student):
         for entry in link_entries(link):
             entry = sp.sympify(entry)
-            for sw in swaps:
+            for sw in permutation_generators(zs):
                 if sp.expand(entry.xreplace(sw) - entry) != 0:
                     return False
     return True

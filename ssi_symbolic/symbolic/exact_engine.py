@@ -12,7 +12,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.polys.rings import PolyElement, ring as poly_ring
 
-from .gaussian import NotPolynomial, TokenGaussian
+from .gaussian import NotPolynomial, TokenGaussian, permutation_generators
 
 # ----------------------------------------------------------------------------------------
 # Exact engine: sums of products of per-token polynomial factors
@@ -213,6 +213,14 @@ class ExactEngine:
         self._mul_cache = {}
         self._spt_cache = {}
         self._parities, self._key_parities = {}, {}
+        # exchangeable tokens (see _orbit_reduce): a tied student's tokens with one row of C
+        classes = {}
+        if not gauss.untied:
+            for l in range(gauss.L):
+                classes.setdefault(tuple(gauss.C[l]) if gauss.C else (), []).append(l)
+        self.classes = [c for c in classes.values() if len(c) > 1]
+        self._token_vars = [set(gauss.token_variables(l)) for l in range(gauss.L)]
+        self._move_cache, self._invariance = {}, {}
         self._cov = []
         for l in range(gauss.L):
             cov = gauss.token_covariance(l)
@@ -586,31 +594,24 @@ class ExactEngine:
         return _ring_to_expr(self, self._reduce(p))
 
     # --- exchangeable tokens -----------------------------------------------------------------
-    def _exchangeable(self):
-        """The classes of tokens whose Gaussian vectors have one law (a tied student: tokens with
-        the same row of the positional encoding C), as lists of at least two tokens."""
-        if getattr(self, "_classes", None) is None:
-            classes = {}
-            if not self.g.untied:
-                for l in range(self.g.L):
-                    classes.setdefault(tuple(self.g.C[l]) if self.g.C else (), []).append(l)
-            self._classes = [c for c in classes.values() if len(c) > 1]
-            self._token_vars = [set(self.g.token_variables(l)) for l in range(self.g.L)]
-            self._move_cache = {}
-        return self._classes
-
     def _invariant(self, expr, H) -> bool:
         """Whether expr is unchanged (structurally) by every permutation of the tokens H: checked
         on the transposition of H's first two tokens and the cycle through H, which generate
         the symmetric group of H."""
-        tv = self.g.token_variables
-        for sigma in ({H[0]: H[1], H[1]: H[0]}, {h: H[(k + 1) % len(H)] for k, h in enumerate(H)}):
-            sub = {}
-            for l, l2 in sigma.items():
-                sub.update(zip(tv(l), tv(l2)))
-            if expr.xreplace(sub) != expr:
-                return False
-        return True
+        key = (expr, tuple(H))
+        hit = self._invariance.get(key)
+        if hit is None:
+            tv = self.g.token_variables
+            hit = True
+            for sigma in permutation_generators(H):
+                sub = {}
+                for l, l2 in sigma.items():
+                    sub.update(zip(tv(l), tv(l2)))
+                if expr.xreplace(sub) != expr:
+                    hit = False
+                    break
+            self._invariance[key] = hit
+        return hit
 
     def _move(self, l, i, l2):
         """(id, lc): factor i of token l with token l's variables renamed to token l2's, as
@@ -663,7 +664,7 @@ class ExactEngine:
         is invariant: an exchangeable class minus the tokens of every factor that is not
         itself invariant under the class's permutations."""
         out = []
-        for H in self._exchangeable():
+        for H in self.classes:
             H = list(H)
             for a in others:
                 toks = [l for l in H if a.free_symbols & self._token_vars[l]]
@@ -684,13 +685,13 @@ class ExactEngine:
         args = []
         for f in factors:
             for a in sp.Mul.make_args(sp.sympify(f)):
-                if (a.is_Pow and a.exp.is_Integer and 1 < a.exp <= 4 and self._exchangeable()
+                if (a.is_Pow and a.exp.is_Integer and 1 < a.exp <= 4 and self.classes
                         and a.base.free_symbols & self.random):
                     args.extend([a.base] * int(a.exp))  # one copy can be orbit-reduced
                 else:
                     args.append(a)
         parts = sorted(((self.to_spt(a), a) for a in args), key=lambda p: len(p[0]))
-        big, big_expr = parts.pop()
+        big, _ = parts.pop()
         if len(big) > 64:
             classes = self._reducible([a for _, a in parts])
             if classes:

@@ -103,6 +103,14 @@ def integrate_deltas(integrand, us):
     return out
 
 
+def permutation_generators(items) -> list[dict]:
+    """The transposition of the first two items and the cycle through all of them, as maps
+    item -> image: together they generate the symmetric group of `items` (at least two)."""
+    n = len(items)
+    return [{items[0]: items[1], items[1]: items[0]},
+            {x: items[(k + 1) % n] for k, x in enumerate(items)}]
+
+
 @dataclass(frozen=True)
 class TokenGaussian:
     """The random variables and overlap symbols of a spec (MATH.md section 2; section 6 for an
@@ -381,5 +389,5 @@ def has_quadrature(expr) -> bool:
                    or getattr(type(x), "numeric_quadrature", False))
 
 
-__all__ = ["dag_any", "distribute", "TokenGaussian", "GaussHermite", "NotPolynomial",
+__all__ = ["dag_any", "distribute", "permutation_generators", "TokenGaussian", "GaussHermite", "NotPolynomial",
            "has_quadrature", "integrate_deltas"]

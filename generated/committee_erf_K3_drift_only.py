@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 43cfd8ea56612f473dd512f187c53a258cd20b8a4cb83d52c5e72540f379fd7f
-# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
+# spec-hash: 4efff446dae3febc2fbefd74b0719d516de2f7de2b01a2c75a92368d37be4a4c
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '43cfd8ea56612f473dd512f187c53a258cd20b8a4cb83d52c5e72540f379fd7f'
+SPEC_HASH = '4efff446dae3febc2fbefd74b0719d516de2f7de2b01a2c75a92368d37be4a4c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

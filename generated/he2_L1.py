@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a3d936ed94a08109d079e6b791c547208302a76abb949547558b69fc1c8a1d69
-# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
+# spec-hash: 60153aae24fdb5e557b358060bf0803652f076be8d10fb3ef700888d6b55768d
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a3d936ed94a08109d079e6b791c547208302a76abb949547558b69fc1c8a1d69'
+SPEC_HASH = '60153aae24fdb5e557b358060bf0803652f076be8d10fb3ef700888d6b55768d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3f6d6392e9ec8405978e0f196aac3f5f508a07e47f9b7e706dfb3e4f3e7f2700
-# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
+# spec-hash: ec8ade22d924f5f5ca63b16a74be055aa37caf8d93537bfb64e6e8ff21aa2b62
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3f6d6392e9ec8405978e0f196aac3f5f508a07e47f9b7e706dfb3e4f3e7f2700'
+SPEC_HASH = 'ec8ade22d924f5f5ca63b16a74be055aa37caf8d93537bfb64e6e8ff21aa2b62'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

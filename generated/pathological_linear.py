@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7b1aae51427e015bcd4be284a9856c36f135138b4904ff915b4b294680ba4dcd
-# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
+# spec-hash: a480281d14a5838ae9d112dadc0f7d16fb716018eaa86b7eacc4bb1d5f4cdd99
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7b1aae51427e015bcd4be284a9856c36f135138b4904ff915b4b294680ba4dcd'
+SPEC_HASH = 'a480281d14a5838ae9d112dadc0f7d16fb716018eaa86b7eacc4bb1d5f4cdd99'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

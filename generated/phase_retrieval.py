@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fd9d39f199621791df8bf744debaad3143e6599f1370644ebe83de9fcdb1a380
-# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
+# spec-hash: bebbf5902dc5625e0826e68a354c568059ae5d22a5703f1cac028a65673ea1d3
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fd9d39f199621791df8bf744debaad3143e6599f1370644ebe83de9fcdb1a380'
+SPEC_HASH = 'bebbf5902dc5625e0826e68a354c568059ae5d22a5703f1cac028a65673ea1d3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

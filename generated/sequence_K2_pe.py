@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 28675be763e45971311e9ed8008d842746a16d0e16802b52375f6fd4a3b12aef
-# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
+# spec-hash: 47ee66ac72e1c08b7c3073b26cccc590f315ad85b2904a6e941925786565313c
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '28675be763e45971311e9ed8008d842746a16d0e16802b52375f6fd4a3b12aef'
+SPEC_HASH = '47ee66ac72e1c08b7c3073b26cccc590f315ad85b2904a6e941925786565313c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

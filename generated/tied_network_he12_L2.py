@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0d02e44ac3e13713ad5bc93b1f12e1b308b85849b5ed2068838c73b74eeb0b1a
-# tool: ssi-symbolic 0.1.0 generator 1 source b01465d973f99780
+# spec-hash: 3498c67c68a019f49498f5041929a6e22bfb6439fed9ea4427963ceac454a31b
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0d02e44ac3e13713ad5bc93b1f12e1b308b85849b5ed2068838c73b74eeb0b1a'
+SPEC_HASH = '3498c67c68a019f49498f5041929a6e22bfb6439fed9ea4427963ceac454a31b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

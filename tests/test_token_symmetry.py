@@ -148,8 +148,9 @@ def test_sparse_second_moments_equal_the_dense_form(weights, spherical, monkeypa
         seen["used"] = True
         mean = seen["mean"]
         C = [[M[a][b] - mean[a] * mean[b] for b in range(len(M))] for a in range(len(M))]
-        return lambda i, j: derive_mod._quadratic(coef[i], C, coef[j], zero) + \
-            seen["drift"][i] * seen["drift"][j]
+        # second(i, j, minus) = E[G_i G_j] - minus
+        return lambda i, j, minus=zero: derive_mod._quadratic(coef[i], C, coef[j], zero) + \
+            seen["drift"][i] * seen["drift"][j] - minus
 
     orig_drift = derive_mod._exact_drift
 

@@ -34,12 +34,13 @@ import sympy as sp
 
 from ..version import __version__
 from ..model.spec import ModelSpec, link_entries
-from ..symbolic.derive import Derivation, derive
+from ..symbolic.derive import ETA, Derivation, RingForms, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.gaussian import GaussHermite
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, forward_jacobian, function_source, horner, module_header,
                        pycode, tuple_source)
+from .ring_printing import RingPrinter
 from .runtime import BVN_HELPERS, CHUNK_HELPERS, GAUSS_HERMITE_HELPERS, ORTHANT_HELPERS
 
 GENERATOR_VERSION = "1"
@@ -51,7 +52,8 @@ DIFFUSION_PIECES = ("covariance", "diffusion", "ito_correction", "finite_d_corre
 #: the files whose source determines the generated code of this backend
 _PIPELINE = ("model/spec.py", "model/links.py", "model/integrability.py", "symbolic/gaussian.py",
              "symbolic/exact_engine.py", "symbolic/closed_forms.py", "symbolic/expectation.py", "symbolic/derive.py",
-             "backends/exact.py", "backends/printing.py", "backends/runtime.py",
+             "backends/exact.py", "backends/printing.py", "backends/ring_printing.py",
+             "backends/runtime.py",
              "backends/files.py", "version.py")
 
 
@@ -64,6 +66,19 @@ def tool_salt() -> str:
     for name in _PIPELINE:
         h.update((here / name).read_bytes())
     return f"ssi-symbolic {__version__} generator {GENERATOR_VERSION} source {h.hexdigest()[:16]}"
+
+
+#: exact derivations whose outputs hold at least this many terms in all are printed from the
+#: ring (RingPrinter) instead of through SymPy expressions and SymPy's cse
+RING_PRINT_TERMS = 20000
+
+
+def _ring_terms(ring: RingForms) -> int:
+    """The number of terms of all the outputs of an exact derivation."""
+    outs = ([ring.population_loss] + list(ring.drift_eta1) + list(ring.drift_eta2)
+            + list(ring.covariance.values()) + list(ring.ito_correction)
+            + list(ring.finite_d_correction))
+    return sum(len(p) for p in outs)
 
 
 #: polynomial drifts of at least this many overlaps get the forward-mode Jacobian
@@ -90,7 +105,51 @@ class _Module:
                 self.quad[n] = sp.Symbol(f"_gh{len(self.quad)}")
         return sp.sympify(expr).xreplace(self.quad)
 
-    def state_functions(self) -> list[str]:
+    def state_functions(self, printer: str = "auto") -> list[str]:
+        """The source of the functions of the state (loss, drift, Cov(G), Jacobian ...).
+        printer: "sympy" (SymPy expressions, Horner forms and SymPy's cse), "ring" (the exact
+        engine's polynomials printed directly, ring_printing.RingPrinter; exact derivations
+        only) or "auto": "ring" for exact derivations of at least RING_PRINT_TERMS terms."""
+        D = self.D
+        ring = D.ring
+        if printer == "auto":
+            printer = "ring" if ring is not None and _ring_terms(ring) >= RING_PRINT_TERMS \
+                else "sympy"
+        if printer == "ring":
+            if ring is None:
+                raise ValueError("the ring printer needs an exact derivation (D.ring)")
+            return self._assemble(*self._ring_outputs())
+        return self._assemble(*self._sympy_outputs())
+
+    def _ring_outputs(self):
+        """The outputs printed from the exact engine's ring elements (RingPrinter): one
+        hash-consed Horner DAG over all outputs, the Jacobian the ring derivatives of the drift."""
+        D, ring = self.D, self.D.ring
+        n = len(D.state)
+        ex = ring.engine
+        eta = sp.Symbol("eta", positive=True)
+        pr = RingPrinter(ex, list(D.state) + [eta] + list(D.parameters))
+        zero = ex.R.zero
+        loss = pr.add(ring.population_loss)
+        d1 = [pr.add(x) for x in ring.drift_eta1]
+        d2 = [pr.add(x) for x in ring.drift_eta2]
+        cov = [[None] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(i, n):
+                cov[i][j] = cov[j][i] = pr.add(ring.covariance.get((i, j), zero))
+        ito = [pr.add(x) for x in ring.ito_correction or [zero] * n]
+        fdc = [pr.add(x) for x in ring.finite_d_correction or [zero] * n]
+        g_eta = ex.gen[ETA]
+        gens = [ex.gen.get(x) for x in D.state]
+        full = [g_eta * a + g_eta ** 2 * b for a, b in zip(ring.drift_eta1, ring.drift_eta2)]
+        jac = [[pr.add(f.diff(g) if g is not None else zero) for g in gens] for f in full]
+        pr.finish()
+        self.jacobian_method = "symbolic"
+        jacobian = ("ring", jac)
+        return loss, d1, d2, cov, ito, fdc, jacobian, pr.code, pr.lines
+
+    def _sympy_outputs(self):
+        """The outputs as SymPy expressions after Horner forms and one cse over all of them."""
         D = self.D
         n = len(D.state)
         loss = self._extract(D.population_loss)
@@ -166,6 +225,21 @@ class _Module:
                 lines.append(f"{s} = {pycode(v)}")
             return lines
 
+        def code(x):
+            return pycode(x)
+        if self.jacobian_method == "symbolic" and forward:
+            jacobian = ("forward", (jac_lines, jac_grads))
+        elif self.jacobian_method == "symbolic":
+            jacobian = ("symbolic", [r_jac[i * n:(i + 1) * n] for i in range(n)])
+        else:
+            jacobian = ("finite-difference", None)
+        return r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, jacobian, code, body
+
+    def _assemble(self, r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, jacobian, pycode, body):
+        """The function sources from the printed outputs: pycode(x) is an output's expression,
+        body(xs) the assignments the outputs xs need."""
+        D = self.D
+        n = len(D.state)
         st, pa = self.state, self.param_args
         method = D.method
         names = ", ".join(D.overlap_names)
@@ -212,7 +286,9 @@ class _Module:
             f"d times the whole O(1/d) drift for ({names}): the SDE drift is drift + "
             f"finite_d_correction / d ({D.finite_d_note}; {method}).",
             body(r_fdc), f"_bc({', '.join(pycode(x) for x in r_fdc)})"))
-        if self.jacobian_method == "symbolic" and forward:
+        kind, jac = jacobian
+        if kind == "forward":
+            jac_lines, jac_grads = jac
             eta = sp.Symbol("eta")
             g1, g2 = jac_grads[:n], jac_grads[n:]
             jrows = [tuple_source([pycode(eta * g1[i][j] + eta ** 2 * g2[i][j])
@@ -223,12 +299,14 @@ class _Module:
                 f"Jacobian d drift_i / d x_j over ({names}), derived symbolically by the chain "
                 f"rule through the common subexpressions of the drift ({method}).",
                 lines, "_bc_nested(" + tuple_source(jrows) + ")"))
-        elif self.jacobian_method == "symbolic":
-            jrows = [tuple_source([pycode(r_jac[i * n + j]) for j in range(n)]) for i in range(n)]
+        elif kind in ("symbolic", "ring"):
+            jrows = [tuple_source([pycode(x) for x in row]) for row in jac]
+            how = ("derived symbolically" if kind == "symbolic" else
+                   "the exact polynomial derivatives of the drift")
             fns.append(function_source(
                 "drift_jacobian", st + ["eta"] + pa,
-                f"Jacobian d drift_i / d x_j over ({names}), derived symbolically ({method}).",
-                body(r_jac), "_bc_nested(" + tuple_source(jrows) + ")"))
+                f"Jacobian d drift_i / d x_j over ({names}), {how} ({method}).",
+                body([x for row in jac for x in row]), "_bc_nested(" + tuple_source(jrows) + ")"))
         else:
             call = ", ".join(["eta=eta"] + [f"{p}={p}" for p in self.param_names])
             fns.append(function_source(
@@ -330,10 +408,11 @@ def _function_name(source: str) -> str:
     return source[len("def "):source.index("(")]
 
 
-def module_source(D: Derivation, diffusion: bool = True) -> str:
+def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") -> str:
     """The full source text of the generated module of a Derivation (diffusion=False: a
     drift-only module, whose covariance, Ito and finite-d functions are zero and DIFFUSION is
-    False)."""
+    False). printer: how the functions of the state are printed, see
+    _Module.state_functions."""
     spec = D.spec
     mod = _Module(D)
     why = ("the spec asks for the drift only ([derivation] diffusion = false)"
@@ -341,7 +420,7 @@ def module_source(D: Derivation, diffusion: bool = True) -> str:
     unavailable = {} if diffusion else {
         piece: f"drift-only module ({why}): Cov(G) and the O(1/d) drift were not derived"
         for piece in DIFFUSION_PIECES}
-    state_fns = [f for f in mod.state_functions() if _function_name(f) not in unavailable]
+    state_fns = [f for f in mod.state_functions(printer) if _function_name(f) not in unavailable]
     quad_fns = mod.quadrature_functions()
     link_fns = mod.link_functions()
     h = spec.hash(salt(diffusion))

@@ -32,6 +32,49 @@ ETA = sp.Symbol("eta", positive=True)
 D_SYM = sp.Symbol("d", positive=True)
 
 
+class Deferred:
+    """A value computed on first use: Derivation(covariance=Deferred(f)) calls f() when the
+    covariance is first read (converting a large Cov(G) from the exact engine's ring to SymPy
+    costs more than printing it from the ring, which the exact backend does)."""
+
+    def __init__(self, compute):
+        self.compute = compute
+
+
+class _DeferredField:
+    """Descriptor of a dataclass field that may be given as a Deferred."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            raise AttributeError("no default")  # dataclasses: the field has no default
+        value = obj.__dict__[self.slot]
+        if isinstance(value, Deferred):
+            value = obj.__dict__[self.slot] = value.compute()
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+
+
+@dataclass
+class RingForms:
+    """The outputs of an exact derivation as ring elements of its exact engine `engine`
+    (before any conversion to SymPy): loss, drift_eta1[i], drift_eta2[i], covariance[(i, j)]
+    for i <= j, ito_correction[i], finite_d_correction[i] (the last three empty without
+    diffusion)."""
+
+    engine: object
+    population_loss: object
+    drift_eta1: tuple
+    drift_eta2: tuple
+    covariance: dict
+    ito_correction: tuple
+    finite_d_correction: tuple
+
+
 @dataclass
 class Derivation:
     """The derived formulas of a spec, as SymPy expressions in the overlaps and parameters.
@@ -47,6 +90,8 @@ class Derivation:
         of the token norms in |grad|^2 (E|x_l|^2 = 1 only on average), see `statistics`.
     finite_d_note: "complete", or why the norm term is missing.
     method: "exact" when every expectation is in closed form, else "quadrature".
+    ring: for an exact derivation, the same outputs as ring elements (RingForms), which the
+        exact backend prints directly when they are large; None otherwise.
     """
 
     spec: ModelSpec
@@ -55,13 +100,14 @@ class Derivation:
     population_loss: sp.Expr
     drift_eta1: tuple
     drift_eta2: tuple
-    covariance: sp.Matrix
+    covariance: sp.Matrix = _DeferredField()
     ito_correction: tuple
     finite_d_correction: tuple
     finite_d_note: str
     method: str
     seconds: float = 0.0
     methods: dict | None = None
+    ring: RingForms | None = None
 
     def output_methods(self) -> dict:
         """{output: "exact" | "closed form" | "quadrature"}: "quadrature" when the formula
@@ -148,12 +194,28 @@ def _stein_norm_term(dl, l, l2, zs, zz, m, q):
             + q * sp.diff(f, zz[l], zz[l2]))
 
 
-def _stein_gram_term(f, s_l, s_l2, Gamma):
-    """sum_ij Gamma_ij d^2 f / ds_li ds_l'j for the field vectors s_l, s_l' of two tokens and
-    their covariance Gamma (several directions: s = (z*_1..z*_K*, z_1..z_K))."""
+def _stein_gram_term(a, b, s_l, s_l2, Gamma, cache):
+    """sum_ij Gamma_ij d^2 (a b) / ds_li ds_l'j for the field vectors s_l, s_l' of two tokens
+    and their covariance Gamma (several directions: s = (z*_1..z*_K*, z_1..z_K)), by the product
+    rule d^2(ab)/dx dy = a_xy b + a_x b_y + a_y b_x + a b_xy with the derivatives of the factors
+    taken once each (`cache`; differentiating the product itself took most of the statistics
+    of the K = 4 committee)."""
+    def d(f, *xs):
+        key = (f, xs)
+        if key not in cache:
+            cache[key] = sp.diff(f, *xs) if xs else f
+        return cache[key]
     n = len(s_l)
-    return sp.Add(*[Gamma[i][j] * sp.diff(f, s_l[i], s_l2[j]) for i in range(n) for j in range(n)
-                    if Gamma[i][j] != 0])
+    out = []
+    for i in range(n):
+        x = s_l[i]
+        for j in range(n):
+            if Gamma[i][j] == 0:
+                continue
+            y = s_l2[j]
+            second = (d(a, x, y) * b + d(a, x) * d(b, y) + d(a, y) * d(b, x) + a * d(b, x, y))
+            out.append(Gamma[i][j] * second)
+    return sp.Add(*out)
 
 
 def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Statistics:
@@ -165,7 +227,6 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Stat
     Ks, Kd = gauss.teacher_directions, gauss.student_directions
     tf = [gauss.teacher_fields(l) for l in range(L)]   # tf[l][j]
     sf = [gauss.student_fields(l) for l in range(L)]   # sf[l][k]
-    student_vars = spec.variables("student")
     teacher_vars = spec.variables("teacher")
     to_teacher = {v: tf[l][j] for v, (j, l) in zip(
         teacher_vars, [(j, l) for j in range(Ks) for l in range(L)])}
@@ -242,7 +303,7 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Stat
                   for i in range(Ks)]
                  + [[Mo[k][j] for j in range(Ks)] + [Qo[k][h] for h in range(Kd)]
                     for k in range(Kd)])
-        Kn = {}
+        Kn, diff_cache = {}, {}
         for k, h in pairs:
             Kkh = zero
             for l in range(L if norm else 0):
@@ -251,8 +312,8 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Stat
                         Kkh += _stein_norm_term(dl, l, l2, gauss.zstar, gauss.z, gauss.m,
                                                 gauss.q)
                     else:
-                        Kkh += _stein_gram_term(dlk[k][l] * dlk[h][l2], tf[l] + sf[l],
-                                                tf[l2] + sf[l2], Gamma)
+                        Kkh += _stein_gram_term(dlk[k][l], dlk[h][l2], tf[l] + sf[l],
+                                                tf[l2] + sf[l2], Gamma, diff_cache)
                     if spec.r:
                         pos = sp.Add(*[spec.C[l2][a] * gauss.zeta[l][a]
                                        + spec.C[l][a] * gauss.zeta[l2][a]
@@ -411,34 +472,67 @@ def _exact_drift(st: Statistics, ex, X, mean, zero) -> list:
             for i, row in enumerate(st.plain)]
 
 
+def _ring_sum(R, scaled):
+    """sum_k t_k p_k for pairs (t_k, p_k) of ring elements. The terms of the p_k are
+    accumulated in one dict per monomial of the t_k (the increments' coefficients are a few
+    powers of eta times numbers), and each accumulated monomial is multiplied by the t
+    monomial once at the end: no general product, no new polynomial per addition."""
+    groups = {}
+    for t, p in scaled:
+        if not p:
+            continue
+        for tm, tc in t.items():
+            acc = groups.setdefault(tm, {})
+            get = acc.get
+            if tc == 1:
+                for m, c in p.items():
+                    acc[m] = get(m, 0) + c
+            elif tc == -1:
+                for m, c in p.items():
+                    acc[m] = get(m, 0) - c
+            else:
+                for m, c in p.items():
+                    acc[m] = get(m, 0) + tc * c
+    out = {}
+    mul = R.monomial_mul
+    for tm, acc in groups.items():
+        shifted = any(tm)
+        for m, c in acc.items():
+            if c:
+                if shifted:
+                    m = mul(m, tm)
+                out[m] = out.get(m, 0) + c
+    return R.from_dict({m: c for m, c in out.items() if c}) if out else R.zero
+
+
 def _second_moments(st: Statistics, M, X, const, zero):
-    """second(i, j) = E[G_i G_j] = c_i^T M c_j (M = E[base base^T]) for the increments
-    c_i = plain_i - sum_g p_ig X_i gq_g, using the sparsity of the rows plain_i:
-    c_i^T M c_j = plain_i^T M plain_j - sum_h p_jh X_j plain_i . v_h - sum_g p_ig X_i
+    """second(i, j, minus) = E[G_i G_j] - minus = c_i^T M c_j - minus (M = E[base base^T])
+    for the increments c_i = plain_i - sum_g p_ig X_i gq_g, using the sparsity of the rows
+    plain_i: c_i^T M c_j = plain_i^T M plain_j - sum_h p_jh X_j plain_i . v_h - sum_g p_ig X_i
     plain_j . v_g + sum_gh p_ig p_jh X_i X_j w_gh with v_g = M gq_g and w_gh = gq_g^T v_h
     (the same ring element as the dense c_i^T M c_j, with a few products per entry instead of
     one per pair of base statistics)."""
     nb = len(M)
+    R = zero.ring
     plain = [{a: const(c) for a, c in enumerate(row) if c != 0} for row in st.plain]
     gq = [{a: const(c) for a, c in enumerate(row) if c != 0} for row in (st.gq or [])]
-    v = [[sum((M[a][b] * c for b, c in g.items()), zero) for a in range(nb)] for g in gq]
-    w = [[sum((c * v[h][a] for a, c in g.items()), zero) for h in range(len(gq))] for g in gq]
+    v = [[_ring_sum(R, ((c, M[a][b]) for b, c in g.items())) for a in range(nb)] for g in gq]
+    w = [[_ring_sum(R, ((c, v[h][a]) for a, c in g.items())) for h in range(len(gq))]
+         for g in gq]
     pw = [{g: const(-p * X[i]) for g, p in st.power[i].items()} if gq else {}
           for i in range(len(plain))]
+    minus_one = const(sp.Integer(-1))
 
-    def second(i, j):
+    def second(i, j, minus=zero):
         pi, pj = plain[i], plain[j]
-        out = zero
-        for a, ca in pi.items():
-            for b, cb in pj.items():
-                out += ca * M[a][b] * cb
+        parts = [(minus_one, minus)]
+        parts += [(ca * cb, M[a][b]) for a, ca in pi.items() for b, cb in pj.items()]
         for h, ph in pw[j].items():
-            out += ph * sum((ca * v[h][a] for a, ca in pi.items()), zero)
+            parts += [(ph * ca, v[h][a]) for a, ca in pi.items()]
         for g, pg in pw[i].items():
-            out += pg * sum((cb * v[g][b] for b, cb in pj.items()), zero)
-            for h, ph in pw[j].items():
-                out += pg * ph * w[g][h]
-        return out
+            parts += [(pg * cb, v[g][b]) for b, cb in pj.items()]
+            parts += [(pg * ph, w[g][h]) for h, ph in pw[j].items()]
+        return _ring_sum(R, parts)
     return second
 
 
@@ -579,8 +673,9 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         method = None
     if method == "exact":  # the eta^1 and eta^2 parts taken in the polynomial ring
         drift = _exact_drift(st, ex, gauss.state, mean, zero)
-        d1 = tuple(back(_ring_eta_part(ex, x, 1)) for x in drift)
-        d2 = tuple(back(_ring_eta_part(ex, x, 2)) for x in drift)
+        d1_ring = tuple(_ring_eta_part(ex, x, 1) for x in drift)
+        d2_ring = tuple(_ring_eta_part(ex, x, 2) for x in drift)
+        d1, d2 = tuple(back(x) for x in d1_ring), tuple(back(x) for x in d2_ring)
     else:  # coefficient by coefficient: the means (closed forms, nodes) are not multiplied out
         d1 = tuple(sp.Add(*[sp.expand(c).coeff(ETA, 1) * x for c, x in zip(row, mean)])
                    for row in coef)
@@ -600,9 +695,20 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         const = ex._const if method == "exact" else sp.sympify
         if method == "exact":  # Cov(G_i, G_j) = c_i^T M c_j - E[G_i] E[G_j], in the ring
             second = _second_moments(st, M, gauss.state, const, zero)
+            cov_ring = {}
             for i in range(n):
                 for j in range(i, n):
-                    cov[i, j] = cov[j, i] = back(second(i, j) - drift[i] * drift[j]) / spec.batch
+                    c = second(i, j, drift[i] * drift[j])
+                    if spec.batch != 1:
+                        c = c.mul_ground(sp.QQ(1, spec.batch))
+                    cov_ring[(i, j)] = ex._reduce(c)
+
+            def cov_sympy(n=n, cov_ring=cov_ring, back=back):
+                out = sp.zeros(n, n)
+                for (i, j), p in cov_ring.items():
+                    out[i, j] = out[j, i] = back(p)
+                return out
+            cov = Deferred(cov_sympy)
         else:
             C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
             for i in range(n):
@@ -632,7 +738,8 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
             EK = [(ex.expect_ring(t) if method == "exact" else E.expect(t))
                   if t != 0 else zero for t in st.norm_terms]
             note = "complete"
-        corr = ito if EK is None else tuple(back(x + k) for x, k in zip(ito_raw, EK))
+        corr_ring = ito_raw if EK is None else [x + k for x, k in zip(ito_raw, EK)]
+        corr = tuple(back(x) for x in corr_ring)
         if spec.batch != 1 and EK is not None:
             cross = batch_cross_terms(spec, st, [back(x) for x in mean], gauss.state)
             corr = tuple(sp.sympify(c) + x for c, x in zip(corr, cross))
@@ -643,6 +750,12 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                    population_loss=back(R), drift_eta1=d1, drift_eta2=d2, covariance=cov,
                    ito_correction=ito, finite_d_correction=corr, finite_d_note=note,
                    method=method or "exact", seconds=time.perf_counter() - t0)
+    if method == "exact" and not (diffusion and spec.batch != 1):  # (batch: SymPy terms)
+        D.ring = RingForms(
+            engine=ex, population_loss=R, drift_eta1=d1_ring, drift_eta2=d2_ring,
+            covariance=cov_ring if diffusion else {},
+            ito_correction=tuple(ito_raw) if diffusion else (),
+            finite_d_correction=tuple(corr_ring) if diffusion else ())
     if method == "exact":
         # ring elements are polynomials in the state (their generators are the state, the
         # parameters and constants): exact without walking the formulas; only the batch
@@ -707,4 +820,4 @@ def _ito_correction(st: Statistics, X, M, zero, const):
     return out
 
 
-__all__ = ["Derivation", "Statistics", "derive", "statistics", "ETA", "D_SYM"]
+__all__ = ["Derivation", "Deferred", "RingForms", "Statistics", "derive", "statistics", "ETA", "D_SYM"]

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 204372755c83a532c31cdee2fc9de24829fe7741fff1ce751d3a1c7a4bed0ead
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
+# spec-hash: 56179d274dd637e13b615baf1adb993af0bc534c3425e6c0e7fdb7cedfabbcfc
+# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '204372755c83a532c31cdee2fc9de24829fe7741fff1ce751d3a1c7a4bed0ead'
+SPEC_HASH = '56179d274dd637e13b615baf1adb993af0bc534c3425e6c0e7fdb7cedfabbcfc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: af140e1894eca49ea5f20f58952ea2ff59f1c9b0fab6c9c210c0b7f0710bea31
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
+# spec-hash: 1809995cc0bfef0d9975be055f614d2f7e90edb190454392e756506b1a2003fb
+# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'af140e1894eca49ea5f20f58952ea2ff59f1c9b0fab6c9c210c0b7f0710bea31'
+SPEC_HASH = '1809995cc0bfef0d9975be055f614d2f7e90edb190454392e756506b1a2003fb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

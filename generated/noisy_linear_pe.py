@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a8f668e88d00f5b259ffff6720afe5aa6b94b7cfdebe9a0c571fdc38511feaf3
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
+# spec-hash: 862fa9b2230fee7452d8c331f793c567a720c2c035f5d0183092e863d9d8c714
+# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a8f668e88d00f5b259ffff6720afe5aa6b94b7cfdebe9a0c571fdc38511feaf3'
+SPEC_HASH = '862fa9b2230fee7452d8c331f793c567a720c2c035f5d0183092e863d9d8c714'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: bebbf5902dc5625e0826e68a354c568059ae5d22a5703f1cac028a65673ea1d3
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
+# spec-hash: 39bdd18f200c73403a637b7898db5f647f3baa4a100590f62ea881d071e9535f
+# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'bebbf5902dc5625e0826e68a354c568059ae5d22a5703f1cac028a65673ea1d3'
+SPEC_HASH = '39bdd18f200c73403a637b7898db5f647f3baa4a100590f62ea881d071e9535f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

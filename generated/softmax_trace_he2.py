@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 7a2227daf670158d2cbeb90bca726c7678295813dade10bf74228eb791dcca32
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6 attention 1 f9f1643c73eb773f
+# spec-hash: c8e65d680db05a6af3bb732054297f1b8dd8a09b4461312848c5b740dd72dbd9
+# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '7a2227daf670158d2cbeb90bca726c7678295813dade10bf74228eb791dcca32'
+SPEC_HASH = 'c8e65d680db05a6af3bb732054297f1b8dd8a09b4461312848c5b740dd72dbd9'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 21d71f194aa98426138ffa7e94da600f50aeb123a9704186d1fa5571f78c61c1
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b1cac83d02623a6
+# spec-hash: 46067c893116056e3ae0760f7694cff74f92f5287d085051a16fbacab3f68326
+# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '21d71f194aa98426138ffa7e94da600f50aeb123a9704186d1fa5571f78c61c1'
+SPEC_HASH = '46067c893116056e3ae0760f7694cff74f92f5287d085051a16fbacab3f68326'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -136,10 +136,11 @@ def test_ring_module_equals_the_sympy_module(name):
         assert np.allclose(J[:, j], col, rtol=1e-6, atol=1e-8), j
 
 
-def test_covariance_is_converted_to_sympy_only_when_read():
-    spec = make_spec("lazy_cov", 1, "z1**2 - 1", spherical=False)
+def test_diffusion_outputs_are_converted_to_sympy_only_when_read():
+    spec = make_spec("lazy_cov", 2, "z1**2 + z2**2 - 2", weights="untied")  # spherical
     D = derive(spec)
-    assert isinstance(D.__dict__["_covariance"], Deferred)
+    for name in ("covariance", "ito_correction", "finite_d_correction"):
+        assert isinstance(D.__dict__["_" + name], Deferred), name
     C = D.covariance  # converted now, and kept
     assert isinstance(C, sp.MatrixBase) and D.__dict__["_covariance"] is C
     ex = D.ring.engine
@@ -147,3 +148,8 @@ def test_covariance_is_converted_to_sympy_only_when_read():
     for i in range(n):
         for j in range(i, n):
             assert sp.expand(C[i, j] - ex.to_sympy(D.ring.covariance[(i, j)])) == 0
+    assert any(x != 0 for x in D.ito_correction)
+    for got, ring in ((D.ito_correction, D.ring.ito_correction),
+                      (D.finite_d_correction, D.ring.finite_d_correction)):
+        assert len(got) == n
+        assert all(sp.expand(a - ex.to_sympy(b)) == 0 for a, b in zip(got, ring))

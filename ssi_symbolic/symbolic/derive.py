@@ -92,6 +92,8 @@ class Derivation:
     method: "exact" when every expectation is in closed form, else "quadrature".
     ring: for an exact derivation, the same outputs as ring elements (RingForms), which the
         exact backend prints directly when they are large; None otherwise.
+    For an exact derivation, covariance, ito_correction and finite_d_correction are converted
+    from the ring to SymPy when first read (Deferred).
     """
 
     spec: ModelSpec
@@ -101,8 +103,8 @@ class Derivation:
     drift_eta1: tuple
     drift_eta2: tuple
     covariance: sp.Matrix = _DeferredField()
-    ito_correction: tuple
-    finite_d_correction: tuple
+    ito_correction: tuple = _DeferredField()
+    finite_d_correction: tuple = _DeferredField()
     finite_d_note: str
     method: str
     seconds: float = 0.0
@@ -445,16 +447,18 @@ def _check_existence(spec, E, gauss):
                             f"at the starting state)")
 
 
+def _combine(zero, parts):
+    """sum_k t_k p_k for pairs (t_k, p_k): ring elements by _ring_sum, SymPy expressions as
+    they are."""
+    if hasattr(zero, "ring"):
+        return _ring_sum(zero.ring, parts)
+    return sp.Add(*[t * p for t, p in parts])
+
+
 def _quadratic(c1, M, c2, zero):
     """c1^T M c2 (SymPy expressions or ring elements)."""
-    out = zero
-    for a in range(len(c1)):
-        if c1[a] == 0:
-            continue
-        for b in range(len(c2)):
-            if c2[b] != 0:
-                out = out + c1[a] * M[a][b] * c2[b]
-    return out
+    return _combine(zero, [(c1[a] * c2[b], M[a][b]) for a in range(len(c1)) if c1[a] != 0
+                           for b in range(len(c2)) if c2[b] != 0])
 
 
 def _exact_drift(st: Statistics, ex, X, mean, zero) -> list:
@@ -722,7 +726,6 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
             Mb = [[mean[a] * mean[c] + ib * C[a][c] for c in range(nb)] for a in range(nb)]
         ito_raw = (_ito_correction(st, gauss.state, Mb, zero, const) if st.gq is not None
                    else [zero] * n)
-        ito = tuple(back(x) for x in ito_raw)
         if any(sp.sympify(t).has(sp.DiracDelta) for t in st.norm_terms):
             EK, note = None, ("rescaling term only: the token-norm term needs second "
                               "derivatives of the link, which has a kink here")
@@ -739,7 +742,13 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                   if t != 0 else zero for t in st.norm_terms]
             note = "complete"
         corr_ring = ito_raw if EK is None else [x + k for x, k in zip(ito_raw, EK)]
-        corr = tuple(back(x) for x in corr_ring)
+        if method == "exact" and not (spec.batch != 1 and EK is not None):
+            # converted to SymPy when read (the generated module prints the ring elements)
+            ito = Deferred(lambda back=back, x=tuple(ito_raw): tuple(back(p) for p in x))
+            corr = Deferred(lambda back=back, x=tuple(corr_ring): tuple(back(p) for p in x))
+        else:
+            ito = tuple(back(x) for x in ito_raw)
+            corr = tuple(back(x) for x in corr_ring)
         if spec.batch != 1 and EK is not None:
             cross = batch_cross_terms(spec, st, [back(x) for x in mean], gauss.state)
             corr = tuple(sp.sympify(c) + x for c, x in zip(corr, cross))
@@ -808,15 +817,15 @@ def _ito_correction(st: Statistics, X, M, zero, const):
     out = []
     for i, row in enumerate(st.plain):
         groups = sorted(st.power[i].items())
-        val = zero
+        parts = []
         for g, p in groups:
-            a = [const(-p * c) for c in row]
-            val = val + _quadratic(a, M, gq[g], zero)
+            parts += [(const(-p * c) * gq[g][b], M[a][b]) for a, c in enumerate(row) if c != 0
+                      for b in range(len(gq[g])) if gq[g][b] != 0]
         for n, (g, p) in enumerate(groups):
-            val = val + const(p * (p + 1) / 2 * X[i]) * second(g, g)
+            parts.append((const(p * (p + 1) / 2 * X[i]), second(g, g)))
             for h, p2 in groups[n + 1:]:
-                val = val + const(p * p2 * X[i]) * second(g, h)
-        out.append(val)
+                parts.append((const(p * p2 * X[i]), second(g, h)))
+        out.append(_combine(zero, parts))
     return out
 
 

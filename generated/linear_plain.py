@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ca27d61212aab3998c2c68a4556f9ed6ee4db654341deb0c52617362ca2c81ce
-# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
+# spec-hash: 286f570b01a77f70df7724d130b3365bfe505c42ee2090377083db7b85968a4f
+# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ca27d61212aab3998c2c68a4556f9ed6ee4db654341deb0c52617362ca2c81ce'
+SPEC_HASH = '286f570b01a77f70df7724d130b3365bfe505c42ee2090377083db7b85968a4f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

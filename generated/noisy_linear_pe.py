@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 862fa9b2230fee7452d8c331f793c567a720c2c035f5d0183092e863d9d8c714
-# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
+# spec-hash: 5e5ed31256ff2508c2ff0fddc62b48e0987147b80a86e2a125779f6ff26ab669
+# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '862fa9b2230fee7452d8c331f793c567a720c2c035f5d0183092e863d9d8c714'
+SPEC_HASH = '5e5ed31256ff2508c2ff0fddc62b48e0987147b80a86e2a125779f6ff26ab669'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a2a88f8f7e5f22bff102d428633f3b0964f21f6e3818deec85d2c0e277a78cac
-# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
+# spec-hash: 5b66f550c6d2fa761e28a972cd88afaad8fbf7136a240309683c6fc0bb3e36c5
+# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a2a88f8f7e5f22bff102d428633f3b0964f21f6e3818deec85d2c0e277a78cac'
+SPEC_HASH = '5b66f550c6d2fa761e28a972cd88afaad8fbf7136a240309683c6fc0bb3e36c5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 08d7d96e609c2ee8181217017fd428d01d6a9f134d8a2c4d90c0ae7e377f1513
-# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
+# spec-hash: 1883cbd29bf9dc0843ef8b27775cd2464db4ada0ee1b545acdd781ad1aff0a06
+# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '08d7d96e609c2ee8181217017fd428d01d6a9f134d8a2c4d90c0ae7e377f1513'
+SPEC_HASH = '1883cbd29bf9dc0843ef8b27775cd2464db4ada0ee1b545acdd781ad1aff0a06'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

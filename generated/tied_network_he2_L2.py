@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3dcb3113652e7cceea0d82a1b06f91fcb0d879bd8abb4e3e22ba582b03c61e3a
-# tool: ssi-symbolic 0.1.0 generator 1 source 4bd82853ad2f02ea
+# spec-hash: b764a9aa2677ad80eee7119c5756b94c203acac6b39bceae7d6ee190fdcf55e3
+# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3dcb3113652e7cceea0d82a1b06f91fcb0d879bd8abb4e3e22ba582b03c61e3a'
+SPEC_HASH = 'b764a9aa2677ad80eee7119c5756b94c203acac6b39bceae7d6ee190fdcf55e3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

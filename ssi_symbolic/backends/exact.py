@@ -51,7 +51,8 @@ DIFFUSION_PIECES = ("covariance", "diffusion", "ito_correction", "finite_d_corre
 
 #: the files whose source determines the generated code of this backend
 _PIPELINE = ("model/spec.py", "model/links.py", "model/integrability.py", "symbolic/gaussian.py",
-             "symbolic/exact_engine.py", "symbolic/closed_forms.py", "symbolic/expectation.py", "symbolic/derive.py",
+             "symbolic/exact_engine.py", "symbolic/directions.py", "symbolic/closed_forms.py",
+             "symbolic/expectation.py", "symbolic/derive.py",
              "backends/exact.py", "backends/printing.py", "backends/ring_printing.py",
              "backends/runtime.py",
              "backends/files.py", "version.py")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from .directions import DirectionPermutations
 from .expectation import Expectation
 from .gaussian import NotPolynomial, TokenGaussian, permutation_generators
 from ..model.spec import ModelSpec, link_entries, token_symbols
@@ -630,6 +631,7 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     E = Expectation(gauss, [st.loss] + st.base + [t for t in st.norm_terms if t != 0]
                     + [k for k in (st.K or []) if k != 0], extra_symbols=(ETA,))
     ex = E.exact
+    dirs = None
     try:
         R = ex.expect_ring(st.loss)
         raw_product = ex.expect_ring
@@ -662,6 +664,13 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         else:
             mean = [ex.expect_ring(b) for b in st.base]
             product = lambda a, b: raw_product(st.base[a], st.base[b])
+            if spec.multi and not spec.untied and diffusion:
+                # exchangeable directions: one product per orbit of pairs (directions.py)
+                dirs = DirectionPermutations(spec, gauss, ex, gauss.state)
+                if not dirs.trivial:
+                    product = dirs.orbit_function(product, 1)
+                else:
+                    dirs = None
         coef = [[ex._const(c) for c in row] for row in st.coef]
         zero, back = ex.R.zero, ex.to_sympy
         method = "exact"
@@ -699,13 +708,14 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         const = ex._const if method == "exact" else sp.sympify
         if method == "exact":  # Cov(G_i, G_j) = c_i^T M c_j - E[G_i] E[G_j], in the ring
             second = _second_moments(st, M, gauss.state, const, zero)
-            cov_ring = {}
-            for i in range(n):
-                for j in range(i, n):
-                    c = second(i, j, drift[i] * drift[j])
-                    if spec.batch != 1:
-                        c = c.mul_ground(sp.QQ(1, spec.batch))
-                    cov_ring[(i, j)] = ex._reduce(c)
+            def cov_entry(i, j):
+                c = second(i, j, drift[i] * drift[j])
+                if spec.batch != 1:
+                    c = c.mul_ground(sp.QQ(1, spec.batch))
+                return ex._reduce(c)
+            if dirs is not None:  # one entry per orbit of pairs of overlaps
+                cov_entry = dirs.orbit_function(cov_entry, 2)
+            cov_ring = {(i, j): cov_entry(i, j) for i in range(n) for j in range(i, n)}
 
             def cov_sympy(n=n, cov_ring=cov_ring, back=back):
                 out = sp.zeros(n, n)

@@ -1,0 +1,85 @@
+"""Exchangeable directions (symbolic/directions.py): the products of base statistics and the
+Cov(G) entries computed once per orbit of the direction permutations and renamed for the
+others equal the same derivation without orbits, polynomial by polynomial."""
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+
+from ssi_symbolic.model.spec import make_spec
+from ssi_symbolic.symbolic import derive as derive_mod
+from ssi_symbolic.symbolic.directions import DirectionPermutations
+
+CASES = {
+    "He2 committee K = K* = 2, plain": dict(
+        L=1, teacher="He(2, z1_1)/sqrt(2) + He(2, z2_1)/sqrt(2)", teacher_directions=2,
+        student_directions=2, spherical=False),
+    "He2 committee K = K* = 2, spherical": dict(
+        L=1, teacher="He(2, z1_1)/sqrt(2) + He(2, z2_1)/sqrt(2)", teacher_directions=2,
+        student_directions=2),
+    "K = 2 student, K* = 2 teacher, encoding": dict(
+        L=1, teacher="z1_1*z2_1", student="z1_1**2 + z2_1**2",
+        teacher_directions=2, student_directions=2, spherical=False, positional=[[1]]),
+    "K = 3 student, K* = 1 teacher": dict(
+        L=1, teacher="z1_1**2", student="z1_1**2 + z2_1**2 + z3_1**2",
+        teacher_directions=1, student_directions=3, spherical=False),
+    "K = K* = 2, two tokens": dict(
+        L=2, teacher="z1_1*z2_2 + z2_1*z1_2", student="z1_1*z1_2 + z2_1*z2_2",
+        teacher_directions=2, student_directions=2, spherical=False),
+    "K* = 3 with equicorrelated P, spherical": dict(
+        L=1, teacher="z1_1**2 + z2_1**2 + z3_1**2", student="z1_1*z2_1", teacher_directions=3,
+        student_directions=2, teacher_overlaps=[[1, 0.5, 0.5], [0.5, 1, 0.5], [0.5, 0.5, 1]]),
+}
+
+
+class _Off:
+    """DirectionPermutations replaced by the trivial group."""
+
+    def __init__(self, *args, **kwargs):
+        self.trivial = True
+
+
+def _derive_both(kw, monkeypatch):
+    kw = dict(kw)
+    spec = make_spec("orbits", kw.pop("L"), kw.pop("teacher"), **kw)
+    fast = derive_mod.derive(spec)
+    with monkeypatch.context() as m:
+        m.setattr(derive_mod, "DirectionPermutations", _Off)
+        slow = derive_mod.derive(spec)
+    return spec, fast, slow
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_orbits_give_the_same_derivation(name, monkeypatch):
+    spec, fast, slow = _derive_both(CASES[name], monkeypatch)
+    assert sp.expand(fast.covariance - slow.covariance) == sp.zeros(*fast.covariance.shape)
+    for a, b in zip(fast.finite_d_correction + fast.ito_correction + fast.drift_eta1
+                    + fast.drift_eta2 + (fast.population_loss,),
+                    slow.finite_d_correction + slow.ito_correction + slow.drift_eta1
+                    + slow.drift_eta2 + (slow.population_loss,)):
+        assert sp.expand(a - b) == 0
+
+
+def test_orbit_counts_and_refusals():
+    """The group is what the links allow: both sides for a committee, the student side only
+    for a staircase teacher, none when P breaks the teacher's symmetry and the student has
+    one direction."""
+    def group(**kw):
+        spec = make_spec("g", kw.pop("L", 1), kw.pop("teacher"), spherical=False, **kw)
+        from ssi_symbolic.symbolic.expectation import Expectation
+        from ssi_symbolic.symbolic.gaussian import TokenGaussian
+        gauss = TokenGaussian.of(spec)
+        st = derive_mod.statistics(spec, gauss, norm=False)
+        ex = Expectation(gauss, [st.loss] + st.base, extra_symbols=(derive_mod.ETA,)).exact
+        return DirectionPermutations(spec, gauss, ex, gauss.state)
+
+    committee = group(teacher="z1_1**2 + z2_1**2 + z3_1**2", teacher_directions=3,
+                      student_directions=3)
+    assert len(committee.group) == 6 * 6 - 1
+    stair = group(teacher="z1_1 + z1_1*z2_1", student="z1_1**2 + z2_1**2",
+                  teacher_directions=2, student_directions=2)
+    assert len(stair.group) == 1   # the student's swap only
+    tilted = group(teacher="z1_1**2 + z2_1**2 + z3_1**2", teacher_directions=3,
+                   student_directions=1, student="z1_1**2",
+                   teacher_overlaps=[[1, 0.5, 0], [0.5, 1, 0], [0, 0, 1]])
+    assert tilted.trivial

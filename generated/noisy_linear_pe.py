@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5e5ed31256ff2508c2ff0fddc62b48e0987147b80a86e2a125779f6ff26ab669
-# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
+# spec-hash: a72636e36f6dd0cc0e4bfd56c856a4bf881000d34c8aa4f25cc298787882f96b
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5e5ed31256ff2508c2ff0fddc62b48e0987147b80a86e2a125779f6ff26ab669'
+SPEC_HASH = 'a72636e36f6dd0cc0e4bfd56c856a4bf881000d34c8aa4f25cc298787882f96b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

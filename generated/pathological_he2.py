@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5b66f550c6d2fa761e28a972cd88afaad8fbf7136a240309683c6fc0bb3e36c5
-# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
+# spec-hash: 366911d5f085cfceaf7c8bbef550591ac5faef710892e0d528161d1835ca1b46
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5b66f550c6d2fa761e28a972cd88afaad8fbf7136a240309683c6fc0bb3e36c5'
+SPEC_HASH = '366911d5f085cfceaf7c8bbef550591ac5faef710892e0d528161d1835ca1b46'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2d19a400f3d042b488f3f5e263240fe627c1fbdc6de552e373eea144862955b8
-# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
+# spec-hash: f23438346af9990ee2995291d7dc53176eb691317f374ed53a1a50fbe2b3a77d
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2d19a400f3d042b488f3f5e263240fe627c1fbdc6de552e373eea144862955b8'
+SPEC_HASH = 'f23438346af9990ee2995291d7dc53176eb691317f374ed53a1a50fbe2b3a77d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

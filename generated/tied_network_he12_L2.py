@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1883cbd29bf9dc0843ef8b27775cd2464db4ada0ee1b545acdd781ad1aff0a06
-# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
+# spec-hash: c4831f4615afd1f0ee2f2b13c6e735b8e841d72136ed565a210268feff201e5c
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '1883cbd29bf9dc0843ef8b27775cd2464db4ada0ee1b545acdd781ad1aff0a06'
+SPEC_HASH = 'c4831f4615afd1f0ee2f2b13c6e735b8e841d72136ed565a210268feff201e5c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 12f2e48d49b25c9823537d8f92d2fed77f3ba9d2fac2f10653532125987b6b66
-# tool: ssi-symbolic 0.1.0 generator 1 source 50a58e729dd0b333
+# spec-hash: 082fa80ca50dfadd2774454f0cdbdf0ad5defc9718b13b51261bcd0ecf154e10
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '12f2e48d49b25c9823537d8f92d2fed77f3ba9d2fac2f10653532125987b6b66'
+SPEC_HASH = '082fa80ca50dfadd2774454f0cdbdf0ad5defc9718b13b51261bcd0ecf154e10'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

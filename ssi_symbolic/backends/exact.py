@@ -226,15 +226,13 @@ class _Module:
                 lines.append(f"{s} = {pycode(v)}")
             return lines
 
-        def code(x):
-            return pycode(x)
         if self.jacobian_method == "symbolic" and forward:
             jacobian = ("forward", (jac_lines, jac_grads))
         elif self.jacobian_method == "symbolic":
             jacobian = ("symbolic", [r_jac[i * n:(i + 1) * n] for i in range(n)])
         else:
             jacobian = ("finite-difference", None)
-        return r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, jacobian, code, body
+        return r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, jacobian, pycode, body
 
     def _assemble(self, r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, jacobian, pycode, body):
         """The function sources from the printed outputs: pycode(x) is an output's expression,

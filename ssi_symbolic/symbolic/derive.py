@@ -586,15 +586,7 @@ class _TokenPermutation:
         for k, s in enumerate(sigma):
             for a, b in zip(self.slots[k], self.slots[s]):
                 where[a] = b
-        out = {}
-        for mon, c in p.terms():
-            new = list(mon)
-            for a in where:
-                new[a] = 0
-            for a, b in where.items():
-                new[b] += mon[a]
-            out[tuple(new)] = c
-        return self.ex.R.from_dict(out) if out else self.ex.R.zero
+        return self.ex.rename(p, where)
 
     @staticmethod
     def sending(L, first, second=None):

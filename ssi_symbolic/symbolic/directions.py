@@ -107,18 +107,8 @@ class DirectionPermutations:
         return out
 
     def rename(self, p, g):
-        """p with every overlap generator replaced by its image under g (a permutation of the
-        generators' positions in each exponent vector)."""
-        where = self._maps[g][0]
-        if not where or not p:
-            return p
-        out = {}
-        for mon, c in p.items():
-            new = list(mon)
-            for a, b in where.items():
-                new[b] = mon[a]
-            out[tuple(new)] = c
-        return self.ex.R.from_dict(out)
+        """p with every overlap generator replaced by its image under g."""
+        return self.ex.rename(p, self._maps[g][0])
 
     def orbit_function(self, compute, which: int):
         """f(i, j) for unordered pairs, computing compute(i, j) once per orbit of pairs and

@@ -574,6 +574,20 @@ class ExactEngine:
 
         return self._reduce(contract(0, len(items), 0)) if items else self.R.zero
 
+    def rename(self, p, where: dict):
+        """p with the exponent of generator position a moved to position b for every a -> b of
+        `where`, a permutation of some generator positions (renaming overlaps: the tokens of an
+        untied student, the directions of a committee)."""
+        if not where or not p:
+            return p
+        out = {}
+        for mon, c in p.items():
+            new = list(mon)
+            for a, b in where.items():
+                new[b] = mon[a]
+            out[tuple(new)] = c
+        return self.R.from_dict(out)
+
     def to_sympy(self, p):
         """A ring element back to a SymPy expression (constants restored: the generators that
         stand for constants are given their values while the expression is built).

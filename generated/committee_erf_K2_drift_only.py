@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 63511c04f24cb295c8c292feef800808fd92ee6ee02c92ede0dc788720a0f54e
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
+# spec-hash: ef033d1bad7f3cd882ce3f586b12f4bd6e7f2b0191033086ce7a1b94d2ab3df1
+# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '63511c04f24cb295c8c292feef800808fd92ee6ee02c92ede0dc788720a0f54e'
+SPEC_HASH = 'ef033d1bad7f3cd882ce3f586b12f4bd6e7f2b0191033086ce7a1b94d2ab3df1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

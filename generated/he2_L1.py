@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b28b931c0b35af82c4f459819b31934c16ae88e8083af839a8da42f773a3a39d
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
+# spec-hash: 11c5b829d114e708f938bed380605179c755b11bc4f2c6b280edbc64cb1dbbfc
+# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b28b931c0b35af82c4f459819b31934c16ae88e8083af839a8da42f773a3a39d'
+SPEC_HASH = '11c5b829d114e708f938bed380605179c755b11bc4f2c6b280edbc64cb1dbbfc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a8a4af7b56c0d4bb54b6e774ffb501e16d930788770242f39f29b7d195a73d93
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
+# spec-hash: 27b32f9d6e6032c7e0c2c22fc11cd45acb9df97cba3bdb47cfac217991c8a3d3
+# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a8a4af7b56c0d4bb54b6e774ffb501e16d930788770242f39f29b7d195a73d93'
+SPEC_HASH = '27b32f9d6e6032c7e0c2c22fc11cd45acb9df97cba3bdb47cfac217991c8a3d3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6f3d69161e0cb4fd01a04294d863c8b955d416e8868b9e59adff3fdd40e9b62d
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
+# spec-hash: 4fdcbb8bd0f1ce9f544fe802f4211950d9ea2312457d31eaa192261b0e278a85
+# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6f3d69161e0cb4fd01a04294d863c8b955d416e8868b9e59adff3fdd40e9b62d'
+SPEC_HASH = '4fdcbb8bd0f1ce9f544fe802f4211950d9ea2312457d31eaa192261b0e278a85'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a72636e36f6dd0cc0e4bfd56c856a4bf881000d34c8aa4f25cc298787882f96b
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
+# spec-hash: a71bb107b8b61dcb6092fdb0fa2b91d34de333841e19219bf9cd25b743322d6f
+# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a72636e36f6dd0cc0e4bfd56c856a4bf881000d34c8aa4f25cc298787882f96b'
+SPEC_HASH = 'a71bb107b8b61dcb6092fdb0fa2b91d34de333841e19219bf9cd25b743322d6f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

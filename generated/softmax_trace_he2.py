@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 07a8064598284886a099b88182f9f19c8db9122079b44eab7377388903f165fd
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1 attention 1 f9f1643c73eb773f
+# spec-hash: c6010aa24bbc00f2a5eba324685f9de66e48ac5688a02ba85d71555d3c3e4ff5
+# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '07a8064598284886a099b88182f9f19c8db9122079b44eab7377388903f165fd'
+SPEC_HASH = 'c6010aa24bbc00f2a5eba324685f9de66e48ac5688a02ba85d71555d3c3e4ff5'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

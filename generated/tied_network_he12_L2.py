@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c4831f4615afd1f0ee2f2b13c6e735b8e841d72136ed565a210268feff201e5c
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c400a22073765a1
+# spec-hash: eb0d5aaf2277f52830f00d32a83edad6dea03ef3443f866c6c495eafe17d007e
+# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c4831f4615afd1f0ee2f2b13c6e735b8e841d72136ed565a210268feff201e5c'
+SPEC_HASH = 'eb0d5aaf2277f52830f00d32a83edad6dea03ef3443f866c6c495eafe17d007e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -198,7 +198,6 @@ class RingPrinter:
                 refs[r] += 2
         names = self.var_name
         self._code = [None] * len(self.nodes)   # (code, depth, is_sum, deps)
-        self._line_of = {}                       # node -> line index
         self._lines = []                         # (name, code, deps)
         atom_deps = {self.n_vars + k: k for k in range(self.n_atoms)}  # var -> line index
         for k, name_code in enumerate(self.atom_lines):
@@ -238,7 +237,6 @@ class RingPrinter:
             code, depth, is_sum, deps = self._code[i]
             if (kind == "add" and refs[i] > 1) or depth > MAX_DEPTH or len(code) > MAX_CHARS:
                 name = f"{self.prefix}{len(self._lines)}"
-                self._line_of[i] = len(self._lines)
                 self._lines.append((name, code, deps))
                 self._code[i] = (name, 0, False, frozenset({len(self._lines) - 1}))
         self._finished = True
@@ -262,11 +260,6 @@ class RingPrinter:
             need.add(k)
             stack.extend(self._lines[k][2])
         return [f"{self._lines[k][0]} = {self._lines[k][1]}" for k in sorted(need)]
-
-    @property
-    def size(self) -> int:
-        """The number of named assignments."""
-        return len(self._lines)
 
 
 __all__ = ["RingPrinter"]

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 24004aa1e39e2af304d480efed04e2f6a30aa0d4fc61c1ee8daa35ce21198464
-# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
+# spec-hash: 3bdf6987bd7a51ce9f2b296203c95d9d6aaf1df1a4ecde28cd3df0e453f83472
+# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '24004aa1e39e2af304d480efed04e2f6a30aa0d4fc61c1ee8daa35ce21198464'
+SPEC_HASH = '3bdf6987bd7a51ce9f2b296203c95d9d6aaf1df1a4ecde28cd3df0e453f83472'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 27b32f9d6e6032c7e0c2c22fc11cd45acb9df97cba3bdb47cfac217991c8a3d3
-# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
+# spec-hash: ba46b6227d860ee7d0f0b9d2c61074f361e3f870b85607f32085dd9dcb863c26
+# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '27b32f9d6e6032c7e0c2c22fc11cd45acb9df97cba3bdb47cfac217991c8a3d3'
+SPEC_HASH = 'ba46b6227d860ee7d0f0b9d2c61074f361e3f870b85607f32085dd9dcb863c26'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 99c96ae4071194be6d1a08d288ce129e9b6a13323d1620da26cf82f0540d5076
-# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
+# spec-hash: d3068aa614b6be38054d898e9267f824fe86a42986e4dab4253d20eb4c4554e4
+# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '99c96ae4071194be6d1a08d288ce129e9b6a13323d1620da26cf82f0540d5076'
+SPEC_HASH = 'd3068aa614b6be38054d898e9267f824fe86a42986e4dab4253d20eb4c4554e4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: c6010aa24bbc00f2a5eba324685f9de66e48ac5688a02ba85d71555d3c3e4ff5
-# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650 attention 1 f9f1643c73eb773f
+# spec-hash: 3005805f8fd4866b5a19e18dab48a8238641d35898f1799f1c890252d93b7a59
+# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'c6010aa24bbc00f2a5eba324685f9de66e48ac5688a02ba85d71555d3c3e4ff5'
+SPEC_HASH = '3005805f8fd4866b5a19e18dab48a8238641d35898f1799f1c890252d93b7a59'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6f5f73a6236019e4cded089d9a64e8999fbde6fef8a749e448baca23ceffefa5
-# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
+# spec-hash: 8e92a87f57b7c1a8a8c58aa1d4de1b8279f05c992a2745b76b9c0a238d26736a
+# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6f5f73a6236019e4cded089d9a64e8999fbde6fef8a749e448baca23ceffefa5'
+SPEC_HASH = '8e92a87f57b7c1a8a8c58aa1d4de1b8279f05c992a2745b76b9c0a238d26736a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

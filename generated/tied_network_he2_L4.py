@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6d6614c42f9b84b5df71c088cbcb0bf7829319b633ef255efb719accff089c2b
-# tool: ssi-symbolic 0.1.0 generator 1 source 856d6dd7825f6650
+# spec-hash: f9aaebdaacc473b286b8bff06d0d3105687cf9a355d8804e8ccca5b526455953
+# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6d6614c42f9b84b5df71c088cbcb0bf7829319b633ef255efb719accff089c2b'
+SPEC_HASH = 'f9aaebdaacc473b286b8bff06d0d3105687cf9a355d8804e8ccca5b526455953'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

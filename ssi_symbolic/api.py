@@ -129,13 +129,17 @@ class Model:
 
     def sde(self, eta: float, d: float, runs: int = 1000, seed: int = 0, t_max=None,
             threshold: float = 0.5, params: dict | None = None, progress: bool = False,
-            init: dict | None = None, start_seed: int = 0) -> dict:
+            init: dict | None = None, start_seed: int = 0, dt: float | None = None,
+            random_starts: bool = False) -> dict:
         """Escape-time distribution of the finite-d SDE over `runs` paths (`ssi sde --json`);
-        the start as in `solve`."""
+        the start as in `solve`. dt: the Euler-Maruyama step in t (default 0.005 / eta, at
+        least 1 / d). random_starts (several directions): path i from its own random-like
+        start, drawn with start_seed + i, as the simulator's seeds."""
         from .analysis.predict import predict_sde
         return predict_sde(self.spec, eta, d, runs=runs, seed=seed, t_max=t_max,
                            threshold=threshold, params=params, out_dir=self.out_dir,
-                           progress=progress, init=init, start_seed=start_seed)
+                           progress=progress, init=init, start_seed=start_seed, dt=dt,
+                           random_starts=random_starts)
 
     def simulate(self, eta: float, d: int, steps: int, seeds: int = 8, seed: int = 0,
                  m0=None, e0=None, threshold: float = 0.5, params: dict | None = None,

@@ -6,7 +6,7 @@
     ssi evaluate SPEC --at m=0.3 --at e=0.1 [--eta 0.05] [--d 1000] [--param k=v] [--json]
     ssi solve SPEC --eta 0.05 --d 1000 [--m0 X] [--e0 X] [--t-max T] [--threshold 0.5]
               [--param k=v] [--plot FILE.png] [--json]
-    ssi sde SPEC --eta --d --runs N [--seed S] [--t-max T] [--json]
+    ssi sde SPEC --eta --d --runs N [--seed S] [--t-max T] [--dt DT] [--json]
     ssi max-lr SPEC [--json]
     ssi simulate SPEC --eta --d --steps N --seeds K [--seed S] [--method full|reduced]
               [--engine numpy|numba] [--batch B] [--init m1_1=0.3 ...] [--json]
@@ -177,7 +177,7 @@ def cmd_sde(args) -> int:
         args.eta, args.d, runs=args.runs, seed=args.seed, t_max=args.t_max,
         params=_pairs(args.param, "--param"), threshold=args.threshold,
         progress=not args.json and sys.stderr.isatty(), init=_pairs(args.at, "--at"),
-        start_seed=args.start_seed)
+        start_seed=args.start_seed, dt=args.dt, random_starts=args.random_starts)
 
     def table(r):
         q = r["quartiles"]
@@ -470,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--t-max", type=float, default=None)
     sd.add_argument("--threshold", type=float, default=0.5)
+    sd.add_argument("--dt", type=float, default=None,
+                    help="Euler-Maruyama step in t (default 0.005 / eta, at least 1 / d)")
+    sd.add_argument("--random-starts", action="store_true",
+                    help="several directions: every path from its own random-like start "
+                         "(drawn with --start-seed + path index), as the simulator's seeds")
     _start_options(sd)
     sd.set_defaults(func=cmd_sde)
 

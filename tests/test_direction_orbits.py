@@ -83,3 +83,37 @@ def test_orbit_counts_and_refusals():
                    student_directions=1, student="z1_1**2",
                    teacher_overlaps=[[1, 0.5, 0], [0.5, 1, 0], [0, 0, 1]])
     assert tilted.trivial
+
+
+CLOSED_FORM_CASES = {
+    "exp committee K = K* = 2, plain": dict(
+        L=1, teacher="exp(z1_1/4) + exp(z2_1/4)", teacher_directions=2, student_directions=2,
+        spherical=False),
+    "K = 3 exp student, K* = 1 linear teacher (3-cycles)": dict(
+        L=1, teacher="z1_1", student="exp(z1_1/4) + exp(z2_1/4) + exp(z3_1/4)",
+        teacher_directions=1, student_directions=3, spherical=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSED_FORM_CASES))
+def test_orbits_of_closed_forms_give_the_same_values(name, monkeypatch):
+    """The closed-form path (non-polynomial links: SymPy expressions renamed by xreplace):
+    Cov(G) equal, at a random valid state to 25 digits, to the derivation without orbits."""
+    import numpy as np
+    spec, fast, slow = _derive_both(CLOSED_FORM_CASES[name], monkeypatch)
+    K, Ks = spec.student_directions, spec.teacher_directions
+    rng = np.random.default_rng(3)
+    W = rng.normal(size=(K, Ks + 3)) / 2           # actual vectors: a realisable state
+    Wt = np.eye(Ks, Ks + 3)
+    M, Q = W @ Wt.T, W @ W.T
+    value = {}
+    for s in fast.state:
+        kind, a, b = str(s)[0], *(int(x) - 1 for x in str(s)[1:].split("_"))
+        value[s] = sp.Float((M if kind == "m" else Q)[a, b], 30)
+    value[derive_mod.ETA] = sp.Float(0.5, 30)
+    n = len(fast.state)
+    for i in range(n):
+        for j in range(i, n):
+            a = sp.N(fast.covariance[i, j].xreplace(value), 30)
+            b = sp.N(slow.covariance[i, j].xreplace(value), 30)
+            assert abs(a - b) <= sp.Float("1e-25") * (1 + abs(b)), (i, j, a, b)

@@ -142,8 +142,9 @@ class PolyLink:
     def __init__(self, expr, K, L):
         self.K, self.L = K, L
         zs = fields(K, L)
-        self.f = sp.lambdify(zs, expr, "numpy")
-        self.df = [[sp.lambdify(zs, sp.diff(expr, fsym(k + 1, l + 1)), "numpy")
+        mods = ["scipy", "numpy"]   # erf and friends from scipy.special
+        self.f = sp.lambdify(zs, expr, mods)
+        self.df = [[sp.lambdify(zs, sp.diff(expr, fsym(k + 1, l + 1)), mods)
                     for l in range(L)] for k in range(K)]
 
     def _call(self, fn, Z):
@@ -505,6 +506,40 @@ def test_soft_committee_K2_correlated_teacher_matches_saad_solla():
                     reason="K = K* = 3 erf committee: derive takes ~60 s (set SSI_SLOW_TESTS=1)")
 def test_soft_committee_K3_matches_saad_solla():
     _committee_check(3, None, seed=23)
+
+
+def test_soft_committee_K2_covariance_against_monte_carlo(gen):
+    """Cov(G) of the shipped K = K* = 2 erf committee module (its eta^4 part holds four erf
+    factors: orthant probabilities by Plackett's integral, evaluated in one batched call) and
+    its loss and drift, against the Monte Carlo of MATH.md section 8 at eta = 0.5 and a
+    specialising state; also the module's quadrature error bound against the actual error of
+    Cov(G) with half the nodes."""
+    from ssi_symbolic.model.spec import load_spec
+    spec = load_spec(ROOT / "derivations" / "committee_erf_K2.toml")
+    mod = ensure_module(spec, gen)
+    assert mod.DIFFUSION and mod.OUTPUT_METHODS["covariance"] == "quadrature"
+    names = section8_names(2, 2, 0, False)
+    assert list(mod.OVERLAPS) == names
+    expr = sp.sympify(" + ".join(f"erf(z{k}_1 / sqrt(2))" for k in (1, 2)))
+    rng = np.random.default_rng(31)
+    geo = random_geometry(rng, np.eye(2), 2, 0, False)
+    state = geo.state(names)
+    loss, G1, G2 = monte_carlo_G(rng, geo, None, PolyLink(expr, 2, 1), PolyLink(expr, 2, 1), 1,
+                                 False, 0.0, 400_000)
+    eta = 0.5
+    G = eta * G1 + eta ** 2 * G2
+    assert_within("population_loss", mod.population_loss(*state), *mean_se(loss))
+    assert_within("drift", np.ravel(mod.drift(*state, eta=eta)), *mean_se(G))
+    cov = np.array(mod.covariance(*state, eta=eta), dtype=float)
+    assert_within("covariance", cov, *cov_se(G))
+    value, bound = mod.quadrature_error(mod.covariance, *state, eta=eta)
+    n = mod.QUADRATURE_NODES
+    try:   # the value with 4n nodes as the reference: the bound covers the n-node error
+        mod.QUADRATURE_NODES = 4 * n
+        ref = np.array(mod.covariance(*state, eta=eta), dtype=float)
+    finally:
+        mod.QUADRATURE_NODES = n
+    assert np.all(np.abs(np.array(value) - ref) <= np.array(bound))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -115,8 +115,9 @@ def test_cli_solve_json_and_drift_only_refusal(gen, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["initial_state"]["m2_2"] == 0.02 and out["start_seed"] == 4
     assert len(out["direction_escape_times"]) == 2
-    # the committee's module is drift-only ([derivation] diffusion = false): the SDE refuses
-    code = main(["sde", str(DERIVATIONS / "committee_erf_K2.toml"), "--eta", "0.5", "--d",
+    # the K = 3 committee's module is drift-only ([derivation] diffusion = false): the SDE
+    # refuses
+    code = main(["sde", str(DERIVATIONS / "committee_erf_K3.toml"), "--eta", "0.5", "--d",
                  "1000", "--runs", "4", "--out", str(gen)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("ssi: error:")
@@ -133,13 +134,15 @@ def _step0(res, names, s):
     return {k: float(res.overlaps[k][s, 0]) for k in names}
 
 
-def test_committee_ode_escape_agrees_with_the_simulator(gen):
+def test_committee_ode_and_sde_escapes_agree_with_the_simulator(gen, capsys):
     """The K = K* = 2 erf committee at eta = 0.5, d = 1000, 16 seeds of the exact reduced
     chain (the law of the d-dimensional SGD, tests/test_multi_simulate.py): the ODE started from
     each seed's own random start escapes the plateau (theta = 0.7, above the plateau's
     overlaps of about 0.45) with a median inside the simulator's quartiles, and the simulator's
     median lies inside the ODE's quartiles. The start dominates the spread: the symmetric
-    plateau is left at a rate set by the initial asymmetry."""
+    plateau is left at a rate set by the initial asymmetry. `ssi sde --random-starts` (every
+    path from its own random-like start, 40 paths, dt = 0.2): the simulator's median lies
+    inside its quartiles and its median inside the simulator's."""
     model = Model(DERIVATIONS / "committee_erf_K2.toml", gen)
     res = model.simulate(0.5, 1000, 400_000, seeds=16, seed=1, method="reduced",
                          stop_when_escaped=True, threshold=0.7)
@@ -151,6 +154,14 @@ def test_committee_ode_escape_agrees_with_the_simulator(gen):
     sq1, smed, sq3 = np.percentile(sim, [25, 50, 75])
     oq1, omed, oq3 = np.percentile(ode, [25, 50, 75])
     assert sq1 <= omed <= sq3 and oq1 <= smed <= oq3
+    code = main(["sde", str(DERIVATIONS / "committee_erf_K2.toml"), "--eta", "0.5", "--d",
+                 "1000", "--runs", "40", "--dt", "0.2", "--threshold", "0.7", "--seed", "5",
+                 "--random-starts", "--out", str(gen), "--json"])
+    sde = json.loads(capsys.readouterr().out)
+    assert code == 0 and sde["escaped_fraction"] == 1.0 and sde["random_starts"]
+    assert sde["initial_state"] is None and sde["dt"] == 0.2
+    q1, q3 = sde["quartiles"]
+    assert q1 <= smed <= q3 and sq1 <= sde["median"] <= sq3, (sde, (sq1, smed, sq3))
 
 
 def test_staircase_simulator_agrees_on_the_order_of_escapes(gen):
@@ -174,3 +185,25 @@ def test_single_direction_analyses_refuse_several_directions(command, gen, capsy
     code = main([command, str(DERIVATIONS / "staircase_K2.toml"), "--out", str(gen)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1 and "teacher.directions" in err[0]
+
+
+@pytest.mark.parametrize("extra,word", [(["--random-starts"], "several directions"),
+                                        (["--dt", "0"], "dt = 0"),
+                                        (["--dt", "nan"], "dt = nan")])
+def test_sde_options_refused_in_one_line(extra, word, gen, capsys):
+    """--random-starts needs several directions; --dt must be a positive number."""
+    code = main(["sde", str(DERIVATIONS / "he2_L1.toml"), "--eta", "0.05", "--d", "1000",
+                 "--runs", "4", "--out", str(gen)] + extra)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("ssi: error:") and word in err[0]
+
+
+def test_sde_random_starts_differ_per_path(gen):
+    """With random_starts every path has its own start: the staircase's escape times spread
+    more than from one start (same noise seed), and path i's start is start_seed + i's."""
+    model = Model(DERIVATIONS / "staircase_K2.toml", gen)
+    one = model.sde(0.05, 1000, runs=64, seed=3)
+    many = model.sde(0.05, 1000, runs=64, seed=3, random_starts=True)
+    assert many["random_starts"] and many["initial_state"] is None
+    assert one["initial_state"] is not None and "random_starts" not in one
+    assert many["quartiles"] != one["quartiles"]

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def orthant(h, R, nodes=16):
-    """runtime._orthant with 2 * nodes Gauss-Legendre points, and its n versus 2n estimate."""
+    """runtime._orthant with `nodes` Gauss-Legendre points, and its n versus 2n estimate."""
     n = len(h)
     args = list(h) + [R[i][j] for i in range(n) for j in range(i + 1, n)]
     old = runtime.QUADRATURE_NODES
@@ -90,7 +90,12 @@ def test_vectorised_over_states():
     hs = rng.normal(size=(3, 4))
     args = [hs[:, i] for i in range(4)] + [np.array([R[i, j] for R in Rs])
                                            for i in range(4) for j in range(i + 1, 4)]
-    together = _orthant(*args)
+    old = runtime.QUADRATURE_NODES
+    try:
+        runtime.QUADRATURE_NODES = 16   # the points of orthant() below
+        together = _orthant(*args)
+    finally:
+        runtime.QUADRATURE_NODES = old
     one_by_one = [orthant(hs[s], Rs[s])[0] for s in range(3)]
     assert np.allclose(together, one_by_one, rtol=0, atol=1e-12)
 
@@ -128,3 +133,33 @@ def test_committee_fourth_power_of_the_error_against_monte_carlo():
     sample = (r * dg(Z[:, 2])) ** 4
     mean, se = sample.mean(), sample.std() / math.sqrt(n)
     assert abs(got - mean) < 5 * se, (got, mean, se)
+
+
+def test_batched_orthants_equal_one_call_each():
+    """runtime._orthants (the generated modules evaluate all orthant probabilities of a kind in
+    one call) gives each call's _orthant value, with scalars and arrays mixed, centred and
+    shifted, in one block of calls and (2^16 states) in blocks of one call each."""
+    from ssi_symbolic.backends.runtime import _orthants
+    rng = np.random.default_rng(11)
+    Rs = [random_correlation(rng, 4) for _ in range(7)]
+    hs = [np.zeros(4) if c % 2 else rng.normal(size=4) for c in range(7)]
+    old = runtime.QUADRATURE_NODES
+    try:
+        runtime.QUADRATURE_NODES = 16
+        for states in (np.linspace(0.2, 1.0, 5), np.linspace(0.2, 1.0, 2 ** 16)):
+            calls = []
+            for h, R in zip(hs, Rs):
+                args = list(h) + [R[i, j] for i in range(4) for j in range(i + 1, 4)]
+                args[4] = args[4] * states          # one argument varies over the states
+                calls.append(tuple(args))
+            batched = _orthants(*calls)
+            assert len(batched) == len(calls)
+            for got, args in zip(batched, calls):
+                assert got.shape == states.shape
+                np.testing.assert_allclose(got, _orthant(*args), rtol=0, atol=1e-15)
+        three = [tuple(rng.normal(size=3))
+                 + tuple(random_correlation(rng, 3)[np.triu_indices(3, 1)]) for _ in range(3)]
+        for got, args in zip(_orthants(*three), three):
+            assert abs(float(got) - float(_orthant(*args))) < 1e-15
+    finally:
+        runtime.QUADRATURE_NODES = old

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from ..errors import StateError
 from ..numeric.ode import DEFAULT_THETA, OverlapODE, fixed_points, initial_state, max_learning_rate, solve
 from ..model.checks import as_spec, check_eta_d, check_params, refuse_multi, refuse_schedule
 from ..numeric.sde import simulate_sde
@@ -73,11 +76,24 @@ def predict_solve(spec_or_path, eta, d=1000, m0=None, e0=None, t_max=None,
 
 def predict_sde(spec_or_path, eta, d, runs=1000, seed=0, t_max=None, m0=None, e0=None,
                 threshold=DEFAULT_THETA, params=None, dt=None, out_dir="generated",
-                progress=False, init=None, start_seed=0) -> dict:
+                progress=False, init=None, start_seed=0, random_starts=False) -> dict:
     """Escape-time distribution over SDE paths: the JSON of `ssi sde --json` (the start as in
-    `predict_solve`; `seed` draws the noise)."""
+    `predict_solve`; `seed` draws the noise). random_starts (several directions): path i
+    starts from its own random-like start, drawn with start_seed + i (init overriding the
+    same entries of every start), as the seeds of the simulator do; the JSON's
+    initial_state is then null and random_starts true."""
     spec, ode = _ode(spec_or_path, eta, d, params, out_dir)
-    x0, extra = _start(ode, d, m0, e0, init, start_seed)
+    if random_starts:
+        if not ode.multi:
+            raise StateError("random_starts (--random-starts): only for models with several "
+                             "directions (a single-direction model starts at m0 = 1/sqrt(d))")
+        if runs < 1:
+            raise StateError(f"runs = {runs}: need at least one path")
+        x0 = np.stack([initial_state(ode, d, init=init, seed=start_seed + i)
+                       for i in range(runs)], axis=1)
+        extra = {"initial_state": None, "start_seed": start_seed, "random_starts": True}
+    else:
+        x0, extra = _start(ode, d, m0, e0, init, start_seed)
     res = simulate_sde(ode, d, x0, runs=runs, t_max=t_max, dt=dt,
                        theta=threshold, seed=seed, progress=progress)
     out = res.summary() | extra

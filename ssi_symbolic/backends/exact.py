@@ -3,7 +3,10 @@
 The module imports only numpy and scipy, broadcasts over arrays of states and parameter values,
 and computes every function after one common-subexpression elimination over all the module's
 outputs (each function then evaluates only the shared subexpressions it needs). Expectations that
-have no closed form are printed as tensor trapezoidal rules with the Gaussian weight over their own variables.
+have no closed form are printed as tensor trapezoidal rules with the Gaussian weight over their
+own variables; orthant probabilities (closed_forms.NormalOrthant, Plackett integrals) as one
+batched runtime._orthants call per function and kind, after the subexpressions their
+arguments need.
 A header records where the formulas came from and the sha256 of the spec and tool version;
 :func:`ensure_module` regenerates only when that hash changes, and every write is atomic.
 
@@ -33,9 +36,10 @@ import numpy as np
 import sympy as sp
 
 from ..version import __version__
-from ..model.spec import ModelSpec, link_entries
+from ..model.spec import ModelSpec, link_entries, overlap_index
 from ..symbolic.derive import ETA, Derivation, RingForms, derive
 from ..symbolic.expectation import kink_breaks
+from ..symbolic.closed_forms import NormalOrthant
 from ..symbolic.gaussian import GaussHermite
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, forward_jacobian, function_source, horner, module_header,
@@ -96,15 +100,26 @@ class _Module:
         self.param_args = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
         self.param_names = list(spec.parameters)
         self.quad = {}  # GaussHermite node -> placeholder symbol
+        self.orth = {}  # NormalOrthant -> placeholder symbol (see _orthant_lines)
         self.unsplit_kinks = False
 
     # quadrature nodes become placeholders before CSE; each gets its own function
-    def _extract(self, expr):
-        nodes = sorted(sp.sympify(expr).atoms(GaussHermite), key=sp.default_sort_key)
+    def _extract(self, expr, orthants: bool = False):
+        """expr with its Gauss-Hermite nodes, and with `orthants` its orthant probabilities
+        (outputs that are never differentiated: Cov(G), the O(1/d) drift), replaced by
+        placeholder symbols."""
+        expr = sp.sympify(expr)
+        nodes = sorted(expr.atoms(GaussHermite), key=sp.default_sort_key)
         for n in nodes:
             if n not in self.quad:
                 self.quad[n] = sp.Symbol(f"_gh{len(self.quad)}")
-        return sp.sympify(expr).xreplace(self.quad)
+        expr = expr.xreplace(self.quad)
+        if orthants:
+            for o in sorted(expr.atoms(NormalOrthant), key=sp.default_sort_key):
+                if o not in self.orth:
+                    self.orth[o] = sp.Symbol(f"_o{len(self.orth)}")
+            expr = expr.xreplace(self.orth)
+        return expr
 
     def state_functions(self, printer: str = "auto") -> list[str]:
         """The source of the functions of the state (loss, drift, Cov(G), Jacobian ...).
@@ -149,6 +164,24 @@ class _Module:
         jacobian = ("ring", jac)
         return loss, d1, d2, cov, ito, fdc, jacobian, pr.code, pr.lines
 
+    def _orthant_lines(self, placeholders) -> list:
+        """The assignments of orthant-probability placeholders: one runtime._orthants call per
+        dimension and kind (zero or shifted means), all of a kind's integrals evaluated at once
+        (a few hundred separate calls of the K = 2 erf committee's Cov(G) cost more in NumPy
+        call overhead than in arithmetic)."""
+        groups = {}
+        for ph in placeholders:
+            args = self.orth_args[ph]
+            n = 3 if len(args) == 6 else 4
+            groups.setdefault((n, all(a == 0 for a in args[:n])), []).append(ph)
+        lines = []
+        for key in sorted(groups, key=lambda g: (g[0], not g[1])):
+            phs = groups[key]
+            calls = [tuple_source([pycode(a) for a in self.orth_args[ph]]) for ph in phs]
+            lines.append(f"{tuple_source([str(ph) for ph in phs])[1:-1]} = "
+                         f"_orthants({', '.join(calls)})")
+        return lines
+
     def _sympy_outputs(self):
         """The outputs as SymPy expressions after Horner forms and one cse over all of them."""
         D = self.D
@@ -156,10 +189,13 @@ class _Module:
         loss = self._extract(D.population_loss)
         d1 = [self._extract(x) for x in D.drift_eta1]
         d2 = [self._extract(x) for x in D.drift_eta2]
-        cov = [[self._extract(D.covariance[i, j]) for j in range(n)] for i in range(n)]
+        cov = [[self._extract(D.covariance[i, j], True) for j in range(n)] for i in range(n)]
         flat_cov = [cov[i][j] for i in range(n) for j in range(i, n)]
-        ito = [self._extract(x) for x in D.ito_correction]
-        fdc = [self._extract(x) for x in D.finite_d_correction]
+        ito = [self._extract(x, True) for x in D.ito_correction]
+        fdc = [self._extract(x, True) for x in D.finite_d_correction]
+        # the orthant probabilities' arguments go through the same cse, after the outputs
+        orth = list(self.orth.items())
+        orth_args = [horner(a, D.state) for o, _ in orth for a in o.args]
         methods = D.methods or D.output_methods()
         drift_methods = {methods["drift_eta1"], methods["drift_eta2"]}
         # a closed-form drift (arcsine, erf, sqrt ...) is differentiated through the common
@@ -176,8 +212,11 @@ class _Module:
             """One CSE over every output, the Jacobian entries `jac` included."""
             outputs = [horner(x, D.state)
                        for x in [loss] + d1 + d2 + flat_cov + ito + jac + fdc]
-            repl, reduced = cse(outputs)
-            return repl, {s: i for i, (s, _) in enumerate(repl)}, reduced
+            repl, reduced = cse(outputs + orth_args)
+            k = len(outputs)
+            it = iter(reduced[k:])
+            self.orth_args = {ph: tuple(next(it) for _ in o.args) for o, ph in orth}
+            return repl, {s: i for i, (s, _) in enumerate(repl)}, reduced[:k]
 
         no_jac = [sp.Integer(0)] * (n * n)
         if forward:  # the Jacobian is written from the CSE of the other outputs
@@ -221,10 +260,17 @@ class _Module:
             for ph in sorted(used & placeholders, key=str):
                 idx = int(str(ph)[3:])
                 lines.append(f"{ph} = _gh_node_{idx}({', '.join(self.state + self.param_names)})")
-            for k in closure(outs, repl_index, repl):
+            orth = sorted(used & set(self.orth_args), key=lambda s: int(str(s)[2:]))
+            extra = [a for ph in orth for a in self.orth_args[ph]]
+            after, late = [], set(orth)
+            for k in closure(list(outs) + extra, repl_index, repl):
                 s, v = repl[k]
-                lines.append(f"{s} = {pycode(v)}")
-            return lines
+                if v.free_symbols & late:   # needs an orthant probability: after the batch
+                    late.add(s)
+                    after.append(f"{s} = {pycode(v)}")
+                else:
+                    lines.append(f"{s} = {pycode(v)}")
+            return lines + self._orthant_lines(orth) + after
 
         if self.jacobian_method == "symbolic" and forward:
             jacobian = ("forward", (jac_lines, jac_grads))
@@ -469,7 +515,7 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
     ]
     header = module_header(spec, doc, h, tool_salt(), constants)
     body = state_fns + quad_fns + link_fns
-    orthant = any("_orthant(" in f for f in body)
+    orthant = any("_orthant" in f for f in body)
     helpers = [GAUSS_HERMITE_HELPERS, CHUNK_HELPERS] + (
         [BVN_HELPERS] if orthant or any("_bvn(" in f for f in body) else []) + (
         [ORTHANT_HELPERS] if orthant else [])
@@ -505,14 +551,34 @@ def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
 QUADRATURE_TOLERANCE = 1e-8
 #: candidate nodes per dimension; the tensor rule of a k-dimensional node has n^k points
 NODE_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+#: Gauss-Legendre points of the orthant integrals (analytic integrands on [0, 1]) when the
+#: module has no tensor node
+ORTHANT_CANDIDATES = (8, 12, 16, 24, 32, 48, 64)
 MAX_POINTS = 2 ** 20
 
 
 def _probe_states(spec) -> list:
-    """A few fixed states spread over the ball (state order of the spec), for choosing nodes."""
+    """A few fixed states spread over the ball (state order of the spec), for choosing nodes.
+    With several directions, valid ones: M[k, j] = radius (0.8 if j = k else 0.3) (-1)^(k+j),
+    E = 0 and Q = M P^-1 M^T + S, S[k, k] = q - (M P^-1 M^T)[k, k] (1 - |M_k|^2_P under
+    spherical SGD) and S[k, h] = 0.2 sqrt(S[k, k] S[h, h]) (positive definite)."""
     names = spec.overlap_names
     out = []
+    multi = spec.teacher_directions > 1 or spec.student_directions > 1
+    if multi:
+        K, Ks = spec.student_directions, spec.teacher_directions
+        P = np.eye(Ks) if not spec.teacher_overlaps else np.array(
+            spec.teacher_overlaps, dtype=float)
     for radius, q in ((0.0, 1.0), (0.35, 1.0), (0.7, 1.3), (0.92, 0.8)):
+        if multi:
+            M = np.array([[radius * (0.8 if j == k else 0.3) * (-1) ** (k + j)
+                           for j in range(Ks)] for k in range(K)])
+            G = M @ np.linalg.solve(P, M.T)
+            sk = (1.0 if spec.spherical else q) - np.diag(G)
+            Q = G + 0.2 * np.sqrt(np.outer(sk, sk)) + 0.8 * np.diag(sk)
+            values = {"m": M, "e": np.zeros((K, max(spec.r, 1))), "q": Q}
+            out.append([float(values[name[0]][overlap_index(name)[1:]]) for name in names])
+            continue
         v = []
         for i, name in enumerate(names):
             if name.startswith("q"):
@@ -525,17 +591,29 @@ def _probe_states(spec) -> list:
 
 def choose_nodes(text: str, spec) -> int:
     """The smallest n of NODE_CANDIDATES for which every quadrature node of the module's
-    source meets QUADRATURE_TOLERANCE at the probe states (n versus 2n), within MAX_POINTS
-    points per rule; the largest allowed n when none does (the runtime error estimate of
-    quadrature_error then says how far off it is)."""
+    source, and every state function holding orthant probabilities (their Gauss-Legendre
+    t-integrals, runtime._orthant), meets QUADRATURE_TOLERANCE at the probe states (n versus
+    2n), within MAX_POINTS points per rule; the largest allowed n when none does (the runtime
+    error estimate of quadrature_error then says how far off it is). A module whose only
+    quadrature is the orthants' one-dimensional integrals starts from ORTHANT_CANDIDATES."""
+    import inspect
     import types
     ns = types.ModuleType("_ssi_probe")
     exec(compile(text, "<generated module probe>", "exec"), ns.__dict__)
     nodes = [getattr(ns, k) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
     dims = [int(k.split("_")[-1]) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
     kmax = max((_node_dim(text, i) for i in dims), default=1)
-    allowed = [n for n in NODE_CANDIDATES if (2 * n) ** kmax <= MAX_POINTS] or [8]
     params = {k: float(v) for k, v in spec.parameters.items()}
+    for name in _orthant_functions(text):
+        f = getattr(ns, name)
+        eta = {"eta": 0.5} if "eta" in inspect.signature(f.__wrapped__).parameters else {}
+
+        def probe(*st, n, f=f, eta=eta, **kw):
+            ns.QUADRATURE_NODES = n
+            return np.array(f(*st, **eta, **kw), dtype=float)
+        nodes.append(probe)
+    candidates = NODE_CANDIDATES if dims else ORTHANT_CANDIDATES
+    allowed = [n for n in candidates if (2 * n) ** kmax <= MAX_POINTS] or [8]
     states = _probe_states(spec)
     with np.errstate(all="ignore"):
         for n in allowed:
@@ -553,6 +631,17 @@ def choose_nodes(text: str, spec) -> int:
             if ok:
                 return n
     return allowed[-1]
+
+
+def _orthant_functions(text: str) -> list:
+    """Names of the module's top-level functions (other than the helpers) that call _orthant
+    or _orthants."""
+    out = []
+    for block in text.split("\ndef ")[1:]:
+        name = block[:block.index("(")]
+        if name not in ("_orthant", "_orthants") and "_orthant" in block.split("\n\n\n")[0]:
+            out.append(name)
+    return out
 
 
 def _node_dim(text: str, i: int) -> int:

@@ -13,7 +13,8 @@ They are defined here as ordinary functions (importable, testable) and their tex
     BVN_HELPERS             _bvn, the bivariate normal CDF by Owen's T (closed forms with
                             mean shifts)
     ORTHANT_HELPERS         _orthant, normal orthant probabilities of dimension 3 and 4 by
-                            Plackett's one-dimensional integral (with _bvn)
+                            Plackett's one-dimensional integral (with _bvn), and _orthants,
+                            many of them in one vectorised call
     ATTENTION_HELPERS       broadcasting, _gh_grid and its pruned form _gh_pruned, Chebyshev
                             helpers, the finite-difference Jacobian, the per-state increment
                             coefficients of spherical SGD and their (theta, e') tables
@@ -237,60 +238,92 @@ def _orthant(*args):
     (Plackett 1954) along R(t) = (1 - t) I + t R (positive definite for t in [0, 1]):
 
         P = prod_i Phi(h_i) + int_0^1 sum_{i<j} R_ij phi_2(h_i, h_j; t R_ij)
-                                     P(Z_rest <= h_rest | Z_i = h_i, Z_j = h_j; R(t)) dt,
+                                     P(Z_rest <= h_rest | Z_i = h_i, Z_j = h_j; R(t)) dt.
 
-    the conditional probability a Phi (n = 3) or a bivariate normal CDF (n = 4, _bvn). The
-    t-integral by Gauss-Legendre with 2 QUADRATURE_NODES points (quadrature_error's n versus 2n
-    is its error bound)."""
+    Given Z_i = h_i and Z_j = h_j under R(t), with s = 1 - t^2 R_ij^2, a remaining Z_c has
+    mean t ((R_ci - t R_ij R_cj) h_i + (R_cj - t R_ij R_ci) h_j) / s and
+
+        s Cov(Z_a, Z_b) = t R_ab s - t^2 (R_ai R_bi + R_aj R_bj - t R_ij (R_ai R_bj + R_aj R_bi))
+
+    (t R_aa read as 1): the conditional probability is a Phi (n = 3) or a bivariate normal CDF
+    (n = 4, _bvn). At h = 0 (no positional shift) and n = 4 it is 1/4 + arcsin(rho_ab(t)) / 2 pi,
+    whose constant part integrates in closed form:
+
+        P = 1/16 + sum_{i<j} arcsin(R_ij) / 8 pi
+              + sum_{i<j} R_ij / 4 pi^2 int_0^1 arcsin(rho_ab(t)) / sqrt(1 - t^2 R_ij^2) dt.
+
+    The t-integrals by Gauss-Legendre with QUADRATURE_NODES points (quadrature_error's n versus
+    2n is their error bound; the integrands are analytic on [0, 1], so a few points suffice),
+    on arrays of shape (points,) + states."""
     import scipy.special as _sc
     args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
     n = 3 if len(args) == 6 else 4
     h = args[:n]
-    R = numpy.empty((n, n), dtype=object)
+    R = {}
     k = n
     for i in range(n):
-        R[i, i] = 1.0
         for j in range(i + 1, n):
             R[i, j] = R[j, i] = args[k]
             k += 1
-    out = numpy.ones_like(h[0])
-    for x in h:
-        out = out * _sc.ndtr(x)
-    key = ("legendre", 2 * QUADRATURE_NODES)
+    key = ("legendre", QUADRATURE_NODES)
     if key not in _GRIDS:
-        _GRIDS[key] = numpy.polynomial.legendre.leggauss(2 * QUADRATURE_NODES)
+        _GRIDS[key] = numpy.polynomial.legendre.leggauss(QUADRATURE_NODES)
     x, w = _GRIDS[key]
-    ts, ws = (x + 1.0) / 2.0, w / 2.0
-    # zero means (no positional shift): the conditional means vanish and Phi_2(0, 0; rho) =
-    # 1/4 + arcsin(rho) / 2 pi, with no Owen's T
-    centred = not any(numpy.any(x != 0) for x in h)
-    # the Gauss-Legendre points along a new first axis: arrays of shape (points,) + states
-    t = ts.reshape((-1,) + (1,) * h[0].ndim)
-    wt = ws.reshape(t.shape)
-    Rt = lambda a, b: 1.0 if a == b else t * R[a, b]
+    t = ((x + 1.0) / 2.0).reshape((-1,) + (1,) * h[0].ndim)   # points along a new first axis
+    wt, t2 = (w / 2.0).reshape(t.shape), t * t
+    centred = n == 4 and not any(numpy.any(v != 0) for v in h)
+    if centred:
+        out = 1.0 / 16.0 + sum(numpy.arcsin(numpy.clip(R[i, j], -1.0, 1.0))
+                               for i in range(4) for j in range(i + 1, 4)) / (8 * numpy.pi)
+    else:
+        out = numpy.ones_like(h[0])
+        for v in h:
+            out = out * _sc.ndtr(v)
+
+    def scov(a, b, i, j, s):   # s Cov(Z_a, Z_b | Z_i, Z_j) under R(t)
+        return (s if a == b else t * (R[a, b] * s)) - t2 * (
+            (R[a, i] * R[b, i] + R[a, j] * R[b, j])
+            - t * (R[i, j] * (R[a, i] * R[b, j] + R[a, j] * R[b, i])))
+
     for i in range(n):
         for j in range(i + 1, n):
-            rest = [a for a in range(n) if a not in (i, j)]
-            r = t * R[i, j]
-            s2 = 1.0 - r * r
-            dens = (numpy.exp(-(h[i] ** 2 - 2 * r * h[i] * h[j] + h[j] ** 2) / (2 * s2))
-                    / (2 * numpy.pi * numpy.sqrt(s2)))
-            B = {a: ((Rt(a, i) - r * Rt(a, j)) / s2, (Rt(a, j) - r * Rt(a, i)) / s2)
-                 for a in rest}
-            mean = {a: B[a][0] * h[i] + B[a][1] * h[j] for a in rest}
-            cov = lambda a, b: Rt(a, b) - B[a][0] * Rt(i, b) - B[a][1] * Rt(j, b)
+            rest = [c for c in range(n) if c not in (i, j)]
+            s = 1.0 - t2 * (R[i, j] * R[i, j])
+            if centred:
+                a, b = rest
+                rho = scov(a, b, i, j, s) / numpy.sqrt(scov(a, a, i, j, s) * scov(b, b, i, j, s))
+                out = out + R[i, j] / (4 * numpy.pi ** 2) * numpy.sum(
+                    wt * numpy.arcsin(numpy.clip(rho, -1.0, 1.0)) / numpy.sqrt(s), axis=0)
+                continue
+            dens = (numpy.exp(-(h[i] ** 2 - 2 * t * R[i, j] * h[i] * h[j] + h[j] ** 2) / (2 * s))
+                    / (2 * numpy.pi * numpy.sqrt(s)))
+            sd = {c: numpy.sqrt(scov(c, c, i, j, s) * s) for c in rest}   # s sqrt(Var)
+            z = {c: (h[c] * s - t * ((R[c, i] - t * R[i, j] * R[c, j]) * h[i]
+                                     + (R[c, j] - t * R[i, j] * R[c, i]) * h[j])) / sd[c]
+                 for c in rest}
             if n == 3:
-                a = rest[0]
-                cond = _sc.ndtr((h[a] - mean[a]) / numpy.sqrt(cov(a, a)))
+                cond = _sc.ndtr(z[rest[0]])
             else:
                 a, b = rest
-                sa, sb = numpy.sqrt(cov(a, a)), numpy.sqrt(cov(b, b))
-                rho = cov(a, b) / (sa * sb)
-                cond = (0.25 + numpy.arcsin(numpy.clip(rho, -1.0, 1.0)) / (2 * numpy.pi)
-                        if centred else
-                        _bvn((h[a] - mean[a]) / sa, (h[b] - mean[b]) / sb, rho))
-            out = out + numpy.sum(wt * R[i, j] * dens * cond, axis=0)
+                rho = scov(a, b, i, j, s) * s / (sd[a] * sd[b])
+                cond = _bvn(z[a], z[b], numpy.clip(rho, -1.0, 1.0))
+            out = out + R[i, j] * numpy.sum(wt * dens * cond, axis=0)
+    out = numpy.asarray(out, dtype=float)
     return out[()] if out.ndim == 0 else out
+
+
+def _orthants(*calls):
+    """_orthant of several argument tuples of one dimension, stacked along a new first axis
+    (states broadcast) so that one evaluation serves them all: a tuple with one value per call.
+    Calls go in blocks of at most about 2^20 quadrature points times states."""
+    k = len(calls[0])
+    flat = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for c in calls for a in c])
+    args = [numpy.stack(flat[i::k]) for i in range(k)]
+    per = max(1, 2 ** 20 // (max(flat[0].size, 1) * QUADRATURE_NODES))
+    out = numpy.concatenate([numpy.reshape(_orthant(*[a[i:i + per] for a in args]),
+                                           (-1,) + flat[0].shape)
+                             for i in range(0, len(calls), per)])
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -547,7 +580,7 @@ GAUSS_HERMITE_HELPERS = "\n" + BROADCAST_HELPERS + "\n\n" + embed(
 
 #: the bivariate normal CDF of the closed forms (embedded only where a formula uses it)
 BVN_HELPERS = embed(_bvn)
-ORTHANT_HELPERS = embed(_orthant)
+ORTHANT_HELPERS = embed(_orthant, _orthants)
 
 ATTENTION_HELPERS = BROADCAST_HELPERS + "\n\n" + embed(
     "_GRIDS", _gh_grid, _gh_pruned, _cheb_basis, _chebval2, _lobatto, _cheb_fit, _fd_jacobian,

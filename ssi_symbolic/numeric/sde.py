@@ -83,7 +83,8 @@ class SDEResult:
 
 def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
                  theta=DEFAULT_THETA, seed=0, progress=False, record_times=None) -> SDEResult:
-    """Euler-Maruyama ensemble of `runs` paths from x0 until every path has escaped
+    """Euler-Maruyama ensemble of `runs` paths from x0 (one state, or one per path: shape
+    (n, runs)) until every path has escaped
     (|(m, e)| >= theta) or t_max. dt defaults to 0.005 / eta (200 steps per unit of
     eta * t, the time scale of the drift), never below 1/d.
 
@@ -99,12 +100,20 @@ def simulate_sde(ode: OverlapODE, d: float, x0, runs=1000, t_max=None, dt=None,
         raise StateError(f"d = {d}: the dimension must be >= 1")
     if runs < 1:
         raise StateError(f"runs = {runs}: need at least one path")
+    if dt is not None and not (math.isfinite(dt) and dt > 0):
+        raise StateError(f"dt = {dt}: the SDE step must be a positive number")
     mod, eta, params = ode.mod, ode.eta, ode.params
     dt = float(dt) if dt is not None else max(0.005 / eta, 1.0 / d)
     t_max = float(t_max) if t_max is not None else 1e5 / eta
     rng = np.random.default_rng(seed)
     n, nd = ode.n, ode.n_dir
-    x = np.repeat(np.asarray(x0, dtype=float)[:, None], runs, axis=1)
+    x0 = np.asarray(x0, dtype=float)
+    if x0.ndim == 2:   # one start per path (random-like starts of several directions)
+        if x0.shape != (n, runs):
+            raise StateError(f"x0 of shape {x0.shape}: expected ({n},) or ({n}, {runs})")
+        x = x0.copy()
+    else:
+        x = np.repeat(x0[:, None], runs, axis=1)
     esc = np.full(runs, np.nan)
     alive = np.ones(runs, dtype=bool)
     t = 0.0

@@ -674,6 +674,11 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         mean = [E.expect(b) for b in st.base]
         coef = st.coef
         product = lambda a, b: E.expect(st.base[a] * st.base[b])
+        if spec.multi and not spec.untied and diffusion:
+            # exchangeable directions: one closed form per orbit of pairs (directions.py)
+            perms = DirectionPermutations(spec, gauss, ex, gauss.state)
+            if not perms.trivial:
+                product = perms.orbit_function(product, 1, sympy_values=True)
         zero, back = sp.Integer(0), sp.sympify
         method = None
     if method == "exact":  # the eta^1 and eta^2 parts taken in the polynomial ring

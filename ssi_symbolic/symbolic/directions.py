@@ -78,7 +78,7 @@ class DirectionPermutations:
         self._pairs = [(k, h) for k in range(Kd) for h in range(k, Kd)]
         self._pair_index = {p: i for i, p in enumerate(self._pairs)}
         self._state_index = {s: i for i, s in enumerate(state)}
-        self._maps = {}
+        self._maps, self._symbols = {}, {}
         for g in self.group:
             s, t = g
             sym = {}
@@ -93,6 +93,7 @@ class DirectionPermutations:
                      if pos(a) is not None and pos(a) != pos(b)}
             state_map = [self._state_index[sym.get(x, x)] for x in state]
             self._maps[g] = (where, self._base_map(s, t), state_map)
+            self._symbols[g] = {a: b for a, b in sym.items() if a != b}
 
     def _base_map(self, s, t) -> list:
         """Images of the base statistics' indices (A_M, A_E, A_Q, B, see derive.statistics)."""
@@ -110,9 +111,17 @@ class DirectionPermutations:
         """p with every overlap generator replaced by its image under g."""
         return self.ex.rename(p, self._maps[g][0])
 
-    def orbit_function(self, compute, which: int):
+    def rename_sympy(self, expr, g):
+        """A SymPy expression (closed forms, orthant probabilities, Gauss-Hermite nodes: all
+        functions of the overlap symbols) with every overlap symbol replaced by its image."""
+        return expr.xreplace(self._symbols[g])
+
+    def orbit_function(self, compute, which: int, sympy_values: bool = False):
         """f(i, j) for unordered pairs, computing compute(i, j) once per orbit of pairs and
-        renaming it for the others; which = 1 permutes base-statistic indices, 2 state indices."""
+        renaming it for the others; which = 1 permutes base-statistic indices, 2 state indices.
+        sympy_values: compute returns SymPy expressions (the closed-form path), not ring
+        elements."""
+        rename = self.rename_sympy if sympy_values else self.rename
         assign, reps = {}, {}
 
         def f(i, j):
@@ -126,7 +135,7 @@ class DirectionPermutations:
             rep, g = assign[key]
             if rep not in reps:
                 reps[rep] = compute(*rep)
-            return reps[rep] if g is None else self.rename(reps[rep], g)
+            return reps[rep] if g is None else rename(reps[rep], g)
         f.orbits = reps
         return f
 

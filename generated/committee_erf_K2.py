@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 400776a7420ed2154a56acdca95b2bb2393a91992ddfd3cb2f3c4f5e477c04ce
-# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
+# spec-hash: c19588c59dc654cc384321e7af4b49cdf93208abcf942afd6ae999c783a17f13
+# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '400776a7420ed2154a56acdca95b2bb2393a91992ddfd3cb2f3c4f5e477c04ce'
+SPEC_HASH = 'c19588c59dc654cc384321e7af4b49cdf93208abcf942afd6ae999c783a17f13'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

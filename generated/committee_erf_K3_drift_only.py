@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3bdf6987bd7a51ce9f2b296203c95d9d6aaf1df1a4ecde28cd3df0e453f83472
-# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
+# spec-hash: 529d541089687bdd132bba78fb791c92ba0e4b526a927784c460244961a6a81b
+# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3bdf6987bd7a51ce9f2b296203c95d9d6aaf1df1a4ecde28cd3df0e453f83472'
+SPEC_HASH = '529d541089687bdd132bba78fb791c92ba0e4b526a927784c460244961a6a81b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

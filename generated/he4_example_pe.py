@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ba46b6227d860ee7d0f0b9d2c61074f361e3f870b85607f32085dd9dcb863c26
-# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
+# spec-hash: 6dfdb20841060363fd0f56fcfa18a37b60e4e4706259c33a05e815b0de66c64e
+# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ba46b6227d860ee7d0f0b9d2c61074f361e3f870b85607f32085dd9dcb863c26'
+SPEC_HASH = '6dfdb20841060363fd0f56fcfa18a37b60e4e4706259c33a05e815b0de66c64e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

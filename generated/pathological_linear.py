@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 793cb99ad1677ba8577a9a7abca730cae28da8167c79d5ab5b590fa0657fd5ff
-# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
+# spec-hash: 0a6c2477a156eb95be1f0ed208501796cece089a294f1f587c81c4d942d7ecb7
+# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '793cb99ad1677ba8577a9a7abca730cae28da8167c79d5ab5b590fa0657fd5ff'
+SPEC_HASH = '0a6c2477a156eb95be1f0ed208501796cece089a294f1f587c81c4d942d7ecb7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

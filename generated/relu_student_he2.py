@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: acdd7fc0099f12ebfc11eb48c05a604222425793cb868a3207dd8f3c3df4b0ab
-# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
+# spec-hash: 995d8cc1ecc61832dfaae28d05e019114189c6398b1ad17660c1d7d8ef37e186
+# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'acdd7fc0099f12ebfc11eb48c05a604222425793cb868a3207dd8f3c3df4b0ab'
+SPEC_HASH = '995d8cc1ecc61832dfaae28d05e019114189c6398b1ad17660c1d7d8ef37e186'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

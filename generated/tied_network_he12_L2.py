@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 986ea05009465a8db96f28d3300adc977acc30b4fea88a34928b60436d026021
-# tool: ssi-symbolic 0.1.0 generator 1 source 33a6615266273faf
+# spec-hash: 02f244be0fc026b1b0b31d7ab7382a346acc51ce4f7a715c21d21e4a2ff112b7
+# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '986ea05009465a8db96f28d3300adc977acc30b4fea88a34928b60436d026021'
+SPEC_HASH = '02f244be0fc026b1b0b31d7ab7382a346acc51ce4f7a715c21d21e4a2ff112b7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -520,7 +520,7 @@ def test_soft_committee_K2_covariance_against_monte_carlo(gen):
     assert mod.DIFFUSION and mod.OUTPUT_METHODS["covariance"] == "quadrature"
     names = section8_names(2, 2, 0, False)
     assert list(mod.OVERLAPS) == names
-    expr = sp.sympify(" + ".join(f"erf(z{k}_1 / sqrt(2))" for k in (1, 2)))
+    expr = sum(sp.erf(fsym(k, 1) / sp.sqrt(2)) for k in (1, 2))
     rng = np.random.default_rng(31)
     geo = random_geometry(rng, np.eye(2), 2, 0, False)
     state = geo.state(names)

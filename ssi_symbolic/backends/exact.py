@@ -524,7 +524,11 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
     chunking = ("# a call on more than 2 _CHUNK states is evaluated in blocks of _CHUNK "
                 "(cache-sized temporaries)\n" + "\n".join(f"{w} = _chunked({w})" for w in wrapped))
     parts = [header] + helpers + body + [chunking]
-    return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+    text = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+    if D.method == "quadrature":   # the node count that meets the tolerance (choose_nodes)
+        text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
+                            f"\nQUADRATURE_NODES = {choose_nodes(text, spec)}\n", 1)
+    return text
 
 
 def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
@@ -539,11 +543,7 @@ def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
     if not force and read_hash(path) == spec.hash(salt(diffusion)):
         return path, False
     D = derive(spec, diffusion=diffusion)
-    text = module_source(D, diffusion)
-    if D.method == "quadrature":
-        text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
-                            f"\nQUADRATURE_NODES = {choose_nodes(text, spec)}\n", 1)
-    write_atomic(path, text)
+    write_atomic(path, module_source(D, diffusion))
     return path, True
 
 

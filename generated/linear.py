@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 88ec23937004e41e899fbc8b9d6447c81d64b90443e143a29442cf5c8014dfa3
-# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
+# spec-hash: 7fa050d7db5c138cfb39f4a1d4e92946c68346a41b1f7e8d9c49a46b65079735
+# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '88ec23937004e41e899fbc8b9d6447c81d64b90443e143a29442cf5c8014dfa3'
+SPEC_HASH = '7fa050d7db5c138cfb39f4a1d4e92946c68346a41b1f7e8d9c49a46b65079735'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

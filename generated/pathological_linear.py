@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0a6c2477a156eb95be1f0ed208501796cece089a294f1f587c81c4d942d7ecb7
-# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
+# spec-hash: 581fb514d72ae7cbb6668c69a69307b2b63c015a8c1225dc2225ca6c3da71c70
+# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0a6c2477a156eb95be1f0ed208501796cece089a294f1f587c81c4d942d7ecb7'
+SPEC_HASH = '581fb514d72ae7cbb6668c69a69307b2b63c015a8c1225dc2225ca6c3da71c70'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 3a838b27167ea4a8933bfec3dd2ea1b3ad2988b146a64e493da94c0136be7e8c
-# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0 attention 1 f9f1643c73eb773f
+# spec-hash: f2c94fabf9b26f1661f47e1b38500184ab136155cbe53dd9b6bbef47a9981767
+# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '3a838b27167ea4a8933bfec3dd2ea1b3ad2988b146a64e493da94c0136be7e8c'
+SPEC_HASH = 'f2c94fabf9b26f1661f47e1b38500184ab136155cbe53dd9b6bbef47a9981767'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

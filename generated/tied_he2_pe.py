@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 42b625a8d9931b8814fb3143bf5b6a9f0452fb6db74b6e3ebbe144a95423f10c
-# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
+# spec-hash: 0ba6ecfcefef728bb7007c43629db8462a63dc8dddd2dcbecda03e6283d93c91
+# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '42b625a8d9931b8814fb3143bf5b6a9f0452fb6db74b6e3ebbe144a95423f10c'
+SPEC_HASH = '0ba6ecfcefef728bb7007c43629db8462a63dc8dddd2dcbecda03e6283d93c91'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 02f244be0fc026b1b0b31d7ab7382a346acc51ce4f7a715c21d21e4a2ff112b7
-# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
+# spec-hash: c75414f9cf824ade27e978281cc584bca8338168ee932079aac95e26d2544d4b
+# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '02f244be0fc026b1b0b31d7ab7382a346acc51ce4f7a715c21d21e4a2ff112b7'
+SPEC_HASH = 'c75414f9cf824ade27e978281cc584bca8338168ee932079aac95e26d2544d4b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: eb9641196212d6fb85bc6ff6278a679428948505a2c1fc25e81f2920858a8640
-# tool: ssi-symbolic 0.1.0 generator 1 source b140d8937e5305f0
+# spec-hash: 0345a5de6f6a9fb42e7308d51b11df5cbe29109296128c607c793ab2e2aff15b
+# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'eb9641196212d6fb85bc6ff6278a679428948505a2c1fc25e81f2920858a8640'
+SPEC_HASH = '0345a5de6f6a9fb42e7308d51b11df5cbe29109296128c607c793ab2e2aff15b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

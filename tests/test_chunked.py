@@ -22,7 +22,7 @@ def _committee_states(rng, n):
 
 
 CASES = {
-    "committee_erf_K2_drift_only": lambda rng, n: _committee_states(rng, n),
+    "committee_erf_K2": lambda rng, n: _committee_states(rng, n),
     "tied_he2_pe": lambda rng, n: [rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)],
 }
 PARAMS = {"tied_he2_pe": {"omega": 0.7}}
@@ -50,7 +50,7 @@ def test_blocks_equal_one_call(name):
     k = mod._CHUNK // 8
     cols = [np.asarray(s[:k]).reshape(k, 1) for s in states[:-1]]
     last = np.asarray(states[-1][:40]).reshape(1, 40)
-    if name == "committee_erf_K2_drift_only":  # q2_2 >= 1 keeps every state realisable
+    if name == "committee_erf_K2":  # q2_2 >= 1 keeps every state realisable
         last = 1.0 + np.abs(last)
     got = mod.drift(*cols, last, eta=0.2, **params)
     ref = mod.drift.__wrapped__(*cols, last, eta=0.2, **params)

@@ -466,7 +466,7 @@ def test_forward_jacobian_of_a_polynomial_drift_with_many_overlaps(gen_dir):
 def test_committee_jacobian_matches_finite_differences():
     """The K = 2 erf committee (shipped, arcsine closed forms) at realisable states drawn from
     random vectors."""
-    mod = load_module(GENERATED / "committee_erf_K2_drift_only.py")
+    mod = load_module(GENERATED / "committee_erf_K2.py")
     assert mod.JACOBIAN == "symbolic"
     rng = np.random.default_rng(5)
     cols = []

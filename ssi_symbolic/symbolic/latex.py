@@ -49,6 +49,26 @@ def _split_long(expr, fresh, lines: list, top: bool = False):
     return expr.func(*args, evaluate=False) if (expr.is_Add or expr.is_Mul) else expr.func(*args)
 
 
+def auxiliary_form(exprs: list, orth: dict) -> tuple:
+    """exprs (orthant probabilities already replaced by the symbols orth maps them to) and the
+    orthant probabilities' arguments through one cse, long values split further
+    (_split_long): (repl, reduced, defs) with repl the (symbol, value) definitions in order,
+    reduced the expressions in terms of them and defs {orthant symbol: NormalOrthant of the
+    reduced arguments}."""
+    args = [x for a in orth for x in a.args]
+    repl, reduced = sp.cse(list(exprs) + args, symbols=sp.numbered_symbols("_aux_"),
+                           order="none")
+    # every line of the document has to fit TeX's dimensions
+    fresh = sp.numbered_symbols("_aux_split_")
+    lines = []
+    for a, v in repl:
+        lines.append((a, _split_long(v, fresh, lines)))
+    reduced = [_split_long(e, fresh, lines, top=True) for e in reduced]
+    it = iter(reduced[len(exprs):])
+    defs = {o: NormalOrthant(*[next(it) for _ in a.args]) for a, o in orth.items()}
+    return lines, reduced[:len(exprs)], defs
+
+
 def tex(expr, names: dict | None = None) -> str:
     """LaTeX of expr; names: extra {Symbol: LaTeX} (the orthant probabilities' names)."""
     return sp.latex(expr, symbol_names={sp.Symbol(k, real=True): v for k, v in
@@ -158,37 +178,27 @@ def document(D: Derivation) -> str:
     if orth and sum(_dag_size(e) for e in entries.values()) > CSE_NODES:
         # too large to print expanded (the erf committee's would be 17 MB): the entries and the
         # orthant probabilities' arguments in terms of their common subexpressions a_k
-        args = [x for a in orth for x in a.args]
-        repl, reduced = sp.cse(list(entries.values()) + args,
-                               symbols=sp.numbered_symbols("_aux_"), order="none")
-        # long values split further: every line of the document has to fit TeX's dimensions
-        fresh = sp.numbered_symbols("_aux_split_")
-        lines, reduced = [], list(reduced)
-        for a, v in repl:
-            lines.append((a, _split_long(v, fresh, lines)))
-        reduced = [_split_long(e, fresh, lines, top=True) for e in reduced]
-        repl = lines
-        it = iter(reduced[len(entries):])
-        defs = {o: NormalOrthant(*[next(it) for _ in a.args]) for a, o in orth.items()}
+        repl, reduced, defs = auxiliary_form(list(entries.values()), orth)
         aux = {a: rf"a_{{{k}}}" for k, (a, _) in enumerate(repl, 1)}
-        orth_tex = orth_tex | aux
+        symbol_tex = orth_tex | aux
         parts.append(rf"The entries are written with {len(repl)} auxiliary quantities "
                      r"$a_k$ (their common subexpressions), each defined from the overlaps and "
                      r"the ones before it:")
         parts.append("\\begin{align*}\n" + " \\\\\n".join(
-            rf"{aux[a]} &= {tex(v, orth_tex)}" for a, v in repl) + "\n\\end{align*}\n")
+            rf"{aux[a]} &= {tex(v, symbol_tex)}" for a, v in repl) + "\n\\end{align*}\n")
         for (i, j), e in zip(entries, reduced):
             parts.append(broken_lines(rf"\mathrm{{Cov}}(G)_{{{names[i]} {names[j]}}}", e,
-                                      orth_tex, expand=False))
+                                      symbol_tex, expand=False))
     else:
+        symbol_tex = orth_tex
         for (i, j), e in entries.items():
             parts.append(broken_lines(rf"\mathrm{{Cov}}(G)_{{{names[i]} {names[j]}}}", e,
-                                      orth_tex))
+                                      symbol_tex))
     for o, a in defs.items():
-        parts.append("\\begin{align*}\n" + rf"{orth_tex[o]} &= {tex(a, orth_tex)}"
+        parts.append("\\begin{align*}\n" + rf"{orth_tex[o]} &= {tex(a, symbol_tex)}"
                      + "\n\\end{align*}\n")
     parts.append(r"\end{document}")
     return "\n".join(parts) + "\n"
 
 
-__all__ = ["document", "tex"]
+__all__ = ["document", "tex", "auxiliary_form"]

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d723455147d07862b0efdb43452b4413eebcba717c9ee4017e813d64ce517a74
-# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
+# spec-hash: ec7493e43e349f88258c8de8431fbe8b07284a238763fe87de8d392ea92e0c19
+# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd723455147d07862b0efdb43452b4413eebcba717c9ee4017e813d64ce517a74'
+SPEC_HASH = 'ec7493e43e349f88258c8de8431fbe8b07284a238763fe87de8d392ea92e0c19'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

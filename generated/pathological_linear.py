@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 581fb514d72ae7cbb6668c69a69307b2b63c015a8c1225dc2225ca6c3da71c70
-# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
+# spec-hash: 4f0651647f798ea91e608c75e5ba9512c83b4a3c42cf5904cb47e0d589966bea
+# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '581fb514d72ae7cbb6668c69a69307b2b63c015a8c1225dc2225ca6c3da71c70'
+SPEC_HASH = '4f0651647f798ea91e608c75e5ba9512c83b4a3c42cf5904cb47e0d589966bea'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

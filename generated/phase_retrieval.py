@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cd8869bd777875ea4612bb7c0656de4b359ec02df980bdbc13e5c703f03470d5
-# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
+# spec-hash: 1da9302ec3f4f44f78d923510c4021e87365a34d34dd32a2c3ced72c321614be
+# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'cd8869bd777875ea4612bb7c0656de4b359ec02df980bdbc13e5c703f03470d5'
+SPEC_HASH = '1da9302ec3f4f44f78d923510c4021e87365a34d34dd32a2c3ced72c321614be'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0ba6ecfcefef728bb7007c43629db8462a63dc8dddd2dcbecda03e6283d93c91
-# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
+# spec-hash: 61a0422037e2157368737eb1b4bcd0f50905573e2aa7545384257943a88b34bd
+# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0ba6ecfcefef728bb7007c43629db8462a63dc8dddd2dcbecda03e6283d93c91'
+SPEC_HASH = '61a0422037e2157368737eb1b4bcd0f50905573e2aa7545384257943a88b34bd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0a42f98097d46585e95c76a4f294adf67c5b6905363f6a9881c25a5454934a4e
-# tool: ssi-symbolic 0.1.0 generator 1 source 263dd60c82f5ab32
+# spec-hash: 653613a261ecc329108d6eaa2f8c25250ea966aab734ad2b64ba0c1d1a8c62a4
+# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0a42f98097d46585e95c76a4f294adf67c5b6905363f6a9881c25a5454934a4e'
+SPEC_HASH = '653613a261ecc329108d6eaa2f8c25250ea966aab734ad2b64ba0c1d1a8c62a4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

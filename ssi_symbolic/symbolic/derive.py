@@ -595,6 +595,15 @@ class _TokenPermutation:
         return head + [k for k in range(L) if k not in head]
 
 
+def _direction_orbits(spec: ModelSpec, gauss, ex, diffusion: bool):
+    """The exchangeable directions of a tied multi-index spec derived with Cov(G)
+    (directions.DirectionPermutations), or None when the group is trivial or unused."""
+    if not (spec.multi and not spec.untied and diffusion):
+        return None
+    dirs = DirectionPermutations(spec, gauss, ex, gauss.state)
+    return None if dirs.trivial else dirs
+
+
 def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     """Derive the population loss, the drift (O(eta) and O(eta^2) parts), Cov(G) and the
     spherical Ito correction. With G = sum_k c_k base_k: E G = c . E[base] and
@@ -656,13 +665,9 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         else:
             mean = [ex.expect_ring(b) for b in st.base]
             product = lambda a, b: raw_product(st.base[a], st.base[b])
-            if spec.multi and not spec.untied and diffusion:
-                # exchangeable directions: one product per orbit of pairs (directions.py)
-                dirs = DirectionPermutations(spec, gauss, ex, gauss.state)
-                if not dirs.trivial:
-                    product = dirs.orbit_function(product, 1)
-                else:
-                    dirs = None
+            dirs = _direction_orbits(spec, gauss, ex, diffusion)
+            if dirs is not None:  # one product per orbit of pairs
+                product = dirs.orbit_function(product, 1)
         coef = [[ex._const(c) for c in row] for row in st.coef]
         zero, back = ex.R.zero, ex.to_sympy
         method = "exact"
@@ -674,11 +679,9 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         mean = [E.expect(b) for b in st.base]
         coef = st.coef
         product = lambda a, b: E.expect(st.base[a] * st.base[b])
-        if spec.multi and not spec.untied and diffusion:
-            # exchangeable directions: one closed form per orbit of pairs (directions.py)
-            perms = DirectionPermutations(spec, gauss, ex, gauss.state)
-            if not perms.trivial:
-                product = perms.orbit_function(product, 1, sympy_values=True)
+        perms = _direction_orbits(spec, gauss, ex, diffusion)
+        if perms is not None:  # one closed form per orbit of pairs
+            product = perms.orbit_function(product, 1, sympy_values=True)
         zero, back = sp.Integer(0), sp.sympify
         method = None
     if method == "exact":  # the eta^1 and eta^2 parts taken in the polynomial ring

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cd14c5a7fa19e065b012974b7a9d87bca5781a4f9ec2705e1ddc083acc5a9b81
-# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
+# spec-hash: e91fb97c2e84d165a5846d1e8edacf81d20acf610d3a75b55e52e06c38ed0141
+# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'cd14c5a7fa19e065b012974b7a9d87bca5781a4f9ec2705e1ddc083acc5a9b81'
+SPEC_HASH = 'e91fb97c2e84d165a5846d1e8edacf81d20acf610d3a75b55e52e06c38ed0141'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5d8395d4e3d357ac4507d3e22221c14be24fc7e572cb948aaf19d1cfb16be1a0
-# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
+# spec-hash: 983afe65ff21abeddb1e0f60f425eb4773572d4dc35ffe7731bfa83a82443822
+# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5d8395d4e3d357ac4507d3e22221c14be24fc7e572cb948aaf19d1cfb16be1a0'
+SPEC_HASH = '983afe65ff21abeddb1e0f60f425eb4773572d4dc35ffe7731bfa83a82443822'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

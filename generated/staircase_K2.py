@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 090ead73539df6a9df9506d46d3bab414f9ecc89fb54425d1d1123874e0c6b73
-# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
+# spec-hash: 8f94199b7f761fe86c21969642718578ede57c8e7572ec8d0c6f710e07c3ad1b
+# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '090ead73539df6a9df9506d46d3bab414f9ecc89fb54425d1d1123874e0c6b73'
+SPEC_HASH = '8f94199b7f761fe86c21969642718578ede57c8e7572ec8d0c6f710e07c3ad1b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0f7873a891ad23c0bede17adf28e14971067aceb62760d0e33d34dc5eb286e4f
-# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
+# spec-hash: 49b199ce4f904c7259322a96419d4d8a8f54069e133155ecfe824f96440ad711
+# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0f7873a891ad23c0bede17adf28e14971067aceb62760d0e33d34dc5eb286e4f'
+SPEC_HASH = '49b199ce4f904c7259322a96419d4d8a8f54069e133155ecfe824f96440ad711'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

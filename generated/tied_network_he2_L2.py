@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 653613a261ecc329108d6eaa2f8c25250ea966aab734ad2b64ba0c1d1a8c62a4
-# tool: ssi-symbolic 0.1.0 generator 1 source 717937564ae3531e
+# spec-hash: bf865ba6e1fbf2e977fdc45a52d5714be10df835d8601ef164f9aa22fd3c8dfd
+# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '653613a261ecc329108d6eaa2f8c25250ea966aab734ad2b64ba0c1d1a8c62a4'
+SPEC_HASH = 'bf865ba6e1fbf2e977fdc45a52d5714be10df835d8601ef164f9aa22fd3c8dfd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -444,9 +444,12 @@ def test_closed_form_jacobian_matches_finite_differences(name, gen_dir):
                                        err_msg=f"{name} eta={eta} state {k}")
 
 
-def test_forward_jacobian_of_a_polynomial_drift_with_many_overlaps(gen_dir):
+def test_forward_jacobian_of_a_polynomial_drift_with_many_overlaps(gen_dir, monkeypatch):
     """The untied L = 8 student (16 overlaps m_l, q_l): a polynomial drift of that many
-    overlaps is differentiated through the CSE too; against Richardson differences."""
+    overlaps is differentiated through the CSE too; against Richardson differences (the
+    token-by-token derivation; through token sums, tests/test_token_sums.py)."""
+    from ssi_symbolic.symbolic import token_sums
+    monkeypatch.setattr(token_sums, "MIN_L", 10 ** 6)
     spec = make_spec("untied_L8", 8, "tsum(He(2, z)) / sqrt(2 * L)",
                      "He(2, tsum(z) / sqrt(L)) / sqrt(2)", weights="untied")
     mod = load_module(generate(spec, out_dir=gen_dir, diffusion=False)[0])

@@ -11,6 +11,7 @@ import pytest
 import sympy as sp
 
 import ssi_symbolic.symbolic.derive as derive_mod
+from ssi_symbolic.symbolic import token_sums
 from ssi_symbolic.model.spec import make_spec
 from ssi_symbolic.symbolic.exact_engine import ExactEngine
 from ssi_symbolic.symbolic.gaussian import TokenGaussian
@@ -136,7 +137,9 @@ def test_tied_network_with_and_without_orbits(L, monkeypatch):
                                                 ("untied", False)])
 def test_sparse_second_moments_equal_the_dense_form(weights, spherical, monkeypatch):
     """Cov(G_i, G_j) from the sparse rows (derive._second_moments: c_i^T M c_j - E G_i E G_j)
-    equals the dense c_i^T (M - E[base] E[base]^T) c_j."""
+    equals the dense c_i^T (M - E[base] E[base]^T) c_j (the token-by-token path: untied
+    students with token-sum links otherwise go through symbolic/token_sums.py)."""
+    monkeypatch.setattr(token_sums, "MIN_L", 10 ** 6)
     spec = make_spec("sm", 3, "z1*z2 + z2*z3 + z1*z3", "(z1 + z2 + z3)**2 / 3",
                      weights=weights, spherical=spherical,
                      positional=[[1], [0], [-1]] if weights == "tied" else None)

@@ -56,7 +56,7 @@ DIFFUSION_PIECES = ("covariance", "diffusion", "ito_correction", "finite_d_corre
 #: the files whose source determines the generated code of this backend
 _PIPELINE = ("model/spec.py", "model/links.py", "model/integrability.py", "symbolic/gaussian.py",
              "symbolic/exact_engine.py", "symbolic/directions.py", "symbolic/closed_forms.py",
-             "symbolic/expectation.py", "symbolic/derive.py",
+             "symbolic/expectation.py", "symbolic/derive.py", "symbolic/token_sums.py",
              "backends/exact.py", "backends/printing.py", "backends/ring_printing.py",
              "backends/runtime.py",
              "backends/files.py", "version.py")
@@ -129,8 +129,9 @@ class _Module:
         D = self.D
         ring = D.ring
         if printer == "auto":
-            printer = "ring" if ring is not None and _ring_terms(ring) >= RING_PRINT_TERMS \
-                else "sympy"
+            printer = "ring" if ring is not None and (
+                _ring_terms(ring) >= RING_PRINT_TERMS
+                or getattr(ring, "token_sums", None) is not None) else "sympy"
         if printer == "ring":
             if ring is None:
                 raise ValueError("the ring printer needs an exact derivation (D.ring)")
@@ -158,11 +159,38 @@ class _Module:
         g_eta = ex.gen[ETA]
         gens = [ex.gen.get(x) for x in D.state]
         full = [g_eta * a + g_eta ** 2 * b for a, b in zip(ring.drift_eta1, ring.drift_eta2)]
-        jac = [[pr.add(f.diff(g) if g is not None else zero) for g in gens] for f in full]
+        sums = getattr(ring, "token_sums", None)
+        if sums is None:
+            jac = [[pr.add(f.diff(g) if g is not None else zero) for g in gens] for f in full]
+        else:  # the chain rule through the summed cumulants (token_sums.jacobian_parts)
+            jac = []
+            for f in full:
+                direct, g, dk = sums.jacobian_parts(f, D.state)
+                gh = {b: pr.add(v) for b, v in g.items()}
+                jac.append([("sum", pr.add(direct[x]),
+                             [(gh[b], pr.add(dk[(b, x)])) for b in gh if (b, x) in dk])
+                            for x in range(n)])
         pr.finish()
         self.jacobian_method = "symbolic"
-        jacobian = ("ring", jac)
-        return loss, d1, d2, cov, ito, fdc, jacobian, pr.code, pr.lines
+        jacobian = ("ring" if sums is None else "ring-sums", jac)
+
+        def code(h):
+            if not isinstance(h, tuple):
+                return pr.code(h)
+            parts = [pr.code(h[1])] + [f"({pr.code(a)})*({pr.code(b)})" for a, b in h[2]]
+            parts = [p for p in parts if p != "0"]
+            return " + ".join(parts) if parts else "0"
+
+        def lines(handles):
+            flat = []
+            for h in handles:
+                if isinstance(h, tuple):
+                    flat.append(h[1])
+                    flat.extend(x for pair in h[2] for x in pair)
+                else:
+                    flat.append(h)
+            return pr.lines(flat)
+        return loss, d1, d2, cov, ito, fdc, jacobian, code, lines
 
     def _orthant_lines(self, placeholders) -> list:
         """The assignments of orthant-probability placeholders: one runtime._orthants call per
@@ -344,10 +372,12 @@ class _Module:
                 f"Jacobian d drift_i / d x_j over ({names}), derived symbolically by the chain "
                 f"rule through the common subexpressions of the drift ({method}).",
                 lines, "_bc_nested(" + tuple_source(jrows) + ")"))
-        elif kind in ("symbolic", "ring"):
+        elif kind in ("symbolic", "ring", "ring-sums"):
             jrows = [tuple_source([pycode(x) for x in row]) for row in jac]
-            how = ("derived symbolically" if kind == "symbolic" else
-                   "the exact polynomial derivatives of the drift")
+            how = {"symbolic": "derived symbolically",
+                   "ring": "the exact polynomial derivatives of the drift",
+                   "ring-sums": "the exact derivatives of the drift by the chain rule through "
+                                "the summed cumulants of its token sums"}[kind]
             fns.append(function_source(
                 "drift_jacobian", st + ["eta"] + pa,
                 f"Jacobian d drift_i / d x_j over ({names}), {how} ({method}).",

@@ -56,23 +56,42 @@ class RingPrinter:
                 self.var_name.append(str(v))
         random = {gens.index(ex.gen[v]) for v in ex.random if v in ex.gen}
         known = set(self.var_pos) | random
-        self.atom_lines = []  # (name, code) of constants computed from the parameters
-        self.num_pos, self.num_value = [], []
+        self.atom_lines = []  # (name, code, atoms read) of constants computed from the
+        self.num_pos, self.num_value = [], []  # parameters, then the engine's `aux`
+        aux = getattr(ex, "aux", None) or {}
+        aux_pos = {}
         for i, s in enumerate(R.symbols):
             if i in known:
+                continue
+            if s in aux:
+                aux_pos[s] = i
                 continue
             value = ex.back.get(s)
             if value is None:
                 raise ValueError(f"ring generator {s} is neither a variable nor a constant")
             if value.free_symbols:  # e.g. sqrt(sigma): a variable of the code
                 name = f"_k{len(self.atom_lines)}"
-                self.atom_lines.append((name, pycode(value)))
+                self.atom_lines.append((name, pycode(value), ()))
                 self.var_pos.append(i)
                 self.var_name.append(name)
             else:
                 self.num_pos.append(i)
                 self.num_value.append(mpmath.mpf(sp.N(value, 40)) if not value.is_Rational
                                       else Fraction(int(value.p), int(value.q)))
+        # auxiliary generators defined from the state and earlier ones (token sums: summed
+        # cumulants K and moments M, symbolic/token_sums.py), in the engine's order
+        line_of = {}
+        for s, defn in aux.items():
+            if s not in aux_pos:
+                continue
+            name = f"_k{len(self.atom_lines)}"
+            reads = sorted(line_of[t] for t in defn.free_symbols if t in line_of)
+            code = pycode(defn.xreplace({t: sp.Symbol(self.atom_lines[line_of[t]][0])
+                                         for t in defn.free_symbols if t in line_of}))
+            line_of[s] = len(self.atom_lines)
+            self.atom_lines.append((name, code, tuple(reads)))
+            self.var_pos.append(aux_pos[s])
+            self.var_name.append(name)
         self.n_atoms = len(self.atom_lines)
         self.n_vars = len(self.var_pos) - self.n_atoms  # atoms come last
         self._numbers = {}
@@ -200,8 +219,8 @@ class RingPrinter:
         self._code = [None] * len(self.nodes)   # (code, depth, is_sum, deps)
         self._lines = []                         # (name, code, deps)
         atom_deps = {self.n_vars + k: k for k in range(self.n_atoms)}  # var -> line index
-        for k, name_code in enumerate(self.atom_lines):
-            self._lines.append((name_code[0], name_code[1], frozenset()))
+        for name, code, reads in self.atom_lines:
+            self._lines.append((name, code, frozenset(reads)))
         for i, (kind, payload) in enumerate(self.nodes):
             if kind == "mono":
                 smon, c = payload

@@ -612,6 +612,11 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     When every statistic is polynomial the combination is done in the polynomial ring of the
     exact engine (fast); otherwise in SymPy, with the Gauss-Hermite nodes as opaque factors.
     A spec with [derivation] diffusion = false gets the loss and the drift only."""
+    if spec.untied:  # links polynomial in token sums: summed cumulants, any L
+        from .token_sums import derive_token_sums
+        D = derive_token_sums(spec, diffusion)
+        if D is not None:
+            return D
     t0 = time.perf_counter()
     diffusion = diffusion and spec.diffusion
     gauss = TokenGaussian.of(spec)
@@ -716,13 +721,7 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
             if dirs is not None:  # one entry per orbit of pairs of overlaps
                 cov_entry = dirs.orbit_function(cov_entry, 2)
             cov_ring = {(i, j): cov_entry(i, j) for i in range(n) for j in range(i, n)}
-
-            def cov_sympy(n=n, cov_ring=cov_ring, back=back):
-                out = sp.zeros(n, n)
-                for (i, j), p in cov_ring.items():
-                    out[i, j] = out[j, i] = back(p)
-                return out
-            cov = Deferred(cov_sympy)
+            cov = deferred_covariance(n, cov_ring, back)
         else:
             C = [[M[a][b] - mean[a] * mean[b] for b in range(nb)] for a in range(nb)]
             for i in range(n):
@@ -791,6 +790,17 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     order = ("exact", "closed form", "quadrature")
     D.method = max(D.methods.values(), key=order.index)
     return D
+
+
+def deferred_covariance(n, cov_ring, back):
+    """Cov(G) as a Deferred n x n SymPy matrix: the ring elements cov_ring[(i, j)] (i <= j)
+    converted by `back` when the covariance is first read."""
+    def cov_sympy():
+        out = sp.zeros(n, n)
+        for (i, j), p in cov_ring.items():
+            out[i, j] = out[j, i] = back(p)
+        return out
+    return Deferred(cov_sympy)
 
 
 def _exchangeable_norm_term(spec, st, gauss, ex):

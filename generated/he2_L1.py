@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5772059c37850ddab90d89cdbaaafe991a71d83e0951e2eda3f28c0481c20dca
-# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
+# spec-hash: 84bde3af5115763a97455dc52e459b4320567523224a43af58bb5fe2a3cf682b
+# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5772059c37850ddab90d89cdbaaafe991a71d83e0951e2eda3f28c0481c20dca'
+SPEC_HASH = '84bde3af5115763a97455dc52e459b4320567523224a43af58bb5fe2a3cf682b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

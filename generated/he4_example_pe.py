@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 82cbb040d15751fa154a5fa3db3953741ce59d31f7f82243d35ec02f299036a4
-# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
+# spec-hash: bffb8403f104da66a882ea54acf2dd7e4697242cddb24715db94d89eb03eedeb
+# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '82cbb040d15751fa154a5fa3db3953741ce59d31f7f82243d35ec02f299036a4'
+SPEC_HASH = 'bffb8403f104da66a882ea54acf2dd7e4697242cddb24715db94d89eb03eedeb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

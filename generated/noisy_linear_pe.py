@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f99f2090af5f9733abbff19b0baa30ac9cccb3a4a6e4358ad1f73b556ad674b2
-# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
+# spec-hash: e57380d6f7a5607c934b8ed5fb35fc2443c766eb15fd26d6b3b6c2e355500585
+# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f99f2090af5f9733abbff19b0baa30ac9cccb3a4a6e4358ad1f73b556ad674b2'
+SPEC_HASH = 'e57380d6f7a5607c934b8ed5fb35fc2443c766eb15fd26d6b3b6c2e355500585'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 59fc69bf656a36d7f8f48a08fed4700d5d32da47d8dab3fba9cad8959fab85f4
-# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
+# spec-hash: efc54549b0da9b64118add85b944bd7acbef85c028c8460167febca7ff78abfc
+# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '59fc69bf656a36d7f8f48a08fed4700d5d32da47d8dab3fba9cad8959fab85f4'
+SPEC_HASH = 'efc54549b0da9b64118add85b944bd7acbef85c028c8460167febca7ff78abfc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: b6ba5a47fa0c8cbc1c5aa18a7c21d2bd13c8c391f8da66b89844701d36415bfa
-# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4 attention 1 f9f1643c73eb773f
+# spec-hash: 8fb726759c31cd402b439210359beeea44f5f556e0877304aa08f4df8cfbc519
+# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'b6ba5a47fa0c8cbc1c5aa18a7c21d2bd13c8c391f8da66b89844701d36415bfa'
+SPEC_HASH = '8fb726759c31cd402b439210359beeea44f5f556e0877304aa08f4df8cfbc519'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 49b199ce4f904c7259322a96419d4d8a8f54069e133155ecfe824f96440ad711
-# tool: ssi-symbolic 0.1.0 generator 1 source 1793deae8e09f7b4
+# spec-hash: 27f80d2717090148083aef8ac4f868f36a88c0ce3f93d25acfa9d048884730ce
+# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '49b199ce4f904c7259322a96419d4d8a8f54069e133155ecfe824f96440ad711'
+SPEC_HASH = '27f80d2717090148083aef8ac4f868f36a88c0ce3f93d25acfa9d048884730ce'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -200,6 +200,18 @@ class _Token:
         return hit
 
 
+def _lift(p, R, im, iq):
+    """A polynomial of the generic token's ring QQ[m, q] as an element of ring R, with m and q
+    at the generator positions im, iq (one token's overlaps m_l, q_l)."""
+    n = len(R.gens)
+    terms = {}
+    for (a, b), c in p.items():
+        mon = [0] * n
+        mon[im], mon[iq] = a, b
+        terms[tuple(mon)] = c
+    return R.from_dict(terms) if terms else R.zero
+
+
 def _binom(n, k):
     return math.prod(math.comb(a, b) for a, b in zip(n, k))
 
@@ -299,16 +311,7 @@ class SumForm:
         key = (g, beta, l)
         hit = self._Qa.get(key)
         if hit is None:
-            small = self.token.Q(g, beta)
-            R = self.A.R
-            im, iq = self.mqpos[l]
-            n = len(R.gens)
-            terms = {}
-            for (a, b), c in small.items():
-                mon = [0] * n
-                mon[im], mon[iq] = a, b
-                terms[tuple(mon)] = c
-            hit = self._Qa[key] = R.from_dict(terms) if terms else R.zero
+            hit = self._Qa[key] = _lift(self.token.Q(g, beta), self.A.R, *self.mqpos[l])
         return hit
 
     def expect(self, expr):
@@ -358,9 +361,10 @@ class SumForm:
 
 def sum_form(spec: ModelSpec, gauss: TokenGaussian):
     """The SumForm of an untied spec whose links are polynomials in token sums, or None
-    (several directions or outputs, label noise, mini-batches, parameters in the links,
-    L < MIN_L, links that are not token-symmetric polynomials)."""
-    if not spec.untied or spec.multi or spec.noise or spec.batch != 1 or spec.L < MIN_L:
+    (several directions or outputs, label noise, mini-batches, a loss other than the square,
+    parameters in the links, L < MIN_L, links that are not token-symmetric polynomials)."""
+    if (not spec.untied or spec.multi or spec.noise or spec.batch != 1 or spec.L < MIN_L
+            or spec.loss != "square"):
         return None
     T = link_entries(spec.teacher)
     S = link_entries(spec.student)
@@ -684,23 +688,13 @@ class _MomentRing:
                 key = (b, l, var)
                 hit = self._dk.get(key)
                 if hit is None:
-                    hit = self._dk[key] = self._small_to_B(self.kappas[b].diff(var), l)
+                    gens = list(R.gens)
+                    hit = self._dk[key] = _lift(self.kappas[b].diff(var), R,
+                                                gens.index(ex.gen[mk[l]]),
+                                                gens.index(ex.gen[qk[l]]))
                 if hit:
                     dk[(b, x)] = hit
         return direct, g, dk
-
-    def _small_to_B(self, p, l):
-        ex = self.ex
-        R = ex.R
-        gens = list(R.gens)
-        im, iq = gens.index(ex.gen[self.form.g.ms[l]]), gens.index(ex.gen[self.form.g.qs[l]])
-        n = len(gens)
-        terms = {}
-        for (a, b), c in p.items():
-            mon = [0] * n
-            mon[im], mon[iq] = a, b
-            terms[tuple(mon)] = c
-        return R.from_dict(terms)
 
 
 __all__ = ["derive_token_sums", "sum_form", "SumForm", "MIN_L"]

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d688b8a3d214c0aaa61e5491d81947e9cfd3b1d35201cc00a4f6d054c6f37d98
-# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
+# spec-hash: 9847c36a6c972f81ebad61c79a6a88a28c14385a814b5189116bee53cb842d6e
+# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd688b8a3d214c0aaa61e5491d81947e9cfd3b1d35201cc00a4f6d054c6f37d98'
+SPEC_HASH = '9847c36a6c972f81ebad61c79a6a88a28c14385a814b5189116bee53cb842d6e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

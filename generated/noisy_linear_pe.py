@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e57380d6f7a5607c934b8ed5fb35fc2443c766eb15fd26d6b3b6c2e355500585
-# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
+# spec-hash: defb5ccb09e16f2f49cc6a17b4d23e5db01809330f665cd2f89699adc96c49b5
+# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e57380d6f7a5607c934b8ed5fb35fc2443c766eb15fd26d6b3b6c2e355500585'
+SPEC_HASH = 'defb5ccb09e16f2f49cc6a17b4d23e5db01809330f665cd2f89699adc96c49b5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: abcc5665fbb44ce75ee09bd244eac1b1e671eca49bceee17af1611eb773fd5cc
-# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e attention 1 f9f1643c73eb773f
+# spec-hash: 8cc7e6642ad9d954c0df8fb4c696200d20dddbb74662e20e447bf593aa40b02a
+# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -44,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'abcc5665fbb44ce75ee09bd244eac1b1e671eca49bceee17af1611eb773fd5cc'
+SPEC_HASH = '8cc7e6642ad9d954c0df8fb4c696200d20dddbb74662e20e447bf593aa40b02a'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: efc54549b0da9b64118add85b944bd7acbef85c028c8460167febca7ff78abfc
-# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
+# spec-hash: ab6d555265c75d0f1d9dea0263c7886f440f8b09ead0f8684054304fc63b3af7
+# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'efc54549b0da9b64118add85b944bd7acbef85c028c8460167febca7ff78abfc'
+SPEC_HASH = 'ab6d555265c75d0f1d9dea0263c7886f440f8b09ead0f8684054304fc63b3af7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

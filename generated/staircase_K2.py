@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f8a867a4953e5cc4d746b880e78664f4e072bf2491f6d492d6211b727ed2955d
-# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
+# spec-hash: 4279f6d559b453c76eba9de00f9977f662bdb440d7a3ced161977a6b26c41c19
+# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f8a867a4953e5cc4d746b880e78664f4e072bf2491f6d492d6211b727ed2955d'
+SPEC_HASH = '4279f6d559b453c76eba9de00f9977f662bdb440d7a3ced161977a6b26c41c19'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

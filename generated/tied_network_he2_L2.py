@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8e174881e3ea5e86221c8dbd512e81b7c39b55eb18129b81e86926260c9a6808
-# tool: ssi-symbolic 0.1.0 generator 1 source 7da6bed7c327d38e
+# spec-hash: e3bf6e0e9388dbbd95672d53c9ddc190e40b4da96dd8dbb472daade3d663a2c5
+# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8e174881e3ea5e86221c8dbd512e81b7c39b55eb18129b81e86926260c9a6808'
+SPEC_HASH = 'e3bf6e0e9388dbbd95672d53c9ddc190e40b4da96dd8dbb472daade3d663a2c5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

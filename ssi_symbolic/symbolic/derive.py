@@ -27,6 +27,7 @@ import sympy as sp
 from .directions import DirectionPermutations
 from .expectation import Expectation
 from .gaussian import NotPolynomial, TokenGaussian, permutation_generators
+from .token_sums import sum_expectations
 from ..model.spec import ModelSpec, link_entries, token_symbols
 
 ETA = sp.Symbol("eta", positive=True)
@@ -613,7 +614,6 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     exact engine (fast); otherwise in SymPy, with the Gauss-Hermite nodes as opaque factors.
     A spec with [derivation] diffusion = false gets the loss and the drift only."""
     if spec.untied:  # links polynomial in token sums: summed cumulants, any L
-        from .token_sums import derive_token_sums
         D = derive_token_sums(spec, diffusion)
         if D is not None:
             return D
@@ -801,6 +801,96 @@ def deferred_covariance(n, cov_ring, back):
             out[i, j] = out[j, i] = back(p)
         return out
     return Deferred(cov_sympy)
+
+
+def derive_token_sums(spec: ModelSpec, diffusion: bool = True):
+    """The Derivation of an untied student whose links are polynomials in token sums, from the
+    expectations of token 1 and of the pair (1, 2) in summed cumulants
+    (token_sums.sum_expectations, outputs in the all-token moments M), the other tokens by
+    renaming the overlaps; None when the spec is not of that kind."""
+    t0 = time.perf_counter()
+    diffusion = diffusion and spec.diffusion
+    got = sum_expectations(spec, diffusion, ETA)
+    if got is None:
+        return None
+    form, B, out = got
+    L, gauss, kinds = spec.L, form.g, ("m", "q")
+    ex = B.ex
+    perm = _TokenPermutation(ex, gauss)
+    send = _TokenPermutation.sending
+    state = gauss.state
+    n = len(state)
+    where = [("m", l) for l in range(L)] + [("q", l) for l in range(L)]
+    drift = [perm.apply(out[kind], send(L, l)) for kind, l in where]
+    d1 = tuple(_ring_eta_part(ex, x, 1) for x in drift)
+    d2 = tuple(_ring_eta_part(ex, x, 2) for x in drift)
+    back = ex.to_sympy
+    R = out["loss"]
+    zero = ex.R.zero
+    cov_ring, ito_raw, corr_ring = {}, (), ()
+    cov = sp.zeros(n, n)
+    ito = corr = tuple(sp.Integer(0) for _ in range(n))
+    note = "not derived (diffusion=False)"
+    if diffusion:
+        sph = spec.spherical
+        mean0 = {"m": out["m"], "q": out["q"]}
+        same = {}
+        for a in kinds:
+            for b in kinds:
+                key = (a, b, 0) if (a, b) != ("q", "m") else ("m", "q", 0)
+                same[(a, b)] = ex._reduce(out[key] - mean0[a] * mean0[b])
+        ones = send(L, 1, 0)
+        pair = {}
+        for a in kinds:
+            for b in kinds:
+                pair[(a, b)] = ex._reduce(out[(a, b, 1)] - mean0[a] * perm.apply(mean0[b], ones))
+        for i in range(n):
+            ki, li = where[i]
+            for j in range(i, n):
+                kj, lj = where[j]
+                if li == lj:
+                    cov_ring[(i, j)] = perm.apply(same[(ki, kj)], send(L, li))
+                else:
+                    cov_ring[(i, j)] = perm.apply(pair[(ki, kj)], send(L, li, lj))
+        cov = deferred_covariance(n, cov_ring, back)
+        c = ex._const
+        if sph:
+            ito0 = {}
+            for a in kinds:
+                p = B.ex._const(form.power[a])
+                X = ex.gen[(form.m if a == "m" else form.q)[0]]
+                ito0[a] = ex._reduce(-p * out[("gqx", a)]
+                                     + p * (p + 1) * c(sp.Rational(1, 2)) * X * out["gq2"])
+        else:
+            ito0 = {a: zero for a in kinds}
+        # token-norm terms: m_l: -sph eta^2 m_l / (2L) E[sum K]; q_l: eta^2 E[K_l] -
+        # sph eta^2 q_l / L E[sum K] (derive.statistics, norm_coef)
+        s = 1 if sph else 0
+        EK0 = {"m": ex._reduce(c(-s * ETA ** 2 * form.m[0] / (2 * L)) * out["Ksum"]),
+               "q": ex._reduce(c(ETA ** 2) * out["K0"]
+                               - c(s * ETA ** 2 * form.q[0] / L) * out["Ksum"])}
+        ito_raw = tuple(perm.apply(ito0[k], send(L, l)) for k, l in where)
+        corr_ring = tuple(perm.apply(ex._reduce(ito0[k] + EK0[k]), send(L, l))
+                          for k, l in where)
+        ito = Deferred(lambda x=ito_raw: tuple(back(p) for p in x))
+        corr = Deferred(lambda x=corr_ring: tuple(back(p) for p in x))
+        note = "complete"
+    params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
+    D = Derivation(spec=spec, state=state, parameters=params, population_loss=back(R),
+                   drift_eta1=tuple(back(x) for x in d1), drift_eta2=tuple(back(x) for x in d2),
+                   covariance=cov, ito_correction=ito, finite_d_correction=corr,
+                   finite_d_note=note, method="exact", seconds=0.0)
+    D.ring = RingForms(engine=ex, population_loss=R, drift_eta1=d1, drift_eta2=d2,
+                       covariance=cov_ring, ito_correction=ito_raw,
+                       finite_d_correction=corr_ring)
+    D.ring.token_sums = B
+    D.methods = {k: "exact" for k in ("population_loss", "drift_eta1", "drift_eta2")}
+    if diffusion:
+        D.methods.update({k: "exact" for k in ("covariance", "ito_correction",
+                                               "finite_d_correction")})
+    D.method = "exact"
+    D.seconds = time.perf_counter() - t0
+    return D
 
 
 def _exchangeable_norm_term(spec, st, gauss, ex):

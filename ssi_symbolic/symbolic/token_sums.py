@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections import Counter
 
 import sympy as sp
@@ -264,8 +263,7 @@ class SumForm:
 
     # --- statistics (MATH.md 4 and 6) ------------------------------------------------------
     def statistics(self, diffusion):
-        from .derive import ETA
-        L, eta = self.L, ETA
+        L, eta = self.L, self.eta
         res = self.T - self.S
         self.loss = res ** 2 / 2
         dl = [-res * self.d(self.S, self.z[l], l) for l in range(min(L, 2))]
@@ -293,8 +291,7 @@ class SumForm:
     # --- expectations -------------------------------------------------------------------
     def engine(self, exprs):
         """The exact engine of the statistics (ring A: token sums as generators)."""
-        from .derive import ETA
-        ex = ExactEngine(self.g, exprs, extra_symbols=(ETA,) + tuple(self.Ysym.values()))
+        ex = ExactEngine(self.g, exprs, extra_symbols=(self.eta,) + tuple(self.Ysym.values()))
         ex.random |= set(self.Ysym.values())
         gens = list(ex.R.gens)
         self.A = ex
@@ -391,129 +388,50 @@ def sum_form(spec: ModelSpec, gauss: TokenGaussian):
     return form
 
 
-def derive_token_sums(spec: ModelSpec, diffusion: bool = True):
-    """The Derivation of an untied student with links polynomial in token sums (see the module
-    docstring), or None when the spec is not of that kind (the token-by-token path then)."""
-    t0 = time.perf_counter()
-    diffusion = diffusion and spec.diffusion
+def sum_expectations(spec: ModelSpec, diffusion: bool, eta):
+    """(form, B, out) for an untied student with links polynomial in token sums, or None when
+    the spec is not of that kind or its form would be too large (the token-by-token path then).
+    out holds ring B elements (derive.derive_token_sums assembles the Derivation): "loss",
+    "m", "q" (E[G] of token 1), (a, b, 0) = E[G_a(1) G_b(1)], (a, b, 1) = E[G_a(1) G_b(2)],
+    "gq2" = E[dQ^2], ("gqx", a) = E[(d dX_a) dQ] (spherical), "K0" = E[K_1], "Ksum" =
+    E[sum_l K_l]; eta is the learning-rate symbol."""
     gauss = TokenGaussian.of(spec)
     form = sum_form(spec, gauss)
     if form is None:
         return None
-    form.statistics(diffusion)
-    G = form.G
-    stats = [form.loss] + list(G.values())
-    if diffusion:
-        stats += [form.K0, form.Ksum]
-    if form.gq is not None:
-        stats.append(form.gq)
-    form.stats = stats
+    form.eta = eta
     try:
+        form.statistics(diffusion)
+        G = form.G
+        stats = [form.loss] + list(G.values())
+        if diffusion:
+            stats += [form.K0, form.Ksum]
+        if form.gq is not None:
+            stats.append(form.gq)
+        form.stats = stats
         form.engine(stats)
-        return _derive(spec, form, diffusion, t0)
+        E = form.expect
+        raw = {"loss": E(form.loss), "m": E(G[("m", 0)]), "q": E(G[("q", 0)])}
+        kinds = ("m", "q")
+        if diffusion:
+            for a in kinds:
+                for b in kinds:
+                    if (a, b) != ("q", "m"):
+                        raw[(a, b, 0)] = E(G[(a, 0)] * G[(b, 0)])
+                    raw[(a, b, 1)] = E(G[(a, 0)] * G[(b, 1)])
+            if form.gq is not None:
+                raw["gq2"] = E(form.gq ** 2)
+                for a in kinds:
+                    raw[("gqx", a)] = E(form.plain[(a, 0)] * form.gq)
+            raw["K0"] = E(form.K0)
+            raw["Ksum"] = E(form.Ksum)
+        B = _MomentRing(form, list(raw.values()))
+        out = {k: B.moments(v) for k, v in raw.items()}
+        if diffusion:  # the products E[G_i] E[G_j] of the covariance (len(gens) exponents)
+            form.token._spend((len(out["m"]) + len(out["q"])) ** 2 * len(B.ex.R.gens) // 100)
     except (NotPolynomial, TooLarge):
         return None
-
-
-def _derive(spec, form, diffusion, t0):
-    from .derive import (ETA, Derivation, RingForms, Deferred, _ring_eta_part,
-                         _TokenPermutation, deferred_covariance)
-    L, G, gauss = spec.L, form.G, form.g
-    E = form.expect
-    raw = {"loss": E(form.loss), "m": E(G[("m", 0)]), "q": E(G[("q", 0)])}
-    kinds = ("m", "q")
-    if diffusion:
-        for a in kinds:
-            for b in kinds:
-                if (a, b) != ("q", "m"):
-                    raw[(a, b, 0)] = E(G[(a, 0)] * G[(b, 0)])
-                raw[(a, b, 1)] = E(G[(a, 0)] * G[(b, 1)]) if L > 1 else None
-        if form.gq is not None:
-            raw["gq2"] = E(form.gq ** 2)
-            for a in kinds:
-                raw[("gqx", a)] = E(form.plain[(a, 0)] * form.gq)
-        raw["K0"] = E(form.K0)
-        raw["Ksum"] = E(form.Ksum)
-    B = _MomentRing(form, [v for v in raw.values() if v is not None])
-    out = {k: (B.moments(v) if v is not None else None) for k, v in raw.items()}
-    ex = B.ex
-    perm = _TokenPermutation(ex, gauss)
-    send = _TokenPermutation.sending
-    state = gauss.state
-    n = len(state)
-    where = [("m", l) for l in range(L)] + [("q", l) for l in range(L)]
-    drift = [perm.apply(out[kind], send(L, l)) for kind, l in where]
-    d1 = tuple(_ring_eta_part(ex, x, 1) for x in drift)
-    d2 = tuple(_ring_eta_part(ex, x, 2) for x in drift)
-    back = ex.to_sympy
-    R = out["loss"]
-    zero = ex.R.zero
-    cov_ring, ito_raw, corr_ring = {}, (), ()
-    cov = sp.zeros(n, n)
-    ito = corr = tuple(sp.Integer(0) for _ in range(n))
-    note = "not derived (diffusion=False)"
-    if diffusion:
-        sph = spec.spherical
-        mean0 = {"m": out["m"], "q": out["q"]}
-        # the products E[G_i] E[G_j] below (monomials of len(gens) exponents)
-        form.token._spend((len(out["m"]) + len(out["q"])) ** 2 * len(ex.R.gens) // 100)
-        same = {}
-        for a in kinds:
-            for b in kinds:
-                key = (a, b, 0) if (a, b) != ("q", "m") else ("m", "q", 0)
-                same[(a, b)] = ex._reduce(out[key] - mean0[a] * mean0[b])
-        ones = send(L, 1, 0)
-        pair = {}
-        for a in kinds:
-            for b in kinds:
-                pair[(a, b)] = ex._reduce(out[(a, b, 1)] - mean0[a] * perm.apply(mean0[b], ones))
-        for i in range(n):
-            ki, li = where[i]
-            for j in range(i, n):
-                kj, lj = where[j]
-                if li == lj:
-                    cov_ring[(i, j)] = perm.apply(same[(ki, kj)], send(L, li))
-                else:
-                    cov_ring[(i, j)] = perm.apply(pair[(ki, kj)], send(L, li, lj))
-        cov = deferred_covariance(n, cov_ring, back)
-        c = ex._const
-        if sph:
-            ito0 = {}
-            for a in kinds:
-                p = B.ex._const(form.power[a])
-                X = ex.gen[(form.m if a == "m" else form.q)[0]]
-                ito0[a] = ex._reduce(-p * out[("gqx", a)]
-                                     + p * (p + 1) * c(sp.Rational(1, 2)) * X * out["gq2"])
-        else:
-            ito0 = {a: zero for a in kinds}
-        # token-norm terms: m_l: -sph eta^2 m_l / (2L) E[sum K]; q_l: eta^2 E[K_l] -
-        # sph eta^2 q_l / L E[sum K] (derive.statistics, norm_coef)
-        s = 1 if sph else 0
-        EK0 = {"m": ex._reduce(c(-s * ETA ** 2 * form.m[0] / (2 * L)) * out["Ksum"]),
-               "q": ex._reduce(c(ETA ** 2) * out["K0"]
-                               - c(s * ETA ** 2 * form.q[0] / L) * out["Ksum"])}
-        ito_raw = tuple(perm.apply(ito0[k], send(L, l)) for k, l in where)
-        corr_ring = tuple(perm.apply(ex._reduce(ito0[k] + EK0[k]), send(L, l))
-                          for k, l in where)
-        ito = Deferred(lambda x=ito_raw: tuple(back(p) for p in x))
-        corr = Deferred(lambda x=corr_ring: tuple(back(p) for p in x))
-        note = "complete"
-    params = tuple(sp.Symbol(p, real=True) for p in spec.parameters)
-    D = Derivation(spec=spec, state=state, parameters=params, population_loss=back(R),
-                   drift_eta1=tuple(back(x) for x in d1), drift_eta2=tuple(back(x) for x in d2),
-                   covariance=cov, ito_correction=ito, finite_d_correction=corr,
-                   finite_d_note=note, method="exact", seconds=0.0)
-    D.ring = RingForms(engine=ex, population_loss=R, drift_eta1=d1, drift_eta2=d2,
-                       covariance=cov_ring, ito_correction=ito_raw,
-                       finite_d_correction=corr_ring)
-    D.ring.token_sums = B
-    D.methods = {k: "exact" for k in ("population_loss", "drift_eta1", "drift_eta2")}
-    if diffusion:
-        D.methods.update({k: "exact" for k in ("covariance", "ito_correction",
-                                               "finite_d_correction")})
-    D.method = "exact"
-    D.seconds = time.perf_counter() - t0
-    return D
+    return form, B, out
 
 
 class _MomentRing:
@@ -549,11 +467,10 @@ class _MomentRing:
                 self.kappas[b] = k
         self.Msym = {a: sp.Symbol("_M_" + "_".join(map(str, a))) for a in self.alphas}
         self.Ksym = {b: sp.Symbol("_K_" + "_".join(map(str, b))) for b in self.kappas}
-        from .derive import ETA
         # the statistics' constants become the same generators as in ring A (the token sums
         # are generators of B too, never used: random variables to the printer)
         ex = ExactEngine(form.g, form.stats,
-                         extra_symbols=(ETA,) + tuple(self.Msym.values())
+                         extra_symbols=(form.eta,) + tuple(self.Msym.values())
                          + tuple(self.Ksym.values()) + tuple(form.Ysym.values()))
         ex.random |= set(form.Ysym.values())
         self.ex = ex
@@ -697,4 +614,4 @@ class _MomentRing:
         return direct, g, dk
 
 
-__all__ = ["derive_token_sums", "sum_form", "SumForm", "MIN_L"]
+__all__ = ["sum_expectations", "sum_form", "SumForm", "TooLarge", "MIN_L", "BUDGET"]

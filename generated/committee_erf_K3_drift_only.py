@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5e7e43d6b9500a0afae1ec59e40922083ad59bbcbb38ada368b76cb292a2e252
-# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
+# spec-hash: eafb3d12be75a292aee1ff202d8daa1466a6b098ed3b4373be6188d9fc3bd3fb
+# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5e7e43d6b9500a0afae1ec59e40922083ad59bbcbb38ada368b76cb292a2e252'
+SPEC_HASH = 'eafb3d12be75a292aee1ff202d8daa1466a6b098ed3b4373be6188d9fc3bd3fb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

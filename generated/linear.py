@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9847c36a6c972f81ebad61c79a6a88a28c14385a814b5189116bee53cb842d6e
-# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
+# spec-hash: 039166d34e9cbddd875e3c555caf2cc73210c91797fd461fd092aa3b2f95f1c3
+# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9847c36a6c972f81ebad61c79a6a88a28c14385a814b5189116bee53cb842d6e'
+SPEC_HASH = '039166d34e9cbddd875e3c555caf2cc73210c91797fd461fd092aa3b2f95f1c3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -253,8 +253,8 @@ def finite_d_correction(m, eta):
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x1 = (eta*eta)
-    _x7 = 2*_x1
-    return _bc_nested(((-_x1 + m*(_x7 - 2*eta),),))
+    _x14 = 2*m
+    return _bc_nested(((_x1*(-1 + _x14) - _x14*eta,),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

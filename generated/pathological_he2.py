@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 38ceea6f9834ef60cbed3383ca3b08d79280e5d7144b3a9efbabaa2347385174
-# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
+# spec-hash: e23f7c927c5a5cdd8a95799e982147270e499969d8d176d1e746421a8d53db28
+# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '38ceea6f9834ef60cbed3383ca3b08d79280e5d7144b3a9efbabaa2347385174'
+SPEC_HASH = 'e23f7c927c5a5cdd8a95799e982147270e499969d8d176d1e746421a8d53db28'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

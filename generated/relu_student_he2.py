@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 02e5888b6f5ed4668042ea17da1617871decd3dbbbb073f6841ea2eb2fa0edb1
-# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
+# spec-hash: 7c82fc3075713f5ea85f760cdc50a55966cb66310453c34563256eb85e41ff59
+# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '02e5888b6f5ed4668042ea17da1617871decd3dbbbb073f6841ea2eb2fa0edb1'
+SPEC_HASH = '7c82fc3075713f5ea85f760cdc50a55966cb66310453c34563256eb85e41ff59'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'
@@ -192,103 +192,98 @@ def _chunked(f):
 
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x3 = _x1*_x2
-    _x4 = (1/2)*_x3
-    return _bc(3/4 - _x4)[0]
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    _x3 = (1/2)*_x2
+    return _bc(3/4 - _x3)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x3 = _x1*_x2
-    return _bc(m*(_x1 - _x3))
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    return _bc(m*(_x0 - _x2))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x3 = _x1*_x2
-    _x4 = (1/2)*_x3
-    return _bc(m*(-1/2 + _x4))
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    _x3 = (1/2)*_x2
+    return _bc(m*(-1/2 + _x3))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x3 = _x1*_x2
-    _x4 = (1/2)*_x3
-    return _bc(eta * (m*(_x1 - _x3)) + eta**2 * (m*(-1/2 + _x4)))
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x2 = _x0*_x1
+    _x3 = (1/2)*_x2
+    return _bc(eta * (m*(_x0 - _x2)) + eta**2 * (m*(-1/2 + _x3)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x5 = -3*_x0
-    _x6 = (eta*eta)
-    _x7 = _x1*_x6
-    _x8 = (eta*eta*eta)
-    _x9 = _x1*_x8
-    _x10 = (eta*eta*eta*eta)
-    _x11 = _x1*_x10
-    _x12 = (1/4)*_x11
-    _x13 = scipy.constants.pi**(3/2)
-    _x14 = _x13**(-1.0)
-    _x15 = _x14*_x6
-    _x16 = 2*_x0
-    _x17 = _x14*_x8
-    _c0_0 = _x2*(_x12*(-8 + 11*_x0) + _x15*(-_x0 - 5*_x13 + 3*scipy.constants.pi) + _x2*(_x11*(-10 - _x5) + _x15*(_x16 - scipy.constants.pi + 2*_x13) + _x17*(-_x0 - 6*_x13 + 32*scipy.constants.pi) + _x2*(_x2*(-3/4*_x11 + (9/2)*_x1*_x8) + (1/2)*_x17*(_x16 - 33*scipy.constants.pi) - _x6/scipy.constants.pi + (1/4)*_x10*_x14*(-_x0 + 12*scipy.constants.pi))) + _x9*(-20 + 6*_x0)) + _x7*(-2 - _x5)
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x4 = (eta*eta)
+    _x5 = 3*_x4
+    _x6 = 2*_x4
+    _x7 = (eta*eta*eta)
+    _x8 = 6*_x7
+    _x9 = (eta*eta*eta*eta)
+    _x10 = scipy.constants.pi**(-1.0)
+    _x11 = _x10*_x4
+    _x12 = _x0*_x7
+    _x13 = _x0*_x9
+    _x14 = 3*_x9
+    _x15 = -_x10*_x7
+    _x16 = _x0*_x4
+    _x17 = -_x0*_x14
+    _c0_0 = _x5 + _x1*(_x8 - _x11 - 20*_x12 - 5*_x4 - 2*_x13 + (11/4)*_x9 + _x0*_x5 + _x1*(_x14 + _x15 + _x6 - _x16 - _x8 - 10*_x13 + 32*_x12 + _x1*(-_x11 - _x15 - _x17 - 33/2*_x12 + _x1*(-3/4*_x13 + (9/2)*_x0*_x7) - 1/4*_x10*_x9) + _x10*_x6)) - _x0*_x6
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
     """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x5 = -3*_x0
-    _x6 = (eta*eta)
-    _x7 = _x1*_x6
-    _x8 = (eta*eta*eta)
-    _x9 = _x1*_x8
-    _x10 = (eta*eta*eta*eta)
-    _x11 = _x1*_x10
-    _x12 = (1/4)*_x11
-    _x18 = -9*_x0
-    _x19 = m*(-17/2*_x9 + _x2*(_x12*(-63 + 18*_x0) + _x2*(-45/4*_x9 + (9/2)*_x11 + _x2*(-9/8*_x11 + 3*_x1*_x8)) + _x7*(-7 - _x5) + _x9*(33 + _x18)) + _x7*(4 - _x0) + (1/2)*_x11*(-6 - _x18))
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x4 = (eta*eta)
+    _x5 = 3*_x4
+    _x7 = (eta*eta*eta)
+    _x9 = (eta*eta*eta*eta)
+    _x12 = _x0*_x7
+    _x13 = _x0*_x9
+    _x14 = 3*_x9
+    _x16 = _x0*_x4
+    _x17 = -_x0*_x14
+    _x18 = (9/2)*_x9
+    _x19 = m*(_x17 + _x18 - _x4 + 4*_x16 - 17/2*_x12 + _x1*(_x18 + _x5 - 9*_x7 - 7*_x16 + 33*_x12 - 63/4*_x13 + _x1*(-45/4*_x12 + _x0*_x18 + _x1*(-9/8*_x13 + 3*_x0*_x7))))
     return _bc(_x19)
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here; exact)."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x5 = -3*_x0
-    _x6 = (eta*eta)
-    _x7 = _x1*_x6
-    _x8 = (eta*eta*eta)
-    _x9 = _x1*_x8
-    _x10 = (eta*eta*eta*eta)
-    _x11 = _x1*_x10
-    _x12 = (1/4)*_x11
-    _x18 = -9*_x0
-    _x19 = m*(-17/2*_x9 + _x2*(_x12*(-63 + 18*_x0) + _x2*(-45/4*_x9 + (9/2)*_x11 + _x2*(-9/8*_x11 + 3*_x1*_x8)) + _x7*(-7 - _x5) + _x9*(33 + _x18)) + _x7*(4 - _x0) + (1/2)*_x11*(-6 - _x18))
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x4 = (eta*eta)
+    _x5 = 3*_x4
+    _x7 = (eta*eta*eta)
+    _x9 = (eta*eta*eta*eta)
+    _x12 = _x0*_x7
+    _x13 = _x0*_x9
+    _x14 = 3*_x9
+    _x16 = _x0*_x4
+    _x17 = -_x0*_x14
+    _x18 = (9/2)*_x9
+    _x19 = m*(_x17 + _x18 - _x4 + 4*_x16 - 17/2*_x12 + _x1*(_x18 + _x5 - 9*_x7 - 7*_x16 + 33*_x12 - 63/4*_x13 + _x1*(-45/4*_x12 + _x0*_x18 + _x1*(-9/8*_x13 + 3*_x0*_x7))))
     return _bc(_x19)
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
-    _x0 = numpy.sqrt(scipy.constants.pi)
-    _x1 = _x0**(-1.0)
-    _x2 = (m*m)
-    _x6 = (eta*eta)
-    _x7 = _x1*_x6
-    _x20 = _x1*eta
-    return _bc_nested(((_x20 - 1/2*_x6 + _x2*(-3*_x20 + (3/2)*_x7),),))
+    _x0 = 1/numpy.sqrt(scipy.constants.pi)
+    _x1 = (m*m)
+    _x4 = (eta*eta)
+    _x16 = _x0*_x4
+    _x20 = _x0*eta
+    return _bc_nested(((_x20 - 1/2*_x4 + _x1*(-3*_x20 + (3/2)*_x16),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

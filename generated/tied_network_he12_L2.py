@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8e21c176bbed2364a740e966ce361509e1fdbf047220f4ef6efe0e2c7f495e9d
-# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
+# spec-hash: 6d1427052fdb9f72f2f3fec15565b6db9e347ee55dfd8b529d714693afd0df9b
+# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8e21c176bbed2364a740e966ce361509e1fdbf047220f4ef6efe0e2c7f495e9d'
+SPEC_HASH = '6d1427052fdb9f72f2f3fec15565b6db9e347ee55dfd8b529d714693afd0df9b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -236,10 +236,8 @@ def ito_correction(m, eta):
     _x8 = _x3*(-1611/8 + (2907/8)*_x0) + _x4*(18369/16 - 47817/32*_x0) + m*(_x0*_x7 + _x3*(189/4 - 2367/16*_x0) + _x4*(-504 + (27351/32)*_x0) + m*(_x7 + _x3*(-909/8 + 27*_x0) + _x4*(44667/64 - 567/2*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x6)))
     _x9 = _x3*(2601/8 - 453/16*_x0) + _x4*(-21093/16 + (5079/16)*_x0)
     _x10 = _x3*(-279 - 93/2*_x0) + _x4*(64257/64 - 30*_x0)
-    _x11 = _x2*(11/2 - _x0)
-    _x12 = -45/8*_x0
-    _x13 = _x11 + _x3*(-207/8 - _x12)
-    return _bc(_x13 + m*(_x10 + _x2*(61/4 + (19/2)*_x0) + m*(_x9 + _x2*(-79/4 - _x1) + m*(_x8 + _x2*(21/2 - 183/8*_x0)))))
+    _x11 = _x2*(11/2 - _x0) + _x3*(-207/8 + (45/8)*_x0)
+    return _bc(_x11 + m*(_x10 + _x2*(61/4 + (19/2)*_x0) + m*(_x9 + _x2*(-79/4 - _x1) + m*(_x8 + _x2*(21/2 - 183/8*_x0)))))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
@@ -252,19 +250,15 @@ def finite_d_correction(m, eta):
     _x8 = _x3*(-1611/8 + (2907/8)*_x0) + _x4*(18369/16 - 47817/32*_x0) + m*(_x0*_x7 + _x3*(189/4 - 2367/16*_x0) + _x4*(-504 + (27351/32)*_x0) + m*(_x7 + _x3*(-909/8 + 27*_x0) + _x4*(44667/64 - 567/2*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x6)))
     _x9 = _x3*(2601/8 - 453/16*_x0) + _x4*(-21093/16 + (5079/16)*_x0)
     _x10 = _x3*(-279 - 93/2*_x0) + _x4*(64257/64 - 30*_x0)
-    _x11 = _x2*(11/2 - _x0)
-    _x12 = -45/8*_x0
-    _x13 = _x11 + _x3*(-207/8 - _x12)
-    return _bc(_x13 + m*(_x10 + _x2*(-9/2 + (21/2)*_x0) + m*(_x9 + _x2*(-33/4 - 3*_x0) + m*(_x8 + _x2*(5 - 99/8*_x0)))))
+    _x11 = _x2*(11/2 - _x0) + _x3*(-207/8 + (45/8)*_x0)
+    return _bc(_x11 + m*(_x10 + _x2*(-9/2 + (21/2)*_x0) + m*(_x9 + _x2*(-33/4 - 3*_x0) + m*(_x8 + _x2*(5 - 99/8*_x0)))))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x0 = numpy.sqrt(2)
     _x1 = (1/2)*_x0
     _x2 = (eta*eta)
-    _x11 = _x2*(11/2 - _x0)
-    _x12 = -45/8*_x0
-    return _bc_nested(((-4*_x2 + _x1*eta + m*(_x11 - eta + m*(_x2*(-3 - _x12) - 3/2*_x0*eta)),),))
+    return _bc_nested(((-4*_x2 + _x1*eta + m*(-eta + (11/2)*_x2 + m*(-3*_x2 - 3/2*_x0*eta + (45/8)*_x0*_x2) - _x0*_x2),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

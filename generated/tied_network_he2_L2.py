@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e3bf6e0e9388dbbd95672d53c9ddc190e40b4da96dd8dbb472daade3d663a2c5
-# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
+# spec-hash: b2fd98fa55f47b36ff53a6602ac46027eaca441acdc666fc9a5ad94ba8344aed
+# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e3bf6e0e9388dbbd95672d53c9ddc190e40b4da96dd8dbb472daade3d663a2c5'
+SPEC_HASH = 'b2fd98fa55f47b36ff53a6602ac46027eaca441acdc666fc9a5ad94ba8344aed'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -260,8 +260,9 @@ def drift_jacobian(m, eta):
     _x0 = numpy.sqrt(2)
     _x1 = (m*m)
     _x3 = (eta*eta)
-    _x9 = _x0*eta
-    return _bc_nested(((_x9 - 6*_x3 + _x1*(-3*_x9 + _x3*(-6 + 15*_x0)),),))
+    _x9 = 6*_x3
+    _x10 = _x0*eta
+    return _bc_nested(((_x10 - _x9 + _x1*(-_x9 - 3*_x10 + 15*_x0*_x3),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4a9aaa8b48db1d0816ff3cfb2fd4796b30b46fa9bfb577fad558de87fca8d3d6
-# tool: ssi-symbolic 0.1.0 generator 1 source ca943d18ebc12c6d
+# spec-hash: 9c871672c2510baecf57307721d6d72ad6c6372a3a35399fdb97212149def203
+# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4a9aaa8b48db1d0816ff3cfb2fd4796b30b46fa9bfb577fad558de87fca8d3d6'
+SPEC_HASH = '9c871672c2510baecf57307721d6d72ad6c6372a3a35399fdb97212149def203'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -102,6 +102,14 @@ class _Module:
         self.quad = {}  # GaussHermite node -> placeholder symbol
         self.orth = {}  # NormalOrthant -> placeholder symbol (see _orthant_lines)
         self.unsplit_kinks = False
+        self._node_keys = {}
+
+    def _node_key(self, node):
+        """sp.default_sort_key of a node, computed once (it walks the whole integrand)."""
+        key = self._node_keys.get(node)
+        if key is None:
+            key = self._node_keys[node] = sp.default_sort_key(node)
+        return key
 
     # quadrature nodes become placeholders before CSE; each gets its own function
     def _extract(self, expr, orthants: bool = False):
@@ -109,16 +117,19 @@ class _Module:
         (outputs that are never differentiated: Cov(G), the O(1/d) drift), replaced by
         placeholder symbols."""
         expr = sp.sympify(expr)
-        nodes = sorted(expr.atoms(GaussHermite), key=sp.default_sort_key)
+        nodes = sorted(_outer_atoms(expr, GaussHermite), key=self._node_key)
         for n in nodes:
             if n not in self.quad:
                 self.quad[n] = sp.Symbol(f"_gh{len(self.quad)}")
-        expr = expr.xreplace(self.quad)
+        if nodes:
+            expr = _dag_replace(expr, self.quad)
         if orthants:
-            for o in sorted(expr.atoms(NormalOrthant), key=sp.default_sort_key):
+            found = sorted(_outer_atoms(expr, NormalOrthant), key=sp.default_sort_key)
+            for o in found:
                 if o not in self.orth:
                     self.orth[o] = sp.Symbol(f"_o{len(self.orth)}")
-            expr = expr.xreplace(self.orth)
+            if found:
+                expr = _dag_replace(expr, self.orth)
         return expr
 
     def state_functions(self, printer: str = "auto") -> list[str]:
@@ -413,7 +424,7 @@ class _Module:
             us = [str(u) for u in node.variables]
             # exp(a) exp(b) as exp(a + b): the product of separately overflowing factors at
             # the far nodes (|u| ~ 10) would give inf / inf instead of a vanishing term
-            integrand = sp.powsimp(node.integrand, combine="exp")
+            integrand = combine_exp(node.integrand)
             repl, (red,) = cse([integrand], "_y")
             lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
             fns.append(function_source(
@@ -439,7 +450,7 @@ class _Module:
                           if breaks is None else "."))
                 blines = []
                 call = f"_gh_expect(_gh_integrand_{idx}, {len(us)}, {nodes}, {', '.join(args)})"
-            doc += f"\n\n    {sp.sstr(node.integrand)[:400]}\n    "
+            doc += f"\n\n    {short_str(node.integrand, 400)}\n    "
             fns.append(function_source(f"_gh_node_{idx}", args + ["n=None"], doc, blines,
                                        call))
         return fns
@@ -471,6 +482,77 @@ class _Module:
             fns.append(function_source(name, [str(z) for z in args] + self.param_args, doc,
                                        lines, ret))
         return fns
+
+
+def _outer_atoms(expr, cls) -> set:
+    """The subexpressions of type cls of expr, not looking inside them (expr.atoms(cls) also
+    walks every quadrature node's integrand)."""
+    out, stack, seen = set(), [expr], set()
+    while stack:
+        x = stack.pop()
+        if isinstance(x, cls):
+            out.add(x)
+        elif x.args and x not in seen:
+            seen.add(x)
+            stack.extend(x.args)
+    return out
+
+
+def _dag_replace(expr, mapping):
+    """expr.xreplace(mapping), visiting each distinct subexpression once (closed forms share
+    large subtrees, which xreplace walks again at every occurrence)."""
+    memo = {}
+
+    def walk(x):
+        hit = mapping.get(x)
+        if hit is not None:
+            return hit
+        if not x.args:
+            return x
+        hit = memo.get(x)
+        if hit is None:
+            args = [walk(a) for a in x.args]
+            hit = x.func(*args) if any(a is not b for a, b in zip(args, x.args)) else x
+            memo[x] = hit
+        return hit
+
+    return walk(expr)
+
+
+def combine_exp(expr):
+    """expr with every product of exponentials exp(a) exp(b) written exp(a + b) (what
+    sp.powsimp(expr, combine="exp") does for them, without its cost on large integrands)."""
+    memo = {}
+
+    def walk(x):
+        if not x.args or x.is_Atom:
+            return x
+        hit = memo.get(x)
+        if hit is not None:
+            return hit
+        args = [walk(a) for a in x.args]
+        out = x.func(*args) if any(a is not b for a, b in zip(args, x.args)) else x
+        if out.is_Mul:
+            exps = [a for a in out.args if isinstance(a, sp.exp)]
+            if len(exps) > 1:
+                rest = [a for a in out.args if not isinstance(a, sp.exp)]
+                out = sp.Mul(*rest, sp.exp(sp.Add(*[a.args[0] for a in exps])))
+        memo[x] = out
+        return out
+
+    return walk(expr)
+
+
+def short_str(expr, limit: int) -> str:
+    """The first `limit` characters of str(expr), printing no more terms of a sum than
+    needed (sp.sstr of a whole large integrand costs seconds)."""
+    out = ""
+    for i, t in enumerate(sp.Add.make_args(expr)):
+        s = sp.sstr(t)
+        out += s if i == 0 else (" - " + s[1:] if s.startswith("-") else " + " + s)
+        if len(out) >= limit:
+            break
+    return out[:limit]
 
 
 def salt(diffusion: bool = True) -> str:
@@ -647,17 +729,26 @@ def choose_nodes(text: str, spec) -> int:
     # the probe states as arrays: every function evaluates all of them in one call
     states = _probe_states(spec)
     st = [np.array([s[i] for s in states], dtype=float) for i in range(len(states[0]))]
+    values = {}  # (node, n) -> its values: the 2n rule of one candidate is the next's n
+
+    def value(i, n):
+        if (i, n) not in values:
+            values[i, n] = np.asarray(nodes[i](*st, **params, n=n), dtype=float)
+        return values[i, n]
+
+    order = list(range(len(nodes)))
     with np.errstate(all="ignore"):
         for n in allowed:
             ok = True
-            for f in nodes:
-                a = np.asarray(f(*st, **params, n=n), dtype=float)
-                b = np.asarray(f(*st, **params, n=2 * n), dtype=float)
+            for i in order:
+                a, b = value(i, n), value(i, 2 * n)
                 # a state where the finer rule is not finite is skipped (outside the domain)
                 good = np.isfinite(b).all(axis=tuple(range(b.ndim - 1)))
                 close = np.abs(a - b) <= QUADRATURE_TOLERANCE * np.maximum(1.0, np.abs(b))
                 if not close.all(axis=tuple(range(b.ndim - 1)))[good].all():
                     ok = False
+                    order.remove(i)  # the node that failed is tried first next time
+                    order.insert(0, i)
                     break
             if ok:
                 return n

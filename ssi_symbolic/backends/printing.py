@@ -8,7 +8,7 @@ from pathlib import Path
 import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
 
-from ..symbolic.gaussian import dag_any
+from ..symbolic.gaussian import dag_any, dag_free_symbols
 from .files import HASH_PREFIX
 
 
@@ -57,25 +57,41 @@ def pycode(expr) -> str:
 def horner(expr, gens):
     """Nested (Horner) form of an expression polynomial in the state: several times fewer
     array operations than the expanded sum. Non-polynomial expressions are left alone."""
-    gens = [g for g in gens if isinstance(g, sp.Symbol) and g in expr.free_symbols]
+    memo = {}
+    free = dag_free_symbols(expr, memo)
+    gens = [g for g in gens if isinstance(g, sp.Symbol) and g in free]
     if not gens:
         return expr
     g = set(gens)
     if dag_any(expr, lambda f: (isinstance(f, sp.Function) or (
-            f.is_Pow and not (f.exp.is_Integer and f.exp >= 0))) and bool(f.free_symbols & g)):
+            f.is_Pow and not (f.exp.is_Integer and f.exp >= 0)))
+            and bool(dag_free_symbols(f, memo) & g)):
         return expr  # a closed form or a quadrature node: not a polynomial in the state
-    others = sorted(expr.free_symbols - set(gens), key=str)
+    others = sorted(free - set(gens), key=str)
+    k = len(gens)
+    terms = {}
     try:  # every symbol a generator: much faster than coefficients in a polynomial domain
         poly = sp.Poly(expr, *gens, *others, expand=False)
     except sp.PolynomialError:
-        try:
-            poly = sp.Poly(expr, *gens, *others)
-        except sp.PolynomialError:
+        # not expanded: expand, then split each term into its monomial in the state and the
+        # rest (a Poly over every symbol is slow when a hundred quadrature placeholders are)
+        index = {x: i for i, x in enumerate(gens)}
+        for t in sp.Add.make_args(sp.expand(expr)):
+            mon, rest = [0] * k, []
+            for f in sp.Mul.make_args(t):
+                b, e = f.as_base_exp()
+                if b in index and e.is_Integer and e > 0:
+                    mon[index[b]] += int(e)
+                elif f.free_symbols & g:
+                    return expr
+                else:
+                    rest.append(f)
+            terms.setdefault(tuple(mon), []).append(sp.Mul(*rest))
+        if max((sum(mon) for mon in terms), default=0) <= 1:
             return expr
+        return horner_terms({mon: sp.Add(*cs) for mon, cs in terms.items()}, gens)
     if poly.total_degree() <= 1:
         return expr
-    k = len(gens)
-    terms = {}
     for mon, c in poly.terms():
         rest = sp.Mul(c, *[o ** e for o, e in zip(others, mon[k:]) if e])
         terms.setdefault(mon[:k], []).append(rest)

@@ -43,6 +43,8 @@ Anything else raises NoClosedForm (the caller uses quadrature).
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 from sympy.polys.constructor import construct_domain
 from sympy.polys.matrices import DomainMatrix
@@ -196,6 +198,68 @@ def rewrite(expr, random: set):
     return rw(sp.sympify(expr))
 
 
+def _expanded_terms(expr, random) -> list:
+    """The terms of the expansion of a rewritten integrand (sums and integer powers of sums of
+    the variables and of the function atoms _P, _H, _D, exp), multiplied out as dictionaries
+    {monomial in the variables and atoms: coefficient}: pairs (coefficient free of the
+    variables, product of powers of variables and atoms), the terms of
+    sp.Add.make_args(sp.expand(expr)) up to the form of the coefficients, several times
+    faster (sp.expand re-flattens every partial product)."""
+    atoms = {}
+
+    def atom(x):  # a function atom with its argument expanded (as sp.expand would)
+        hit = atoms.get(x)
+        if hit is None:
+            hit = atoms[x] = x.func(*[sp.expand(a) for a in x.args])
+        return hit
+
+    def times(A, B):
+        out = {}
+        for ka, ca in A.items():
+            for kb, cb in B.items():
+                if not ka:
+                    key = kb
+                elif not kb:
+                    key = ka
+                else:
+                    d = dict(ka)
+                    for a, k in kb:
+                        d[a] = d.get(a, 0) + k
+                    key = frozenset(d.items())
+                out[key] = out.get(key, 0) + ca * cb
+        return out
+
+    def walk(x):
+        if not (x.free_symbols & random):
+            return {frozenset(): x}
+        if x.is_Symbol:
+            return {frozenset({(x, 1)}): sp.Integer(1)}
+        if x.is_Add:
+            out = {}
+            for a in x.args:
+                for k, c in walk(a).items():
+                    out[k] = out.get(k, 0) + c
+            return out
+        if x.is_Mul:
+            out = {frozenset(): sp.Integer(1)}
+            for a in x.args:
+                out = times(out, walk(a))
+            return out
+        if x.is_Pow and x.exp.is_Integer and x.exp >= 0:
+            base, out = walk(x.base), {frozenset(): sp.Integer(1)}
+            for _ in range(int(x.exp)):
+                out = times(out, base)
+            return out
+        return {frozenset({(atom(x), 1)}): sp.Integer(1)}
+
+    terms = []
+    for key, c in walk(expr).items():
+        c = sp.expand(c)
+        if c != 0:
+            terms.append((c, sp.Mul(*[a ** k for a, k in key])))
+    return terms
+
+
 def _simplify_entry(x):
     """A covariance entry in a light normal form: expanded, and cancelled only when it has a
     non-numeric denominator."""
@@ -208,21 +272,26 @@ def _simplify_entry(x):
 _THRESHOLDS = (sp.erf, sp.erfc, sp.Heaviside, sp.sign, sp.Abs)
 
 
+@functools.lru_cache(maxsize=4096)
+def _direction(y, xs):
+    """The coefficients of y in the variables xs, scaled so that the first nonzero one is 1
+    (None when y is not a polynomial): parallel steps share it."""
+    try:
+        P = sp.Poly(y, *xs)
+    except sp.PolynomialError:
+        return None
+    row = [P.coeff_monomial(x) for x in xs]
+    lead = next((c for c in row if c != 0), 1)
+    return tuple(sp.simplify(c / lead) for c in row)
+
+
 def _threshold_count(expr, random) -> int:
     """Thresholds a product certainly holds: erf and erfc factors with their powers, plus one
     per direction of the steps (Heaviside, sign, |.|: parallel steps merge into one); Max/Min
     of n forms n - 1 each. Every term of its expansion keeps them."""
     n, directions = 0, set()
-    xs = sorted(random, key=str)
-
-    def direction(y):
-        try:
-            P = sp.Poly(y, *xs)
-        except sp.PolynomialError:
-            return None
-        row = [P.coeff_monomial(x) for x in xs]
-        lead = next((c for c in row if c != 0), 1)
-        return tuple(sp.simplify(c / lead) for c in row)
+    xs = tuple(sorted(random, key=str))
+    direction = lambda y: _direction(y, xs)
 
     for f in sp.Mul.make_args(expr):
         base, k = f.as_base_exp()
@@ -396,6 +465,10 @@ class GaussianClosedForm:
         self.cov = sp.Matrix(cov)
         self.conditions = []
         self._memo = {}
+        self._affine_memo = {}  # y -> (a, b) with y = a.x + b
+        self._completed = {}  # (S, used, A) -> _completed_covariance(S, used, A)
+        self._expanded = {}  # functions -> terms of their rewritten expansion (or the refusal)
+        self._terms = {}  # E[monomial * atoms] of the expanded terms
 
     # --- parsing -------------------------------------------------------------------------
     def expect(self, expr):
@@ -404,19 +477,57 @@ class GaussianClosedForm:
         thresholds: the closed form would be huge and slow, quadrature is the better tool)."""
         random = set(self.xs)
         self._budget = MAX_REDUCTIONS
-        if _threshold_count(sp.sympify(expr), random) > self._most_thresholds:
-            raise NoClosedForm(f"more than {self._most_thresholds} thresholds")
-        body = sp.expand(rewrite(expr, random))
-        total = sp.Integer(0)
-        for term in sp.Add.make_args(body):
-            total += self._expect_term(term)
+        expr = sp.sympify(expr)
+        # a product const * monomial * functions: the functions' rewritten expansion is shared
+        # by every statistic with the same functions (a product of statistics has hundreds of
+        # such terms, the expansion of the rewritten kinks was most of the time)
+        const, mono, funcs = [], [], []
+        for f in sp.Mul.make_args(expr):
+            b, e = f.as_base_exp()
+            if not (f.free_symbols & random):
+                const.append(f)
+            elif b in random and e.is_Integer and e > 0:
+                mono.append(f)
+            else:
+                funcs.append(f)
+        skeleton = sp.Mul(*funcs)
+        hit = self._expanded.get(skeleton)
+        if hit is None:
+            if _threshold_count(skeleton, random) > self._most_thresholds:
+                hit = NoClosedForm(f"more than {self._most_thresholds} thresholds")
+            else:
+                try:
+                    hit = _expanded_terms(rewrite(skeleton, random), random)
+                except NoClosedForm as err:
+                    hit = err
+            self._expanded[skeleton] = hit
+        if isinstance(hit, NoClosedForm):
+            raise hit
+        mono = sp.Mul(*mono)
+        keys = [rest * mono for _, rest in hit]
+        # every term planned before any is solved: a term that cannot close (three
+        # thresholds with a mean shift) stops the whole expectation before the reductions
+        plans = {k: self._plan_term(k) for k in keys if k not in self._terms}
+        parts = []
+        for (c, _), key in zip(hit, keys):  # E[c rest mono] = c E[rest mono], memoised
+            value = self._terms.get(key)
+            if value is None:
+                coef, plan = plans[key]
+                value = self._terms[key] = coef * self._solve_plan(plan)
+            parts.append(c * value)
+        total = sp.Mul(*const) * sp.Add(*parts)
         if total.has(sp.I):
             total = sp.expand_complex(total)
             if total.has(sp.I):
                 raise NoClosedForm(expr)
         return total
 
-    def _expect_term(self, term):
+    def _solve_plan(self, plan):
+        return sp.Add(*[sign * self._solve(self.mean, self.cov, *args) for sign, args in plan])
+
+    def _plan_term(self, term):
+        """(coefficient, [(sign, arguments of _solve)]) of a product term, or NoClosedForm
+        before any reduction when the term cannot close (too many thresholds)."""
         xs = self.xs
         coef, mono, Q = sp.Integer(1), [0] * len(xs), sp.Integer(0)
         phis, hs0, ds = [], [], []
@@ -444,11 +555,11 @@ class GaussianClosedForm:
             scale = abs(next(c for c in a if c != 0))
             form = (tuple(sp.expand(c / scale) for c in a), sp.expand(b / scale))
             if (tuple(-c for c in form[0]), -form[1]) in hs:
-                return sp.Integer(0)  # H(y) H(-y) = 0 almost surely
+                return sp.Integer(0), []  # H(y) H(-y) = 0 almost surely
             if form not in hs:
                 hs.append(form)
         ds = tuple(self._affine(y) for y in ds)
-        total = sp.Integer(0)
+        plan = []
         for sign, hs1 in _merge_parallel_steps(hs):
             # the orthant probability at the end of every reduction keeps all thresholds:
             # more than three (or three with a mean shift) cannot close, stop at once (up to
@@ -457,16 +568,18 @@ class GaussianClosedForm:
             closed = n < 3 or (n == 3 and all(_zero_mean(f, self.mean) for f in phis + hs1))
             if not closed and not (self.orthant_quadrature and not hs1 and n <= 4):
                 raise NoClosedForm(f"{n} thresholds")
-            total += sign * self._solve(self.mean, self.cov, tuple(mono), sp.expand(Q), phis,
-                                        hs1, ds)
-        return coef * total
+            plan.append((sign, (tuple(mono), sp.expand(Q), phis, hs1, ds)))
+        return coef, plan
 
     @property
     def _most_thresholds(self) -> int:
         return 4 if self.orthant_quadrature else 3
 
     def _affine(self, y):
-        return _affine(sp.expand(y), self.xs)
+        hit = self._affine_memo.get(y)
+        if hit is None:
+            hit = self._affine_memo[y] = _affine(sp.expand(y), self.xs)
+        return hit
 
     # --- the recursion -------------------------------------------------------------------
     def _solve(self, mu, S, mono, Q, phis, hs, ds):
@@ -520,7 +633,11 @@ class GaussianClosedForm:
                 else:
                     A[r, c] = -P.coeff_monomial(xs[i] * xs[j])
         c0 = P.coeff_monomial(1)
-        det, S2 = _completed_covariance(S, used, A)
+        key = (tuple(S), tuple(used), tuple(A))
+        hit = self._completed.get(key)
+        if hit is None:
+            hit = self._completed[key] = _completed_covariance(S, used, A)
+        det, S2 = hit
         if det == 0:
             raise NoClosedForm("singular completed square")
         muS = sp.Matrix([mu[i] for i in used])

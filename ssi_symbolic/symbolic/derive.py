@@ -190,12 +190,12 @@ class Statistics:
     dl: list = None
 
 
-def _stein_norm_term(dl, l, l2, zs, zz, m, q):
+def _stein_norm_term(dl, l, l2, zs, zz, m, q, cache=None):
     """sum_ij Gamma_ij E[d^2 (dl_l dl_l') / ds_li ds_l'j] integrand over the projections
-    s = (z*, z) of covariance Gamma = [[1, m], [m, q]] (Stein's lemma, see `statistics`)."""
-    f = dl[l] * dl[l2]
-    return (sp.diff(f, zs[l], zs[l2]) + m * (sp.diff(f, zs[l], zz[l2]) + sp.diff(f, zz[l], zs[l2]))
-            + q * sp.diff(f, zz[l], zz[l2]))
+    s = (z*, z) of covariance Gamma = [[1, m], [m, q]] (Stein's lemma, see `statistics`),
+    by the product rule of _stein_gram_term (each derivative of a factor taken once)."""
+    return _stein_gram_term(dl[l], dl[l2], (zs[l], zz[l]), (zs[l2], zz[l2]),
+                            [[1, m], [m, q]], {} if cache is None else cache)
 
 
 def _stein_gram_term(a, b, s_l, s_l2, Gamma, cache):
@@ -277,8 +277,9 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Stat
         if spec.spherical:  # Q = sum_l q_l / L
             gq = [[zero] * L + [-2 * ETA / L] * L + [E2 / L] * L]
         power = [{0: sp.Rational(1, 2)}] * L + [{0: sp.Integer(1)}] * L
-        K = [_stein_norm_term(dl, l, l, zs, zz, gauss.ms[l], gauss.qs[l]) if norm else zero
-             for l in range(L)]
+        cache = {}
+        K = [_stein_norm_term(dl, l, l, zs, zz, gauss.ms[l], gauss.qs[l], cache) if norm
+             else zero for l in range(L)]
         X = gauss.state
         sph = 1 if spec.spherical else 0
         norm_coef = ([[-sph * ETA ** 2 * X[l] / (2 * L)] * L for l in range(L)]
@@ -314,7 +315,7 @@ def statistics(spec: ModelSpec, gauss: TokenGaussian, norm: bool = True) -> Stat
                 for l2 in range(L):
                     if not gauss.multi:
                         Kkh += _stein_norm_term(dl, l, l2, gauss.zstar, gauss.z, gauss.m,
-                                                gauss.q)
+                                                gauss.q, diff_cache)
                     else:
                         Kkh += _stein_gram_term(dlk[k][l], dlk[h][l2], tf[l] + sf[l],
                                                 tf[l2] + sf[l2], Gamma, diff_cache)
@@ -898,8 +899,9 @@ def _exchangeable_norm_term(spec, st, gauss, ex):
     K = sum_ll' K_ll' has E[K] = L E[K_11] + L (L - 1) E[K_12], and the norm term of output i
     is norm_coef[i][0] E[K] / b. EK is None (with the note) when the link has a kink."""
     L, dl, zs, zz = spec.L, st.dl, gauss.zstar, gauss.z
-    K11 = _stein_norm_term(dl, 0, 0, zs, zz, gauss.m, gauss.q)
-    K12 = _stein_norm_term(dl, 0, 1, zs, zz, gauss.m, gauss.q)
+    cache = {}
+    K11 = _stein_norm_term(dl, 0, 0, zs, zz, gauss.m, gauss.q, cache)
+    K12 = _stein_norm_term(dl, 0, 1, zs, zz, gauss.m, gauss.q, cache)
     if K11.has(sp.DiracDelta) or K12.has(sp.DiracDelta):
         return None, ("rescaling term only: the token-norm term needs second derivatives of "
                       "the link, which has a kink here")

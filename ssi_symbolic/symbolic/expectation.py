@@ -39,6 +39,8 @@ class Expectation:
         self._projections = {}
         self._factor_cache = {}
         self._cond_moments = {}
+        self._tidy = {}
+        self._rows = {}
 
     @property
     def used_quadrature(self) -> bool:
@@ -148,14 +150,11 @@ class Expectation:
             for a in x.args:
                 if not (a.free_symbols & random):
                     continue
-                try:
-                    P = sp.Poly(a, *variables)
-                except sp.PolynomialError:
-                    return False
-                if P.total_degree() > 2:
+                got = self._rows_of(a, variables)
+                if got is None or got is False:
                     return False
                 fargs.append(a)
-                rows.extend(_dependence_rows(P, variables))
+                rows.extend(got)
             return True
 
         if not walk(factor) or not rows:
@@ -200,16 +199,17 @@ class Expectation:
                                                         for i in range(g.K)])
         # 2. split into terms: polynomial ones exactly, the rest factor by factor
         random = {v for l in range(g.L) for v in g.token_variables(l)}
-        poly_part, rest_terms = sp.Integer(0), []
+        poly_terms, rest_terms = [], []
         for term in sp.Add.make_args(distribute(sp.expand(expr, deep=False))):
             if not (term.free_symbols & random):
-                poly_part += term
+                poly_terms.append(term)
                 continue
             try:
                 self.exact.to_spt(term)
-                poly_part += term
+                poly_terms.append(term)
             except NotPolynomial:
                 rest_terms.append(term)
+        poly_part = sp.Add(*poly_terms)
         # polynomial terms: constant factors (possibly new non-polynomial constants made by
         # the expansion, like 1/(1 + exp(a^2))) stay outside the exact engine's ring
         rv = set(g.random_variables)
@@ -217,9 +217,9 @@ class Expectation:
         for term in sp.Add.make_args(poly_part):
             const, dep = term.as_independent(*rv, as_Add=False)
             by_monomial[dep] = by_monomial.get(dep, sp.Integer(0)) + const
-        out = sp.Integer(0)
+        out = []  # summed once at the end (a growing Add re-flattens at every +=)
         for dep, const in by_monomial.items():
-            out += const * (self.exact.expect(dep) if dep.free_symbols & rv else dep)
+            out.append(const * (self.exact.expect(dep) if dep.free_symbols & rv else dep))
         if by_monomial:
             self.kinds.add("exact")
         # 3. non-polynomial terms: a product over independent token groups; each group's
@@ -242,10 +242,10 @@ class Expectation:
                     value *= factor
                     continue
                 value *= self._expect_factor(factor)
-            out += value
+            out.append(value)
         for (_, c_out), integrand in pending.items():
-            out += c_out * self._quadrature_expect(integrand)
-        return _merge_nodes(out, self.outside)
+            out.append(c_out * self._quadrature_expect(integrand))
+        return _merge_nodes(sp.Add(*out), self.outside)
 
     def _canonical(self, factor):
         """A one-token factor of a tied student renamed to the first token with the same row
@@ -356,13 +356,11 @@ class Expectation:
                 return True
             if isinstance(arg, sp.Function) or (arg.is_Pow and not arg.exp.is_Integer):
                 return walk(arg)
-            try:
-                P = sp.Poly(arg, *variables)
-            except sp.PolynomialError:
+            rows = self._rows_of(arg, variables)
+            if rows is None:
                 return walk(arg)
-            if P.total_degree() > 2:
+            if rows is False:
                 return False
-            rows = _dependence_rows(P, variables)
             forms.extend(rows)
             args[arg] = rows
             return True
@@ -383,7 +381,7 @@ class Expectation:
         # (A r = 0), so x -> mu + W u there; then the polynomial occurrences of x
         at_u = {v: mu[i] + sum(W[i, j] * us[j] for j in range(k))
                 for i, v in enumerate(variables)}
-        inner = {arg: _tidy_affine(arg.xreplace(at_u), us) for arg in args}
+        inner = {arg: self._tidy_affine(arg.xreplace(at_u), us) for arg in args}
         # E[p(x) | u] monomial by monomial: x | u ~ N(mu + W u, R)
         cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
                      for i in range(len(variables))]
@@ -401,10 +399,31 @@ class Expectation:
             integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
                                  for i in range(len(poly_us))])
         us = tuple(u for u in us if u in inside)
-        exact, rest = [], []
-        for t in sp.Add.make_args(distribute(integrand)):
-            (rest if t.free_symbols & set(us) else exact).append(t)
-        return sp.Add(*exact), us, sp.Add(*rest)
+        exact, rest = _split_free(integrand, set(us))
+        return exact, us, rest
+
+    def _rows_of(self, arg, variables):
+        """_dependence_rows of a function argument polynomial in the variables, memoised:
+        None when it is not a polynomial, False when its degree exceeds 2."""
+        key = (arg, variables)
+        if key not in self._rows:
+            try:
+                P = sp.Poly(arg, *variables)
+            except sp.PolynomialError:
+                self._rows[key] = None
+            else:
+                self._rows[key] = (False if P.total_degree() > 2
+                                   else _dependence_rows(P, variables))
+        return self._rows[key]
+
+    def _tidy_affine(self, expr, us):
+        """_tidy_affine(expr, us), memoised (its simplify calls cost ~10 ms each, and the same
+        function arguments come back in every product of statistics)."""
+        key = (expr, us)
+        hit = self._tidy.get(key)
+        if hit is None:
+            hit = self._tidy[key] = _tidy_affine(expr, us)
+        return hit
 
     def _quadrature_node(self, integrand, used):
         """Whiten token by token with the fewest standard Gaussians u and integrate exactly
@@ -461,32 +480,51 @@ class Expectation:
             integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
                                  for i in range(len(poly_us))])
         us = tuple(u for u in us if u in inside)
-        exact = sp.Add(*[t for t in sp.Add.make_args(sp.expand(integrand))
-                         if not (t.free_symbols & set(us))])
-        return exact, us, integrand - exact
+        exact, rest = _split_free(integrand, set(us))
+        return exact, us, rest
+
+
+def _split_free(expr, us) -> tuple:
+    """(a, b) with expr = a + b, a free of the symbols us: sums split and products multiplied
+    out only as far as needed to separate the two, so b keeps its factored form (distributing
+    the conditional moments over the functions multiplied the quadrature integrands' size by
+    ten)."""
+    if not (expr.free_symbols & us):
+        return expr, sp.Integer(0)
+    if expr.is_Add:
+        parts = [_split_free(a, us) for a in expr.args]
+        return sp.Add(*[a for a, _ in parts]), sp.Add(*[b for _, b in parts])
+    if expr.is_Mul or (expr.is_Pow and expr.exp.is_Integer and expr.exp > 1
+                       and expr.base.is_Add):
+        factors = (expr.args if expr.is_Mul else [expr.base] * int(expr.exp))
+        free, dep = sp.Integer(1), sp.Integer(0)  # the product so far is free + dep
+        for f in factors:
+            fa, fb = _split_free(f, us)
+            free, dep = free * fa, free * fb + dep * f
+        return free, dep
+    return sp.Integer(0), expr
 
 
 def _merge_nodes(expr, outside=()):
     """Terms c * GaussHermite(f, u) over the same variables u become one node
     GaussHermite(sum c f, u) (c free of u): one quadrature per set of variables. The part of c
     in the `outside` symbols (eta) stays a factor of the node."""
-    nodes, out = {}, sp.Integer(0)
+    nodes, out = {}, []
     for term in sp.Add.make_args(expr):
         gh = [f for f in sp.Mul.make_args(term) if isinstance(f, GaussHermite)]
         if len(gh) != 1:
-            out += term
+            out.append(term)
             continue
         node = gh[0]
         c = term / node
         if c.free_symbols & set(node.variables):
-            out += term
+            out.append(term)
             continue
         c, c_out = c.as_independent(*outside, as_Add=False) if outside else (c, sp.Integer(1))
-        key = (node.variables, c_out)
-        nodes[key] = nodes.get(key, sp.Integer(0)) + c * node.integrand
-    for (us, c_out), f in nodes.items():
-        out += c_out * GaussHermite(f, sp.Tuple(*us))
-    return out
+        nodes.setdefault((node.variables, c_out), []).append(c * node.integrand)
+    for (us, c_out), fs in nodes.items():
+        out.append(c_out * GaussHermite(sp.Add(*fs), sp.Tuple(*us)))
+    return sp.Add(*out)
 
 
 def _conditional_moment(alpha, mean, R, memo):

@@ -382,6 +382,30 @@ def dag_any(expr, pred) -> bool:
     return False
 
 
+def dag_free_symbols(expr, memo=None) -> frozenset:
+    """expr.free_symbols, computing each distinct sub-expression's once (memo: a dict to
+    share between calls). Basic.free_symbols walks shared sub-trees again at every
+    occurrence, which costs seconds on closed forms."""
+    memo = {} if memo is None else memo
+    stack = [expr]
+    while stack:
+        x = stack[-1]
+        if x in memo:
+            stack.pop()
+            continue
+        if x.is_Symbol or type(x).free_symbols is not sp.Basic.free_symbols:
+            memo[x] = frozenset(x.free_symbols)  # a symbol, or a class with bound variables
+            stack.pop()
+            continue
+        todo = [a for a in x.args if a not in memo]
+        if todo:
+            stack.extend(todo)
+            continue
+        stack.pop()
+        memo[x] = frozenset().union(*[memo[a] for a in x.args]) if x.args else frozenset()
+    return memo[expr]
+
+
 def has_quadrature(expr) -> bool:
     """True when an expression holds a GaussHermite node or another function evaluated by
     quadrature (closed_forms.NormalOrthant)."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: eafb3d12be75a292aee1ff202d8daa1466a6b098ed3b4373be6188d9fc3bd3fb
-# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
+# spec-hash: a29a619eae6a5fcea6ee25f40572eee31a313e1b0432ad8f25878706d290b238
+# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'eafb3d12be75a292aee1ff202d8daa1466a6b098ed3b4373be6188d9fc3bd3fb'
+SPEC_HASH = 'a29a619eae6a5fcea6ee25f40572eee31a313e1b0432ad8f25878706d290b238'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

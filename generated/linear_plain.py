@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e9be985f34814b3a75239da253b42d09bed6f95abf59ffda01301e995d0284d9
-# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
+# spec-hash: 7b28906abf50f933c1de0ad5d0feadccd28dd908198850a5ac5bfa6d2f686e90
+# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e9be985f34814b3a75239da253b42d09bed6f95abf59ffda01301e995d0284d9'
+SPEC_HASH = '7b28906abf50f933c1de0ad5d0feadccd28dd908198850a5ac5bfa6d2f686e90'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e23f7c927c5a5cdd8a95799e982147270e499969d8d176d1e746421a8d53db28
-# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
+# spec-hash: 5c54c0b205ce5100dfeedc290fdd50bc8d0c62704fe124bcb4dc42de97a4c838
+# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e23f7c927c5a5cdd8a95799e982147270e499969d8d176d1e746421a8d53db28'
+SPEC_HASH = '5c54c0b205ce5100dfeedc290fdd50bc8d0c62704fe124bcb4dc42de97a4c838'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b2f73cd7b60d24368a71c31534c4dd45e22535345b6de7bd95009b63a391c0c8
-# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
+# spec-hash: e636739f7e7c02afd8940fc999ddef1c39a1bf3ddff8bb59b2fe4ff18861d422
+# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b2f73cd7b60d24368a71c31534c4dd45e22535345b6de7bd95009b63a391c0c8'
+SPEC_HASH = 'e636739f7e7c02afd8940fc999ddef1c39a1bf3ddff8bb59b2fe4ff18861d422'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

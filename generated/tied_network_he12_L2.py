@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6d1427052fdb9f72f2f3fec15565b6db9e347ee55dfd8b529d714693afd0df9b
-# tool: ssi-symbolic 0.1.0 generator 1 source fc1a7c15fa1ae8d3
+# spec-hash: d995a532569241a256ac3f220ae7a2b5a25401ef223e9d28f30e9b4f6763bcb2
+# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6d1427052fdb9f72f2f3fec15565b6db9e347ee55dfd8b529d714693afd0df9b'
+SPEC_HASH = 'd995a532569241a256ac3f220ae7a2b5a25401ef223e9d28f30e9b4f6763bcb2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

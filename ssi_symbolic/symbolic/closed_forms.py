@@ -655,28 +655,28 @@ class GaussianClosedForm:
         n = len(self.xs)
         m1 = list(mono)
         m1[i] -= 1
-        out = mu[i] * self._solve(mu, S, tuple(m1), sp.Integer(0), phis, hs, ())
+        out = [mu[i] * self._solve(mu, S, tuple(m1), sp.Integer(0), phis, hs, ())]
         for j in range(n):  # derivative of the remaining monomial
             if m1[j] and S[i, j] != 0:
                 m2 = list(m1)
                 m2[j] -= 1
-                out += S[i, j] * m1[j] * self._solve(mu, S, tuple(m2), sp.Integer(0),
-                                                      phis, hs, ())
+                out.append(S[i, j] * m1[j] * self._solve(mu, S, tuple(m2), sp.Integer(0),
+                                                          phis, hs, ()))
         for k, (a, b) in enumerate(phis):  # d Phi(y) = a phi(y)
             w = sp.expand(sum(S[i, j] * a[j] for j in range(n)))
             if w == 0:
                 continue
             y = sum(aj * x for aj, x in zip(a, self.xs)) + b
             rest = phis[:k] + phis[k + 1:]
-            out += w / sp.sqrt(2 * sp.pi) * self._solve(
-                mu, S, tuple(m1), sp.expand(-y ** 2 / 2), rest, hs, ())
+            out.append(w / sp.sqrt(2 * sp.pi) * self._solve(
+                mu, S, tuple(m1), sp.expand(-y ** 2 / 2), rest, hs, ()))
         for k, (a, b) in enumerate(hs):  # d H(y) = a delta(y)
             w = sp.expand(sum(S[i, j] * a[j] for j in range(n)))
             if w == 0:
                 continue
             rest = hs[:k] + hs[k + 1:]
-            out += w * self._solve(mu, S, tuple(m1), sp.Integer(0), phis, rest, ((a, b),))
-        return out
+            out.append(w * self._solve(mu, S, tuple(m1), sp.Integer(0), phis, rest, ((a, b),)))
+        return sp.Add(*out)
 
     def _orthant(self, mu, S, phis, hs):
         forms = [(a, b, 1) for a, b in phis] + [(a, b, 0) for a, b in hs]

@@ -26,7 +26,7 @@ import sympy as sp
 
 from .directions import DirectionPermutations
 from .expectation import Expectation
-from .gaussian import NotPolynomial, TokenGaussian, permutation_generators
+from .gaussian import NotPolynomial, TokenGaussian, has_quadrature, permutation_generators
 from .token_sums import sum_expectations
 from ..model.spec import ModelSpec, link_entries, token_symbols
 
@@ -144,6 +144,8 @@ class Derivation:
         derivative of drift_eta1 plus eta^2 times that of drift_eta2, each differentiated as a
         polynomial in the state when it is one (much faster than SymPy's generic diff)."""
         def grad(f):
+            if has_quadrature(f):  # quadrature nodes: not a polynomial in the state
+                return [sp.diff(f, x) for x in self.state]
             try:
                 P = sp.Poly(f, *self.state)
             except sp.PolynomialError:

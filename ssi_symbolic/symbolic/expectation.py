@@ -17,7 +17,8 @@ import sympy as sp
 
 from .exact_engine import ExactEngine
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
-                       _nonpolynomial_symbols, distribute, has_quadrature)
+                       _nonpolynomial_symbols, dag_free_symbols, distribute,
+                       has_quadrature)
 
 
 class Expectation:
@@ -41,6 +42,8 @@ class Expectation:
         self._cond_moments = {}
         self._tidy = {}
         self._rows = {}
+        self._tokens = {}
+        self._random = None  # the random variables, as a set
 
     @property
     def used_quadrature(self) -> bool:
@@ -56,27 +59,33 @@ class Expectation:
             return self._expect_mixed(sp.sympify(expr))
 
     def _token_of(self, v):
-        g = self.g
-        for l in range(g.L):
-            if v in g.token_variables(l):
-                return l
-        return None
+        """The token whose variables hold v, or None (memoised: token_variables builds lists)."""
+        if v not in self._tokens:
+            g = self.g
+            self._tokens[v] = next((l for l in range(g.L) if v in g.token_variables(l)), None)
+        return self._tokens[v]
 
     def _factors_by_token(self, term):
         """The factors of a product grouped so that groups share no token: a list of
         (sub-product, tokens); the groups are independent, their expectations multiply."""
-        const, dep = term.as_independent(*self.g.random_variables, as_Add=False)
-        groups = []  # [set of tokens, product]
-        for f in sp.Mul.make_args(dep):
-            toks = {self._token_of(v) for v in f.free_symbols} - {None}
+        if self._random is None:
+            self._random = frozenset(self.g.random_variables)
+        const = []
+        groups = []  # [set of tokens, factors]
+        for f in sp.Mul.make_args(term):
+            free = f.free_symbols
+            if not (free & self._random):
+                const.append(f)
+                continue
+            toks = {self._token_of(v) for v in free} - {None}
             merged = [gr for gr in groups if gr[0] & toks]
             rest = [gr for gr in groups if not gr[0] & toks]
-            tok, prod = set(toks), f
+            tok, factors = set(toks), [f]
             for gr in merged:
                 tok |= gr[0]
-                prod = prod * gr[1]
-            groups = rest + [[tok, prod]]
-        return const, [(prod, tuple(sorted(tok))) for tok, prod in groups]
+                factors = gr[1] + factors
+            groups = rest + [[tok, factors]]
+        return sp.Mul(*const), [(sp.Mul(*fs), tuple(sorted(tok))) for tok, fs in groups]
 
     def _gaussian_of(self, variables):
         """Mean and covariance of a tuple of token variables (independent across tokens)."""
@@ -486,23 +495,31 @@ class Expectation:
 
 def _split_free(expr, us) -> tuple:
     """(a, b) with expr = a + b, a free of the symbols us: sums split and products multiplied
-    out only as far as needed to separate the two, so b keeps its factored form (distributing
-    the conditional moments over the functions multiplied the quadrature integrands' size by
-    ten)."""
-    if not (expr.free_symbols & us):
-        return expr, sp.Integer(0)
-    if expr.is_Add:
-        parts = [_split_free(a, us) for a in expr.args]
-        return sp.Add(*[a for a, _ in parts]), sp.Add(*[b for _, b in parts])
-    if expr.is_Mul or (expr.is_Pow and expr.exp.is_Integer and expr.exp > 1
-                       and expr.base.is_Add):
-        factors = (expr.args if expr.is_Mul else [expr.base] * int(expr.exp))
-        free, dep = sp.Integer(1), sp.Integer(0)  # the product so far is free + dep
-        for f in factors:
-            fa, fb = _split_free(f, us)
-            free, dep = free * fa, free * fb + dep * f
-        return free, dep
-    return sp.Integer(0), expr
+    out only as far as needed to find a, so b keeps its factored form (distributing the
+    conditional moments over the functions multiplied the quadrature integrands' size by ten).
+    A product's free part is the product of its factors' free parts."""
+    memo = {}
+    dep = lambda x: bool(dag_free_symbols(x, memo) & us)
+
+    def split(x):
+        if not dep(x):
+            return x, sp.Integer(0)
+        if x.is_Add:
+            parts = [split(a) for a in x.args]
+            return sp.Add(*[a for a, _ in parts]), sp.Add(*[b for _, b in parts])
+        if x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp > 1 and x.base.is_Add):
+            factors = x.args if x.is_Mul else [x.base] * int(x.exp)
+            free = []
+            for f in factors:
+                a = split(f)[0] if dep(f) else f
+                if a == 0:
+                    return sp.Integer(0), x
+                free.append(a)
+            free = sp.Mul(*free)
+            return free, x - free
+        return sp.Integer(0), x
+
+    return split(expr)
 
 
 def _merge_nodes(expr, outside=()):
@@ -544,7 +561,9 @@ def _conditional_moment(alpha, mean, R, memo):
                     a2 = list(a1)
                     a2[j] -= 1
                     hit += R[i, j] * aj * _conditional_moment(tuple(a2), mean, R, memo)
-            hit = sp.expand(hit)
+            # the factors are expanded already: distributing the top level is enough (a deep
+            # expand of every term, radicals included, cost ten times more)
+            hit = sp.expand(hit, deep=False)
         memo[alpha] = hit
     return hit
 

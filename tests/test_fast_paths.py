@@ -1,0 +1,136 @@
+"""The fast paths of the derivation and the generator against the plain SymPy operations they
+replace: each must give the same expression (up to form) or the same numbers."""
+import random
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from ssi_symbolic.backends import exact
+from ssi_symbolic.backends.printing import horner
+from ssi_symbolic.symbolic import closed_forms as cf
+from ssi_symbolic.symbolic.expectation import _split_free
+from ssi_symbolic.symbolic.gaussian import GaussHermite, dag_free_symbols
+
+x, y, m, q = sp.symbols("x y m q", real=True)
+u1, u2 = sp.symbols("u1 u2", real=True)
+
+
+def _random_product(rng, atoms, depth=3):
+    """A random product of sums and small powers over the atoms (shared sub-trees)."""
+    if depth == 0:
+        return rng.choice(atoms)
+    parts = [_random_product(rng, atoms, depth - 1) for _ in range(rng.randint(1, 3))]
+    out = sp.Add(*parts) if rng.random() < 0.5 else sp.Mul(*parts)
+    return out ** 2 if rng.random() < 0.2 else out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_expanded_terms_equal_sympy_expand(seed):
+    """_expanded_terms multiplies out in dictionaries; its terms must add up to sp.expand of
+    the same rewritten integrand (hardtanh, erf, exp and Abs of the two variables)."""
+    rng = random.Random(seed)
+    links = [sp.Max(-1, sp.Min(1, x)), sp.erf(m * x + y), sp.exp(x / 3 - y), sp.Abs(x - y),
+             x, y, m, sp.sqrt(1 - m ** 2) * y, sp.Integer(2)]
+    expr = _random_product(rng, links)
+    random_vars = {x, y}
+    body = cf.rewrite(expr, random_vars)
+    got = sp.Add(*[c * t for c, t in cf._expanded_terms(body, random_vars)])
+    assert sp.expand(got - sp.expand(body)) == 0
+    for c, t in cf._expanded_terms(body, random_vars):  # coefficients free of the variables
+        assert not (c.free_symbols & random_vars)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_free_separates_the_quadrature_variables(seed):
+    """_split_free(e, us) = (a, b): a + b = e and a free of us (checked by expansion)."""
+    rng = random.Random(100 + seed)
+    atoms = [sp.tanh(m * u1 + q * u2), u1, u2, m, q, sp.Integer(3), u1 * u2 - m,
+             1 / (1 + sp.exp(-u2))]
+    expr = _random_product(rng, atoms)
+    a, b = _split_free(expr, {u1, u2})
+    assert not (a.free_symbols & {u1, u2})
+    assert sp.expand(a + b - expr) == 0
+    # the free part is the free part of the expansion
+    free = sp.Add(*[t for t in sp.Add.make_args(sp.expand(expr))
+                    if not (t.free_symbols & {u1, u2})])
+    assert sp.expand(a - free) == 0
+
+
+def test_dag_free_symbols_equal_free_symbols():
+    """Bound variables of integrals and quadrature nodes are handled as SymPy does."""
+    rng = random.Random(7)
+    atoms = [sp.sin(x), sp.Integral(x * y, (x, 0, 1)), GaussHermite(sp.tanh(u1 * m), sp.Tuple(u1)),
+             q, sp.Integer(2), x * m]
+    for _ in range(20):
+        e = _random_product(rng, atoms)
+        assert dag_free_symbols(e) == e.free_symbols
+
+
+def test_dag_replace_and_outer_atoms():
+    """_dag_replace is xreplace; _outer_atoms finds the nodes without entering them."""
+    n1 = GaussHermite(sp.tanh(u1 + m) * sp.exp(u1), sp.Tuple(u1))
+    n2 = GaussHermite(sp.tanh(u1 * q) * n1.integrand, sp.Tuple(u1))
+    e = (m * n1 + n2) ** 2 + sp.sqrt(q) * n1 * n2
+    rule = {n1: sp.Symbol("_gh0"), n2: sp.Symbol("_gh1")}
+    assert exact._dag_replace(e, rule) == e.xreplace(rule)
+    assert exact._outer_atoms(e, GaussHermite) == {n1, n2}
+
+
+def test_combine_exp_merges_products_and_keeps_values():
+    e = (x * sp.exp(x) * sp.exp(-y) + sp.tanh(sp.exp(x) * sp.exp(y) * m) / (1 + sp.exp(x))
+         + sp.exp(2 * x) * sp.exp(-x ** 2))
+    out = exact.combine_exp(e)
+    for mul in out.atoms(sp.Mul):
+        assert sum(isinstance(a, sp.exp) for a in mul.args) <= 1
+    f, g = sp.lambdify((x, y, m), e), sp.lambdify((x, y, m), out)
+    for v in [(0.3, -0.2, 0.7), (1.5, 2.0, -0.4)]:
+        assert abs(f(*v) - g(*v)) <= 1e-12 * abs(f(*v))
+
+
+def test_short_str_is_a_prefix_of_the_printed_sum():
+    e = sp.Add(*[sp.Symbol(f"a{i}") * sp.tanh(x) ** i for i in range(1, 60)])
+    s = exact.short_str(e, 120)
+    assert len(s) == 120
+    printed = " + ".join(sp.sstr(t) for t in sp.Add.make_args(e))
+    assert printed.startswith(s)
+
+
+def test_horner_of_an_unexpanded_sum_with_placeholders():
+    """horner's path for products that are not expanded (many placeholder symbols): the same
+    polynomial in the state."""
+    phs = sp.symbols("_gh0:40")
+    e = sp.Add(*[(m + phs[i]) * (q - 2 * phs[i + 1]) * (1 + m * q) for i in range(39)])
+    h = horner(e, [m, q])
+    assert sp.expand(h - e) == 0
+    assert sp.count_ops(h) < sp.count_ops(sp.expand(e))
+
+
+def test_choose_nodes_is_the_smallest_passing_candidate(tmp_path):
+    """choose_nodes (cached 2n rules, failing node first) picks what the plain loop over the
+    candidates picks: the first n whose n and 2n rules agree at every probe state."""
+    import types
+
+    from ssi_symbolic.model.spec import make_spec
+    from ssi_symbolic.symbolic.derive import derive
+    spec = make_spec("tanh_pair", 1, "tanh(z1)", "tanh(z1)")
+    text = exact.module_source(derive(spec))
+    ns = types.ModuleType("probe")
+    exec(compile(text, "probe", "exec"), ns.__dict__)
+    nodes = [getattr(ns, k) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
+    assert nodes
+    states = exact._probe_states(spec)
+    st = [np.array([s[i] for s in states]) for i in range(len(states[0]))]
+    expected = exact.NODE_CANDIDATES[-1]
+    with np.errstate(all="ignore"):
+        for n in exact.NODE_CANDIDATES:
+            ok = True
+            for f in nodes:
+                a, b = np.asarray(f(*st, n=n)), np.asarray(f(*st, n=2 * n))
+                if not (np.abs(a - b) <= exact.QUADRATURE_TOLERANCE
+                        * np.maximum(1.0, np.abs(b))).all():
+                    ok = False
+            if ok:
+                expected = n
+                break
+    assert exact.choose_nodes(text, spec) == expected

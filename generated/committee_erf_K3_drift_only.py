@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a29a619eae6a5fcea6ee25f40572eee31a313e1b0432ad8f25878706d290b238
-# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
+# spec-hash: fc2cfe913b410c3f38f4464a83ef6adf9f9a91a891679faeea4161f72a1fddb7
+# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a29a619eae6a5fcea6ee25f40572eee31a313e1b0432ad8f25878706d290b238'
+SPEC_HASH = 'fc2cfe913b410c3f38f4464a83ef6adf9f9a91a891679faeea4161f72a1fddb7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5c54c0b205ce5100dfeedc290fdd50bc8d0c62704fe124bcb4dc42de97a4c838
-# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
+# spec-hash: 94f28b6a7cc3b29c4b4e7c0289dd25d5fe7ee1640ba030fdeceaba493011df83
+# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5c54c0b205ce5100dfeedc290fdd50bc8d0c62704fe124bcb4dc42de97a4c838'
+SPEC_HASH = '94f28b6a7cc3b29c4b4e7c0289dd25d5fe7ee1640ba030fdeceaba493011df83'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

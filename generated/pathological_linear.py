@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: de61bed977662d2c789d22d7e4ad742b4fc83d8dc7b6564d89ac9381adef89b5
-# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
+# spec-hash: 794486eb7ac4f77847dfb9ee9bc09823d13624057703a777fb54262a7735f750
+# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'de61bed977662d2c789d22d7e4ad742b4fc83d8dc7b6564d89ac9381adef89b5'
+SPEC_HASH = '794486eb7ac4f77847dfb9ee9bc09823d13624057703a777fb54262a7735f750'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

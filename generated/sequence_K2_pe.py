@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b19c1f504a0a442d806e0d01b7e7e5be8360f3a702a4a55e0d6285033acfea3e
-# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
+# spec-hash: 127b212136495ca86ed5a8d2f8600b160cec5e4cf8e9736eecf78ce7cc8d4ff7
+# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b19c1f504a0a442d806e0d01b7e7e5be8360f3a702a4a55e0d6285033acfea3e'
+SPEC_HASH = '127b212136495ca86ed5a8d2f8600b160cec5e4cf8e9736eecf78ce7cc8d4ff7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

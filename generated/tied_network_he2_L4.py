@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 022433565d1d6acf608fe3a030ad9ca9ef3141d49a4cdd3c2eccb979dfaaf396
-# tool: ssi-symbolic 0.1.0 generator 1 source 86791361c90d6a8d
+# spec-hash: d1c7f4aed417e543ffe01cbae57abb0775a432fddeb6949df7dc81a06f7d9d28
+# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '022433565d1d6acf608fe3a030ad9ca9ef3141d49a4cdd3c2eccb979dfaaf396'
+SPEC_HASH = 'd1c7f4aed417e543ffe01cbae57abb0775a432fddeb6949df7dc81a06f7d9d28'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -469,6 +469,7 @@ class GaussianClosedForm:
         self._completed = {}  # (S, used, A) -> _completed_covariance(S, used, A)
         self._expanded = {}  # functions -> terms of their rewritten expansion (or the refusal)
         self._terms = {}  # E[monomial * atoms] of the expanded terms
+        self._squares = {}  # (mu, S, Q) -> the completed square of exp(Q) under N(mu, S)
 
     # --- parsing -------------------------------------------------------------------------
     def expect(self, expr):
@@ -614,6 +615,18 @@ class GaussianClosedForm:
         return self._orthant(mu, S, phis, hs)
 
     def _complete_square(self, mu, S, mono, Q, phis, hs):
+        key = (mu, tuple(S), Q)  # shared by every monomial and threshold set
+        hit = self._squares.get(key)
+        if hit is None:
+            hit = self._squares[key] = self._square(mu, S, Q)
+        det, Z, mu2, S2 = hit
+        self.conditions.append(det)
+        return Z * self._solve(mu2, S2, mono, sp.Integer(0), phis, hs, ())
+
+    def _square(self, mu, S, Q):
+        """(det(I + A Sigma), exp(...) / sqrt(det), mean, covariance) of the Gaussian
+        N(mu, S) tilted by exp(Q), Q quadratic in the variables: E[exp(Q) f(x)] =
+        exp(...) / sqrt(det) E'[f(x)] under the returned mean and covariance."""
         xs, n = self.xs, len(self.xs)
         try:
             P = sp.Poly(Q, *xs)
@@ -647,9 +660,7 @@ class GaussianClosedForm:
         mu2 = tuple(sp.expand(mu[i] + shift[i]) for i in range(n))
         S2_SS = S2.extract(used, used)
         expo = c0 + (B.T * muS)[0] - (muS.T * A * muS)[0] / 2 + (b.T * S2_SS * b)[0] / 2
-        self.conditions.append(det)
-        Z = sp.exp(sp.expand(expo)) / sp.sqrt(det)
-        return Z * self._solve(mu2, S2, mono, sp.Integer(0), phis, hs, ())
+        return det, sp.exp(sp.expand(expo)) / sp.sqrt(det), mu2, S2
 
     def _stein(self, mu, S, mono, i, phis, hs):
         n = len(self.xs)

@@ -179,7 +179,9 @@ class Expectation:
             mean, S = self._gaussian_of(variables)
             mu = sp.Matrix(mean)
             K = (A * S * A.T).applyfunc(sp.expand)
-            Kinv = K.inv().applyfunc(sp.cancel)
+            # a few forms (k < n): the adjugate over the determinant (Matrix.inv's elimination
+            # with its zero tests took ~60 ms per 2 x 2 symbolic matrix)
+            Kinv = (K.adjugate() / K.det()).applyfunc(sp.cancel)
             G = (S * A.T * Kinv).applyfunc(sp.cancel)           # E[x | Y] = mu + G (Y - A mu)
             R = (S - G * A * S).applyfunc(sp.cancel)
             ys = tuple(sp.Symbol(f"y{i + 1}", real=True) for i in range(k))

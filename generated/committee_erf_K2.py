@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3b61a9aa16edd696e63566808749b4b088c850e7dfbf0411d73e8c6ad532af8b
-# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
+# spec-hash: 189daf2a8bbdb994646428c164f3b379bdf3f0cf83b89c6a8b22aa1ee94c7635
+# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3b61a9aa16edd696e63566808749b4b088c850e7dfbf0411d73e8c6ad532af8b'
+SPEC_HASH = '189daf2a8bbdb994646428c164f3b379bdf3f0cf83b89c6a8b22aa1ee94c7635'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 794486eb7ac4f77847dfb9ee9bc09823d13624057703a777fb54262a7735f750
-# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
+# spec-hash: d4c570c39f3032e974323274b1c0218bcf1d405e140e81749ef02a4e8fb67a38
+# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '794486eb7ac4f77847dfb9ee9bc09823d13624057703a777fb54262a7735f750'
+SPEC_HASH = 'd4c570c39f3032e974323274b1c0218bcf1d405e140e81749ef02a4e8fb67a38'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

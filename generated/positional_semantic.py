@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 44f39e7d1c93a9a18239c298f2c4c3b814237361d743160cd65f1b23ed7df33c
-# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8 attention 1 f9f1643c73eb773f
+# spec-hash: c9a19e7c52420a168eeaad8814b47a7b4509fb9838957866a19df06db9a1a5c3
+# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -44,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '44f39e7d1c93a9a18239c298f2c4c3b814237361d743160cd65f1b23ed7df33c'
+SPEC_HASH = 'c9a19e7c52420a168eeaad8814b47a7b4509fb9838957866a19df06db9a1a5c3'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08

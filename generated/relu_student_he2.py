@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9bd75e10b642932303b4fd40343a63944af0a344f2a39359fbb0152f83d1ea67
-# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
+# spec-hash: 29b09527a50310caea931bbe8979140e932b2a15731e2c007d84a35c60719e91
+# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9bd75e10b642932303b4fd40343a63944af0a344f2a39359fbb0152f83d1ea67'
+SPEC_HASH = '29b09527a50310caea931bbe8979140e932b2a15731e2c007d84a35c60719e91'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

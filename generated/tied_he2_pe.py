@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7fc5d2560d679803bdcf24b5f30a55995430b8c456a097bfc55b5c2656b9fde1
-# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
+# spec-hash: cf6d089be65d11038c79bb0677212c91c10f3abea03e809b4a5bf4492152eafe
+# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7fc5d2560d679803bdcf24b5f30a55995430b8c456a097bfc55b5c2656b9fde1'
+SPEC_HASH = 'cf6d089be65d11038c79bb0677212c91c10f3abea03e809b4a5bf4492152eafe'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3b1034bdd8ac239d3b193874e7eb20fec99c65e08b21fb51d174b1fcea4adeb2
-# tool: ssi-symbolic 0.1.0 generator 1 source 1d2fc7ef6fd37df8
+# spec-hash: 15a5454d852168ec5df3550181ff0616f93035556e1b16a9250905e83bfb6bcb
+# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3b1034bdd8ac239d3b193874e7eb20fec99c65e08b21fb51d174b1fcea4adeb2'
+SPEC_HASH = '15a5454d852168ec5df3550181ff0616f93035556e1b16a9250905e83bfb6bcb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -498,10 +498,11 @@ def _outer_atoms(expr, cls) -> set:
     return out
 
 
-def _dag_replace(expr, mapping):
-    """expr.xreplace(mapping), visiting each distinct subexpression once (closed forms share
-    large subtrees, which xreplace walks again at every occurrence)."""
-    memo = {}
+def _dag_map(expr, mapping=None, post=None):
+    """expr rebuilt bottom-up visiting each distinct sub-expression once: a sub-expression in
+    `mapping` is replaced (not entered), every rebuilt one passed through `post`. Closed forms
+    share large sub-trees, which xreplace and powsimp walk again at every occurrence."""
+    mapping, memo = mapping or {}, {}
 
     def walk(x):
         hit = mapping.get(x)
@@ -513,34 +514,33 @@ def _dag_replace(expr, mapping):
         if hit is None:
             args = [walk(a) for a in x.args]
             hit = x.func(*args) if any(a is not b for a, b in zip(args, x.args)) else x
-            memo[x] = hit
+            memo[x] = hit = post(hit) if post is not None else hit
         return hit
 
     return walk(expr)
 
 
+def _dag_replace(expr, mapping):
+    """expr.xreplace(mapping), each shared sub-expression visited once."""
+    return _dag_map(expr, mapping)
+
+
+def _merge_exps(x):
+    """A product with several exponential factors with them merged: exp(a) exp(b) c ->
+    exp(a + b) c."""
+    if not x.is_Mul:
+        return x
+    exps = [a for a in x.args if isinstance(a, sp.exp)]
+    if len(exps) < 2:
+        return x
+    rest = [a for a in x.args if not isinstance(a, sp.exp)]
+    return sp.Mul(*rest, sp.exp(sp.Add(*[a.args[0] for a in exps])))
+
+
 def combine_exp(expr):
     """expr with every product of exponentials exp(a) exp(b) written exp(a + b) (what
     sp.powsimp(expr, combine="exp") does for them, without its cost on large integrands)."""
-    memo = {}
-
-    def walk(x):
-        if not x.args or x.is_Atom:
-            return x
-        hit = memo.get(x)
-        if hit is not None:
-            return hit
-        args = [walk(a) for a in x.args]
-        out = x.func(*args) if any(a is not b for a, b in zip(args, x.args)) else x
-        if out.is_Mul:
-            exps = [a for a in out.args if isinstance(a, sp.exp)]
-            if len(exps) > 1:
-                rest = [a for a in out.args if not isinstance(a, sp.exp)]
-                out = sp.Mul(*rest, sp.exp(sp.Add(*[a.args[0] for a in exps])))
-        memo[x] = out
-        return out
-
-    return walk(expr)
+    return _dag_map(expr, post=_merge_exps)
 
 
 def short_str(expr, limit: int) -> str:

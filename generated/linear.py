@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4b138089afb7f513164e7d5ffb9e46ed6ddff02ad0fa5b7a7ae42c2c09d62870
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
+# spec-hash: b06ebab922282153020d1abf7e09382c7bf23c2495e12110c0916efb865415e5
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4b138089afb7f513164e7d5ffb9e46ed6ddff02ad0fa5b7a7ae42c2c09d62870'
+SPEC_HASH = 'b06ebab922282153020d1abf7e09382c7bf23c2495e12110c0916efb865415e5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -213,25 +213,25 @@ def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x1 = (eta*eta)
     _x2 = 3*_x1
-    _x3 = (eta*eta*eta)
-    _x4 = 4*_x3
-    _x5 = (eta*eta*eta*eta)
-    _x6 = 2*_x5
+    _x3 = (eta*eta*eta*eta)
+    _x4 = 2*_x3
+    _x5 = (eta*eta*eta)
+    _x6 = 4*_x5
     _x7 = 2*_x1
-    _x8 = _x4 + _x7
-    _c0_0 = _x2 + m*(-_x8 + m*(_x4 + _x6 - 4*_x1 + m*(_x8 - 4*_x5 + m*(_x1 + _x6 - _x4))))
+    _x8 = _x6 + _x7
+    _c0_0 = _x2 + m*(-_x8 + m*(_x4 + _x6 - 4*_x1 + m*(_x8 - 4*_x3 + m*(_x1 + _x4 - _x6))))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
     """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
     _x1 = (eta*eta)
     _x2 = 3*_x1
-    _x3 = (eta*eta*eta)
-    _x5 = (eta*eta*eta*eta)
+    _x3 = (eta*eta*eta*eta)
+    _x5 = (eta*eta*eta)
     _x7 = 2*_x1
-    _x9 = (9/2)*_x5
-    _x10 = -15*_x3 + 9*_x5 - m*(_x2 + _x9 - 9*_x3)
-    _x11 = -3*_x3
+    _x9 = (9/2)*_x3
+    _x10 = -15*_x5 + 9*_x3 - m*(_x2 + _x9 - 9*_x5)
+    _x11 = -3*_x5
     _x12 = _x11 + _x9
     _x13 = _x11 + _x7
     return _bc(_x13 + m*(_x12 + m*(-_x10 - 5*_x1)))
@@ -240,12 +240,12 @@ def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
     _x1 = (eta*eta)
     _x2 = 3*_x1
-    _x3 = (eta*eta*eta)
-    _x5 = (eta*eta*eta*eta)
+    _x3 = (eta*eta*eta*eta)
+    _x5 = (eta*eta*eta)
     _x7 = 2*_x1
-    _x9 = (9/2)*_x5
-    _x10 = -15*_x3 + 9*_x5 - m*(_x2 + _x9 - 9*_x3)
-    _x11 = -3*_x3
+    _x9 = (9/2)*_x3
+    _x10 = -15*_x5 + 9*_x3 - m*(_x2 + _x9 - 9*_x5)
+    _x11 = -3*_x5
     _x12 = _x11 + _x9
     _x13 = _x11 + _x7
     return _bc(_x13 + m*(_x12 - _x7 + m*(-_x10 - _x2)))

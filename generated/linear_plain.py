@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ed24bc60cc4d46cecc9ae9b63d21b79e4360d8674449af1aa7730044a90e9fc3
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
+# spec-hash: 6d887ba99900aa29b0898eba6aca64d6048c05ee77417d0d6b2857c94615e358
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ed24bc60cc4d46cecc9ae9b63d21b79e4360d8674449af1aa7730044a90e9fc3'
+SPEC_HASH = '6d887ba99900aa29b0898eba6aca64d6048c05ee77417d0d6b2857c94615e358'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -196,20 +196,20 @@ def population_loss(m, q):
 
 def drift_eta1(m, q):
     """O(eta) drift coefficients E[G1_i] for (m, q): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = 2*m
-    _x1 = 2*q
-    return _bc(1 - m, _x0 - _x1)
+    _x0 = 2*q
+    _x1 = 2*m
+    return _bc(1 - m, _x1 - _x0)
 
 def drift_eta2(m, q):
     """O(eta^2) drift coefficients E[G2_i] for (m, q) (exact)."""
-    _x0 = 2*m
-    return _bc(0, 1 + q - _x0)
+    _x1 = 2*m
+    return _bc(0, 1 + q - _x1)
 
 def drift(m, q, eta):
     """Drift d(m, q)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = 2*m
-    _x1 = 2*q
-    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x0 - _x1) + eta**2 * (1 + q - _x0))
+    _x0 = 2*q
+    _x1 = 2*m
+    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x1 - _x0) + eta**2 * (1 + q - _x1))
 
 def covariance(m, q, eta):
     """Cov(G)_ij over (m, q), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
@@ -221,12 +221,12 @@ def covariance(m, q, eta):
     _x7 = 2*_x6
     _x8 = (eta*eta*eta*eta)
     _x9 = 2*_x8
-    _x10 = 8*_x6
-    _x11 = -_x10
-    _x12 = 8*_x8
+    _x10 = 8*_x8
+    _x11 = 8*_x6
+    _x12 = -_x11
     _c0_0 = _x3 + _x2*q + m*(_x5 + _x2*m)
     _c0_1 = _x7 + m*(_x4 - 6*_x6 + m*(-6*_x2 + 4*_x6) + q*(-_x5 - _x7)) + q*(_x7 - _x3)
-    _c1_1 = _x9 + m*(_x10 - _x12 + m*(_x12 + _x4 - 16*_x6) + q*(-_x12 - 16*_x2 + 24*_x6)) + q*(_x11 + _x4 + 4*_x8 + q*(_x11 + _x9 + 8*_x2))
+    _c1_1 = _x9 + m*(_x11 - _x10 + m*(_x10 + _x4 - 16*_x6) + q*(-_x10 - 16*_x2 + 24*_x6)) + q*(_x12 + _x4 + 4*_x8 + q*(_x12 + _x9 + 8*_x2))
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
 
 def ito_correction(m, q, eta):
@@ -235,11 +235,11 @@ def ito_correction(m, q, eta):
 
 def finite_d_correction(m, q, eta):
     """d times the whole O(1/d) drift for (m, q): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
-    _x1 = 2*q
+    _x0 = 2*q
     _x2 = (eta*eta)
     _x3 = 2*_x2
     _x4 = 4*_x2
-    return _bc(0, _x3 + _x1*_x2 - _x4*m)
+    return _bc(0, _x3 + _x0*_x2 - _x4*m)
 
 def drift_jacobian(m, q, eta):
     """Jacobian d drift_i / d x_j over (m, q), derived symbolically (exact)."""

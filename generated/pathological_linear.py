@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d4c570c39f3032e974323274b1c0218bcf1d405e140e81749ef02a4e8fb67a38
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
+# spec-hash: 9f1eb288414fbc9f1d574e1a6d60022d8532ffcd1568fc9758625d543754ce14
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd4c570c39f3032e974323274b1c0218bcf1d405e140e81749ef02a4e8fb67a38'
+SPEC_HASH = '9f1eb288414fbc9f1d574e1a6d60022d8532ffcd1568fc9758625d543754ce14'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7b578cb1c8626a048cb209353011f699b1639226b8b89943a4db43276dca4150
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
+# spec-hash: 8f85721bbea5b24521363547f1304bd8da0e094ba66fd3b9218b7fec72415e1f
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7b578cb1c8626a048cb209353011f699b1639226b8b89943a4db43276dca4150'
+SPEC_HASH = '8f85721bbea5b24521363547f1304bd8da0e094ba66fd3b9218b7fec72415e1f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: c9a19e7c52420a168eeaad8814b47a7b4509fb9838957866a19df06db9a1a5c3
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280 attention 1 f9f1643c73eb773f
+# spec-hash: e9ab11fa35a1c730d3525dba22aa7bd2d56632ec29a30b6baf9f912c0321f83c
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -44,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'c9a19e7c52420a168eeaad8814b47a7b4509fb9838957866a19df06db9a1a5c3'
+SPEC_HASH = 'e9ab11fa35a1c730d3525dba22aa7bd2d56632ec29a30b6baf9f912c0321f83c'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08
@@ -496,12 +496,12 @@ def teacher_link(z1, z2, omega=0.5, a=1.0):
     with numpy.errstate(over="ignore"):
         _x0 = 2*(a*a)
         _x1 = omega/(1 + numpy.exp(-_x0))
-        _x2 = 1 - omega
-        _x3 = z1*z2
-        _x4 = (z1*z1) - _x3
+        _x2 = z1*z2
+        _x3 = (z1*z1) - _x2
+        _x4 = 1 - omega
         _x5 = omega/(1 + numpy.exp(_x0))
-        _x6 = _x3 - (z2*z2)
-        out = _bc(_x1 + _x2/(1 + numpy.exp(-_x4)), _x5 + _x2/(1 + numpy.exp(_x4)), _x5 + _x2/(1 + numpy.exp(-_x6)), _x1 + _x2/(1 + numpy.exp(_x6)))
+        _x6 = _x2 - (z2*z2)
+        out = _bc(_x1 + _x4/(1 + numpy.exp(-_x3)), _x5 + _x4/(1 + numpy.exp(_x3)), _x5 + _x4/(1 + numpy.exp(-_x6)), _x1 + _x4/(1 + numpy.exp(_x6)))
     return out
 
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 29b09527a50310caea931bbe8979140e932b2a15731e2c007d84a35c60719e91
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
+# spec-hash: d7a4f2df4c6d6f6536d7e57a94b659f6c05e34f2e73ac40af26ec34520b57bf0
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '29b09527a50310caea931bbe8979140e932b2a15731e2c007d84a35c60719e91'
+SPEC_HASH = 'd7a4f2df4c6d6f6536d7e57a94b659f6c05e34f2e73ac40af26ec34520b57bf0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'
@@ -227,19 +227,19 @@ def covariance(m, eta):
     _x1 = (m*m)
     _x4 = (eta*eta)
     _x5 = 3*_x4
-    _x6 = 2*_x4
-    _x7 = (eta*eta*eta)
-    _x8 = 6*_x7
-    _x9 = (eta*eta*eta*eta)
-    _x10 = scipy.constants.pi**(-1.0)
-    _x11 = _x10*_x4
-    _x12 = _x0*_x7
-    _x13 = _x0*_x9
-    _x14 = 3*_x9
-    _x15 = -_x10*_x7
-    _x16 = _x0*_x4
-    _x17 = -_x0*_x14
-    _c0_0 = _x5 + _x1*(_x8 - _x11 - 20*_x12 - 5*_x4 - 2*_x13 + (11/4)*_x9 + _x0*_x5 + _x1*(_x14 + _x15 + _x6 - _x16 - _x8 - 10*_x13 + 32*_x12 + _x1*(-_x11 - _x15 - _x17 - 33/2*_x12 + _x1*(-3/4*_x13 + (9/2)*_x0*_x7) - 1/4*_x10*_x9) + _x10*_x6)) - _x0*_x6
+    _x6 = (eta*eta*eta)
+    _x7 = 6*_x6
+    _x8 = (eta*eta*eta*eta)
+    _x9 = 2*_x4
+    _x10 = 3*_x8
+    _x11 = scipy.constants.pi**(-1.0)
+    _x12 = _x11*_x4
+    _x13 = -_x11*_x6
+    _x14 = _x0*_x8
+    _x15 = -_x0*_x10
+    _x16 = _x0*_x6
+    _x17 = _x0*_x4
+    _c0_0 = _x5 + _x1*(_x7 - _x12 - 20*_x16 - 5*_x4 - 2*_x14 + (11/4)*_x8 + _x0*_x5 + _x1*(_x10 + _x13 + _x9 - _x17 - _x7 - 10*_x14 + 32*_x16 + _x1*(-_x12 - _x13 - _x15 - 33/2*_x16 + _x1*(-3/4*_x14 + (9/2)*_x0*_x6) - 1/4*_x11*_x8) + _x11*_x9)) - _x0*_x9
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -248,15 +248,15 @@ def ito_correction(m, eta):
     _x1 = (m*m)
     _x4 = (eta*eta)
     _x5 = 3*_x4
-    _x7 = (eta*eta*eta)
-    _x9 = (eta*eta*eta*eta)
-    _x12 = _x0*_x7
-    _x13 = _x0*_x9
-    _x14 = 3*_x9
-    _x16 = _x0*_x4
-    _x17 = -_x0*_x14
-    _x18 = (9/2)*_x9
-    _x19 = m*(_x17 + _x18 - _x4 + 4*_x16 - 17/2*_x12 + _x1*(_x18 + _x5 - 9*_x7 - 7*_x16 + 33*_x12 - 63/4*_x13 + _x1*(-45/4*_x12 + _x0*_x18 + _x1*(-9/8*_x13 + 3*_x0*_x7))))
+    _x6 = (eta*eta*eta)
+    _x8 = (eta*eta*eta*eta)
+    _x10 = 3*_x8
+    _x14 = _x0*_x8
+    _x15 = -_x0*_x10
+    _x16 = _x0*_x6
+    _x17 = _x0*_x4
+    _x18 = (9/2)*_x8
+    _x19 = m*(_x15 + _x18 - _x4 + 4*_x17 - 17/2*_x16 + _x1*(_x18 + _x5 - 9*_x6 - 7*_x17 + 33*_x16 - 63/4*_x14 + _x1*(-45/4*_x16 + _x0*_x18 + _x1*(-9/8*_x14 + 3*_x0*_x6))))
     return _bc(_x19)
 
 def finite_d_correction(m, eta):
@@ -265,15 +265,15 @@ def finite_d_correction(m, eta):
     _x1 = (m*m)
     _x4 = (eta*eta)
     _x5 = 3*_x4
-    _x7 = (eta*eta*eta)
-    _x9 = (eta*eta*eta*eta)
-    _x12 = _x0*_x7
-    _x13 = _x0*_x9
-    _x14 = 3*_x9
-    _x16 = _x0*_x4
-    _x17 = -_x0*_x14
-    _x18 = (9/2)*_x9
-    _x19 = m*(_x17 + _x18 - _x4 + 4*_x16 - 17/2*_x12 + _x1*(_x18 + _x5 - 9*_x7 - 7*_x16 + 33*_x12 - 63/4*_x13 + _x1*(-45/4*_x12 + _x0*_x18 + _x1*(-9/8*_x13 + 3*_x0*_x7))))
+    _x6 = (eta*eta*eta)
+    _x8 = (eta*eta*eta*eta)
+    _x10 = 3*_x8
+    _x14 = _x0*_x8
+    _x15 = -_x0*_x10
+    _x16 = _x0*_x6
+    _x17 = _x0*_x4
+    _x18 = (9/2)*_x8
+    _x19 = m*(_x15 + _x18 - _x4 + 4*_x17 - 17/2*_x16 + _x1*(_x18 + _x5 - 9*_x6 - 7*_x17 + 33*_x16 - 63/4*_x14 + _x1*(-45/4*_x16 + _x0*_x18 + _x1*(-9/8*_x14 + 3*_x0*_x6))))
     return _bc(_x19)
 
 def drift_jacobian(m, eta):
@@ -281,9 +281,9 @@ def drift_jacobian(m, eta):
     _x0 = 1/numpy.sqrt(scipy.constants.pi)
     _x1 = (m*m)
     _x4 = (eta*eta)
-    _x16 = _x0*_x4
+    _x17 = _x0*_x4
     _x20 = _x0*eta
-    return _bc_nested(((_x20 - 1/2*_x4 + _x1*(-3*_x20 + (3/2)*_x16),),))
+    return _bc_nested(((_x20 - 1/2*_x4 + _x1*(-3*_x20 + (3/2)*_x17),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 15a5454d852168ec5df3550181ff0616f93035556e1b16a9250905e83bfb6bcb
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
+# spec-hash: 2dbcd26c6a2ccd614e82d387a2b8e7074c0c0476d39ea224f693f03315aff89f
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '15a5454d852168ec5df3550181ff0616f93035556e1b16a9250905e83bfb6bcb'
+SPEC_HASH = '2dbcd26c6a2ccd614e82d387a2b8e7074c0c0476d39ea224f693f03315aff89f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -217,11 +217,11 @@ def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x0 = numpy.sqrt(2)
     _x2 = (eta*eta)
-    _x3 = (eta*eta*eta)
+    _x3 = (5/2)*_x2
     _x4 = (eta*eta*eta*eta)
-    _x5 = (5/2)*_x2
-    _x6 = _x4*m
-    _c0_0 = _x2*(43/4 - 2*_x0) + m*(_x2*(-11/2 + (7/2)*_x0) + _x3*(-191/4 + (45/4)*_x0) + m*(_x2*(-9 + (1/4)*_x0) + _x3*(283/4 - 399/4*_x0) + _x4*(20907/32 - 20*_x0) + m*(_x2*(11/2 - 6*_x0) + _x3*(73/4 + (211/4)*_x0) + _x4*(-6855/8 + (1661/8)*_x0) + m*(_x2*(-17/4 + (7/4)*_x0) + _x3*(-55/4 + (331/4)*_x0) + _x4*(11989/16 - 15655/16*_x0) + m*(_x0*_x5 + _x3*(59/2 - 64*_x0) + _x4*(-1307/4 + (1117/2)*_x0) + m*(_x5 + _x3*(-57 + 17*_x0) + _x4*(1829/4 - 741/4*_x0) + m*(-135/2*_x4 - 45/4*_x0*_x6)))))))
+    _x5 = _x4*m
+    _x6 = (eta*eta*eta)
+    _c0_0 = _x2*(43/4 - 2*_x0) + m*(_x2*(-11/2 + (7/2)*_x0) + _x6*(-191/4 + (45/4)*_x0) + m*(_x2*(-9 + (1/4)*_x0) + _x4*(20907/32 - 20*_x0) + _x6*(283/4 - 399/4*_x0) + m*(_x2*(11/2 - 6*_x0) + _x4*(-6855/8 + (1661/8)*_x0) + _x6*(73/4 + (211/4)*_x0) + m*(_x2*(-17/4 + (7/4)*_x0) + _x4*(11989/16 - 15655/16*_x0) + _x6*(-55/4 + (331/4)*_x0) + m*(_x0*_x3 + _x4*(-1307/4 + (1117/2)*_x0) + _x6*(59/2 - 64*_x0) + m*(_x3 + _x4*(1829/4 - 741/4*_x0) + _x6*(-57 + 17*_x0) + m*(-135/2*_x4 - 45/4*_x0*_x5)))))))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -229,28 +229,28 @@ def ito_correction(m, eta):
     _x0 = numpy.sqrt(2)
     _x1 = (1/2)*_x0
     _x2 = (eta*eta)
-    _x3 = (eta*eta*eta)
     _x4 = (eta*eta*eta*eta)
-    _x6 = _x4*m
+    _x5 = _x4*m
+    _x6 = (eta*eta*eta)
     _x7 = (9/2)*_x2
-    _x8 = _x3*(-1611/8 + (2907/8)*_x0) + _x4*(18369/16 - 47817/32*_x0) + m*(_x0*_x7 + _x3*(189/4 - 2367/16*_x0) + _x4*(-504 + (27351/32)*_x0) + m*(_x7 + _x3*(-909/8 + 27*_x0) + _x4*(44667/64 - 567/2*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x6)))
-    _x9 = _x3*(2601/8 - 453/16*_x0) + _x4*(-21093/16 + (5079/16)*_x0)
-    _x10 = _x3*(-279 - 93/2*_x0) + _x4*(64257/64 - 30*_x0)
-    _x11 = _x2*(11/2 - _x0) + _x3*(-207/8 + (45/8)*_x0)
+    _x8 = _x4*(18369/16 - 47817/32*_x0) + _x6*(-1611/8 + (2907/8)*_x0) + m*(_x0*_x7 + _x4*(-504 + (27351/32)*_x0) + _x6*(189/4 - 2367/16*_x0) + m*(_x7 + _x4*(44667/64 - 567/2*_x0) + _x6*(-909/8 + 27*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x5)))
+    _x9 = _x4*(-21093/16 + (5079/16)*_x0) + _x6*(2601/8 - 453/16*_x0)
+    _x10 = _x4*(64257/64 - 30*_x0) + _x6*(-279 - 93/2*_x0)
+    _x11 = _x2*(11/2 - _x0) + _x6*(-207/8 + (45/8)*_x0)
     return _bc(_x11 + m*(_x10 + _x2*(61/4 + (19/2)*_x0) + m*(_x9 + _x2*(-79/4 - _x1) + m*(_x8 + _x2*(21/2 - 183/8*_x0)))))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
     _x0 = numpy.sqrt(2)
     _x2 = (eta*eta)
-    _x3 = (eta*eta*eta)
     _x4 = (eta*eta*eta*eta)
-    _x6 = _x4*m
+    _x5 = _x4*m
+    _x6 = (eta*eta*eta)
     _x7 = (9/2)*_x2
-    _x8 = _x3*(-1611/8 + (2907/8)*_x0) + _x4*(18369/16 - 47817/32*_x0) + m*(_x0*_x7 + _x3*(189/4 - 2367/16*_x0) + _x4*(-504 + (27351/32)*_x0) + m*(_x7 + _x3*(-909/8 + 27*_x0) + _x4*(44667/64 - 567/2*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x6)))
-    _x9 = _x3*(2601/8 - 453/16*_x0) + _x4*(-21093/16 + (5079/16)*_x0)
-    _x10 = _x3*(-279 - 93/2*_x0) + _x4*(64257/64 - 30*_x0)
-    _x11 = _x2*(11/2 - _x0) + _x3*(-207/8 + (45/8)*_x0)
+    _x8 = _x4*(18369/16 - 47817/32*_x0) + _x6*(-1611/8 + (2907/8)*_x0) + m*(_x0*_x7 + _x4*(-504 + (27351/32)*_x0) + _x6*(189/4 - 2367/16*_x0) + m*(_x7 + _x4*(44667/64 - 567/2*_x0) + _x6*(-909/8 + 27*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x5)))
+    _x9 = _x4*(-21093/16 + (5079/16)*_x0) + _x6*(2601/8 - 453/16*_x0)
+    _x10 = _x4*(64257/64 - 30*_x0) + _x6*(-279 - 93/2*_x0)
+    _x11 = _x2*(11/2 - _x0) + _x6*(-207/8 + (45/8)*_x0)
     return _bc(_x11 + m*(_x10 + _x2*(-9/2 + (21/2)*_x0) + m*(_x9 + _x2*(-33/4 - 3*_x0) + m*(_x8 + _x2*(5 - 99/8*_x0)))))
 
 def drift_jacobian(m, eta):

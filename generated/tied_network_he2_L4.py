@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5f996a47b38825fb71e56ce70c952a8047771ed4df0034dd8f8247908b28b966
-# tool: ssi-symbolic 0.1.0 generator 1 source 318d0edd861e2280
+# spec-hash: 503864696a89dfdbd1685f5cef949d5e5aebf61cad63beccd695aeae0e3b3293
+# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5f996a47b38825fb71e56ce70c952a8047771ed4df0034dd8f8247908b28b966'
+SPEC_HASH = '503864696a89dfdbd1685f5cef949d5e5aebf61cad63beccd695aeae0e3b3293'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

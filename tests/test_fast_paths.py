@@ -134,3 +134,39 @@ def test_choose_nodes_is_the_smallest_passing_candidate(tmp_path):
                 expected = n
                 break
     assert exact.choose_nodes(text, spec) == expected
+
+
+def _module(spec):
+    import types
+
+    from ssi_symbolic.symbolic.derive import derive
+    ns = types.ModuleType(spec.name)
+    exec(compile(exact.module_source(derive(spec)), spec.name, "exec"), ns.__dict__)
+    return ns
+
+
+@pytest.mark.parametrize("teacher,student,C", [
+    ("hardtanh(z1)", None, None),
+    ("relu(z1)", "leaky_relu(z1, 0.2)", [[1.0]]),
+    ("Phi(z1)", None, [[0.5]]),
+])
+def test_whole_closed_form_equals_term_by_term(teacher, student, C, monkeypatch):
+    """An integrand of one token group goes to the closed-form engine whole (it expands the
+    product once); the module must give the numbers of the term-by-term path it replaces
+    (each expanded term its own expectation), loss, drift and Cov(G), at random states."""
+    from ssi_symbolic.model.spec import make_spec
+    from ssi_symbolic.symbolic.expectation import Expectation
+    spec = make_spec("whole", 1, teacher, student, positional=C)
+    whole = _module(spec)
+    monkeypatch.setattr(Expectation, "_whole_closed_form", lambda self, expr, random: None)
+    terms = _module(spec)
+    assert whole.OUTPUT_METHODS == terms.OUTPUT_METHODS
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        state = [rng.uniform(0.1, 0.7) if k[0] in "me" else rng.uniform(0.8, 1.3)
+                 for k in whole.OVERLAPS]
+        for f in ("population_loss", "drift_eta1", "drift_eta2"):
+            np.testing.assert_allclose(getattr(whole, f)(*state), getattr(terms, f)(*state),
+                                       rtol=1e-12, atol=1e-14, err_msg=f)
+        np.testing.assert_allclose(whole.covariance(*state, eta=0.3),
+                                   terms.covariance(*state, eta=0.3), rtol=1e-12, atol=1e-14)

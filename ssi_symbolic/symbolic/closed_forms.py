@@ -260,6 +260,12 @@ def _expanded_terms(expr, random) -> list:
     return terms
 
 
+def _dot(a, v):
+    """sum_i a_i v_i, skipping zero products: SymPy's 0 * x asks whether x is finite, which
+    walks the whole of a large x."""
+    return sp.Add(*[ai * vi for ai, vi in zip(a, v) if ai != 0 and vi != 0])
+
+
 def _simplify_entry(x):
     """A covariance entry in a light normal form: expanded, and cancelled only when it has a
     non-numeric denominator."""
@@ -474,8 +480,10 @@ class GaussianClosedForm:
     # --- parsing -------------------------------------------------------------------------
     def expect(self, expr):
         """E[expr]; NoClosedForm when a factor is outside the families, or when the reduction
-        needs more than MAX_REDUCTIONS new sub-problems (high polynomial degrees times several
-        thresholds: the closed form would be huge and slow, quadrature is the better tool)."""
+        of a term of its expansion needs more than MAX_REDUCTIONS new sub-problems (high
+        polynomial degrees times several thresholds: the closed form would be huge and slow,
+        quadrature is the better tool). The budget is per term, so that a sum given whole is
+        as closable as its terms given one by one."""
         random = set(self.xs)
         self._budget = MAX_REDUCTIONS
         expr = sp.sympify(expr)
@@ -514,6 +522,7 @@ class GaussianClosedForm:
             value = self._terms.get(key)
             if value is None:
                 coef, plan = plans[key]
+                self._budget = MAX_REDUCTIONS  # per term: a sum is as closable as its terms
                 value = self._terms[key] = coef * self._solve_plan(plan)
             parts.append(c * value)
         total = sp.Mul(*const) * sp.Add(*parts)
@@ -598,7 +607,7 @@ class GaussianClosedForm:
         if ds:  # condition on the first delta's hyperplane
             (a, b), rest = ds[0], ds[1:]
             av = sp.Matrix(a)
-            nu = sp.expand((av.T * sp.Matrix(mu))[0] + b)
+            nu = sp.expand(_dot(a, mu) + b)
             Sa = S * av
             s2 = sp.expand((av.T * Sa)[0])
             if s2 == 0:
@@ -666,7 +675,9 @@ class GaussianClosedForm:
         n = len(self.xs)
         m1 = list(mono)
         m1[i] -= 1
-        out = [mu[i] * self._solve(mu, S, tuple(m1), sp.Integer(0), phis, hs, ())]
+        out = []
+        if mu[i] != 0:
+            out.append(mu[i] * self._solve(mu, S, tuple(m1), sp.Integer(0), phis, hs, ()))
         for j in range(n):  # derivative of the remaining monomial
             if m1[j] and S[i, j] != 0:
                 m2 = list(m1)
@@ -694,7 +705,7 @@ class GaussianClosedForm:
         if not forms:
             return sp.Integer(1)
         avs = [sp.Matrix(a) for a, _, _ in forms]
-        nus = [sp.expand((av.T * sp.Matrix(mu))[0] + b) for av, (_, b, _) in zip(avs, forms)]
+        nus = [sp.expand(_dot(a, mu) + b) for a, b, _ in forms]
         T = [[sp.expand((avs[i].T * S * avs[j])[0] + (forms[i][2] if i == j else 0))
               for j in range(len(forms))] for i in range(len(forms))]
         if len(forms) == 1:

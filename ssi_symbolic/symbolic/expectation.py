@@ -208,8 +208,11 @@ class Expectation:
         # 1. label noise: independent standard Gaussians, polynomial in the integrand
         expr = _integrate_polynomial_part(expr, g.xi, [[int(i == j) for j in range(g.K)]
                                                         for i in range(g.K)])
-        # 2. split into terms: polynomial ones exactly, the rest factor by factor
         random = {v for l in range(g.L) for v in g.token_variables(l)}
+        whole = self._whole_closed_form(expr, random)
+        if whole is not None:
+            return whole
+        # 2. split into terms: polynomial ones exactly, the rest factor by factor
         poly_terms, rest_terms = [], []
         for term in sp.Add.make_args(distribute(sp.expand(expr, deep=False))):
             if not (term.free_symbols & random):
@@ -257,6 +260,25 @@ class Expectation:
         for (_, c_out), integrand in pending.items():
             out.append(c_out * self._quadrature_expect(integrand))
         return _merge_nodes(sp.Add(*out), self.outside)
+
+    def _whole_closed_form(self, expr, random):
+        """E[expr] in closed form in one piece when expr is not polynomial and reads the
+        variables of one token only (L = 1): the closed-form engine expands the product
+        itself, once, and memoises its terms, instead of one engine call per term of the
+        distributed product (hardtanh's Cov(G): 481 calls). None when some term has no closed
+        form (then term by term: the terms that close do, the rest go to quadrature)."""
+        free = expr.free_symbols & random
+        if not free or len({self._token_of(v) for v in free}) != 1:
+            return None
+        try:
+            self.exact.to_spt(expr)
+            return None  # polynomial: the exact engine
+        except NotPolynomial:
+            pass
+        out = self._closed_form(self._canonical(expr))
+        if out is not None:
+            self.kinds.add("closed form")
+        return out
 
     def _canonical(self, factor):
         """A one-token factor of a tied student renamed to the first token with the same row

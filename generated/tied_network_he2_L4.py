@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 503864696a89dfdbd1685f5cef949d5e5aebf61cad63beccd695aeae0e3b3293
-# tool: ssi-symbolic 0.1.0 generator 1 source 327ada300c7e2f53
+# spec-hash: 6e1692b202e04c1950429b704fda8b62fe79c216509cc396f91ce9ae6e03ef93
+# tool: ssi-symbolic 0.1.0 generator 1 source 2f8eabf991edebec
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '503864696a89dfdbd1685f5cef949d5e5aebf61cad63beccd695aeae0e3b3293'
+SPEC_HASH = '6e1692b202e04c1950429b704fda8b62fe79c216509cc396f91ce9ae6e03ef93'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -95,6 +95,27 @@ def _gh_expect(integrand, k, n, *args):
         f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
         out[s:s + step] = w @ f
     return out.reshape(shape)
+
+
+def _gh_expect_many(integrand, k, count, n, *args):
+    """The tuple of E over k independent N(0, 1) of the `count` entries of integrand(u, *args)
+    (a tuple of arrays computed with their common subexpressions shared), by the tensor
+    trapezoidal rule of _trap_grid with n nodes per dimension: one pass over the grid serves
+    every entry. Broadcast over the arguments, chunked to bound memory."""
+    u, w = _trap_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty((count, size))
+    step = max(1, _GH_CHUNK // (w.size * count))
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        m = part[0].shape[1]
+        for j, f in enumerate(integrand(uu, *part)):
+            out[j, s:s + step] = w @ numpy.broadcast_to(f, (w.size, m))
+    return tuple(o.reshape(shape) for o in out)
 
 
 def _split_expect(integrand, k, n, breaks, *args):

@@ -170,3 +170,57 @@ def test_whole_closed_form_equals_term_by_term(teacher, student, C, monkeypatch)
                                        rtol=1e-12, atol=1e-14, err_msg=f)
         np.testing.assert_allclose(whole.covariance(*state, eta=0.3),
                                    terms.covariance(*state, eta=0.3), rtol=1e-12, atol=1e-14)
+
+
+def test_gh_expect_many_equals_gh_expect_entry_by_entry():
+    """_gh_expect_many (one pass over the grid for a tuple of integrands) against _gh_expect
+    of each entry, over several states and grids, chunked (tiny _GH_CHUNK) and not."""
+    from ssi_symbolic.backends import runtime
+
+    def integrand(u, m):
+        t = np.tanh(m * u[0] + u[1])
+        return (t, t ** 2 * u[0], np.exp(-u[1] ** 2 / 4) + 0 * m, 3.0)
+
+    m = np.linspace(-0.5, 0.7, 5)
+    for k, n in [(2, 16), (2, 31)]:
+        for chunk in (runtime._GH_CHUNK, 600):
+            old = runtime._GH_CHUNK
+            runtime._GH_CHUNK = chunk
+            try:
+                many = runtime._gh_expect_many(integrand, k, 4, n, m)
+                for j in range(4):
+                    one = runtime._gh_expect(lambda u, m, j=j: integrand(u, m)[j], k, n, m)
+                    np.testing.assert_allclose(many[j], one, rtol=1e-13, atol=1e-15)
+            finally:
+                runtime._GH_CHUNK = old
+
+
+def test_node_groups_give_the_numbers_of_single_nodes(monkeypatch):
+    """Nodes over the same variables are evaluated in groups (one grid pass, one cse); the
+    module must give the numbers of one function per node, every state function, and pick
+    the same node count."""
+    import types
+
+    from ssi_symbolic.model.spec import make_spec
+    from ssi_symbolic.symbolic.derive import derive
+    spec = make_spec("groups", 2, "tanh(z1)*tanh(z2)", "tanh(z1)*tanh(z2)")
+    D = derive(spec)
+    mods = []
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(exact._Module, "node_groups", lambda self: {})
+        text = exact.module_source(D)
+        assert ("def _gh_group_" in text) == grouped
+        ns = types.ModuleType(f"groups_{grouped}")
+        exec(compile(text, ns.__name__, "exec"), ns.__dict__)
+        mods.append(ns)
+    a, b = mods
+    assert a.QUADRATURE_NODES == b.QUADRATURE_NODES
+    state = np.array([0.2, 0.55, -0.3])
+    for f in ("population_loss", "drift_eta1", "drift_eta2"):
+        np.testing.assert_allclose(getattr(a, f)(state), getattr(b, f)(state), rtol=1e-13,
+                                   atol=1e-15, err_msg=f)
+    for f in ("drift", "covariance", "ito_correction", "finite_d_correction", "drift_jacobian"):
+        np.testing.assert_allclose(np.asarray(getattr(a, f)(state, eta=0.3), dtype=float),
+                                   np.asarray(getattr(b, f)(state, eta=0.3), dtype=float),
+                                   rtol=1e-12, atol=1e-15, err_msg=f)

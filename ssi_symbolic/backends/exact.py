@@ -4,7 +4,8 @@ The module imports only numpy and scipy, broadcasts over arrays of states and pa
 and computes every function after one common-subexpression elimination over all the module's
 outputs (each function then evaluates only the shared subexpressions it needs). Expectations that
 have no closed form are printed as tensor trapezoidal rules with the Gaussian weight over their
-own variables; orthant probabilities (closed_forms.NormalOrthant, Plackett integrals) as one
+own variables (nodes over the same variables, needed first by the same kind of output, in
+groups: one pass over the grid and one cse for all their integrands); orthant probabilities (closed_forms.NormalOrthant, Plackett integrals) as one
 batched runtime._orthants call per function and kind, after the subexpressions their
 arguments need.
 A header records where the formulas came from and the sha256 of the spec and tool version;
@@ -100,9 +101,13 @@ class _Module:
         self.param_args = [f"{p}={float(v)!r}" for p, v in spec.parameters.items()]
         self.param_names = list(spec.parameters)
         self.quad = {}  # GaussHermite node -> placeholder symbol
+        self.stage = {}  # placeholder -> the first output kind that needed it (node groups)
         self.orth = {}  # NormalOrthant -> placeholder symbol (see _orthant_lines)
         self.unsplit_kinks = False
         self._node_keys = {}
+        self._groups = None  # see node_groups
+        self.group_list = []
+        self._break_cache = {}
 
     def _node_key(self, node):
         """sp.default_sort_key of a node, computed once (it walks the whole integrand)."""
@@ -112,7 +117,7 @@ class _Module:
         return key
 
     # quadrature nodes become placeholders before CSE; each gets its own function
-    def _extract(self, expr, orthants: bool = False):
+    def _extract(self, expr, orthants: bool = False, stage: str = "jacobian"):
         """expr with its Gauss-Hermite nodes, and with `orthants` its orthant probabilities
         (outputs that are never differentiated: Cov(G), the O(1/d) drift), replaced by
         placeholder symbols."""
@@ -121,6 +126,7 @@ class _Module:
         for n in nodes:
             if n not in self.quad:
                 self.quad[n] = sp.Symbol(f"_gh{len(self.quad)}")
+                self.stage[self.quad[n]] = stage
         if nodes:
             expr = _dag_replace(expr, self.quad)
         if orthants:
@@ -225,13 +231,14 @@ class _Module:
         """The outputs as SymPy expressions after Horner forms and one cse over all of them."""
         D = self.D
         n = len(D.state)
-        loss = self._extract(D.population_loss)
-        d1 = [self._extract(x) for x in D.drift_eta1]
-        d2 = [self._extract(x) for x in D.drift_eta2]
-        cov = [[self._extract(D.covariance[i, j], True) for j in range(n)] for i in range(n)]
+        loss = self._extract(D.population_loss, stage="loss")
+        d1 = [self._extract(x, stage="drift") for x in D.drift_eta1]
+        d2 = [self._extract(x, stage="drift") for x in D.drift_eta2]
+        cov = [[self._extract(D.covariance[i, j], True, "diffusion") for j in range(n)]
+               for i in range(n)]
         flat_cov = [cov[i][j] for i in range(n) for j in range(i, n)]
-        ito = [self._extract(x, True) for x in D.ito_correction]
-        fdc = [self._extract(x, True) for x in D.finite_d_correction]
+        ito = [self._extract(x, True, "diffusion") for x in D.ito_correction]
+        fdc = [self._extract(x, True, "diffusion") for x in D.finite_d_correction]
         # the orthant probabilities' arguments go through the same cse, after the outputs
         orth = list(self.orth.items())
         orth_args = [horner(a, D.state) for o, _ in orth for a in o.args]
@@ -296,9 +303,17 @@ class _Module:
                 used |= o.free_symbols
             for k in closure(outs, repl_index, repl):
                 used |= repl[k][1].free_symbols
-            for ph in sorted(used & placeholders, key=str):
-                idx = int(str(ph)[3:])
-                lines.append(f"{ph} = _gh_node_{idx}({', '.join(self.state + self.param_names)})")
+            call_args = ", ".join(self.state + self.param_names)
+            groups = self.node_groups()
+            needed = sorted(used & placeholders, key=lambda ph: int(str(ph)[3:]))
+            for j in sorted({groups[ph][0] for ph in needed if ph in groups}):
+                lines.append(f"_ghg{j} = _gh_group_{j}({call_args})")
+            for ph in needed:
+                if ph in groups:
+                    j, pos = groups[ph]
+                    lines.append(f"{ph} = _ghg{j}[{pos}]")
+                else:
+                    lines.append(f"{ph} = _gh_node_{int(str(ph)[3:])}({call_args})")
             orth = sorted(used & set(self.orth_args), key=lambda s: int(str(s)[2:]))
             extra = [a for ph in orth for a in self.orth_args[ph]]
             after, late = [], set(orth)
@@ -416,12 +431,72 @@ class _Module:
             "numpy.array(c) / d"))
         return fns
 
+    def _breaks(self, node):
+        """kink_breaks(node), computed once."""
+        if node not in self._break_cache:
+            self._break_cache[node] = kink_breaks(node)
+        return self._break_cache[node]
+
+    def node_groups(self) -> dict:
+        """{placeholder: (group j, position)} of the quadrature nodes evaluated together: nodes
+        over the same variables, not split at kinks, first needed by the same kind of output
+        (loss, drift, diffusion, Jacobian), share one pass over the grid (_gh_expect_many,
+        their integrands through one cse: tanh(z1) tanh(z2) has 62 two-dimensional nodes
+        reading the same few tanh values). A node alone in its group, or split at kinks,
+        keeps its own _gh_node function."""
+        if self._groups is None:
+            by_key = {}
+            for node, ph in self.quad.items():  # in placeholder order
+                if self._breaks(node):
+                    continue
+                by_key.setdefault((self.stage.get(ph, "jacobian"), node.variables),
+                                  []).append((node, ph))
+            self._groups, self.group_list = {}, []
+            for members in by_key.values():
+                if len(members) < 2:
+                    continue
+                for pos, (_, ph) in enumerate(members):
+                    self._groups[ph] = (len(self.group_list), pos)
+                self.group_list.append(members)
+        return self._groups
+
     def quadrature_functions(self) -> list[str]:
         fns = []
         args = self.state + self.param_names
+        nodes = "QUADRATURE_NODES if n is None else n"
+        groups = self.node_groups()
+        for j, members in enumerate(self.group_list):
+            us = [str(u) for u in members[0][0].variables]
+            repl, red = cse([combine_exp(node.integrand) for node, _ in members], "_y")
+            lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
+            fns.append(function_source(
+                f"_gh_integrand_g{j}", ["_u"] + args,
+                f"Integrands of nodes {', '.join(str(ph)[3:] for _, ph in members)} at "
+                f"quadrature points _u = ({', '.join(us)}).",
+                lines, tuple_source([pycode(r) for r in red])))
+            fns.append(function_source(
+                f"_gh_group_{j}", args + ["n=None"],
+                f"E over ({', '.join(us)}) ~ N(0, I) of the integrands of nodes "
+                f"{', '.join(str(ph)[3:] for _, ph in members)} (a tuple), by the tensor "
+                f"trapezoidal rule on [-10, 10] with n nodes per dimension, one pass over the "
+                f"grid.", [],
+                f"_gh_expect_many(_gh_integrand_g{j}, {len(us)}, {len(members)}, {nodes}, "
+                f"{', '.join(args)})"))
         for node, ph in self.quad.items():
             idx = int(str(ph)[3:])
             us = [str(u) for u in node.variables]
+            if ph in groups:
+                j, pos = groups[ph]
+                if self._breaks(node) is None:
+                    self.unsplit_kinks = True
+                doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below: entry {pos} "
+                       f"of _gh_group_{j}"
+                       + (" (a kink not along the first variable: convergence like n^-2)."
+                          if self._breaks(node) is None else ".")
+                       + f"\n\n    {short_str(node.integrand, 400)}\n    ")
+                fns.append(function_source(f"_gh_node_{idx}", args + ["n=None"], doc, [],
+                                           f"_gh_group_{j}({', '.join(args)}, n=n)[{pos}]"))
+                continue
             # exp(a) exp(b) as exp(a + b): the product of separately overflowing factors at
             # the far nodes (|u| ~ 10) would give inf / inf instead of a vanishing term
             integrand = combine_exp(node.integrand)
@@ -431,8 +506,7 @@ class _Module:
                 f"_gh_integrand_{idx}", ["_u"] + args,
                 f"Integrand of node {idx} at quadrature points _u = ({', '.join(us)}).",
                 lines, pycode(red)))
-            breaks = kink_breaks(node)
-            nodes = "QUADRATURE_NODES if n is None else n"
+            breaks = self._breaks(node)
             if breaks:
                 doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below: {us[0]} "
                        f"split at the kinks {', '.join(sp.sstr(b) for b in breaks)} with "
@@ -712,9 +786,14 @@ def choose_nodes(text: str, spec) -> int:
     import types
     ns = types.ModuleType("_ssi_probe")
     exec(compile(text, "<generated module probe>", "exec"), ns.__dict__)
-    nodes = [getattr(ns, k) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
-    dims = [int(k.split("_")[-1]) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
-    kmax = max((_node_dim(text, i) for i in dims), default=1)
+    # every group of nodes, and every node with its own integrand (not an entry of a group)
+    names = sorted(vars(ns))
+    probes = ([(k, "_gh_integrand_g" + k[len("_gh_group_"):]) for k in names
+               if k.startswith("_gh_group_")]
+              + [(k, "_gh_integrand_" + k[len("_gh_node_"):]) for k in names
+                 if k.startswith("_gh_node_") and "_gh_integrand_" + k[len("_gh_node_"):] in names])
+    nodes = [getattr(ns, k) for k, _ in probes]
+    kmax = max((_node_dim(text, integrand) for _, integrand in probes), default=1)
     params = {k: float(v) for k, v in spec.parameters.items()}
     for name in _orthant_functions(text):
         f = getattr(ns, name)
@@ -724,7 +803,7 @@ def choose_nodes(text: str, spec) -> int:
             ns.QUADRATURE_NODES = n
             return np.array(f(*st, **eta, **kw), dtype=float)
         nodes.append(probe)
-    candidates = NODE_CANDIDATES if dims else ORTHANT_CANDIDATES
+    candidates = NODE_CANDIDATES if probes else ORTHANT_CANDIDATES
     allowed = [n for n in candidates if (2 * n) ** kmax <= MAX_POINTS] or [8]
     # the probe states as arrays: every function evaluates all of them in one call
     states = _probe_states(spec)
@@ -766,9 +845,10 @@ def _orthant_functions(text: str) -> list:
     return out
 
 
-def _node_dim(text: str, i: int) -> int:
-    """Dimension k of node i, read from its _gh_expect call."""
-    key = f"(_gh_integrand_{i}, "
+def _node_dim(text: str, integrand: str) -> int:
+    """Dimension k of the node (or group) of an integrand function, read from its
+    _gh_expect, _gh_expect_many or _split_expect call."""
+    key = f"({integrand}, "
     j = text.index(key) + len(key)
     return int(text[j:text.index(",", j)])
 

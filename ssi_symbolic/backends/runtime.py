@@ -6,8 +6,8 @@ They are defined here as ordinary functions (importable, testable) and their tex
 
     BROADCAST_HELPERS       _bc, _bc_nested (broadcasting of outputs)
     GAUSS_HERMITE_HELPERS   the above, the tensor trapezoidal rule _trap_grid for E over
-                            N(0, I_k), _gh_expect and the n-versus-2n quadrature_error
-                            (exact backend)
+                            N(0, I_k), _gh_expect, _gh_expect_many (several integrands
+                            on one grid) and the n-versus-2n quadrature_error (exact backend)
     CHUNK_HELPERS           _chunked: a call on many states evaluated in blocks of _CHUNK
                             states (exact backend)
     BVN_HELPERS             _bvn, the bivariate normal CDF by Owen's T (closed forms with
@@ -140,6 +140,27 @@ def _gh_expect(integrand, k, n, *args):
         f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
         out[s:s + step] = w @ f
     return out.reshape(shape)
+
+
+def _gh_expect_many(integrand, k, count, n, *args):
+    """The tuple of E over k independent N(0, 1) of the `count` entries of integrand(u, *args)
+    (a tuple of arrays computed with their common subexpressions shared), by the tensor
+    trapezoidal rule of _trap_grid with n nodes per dimension: one pass over the grid serves
+    every entry. Broadcast over the arguments, chunked to bound memory."""
+    u, w = _trap_grid(k, n)
+    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
+    shape = args[0].shape
+    flat = [a.reshape(1, -1) for a in args]
+    size = flat[0].shape[1]
+    out = numpy.empty((count, size))
+    step = max(1, _GH_CHUNK // (w.size * count))
+    uu = tuple(x[:, None] for x in u)
+    for s in range(0, size, step):
+        part = [a[:, s:s + step] for a in flat]
+        m = part[0].shape[1]
+        for j, f in enumerate(integrand(uu, *part)):
+            out[j, s:s + step] = w @ numpy.broadcast_to(f, (w.size, m))
+    return tuple(o.reshape(shape) for o in out)
 
 
 def _split_expect(integrand, k, n, breaks, *args):
@@ -575,8 +596,8 @@ BROADCAST_HELPERS = "\n" + embed(_bc, _bc_nested)
 CHUNK_HELPERS = embed("_CHUNK", _chunked)
 
 GAUSS_HERMITE_HELPERS = "\n" + BROADCAST_HELPERS + "\n\n" + embed(
-    "_GRIDS", "_GH_CHUNK", "_TRAP_HALF_WIDTH", _trap_grid, _gh_expect, _split_expect,
-    quadrature_error)
+    "_GRIDS", "_GH_CHUNK", "_TRAP_HALF_WIDTH", _trap_grid, _gh_expect, _gh_expect_many,
+    _split_expect, quadrature_error)
 
 #: the bivariate normal CDF of the closed forms (embedded only where a formula uses it)
 BVN_HELPERS = embed(_bvn)

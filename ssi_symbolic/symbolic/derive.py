@@ -206,10 +206,13 @@ def _stein_gram_term(a, b, s_l, s_l2, Gamma, cache):
     rule d^2(ab)/dx dy = a_xy b + a_x b_y + a_y b_x + a b_xy with the derivatives of the factors
     taken once each (`cache`; differentiating the product itself took most of the statistics
     of the K = 4 committee)."""
-    def d(f, *xs):
+    def d(f, *xs):  # mixed partials in one order (they commute), each from the one before
+        if not xs:
+            return f
+        xs = tuple(sorted(xs, key=str))
         key = (f, xs)
         if key not in cache:
-            cache[key] = sp.diff(f, *xs) if xs else f
+            cache[key] = sp.diff(d(f, *xs[:-1]), xs[-1])
         return cache[key]
     n = len(s_l)
     out = []

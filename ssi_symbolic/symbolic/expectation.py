@@ -603,8 +603,28 @@ def _tidy_affine(expr, us):
         return expr
     if P.total_degree() > 1:
         return expr
-    return (sp.simplify(P.coeff_monomial(1))
-            + sum(sp.simplify(P.coeff_monomial(u)) * u for u in us))
+    return (_tidy_coefficient(P.coeff_monomial(1))
+            + sum(_tidy_coefficient(P.coeff_monomial(u)) * u for u in us))
+
+
+def _tidy_coefficient(c):
+    """c (expanded) in a form where zero looks like zero: a product as it is (it is zero only
+    if a factor is, and SymPy evaluates that); a sum over a common denominator with its
+    common factors pulled out (factor_terms(together(c)), ~1 ms) when that leaves a product
+    whose sums are free of radicals (zero only if one of them is, which SymPy's canonical
+    polynomial form shows); else sp.simplify (~10 ms, it proves radical identities such as
+    sqrt(q) sqrt(1 - m^2/q) - sqrt(q - m^2) = 0)."""
+    if not c.is_Add:
+        return c
+    r = sp.factor_terms(sp.together(c))
+    if r.is_Add:
+        return sp.simplify(c)
+    for f in sp.Mul.make_args(r):
+        base = f.base if f.is_Pow else f
+        if base.is_Add and any(p.is_Pow and not p.exp.is_Integer
+                               for p in sp.preorder_traversal(base)):
+            return sp.simplify(c)
+    return r
 
 
 def _dependence_rows(P, variables):

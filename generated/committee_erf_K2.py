@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: eec67763f9d7e53cb52a71e5234958b3a1175a215adf302940dab0dc0c639c45
-# tool: ssi-symbolic 0.1.0 generator 1 source 2f8eabf991edebec
+# spec-hash: 61631cad9fa0117720143545eff08321dad1daf30aa9b8852982dd26e164bac5
+# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'eec67763f9d7e53cb52a71e5234958b3a1175a215adf302940dab0dc0c639c45'
+SPEC_HASH = '61631cad9fa0117720143545eff08321dad1daf30aa9b8852982dd26e164bac5'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

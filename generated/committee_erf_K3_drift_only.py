@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 356f0271f500135e410a614f5b1604047b4328db431ffd497894a46c5b7677ec
-# tool: ssi-symbolic 0.1.0 generator 1 source 2f8eabf991edebec
+# spec-hash: bee074dd98776ff802a514e372ca63c9246340a2463c67bce5e527c02f450b47
+# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '356f0271f500135e410a614f5b1604047b4328db431ffd497894a46c5b7677ec'
+SPEC_HASH = 'bee074dd98776ff802a514e372ca63c9246340a2463c67bce5e527c02f450b47'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4be412d24d9549a2940b18d246efec45386ecbe528b22f57e9b37c75d4b3b631
-# tool: ssi-symbolic 0.1.0 generator 1 source 2f8eabf991edebec
+# spec-hash: 352f2370d5bb34ea9f6af60503d3c2622671b303fd3be81b3d5473b886e013a5
+# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4be412d24d9549a2940b18d246efec45386ecbe528b22f57e9b37c75d4b3b631'
+SPEC_HASH = '352f2370d5bb34ea9f6af60503d3c2622671b303fd3be81b3d5473b886e013a5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

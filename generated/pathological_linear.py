@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7185c623cce1b607b09ae1f19a503cf44cc24952ae6368ab8e4600df79d3a7d3
-# tool: ssi-symbolic 0.1.0 generator 1 source 2f8eabf991edebec
+# spec-hash: c9bd15567d1cbdbe8f5322d411cd914c5fb197125d2bbd2cfa3b74114e515d8c
+# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7185c623cce1b607b09ae1f19a503cf44cc24952ae6368ab8e4600df79d3a7d3'
+SPEC_HASH = 'c9bd15567d1cbdbe8f5322d411cd914c5fb197125d2bbd2cfa3b74114e515d8c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 332ab09ff2d90e51a62fd219eefe607cd61f80d07a48ff4780feaa2e1ebc2ec6
-# tool: ssi-symbolic 0.1.0 generator 1 source 2f8eabf991edebec
+# spec-hash: a1273ccdb10178be7b3ff434365db21b6591edada280e6b3d4a52228679bd077
+# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '332ab09ff2d90e51a62fd219eefe607cd61f80d07a48ff4780feaa2e1ebc2ec6'
+SPEC_HASH = 'a1273ccdb10178be7b3ff434365db21b6591edada280e6b3d4a52228679bd077'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

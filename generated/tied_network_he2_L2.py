@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0e939e9fcc2ca57d127db9b734ad6257d9c9247b5585a51ab7482428b3daf960
-# tool: ssi-symbolic 0.1.0 generator 1 source 2f8eabf991edebec
+# spec-hash: 9bf963bbb6daff130b5be87a8c12421911f5310310e35bea7fe2b91caf6488a7
+# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0e939e9fcc2ca57d127db9b734ad6257d9c9247b5585a51ab7482428b3daf960'
+SPEC_HASH = '9bf963bbb6daff130b5be87a8c12421911f5310310e35bea7fe2b91caf6488a7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -224,3 +224,36 @@ def test_node_groups_give_the_numbers_of_single_nodes(monkeypatch):
         np.testing.assert_allclose(np.asarray(getattr(a, f)(state, eta=0.3), dtype=float),
                                    np.asarray(getattr(b, f)(state, eta=0.3), dtype=float),
                                    rtol=1e-12, atol=1e-15, err_msg=f)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dag_diff_equals_sp_diff(seed):
+    """dag_diff (chain rule over the DAG, zero terms skipped) against sp.diff, by values at
+    random points, on random products of closed-form pieces, nodes and kinks."""
+    from ssi_symbolic.symbolic.gaussian import dag_diff
+    rng = random.Random(300 + seed)
+    atoms = [sp.erf(m / sp.sqrt(1 + q)), sp.asin(m / (1 + m ** 2)), sp.exp(-m ** 2 / 2),
+             sp.sqrt(q - m ** 2), m, q, sp.Integer(2), m ** q, sp.Max(m, q / 3),
+             GaussHermite(sp.tanh(m * u1 + q * u2) * u1, sp.Tuple(u1, u2))]
+    expr = _random_product(rng, atoms)
+    for s in (m, q):
+        a, b = dag_diff(expr, s), sp.diff(expr, s)
+        # the nodes (differentiated under the integral) read as distinct numbers
+        nodes = sorted((a - b).atoms(GaussHermite), key=sp.default_sort_key)
+        at = {m: sp.Rational(3, 10), q: sp.Rational(6, 5)}
+        at.update({x: sp.Rational(k + 2, 7) for k, x in enumerate(nodes)})
+        assert abs(sp.N((a - b).xreplace(at), 30)) < 1e-25
+
+
+def test_delta_split_equals_the_expansion():
+    """_delta_split distributes only what holds a delta: smooth + terms must equal the
+    integrand, every term must hold one DiracDelta, the smooth part none."""
+    from ssi_symbolic.symbolic.gaussian import _delta_split
+    d1, d2 = sp.DiracDelta(u1 - m), sp.DiracDelta(u2 + q * u1)
+    integrand = (sp.tanh(u1) * (u2 + d1 * (u1 ** 2 + m)) + sp.exp(-u2) * (1 + u1 * d2)
+                 + (u1 + q) * sp.Heaviside(u2))
+    smooth, terms = _delta_split(integrand)
+    assert not smooth.has(sp.DiracDelta)
+    assert all(len([f for f in sp.Mul.make_args(t) if isinstance(f, sp.DiracDelta)]) == 1
+               for t in terms)
+    assert sp.expand(smooth + sp.Add(*terms) - integrand) == 0

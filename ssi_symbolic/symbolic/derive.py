@@ -26,7 +26,8 @@ import sympy as sp
 
 from .directions import DirectionPermutations
 from .expectation import Expectation
-from .gaussian import NotPolynomial, TokenGaussian, has_quadrature, permutation_generators
+from .gaussian import (NotPolynomial, TokenGaussian, dag_diff, has_quadrature,
+                       permutation_generators)
 from .token_sums import sum_expectations
 from ..model.spec import ModelSpec, link_entries, token_symbols
 
@@ -143,15 +144,18 @@ class Derivation:
         """d drift_i / d state_j, symbolically (for fixed-point stability): eta times the
         derivative of drift_eta1 plus eta^2 times that of drift_eta2, each differentiated as a
         polynomial in the state when it is one (much faster than SymPy's generic diff)."""
+        free = {}  # one dag_free_symbols memo for every derivative
+
         def grad(f):
             if has_quadrature(f):  # quadrature nodes: not a polynomial in the state
-                return [sp.diff(f, x) for x in self.state]
+                return [dag_diff(f, x, free=free) for x in self.state]
             try:
                 P = sp.Poly(f, *self.state)
             except sp.PolynomialError:
-                return [sp.diff(f, x) for x in self.state]
+                return [dag_diff(f, x, free=free) for x in self.state]
             if any(c.free_symbols & set(self.state) for c in P.coeffs()):
-                return [sp.diff(f, x) for x in self.state]  # e.g. sqrt(1 - m^2) coefficients
+                # e.g. sqrt(1 - m^2) coefficients
+                return [dag_diff(f, x, free=free) for x in self.state]
             return [P.diff(x).as_expr() for x in self.state]
         g1 = [grad(f) for f in self.drift_eta1]
         g2 = [grad(f) for f in self.drift_eta2]
@@ -701,10 +705,12 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         d2_ring = tuple(_ring_eta_part(ex, x, 2) for x in drift)
         d1, d2 = tuple(back(x) for x in d1_ring), tuple(back(x) for x in d2_ring)
     else:  # coefficient by coefficient: the means (closed forms, nodes) are not multiplied out
-        d1 = tuple(sp.Add(*[sp.expand(c).coeff(ETA, 1) * x for c, x in zip(row, mean)])
-                   for row in coef)
-        d2 = tuple(sp.Add(*[sp.expand(c).coeff(ETA, 2) * x for c, x in zip(row, mean)])
-                   for row in coef)
+        # (a zero coefficient is skipped: SymPy's 0 * x asks whether the large x is finite)
+        def eta_part(row, k):
+            cs = [(sp.expand(c).coeff(ETA, k), x) for c, x in zip(row, mean)]
+            return sp.Add(*[c * x for c, x in cs if c != 0 and x != 0])
+        d1 = tuple(eta_part(row, 1) for row in coef)
+        d2 = tuple(eta_part(row, 2) for row in coef)
     n, nb = len(coef), len(st.base)
     cov = sp.zeros(n, n)
     # a batch of b: the increment is the mean of b independent G (eta^2 -> eta^2 / b above),

@@ -250,13 +250,14 @@ class Expectation:
                 rest = sp.Mul(*[f for f, _ in groups if f is not live[0]])
                 pending[key] = pending.get(key, sp.Integer(0)) + const / c_out * rest * f0
                 continue
-            value = const
+            value = [const]  # multiplied once (a zero factor first: 0 * x asks if x is finite)
             for factor, _ in groups:
-                if not (factor.free_symbols & random):
-                    value *= factor
-                    continue
-                value *= self._expect_factor(factor)
-            out.append(value)
+                value.append(self._expect_factor(factor) if factor.free_symbols & random
+                             else factor)
+                if value[-1] == 0:
+                    break
+            else:
+                out.append(sp.Mul(*value))
         for (_, c_out), integrand in pending.items():
             out.append(c_out * self._quadrature_expect(integrand))
         return _merge_nodes(sp.Add(*out), self.outside)

@@ -54,7 +54,7 @@ class GaussHermite(sp.Function):
     def _eval_derivative(self, s):
         # a kink (Heaviside, Max) differentiates to a Dirac delta of a linear form in u,
         # integrated out exactly here (it would be invisible to fixed quadrature nodes)
-        return integrate_deltas(sp.diff(self.integrand, s), self.variables)
+        return integrate_deltas(dag_diff(self.integrand, s), self.variables)
 
     def _latex(self, printer, exp=None):
         us = ", ".join(printer._print(u) for u in self.variables)
@@ -75,13 +75,11 @@ def integrate_deltas(integrand, us):
     us = tuple(us)
     if not integrand.has(sp.DiracDelta):
         return GaussHermite(integrand, sp.Tuple(*us))
-    smooth, groups = sp.Integer(0), {}
-    for term in sp.Add.make_args(sp.expand(integrand)):
+    groups = {}
+    smooth, delta_terms = _delta_split(integrand)
+    for term in delta_terms:
         deltas = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.DiracDelta)]
-        if not deltas:
-            smooth += term
-            continue
-        if len(deltas) > 1 or len(deltas[0].args) > 1:
+        if len(deltas) != 1 or len(deltas[0].args) > 1:
             raise ValueError(f"cannot integrate {deltas} (a product or derivative of deltas)")
         groups[deltas[0].args[0]] = groups.get(deltas[0].args[0], sp.Integer(0)) + \
             term / deltas[0]
@@ -101,6 +99,33 @@ def integrate_deltas(integrand, us):
         others = tuple(u for u in us if u != j)
         out += GaussHermite(val, sp.Tuple(*others)) if others else val
     return out
+
+
+def _delta_split(e):
+    """(smooth part, [terms each a product holding DiracDelta factors]) with e = smooth +
+    sum(terms), distributing only the sub-expressions that hold a delta (expanding the whole
+    integrand of a kinked node cost a second)."""
+    if not e.has(sp.DiracDelta):
+        return e, []
+    if isinstance(e, sp.DiracDelta):
+        return sp.Integer(0), [e]
+    if e.is_Add:
+        smooth, terms = [], []
+        for a in e.args:
+            s, t = _delta_split(a)
+            smooth.append(s)
+            terms += t
+        return sp.Add(*smooth), terms
+    if e.is_Mul:
+        hold = [a for a in e.args if a.has(sp.DiracDelta)]
+        if len(hold) == 1:
+            rest = sp.Mul(*[a for a in e.args if a is not hold[0]])
+            s, t = _delta_split(hold[0])
+            return rest * s, [rest * x for x in t]
+    # a power of a sum with a delta, a product of two such factors ...: expanded
+    terms = sp.Add.make_args(sp.expand(e))
+    return (sp.Add(*[t for t in terms if not t.has(sp.DiracDelta)]),
+            [t for t in terms if t.has(sp.DiracDelta)])
 
 
 def permutation_generators(items) -> list[dict]:
@@ -406,6 +431,65 @@ def dag_free_symbols(expr, memo=None) -> frozenset:
     return memo[expr]
 
 
+def dag_diff(expr, x, memo=None, free=None):
+    """d expr / dx by the chain rule over the expression's DAG: each distinct sub-expression
+    differentiated once, and sub-expressions free of x skipped (sp.diff builds the product
+    rule's zero terms, and SymPy's 0 * y asks whether y is finite, a walk of all of y: most of
+    the time of the derivative of a quadrature drift). Sums and products term by term, powers
+    with a constant exponent by p b^(p-1) b', functions that define fdiff by the chain rule
+    through it; anything else (quadrature nodes, Max, variable exponents) by sp.diff.
+    memo: {sub-expression: derivative} for this x; free: a dag_free_symbols memo."""
+    memo = {} if memo is None else memo
+    free = {} if free is None else free
+
+    def d(e):
+        hit = memo.get(e)
+        if hit is not None:
+            return hit
+        if x not in dag_free_symbols(e, free):
+            out = sp.Integer(0)
+        elif e == x:
+            out = sp.Integer(1)
+        elif e.is_Add:
+            out = sp.Add(*[t for t in (d(a) for a in e.args) if t != 0])
+        elif e.is_Mul:
+            args, parts = e.args, []
+            for i, a in enumerate(args):
+                da = d(a)
+                if da != 0:
+                    parts.append(sp.Mul(*args[:i], da, *args[i + 1:]))
+            out = sp.Add(*parts)
+        elif e.is_Pow and x not in dag_free_symbols(e.exp, free):
+            b, p = e.args
+            out = p * b ** (p - 1) * d(b)
+        elif (isinstance(e, sp.Function) and not isinstance(e, GaussHermite)
+              and type(e).fdiff is not sp.Function.fdiff):
+            parts = []
+            for i, a in enumerate(e.args):
+                da = d(a)
+                if da != 0:
+                    parts.append(e.fdiff(i + 1) * da)
+            out = sp.Add(*parts)
+        else:
+            out = sp.diff(e, x)
+        memo[e] = out
+        return out
+
+    # children before parents (no deep recursion on large sums)
+    stack = [expr]
+    while stack:
+        e = stack[-1]
+        todo = [a for a in e.args if a not in memo and not e.is_Atom
+                and not isinstance(e, GaussHermite)] if e not in memo else []
+        if todo and (e.is_Add or e.is_Mul or e.is_Pow or isinstance(e, sp.Function)):
+            stack.extend(todo)
+            continue
+        stack.pop()
+        if e not in memo:
+            d(e)
+    return memo[expr]
+
+
 def has_quadrature(expr) -> bool:
     """True when an expression holds a GaussHermite node or another function evaluated by
     quadrature (closed_forms.NormalOrthant)."""
@@ -414,4 +498,4 @@ def has_quadrature(expr) -> bool:
 
 
 __all__ = ["dag_any", "distribute", "permutation_generators", "TokenGaussian", "GaussHermite", "NotPolynomial",
-           "has_quadrature", "integrate_deltas"]
+           "has_quadrature", "integrate_deltas", "dag_diff", "dag_free_symbols"]

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 61631cad9fa0117720143545eff08321dad1daf30aa9b8852982dd26e164bac5
-# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
+# spec-hash: 2c0b85e0338ac6513138c0daac2fb1c8a8213ccfabe412eb95f3bb829952204d
+# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '61631cad9fa0117720143545eff08321dad1daf30aa9b8852982dd26e164bac5'
+SPEC_HASH = '2c0b85e0338ac6513138c0daac2fb1c8a8213ccfabe412eb95f3bb829952204d'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -3764,8 +3764,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx195 = _dx192*_x80
     _dx196 = 2*_x89 + _dx189*_dx192 - _dx178*_x90
     _dx197 = _dx191*_dx193
-    _dx198 = -1/2*_x91*_x92/(_x84*numpy.sqrt(_x84*_x88)*numpy.sqrt(1 - (_x91*_x91)/(_x84*_x88)))
-    _dx199 = -1/2*_x91*_x92/(_x88*numpy.sqrt(_x84*_x88)*numpy.sqrt(1 - (_x91*_x91)/(_x84*_x88)))
+    _dx198 = -1/2*_x88*_x91*_x92/((_x84*_x88)**(3/2)*numpy.sqrt(1 - (_x91*_x91)/(_x84*_x88)))
+    _dx199 = -1/2*_x84*_x91*_x92/((_x84*_x88)**(3/2)*numpy.sqrt(1 - (_x91*_x91)/(_x84*_x88)))
     _dx200 = _x92/(numpy.sqrt(_x84*_x88)*numpy.sqrt(1 - (_x91*_x91)/(_x84*_x88)))
     _dx201 = _dx181*_dx198 + _dx194*_dx200
     _dx202 = _dx195*_dx200
@@ -3786,8 +3786,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx217 = 2*_x98 + _dx210*_dx213 - _dx178*_x99
     _dx218 = _dx212*_dx214
     _dx219 = _x92/(numpy.sqrt(_x88*_x97)*numpy.sqrt(1 - (_x100*_x100)/(_x88*_x97)))
-    _dx220 = -1/2*_x100*_x92/(_x88*numpy.sqrt(_x88*_x97)*numpy.sqrt(1 - (_x100*_x100)/(_x88*_x97)))
-    _dx221 = -1/2*_x100*_x92/(_x97*numpy.sqrt(_x88*_x97)*numpy.sqrt(1 - (_x100*_x100)/(_x88*_x97)))
+    _dx220 = -1/2*_x100*_x92*_x97/((_x88*_x97)**(3/2)*numpy.sqrt(1 - (_x100*_x100)/(_x88*_x97)))
+    _dx221 = -1/2*_x100*_x88*_x92/((_x88*_x97)**(3/2)*numpy.sqrt(1 - (_x100*_x100)/(_x88*_x97)))
     _dx222 = _dx208*_dx221 + _dx215*_dx219
     _dx223 = _dx216*_dx219
     _dx224 = _dx186*_dx220 + _dx209*_dx221 + _dx217*_dx219
@@ -3832,8 +3832,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx263 = _dx261*_x80
     _dx264 = _dx178*_x116
     _dx265 = -_x92/(numpy.sqrt(_x84*_x97)*numpy.sqrt(1 - (_x117*_x117)/(_x84*_x97)))
-    _dx266 = (1/2)*_x117*_x92/(_x84*numpy.sqrt(_x84*_x97)*numpy.sqrt(1 - (_x117*_x117)/(_x84*_x97)))
-    _dx267 = (1/2)*_x117*_x92/(_x97*numpy.sqrt(_x84*_x97)*numpy.sqrt(1 - (_x117*_x117)/(_x84*_x97)))
+    _dx266 = (1/2)*_x117*_x92*_x97/((_x84*_x97)**(3/2)*numpy.sqrt(1 - (_x117*_x117)/(_x84*_x97)))
+    _dx267 = (1/2)*_x117*_x84*_x92/((_x84*_x97)**(3/2)*numpy.sqrt(1 - (_x117*_x117)/(_x84*_x97)))
     _dx268 = _dx181*_dx266 + _dx262*_dx265
     _dx269 = _dx208*_dx267 + _dx263*_dx265
     _dx270 = _dx182*_dx266 + _dx209*_dx267 + _dx264*_dx265
@@ -3912,8 +3912,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx343 = _dx324 + _dx317*m1_1 + _dx337*_dx340
     _dx344 = _dx325 - _x136 + _dx318*m1_1 + _dx338*_dx340
     _dx345 = _dx326 + _dx319*m1_1 + _dx339*_dx340
-    _dx346 = -1/2*_x137*_x92/(_x126*numpy.sqrt(_x126*_x135)*numpy.sqrt(1 - (_x137*_x137)/(_x126*_x135)))
-    _dx347 = -1/2*_x137*_x92/(_x135*numpy.sqrt(_x126*_x135)*numpy.sqrt(1 - (_x137*_x137)/(_x126*_x135)))
+    _dx346 = -1/2*_x135*_x137*_x92/((_x126*_x135)**(3/2)*numpy.sqrt(1 - (_x137*_x137)/(_x126*_x135)))
+    _dx347 = -1/2*_x126*_x137*_x92/((_x126*_x135)**(3/2)*numpy.sqrt(1 - (_x137*_x137)/(_x126*_x135)))
     _dx348 = _x92/(numpy.sqrt(_x126*_x135)*numpy.sqrt(1 - (_x137*_x137)/(_x126*_x135)))
     _dx349 = _dx332*_dx347 + _dx341*_dx348
     _dx350 = _dx333*_dx347 + _dx342*_dx348
@@ -3958,8 +3958,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx389 = _dx373 + _dx317*m1_2 + _dx383*_dx386
     _dx390 = _dx374 - _x147 + _dx318*m1_2 + _dx384*_dx386
     _dx391 = _dx375 + _dx319*m1_2 + _dx385*_dx386
-    _dx392 = -1/2*_x148*_x92/(_x126*numpy.sqrt(_x126*_x146)*numpy.sqrt(1 - (_x148*_x148)/(_x126*_x146)))
-    _dx393 = -1/2*_x148*_x92/(_x146*numpy.sqrt(_x126*_x146)*numpy.sqrt(1 - (_x148*_x148)/(_x126*_x146)))
+    _dx392 = -1/2*_x146*_x148*_x92/((_x126*_x146)**(3/2)*numpy.sqrt(1 - (_x148*_x148)/(_x126*_x146)))
+    _dx393 = -1/2*_x126*_x148*_x92/((_x126*_x146)**(3/2)*numpy.sqrt(1 - (_x148*_x148)/(_x126*_x146)))
     _dx394 = _x92/(numpy.sqrt(_x126*_x146)*numpy.sqrt(1 - (_x148*_x148)/(_x126*_x146)))
     _dx395 = _dx378*_dx393 + _dx387*_dx394
     _dx396 = _dx379*_dx393 + _dx388*_dx394
@@ -3975,8 +3975,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx406 = _dx337 + _dx293*m2_1 + _dx324*_dx403
     _dx407 = _dx338 - _x132 + _dx294*m2_1 + _dx325*_dx403
     _dx408 = _dx339 + _dx295*m2_1 + _dx326*_dx403
-    _dx409 = -1/2*_x152*_x92/(_x135*numpy.sqrt(_x135*_x151)*numpy.sqrt(1 - (_x152*_x152)/(_x135*_x151)))
-    _dx410 = -1/2*_x152*_x92/(_x151*numpy.sqrt(_x135*_x151)*numpy.sqrt(1 - (_x152*_x152)/(_x135*_x151)))
+    _dx409 = -1/2*_x151*_x152*_x92/((_x135*_x151)**(3/2)*numpy.sqrt(1 - (_x152*_x152)/(_x135*_x151)))
+    _dx410 = -1/2*_x135*_x152*_x92/((_x135*_x151)**(3/2)*numpy.sqrt(1 - (_x152*_x152)/(_x135*_x151)))
     _dx411 = _x92/(numpy.sqrt(_x135*_x151)*numpy.sqrt(1 - (_x152*_x152)/(_x135*_x151)))
     _dx412 = _dx332*_dx409 + _dx404*_dx411
     _dx413 = _dx333*_dx409 + _dx405*_dx411
@@ -3989,8 +3989,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx420 = _dx383 + _dx293*m2_2 + _dx373*_dx417
     _dx421 = _dx384 - _x144 + _dx294*m2_2 + _dx374*_dx417
     _dx422 = _dx385 + _dx295*m2_2 + _dx375*_dx417
-    _dx423 = -1/2*_x154*_x92/(_x146*numpy.sqrt(_x146*_x151)*numpy.sqrt(1 - (_x154*_x154)/(_x146*_x151)))
-    _dx424 = -1/2*_x154*_x92/(_x151*numpy.sqrt(_x146*_x151)*numpy.sqrt(1 - (_x154*_x154)/(_x146*_x151)))
+    _dx423 = -1/2*_x151*_x154*_x92/((_x146*_x151)**(3/2)*numpy.sqrt(1 - (_x154*_x154)/(_x146*_x151)))
+    _dx424 = -1/2*_x146*_x154*_x92/((_x146*_x151)**(3/2)*numpy.sqrt(1 - (_x154*_x154)/(_x146*_x151)))
     _dx425 = _x92/(numpy.sqrt(_x146*_x151)*numpy.sqrt(1 - (_x154*_x154)/(_x146*_x151)))
     _dx426 = _dx378*_dx423 + _dx418*_dx425
     _dx427 = _dx379*_dx423 + _dx419*_dx425
@@ -4054,8 +4054,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx485 = _dx290*_dx474 + _dx293*_dx475 + _dx317*_dx476 + _dx324*_dx477 + _dx337*_dx478
     _dx486 = _dx291*_dx474 + _dx294*_dx475 + _dx318*_dx476 + _dx325*_dx477 + _dx338*_dx478 + _x121*m1_1*m2_2 + _x121*m1_2*m2_1
     _dx487 = _dx292*_dx474 + _dx295*_dx475 + _dx319*_dx476 + _dx326*_dx477 + _dx339*_dx478
-    _dx488 = -1/2*_x164*_x92/(_x135*numpy.sqrt(_x135*_x146)*numpy.sqrt(1 - (_x164*_x164)/(_x135*_x146)))
-    _dx489 = -1/2*_x164*_x92/(_x146*numpy.sqrt(_x135*_x146)*numpy.sqrt(1 - (_x164*_x164)/(_x135*_x146)))
+    _dx488 = -1/2*_x146*_x164*_x92/((_x135*_x146)**(3/2)*numpy.sqrt(1 - (_x164*_x164)/(_x135*_x146)))
+    _dx489 = -1/2*_x135*_x164*_x92/((_x135*_x146)**(3/2)*numpy.sqrt(1 - (_x164*_x164)/(_x135*_x146)))
     _dx490 = _x92/(numpy.sqrt(_x135*_x146)*numpy.sqrt(1 - (_x164*_x164)/(_x135*_x146)))
     _dx491 = _dx332*_dx488 + _dx481*_dx490
     _dx492 = _dx378*_dx489 + _dx482*_dx490
@@ -4067,8 +4067,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx498 = _dx290*q1_2
     _dx499 = _x121 + _dx291*q1_2
     _dx500 = _dx292*q1_2
-    _dx501 = -1/2*_x166*_x92/(_x126*numpy.sqrt(_x126*_x151)*numpy.sqrt(1 - (_x166*_x166)/(_x126*_x151)))
-    _dx502 = -1/2*_x166*_x92/(_x151*numpy.sqrt(_x126*_x151)*numpy.sqrt(1 - (_x166*_x166)/(_x126*_x151)))
+    _dx501 = -1/2*_x151*_x166*_x92/((_x126*_x151)**(3/2)*numpy.sqrt(1 - (_x166*_x166)/(_x126*_x151)))
+    _dx502 = -1/2*_x126*_x166*_x92/((_x126*_x151)**(3/2)*numpy.sqrt(1 - (_x166*_x166)/(_x126*_x151)))
     _dx503 = _x92/(numpy.sqrt(_x126*_x151)*numpy.sqrt(1 - (_x166*_x166)/(_x126*_x151)))
     _dx504 = _dx302*_dx501 + _dx400*_dx502 + _dx498*_dx503
     _dx505 = _dx303*_dx501 + _dx401*_dx502 + _dx499*_dx503
@@ -4109,8 +4109,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx540 = _dx327*_dx537
     _dx541 = _dx328*_dx537
     _dx542 = 2*_x178 + _dx536*_dx538 - _dx527*_x133
-    _dx543 = -1/2*_x179*_x92/(_x174*numpy.sqrt(_x174*_x177)*numpy.sqrt(1 - (_x179*_x179)/(_x174*_x177)))
-    _dx544 = -1/2*_x179*_x92/(_x177*numpy.sqrt(_x174*_x177)*numpy.sqrt(1 - (_x179*_x179)/(_x174*_x177)))
+    _dx543 = -1/2*_x177*_x179*_x92/((_x174*_x177)**(3/2)*numpy.sqrt(1 - (_x179*_x179)/(_x174*_x177)))
+    _dx544 = -1/2*_x174*_x179*_x92/((_x174*_x177)**(3/2)*numpy.sqrt(1 - (_x179*_x179)/(_x174*_x177)))
     _dx545 = _x92/(numpy.sqrt(_x174*_x177)*numpy.sqrt(1 - (_x179*_x179)/(_x174*_x177)))
     _dx546 = _dx539*_dx545
     _dx547 = _dx530*_dx543 + _dx540*_dx545
@@ -4128,8 +4128,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx559 = _dx376*_dx556
     _dx560 = _dx377*_dx556
     _dx561 = 2*_x185 + _dx555*_dx557 - _dx527*_x145
-    _dx562 = -1/2*_x186*_x92/(_x177*numpy.sqrt(_x177*_x184)*numpy.sqrt(1 - (_x186*_x186)/(_x177*_x184)))
-    _dx563 = -1/2*_x186*_x92/(_x184*numpy.sqrt(_x177*_x184)*numpy.sqrt(1 - (_x186*_x186)/(_x177*_x184)))
+    _dx562 = -1/2*_x184*_x186*_x92/((_x177*_x184)**(3/2)*numpy.sqrt(1 - (_x186*_x186)/(_x177*_x184)))
+    _dx563 = -1/2*_x177*_x186*_x92/((_x177*_x184)**(3/2)*numpy.sqrt(1 - (_x186*_x186)/(_x177*_x184)))
     _dx564 = _x92/(numpy.sqrt(_x177*_x184)*numpy.sqrt(1 - (_x186*_x186)/(_x177*_x184)))
     _dx565 = _dx558*_dx564
     _dx566 = _dx553*_dx563 + _dx559*_dx564
@@ -4173,8 +4173,8 @@ def drift_jacobian(m1_1, m1_2, m2_1, m2_2, q1_1, q1_2, q2_2, eta):
     _dx604 = _dx602*_x170
     _dx605 = _dx603*_x170
     _dx606 = _dx527*_x201
-    _dx607 = (1/2)*_x202*_x92/(_x174*numpy.sqrt(_x174*_x184)*numpy.sqrt(1 - (_x202*_x202)/(_x174*_x184)))
-    _dx608 = (1/2)*_x202*_x92/(_x184*numpy.sqrt(_x174*_x184)*numpy.sqrt(1 - (_x202*_x202)/(_x174*_x184)))
+    _dx607 = (1/2)*_x184*_x202*_x92/((_x174*_x184)**(3/2)*numpy.sqrt(1 - (_x202*_x202)/(_x174*_x184)))
+    _dx608 = (1/2)*_x174*_x202*_x92/((_x174*_x184)**(3/2)*numpy.sqrt(1 - (_x202*_x202)/(_x174*_x184)))
     _dx609 = -_x92/(numpy.sqrt(_x174*_x184)*numpy.sqrt(1 - (_x202*_x202)/(_x174*_x184)))
     _dx610 = _dx530*_dx607 + _dx604*_dx609
     _dx611 = _dx553*_dx608 + _dx605*_dx609

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e241349e9081e1c9315d147531bc32171424be5a548933209aa82e9cba92b6d0
-# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
+# spec-hash: ce67f8aa555fc5a8efac0b3da6824dbd03d51213f9f1a80a18a217ead0d4c7cc
+# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e241349e9081e1c9315d147531bc32171424be5a548933209aa82e9cba92b6d0'
+SPEC_HASH = 'ce67f8aa555fc5a8efac0b3da6824dbd03d51213f9f1a80a18a217ead0d4c7cc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8d3a7e036715eb63452cdb429ac80bee39391172424df9113d180578e1f4e40d
-# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
+# spec-hash: 1c23bd3ad5ad84355fc580a5bd0694363023867c6c80147fbc49b2cf0193c113
+# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8d3a7e036715eb63452cdb429ac80bee39391172424df9113d180578e1f4e40d'
+SPEC_HASH = '1c23bd3ad5ad84355fc580a5bd0694363023867c6c80147fbc49b2cf0193c113'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

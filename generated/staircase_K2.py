@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 78cd7125e0f7d2e8dbd5053b356d3d95f14301ba508ba5d89652f34d7360f910
-# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
+# spec-hash: d085415593ff7ba224d32c12248fb8906e0fe291bba04519c10e3170bc03a845
+# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '78cd7125e0f7d2e8dbd5053b356d3d95f14301ba508ba5d89652f34d7360f910'
+SPEC_HASH = 'd085415593ff7ba224d32c12248fb8906e0fe291bba04519c10e3170bc03a845'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

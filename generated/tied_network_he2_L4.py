@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e7bb3c83afbbab2c69d31063290ed6d2bddb18ae9d817a4b03aa4db481699690
-# tool: ssi-symbolic 0.1.0 generator 1 source 7c284639bdb529c9
+# spec-hash: 6d588ecbac005fb6e75d7aa117cb8610fbea557305da7092480b73b41a4fbc49
+# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e7bb3c83afbbab2c69d31063290ed6d2bddb18ae9d817a4b03aa4db481699690'
+SPEC_HASH = '6d588ecbac005fb6e75d7aa117cb8610fbea557305da7092480b73b41a4fbc49'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -8,7 +8,7 @@ from pathlib import Path
 import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
 
-from ..symbolic.gaussian import dag_any, dag_free_symbols
+from ..symbolic.gaussian import dag_any, dag_diff, dag_free_symbols
 from .files import HASH_PREFIX
 
 
@@ -231,12 +231,12 @@ def forward_jacobian(repl, repl_index, outputs, state, prefix="_dx"):
     def gradient(v):
         free = v.free_symbols
         vr = v.xreplace({a: real[a] for a in free if a in real})
-        row = [vr.diff(x).xreplace(back) if x in free else zero for x in state]
+        row = [dag_diff(vr, x).xreplace(back) if x in free else zero for x in state]
         for a in sorted(free, key=str):
             ga = grad.get(a)
             if ga is None or all(g == zero for g in ga):
                 continue
-            pa = vr.diff(real[a]).xreplace(back)
+            pa = dag_diff(vr, real[a]).xreplace(back)
             if pa == zero:
                 continue
             if sum(g != zero for g in ga) > 1:

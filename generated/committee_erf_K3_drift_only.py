@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 08ca15ac844ac5f946f9db88c3c4a766d51ed9b4cee35e604bb6eb7c4ab5ea19
-# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
+# spec-hash: b3ba4a6d02a27de393b25aca31026258c1eeb7a9b07d1d76f6e8c0cb99ac8bf0
+# tool: ssi-symbolic 0.1.0 generator 1 source b762424cf1e2024d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '08ca15ac844ac5f946f9db88c3c4a766d51ed9b4cee35e604bb6eb7c4ab5ea19'
+SPEC_HASH = 'b3ba4a6d02a27de393b25aca31026258c1eeb7a9b07d1d76f6e8c0cb99ac8bf0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

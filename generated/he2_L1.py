@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6eb4acfd1c40a27511b47712b3f0057d0b0d2c73bd0f5df9b2392e02a20f98c8
-# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
+# spec-hash: c4a51e3ab9fe6bfedef3d9b0a53dd8d67cd460327e1c33e629a494087cb98caa
+# tool: ssi-symbolic 0.1.0 generator 1 source b762424cf1e2024d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6eb4acfd1c40a27511b47712b3f0057d0b0d2c73bd0f5df9b2392e02a20f98c8'
+SPEC_HASH = 'c4a51e3ab9fe6bfedef3d9b0a53dd8d67cd460327e1c33e629a494087cb98caa'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f3ecc6e592bab8884905d8ab5ee5c86800548a9542ed56f730ceb85a7279bce5
-# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
+# spec-hash: 3d8c268a5f52f9d8b0bf0ef7b8ecda821ae03bbde91567402ec9c95c8837989f
+# tool: ssi-symbolic 0.1.0 generator 1 source b762424cf1e2024d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f3ecc6e592bab8884905d8ab5ee5c86800548a9542ed56f730ceb85a7279bce5'
+SPEC_HASH = '3d8c268a5f52f9d8b0bf0ef7b8ecda821ae03bbde91567402ec9c95c8837989f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c75465e691bc0408638fa290d82d8c96d16039af0bc681004b72b27c1df7fed9
-# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
+# spec-hash: 8acf1a3e9cb22c27a25992d2b9cee46da6c2eb1cc2b4d869a3d42c65daca54a1
+# tool: ssi-symbolic 0.1.0 generator 1 source b762424cf1e2024d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c75465e691bc0408638fa290d82d8c96d16039af0bc681004b72b27c1df7fed9'
+SPEC_HASH = '8acf1a3e9cb22c27a25992d2b9cee46da6c2eb1cc2b4d869a3d42c65daca54a1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cfa83841f1f7ca9691c6ad14d0cfb99c3547dde69fa73c2ece354a64426db0b5
-# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
+# spec-hash: f55ebfe5b012929fa5f89d6ccd659952085a885c4f02005e921c998a7c7a8d0b
+# tool: ssi-symbolic 0.1.0 generator 1 source b762424cf1e2024d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'cfa83841f1f7ca9691c6ad14d0cfb99c3547dde69fa73c2ece354a64426db0b5'
+SPEC_HASH = 'f55ebfe5b012929fa5f89d6ccd659952085a885c4f02005e921c998a7c7a8d0b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6d588ecbac005fb6e75d7aa117cb8610fbea557305da7092480b73b41a4fbc49
-# tool: ssi-symbolic 0.1.0 generator 1 source 68abec15a02bec62
+# spec-hash: 6d9cc2e54bd0a864163acb1b1906934dfb8078e06aa3fb0d7a451bec9c1a26ca
+# tool: ssi-symbolic 0.1.0 generator 1 source b762424cf1e2024d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6d588ecbac005fb6e75d7aa117cb8610fbea557305da7092480b73b41a4fbc49'
+SPEC_HASH = '6d9cc2e54bd0a864163acb1b1906934dfb8078e06aa3fb0d7a451bec9c1a26ca'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -378,15 +378,12 @@ def distribute(expr):
     expr = sp.sympify(expr)
     if expr.is_Add:
         return sp.Add(*[distribute(a) for a in expr.args])
-    if expr.is_Mul:
-        terms = [sp.Integer(1)]
+    if expr.is_Mul:  # each term's product built once from its factors
+        terms = [()]
         for a in expr.args:
             parts = sp.Add.make_args(distribute(a))
-            if len(parts) == 1:
-                terms = [t * parts[0] for t in terms]
-            else:
-                terms = [t * p for t in terms for p in parts]
-        return sp.Add(*terms)
+            terms = [t + (p,) for t in terms for p in parts]
+        return sp.Add(*[sp.Mul(*t) for t in terms])
     if expr.is_Pow and expr.exp.is_Integer and expr.exp > 1 and expr.base.is_Add:
         return distribute(sp.Mul(*([expr.base] * int(expr.exp)), evaluate=False))
     return expr

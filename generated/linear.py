@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6c3253904c615cee787b7dbc4433d1f8ee2c8cbce7ebb70ff7a2088cca4da7c5
-# tool: ssi-symbolic 0.1.0 generator 1 source b762424cf1e2024d
+# spec-hash: d5988d17ea0e97ba4d422ba0d2041117d3c4d1ad4c8e79cc01d964b35920f4fa
+# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6c3253904c615cee787b7dbc4433d1f8ee2c8cbce7ebb70ff7a2088cca4da7c5'
+SPEC_HASH = 'd5988d17ea0e97ba4d422ba0d2041117d3c4d1ad4c8e79cc01d964b35920f4fa'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -101,20 +101,28 @@ def _gh_expect_many(integrand, k, count, n, *args):
     """The tuple of E over k independent N(0, 1) of the `count` entries of integrand(u, *args)
     (a tuple of arrays computed with their common subexpressions shared), by the tensor
     trapezoidal rule of _trap_grid with n nodes per dimension: one pass over the grid serves
-    every entry. Broadcast over the arguments, chunked to bound memory."""
+    every entry. Broadcast over the arguments; blocks of states and of grid points keep every
+    temporary of the integrand under _GH_CHUNK / count numbers (the integrand holds about as
+    many temporaries as entries)."""
     u, w = _trap_grid(k, n)
     args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
     shape = args[0].shape
     flat = [a.reshape(1, -1) for a in args]
     size = flat[0].shape[1]
     out = numpy.empty((count, size))
-    step = max(1, _GH_CHUNK // (w.size * count))
-    uu = tuple(x[:, None] for x in u)
+    budget = max(1, _GH_CHUNK // count)
+    block = min(w.size, budget)             # grid points per evaluation
+    step = max(1, budget // block)          # states per evaluation
     for s in range(0, size, step):
         part = [a[:, s:s + step] for a in flat]
         m = part[0].shape[1]
-        for j, f in enumerate(integrand(uu, *part)):
-            out[j, s:s + step] = w @ numpy.broadcast_to(f, (w.size, m))
+        acc = numpy.zeros((count, m))
+        for p in range(0, w.size, block):
+            uu = tuple(x[p:p + block, None] for x in u)
+            wp = w[p:p + block]
+            for j, f in enumerate(integrand(uu, *part)):
+                acc[j] += wp @ numpy.broadcast_to(f, (wp.size, m))
+        out[:, s:s + step] = acc
     return tuple(o.reshape(shape) for o in out)
 
 

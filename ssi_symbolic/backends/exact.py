@@ -5,9 +5,9 @@ and computes every function after one common-subexpression elimination over all 
 outputs (each function then evaluates only the shared subexpressions it needs). Expectations that
 have no closed form are printed as tensor trapezoidal rules with the Gaussian weight over their
 own variables (nodes over the same variables, needed first by the same kind of output, in
-groups: one pass over the grid and one cse for all their integrands); orthant probabilities (closed_forms.NormalOrthant, Plackett integrals) as one
-batched runtime._orthants call per function and kind, after the subexpressions their
-arguments need.
+groups: one pass over the grid and one cse for all their integrands); orthant probabilities
+(closed_forms.NormalOrthant, Plackett integrals) as one batched runtime._orthants call per
+function and kind, after the subexpressions their arguments need.
 A header records where the formulas came from and the sha256 of the spec and tool version;
 :func:`ensure_module` regenerates only when that hash changes, and every write is atomic.
 

@@ -146,20 +146,28 @@ def _gh_expect_many(integrand, k, count, n, *args):
     """The tuple of E over k independent N(0, 1) of the `count` entries of integrand(u, *args)
     (a tuple of arrays computed with their common subexpressions shared), by the tensor
     trapezoidal rule of _trap_grid with n nodes per dimension: one pass over the grid serves
-    every entry. Broadcast over the arguments, chunked to bound memory."""
+    every entry. Broadcast over the arguments; blocks of states and of grid points keep every
+    temporary of the integrand under _GH_CHUNK / count numbers (the integrand holds about as
+    many temporaries as entries)."""
     u, w = _trap_grid(k, n)
     args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
     shape = args[0].shape
     flat = [a.reshape(1, -1) for a in args]
     size = flat[0].shape[1]
     out = numpy.empty((count, size))
-    step = max(1, _GH_CHUNK // (w.size * count))
-    uu = tuple(x[:, None] for x in u)
+    budget = max(1, _GH_CHUNK // count)
+    block = min(w.size, budget)             # grid points per evaluation
+    step = max(1, budget // block)          # states per evaluation
     for s in range(0, size, step):
         part = [a[:, s:s + step] for a in flat]
         m = part[0].shape[1]
-        for j, f in enumerate(integrand(uu, *part)):
-            out[j, s:s + step] = w @ numpy.broadcast_to(f, (w.size, m))
+        acc = numpy.zeros((count, m))
+        for p in range(0, w.size, block):
+            uu = tuple(x[p:p + block, None] for x in u)
+            wp = w[p:p + block]
+            for j, f in enumerate(integrand(uu, *part)):
+                acc[j] += wp @ numpy.broadcast_to(f, (wp.size, m))
+        out[:, s:s + step] = acc
     return tuple(o.reshape(shape) for o in out)
 
 

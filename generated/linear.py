@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d5988d17ea0e97ba4d422ba0d2041117d3c4d1ad4c8e79cc01d964b35920f4fa
-# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218
+# spec-hash: 6826fd4c66c7dfdf4e86dba79e26fd75cdb3375db0be60098f3185f437ace0c2
+# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd5988d17ea0e97ba4d422ba0d2041117d3c4d1ad4c8e79cc01d964b35920f4fa'
+SPEC_HASH = '6826fd4c66c7dfdf4e86dba79e26fd75cdb3375db0be60098f3185f437ace0c2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

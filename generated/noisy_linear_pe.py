@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a62a7c75de93c8816321a8c5b5413b8cbb6d71839bb07bf81f9d38cf8596494d
-# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218
+# spec-hash: 34fa3c0495c7cd8431147f63f79ad01281b26b82c67ab3b1bd0011a542492e7f
+# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a62a7c75de93c8816321a8c5b5413b8cbb6d71839bb07bf81f9d38cf8596494d'
+SPEC_HASH = '34fa3c0495c7cd8431147f63f79ad01281b26b82c67ab3b1bd0011a542492e7f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 28e8b7a501b477764e368bc6ae908aadec52e739a009b38bd69fd261dc942c7b
-# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218
+# spec-hash: 946b6531c3fb26156cc7a668878dd97bcb488df72e04390d6fbed1d002bf6e07
+# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '28e8b7a501b477764e368bc6ae908aadec52e739a009b38bd69fd261dc942c7b'
+SPEC_HASH = '946b6531c3fb26156cc7a668878dd97bcb488df72e04390d6fbed1d002bf6e07'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

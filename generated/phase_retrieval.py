@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fee97e6987f43c60b0bb0288b2860936c0ada6c44d995e68fa849ba41d4edb02
-# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218
+# spec-hash: b2ec676621fefa36f8d33478c4ffc454816fc845b99bc1ff4b7868de4d005039
+# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fee97e6987f43c60b0bb0288b2860936c0ada6c44d995e68fa849ba41d4edb02'
+SPEC_HASH = 'b2ec676621fefa36f8d33478c4ffc454816fc845b99bc1ff4b7868de4d005039'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 3923fb1c62d670e7d91a09d3d5469fff72e72438cca2216baade77d899e2fa92
-# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218 attention 1 f9f1643c73eb773f
+# spec-hash: a5a12a6d6ef4b83c0c896a227d47f135e8c293581b627bdf7b5e8ea2f1cfc31c
+# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -44,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '3923fb1c62d670e7d91a09d3d5469fff72e72438cca2216baade77d899e2fa92'
+SPEC_HASH = 'a5a12a6d6ef4b83c0c896a227d47f135e8c293581b627bdf7b5e8ea2f1cfc31c'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0b647ef141c6c835b67d4ac2c96bb6aebf67b4f2be47f4d80d1c58734d386078
-# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218
+# spec-hash: 8494d13ad67109cdb4af19ab79f0586563e90ec41e21a7f79f364f565bbf242e
+# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0b647ef141c6c835b67d4ac2c96bb6aebf67b4f2be47f4d80d1c58734d386078'
+SPEC_HASH = '8494d13ad67109cdb4af19ab79f0586563e90ec41e21a7f79f364f565bbf242e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

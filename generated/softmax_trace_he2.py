@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: ec033103cae3f29671be338a99bbff8777fdaf3c29c8bc585f996b7ea8f440e4
-# tool: ssi-symbolic 0.1.0 generator 1 source 25652fd7a05bc218 attention 1 f9f1643c73eb773f
+# spec-hash: c09ce12fb3b6825bda6c9909c86fc641fdcb2a9c565cadcae4cbc328b5924dbe
+# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'ec033103cae3f29671be338a99bbff8777fdaf3c29c8bc585f996b7ea8f440e4'
+SPEC_HASH = 'c09ce12fb3b6825bda6c9909c86fc641fdcb2a9c565cadcae4cbc328b5924dbe'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -450,7 +450,7 @@ class _Module:
                 breaks = self._breaks(node)
                 if breaks is None or breaks:  # kinks: split, or slow (unsplit) convergence
                     continue
-                by_key.setdefault((self.stage.get(ph, "jacobian"), node.variables),
+                by_key.setdefault((self.stage[ph], node.variables),
                                   []).append((node, ph))
             self._groups, self.group_list = {}, []
             for members in by_key.values():

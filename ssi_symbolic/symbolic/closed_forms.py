@@ -476,6 +476,7 @@ class GaussianClosedForm:
         self._expanded = {}  # functions -> terms of their rewritten expansion (or the refusal)
         self._terms = {}  # E[monomial * atoms] of the expanded terms
         self._squares = {}  # (mu, S, Q) -> the completed square of exp(Q) under N(mu, S)
+        self._budget = MAX_REDUCTIONS  # reductions left for the current term (see expect)
 
     # --- parsing -------------------------------------------------------------------------
     def expect(self, expr):
@@ -485,7 +486,6 @@ class GaussianClosedForm:
         quadrature is the better tool). The budget is per term, so that a sum given whole is
         as closable as its terms given one by one."""
         random = set(self.xs)
-        self._budget = MAX_REDUCTIONS
         expr = sp.sympify(expr)
         # a product const * monomial * functions: the functions' rewritten expansion is shared
         # by every statistic with the same functions (a product of statistics has hundreds of

@@ -439,6 +439,12 @@ def dag_diff(expr, x, memo=None, free=None):
     memo = {} if memo is None else memo
     free = {} if free is None else free
 
+    def by_chain_rule(e):  # d(e) is built from the derivatives of e's arguments
+        return (x in dag_free_symbols(e, free) and e != x and (
+            e.is_Add or e.is_Mul or (e.is_Pow and x not in dag_free_symbols(e.exp, free))
+            or (isinstance(e, sp.Function) and not isinstance(e, GaussHermite)
+                and type(e).fdiff is not sp.Function.fdiff)))
+
     def d(e):
         hit = memo.get(e)
         if hit is not None:
@@ -447,6 +453,8 @@ def dag_diff(expr, x, memo=None, free=None):
             out = sp.Integer(0)
         elif e == x:
             out = sp.Integer(1)
+        elif not by_chain_rule(e):
+            out = sp.diff(e, x)
         elif e.is_Add:
             out = sp.Add(*[t for t in (d(a) for a in e.args) if t != 0])
         elif e.is_Mul:
@@ -456,34 +464,33 @@ def dag_diff(expr, x, memo=None, free=None):
                 if da != 0:
                     parts.append(sp.Mul(*args[:i], da, *args[i + 1:]))
             out = sp.Add(*parts)
-        elif e.is_Pow and x not in dag_free_symbols(e.exp, free):
+        elif e.is_Pow:  # a constant exponent
             b, p = e.args
             out = p * b ** (p - 1) * d(b)
-        elif (isinstance(e, sp.Function) and not isinstance(e, GaussHermite)
-              and type(e).fdiff is not sp.Function.fdiff):
+        else:  # a function with fdiff
             parts = []
             for i, a in enumerate(e.args):
                 da = d(a)
                 if da != 0:
                     parts.append(e.fdiff(i + 1) * da)
             out = sp.Add(*parts)
-        else:
-            out = sp.diff(e, x)
         memo[e] = out
         return out
 
-    # children before parents (no deep recursion on large sums)
+    # arguments before the expressions built from them (no deep recursion on large sums);
+    # sub-expressions free of x are not entered
     stack = [expr]
     while stack:
         e = stack[-1]
-        todo = [a for a in e.args if a not in memo and not e.is_Atom
-                and not isinstance(e, GaussHermite)] if e not in memo else []
-        if todo and (e.is_Add or e.is_Mul or e.is_Pow or isinstance(e, sp.Function)):
+        if e in memo:
+            stack.pop()
+            continue
+        todo = [a for a in e.args if a not in memo] if by_chain_rule(e) else []
+        if todo:
             stack.extend(todo)
             continue
         stack.pop()
-        if e not in memo:
-            d(e)
+        d(e)
     return memo[expr]
 
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7767258e5e8faba6239296405b4b8bcba0d6ff9539ff52eadefafd2c0131aeb7
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: b717872f204b455d95bfaaf78e311139b9b79bd21b467b8fa2d77630ba8e04c9
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7767258e5e8faba6239296405b4b8bcba0d6ff9539ff52eadefafd2c0131aeb7'
+SPEC_HASH = 'b717872f204b455d95bfaaf78e311139b9b79bd21b467b8fa2d77630ba8e04c9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -244,10 +244,10 @@ def covariance(m, eta):
     _x0 = (m*m)
     _x1 = (eta*eta)
     _x2 = (eta*eta*eta)
-    _x3 = 336*_x2
+    _x3 = -336*_x2
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _c0_0 = 12*_x1 + _x0*(-_x3 - 4*_x1 + 1944*_x4 + _x0*(-4608*_x4 - 28*_x1 + 672*_x2 + _x0*(-_x3 - 720*_x5 + 20*_x1 + 3384*_x4)))
+    _c0_0 = 12*_x1 + _x0*(_x3 - 4*_x1 + 1944*_x4 + _x0*(-4608*_x4 - 28*_x1 + 672*_x2 + _x0*(_x3 - 720*_x5 + 20*_x1 + 3384*_x4)))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -257,11 +257,10 @@ def ito_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _x6 = 66*_x1
-    _x7 = 900*_x2
-    _x8 = -1800*_x2 + 7020*_x4 - _x0*(-_x7 - 1080*_x5 + 36*_x1 + 5130*_x4)
-    _x9 = -_x7 + 2970*_x4
-    return _bc(m*(_x6 + _x9 + _x0*(-_x8 - 102*_x1)))
+    _x6 = -900*_x2
+    _x7 = -7020*_x4 + 1800*_x2 + _x0*(_x6 - 1080*_x5 + 36*_x1 + 5130*_x4)
+    _x8 = _x6 + 2970*_x4
+    return _bc(m*(_x8 + 66*_x1 + _x0*(_x7 - 102*_x1)))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
@@ -270,11 +269,10 @@ def finite_d_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _x6 = 66*_x1
-    _x7 = 900*_x2
-    _x8 = -1800*_x2 + 7020*_x4 - _x0*(-_x7 - 1080*_x5 + 36*_x1 + 5130*_x4)
-    _x9 = -_x7 + 2970*_x4
-    return _bc(m*(_x9 + 30*_x1 + _x0*(-_x6 - _x8)))
+    _x6 = -900*_x2
+    _x7 = -7020*_x4 + 1800*_x2 + _x0*(_x6 - 1080*_x5 + 36*_x1 + 5130*_x4)
+    _x8 = _x6 + 2970*_x4
+    return _bc(m*(_x8 + 30*_x1 + _x0*(_x7 - 66*_x1)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6826fd4c66c7dfdf4e86dba79e26fd75cdb3375db0be60098f3185f437ace0c2
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: e6654018797d0b8ba5ba9c305319665e9bb00d85e6adf55d799bfbd997b02347
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6826fd4c66c7dfdf4e86dba79e26fd75cdb3375db0be60098f3185f437ace0c2'
+SPEC_HASH = 'e6654018797d0b8ba5ba9c305319665e9bb00d85e6adf55d799bfbd997b02347'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -221,8 +221,7 @@ def _chunked(f):
 
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = -1 + m
-    return _bc(-_x0)[0]
+    return _bc(1 - m)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
@@ -230,60 +229,59 @@ def drift_eta1(m):
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x0 = -1 + m
-    return _bc(_x0*m)
+    return _bc(m*(-1 + m))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = -1 + m
-    return _bc(eta * (1 - (m*m)) + eta**2 * (_x0*m))
+    return _bc(eta * (1 - (m*m)) + eta**2 * (m*(-1 + m)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x1 = (eta*eta)
-    _x2 = 3*_x1
-    _x3 = (eta*eta*eta*eta)
-    _x4 = 2*_x3
-    _x5 = (eta*eta*eta)
-    _x6 = 4*_x5
-    _x7 = 2*_x1
-    _x8 = _x6 + _x7
-    _c0_0 = _x2 + m*(-_x8 + m*(_x4 + _x6 - 4*_x1 + m*(_x8 - 4*_x3 + m*(_x1 + _x4 - _x6))))
+    _x0 = (eta*eta)
+    _x1 = 3*_x0
+    _x2 = (eta*eta*eta)
+    _x3 = -4*_x2
+    _x4 = -2*_x0
+    _x5 = (eta*eta*eta*eta)
+    _x6 = 2*_x5
+    _x7 = 4*_x2
+    _x8 = 2*_x0
+    _c0_0 = _x1 + m*(_x3 + _x4 + m*(_x6 + _x7 - 4*_x0 + m*(_x7 + _x8 - 4*_x5 + m*(_x0 + _x3 + _x6))))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
     """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
-    _x1 = (eta*eta)
-    _x2 = 3*_x1
-    _x3 = (eta*eta*eta*eta)
-    _x5 = (eta*eta*eta)
-    _x7 = 2*_x1
-    _x9 = (9/2)*_x3
-    _x10 = -15*_x5 + 9*_x3 - m*(_x2 + _x9 - 9*_x5)
-    _x11 = -3*_x5
+    _x0 = (eta*eta)
+    _x1 = 3*_x0
+    _x2 = (eta*eta*eta)
+    _x5 = (eta*eta*eta*eta)
+    _x8 = 2*_x0
+    _x9 = (9/2)*_x5
+    _x10 = -9*_x5 + 15*_x2 + m*(_x1 + _x9 - 9*_x2)
+    _x11 = -3*_x2
     _x12 = _x11 + _x9
-    _x13 = _x11 + _x7
-    return _bc(_x13 + m*(_x12 + m*(-_x10 - 5*_x1)))
+    _x13 = _x11 + _x8
+    return _bc(_x13 + m*(_x12 + m*(_x10 - 5*_x0)))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
-    _x1 = (eta*eta)
-    _x2 = 3*_x1
-    _x3 = (eta*eta*eta*eta)
-    _x5 = (eta*eta*eta)
-    _x7 = 2*_x1
-    _x9 = (9/2)*_x3
-    _x10 = -15*_x5 + 9*_x3 - m*(_x2 + _x9 - 9*_x5)
-    _x11 = -3*_x5
+    _x0 = (eta*eta)
+    _x1 = 3*_x0
+    _x2 = (eta*eta*eta)
+    _x4 = -2*_x0
+    _x5 = (eta*eta*eta*eta)
+    _x8 = 2*_x0
+    _x9 = (9/2)*_x5
+    _x10 = -9*_x5 + 15*_x2 + m*(_x1 + _x9 - 9*_x2)
+    _x11 = -3*_x2
     _x12 = _x11 + _x9
-    _x13 = _x11 + _x7
-    return _bc(_x13 + m*(_x12 - _x7 + m*(-_x10 - _x2)))
+    _x13 = _x11 + _x8
+    return _bc(_x13 + m*(_x12 + _x4 + m*(_x10 - 3*_x0)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
-    _x1 = (eta*eta)
-    _x14 = 2*m
-    return _bc_nested(((_x1*(-1 + _x14) - _x14*eta,),))
+    _x0 = (eta*eta)
+    return _bc_nested(((_x0*(-1 + 2*m) - 2*m*eta,),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

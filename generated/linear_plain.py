@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c9d4827dc95ef2c36f8a0efba0c376c798aa19efbc514b33c5215a32c534acd3
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 75ec0cdd4768a87c93e5f7a06df93f3411aca7b90ce42ceeb73cce171a145784
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c9d4827dc95ef2c36f8a0efba0c376c798aa19efbc514b33c5215a32c534acd3'
+SPEC_HASH = '75ec0cdd4768a87c93e5f7a06df93f3411aca7b90ce42ceeb73cce171a145784'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -221,41 +221,39 @@ def _chunked(f):
 
 def population_loss(m, q):
     """Population loss R(m, q) = E[1/2 ||y - y_hat||^2] (exact)."""
-    return _bc(1/2 + (1/2)*q - m)[0]
+    _x0 = -m
+    return _bc(1/2 + _x0 + (1/2)*q)[0]
 
 def drift_eta1(m, q):
     """O(eta) drift coefficients E[G1_i] for (m, q): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = 2*q
-    _x1 = 2*m
-    return _bc(1 - m, _x1 - _x0)
+    _x0 = -m
+    return _bc(1 + _x0, -2*q + 2*m)
 
 def drift_eta2(m, q):
     """O(eta^2) drift coefficients E[G2_i] for (m, q) (exact)."""
-    _x1 = 2*m
-    return _bc(0, 1 + q - _x1)
+    return _bc(0, 1 + q - 2*m)
 
 def drift(m, q, eta):
     """Drift d(m, q)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = 2*q
-    _x1 = 2*m
-    return _bc(eta * (1 - m) + eta**2 * (0), eta * (_x1 - _x0) + eta**2 * (1 + q - _x1))
+    _x0 = -m
+    return _bc(eta * (1 + _x0) + eta**2 * (0), eta * (-2*q + 2*m) + eta**2 * (1 + q - 2*m))
 
 def covariance(m, q, eta):
     """Cov(G)_ij over (m, q), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x2 = (eta*eta)
-    _x3 = 2*_x2
-    _x4 = 4*_x2
-    _x5 = -_x4
-    _x6 = (eta*eta*eta)
-    _x7 = 2*_x6
+    _x1 = (eta*eta)
+    _x2 = 2*_x1
+    _x3 = _x1*m
+    _x4 = (eta*eta*eta)
+    _x5 = 2*_x4
+    _x6 = 4*_x1
+    _x7 = -2*_x1
     _x8 = (eta*eta*eta*eta)
     _x9 = 2*_x8
-    _x10 = 8*_x8
-    _x11 = 8*_x6
-    _x12 = -_x11
-    _c0_0 = _x3 + _x2*q + m*(_x5 + _x2*m)
-    _c0_1 = _x7 + m*(_x4 - 6*_x6 + m*(-6*_x2 + 4*_x6) + q*(-_x5 - _x7)) + q*(_x7 - _x3)
-    _c1_1 = _x9 + m*(_x11 - _x10 + m*(_x10 + _x4 - 16*_x6) + q*(-_x10 - 16*_x2 + 24*_x6)) + q*(_x12 + _x4 + 4*_x8 + q*(_x12 + _x9 + 8*_x2))
+    _x10 = -8*_x8
+    _x11 = -8*_x4
+    _c0_0 = _x2 + _x1*q + m*(_x3 - 4*_x1)
+    _c0_1 = _x5 + m*(_x6 - 6*_x4 + m*(-6*_x1 + 4*_x4) + q*(_x6 - 2*_x4)) + q*(_x5 + _x7)
+    _c1_1 = _x9 + m*(_x10 + 8*_x4 + m*(_x6 - 16*_x4 + 8*_x8) + q*(_x10 - 16*_x1 + 24*_x4)) + q*(_x11 + _x6 + 4*_x8 + q*(_x11 + _x9 + 8*_x1))
     return _bc_nested(((_c0_0, _c0_1), (_c0_1, _c1_1)))
 
 def ito_correction(m, q, eta):
@@ -264,18 +262,16 @@ def ito_correction(m, q, eta):
 
 def finite_d_correction(m, q, eta):
     """d times the whole O(1/d) drift for (m, q): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
-    _x0 = 2*q
-    _x2 = (eta*eta)
-    _x3 = 2*_x2
-    _x4 = 4*_x2
-    return _bc(0, _x3 + _x0*_x2 - _x4*m)
+    _x1 = (eta*eta)
+    _x2 = 2*_x1
+    _x3 = _x1*m
+    return _bc(0, _x2 - 4*_x3 + _x2*q)
 
 def drift_jacobian(m, q, eta):
     """Jacobian d drift_i / d x_j over (m, q), derived symbolically (exact)."""
-    _x2 = (eta*eta)
-    _x3 = 2*_x2
-    _x13 = -2*eta
-    return _bc_nested(((-eta, 0), (-_x13 - _x3, _x13 + _x2)))
+    _x1 = (eta*eta)
+    _x7 = -2*_x1
+    return _bc_nested(((-eta, 0), (_x7 + 2*eta, _x1 - 2*eta)))
 
 def diffusion(m, q, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m, q), shape (n, n) + broadcast shape."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 946b6531c3fb26156cc7a668878dd97bcb488df72e04390d6fbed1d002bf6e07
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 7b5b9d60fa8e9594c2a18327cf8bb95064dde746f239ae1d32d6eb7b8af91680
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '946b6531c3fb26156cc7a668878dd97bcb488df72e04390d6fbed1d002bf6e07'
+SPEC_HASH = '7b5b9d60fa8e9594c2a18327cf8bb95064dde746f239ae1d32d6eb7b8af91680'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -242,10 +242,9 @@ def covariance(m, eta):
     _x0 = (m*m)
     _x1 = (eta*eta)
     _x2 = (eta*eta*eta)
-    _x3 = 588*_x2
-    _x4 = (eta*eta*eta*eta)
-    _x5 = _x0*_x4
-    _c0_0 = 44*_x1 + _x0*(_x3 - 48*_x1 + 10491*_x4 + _x0*(-_x3 + 4*_x1 + 272*_x5 + 11938*_x4))
+    _x3 = (eta*eta*eta*eta)
+    _x4 = _x0*_x3
+    _c0_0 = 44*_x1 + _x0*(-48*_x1 + 588*_x2 + 10491*_x3 + _x0*(-588*_x2 + 4*_x1 + 272*_x4 + 11938*_x3))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -253,22 +252,22 @@ def ito_correction(m, eta):
     _x0 = (m*m)
     _x1 = (eta*eta)
     _x2 = (eta*eta*eta)
-    _x4 = (eta*eta*eta*eta)
-    _x5 = _x0*_x4
-    _x6 = -1854*_x2 + 432*_x5 + 18099*_x4
-    _x7 = -2232*_x2 + (32241/2)*_x4
-    return _bc(m*(_x7 + 61*_x1 + _x0*(_x6 + 54*_x1)))
+    _x3 = (eta*eta*eta*eta)
+    _x4 = _x0*_x3
+    _x5 = -1854*_x2 + 432*_x4 + 18099*_x3
+    _x6 = -2232*_x2 + (32241/2)*_x3
+    return _bc(m*(_x6 + 61*_x1 + _x0*(_x5 + 54*_x1)))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
     _x0 = (m*m)
     _x1 = (eta*eta)
     _x2 = (eta*eta*eta)
-    _x4 = (eta*eta*eta*eta)
-    _x5 = _x0*_x4
-    _x6 = -1854*_x2 + 432*_x5 + 18099*_x4
-    _x7 = -2232*_x2 + (32241/2)*_x4
-    return _bc(m*(_x7 - 18*_x1 + _x0*(_x6 + 38*_x1)))
+    _x3 = (eta*eta*eta*eta)
+    _x4 = _x0*_x3
+    _x5 = -1854*_x2 + 432*_x4 + 18099*_x3
+    _x6 = -2232*_x2 + (32241/2)*_x3
+    return _bc(m*(_x6 - 18*_x1 + _x0*(_x5 + 38*_x1)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 38f00559d32c6bf4f512f8b28df9623c0c0bf0248afc738f231ff2340a011921
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 99ebc07c8316628e68fa5cc01d336c65f6b8b8efd3d8836da5efe2d9e38d1934
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '38f00559d32c6bf4f512f8b28df9623c0c0bf0248afc738f231ff2340a011921'
+SPEC_HASH = '99ebc07c8316628e68fa5cc01d336c65f6b8b8efd3d8836da5efe2d9e38d1934'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -240,7 +240,7 @@ def covariance(m, eta):
     _x0 = (eta*eta)
     _x1 = 2*_x0
     _x2 = (eta*eta*eta*eta)
-    _c0_0 = _x1 + (m*m)*(-_x1 + 2*_x2)
+    _c0_0 = _x1 + (m*m)*(-2*_x0 + 2*_x2)
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):

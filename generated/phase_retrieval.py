@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b2ec676621fefa36f8d33478c4ffc454816fc845b99bc1ff4b7868de4d005039
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 034db569893e04f82cf619a2e707c1ae1cd1c52f1a05c19c33d9880721eb283f
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b2ec676621fefa36f8d33478c4ffc454816fc845b99bc1ff4b7868de4d005039'
+SPEC_HASH = '034db569893e04f82cf619a2e707c1ae1cd1c52f1a05c19c33d9880721eb283f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -244,10 +244,10 @@ def covariance(m, eta):
     _x0 = (m*m)
     _x1 = (eta*eta)
     _x2 = (eta*eta*eta)
-    _x3 = 2688*_x2
+    _x3 = -2688*_x2
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _c0_0 = 48*_x1 + _x0*(-_x3 - 16*_x1 + 31104*_x4 + _x0*(-73728*_x4 - 112*_x1 + 5376*_x2 + _x0*(-_x3 - 11520*_x5 + 80*_x1 + 54144*_x4)))
+    _c0_0 = 48*_x1 + _x0*(_x3 - 16*_x1 + 31104*_x4 + _x0*(-73728*_x4 - 112*_x1 + 5376*_x2 + _x0*(_x3 - 11520*_x5 + 80*_x1 + 54144*_x4)))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
@@ -257,11 +257,10 @@ def ito_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _x6 = 264*_x1
-    _x7 = 7200*_x2
-    _x8 = -14400*_x2 + 112320*_x4 - _x0*(-_x7 - 17280*_x5 + 144*_x1 + 82080*_x4)
-    _x9 = -_x7 + 47520*_x4
-    return _bc(m*(_x6 + _x9 + _x0*(-_x8 - 408*_x1)))
+    _x6 = -7200*_x2
+    _x7 = -112320*_x4 + 14400*_x2 + _x0*(_x6 - 17280*_x5 + 144*_x1 + 82080*_x4)
+    _x8 = _x6 + 47520*_x4
+    return _bc(m*(_x8 + 264*_x1 + _x0*(_x7 - 408*_x1)))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
@@ -270,11 +269,10 @@ def finite_d_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x4 = (eta*eta*eta*eta)
     _x5 = _x0*_x4
-    _x6 = 264*_x1
-    _x7 = 7200*_x2
-    _x8 = -14400*_x2 + 112320*_x4 - _x0*(-_x7 - 17280*_x5 + 144*_x1 + 82080*_x4)
-    _x9 = -_x7 + 47520*_x4
-    return _bc(m*(_x9 + 120*_x1 + _x0*(-_x6 - _x8)))
+    _x6 = -7200*_x2
+    _x7 = -112320*_x4 + 14400*_x2 + _x0*(_x6 - 17280*_x5 + 144*_x1 + 82080*_x4)
+    _x8 = _x6 + 47520*_x4
+    return _bc(m*(_x8 + 120*_x1 + _x0*(_x7 - 264*_x1)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""

@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: a5a12a6d6ef4b83c0c896a227d47f135e8c293581b627bdf7b5e8ea2f1cfc31c
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7 attention 1 f9f1643c73eb773f
+# spec-hash: 7fc10e0677beb8d24c868a498767a0776d57984c2955bfbe5a3850d613d0f14c
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -44,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'a5a12a6d6ef4b83c0c896a227d47f135e8c293581b627bdf7b5e8ea2f1cfc31c'
+SPEC_HASH = '7fc10e0677beb8d24c868a498767a0776d57984c2955bfbe5a3850d613d0f14c'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08
@@ -494,44 +494,47 @@ def quadrature_error(function, *args, **kwargs):
 def teacher_link(z1, z2, omega=0.5, a=1.0):
     """Teacher link g*(z) entries (flattened row by row)."""
     with numpy.errstate(over="ignore"):
-        _x0 = 2*(a*a)
-        _x1 = omega/(1 + numpy.exp(-_x0))
-        _x2 = z1*z2
-        _x3 = (z1*z1) - _x2
+        _x0 = (a*a)
+        _x1 = omega/(1 + numpy.exp(-2*_x0))
+        _x2 = (z1*z1)
+        _x3 = z1*z2
         _x4 = 1 - omega
-        _x5 = omega/(1 + numpy.exp(_x0))
-        _x6 = _x2 - (z2*z2)
-        out = _bc(_x1 + _x4/(1 + numpy.exp(-_x3)), _x5 + _x4/(1 + numpy.exp(_x3)), _x5 + _x4/(1 + numpy.exp(-_x6)), _x1 + _x4/(1 + numpy.exp(_x6)))
+        _x5 = omega/(1 + numpy.exp(2*_x0))
+        _x6 = -_x3
+        _x7 = (z2*z2)
+        out = _bc(_x1 + _x4/(1 + numpy.exp(_x3 - _x2)), _x5 + _x4/(1 + numpy.exp(_x2 + _x6)), _x5 + _x4/(1 + numpy.exp(_x6 + _x7)), _x1 + _x4/(1 + numpy.exp(_x3 - _x7)))
     return out
 
 
 def student_link(z1, z2, omega=0.5, a=1.0):
     """Student link g(z) entries (flattened row by row)."""
     with numpy.errstate(over="ignore"):
-        _x0 = z1*z2
-        _x1 = (z1*z1) - _x0
-        _x2 = _x0 - (z2*z2)
-        out = _bc((1 + numpy.exp(-_x1))**(-1.0), (1 + numpy.exp(_x1))**(-1.0), (1 + numpy.exp(-_x2))**(-1.0), (1 + numpy.exp(_x2))**(-1.0))
+        _x0 = (z1*z1)
+        _x1 = z1*z2
+        _x2 = -_x1
+        _x3 = (z2*z2)
+        out = _bc((1 + numpy.exp(_x1 - _x0))**(-1.0), (1 + numpy.exp(_x0 + _x2))**(-1.0), (1 + numpy.exp(_x2 + _x3))**(-1.0), (1 + numpy.exp(_x1 - _x3))**(-1.0))
     return out
 
 
 def student_link_gradient(z1, z2, omega=0.5, a=1.0):
     """dg_k/dz_l of the student link, as K tuples of L entries."""
     with numpy.errstate(over="ignore"):
-        _x0 = -z2 + 2*z1
+        _x0 = (z1*z1)
         _x1 = z1*z2
-        _x2 = (z1*z1) - _x1
-        _x3 = numpy.exp(-_x2)
-        _x4 = _x3/(1 + _x3)**2
-        _x5 = numpy.exp(_x2)
-        _x6 = _x5/(1 + _x5)**2
-        _x7 = _x1 - (z2*z2)
-        _x8 = numpy.exp(-_x7)
-        _x9 = _x8/(1 + _x8)**2
-        _x10 = z1 - 2*z2
-        _x11 = numpy.exp(_x7)
-        _x12 = _x11/(1 + _x11)**2
-        out = _bc_nested(((_x0*_x4, -_x4*z1), (-_x0*_x6, _x6*z1), (_x9*z2, _x10*_x9), (-_x12*z2, -_x10*_x12)))
+        _x2 = numpy.exp(_x1 - _x0)
+        _x3 = _x2/(1 + _x2)**2
+        _x4 = -z1
+        _x5 = -z2
+        _x6 = -_x1
+        _x7 = numpy.exp(_x0 + _x6)
+        _x8 = _x7/(1 + _x7)**2
+        _x9 = (z2*z2)
+        _x10 = numpy.exp(_x6 + _x9)
+        _x11 = _x10/(1 + _x10)**2
+        _x12 = numpy.exp(_x1 - _x9)
+        _x13 = _x12/(1 + _x12)**2
+        out = _bc_nested(((-_x3*(z2 - 2*z1), _x3*_x4), (-_x8*(_x5 + 2*z1), _x8*z1), (_x11*z2, -_x11*(_x4 + 2*z2)), (_x13*_x5, -_x13*(z1 - 2*z2))))
     return out
 
 

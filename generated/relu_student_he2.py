@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8494d13ad67109cdb4af19ab79f0586563e90ec41e21a7f79f364f565bbf242e
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 723f3323a9dce9a21f6afab0df66c22f1721f05afab9ad1002d85db7a309bae4
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8494d13ad67109cdb4af19ab79f0586563e90ec41e21a7f79f364f565bbf242e'
+SPEC_HASH = '723f3323a9dce9a21f6afab0df66c22f1721f05afab9ad1002d85db7a309bae4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'
@@ -221,98 +221,92 @@ def _chunked(f):
 
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
     _x2 = _x0*_x1
-    _x3 = (1/2)*_x2
-    return _bc(3/4 - _x3)[0]
+    return _bc(3/4 - 1/2*_x2)[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
     _x2 = _x0*_x1
-    return _bc(m*(_x0 - _x2))
+    return _bc(m*(_x1 - _x2))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
     _x2 = _x0*_x1
-    _x3 = (1/2)*_x2
-    return _bc(m*(-1/2 + _x3))
+    return _bc(m*(-1/2 + (1/2)*_x2))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
     _x2 = _x0*_x1
-    _x3 = (1/2)*_x2
-    return _bc(eta * (m*(_x0 - _x2)) + eta**2 * (m*(-1/2 + _x3)))
+    return _bc(eta * (m*(_x1 - _x2)) + eta**2 * (m*(-1/2 + (1/2)*_x2)))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
-    _x4 = (eta*eta)
-    _x5 = 3*_x4
-    _x6 = (eta*eta*eta)
-    _x7 = 6*_x6
-    _x8 = (eta*eta*eta*eta)
-    _x9 = 2*_x4
-    _x10 = 3*_x8
-    _x11 = scipy.constants.pi**(-1.0)
-    _x12 = _x11*_x4
-    _x13 = -_x11*_x6
-    _x14 = _x0*_x8
-    _x15 = -_x0*_x10
-    _x16 = _x0*_x6
-    _x17 = _x0*_x4
-    _c0_0 = _x5 + _x1*(_x7 - _x12 - 20*_x16 - 5*_x4 - 2*_x14 + (11/4)*_x8 + _x0*_x5 + _x1*(_x10 + _x13 + _x9 - _x17 - _x7 - 10*_x14 + 32*_x16 + _x1*(-_x12 - _x13 - _x15 - 33/2*_x16 + _x1*(-3/4*_x14 + (9/2)*_x0*_x6) - 1/4*_x11*_x8) + _x11*_x9)) - _x0*_x9
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
+    _x3 = (eta*eta)
+    _x4 = 3*_x3
+    _x5 = (eta*eta*eta)
+    _x6 = (eta*eta*eta*eta)
+    _x7 = 2*_x3
+    _x8 = 3*_x6
+    _x9 = scipy.constants.pi**(-1.0)
+    _x10 = _x5*_x9
+    _x11 = _x1*_x6
+    _x12 = _x1*_x5
+    _x13 = -_x3
+    _x14 = _x13*_x9
+    _x15 = _x1*_x3
+    _c0_0 = _x4 - 2*_x15 + _x0*(_x14 - 20*_x12 - 5*_x3 - 2*_x11 + 6*_x5 + (11/4)*_x6 + _x0*(_x7 + _x8 - _x10 - 10*_x11 - 6*_x5 + 32*_x12 + _x0*(_x10 + _x14 - 33/2*_x12 + _x0*(-3/4*_x11 + (9/2)*_x12) + _x1*_x8 - 1/4*_x6*_x9) + _x1*_x13 + _x7*_x9) + _x1*_x4)
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
     """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
-    _x4 = (eta*eta)
-    _x5 = 3*_x4
-    _x6 = (eta*eta*eta)
-    _x8 = (eta*eta*eta*eta)
-    _x10 = 3*_x8
-    _x14 = _x0*_x8
-    _x15 = -_x0*_x10
-    _x16 = _x0*_x6
-    _x17 = _x0*_x4
-    _x18 = (9/2)*_x8
-    _x19 = m*(_x15 + _x18 - _x4 + 4*_x17 - 17/2*_x16 + _x1*(_x18 + _x5 - 9*_x6 - 7*_x17 + 33*_x16 - 63/4*_x14 + _x1*(-45/4*_x16 + _x0*_x18 + _x1*(-9/8*_x14 + 3*_x0*_x6))))
-    return _bc(_x19)
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
+    _x3 = (eta*eta)
+    _x4 = 3*_x3
+    _x5 = (eta*eta*eta)
+    _x6 = (eta*eta*eta*eta)
+    _x11 = _x1*_x6
+    _x12 = _x1*_x5
+    _x13 = -_x3
+    _x15 = _x1*_x3
+    _x16 = (9/2)*_x6
+    _x17 = m*(_x13 + _x16 - 3*_x11 + 4*_x15 - 17/2*_x12 + _x0*(_x16 + _x4 - 9*_x5 - 7*_x15 + 33*_x12 - 63/4*_x11 + _x0*(-45/4*_x12 + _x0*(3*_x12 - 9/8*_x11) + _x1*_x16)))
+    return _bc(_x17)
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here; exact)."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
-    _x4 = (eta*eta)
-    _x5 = 3*_x4
-    _x6 = (eta*eta*eta)
-    _x8 = (eta*eta*eta*eta)
-    _x10 = 3*_x8
-    _x14 = _x0*_x8
-    _x15 = -_x0*_x10
-    _x16 = _x0*_x6
-    _x17 = _x0*_x4
-    _x18 = (9/2)*_x8
-    _x19 = m*(_x15 + _x18 - _x4 + 4*_x17 - 17/2*_x16 + _x1*(_x18 + _x5 - 9*_x6 - 7*_x17 + 33*_x16 - 63/4*_x14 + _x1*(-45/4*_x16 + _x0*_x18 + _x1*(-9/8*_x14 + 3*_x0*_x6))))
-    return _bc(_x19)
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
+    _x3 = (eta*eta)
+    _x4 = 3*_x3
+    _x5 = (eta*eta*eta)
+    _x6 = (eta*eta*eta*eta)
+    _x11 = _x1*_x6
+    _x12 = _x1*_x5
+    _x13 = -_x3
+    _x15 = _x1*_x3
+    _x16 = (9/2)*_x6
+    _x17 = m*(_x13 + _x16 - 3*_x11 + 4*_x15 - 17/2*_x12 + _x0*(_x16 + _x4 - 9*_x5 - 7*_x15 + 33*_x12 - 63/4*_x11 + _x0*(-45/4*_x12 + _x0*(3*_x12 - 9/8*_x11) + _x1*_x16)))
+    return _bc(_x17)
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
-    _x0 = 1/numpy.sqrt(scipy.constants.pi)
-    _x1 = (m*m)
-    _x4 = (eta*eta)
-    _x17 = _x0*_x4
-    _x20 = _x0*eta
-    return _bc_nested(((_x20 - 1/2*_x4 + _x1*(-3*_x20 + (3/2)*_x17),),))
+    _x0 = (m*m)
+    _x1 = 1/numpy.sqrt(scipy.constants.pi)
+    _x3 = (eta*eta)
+    _x15 = _x1*_x3
+    _x18 = _x1*eta
+    return _bc_nested(((_x18 - 1/2*_x3 + _x0*(-3*_x18 + (3/2)*_x15),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

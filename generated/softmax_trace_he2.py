@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: c09ce12fb3b6825bda6c9909c86fc641fdcb2a9c565cadcae4cbc328b5924dbe
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7 attention 1 f9f1643c73eb773f
+# spec-hash: b25cbd77463e8d34fd7e0efbb6951b66bb7615f74ccca138020907eeee805a5c
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'c09ce12fb3b6825bda6c9909c86fc641fdcb2a9c565cadcae4cbc328b5924dbe'
+SPEC_HASH = 'b25cbd77463e8d34fd7e0efbb6951b66bb7615f74ccca138020907eeee805a5c'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09
@@ -488,19 +488,21 @@ def teacher_link(z1, z2):
 def student_link(z1, z2):
     """Student link g(z) entries (flattened row by row)."""
     with numpy.errstate(over="ignore"):
-        out = _bc((1/2)*numpy.sqrt(2)*((1 + numpy.exp(-(z1*z1) + z1*z2))**(-1.0) + (1 + numpy.exp(-(z2*z2) + z1*z2))**(-1.0)))
+        _x0 = z1*z2
+        out = _bc((1/2)*numpy.sqrt(2)*((1 + numpy.exp(_x0 - (z1*z1)))**(-1.0) + (1 + numpy.exp(_x0 - (z2*z2)))**(-1.0)))
     return out
 
 
 def student_link_gradient(z1, z2):
     """dg_k/dz_l of the student link, as K tuples of L entries."""
     with numpy.errstate(over="ignore"):
-        _x0 = numpy.exp(-(z2*z2) + z1*z2)
-        _x1 = _x0/(1 + _x0)**2
-        _x2 = numpy.exp(-(z1*z1) + z1*z2)
-        _x3 = _x2/(1 + _x2)**2
-        _x4 = (1/2)*numpy.sqrt(2)
-        out = _bc_nested(((_x4*(-_x1*z2 - _x3*(z2 - 2*z1)), _x4*(-_x1*(z1 - 2*z2) - _x3*z1)),))
+        _x0 = z1*z2
+        _x1 = numpy.exp(_x0 - (z2*z2))
+        _x2 = -_x1/(1 + _x1)**2
+        _x3 = numpy.exp(_x0 - (z1*z1))
+        _x4 = -_x3/(1 + _x3)**2
+        _x5 = (1/2)*numpy.sqrt(2)
+        out = _bc_nested(((_x5*(_x2*z2 + _x4*(z2 - 2*z1)), _x5*(_x2*(z1 - 2*z2) + _x4*z1)),))
     return out
 
 

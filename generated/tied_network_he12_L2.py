@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8eb2f1579e809a44c4006f54a5cf859b95845fe2edadf4009f518b1e49965cba
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 93eace218eef8acbe4ff02f39c98fecc6f73940857df3b7a972d466e8e64dc36
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8eb2f1579e809a44c4006f54a5cf859b95845fe2edadf4009f518b1e49965cba'
+SPEC_HASH = '93eace218eef8acbe4ff02f39c98fecc6f73940857df3b7a972d466e8e64dc36'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -222,72 +222,84 @@ def _chunked(f):
 def population_loss(m):
     """Population loss R(m) = E[1/2 ||y - y_hat||^2] (exact)."""
     _x0 = numpy.sqrt(2)
-    return _bc(1 + m*(-1/2 - 1/4*_x0*m))[0]
+    _x1 = _x0*m
+    return _bc(1 + m*(-1/2 - 1/4*_x1))[0]
 
 def drift_eta1(m):
     """O(eta) drift coefficients E[G1_i] for (m): drift = eta * this + eta^2 * drift_eta2 (exact)."""
     _x0 = numpy.sqrt(2)
-    _x1 = (1/2)*_x0
-    return _bc(1/2 + m*(_x1 + m*(-1/2 - _x1*m)))
+    _x2 = (1/2)*_x0
+    _x3 = -1/2*_x0
+    return _bc(1/2 + m*(_x2 + m*(-1/2 + _x3*m)))
 
 def drift_eta2(m):
     """O(eta^2) drift coefficients E[G2_i] for (m) (exact)."""
     _x0 = numpy.sqrt(2)
-    _x1 = (1/2)*_x0
-    return _bc(m*(-4 + m*(11/4 - _x1 + m*(-1 + (15/8)*_x0))))
+    _x3 = -1/2*_x0
+    return _bc(m*(-4 + m*(11/4 + _x3 + m*(-1 + (15/8)*_x0))))
 
 def drift(m, eta):
     """Drift d(m)/dt = eta E[G1] + eta^2 E[G2] (MATH.md section 4; exact)."""
     _x0 = numpy.sqrt(2)
-    _x1 = (1/2)*_x0
-    return _bc(eta * (1/2 + m*(_x1 + m*(-1/2 - _x1*m))) + eta**2 * (m*(-4 + m*(11/4 - _x1 + m*(-1 + (15/8)*_x0)))))
+    _x2 = (1/2)*_x0
+    _x3 = -1/2*_x0
+    return _bc(eta * (1/2 + m*(_x2 + m*(-1/2 + _x3*m))) + eta**2 * (m*(-4 + m*(11/4 + _x3 + m*(-1 + (15/8)*_x0)))))
 
 def covariance(m, eta):
     """Cov(G)_ij over (m), rows and columns in that order (exact); the diffusion is D = Cov(G) / d."""
     _x0 = numpy.sqrt(2)
-    _x2 = (eta*eta)
-    _x3 = (5/2)*_x2
-    _x4 = (eta*eta*eta*eta)
-    _x5 = _x4*m
-    _x6 = (eta*eta*eta)
-    _c0_0 = _x2*(43/4 - 2*_x0) + m*(_x2*(-11/2 + (7/2)*_x0) + _x6*(-191/4 + (45/4)*_x0) + m*(_x2*(-9 + (1/4)*_x0) + _x4*(20907/32 - 20*_x0) + _x6*(283/4 - 399/4*_x0) + m*(_x2*(11/2 - 6*_x0) + _x4*(-6855/8 + (1661/8)*_x0) + _x6*(73/4 + (211/4)*_x0) + m*(_x2*(-17/4 + (7/4)*_x0) + _x4*(11989/16 - 15655/16*_x0) + _x6*(-55/4 + (331/4)*_x0) + m*(_x0*_x3 + _x4*(-1307/4 + (1117/2)*_x0) + _x6*(59/2 - 64*_x0) + m*(_x3 + _x4*(1829/4 - 741/4*_x0) + _x6*(-57 + 17*_x0) + m*(-135/2*_x4 - 45/4*_x0*_x5)))))))
+    _x1 = _x0*m
+    _x4 = (eta*eta)
+    _x5 = (5/2)*_x4
+    _x6 = (eta*eta*eta*eta)
+    _x7 = _x1*_x6
+    _x8 = (eta*eta*eta)
+    _c0_0 = _x4*(43/4 - 2*_x0) + m*(_x4*(-11/2 + (7/2)*_x0) + _x8*(-191/4 + (45/4)*_x0) + m*(_x4*(-9 + (1/4)*_x0) + _x6*(20907/32 - 20*_x0) + _x8*(283/4 - 399/4*_x0) + m*(_x4*(11/2 - 6*_x0) + _x6*(-6855/8 + (1661/8)*_x0) + _x8*(73/4 + (211/4)*_x0) + m*(_x4*(-17/4 + (7/4)*_x0) + _x6*(11989/16 - 15655/16*_x0) + _x8*(-55/4 + (331/4)*_x0) + m*(_x0*_x5 + _x6*(-1307/4 + (1117/2)*_x0) + _x8*(59/2 - 64*_x0) + m*(_x5 + _x6*(1829/4 - 741/4*_x0) + _x8*(-57 + 17*_x0) + m*(-135/2*_x6 - 45/4*_x7)))))))
     return _bc_nested(((_c0_0,),))
 
 def ito_correction(m, eta):
     """d times the O(1/d) drift of the spherical rescaling for (m): the SDE drift is drift + ito_correction / d (zero for plain SGD; exact)."""
     _x0 = numpy.sqrt(2)
-    _x1 = (1/2)*_x0
-    _x2 = (eta*eta)
-    _x4 = (eta*eta*eta*eta)
-    _x5 = _x4*m
-    _x6 = (eta*eta*eta)
-    _x7 = (9/2)*_x2
-    _x8 = _x4*(18369/16 - 47817/32*_x0) + _x6*(-1611/8 + (2907/8)*_x0) + m*(_x0*_x7 + _x4*(-504 + (27351/32)*_x0) + _x6*(189/4 - 2367/16*_x0) + m*(_x7 + _x4*(44667/64 - 567/2*_x0) + _x6*(-909/8 + 27*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x5)))
-    _x9 = _x4*(-21093/16 + (5079/16)*_x0) + _x6*(2601/8 - 453/16*_x0)
-    _x10 = _x4*(64257/64 - 30*_x0) + _x6*(-279 - 93/2*_x0)
-    _x11 = _x2*(11/2 - _x0) + _x6*(-207/8 + (45/8)*_x0)
-    return _bc(_x11 + m*(_x10 + _x2*(61/4 + (19/2)*_x0) + m*(_x9 + _x2*(-79/4 - _x1) + m*(_x8 + _x2*(21/2 - 183/8*_x0)))))
+    _x1 = _x0*m
+    _x3 = -1/2*_x0
+    _x4 = (eta*eta)
+    _x6 = (eta*eta*eta*eta)
+    _x7 = _x1*_x6
+    _x8 = (eta*eta*eta)
+    _x9 = (9/2)*_x4
+    _x10 = _x6*(18369/16 - 47817/32*_x0) + _x8*(-1611/8 + (2907/8)*_x0) + m*(_x0*_x9 + _x6*(-504 + (27351/32)*_x0) + _x8*(189/4 - 2367/16*_x0) + m*(_x9 + _x6*(44667/64 - 567/2*_x0) + _x8*(-909/8 + 27*_x0) + m*(-405/4*_x6 - 135/8*_x7)))
+    _x11 = _x6*(-21093/16 + (5079/16)*_x0) + _x8*(2601/8 - 453/16*_x0)
+    _x12 = _x6*(64257/64 - 30*_x0) + _x8*(-279 - 93/2*_x0)
+    _x13 = -_x0
+    _x14 = (45/8)*_x0
+    _x15 = _x4*(11/2 + _x13) + _x8*(-207/8 + _x14)
+    return _bc(_x15 + m*(_x12 + _x4*(61/4 + (19/2)*_x0) + m*(_x11 + _x4*(-79/4 + _x3) + m*(_x10 + _x4*(21/2 - 183/8*_x0)))))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
     _x0 = numpy.sqrt(2)
-    _x2 = (eta*eta)
-    _x4 = (eta*eta*eta*eta)
-    _x5 = _x4*m
-    _x6 = (eta*eta*eta)
-    _x7 = (9/2)*_x2
-    _x8 = _x4*(18369/16 - 47817/32*_x0) + _x6*(-1611/8 + (2907/8)*_x0) + m*(_x0*_x7 + _x4*(-504 + (27351/32)*_x0) + _x6*(189/4 - 2367/16*_x0) + m*(_x7 + _x4*(44667/64 - 567/2*_x0) + _x6*(-909/8 + 27*_x0) + m*(-405/4*_x4 - 135/8*_x0*_x5)))
-    _x9 = _x4*(-21093/16 + (5079/16)*_x0) + _x6*(2601/8 - 453/16*_x0)
-    _x10 = _x4*(64257/64 - 30*_x0) + _x6*(-279 - 93/2*_x0)
-    _x11 = _x2*(11/2 - _x0) + _x6*(-207/8 + (45/8)*_x0)
-    return _bc(_x11 + m*(_x10 + _x2*(-9/2 + (21/2)*_x0) + m*(_x9 + _x2*(-33/4 - 3*_x0) + m*(_x8 + _x2*(5 - 99/8*_x0)))))
+    _x1 = _x0*m
+    _x4 = (eta*eta)
+    _x6 = (eta*eta*eta*eta)
+    _x7 = _x1*_x6
+    _x8 = (eta*eta*eta)
+    _x9 = (9/2)*_x4
+    _x10 = _x6*(18369/16 - 47817/32*_x0) + _x8*(-1611/8 + (2907/8)*_x0) + m*(_x0*_x9 + _x6*(-504 + (27351/32)*_x0) + _x8*(189/4 - 2367/16*_x0) + m*(_x9 + _x6*(44667/64 - 567/2*_x0) + _x8*(-909/8 + 27*_x0) + m*(-405/4*_x6 - 135/8*_x7)))
+    _x11 = _x6*(-21093/16 + (5079/16)*_x0) + _x8*(2601/8 - 453/16*_x0)
+    _x12 = _x6*(64257/64 - 30*_x0) + _x8*(-279 - 93/2*_x0)
+    _x13 = -_x0
+    _x14 = (45/8)*_x0
+    _x15 = _x4*(11/2 + _x13) + _x8*(-207/8 + _x14)
+    return _bc(_x15 + m*(_x12 + _x4*(-9/2 + (21/2)*_x0) + m*(_x11 + _x4*(-33/4 - 3*_x0) + m*(_x10 + _x4*(5 - 99/8*_x0)))))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
     _x0 = numpy.sqrt(2)
-    _x1 = (1/2)*_x0
-    _x2 = (eta*eta)
-    return _bc_nested(((-4*_x2 + _x1*eta + m*(-eta + (11/2)*_x2 + m*(-3*_x2 - 3/2*_x0*eta + (45/8)*_x0*_x2) - _x0*_x2),),))
+    _x2 = (1/2)*_x0
+    _x4 = (eta*eta)
+    _x13 = -_x0
+    _x14 = (45/8)*_x0
+    return _bc_nested(((-4*_x4 + _x2*eta + m*(-eta + (11/2)*_x4 + _x13*_x4 + m*(-3*_x4 + _x14*_x4 - 3/2*_x0*eta)),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 388ba1a6f8e144519a88e14bb6333df626cacab7074a64dd3936cc13817331c7
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 24c5f94b9aed0bdf5f9a2246c47154bcc9c07c899d7d0b049d3ddfc65bbb4cb6
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '388ba1a6f8e144519a88e14bb6333df626cacab7074a64dd3936cc13817331c7'
+SPEC_HASH = '24c5f94b9aed0bdf5f9a2246c47154bcc9c07c899d7d0b049d3ddfc65bbb4cb6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -289,9 +289,9 @@ def drift_jacobian(m, eta):
     _x0 = numpy.sqrt(2)
     _x1 = (m*m)
     _x3 = (eta*eta)
-    _x9 = 6*_x3
+    _x9 = -6*_x3
     _x10 = _x0*eta
-    return _bc_nested(((_x10 - _x9 + _x1*(-_x9 - 3*_x10 + 15*_x0*_x3),),))
+    return _bc_nested(((_x10 + _x9 + _x1*(_x9 - 3*_x10 + 15*_x0*_x3),),))
 
 def diffusion(m, eta, d):
     """Diffusion matrix D = Cov(G) / d over (m), shape (n, n) + broadcast shape."""

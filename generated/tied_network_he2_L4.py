@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5b0a00574e83b6740ff01f1b3250c5528959492e12023bb5cd287c4579f89d06
-# tool: ssi-symbolic 0.1.0 generator 1 source 26bc241ff259d6c7
+# spec-hash: 66a111ce8f0c13fbd2a81dd9314d73294f8b8fb734536c3884eb7262f80e413d
+# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5b0a00574e83b6740ff01f1b3250c5528959492e12023bb5cd287c4579f89d06'
+SPEC_HASH = '66a111ce8f0c13fbd2a81dd9314d73294f8b8fb734536c3884eb7262f80e413d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -256,9 +256,9 @@ def ito_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x3 = (eta*eta*eta*eta)
     _x4 = _x0*_x3
-    _x5 = -1008*_x2 + 4437*_x3 - _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3)
+    _x5 = -4437*_x3 + 1008*_x2 + _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3)
     _x6 = -831*_x2 + (6003/2)*_x3
-    return _bc(m*(_x6 + 60*_x1 + _x0*(-_x5 - 57*_x1)))
+    return _bc(m*(_x6 + 60*_x1 + _x0*(_x5 - 57*_x1)))
 
 def finite_d_correction(m, eta):
     """d times the whole O(1/d) drift for (m): the SDE drift is drift + finite_d_correction / d (complete; exact)."""
@@ -267,9 +267,9 @@ def finite_d_correction(m, eta):
     _x2 = (eta*eta*eta)
     _x3 = (eta*eta*eta*eta)
     _x4 = _x0*_x3
-    _x5 = -1008*_x2 + 4437*_x3 - _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3)
+    _x5 = -4437*_x3 + 1008*_x2 + _x0*(-279*_x2 - 135*_x4 + 9*_x1 + (3591/2)*_x3)
     _x6 = -831*_x2 + (6003/2)*_x3
-    return _bc(m*(_x6 + 25*_x1 + _x0*(-_x5 - 32*_x1)))
+    return _bc(m*(_x6 + 25*_x1 + _x0*(_x5 - 32*_x1)))
 
 def drift_jacobian(m, eta):
     """Jacobian d drift_i / d x_j over (m), derived symbolically (exact)."""
@@ -288,9 +288,9 @@ def teacher_link(z1, z2, z3, z4):
 
 def student_link(z1, z2, z3, z4):
     """Student link g(z) entries (flattened row by row)."""
-    _x0 = (1/2)*z1
-    _x1 = (1/2)*z2
-    return _bc((1/2)*numpy.sqrt(2)*(-1 + (1/4)*(z1*z1) + (1/4)*(z2*z2) + (1/4)*(z3*z3) + (1/4)*(z4*z4) + _x0*z2 + _x0*z3 + _x0*z4 + _x1*z3 + _x1*z4 + (1/2)*z3*z4))
+    _x0 = (1/2)*z3
+    _x1 = (1/2)*z4
+    return _bc((1/2)*numpy.sqrt(2)*(-1 + (1/4)*(z1*z1) + (1/4)*(z2*z2) + (1/4)*(z3*z3) + (1/4)*(z4*z4) + _x0*z1 + _x0*z2 + _x1*z1 + _x1*z2 + _x1*z3 + (1/2)*z1*z2))
 
 def student_link_gradient(z1, z2, z3, z4):
     """dg_k/dz_l of the student link, as K tuples of L entries."""

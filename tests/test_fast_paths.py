@@ -257,3 +257,29 @@ def test_delta_split_equals_the_expansion():
     assert all(len([f for f in sp.Mul.make_args(t) if isinstance(f, sp.DiracDelta)]) == 1
                for t in terms)
     assert sp.expand(smooth + sp.Add(*terms) - integrand) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cse_reassembles_the_expressions_and_shares_sums(seed):
+    """printing.cse (tree_cse with opt_cse's hints but no minus signs): substituting the
+    assignments back, in reverse, gives every input expression's value at random points; a
+    sub-sum and a reciprocal power that occur in two outputs are computed once."""
+    from ssi_symbolic.backends.printing import cse
+    rng = random.Random(seed)
+    atoms = [x, y, m, q, sp.erf(x - y), sp.sqrt(1 - m ** 2), 1 / (q + x), sp.Integer(3)]
+    exprs = [_random_product(rng, atoms) for _ in range(4)]
+    exprs += [(x + y + m) * sp.exp(-q), sp.sin(x + y) / (1 + m) ** 2, (1 + m) ** 2 - 2 * q]
+    repl, reduced = cse(exprs)
+    assert len(reduced) == len(exprs)
+    full = {}
+    for s, v in repl:  # in order: each assignment reads only earlier ones
+        full[s] = v.xreplace(full)
+    for point in ({x: 0.3, y: -0.7, m: 0.45, q: 1.3}, {x: -1.1, y: 0.2, m: -0.2, q: 2.1}):
+        point = {k: sp.Float(v, 30) for k, v in point.items()}
+        for e, r in zip(exprs, reduced):
+            want = sp.sympify(e).xreplace(point).evalf(30)
+            diff = (r.xreplace(full) - e).xreplace(point).evalf(30)
+            assert abs(complex(diff)) <= 1e-25 * max(1.0, abs(complex(want)))
+    shared = {v for _, v in repl}
+    assert x + y in shared  # in x + y + m and sin(x + y)
+    assert any(v == (1 + m) ** 2 or v == 1 + m for v in shared)

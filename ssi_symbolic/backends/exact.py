@@ -295,6 +295,13 @@ class _Module:
             for j in range(i, n):
                 r_cov[i][j] = r_cov[j][i] = next(it)
         placeholders = set(self.quad.values())
+        printed = {}  # a shared assignment is printed once, however many functions need it
+
+        def assignment(k):
+            if k not in printed:
+                s, v = repl[k]
+                printed[k] = f"{s} = {pycode(v)}"
+            return printed[k]
 
         def body(outs):
             lines = []
@@ -321,9 +328,9 @@ class _Module:
                 s, v = repl[k]
                 if v.free_symbols & late:   # needs an orthant probability: after the batch
                     late.add(s)
-                    after.append(f"{s} = {pycode(v)}")
+                    after.append(assignment(k))
                 else:
-                    lines.append(f"{s} = {pycode(v)}")
+                    lines.append(assignment(k))
             return lines + self._orthant_lines(orth) + after
 
         if self.jacobian_method == "symbolic" and forward:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
+from sympy.simplify.cse_main import Unevaluated, match_common_args, tree_cse
 
 from ..symbolic.gaussian import dag_any, dag_diff, dag_free_symbols
 from .files import HASH_PREFIX
@@ -119,15 +120,43 @@ def horner_terms(terms, gens):
 MAX_ADD_TERMS = 24
 
 
+def _cse_hints(exprs):
+    """Substitutions for tree_cse: every Add and Mul of several arguments offered to
+    match_common_args (a + b + c and sin(a + b) share a + b), and x**-k written (x**k)**-1 so
+    that x**k and its reciprocal share x**k."""
+    hints, adds, muls, seen = {}, [], [], set()
+    stack = [e for e in exprs if not e.is_Atom]
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        stack.extend(a for a in e.args if not a.is_Atom)
+        if e.is_Add:
+            adds.append(e)
+        elif e.is_Mul:
+            muls.append(e)
+        elif e.is_Pow and e.exp.could_extract_minus_sign():
+            hints[e] = Unevaluated(sp.Pow, (sp.Pow(e.base, -e.exp), -1))
+    match_common_args(sp.Add, adds, hints)
+    match_common_args(sp.Mul, muls, hints)
+    return hints
+
+
 def cse(exprs, prefix="_x"):
     """Common-subexpression elimination over all `exprs` at once, then long sums split into
     partial sums of at most MAX_ADD_TERMS terms (a sum of thousands of terms on one line
     overflows Python's compiler)."""
     symbols = sp.numbered_symbols(prefix)
-    # order="none": the expressions' own argument order (deterministic, independent of the
-    # hash seed); "canonical" sorts every argument list first, 20-40 % of cse's time, with
-    # the same operation count
-    repl, reduced = sp.cse(exprs, symbols=symbols, order="none")
+    # SymPy's cse is its opt_cse (hints: shared sub-sums and sub-products, 1/x for x**-k,
+    # x for -x) then tree_cse. The hints here are opt_cse's without the minus signs: those
+    # asked could_extract_minus_sign of every node (half of cse's time for gelu's module)
+    # and wrapped each negated node in an extra product (15 % more operations, gelu and
+    # relu + erf). order="none": the expressions' own argument order (deterministic,
+    # independent of the hash seed); "canonical" sorts every argument list first, 20-40 %
+    # of cse's time, with the same operation count
+    exprs = [sp.sympify(e) for e in exprs]
+    repl, reduced = tree_cse(exprs, symbols, _cse_hints(exprs), "none")
     out = []
     split_names = sp.numbered_symbols(prefix + "s")
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7b632315dd079363ca1896e79847582dbfaba155b3a5b67d89c668688ea5cf87
-# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
+# spec-hash: 001c27f2c87b64c2373dff57acd6ce572878da2fab00d275faa92ba2640d8695
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7b632315dd079363ca1896e79847582dbfaba155b3a5b67d89c668688ea5cf87'
+SPEC_HASH = '001c27f2c87b64c2373dff57acd6ce572878da2fab00d275faa92ba2640d8695'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

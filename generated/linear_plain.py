@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 75ec0cdd4768a87c93e5f7a06df93f3411aca7b90ce42ceeb73cce171a145784
-# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
+# spec-hash: 554959939b5dbcaeba4bfb057b9046279b4cfbf4a827bd97e43d56f8af6d4fc3
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '75ec0cdd4768a87c93e5f7a06df93f3411aca7b90ce42ceeb73cce171a145784'
+SPEC_HASH = '554959939b5dbcaeba4bfb057b9046279b4cfbf4a827bd97e43d56f8af6d4fc3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 64ed250c612a86da0f832a053d3742ddf4c17ed4ea19442624d535932e89f414
-# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
+# spec-hash: 2328cdf09060c04a68e1d3d23d024b176a6614de8c1b1005934a71c036d4a674
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '64ed250c612a86da0f832a053d3742ddf4c17ed4ea19442624d535932e89f414'
+SPEC_HASH = '2328cdf09060c04a68e1d3d23d024b176a6614de8c1b1005934a71c036d4a674'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: b25cbd77463e8d34fd7e0efbb6951b66bb7615f74ccca138020907eeee805a5c
-# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518 attention 1 f9f1643c73eb773f
+# spec-hash: ba17a21ba4c468eef7e4323300b3738134042f54aa8cfc7f6f0235840d35fa51
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'b25cbd77463e8d34fd7e0efbb6951b66bb7615f74ccca138020907eeee805a5c'
+SPEC_HASH = 'ba17a21ba4c468eef7e4323300b3738134042f54aa8cfc7f6f0235840d35fa51'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

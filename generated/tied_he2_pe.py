@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 295a65ae64e57b5b02be1782d2553986684614021ed5707e9afb70b10ad89308
-# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
+# spec-hash: 065e3ce40487aace4d627378d8e19cb1bbde32e2da508aef4fa6c75e18571c8d
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '295a65ae64e57b5b02be1782d2553986684614021ed5707e9afb70b10ad89308'
+SPEC_HASH = '065e3ce40487aace4d627378d8e19cb1bbde32e2da508aef4fa6c75e18571c8d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

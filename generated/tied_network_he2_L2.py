@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 24c5f94b9aed0bdf5f9a2246c47154bcc9c07c899d7d0b049d3ddfc65bbb4cb6
-# tool: ssi-symbolic 0.1.0 generator 1 source ce67ea7996d48518
+# spec-hash: e34a22b1fdc0102a994b1c63de0797c25c323b189fd39338eea243645a69805b
+# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '24c5f94b9aed0bdf5f9a2246c47154bcc9c07c899d7d0b049d3ddfc65bbb4cb6'
+SPEC_HASH = 'e34a22b1fdc0102a994b1c63de0797c25c323b189fd39338eea243645a69805b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

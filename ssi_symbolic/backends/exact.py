@@ -715,8 +715,12 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
     parts = [header] + helpers + body + [chunking]
     text = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
     if D.method == "quadrature":   # the node count that meets the tolerance (choose_nodes)
+        # the probe compiles the nodes alone unless state functions hold orthant integrals
+        # (compiling gelu's 5000 lines was half of the node choice)
+        probe = text if orthant else "\n\n".join(
+            p.rstrip("\n") for p in [header] + helpers + quad_fns) + "\n"
         text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
-                            f"\nQUADRATURE_NODES = {choose_nodes(text, spec)}\n", 1)
+                            f"\nQUADRATURE_NODES = {choose_nodes(probe, spec)}\n", 1)
     return text
 
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9a5fb0bb360696c181e24a428393fffeeac2b2c6ca90c23169b7fd13a2e50cee
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
+# spec-hash: de88a552e64f25464790fbf50dcd9c879b67adbc7830de83f965e4663b5696a2
+# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9a5fb0bb360696c181e24a428393fffeeac2b2c6ca90c23169b7fd13a2e50cee'
+SPEC_HASH = 'de88a552e64f25464790fbf50dcd9c879b67adbc7830de83f965e4663b5696a2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

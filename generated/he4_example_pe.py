@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: abedda4de2cc29309f4869281416a58262696076eb6b25d11bdb9d550c78ade0
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
+# spec-hash: 51c140530d38596ff0a760c7640c3c6519af63ef10475d841ec0e2b3d5cd09c0
+# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'abedda4de2cc29309f4869281416a58262696076eb6b25d11bdb9d550c78ade0'
+SPEC_HASH = '51c140530d38596ff0a760c7640c3c6519af63ef10475d841ec0e2b3d5cd09c0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 38386f37958dd0765145e937f1c51efe836f6fd42228d1a13aae4bcfa69c59e6
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
+# spec-hash: f4cddb5672ae73cccba6feaad19dfd992c4ad0751c536620460d544c2a05df9c
+# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '38386f37958dd0765145e937f1c51efe836f6fd42228d1a13aae4bcfa69c59e6'
+SPEC_HASH = 'f4cddb5672ae73cccba6feaad19dfd992c4ad0751c536620460d544c2a05df9c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: bc91f090f212a38073658483534f04529fc2d1f45e2b64e351858c1bbaa23650
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
+# spec-hash: fa52809b0201f8fcb164183592e4b97291e1526ad1a7e0daff9bae6caadab056
+# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'bc91f090f212a38073658483534f04529fc2d1f45e2b64e351858c1bbaa23650'
+SPEC_HASH = 'fa52809b0201f8fcb164183592e4b97291e1526ad1a7e0daff9bae6caadab056'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2b740b16a310753f37e451599482a94c03a28796b86bae01e7d703ab176d7fe7
-# tool: ssi-symbolic 0.1.0 generator 1 source 7b160a526c26ea05
+# spec-hash: da354e5600d202bf9666c6501961185dbfccf1cd426f899fd920bb62380cdb63
+# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2b740b16a310753f37e451599482a94c03a28796b86bae01e7d703ab176d7fe7'
+SPEC_HASH = 'da354e5600d202bf9666c6501961185dbfccf1cd426f899fd920bb62380cdb63'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

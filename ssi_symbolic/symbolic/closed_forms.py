@@ -662,13 +662,15 @@ class GaussianClosedForm:
         det, S2 = hit
         if det == 0:
             raise NoClosedForm("singular completed square")
-        muS = sp.Matrix([mu[i] for i in used])
-        b = B - A * muS
-        S2_allS = S2.extract(list(range(n)), used)
-        shift = S2_allS * b
-        mu2 = tuple(sp.expand(mu[i] + shift[i]) for i in range(n))
-        S2_SS = S2.extract(used, used)
-        expo = c0 + (B.T * muS)[0] - (muS.T * A * muS)[0] / 2 + (b.T * S2_SS * b)[0] / 2
+        # b = B - A mu_used, shift = S2[:, used] b, expo = c0 + B.mu - mu.A.mu / 2 + b.S2.b / 2
+        # (products by _dot: a zero mean, zero b or zero entries multiply nothing)
+        muS = [mu[i] for i in used]
+        Amu = [_dot([A[r, c] for c in range(k)], muS) for r in range(k)]
+        b = [B[r] - Amu[r] for r in range(k)]
+        S2b = [_dot([S2[i, j] for j in used], b) for i in range(n)]
+        mu2 = tuple(sp.expand(mu[i] + S2b[i]) for i in range(n))
+        expo = (c0 + _dot([B[r] for r in range(k)], muS) - _dot(muS, Amu) / 2
+                + _dot(b, [S2b[i] for i in used]) / 2)
         return det, sp.exp(sp.expand(expo)) / sp.sqrt(det), mu2, S2
 
     def _stein(self, mu, S, mono, i, phis, hs):
@@ -704,9 +706,10 @@ class GaussianClosedForm:
         forms = [(a, b, 1) for a, b in phis] + [(a, b, 0) for a, b in hs]
         if not forms:
             return sp.Integer(1)
-        avs = [sp.Matrix(a) for a, _, _ in forms]
         nus = [sp.expand(_dot(a, mu) + b) for a, b, _ in forms]
-        T = [[sp.expand((avs[i].T * S * avs[j])[0] + (forms[i][2] if i == j else 0))
+        n = len(self.xs)
+        Sa = [[_dot([S[r, c] for c in range(n)], a) for r in range(n)] for a, _, _ in forms]
+        T = [[sp.expand(_dot(forms[i][0], Sa[j]) + (forms[i][2] if i == j else 0))
               for j in range(len(forms))] for i in range(len(forms))]
         if len(forms) == 1:
             if T[0][0] == 0:

@@ -98,7 +98,7 @@ class OverlapODE:
         that vectors realise."""
         M, E, Q = self.matrices(x)
         P = np.array(self.mod.TEACHER_OVERLAPS, dtype=float)
-        Ks, K, r = P.shape[0], Q.shape[0], E.shape[1]
+        Ks, r = P.shape[0], E.shape[1]
         Z = np.zeros
         return np.block([[P, M.T, Z((Ks, r))], [M, Q, E], [Z((r, Ks)), E.T, np.eye(r)]])
 
@@ -376,7 +376,7 @@ def fixed_points(ode: OverlapODE, starts: int = 64, seed: int = 0) -> list[dict]
     by Newton's method from the origin, the axes and `starts` random points; each with its
     Jacobian eigenvalues and stability, distinct to 1e-6, sorted by |(m, e)|."""
     rng = np.random.default_rng(seed)
-    nd, n = ode.n_dir, ode.n
+    nd = ode.n_dir
     if ode.multi:
         return _report_fixed_points(ode, _solve_guesses(ode, _multi_guesses(ode, starts, rng)))
     guesses = [np.zeros(nd)]

@@ -3,6 +3,7 @@ error), the assembly of report.md, and run_report (derive, run the sections, wri
 report.json and the figures)."""
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 import time
@@ -38,7 +39,7 @@ SECTIONS: list[Callable[[Context], Section]] = [
 
 def _check_matplotlib() -> None:
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         raise SSIError("ssi reproduce needs matplotlib for its figures: "
                        "pip install 'ssi-symbolic[plot]'") from None

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3fc19020fc109154f656b7bc5d6d0a9c3ce7164df0ebc7bf79fcf3343e1f2d7a
-# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
+# spec-hash: 535fe49e2086c3c4106d9aee4b11e60f702b8d0b266a0424389efe127db7b9d6
+# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3fc19020fc109154f656b7bc5d6d0a9c3ce7164df0ebc7bf79fcf3343e1f2d7a'
+SPEC_HASH = '535fe49e2086c3c4106d9aee4b11e60f702b8d0b266a0424389efe127db7b9d6'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

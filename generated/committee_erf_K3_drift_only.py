@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 287c30271835bea31cf2837c68088d1da0cca25a5441170d1f83db18b9e793e4
-# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
+# spec-hash: d3db04ce29477deb90e50e37e009a5ccaea1a01831b06336eb013c604895c054
+# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '287c30271835bea31cf2837c68088d1da0cca25a5441170d1f83db18b9e793e4'
+SPEC_HASH = 'd3db04ce29477deb90e50e37e009a5ccaea1a01831b06336eb013c604895c054'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4f9c94c129c3a0e92fd1aae32919cf046cc4b5e32b2c7206ae2773b4636ca721
-# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
+# spec-hash: 6f9e89553ddbde12a606db703132cdfc70fb569c95e7d10a8efe666b43d83df0
+# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4f9c94c129c3a0e92fd1aae32919cf046cc4b5e32b2c7206ae2773b4636ca721'
+SPEC_HASH = '6f9e89553ddbde12a606db703132cdfc70fb569c95e7d10a8efe666b43d83df0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

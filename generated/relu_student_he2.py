@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fa52809b0201f8fcb164183592e4b97291e1526ad1a7e0daff9bae6caadab056
-# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
+# spec-hash: 8f7a91272ddbbf91351ec5c7476fe0bf3b7aca767dabf5073747dfea607c4f4d
+# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fa52809b0201f8fcb164183592e4b97291e1526ad1a7e0daff9bae6caadab056'
+SPEC_HASH = '8f7a91272ddbbf91351ec5c7476fe0bf3b7aca767dabf5073747dfea607c4f4d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

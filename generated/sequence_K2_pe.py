@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a902093e215edd30c6b680ab20f98f0ac032e432c3cc45e227fe4cc32ea3618f
-# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
+# spec-hash: 06b94d1874eff754c33201ea64e5188dae164f6b10ab21a1e43b93d0fd578b25
+# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a902093e215edd30c6b680ab20f98f0ac032e432c3cc45e227fe4cc32ea3618f'
+SPEC_HASH = '06b94d1874eff754c33201ea64e5188dae164f6b10ab21a1e43b93d0fd578b25'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

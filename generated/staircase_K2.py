@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 76ea75a1cf925071db31b17db33df11a87f6368cdd04bce383b164fa021bbe3f
-# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
+# spec-hash: eb87c25ac5bb1b9f793d80c8c0a37ee8d3c3dcb7370aa57d463c46af793e4a05
+# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '76ea75a1cf925071db31b17db33df11a87f6368cdd04bce383b164fa021bbe3f'
+SPEC_HASH = 'eb87c25ac5bb1b9f793d80c8c0a37ee8d3c3dcb7370aa57d463c46af793e4a05'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c762582ce6af4ce0a984d63ac2a65c8d98750cb374fab161dbecfbe3eca1388f
-# tool: ssi-symbolic 0.1.0 generator 1 source 1bc157cf4445f26f
+# spec-hash: 2412bf7c24c3d7fccec55f614e06cea1e312b30fa1828c77c9bb53c77c32fd26
+# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c762582ce6af4ce0a984d63ac2a65c8d98750cb374fab161dbecfbe3eca1388f'
+SPEC_HASH = '2412bf7c24c3d7fccec55f614e06cea1e312b30fa1828c77c9bb53c77c32fd26'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

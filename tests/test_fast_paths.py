@@ -283,3 +283,33 @@ def test_cse_reassembles_the_expressions_and_shares_sums(seed):
     shared = {v for _, v in repl}
     assert x + y in shared  # in x + y + m and sin(x + y)
     assert any(v == (1 + m) ** 2 or v == 1 + m for v in shared)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cancel_shortcut_equals_sp_cancel(seed):
+    """expectation._cancel (the expansion when every denominator is an integer) returns what
+    sp.cancel returns, structurally: random sums of products of the overlaps, radicals, pi and
+    symbolic or irrational denominators."""
+    from ssi_symbolic.symbolic.expectation import _cancel
+    rng = random.Random(seed)
+    atoms = [m, q, sp.sqrt(1 - m ** 2), sp.sqrt(2), sp.Rational(1, 3), sp.pi, 1 / (q + 1),
+             1 / (1 + sp.sqrt(2)), sp.Integer(5)]
+    for _ in range(6):
+        e = _random_product(rng, atoms)
+        assert _cancel(e) == sp.cancel(e), e
+
+
+def test_tidy_affine_reads_the_coefficients_off_the_terms():
+    """_tidy_affine: the coefficients of an affine expression are those of a Poly in the
+    variables (tidied); an expression of degree 2 or with a variable inside a function is
+    returned expanded."""
+    from ssi_symbolic.symbolic.expectation import _tidy_affine, _tidy_coefficient
+    e = (sp.sqrt(2) * m * u1 / (2 * sp.sqrt(1 - m ** 2)) + u2 * sp.sqrt(1 - m ** 2 / 2) * (m + 1)
+         + m / (1 + m) - 1 / (1 + m) + 3)
+    P = sp.Poly(sp.expand(e), u1, u2)
+    want = (_tidy_coefficient(P.coeff_monomial(1)) + _tidy_coefficient(P.coeff_monomial(u1)) * u1
+            + _tidy_coefficient(P.coeff_monomial(u2)) * u2)
+    assert _tidy_affine(e, (u1, u2)) == want
+    assert sp.simplify(_tidy_affine(e, (u1, u2)) - e) == 0
+    for bad in (u1 ** 2 + m * u2, sp.erf(u1) + u2, u1 * u2):
+        assert _tidy_affine(bad, (u1, u2)) == sp.expand(bad)

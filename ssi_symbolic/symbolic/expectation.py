@@ -181,9 +181,9 @@ class Expectation:
             K = (A * S * A.T).applyfunc(sp.expand)
             # a few forms (k < n): the adjugate over the determinant (Matrix.inv's elimination
             # with its zero tests took ~60 ms per 2 x 2 symbolic matrix)
-            Kinv = (K.adjugate() / K.det()).applyfunc(sp.cancel)
-            G = (S * A.T * Kinv).applyfunc(sp.cancel)           # E[x | Y] = mu + G (Y - A mu)
-            R = (S - G * A * S).applyfunc(sp.cancel)
+            Kinv = (K.adjugate() / K.det()).applyfunc(_cancel)
+            G = (S * A.T * Kinv).applyfunc(_cancel)             # E[x | Y] = mu + G (Y - A mu)
+            R = (S - G * A * S).applyfunc(_cancel)
             ys = tuple(sp.Symbol(f"y{i + 1}", real=True) for i in range(k))
             yv = sp.Matrix(ys)
             ymean = A * mu
@@ -593,19 +593,32 @@ def _conditional_moment(alpha, mean, R, memo):
     return hit
 
 
+def _cancel(x):
+    """sp.cancel(x). For a sum whose terms all have integer denominators that is its
+    expansion: that case (half of the projections' entries) skips cancel's polynomial gcds.
+    (A denominator such as pi or sqrt(2) + sqrt(3) goes to cancel, which puts the sum over it.)"""
+    e = sp.expand(x)
+    if all(sp.fraction(t)[1].is_Integer for t in sp.Add.make_args(e)):
+        return e
+    return sp.cancel(x)
+
+
 def _tidy_affine(expr, us):
     """An expression affine in us with each coefficient simplified (a zero coefficient must
     look like zero: kink_breaks and the delta integration test for it); other expressions
     expanded."""
     expr = sp.expand(expr)
-    try:
-        P = sp.Poly(expr, *us)
-    except sp.PolynomialError:
-        return expr
-    if P.total_degree() > 1:
-        return expr
-    return (_tidy_coefficient(P.coeff_monomial(1))
-            + sum(_tidy_coefficient(P.coeff_monomial(u)) * u for u in us))
+    # the coefficients read off the expanded terms (a Poly over the expression domain cost
+    # ~5 ms per call with radicals in the coefficients)
+    parts = {}
+    for term in sp.Add.make_args(expr):
+        c, dep = term.as_independent(*us, as_Add=False)
+        parts.setdefault(dep, []).append(c)
+    one = sp.Integer(1)
+    if not set(parts) <= {one, *us}:
+        return expr  # of degree 2 or more in us, or not polynomial in them
+    return (_tidy_coefficient(sp.Add(*parts.get(one, [])))
+            + sum(_tidy_coefficient(sp.Add(*parts.get(u, []))) * u for u in us))
 
 
 def _tidy_coefficient(c):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e662836cee95bbe108e8dcb875458904098e351cdc9851b2bb42b8dd3ace30de
-# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
+# spec-hash: 6b634a7f2859a9708bb789709a59d782a1280e19ba43851a1a7b7c1582e0a08e
+# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e662836cee95bbe108e8dcb875458904098e351cdc9851b2bb42b8dd3ace30de'
+SPEC_HASH = '6b634a7f2859a9708bb789709a59d782a1280e19ba43851a1a7b7c1582e0a08e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

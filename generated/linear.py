@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 886ccfa9866b8018522579640685699925ff50a675f74752e94df802aabadf16
-# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
+# spec-hash: 84d81ea06d4633d5780828c571505f74d3cd41ea83f684528fb434f9845e0610
+# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '886ccfa9866b8018522579640685699925ff50a675f74752e94df802aabadf16'
+SPEC_HASH = '84d81ea06d4633d5780828c571505f74d3cd41ea83f684528fb434f9845e0610'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

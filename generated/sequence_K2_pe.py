@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 06b94d1874eff754c33201ea64e5188dae164f6b10ab21a1e43b93d0fd578b25
-# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
+# spec-hash: ae26cb8328c0d56605a903bf37cc07d00a4f5c3530d0cae7db14c0eeacc35832
+# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '06b94d1874eff754c33201ea64e5188dae164f6b10ab21a1e43b93d0fd578b25'
+SPEC_HASH = 'ae26cb8328c0d56605a903bf37cc07d00a4f5c3530d0cae7db14c0eeacc35832'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

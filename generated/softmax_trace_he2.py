@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: d587a6831967f71c10d7eb31a086a5042b6e860931e8395f28735c088001d879
-# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b attention 1 f9f1643c73eb773f
+# spec-hash: 3fbcf964235338df0af8db7e7348955d0348c28d5eef92050a771163e73f193f
+# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2 attention 1 f9f1643c73eb773f
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'd587a6831967f71c10d7eb31a086a5042b6e860931e8395f28735c088001d879'
+SPEC_HASH = '3fbcf964235338df0af8db7e7348955d0348c28d5eef92050a771163e73f193f'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 20845ebc88a395e547a79488b2dba7c01a5097a367bd42fd33d67b3a0e2b46da
-# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
+# spec-hash: 3f81986a5b9077a4d23d11ae4ecd6fc3e0b6a9fb66f386b96db0ee089f863a7f
+# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '20845ebc88a395e547a79488b2dba7c01a5097a367bd42fd33d67b3a0e2b46da'
+SPEC_HASH = '3f81986a5b9077a4d23d11ae4ecd6fc3e0b6a9fb66f386b96db0ee089f863a7f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

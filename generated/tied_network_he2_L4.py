@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a8c9b0a42b68f4d24ff97a8a432779d311ed298f3825fc7894a8039f3a953346
-# tool: ssi-symbolic 0.1.0 generator 1 source 66e0fe980101828b
+# spec-hash: 2ac8a6ccb832b5830ec62e9a9f3386b29a5ed4df2c81299916e5dd8f29772ce5
+# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a8c9b0a42b68f4d24ff97a8a432779d311ed298f3825fc7894a8039f3a953346'
+SPEC_HASH = '2ac8a6ccb832b5830ec62e9a9f3386b29a5ed4df2c81299916e5dd8f29772ce5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

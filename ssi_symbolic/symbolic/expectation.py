@@ -42,6 +42,7 @@ class Expectation:
         self._cond_moments = {}
         self._tidy = {}
         self._rows = {}
+        self._spans = {}  # rows of forms -> the independent ones (see _reduced)
         self._tokens = {}
         self._random = None  # the random variables, as a set
 
@@ -168,13 +169,16 @@ class Expectation:
 
         if not walk(factor) or not rows:
             return None
-        A = sp.Matrix(rows)
-        _, pivots = A.T.rref()
-        k = len(pivots)
-        if k >= len(variables):
+        # the independent rows (rref of the same few forms, memoised: ~0.3 ms per call)
+        span = self._spans.get(tuple(rows))
+        if span is None:
+            _, pivots = sp.Matrix(rows).T.rref()
+            span = self._spans[tuple(rows)] = tuple(tuple(rows[i]) for i in pivots)
+        if len(span) >= len(variables):
             return None
-        A = sp.Matrix([rows[i] for i in pivots])
-        key = ("reduce", variables, tuple(tuple(r) for r in A.tolist()))
+        k = len(span)
+        A = sp.Matrix(span)
+        key = ("reduce", variables, span)
         if key not in self._projections:
             mean, S = self._gaussian_of(variables)
             mu = sp.Matrix(mean)

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 84d81ea06d4633d5780828c571505f74d3cd41ea83f684528fb434f9845e0610
-# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
+# spec-hash: e7ad3a95c41c3cb02177a83fd187093ffed4120748a6f6677b268fc7a09feb99
+# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '84d81ea06d4633d5780828c571505f74d3cd41ea83f684528fb434f9845e0610'
+SPEC_HASH = 'e7ad3a95c41c3cb02177a83fd187093ffed4120748a6f6677b268fc7a09feb99'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

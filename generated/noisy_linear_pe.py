@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ebbcf0f20d273a1deea39061a5e547749f3c88f195f9643d7344937603330109
-# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
+# spec-hash: a2d0f2b88d42e8f513f4e969d83e4ba773bcaf90abb0e27973cbc5cb6172edcf
+# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ebbcf0f20d273a1deea39061a5e547749f3c88f195f9643d7344937603330109'
+SPEC_HASH = 'a2d0f2b88d42e8f513f4e969d83e4ba773bcaf90abb0e27973cbc5cb6172edcf'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

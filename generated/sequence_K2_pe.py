@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ae26cb8328c0d56605a903bf37cc07d00a4f5c3530d0cae7db14c0eeacc35832
-# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
+# spec-hash: 9d234d1910f04257b07ea9c56442e98abbe53c4af81d9be34a2077ceb14cf1cc
+# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ae26cb8328c0d56605a903bf37cc07d00a4f5c3530d0cae7db14c0eeacc35832'
+SPEC_HASH = '9d234d1910f04257b07ea9c56442e98abbe53c4af81d9be34a2077ceb14cf1cc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3f81986a5b9077a4d23d11ae4ecd6fc3e0b6a9fb66f386b96db0ee089f863a7f
-# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
+# spec-hash: 08ffc2a77859b34cd8b24f335100d1c467ee2b815f57de22529a99533a3ea49c
+# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3f81986a5b9077a4d23d11ae4ecd6fc3e0b6a9fb66f386b96db0ee089f863a7f'
+SPEC_HASH = '08ffc2a77859b34cd8b24f335100d1c467ee2b815f57de22529a99533a3ea49c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

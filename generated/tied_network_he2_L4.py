@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2ac8a6ccb832b5830ec62e9a9f3386b29a5ed4df2c81299916e5dd8f29772ce5
-# tool: ssi-symbolic 0.1.0 generator 1 source 1c2e75d6527531c2
+# spec-hash: 8c052f5679fb8c6800ec05bfcf233d561958ff18fa9787cb57d37b2a685daced
+# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2ac8a6ccb832b5830ec62e9a9f3386b29a5ed4df2c81299916e5dd8f29772ce5'
+SPEC_HASH = '8c052f5679fb8c6800ec05bfcf233d561958ff18fa9787cb57d37b2a685daced'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -16,6 +16,12 @@ from .files import HASH_PREFIX
 class _Printer(SciPyPrinter):
     """SciPy printer whose max/min/step functions broadcast elementwise."""
 
+    def _handle_UnevaluatedExpr(self, expr):
+        # CodePrinter.doprint rewrites re(UnevaluatedExpr(x)) of a real x to x by a replace()
+        # over every printed expression (a fifth of the printing time); the derivations build
+        # no UnevaluatedExpr, and numpy.real of a real array is that array anyway
+        return expr
+
     def _print_Max(self, expr):
         out = self._print(expr.args[0])
         for a in expr.args[1:]:

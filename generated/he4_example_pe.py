@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9cce8f4b115accdfff7ac769960b13f26704cffbe36ac0b8047be325eeeff456
-# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
+# spec-hash: 49e77a995a7bb89ca523bbd4ddb9c5cb32a35e4d3bd6b189fe96c3326096e58b
+# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9cce8f4b115accdfff7ac769960b13f26704cffbe36ac0b8047be325eeeff456'
+SPEC_HASH = '49e77a995a7bb89ca523bbd4ddb9c5cb32a35e4d3bd6b189fe96c3326096e58b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a1037ac3d6253949d624c47bbe940431c3ae10e9d5e456aee96e63460093287a
-# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
+# spec-hash: c33464e96eb10bc98f7569141d6671e4643f58ac5c592a6458ba2bebcb739f2e
+# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a1037ac3d6253949d624c47bbe940431c3ae10e9d5e456aee96e63460093287a'
+SPEC_HASH = 'c33464e96eb10bc98f7569141d6671e4643f58ac5c592a6458ba2bebcb739f2e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 93c0928be2c34ab912d91625adad73bfda6f37643ed1fa558844c593d46fcd08
-# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
+# spec-hash: 6072499623430e8701a9a01eaf42ca7e648f098fc82731ede04a6a920e64b4d6
+# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '93c0928be2c34ab912d91625adad73bfda6f37643ed1fa558844c593d46fcd08'
+SPEC_HASH = '6072499623430e8701a9a01eaf42ca7e648f098fc82731ede04a6a920e64b4d6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5b9f2fc9bc126aee3cadf22ab9fe79b270d8c75328c9c9d84856a00afa36d5e5
-# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
+# spec-hash: 7c614e5461b9315a1d8a7017ab2637791cb844a26659fb1498d94b3a520cbb35
+# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5b9f2fc9bc126aee3cadf22ab9fe79b270d8c75328c9c9d84856a00afa36d5e5'
+SPEC_HASH = '7c614e5461b9315a1d8a7017ab2637791cb844a26659fb1498d94b3a520cbb35'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a80ef14537a2925ee3652310de0ac403da2b529b5be3039bba12349367808a2b
-# tool: ssi-symbolic 0.1.0 generator 1 source 4d22eda4266f6de5
+# spec-hash: 7a9f33caacad4fe6bd0cc239b5df446eb07da5667bd645f7209f4e253f0ca84a
+# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a80ef14537a2925ee3652310de0ac403da2b529b5be3039bba12349367808a2b'
+SPEC_HASH = '7a9f33caacad4fe6bd0cc239b5df446eb07da5667bd645f7209f4e253f0ca84a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -296,6 +296,7 @@ class _Module:
                 r_cov[i][j] = r_cov[j][i] = next(it)
         placeholders = set(self.quad.values())
         printed = {}  # a shared assignment is printed once, however many functions need it
+        free = {}  # replacement index -> its free symbols (closure's memo)
 
         def assignment(k):
             if k not in printed:
@@ -308,8 +309,8 @@ class _Module:
             used = set()
             for o in outs:
                 used |= o.free_symbols
-            for k in closure(outs, repl_index, repl):
-                used |= repl[k][1].free_symbols
+            for k in closure(outs, repl_index, repl, free):
+                used |= free[k]
             call_args = ", ".join(self.state + self.param_names)
             groups = self.node_groups()
             needed = sorted(used & placeholders, key=lambda ph: int(str(ph)[3:]))
@@ -324,10 +325,9 @@ class _Module:
             orth = sorted(used & set(self.orth_args), key=lambda s: int(str(s)[2:]))
             extra = [a for ph in orth for a in self.orth_args[ph]]
             after, late = [], set(orth)
-            for k in closure(list(outs) + extra, repl_index, repl):
-                s, v = repl[k]
-                if v.free_symbols & late:   # needs an orthant probability: after the batch
-                    late.add(s)
+            for k in closure(list(outs) + extra, repl_index, repl, free):
+                if free[k] & late:   # needs an orthant probability: after the batch
+                    late.add(repl[k][0])
                     after.append(assignment(k))
                 else:
                     lines.append(assignment(k))

@@ -190,15 +190,24 @@ def cse(exprs, prefix="_x"):
     return out, reduced
 
 
-def closure(outputs, repl_index, repl):
-    """Indices of the CSE replacements needed (transitively) by `outputs`, in order."""
+def closure(outputs, repl_index, repl, free=None):
+    """Indices of the CSE replacements needed (transitively) by `outputs`, in order. `free`, a
+    dict index -> free symbols of that replacement, memoises them across calls (a module's
+    functions share most of their replacements)."""
+    free = {} if free is None else free
+
+    def symbols_of(k):
+        hit = free.get(k)
+        if hit is None:
+            hit = free[k] = repl[k][1].free_symbols
+        return hit
     need, stack = set(), [s for o in outputs for s in o.free_symbols if s in repl_index]
     while stack:
         s = stack.pop()
         if s in need:
             continue
         need.add(s)
-        stack.extend(x for x in repl[repl_index[s]][1].free_symbols if x in repl_index)
+        stack.extend(x for x in symbols_of(repl_index[s]) if x in repl_index)
     return sorted(repl_index[s] for s in need)
 
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 71d0a479b5fbe318b03bd648b6f842400801cc06f025aa75d1f66b820624cbe2
-# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
+# spec-hash: 08e0608c539e61b1b6de7151e41c873b4a6d780189a28d71a5664fed4068fc6c
+# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '71d0a479b5fbe318b03bd648b6f842400801cc06f025aa75d1f66b820624cbe2'
+SPEC_HASH = '08e0608c539e61b1b6de7151e41c873b4a6d780189a28d71a5664fed4068fc6c'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

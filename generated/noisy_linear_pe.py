@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7629243c23e7311816ae48b622222cb2fe3a2499aa0b6d0a0c1ba1c30496113e
-# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
+# spec-hash: f981f7fce8c7b5e4f4b9e1f5e6816a8b413c9c05f1d2bc53737b733ade2ff355
+# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7629243c23e7311816ae48b622222cb2fe3a2499aa0b6d0a0c1ba1c30496113e'
+SPEC_HASH = 'f981f7fce8c7b5e4f4b9e1f5e6816a8b413c9c05f1d2bc53737b733ade2ff355'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3b31c4fea6b50a9a1f1267eba8b62b35555991ed5769c3515c03923cd84b0c34
-# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
+# spec-hash: b22c01170e8254b2ed3d14ac5d51cf7bd714b709a83fe57d092031b6a622f98b
+# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3b31c4fea6b50a9a1f1267eba8b62b35555991ed5769c3515c03923cd84b0c34'
+SPEC_HASH = 'b22c01170e8254b2ed3d14ac5d51cf7bd714b709a83fe57d092031b6a622f98b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c33464e96eb10bc98f7569141d6671e4643f58ac5c592a6458ba2bebcb739f2e
-# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
+# spec-hash: 46ccb8022afdee3f27b70b36990cd5292189c99f6744b72e3e20fc2994b06f4e
+# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c33464e96eb10bc98f7569141d6671e4643f58ac5c592a6458ba2bebcb739f2e'
+SPEC_HASH = '46ccb8022afdee3f27b70b36990cd5292189c99f6744b72e3e20fc2994b06f4e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

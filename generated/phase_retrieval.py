@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3a81f38f01d63faabc9481bcb476a6cadfbb0ac9b50ade9c0023b7009edbf456
-# tool: ssi-symbolic 0.1.0 generator 1 source b35a1955668ef5fa
+# spec-hash: af100dcd6f3d72767f720737db279c107af57942fba9598f48175215c07836ad
+# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3a81f38f01d63faabc9481bcb476a6cadfbb0ac9b50ade9c0023b7009edbf456'
+SPEC_HASH = 'af100dcd6f3d72767f720737db279c107af57942fba9598f48175215c07836ad'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

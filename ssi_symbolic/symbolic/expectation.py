@@ -612,17 +612,15 @@ def _tidy_affine(expr, us):
     look like zero: kink_breaks and the delta integration test for it); other expressions
     expanded."""
     expr = sp.expand(expr)
-    # the coefficients read off the expanded terms (a Poly over the expression domain cost
-    # ~5 ms per call with radicals in the coefficients)
-    parts = {}
-    for term in sp.Add.make_args(expr):
-        c, dep = term.as_independent(*us, as_Add=False)
-        parts.setdefault(dep, []).append(c)
-    one = sp.Integer(1)
-    if not set(parts) <= {one, *us}:
-        return expr  # of degree 2 or more in us, or not polynomial in them
-    return (_tidy_coefficient(sp.Add(*parts.get(one, [])))
-            + sum(_tidy_coefficient(sp.Add(*parts.get(u, []))) * u for u in us))
+    # the coefficients read off the terms (a Poly over the expression domain cost ~5 ms per
+    # call with radicals in the coefficients)
+    terms = _poly_terms(expr, us)
+    if terms is None or any(sum(alpha) > 1 for alpha in terms):
+        return expr  # not polynomial in us, or of degree 2 or more
+    zero = sp.Integer(0)
+    unit = [tuple(int(i == j) for j in range(len(us))) for i in range(len(us))]
+    return (_tidy_coefficient(terms.get((0,) * len(us), zero))
+            + sum(_tidy_coefficient(terms.get(a, zero)) * u for a, u in zip(unit, us)))
 
 
 def _tidy_coefficient(c):

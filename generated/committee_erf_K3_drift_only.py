@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 44b1417d78d6fceae0ed7b2815756be24bd96277f97c01f0e3d6e0c0b7530daf
-# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
+# spec-hash: 0f56af9d9ebb71cfc5033fafd53c6e1ca728b56e0a372bfaffba29152a02e74d
+# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '44b1417d78d6fceae0ed7b2815756be24bd96277f97c01f0e3d6e0c0b7530daf'
+SPEC_HASH = '0f56af9d9ebb71cfc5033fafd53c6e1ca728b56e0a372bfaffba29152a02e74d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d5af3d3738a1684eb49bf689fd713574afed5f3a8ba08421f6445878cae07d37
-# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
+# spec-hash: 08ffe76392a63409784f069f24b5f5d3d26331c24fdb5bc9a7bdb6f59b985adb
+# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd5af3d3738a1684eb49bf689fd713574afed5f3a8ba08421f6445878cae07d37'
+SPEC_HASH = '08ffe76392a63409784f069f24b5f5d3d26331c24fdb5bc9a7bdb6f59b985adb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

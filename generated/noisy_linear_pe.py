@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f981f7fce8c7b5e4f4b9e1f5e6816a8b413c9c05f1d2bc53737b733ade2ff355
-# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
+# spec-hash: aa60d019d71e7a45da8fc42ff37c777b5f7aa259d9a158d208b8e694bedea942
+# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'f981f7fce8c7b5e4f4b9e1f5e6816a8b413c9c05f1d2bc53737b733ade2ff355'
+SPEC_HASH = 'aa60d019d71e7a45da8fc42ff37c777b5f7aa259d9a158d208b8e694bedea942'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b22c01170e8254b2ed3d14ac5d51cf7bd714b709a83fe57d092031b6a622f98b
-# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
+# spec-hash: 7a84e186727a9c7b7a6a61b2454e478ad8f8a1a0879a889b80b934d11ab6739a
+# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b22c01170e8254b2ed3d14ac5d51cf7bd714b709a83fe57d092031b6a622f98b'
+SPEC_HASH = '7a84e186727a9c7b7a6a61b2454e478ad8f8a1a0879a889b80b934d11ab6739a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: af100dcd6f3d72767f720737db279c107af57942fba9598f48175215c07836ad
-# tool: ssi-symbolic 0.1.0 generator 1 source afe05c4fb7dde9c9
+# spec-hash: 57c81d7c10d563b3798f7543c68a174b5069efb8e775e755d0a30795dd13aaa0
+# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'af100dcd6f3d72767f720737db279c107af57942fba9598f48175215c07836ad'
+SPEC_HASH = '57c81d7c10d563b3798f7543c68a174b5069efb8e775e755d0a30795dd13aaa0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -313,3 +313,51 @@ def test_tidy_affine_reads_the_coefficients_off_the_terms():
     assert sp.simplify(_tidy_affine(e, (u1, u2)) - e) == 0
     for bad in (u1 ** 2 + m * u2, sp.erf(u1) + u2, u1 * u2):
         assert _tidy_affine(bad, (u1, u2)) == sp.expand(bad)
+
+
+_TWO_PROCESS = """
+import os, sys
+from pathlib import Path
+from ssi_symbolic.model.spec import load_spec
+from ssi_symbolic.symbolic.derive import derive
+from ssi_symbolic.backends import exact, background
+assert background.can_fork()
+D = derive(load_spec(Path(sys.argv[1])))
+assert 'scipy.special' not in sys.modules
+parallel = exact.module_source(D)
+# the node choice (compile and evaluate the nodes, importing scipy.special) ran in the child
+assert 'scipy.special' not in sys.modules, 'the node choice ran in this process'
+os.environ['SSI_SERIAL'] = '1'
+assert not background.can_fork()
+serial = exact.module_source(D)
+assert 'scipy.special' in sys.modules
+assert parallel == serial, 'the two paths differ'
+"""
+
+
+def test_node_choice_in_a_child_gives_the_same_module(tmp_path):
+    """module_source with the node functions and the node choice in a forked child (a fresh,
+    single-threaded process) is the same text as with everything in one process
+    (SSI_SERIAL=1); the child did the node choice: the parent never imported scipy."""
+    import subprocess
+    import sys
+    spec = tmp_path / "tanh_relu.toml"
+    spec.write_text('name = "tanh_relu"\nL = 1\n[teacher]\nlink = "tanh(z1)"\n'
+                    '[student]\nlink = "relu(z1)"\n')
+    p = subprocess.run([sys.executable, "-c", _TWO_PROCESS, str(spec)], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_background_returns_the_value_or_none():
+    """Background: the child's return value; None when the work raises (the caller then
+    computes it and meets the error itself) or when forking is not allowed."""
+    from ssi_symbolic.backends.background import Background, can_fork
+    if not can_fork():  # a threaded process (pytest-xdist worker): nothing is forked
+        assert Background(lambda: 1).result() is None
+        return
+    assert Background(lambda: {"n": [1, 2]}).result() == {"n": [1, 2]}
+    assert Background(lambda: 1 / 0).result() is None
+    b = Background(lambda: 3)
+    b.close()  # stopped before reading: reaped, no result
+    assert b.result() is None

@@ -42,6 +42,7 @@ from ..symbolic.derive import ETA, Derivation, RingForms, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.closed_forms import NormalOrthant
 from ..symbolic.gaussian import GaussHermite
+from .background import Background
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, forward_jacobian, function_source, horner, module_header,
                        pycode, tuple_source)
@@ -108,6 +109,9 @@ class _Module:
         self._groups = None  # see node_groups
         self.group_list = []
         self._break_cache = {}
+        #: called once when the quadrature nodes are all extracted, before the cse of the
+        #: outputs (module_source starts the node functions and the node choice there)
+        self.nodes_ready = None
 
     def _node_key(self, node):
         """sp.default_sort_key of a node, computed once (it walks the whole integrand)."""
@@ -256,6 +260,9 @@ class _Module:
 
         def eliminate(jac):
             """One CSE over every output, the Jacobian entries `jac` included."""
+            if self.nodes_ready is not None:
+                self.nodes_ready()
+                self.nodes_ready = None
             outputs = [horner(x, D.state)
                        for x in [loss] + d1 + d2 + flat_cov + ito + jac + fdc]
             repl, reduced = cse(outputs + orth_args)
@@ -654,73 +661,117 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
     unavailable = {} if diffusion else {
         piece: f"drift-only module ({why}): Cov(G) and the O(1/d) drift were not derived"
         for piece in DIFFUSION_PIECES}
-    state_fns = [f for f in mod.state_functions(printer) if _function_name(f) not in unavailable]
-    quad_fns = mod.quadrature_functions()
-    link_fns = mod.link_functions()
     h = spec.hash(salt(diffusion))
-    doc = [
-        "",
-        f"Model {spec.name}: L = {spec.L}, r = {spec.r}, "
-        + (f"K* = {spec.teacher_directions} teacher and K = {spec.student_directions} student "
-           f"directions (teacher overlaps P = "
-           f"{[[str(c) for c in row] for row in spec.teacher_overlaps]}), " if spec.multi else "")
-        + f"output shape "
-        f"{spec.shape or 'scalar'}, loss {spec.loss} (1/2 ||y - y_hat||^2, label noise "
-        f"{spec.noise}), {'spherical' if spec.spherical else 'plain'} online SGD.",
-        f"Teacher link: {sp.sstr(spec.teacher)}",
-        f"Student link: {sp.sstr(spec.student)}",
-        f"Positional coefficients C: {[[str(c) for c in row] for row in spec.C]}",
-        "",
-        "Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 E[G2];",
-        "covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact Gaussian moments",
-        "where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, completed",
-        "squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature",
-        "elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.",
-    ]
-    constants = [
-        f"NAME = {spec.name!r}",
-        f"L = {spec.L}",
-        f"R = {spec.r}",
-        f"OVERLAPS = {tuple(D.overlap_names)!r}",
-        f"DIRECTIONS = {(spec.teacher_directions, spec.student_directions)!r}",
-        f"TEACHER_OVERLAPS = "
-        f"{tuple(tuple(float(c) for c in row) for row in spec.teacher_overlaps)!r}",
-        f"PARAMETERS = {tuple(spec.parameters)!r}",
-        f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in spec.parameters.items())}}}",
-        f"SPHERICAL = {spec.spherical!r}",
-        f"LOSS = {spec.loss!r}",
-        f"NOISE = {float(spec.noise)!r}",
-        f"METHOD = {D.method!r}",
-        f"OUTPUT_METHODS = {D.methods!r}",
-        f"QUADRATURE_TOLERANCE = {QUADRATURE_TOLERANCE!r}",
-        f"QUADRATURE_ERROR_FACTOR = {4.0 if mod.unsplit_kinks else 1.0!r}",
-        f"SPEC_HASH = {h!r}",
-        f"QUADRATURE_NODES = {DEFAULT_NODES}",
-        f"JACOBIAN = {mod.jacobian_method!r}",
-        f"FINITE_D_CORRECTION = {D.finite_d_note!r}",
-        f"DIFFUSION = {diffusion!r}",
-        "BACKEND = 'exact'",
-        f"UNAVAILABLE = {unavailable!r}",
-    ]
-    header = module_header(spec, doc, h, tool_salt(), constants)
+    defaults = spec.parameters.items()
+
+    def header(jacobian_method):
+        doc = [
+            "",
+            f"Model {spec.name}: L = {spec.L}, r = {spec.r}, "
+            + (f"K* = {spec.teacher_directions} teacher and K = {spec.student_directions} "
+               f"student directions (teacher overlaps P = "
+               f"{[[str(c) for c in row] for row in spec.teacher_overlaps]}), "
+               if spec.multi else "")
+            + f"output shape "
+            f"{spec.shape or 'scalar'}, loss {spec.loss} (1/2 ||y - y_hat||^2, label noise "
+            f"{spec.noise}), {'spherical' if spec.spherical else 'plain'} online SGD.",
+            f"Teacher link: {sp.sstr(spec.teacher)}",
+            f"Student link: {sp.sstr(spec.student)}",
+            f"Positional coefficients C: {[[str(c) for c in row] for row in spec.C]}",
+            "",
+            "Formulas (MATH.md sections 3-4): population loss R; drift = eta E[G1] + eta^2 "
+            "E[G2];",
+            "covariance Cov(G) and diffusion D = Cov(G) / d. Expectations: exact Gaussian "
+            "moments",
+            "where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, "
+            "completed",
+            "squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature",
+            "elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.",
+        ]
+        constants = [
+            f"NAME = {spec.name!r}",
+            f"L = {spec.L}",
+            f"R = {spec.r}",
+            f"OVERLAPS = {tuple(D.overlap_names)!r}",
+            f"DIRECTIONS = {(spec.teacher_directions, spec.student_directions)!r}",
+            f"TEACHER_OVERLAPS = "
+            f"{tuple(tuple(float(c) for c in row) for row in spec.teacher_overlaps)!r}",
+            f"PARAMETERS = {tuple(spec.parameters)!r}",
+            f"DEFAULTS = {{{', '.join(f'{k!r}: {float(v)!r}' for k, v in defaults)}}}",
+            f"SPHERICAL = {spec.spherical!r}",
+            f"LOSS = {spec.loss!r}",
+            f"NOISE = {float(spec.noise)!r}",
+            f"METHOD = {D.method!r}",
+            f"OUTPUT_METHODS = {D.methods!r}",
+            f"QUADRATURE_TOLERANCE = {QUADRATURE_TOLERANCE!r}",
+            f"QUADRATURE_ERROR_FACTOR = {4.0 if mod.unsplit_kinks else 1.0!r}",
+            f"SPEC_HASH = {h!r}",
+            f"QUADRATURE_NODES = {DEFAULT_NODES}",
+            f"JACOBIAN = {jacobian_method!r}",
+            f"FINITE_D_CORRECTION = {D.finite_d_note!r}",
+            f"DIFFUSION = {diffusion!r}",
+            "BACKEND = 'exact'",
+            f"UNAVAILABLE = {unavailable!r}",
+        ]
+        return module_header(spec, doc, h, tool_salt(), constants)
+
+    def helpers_for(fns):
+        orthant = any("_orthant" in f for f in fns)
+        return [GAUSS_HERMITE_HELPERS, CHUNK_HELPERS] + (
+            [BVN_HELPERS] if orthant or any("_bvn(" in f for f in fns) else []) + (
+            [ORTHANT_HELPERS] if orthant else [])
+
+    def join(parts):
+        return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+
+    def node_work():
+        """The node functions, whether a kink is left unsplit, and the node count that meets
+        the tolerance (choose_nodes) when the state functions hold no orthant integrals: the
+        probe is then the header, the helpers and the node functions alone (compiling gelu's
+        5000 lines was half of the node choice)."""
+        quad_fns = mod.quadrature_functions()
+        nodes = None
+        if D.method == "quadrature" and not mod.orth:
+            probe = join([header(getattr(mod, "jacobian_method", ""))] + helpers_for(quad_fns)
+                         + quad_fns)
+            nodes = choose_nodes(probe, spec)
+        return quad_fns, mod.unsplit_kinks, nodes
+
+    # the node work depends on the nodes only: it runs on the second core (a forked child,
+    # backends.background) while this process does the cse and prints the state functions
+    started = {}
+
+    def nodes_ready():
+        started["count"] = len(mod.quad)
+        if D.method == "quadrature" and not mod.orth:
+            started["child"] = Background(node_work)
+    mod.nodes_ready = nodes_ready
+    try:
+        state_fns = [f for f in mod.state_functions(printer)
+                     if _function_name(f) not in unavailable]
+        got = started["child"].result() if "child" in started else None
+    finally:
+        if "child" in started:
+            started["child"].close()
+    if got is None or started.get("count") != len(mod.quad):
+        got = node_work()  # no child, or nodes found after it started: computed here
+    quad_fns, mod.unsplit_kinks, nodes = got
+    link_fns = mod.link_functions()
     body = state_fns + quad_fns + link_fns
-    orthant = any("_orthant" in f for f in body)
-    helpers = [GAUSS_HERMITE_HELPERS, CHUNK_HELPERS] + (
-        [BVN_HELPERS] if orthant or any("_bvn(" in f for f in body) else []) + (
-        [ORTHANT_HELPERS] if orthant else [])
     # diffusion calls covariance, which is wrapped already
     wrapped = [_function_name(f) for f in state_fns if _function_name(f) != "diffusion"]
     chunking = ("# a call on more than 2 _CHUNK states is evaluated in blocks of _CHUNK "
-                "(cache-sized temporaries)\n" + "\n".join(f"{w} = _chunked({w})" for w in wrapped))
-    parts = [header] + helpers + body + [chunking]
-    text = "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+                "(cache-sized temporaries)\n" + "\n".join(f"{w} = _chunked({w})"
+                                                           for w in wrapped))
+    text = join([header(mod.jacobian_method)] + helpers_for(body) + body + [chunking])
     if D.method == "quadrature":   # the node count that meets the tolerance (choose_nodes)
-        # the probe compiles the nodes alone unless state functions hold orthant integrals
-        # (compiling gelu's 5000 lines was half of the node choice)
-        probe = text if orthant else "\n\n".join(
-            p.rstrip("\n") for p in [header] + helpers + quad_fns) + "\n"
+        if any("_orthant" in f for f in body):  # orthant integrals: the whole module probed
+            nodes = choose_nodes(text, spec)
+        elif nodes is None:
+            nodes = choose_nodes(join([header(mod.jacobian_method)] + helpers_for(quad_fns)
+                                      + quad_fns), spec)
         text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
-                            f"\nQUADRATURE_NODES = {choose_nodes(probe, spec)}\n", 1)
+                            f"\nQUADRATURE_NODES = {nodes}\n", 1)
     return text
 
 

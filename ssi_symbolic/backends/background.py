@@ -1,0 +1,90 @@
+"""Work done on the machine's second core while this process goes on (POSIX fork).
+
+Code generation has a part that depends only on the quadrature nodes: their integrand functions
+and the node count that meets the tolerance (exact.choose_nodes, which compiles and evaluates
+them, importing scipy.special on the way). It runs in a forked child while the parent does the
+common-subexpression elimination and the printing of the state functions; the child sends back
+its (small, picklable) result through a pipe.
+
+The child computes exactly what the parent would, from a copy of the parent's memory, so the
+module is the same text either way (tests/test_fast_paths.py compares the two). Whenever the
+child cannot be used, the caller computes the same result itself:
+
+* no fork (not Linux), or other Python threads in this process (a Dask worker, a pytest-xdist
+  worker: forking a threaded process can deadlock the child), or SSI_SERIAL=1 in the
+  environment (everything in one process, for debugging and profiling);
+* the child raised (the parent then meets the same error itself) or died.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+
+
+def can_fork() -> bool:
+    """Whether Background work may run in a forked child here (see the module docstring)."""
+    return (sys.platform.startswith("linux") and hasattr(os, "fork")
+            and not os.environ.get("SSI_SERIAL") and threading.active_count() == 1)
+
+
+class Background:
+    """work() started in a forked child (when can_fork()); result() is its return value, or
+    None when it ran nowhere or failed (the caller then calls work itself)."""
+
+    def __init__(self, work):
+        self.pid = self.fd = None
+        if not can_fork():
+            return
+        r, w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: compute, send, leave without running the parent's exit code
+            code = 0
+            try:
+                os.close(r)
+                try:
+                    data = pickle.dumps((True, work()), protocol=pickle.HIGHEST_PROTOCOL)
+                except BaseException as err:  # noqa: BLE001 - reported to the parent
+                    data = pickle.dumps((False, repr(err)))
+                with os.fdopen(w, "wb") as f:
+                    f.write(data)
+            except BaseException:  # noqa: BLE001 - the parent sees no result and computes
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid, self.fd = pid, r
+
+    def result(self):
+        """The child's value of work(), waiting for it; None when there is none."""
+        if self.pid is None:
+            return None
+        fd, self.fd = self.fd, None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+            ok, value = pickle.loads(data)
+        except Exception:  # noqa: BLE001 - a dead child: the caller computes the result
+            ok, value = False, None
+        finally:
+            self.close()
+        return value if ok else None
+
+    def close(self) -> None:
+        """Stop the child (if it still runs) and reap it."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.pid, 0)
+            self.pid = None
+
+
+__all__ = ["Background", "can_fork"]

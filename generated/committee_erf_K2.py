@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 624e79de8ba866b153e061f262e99b54e83e8dba5a5fa7636e48a7780cb72204
-# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
+# spec-hash: 0fc0f740f7b054610e062add3720ea36f77a544f2e6ecb25307f2b85c552f5a8
+# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '624e79de8ba866b153e061f262e99b54e83e8dba5a5fa7636e48a7780cb72204'
+SPEC_HASH = '0fc0f740f7b054610e062add3720ea36f77a544f2e6ecb25307f2b85c552f5a8'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 08ffe76392a63409784f069f24b5f5d3d26331c24fdb5bc9a7bdb6f59b985adb
-# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
+# spec-hash: 1a87c3dfd8b17526f22d0f228c2a28c59a7f0a48519565e8f618874a5dcd3e56
+# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '08ffe76392a63409784f069f24b5f5d3d26331c24fdb5bc9a7bdb6f59b985adb'
+SPEC_HASH = '1a87c3dfd8b17526f22d0f228c2a28c59a7f0a48519565e8f618874a5dcd3e56'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

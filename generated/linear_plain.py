@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d64014f306e694a6d614a4e2d077fba0ce679566dcfc168c9d76171b181be427
-# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
+# spec-hash: 8dd99a4292f3245eb626e8074f74ae35ab31453f2d002a6bd5e09738dde5f855
+# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd64014f306e694a6d614a4e2d077fba0ce679566dcfc168c9d76171b181be427'
+SPEC_HASH = '8dd99a4292f3245eb626e8074f74ae35ab31453f2d002a6bd5e09738dde5f855'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

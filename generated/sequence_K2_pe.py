@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 600f5c138c7284ae53989238e51ae30c710b3f530db98667523f8ad75b41a507
-# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
+# spec-hash: 624843bb7c2c0c4be00d57f2a2eafa5061640732ffbc5b3f28b1e11084fb7bd3
+# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '600f5c138c7284ae53989238e51ae30c710b3f530db98667523f8ad75b41a507'
+SPEC_HASH = '624843bb7c2c0c4be00d57f2a2eafa5061640732ffbc5b3f28b1e11084fb7bd3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 8231d53a11fa1fa55228f35db7b3ba62ad79985acc512c9811f45d80df0a41c4
-# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830 attention 1 f9f1643c73eb773f
+# spec-hash: 124a759603ff426a369b915bb11db135e33bad4686b8f9cd8c52d2dd4d51aa52
+# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2 attention 1 5ebfef62a9b9cc72
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '8231d53a11fa1fa55228f35db7b3ba62ad79985acc512c9811f45d80df0a41c4'
+SPEC_HASH = '124a759603ff426a369b915bb11db135e33bad4686b8f9cd8c52d2dd4d51aa52'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 541d943ab5f3a966319ef79e4df33902b6023cdd7ccd8a04d929ed8e790e58ed
-# tool: ssi-symbolic 0.1.0 generator 1 source ec07113d6d792830
+# spec-hash: 766db191cf6246ae264ad9e2c9727c7ec890b60814a54735066fca97ba0990ce
+# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '541d943ab5f3a966319ef79e4df33902b6023cdd7ccd8a04d929ed8e790e58ed'
+SPEC_HASH = '766db191cf6246ae264ad9e2c9727c7ec890b60814a54735066fca97ba0990ce'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

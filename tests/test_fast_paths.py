@@ -73,8 +73,33 @@ def test_dag_replace_and_outer_atoms():
     n2 = GaussHermite(sp.tanh(u1 * q) * n1.integrand, sp.Tuple(u1))
     e = (m * n1 + n2) ** 2 + sp.sqrt(q) * n1 * n2
     rule = {n1: sp.Symbol("_gh0"), n2: sp.Symbol("_gh1")}
-    assert exact._dag_replace(e, rule) == e.xreplace(rule)
+    assert _rebuilt(exact._dag_replace(e, rule)) == e.xreplace(rule)
     assert exact._outer_atoms(e, GaussHermite) == {n1, n2}
+
+
+def _rebuilt(e):
+    """e rebuilt bottom-up with SymPy's evaluation (canonical argument order)."""
+    return e if not e.args else e.func(*[_rebuilt(a) for a in e.args])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dag_replace_is_xreplace_up_to_argument_order(seed):
+    """_dag_replace rebuilds sums and products without sorting them again: rebuilt with
+    evaluation, its result is xreplace's, and its values are the same (random expressions of
+    nodes, their powers and products with shared sub-trees and numeric coefficients)."""
+    rng = random.Random(seed)
+    nodes = [GaussHermite(sp.tanh(k * u1 + m) * sp.exp(-u1 ** 2 / (k + 1)), sp.Tuple(u1))
+             for k in range(1, 4)]
+    e = _random_product(rng, nodes + [m, q, sp.sqrt(q), sp.Rational(3, 7), -2 * m * nodes[0]],
+                        depth=4)
+    e = e + rng.choice(nodes) ** 2 * m - sp.erf(e) / 3
+    rule = {n: sp.Symbol(f"_gh{k}") for k, n in enumerate(nodes)}
+    got, want = exact._dag_replace(e, rule), e.xreplace(rule)
+    assert _rebuilt(got) == want
+    f, g = (sp.lambdify(sorted(want.free_symbols, key=str), x)
+            for x in (got, want))
+    vals = [0.3 + 0.1 * k for k in range(len(want.free_symbols))]
+    assert abs(f(*vals) - g(*vals)) <= 1e-12 * max(1.0, abs(g(*vals)))
 
 
 def test_combine_exp_merges_products_and_keeps_values():

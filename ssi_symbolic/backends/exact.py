@@ -47,7 +47,7 @@ from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, forward_jacobian, function_source, horner, module_header,
                        pycode, tuple_source)
 from .ring_printing import RingPrinter
-from .runtime import BVN_HELPERS, CHUNK_HELPERS, GAUSS_HERMITE_HELPERS, ORTHANT_HELPERS
+from . import runtime
 
 GENERATOR_VERSION = "1"
 DEFAULT_NODES = 40
@@ -605,8 +605,32 @@ def _dag_map(expr, mapping=None, post=None):
 
 
 def _dag_replace(expr, mapping):
-    """expr.xreplace(mapping), each shared sub-expression visited once."""
-    return _dag_map(expr, mapping)
+    """expr.xreplace(mapping) for a mapping of distinct sub-expressions to distinct new
+    symbols (the placeholders), each shared sub-expression visited once. A sum or product on
+    the way is rebuilt from its new arguments in their order (Add._from_args), not flattened
+    and sorted again: the replacement cannot make two terms or factors combine (distinct
+    atoms for distinct sub-expressions), so the result is xreplace's up to argument order."""
+    memo = {}
+
+    def walk(x):
+        hit = mapping.get(x)
+        if hit is not None:
+            return hit
+        if not x.args:
+            return x
+        hit = memo.get(x)
+        if hit is None:
+            args = [walk(a) for a in x.args]
+            if all(a is b for a, b in zip(args, x.args)):
+                hit = x
+            elif x.is_Add or x.is_Mul:
+                hit = x.func._from_args(args)
+            else:
+                hit = x.func(*args)
+            memo[x] = hit
+        return hit
+
+    return walk(expr)
 
 
 def _merge_exps(x):
@@ -717,9 +741,9 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
 
     def helpers_for(fns):
         orthant = any("_orthant" in f for f in fns)
-        return [GAUSS_HERMITE_HELPERS, CHUNK_HELPERS] + (
-            [BVN_HELPERS] if orthant or any("_bvn(" in f for f in fns) else []) + (
-            [ORTHANT_HELPERS] if orthant else [])
+        return [runtime.GAUSS_HERMITE_HELPERS, runtime.CHUNK_HELPERS] + (
+            [runtime.BVN_HELPERS] if orthant or any("_bvn(" in f for f in fns) else []) + (
+            [runtime.ORTHANT_HELPERS] if orthant else [])
 
     def join(parts):
         return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"

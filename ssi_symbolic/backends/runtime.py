@@ -25,8 +25,9 @@ The functions refer to module globals only where the embedding module defines th
 """
 from __future__ import annotations
 
-import inspect
-import sys
+import ast
+import functools
+from pathlib import Path
 
 import numpy
 
@@ -579,43 +580,67 @@ def _tabulated(table_of, m, e, params):
 
 
 # ----------------------------------------------------------------------------- embedding
-_THIS = sys.modules[__name__]
+@functools.lru_cache(maxsize=None)
+def _sources() -> tuple:
+    """(lines of this file, {top-level function name: its source text}), read once. The text
+    of a function is what inspect.getsource gives (decorators to the end of its last
+    statement), from one parse of the file instead of a tokenisation per function."""
+    text = Path(__file__).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    spans = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            spans[node.name] = "".join(lines[first - 1:node.end_lineno])
+    return lines, spans
 
 
 def _assignment(name: str) -> str:
     """The source line of a module-level assignment of this file (with its comment)."""
-    for line in inspect.getsource(_THIS).splitlines():
+    for line in _sources()[0]:
         if line.startswith(f"{name} = "):
-            return line + "\n"
+            return line.rstrip("\n") + "\n"
     raise KeyError(name)
 
 
 def embed(*items) -> str:
-    """The source text of functions (inspect.getsource) and module-level assignments (by
-    name) of this file, in order, separated by two blank lines."""
-    parts = [inspect.getsource(x) if callable(x) else _assignment(x) for x in items]
+    """The source text of functions (as inspect.getsource gives it) and module-level
+    assignments (by name) of this file, in order, separated by two blank lines."""
+    parts = [_sources()[1][x.__name__] if callable(x) else _assignment(x) for x in items]
     return "\n\n".join(parts)
 
 
-#: broadcasting helpers every generated module carries (it imports only numpy and scipy)
-BROADCAST_HELPERS = "\n" + embed(_bc, _bc_nested)
-
-#: evaluation in blocks of states (the exact backend's state functions)
-CHUNK_HELPERS = embed("_CHUNK", _chunked)
-
-GAUSS_HERMITE_HELPERS = "\n" + BROADCAST_HELPERS + "\n\n" + embed(
-    "_GRIDS", "_GH_CHUNK", "_TRAP_HALF_WIDTH", _trap_grid, _gh_expect, _gh_expect_many,
-    _split_expect, quadrature_error)
-
-#: the bivariate normal CDF of the closed forms (embedded only where a formula uses it)
-BVN_HELPERS = embed(_bvn)
-ORTHANT_HELPERS = embed(_orthant, _orthants)
-
-ATTENTION_HELPERS = BROADCAST_HELPERS + "\n\n" + embed(
-    "_GRIDS", _gh_grid, _gh_pruned, _cheb_basis, _chebval2, _lobatto, _cheb_fit, _fd_jacobian,
-    "_SC_MEAN1, _SC_MEAN2", "_SC_COV", "_SC_ITO", "_SC_NORM", "_SC_SIZE", _step_coefficients,
-    _sc_pieces, _polar, _polar_table, _polar_eval, _per_state, _tabulated)
+def _broadcast_helpers():
+    return "\n" + embed(_bc, _bc_nested)
 
 
-__all__ = ["BROADCAST_HELPERS", "CHUNK_HELPERS", "GAUSS_HERMITE_HELPERS", "BVN_HELPERS",
-           "ORTHANT_HELPERS", "ATTENTION_HELPERS", "embed"]
+#: the helper sets generated modules embed, built on first use (module __getattr__): a
+#: process that generates nothing (a simulation, `ssi sie`) does not read this file's text
+_HELPER_SETS = {
+    # broadcasting helpers every generated module carries (it imports only numpy and scipy)
+    "BROADCAST_HELPERS": _broadcast_helpers,
+    # evaluation in blocks of states (the exact backend's state functions)
+    "CHUNK_HELPERS": lambda: embed("_CHUNK", _chunked),
+    "GAUSS_HERMITE_HELPERS": lambda: "\n" + _broadcast_helpers() + "\n\n" + embed(
+        "_GRIDS", "_GH_CHUNK", "_TRAP_HALF_WIDTH", _trap_grid, _gh_expect, _gh_expect_many,
+        _split_expect, quadrature_error),
+    # the bivariate normal CDF of the closed forms (embedded only where a formula uses it)
+    "BVN_HELPERS": lambda: embed(_bvn),
+    "ORTHANT_HELPERS": lambda: embed(_orthant, _orthants),
+    "ATTENTION_HELPERS": lambda: _broadcast_helpers() + "\n\n" + embed(
+        "_GRIDS", _gh_grid, _gh_pruned, _cheb_basis, _chebval2, _lobatto, _cheb_fit,
+        _fd_jacobian, "_SC_MEAN1, _SC_MEAN2", "_SC_COV", "_SC_ITO", "_SC_NORM", "_SC_SIZE",
+        _step_coefficients, _sc_pieces, _polar, _polar_table, _polar_eval, _per_state,
+        _tabulated),
+}
+
+
+def __getattr__(name):
+    make = _HELPER_SETS.get(name)
+    if make is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = make()
+    return value
+
+
+__all__ = list(_HELPER_SETS) + ["embed"]

@@ -448,7 +448,11 @@ def _check_existence(spec, E, gauss):
         Q = gauss.overlap_matrices()[3]
         at.update({Q[k][k]: 1 for k in range(len(Q)) if isinstance(Q[k][k], sp.Symbol)})
     at.update({sp.Symbol(k, real=True): v for k, v in spec.parameters.items()})
+    seen = set()  # a completed square recurs in many terms: each determinant checked once
     for cond, factor in E.conditions:
+        if cond in seen:
+            continue
+        seen.add(cond)
         try:
             val = complex(sp.sympify(cond).subs(at).evalf())
         except (TypeError, ValueError):

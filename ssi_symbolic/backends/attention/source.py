@@ -12,7 +12,7 @@ import sympy as sp
 from ...model.spec import ModelSpec, link_entries, token_symbols
 from ..exact import tool_salt
 from ..printing import cse, function_source, module_header, pycode, tuple_source
-from ..runtime import ATTENTION_HELPERS
+from .. import runtime
 from .integrals import BACKEND_VERSION, Integrals
 from .routing import _check, stable
 
@@ -324,7 +324,7 @@ def module_source(spec: ModelSpec, I: Integrals | None = None) -> str:
         "v, numpy.full(v.shape, LOSS_ERROR_ESTIMATE)"))
     fns.append(_link_source(spec, pa))
     fns.append(_step_source(spec, pa, tabulated=True))
-    return header + "\n\n" + ATTENTION_HELPERS + "\n\n" + "\n\n".join(fns)
+    return header + "\n\n" + runtime.ATTENTION_HELPERS + "\n\n" + "\n\n".join(fns)
 
 
 def _ym(info):
@@ -579,4 +579,4 @@ def _norm_module_source(spec: ModelSpec) -> str:
             f"{doc} (norm loss: direct quadrature at each state, step_coefficients).",
             [f"c = step_coefficients(m, e, QUADRATURE_NODES, {pcall})"], ret))
     fns.append(_jacobian_source(pa, pcall, "1e-5"))
-    return head + "\n\n" + ATTENTION_HELPERS + "\n\n" + "\n\n".join(fns)
+    return head + "\n\n" + runtime.ATTENTION_HELPERS + "\n\n" + "\n\n".join(fns)

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5aa94129b0faba975473534cd373c797ed3e5791c9571fc3220ae9e31f8fd37c
-# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
+# spec-hash: 22b5e5b4bc01d9799900470b36cb1950ddf08dc547e8f91ace8c34d8bc016336
+# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5aa94129b0faba975473534cd373c797ed3e5791c9571fc3220ae9e31f8fd37c'
+SPEC_HASH = '22b5e5b4bc01d9799900470b36cb1950ddf08dc547e8f91ace8c34d8bc016336'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 65079cd61b044a3f4912cae5b37d4ada441c8cfa12f0a8d9633c6f789d90f854
-# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
+# spec-hash: 3e4fbaa1adf41c3435dd35feb59a15a63c004a82e62d656e2d24d975df5fb708
+# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '65079cd61b044a3f4912cae5b37d4ada441c8cfa12f0a8d9633c6f789d90f854'
+SPEC_HASH = '3e4fbaa1adf41c3435dd35feb59a15a63c004a82e62d656e2d24d975df5fb708'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

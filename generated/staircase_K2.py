@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3d4aa9966913cf65f2afaea0def375358c1498e858c8cdc3f5c06235f30a894e
-# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
+# spec-hash: c920c212ddd904fa2de4e38670fd930f83c50a8318f6b6a60ab20b257589c405
+# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3d4aa9966913cf65f2afaea0def375358c1498e858c8cdc3f5c06235f30a894e'
+SPEC_HASH = 'c920c212ddd904fa2de4e38670fd930f83c50a8318f6b6a60ab20b257589c405'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 765cfb4eb15af2e22b37528c3c0aaa4d53ecfa4e8434b252b87ec45d02075e6f
-# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
+# spec-hash: b9b0a5a0298bf259d58bf0a4b29bbb6d79b632ed78c3401e5fe621538fd9dbda
+# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '765cfb4eb15af2e22b37528c3c0aaa4d53ecfa4e8434b252b87ec45d02075e6f'
+SPEC_HASH = 'b9b0a5a0298bf259d58bf0a4b29bbb6d79b632ed78c3401e5fe621538fd9dbda'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 284b9550220994c0c64dd41ee24332679cd2a23d48eb52d837b7d169f0928a17
-# tool: ssi-symbolic 0.1.0 generator 1 source 54e2df323fd63bd2
+# spec-hash: 8605777c47599f5fed62e618c1c13b42499160f2c4ff893071a29014cf0fe87f
+# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '284b9550220994c0c64dd41ee24332679cd2a23d48eb52d837b7d169f0928a17'
+SPEC_HASH = '8605777c47599f5fed62e618c1c13b42499160f2c4ff893071a29014cf0fe87f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import sympy as sp
 
 from ssi_symbolic.backends.registry import generate
@@ -157,3 +158,58 @@ def test_parity_pruned_products_keep_the_expectation():
             pruned_somewhere |= len(pruned) < len(whole)
             assert ex.expect_spt(pruned) == ex.expect_spt(whole)
         assert pruned_somewhere
+
+
+def test_closed_form_refusals_say_whether_the_integrand_is_too_complex():
+    """TooComplex (in the families, too many thresholds) against plain NoClosedForm (a
+    function outside them): the dispatcher integrates only the first kind whole."""
+    from ssi_symbolic.symbolic.closed_forms import GaussianClosedForm, NoClosedForm, TooComplex
+    x, y, m = sp.symbols("x y m", real=True)
+    cf = GaussianClosedForm((x, y), (0, 0), [[1, m], [m, 1]])
+    with pytest.raises(TooComplex):
+        cf.expect(sp.erf(x) ** 2 * sp.erf(y) ** 2)   # a four-dimensional orthant
+    with pytest.raises(TooComplex):
+        cf.expect(sp.erf(x + 1) * sp.erf(y) * sp.erf(x - y))  # three thresholds, shifted
+    try:
+        cf.expect(sp.tanh(x) * y)
+    except NoClosedForm as err:
+        assert not isinstance(err, TooComplex)
+    else:
+        raise AssertionError("tanh has no closed form here")
+    assert cf.expect(sp.erf(x) * sp.erf(y)) != 0  # two thresholds close
+
+
+def test_smooth_too_complex_statistic_is_one_node_with_the_right_value():
+    """A one-token statistic of gelu links with four Phi factors (no closed form) is one
+    quadrature node over (zs1, z1), its polynomial part exact, and its value is the
+    two-dimensional Gaussian integral computed here independently (tensor Gauss-Hermite of
+    the statistic itself, zs1 = u1, z1 = m u1 + sqrt(1 - m^2) u2, 120 x 120 points)."""
+    from ssi_symbolic.model.spec import make_spec
+    from ssi_symbolic.symbolic.expectation import Expectation
+    from ssi_symbolic.symbolic.gaussian import GaussHermite, TokenGaussian
+    spec = make_spec(name="gelu_node", L=1, teacher="gelu(z1)")
+    g = TokenGaussian.of(spec)
+    zs, z = g.token_variables(0)
+    (m,) = g.state
+    Phi = lambda t: (1 + sp.erf(t / sp.sqrt(2))) / 2
+    gelu, dgelu = z * Phi(z), Phi(z) + z * sp.exp(-z ** 2 / 2) / sp.sqrt(2 * sp.pi)
+    stat = (dgelu * (zs * Phi(zs) - gelu)) ** 2 * z * zs
+    E = Expectation(g, [stat])
+    out = E.expect(stat)
+    nodes = out.atoms(GaussHermite)
+    assert len(nodes) == 1 and "quadrature" in E.kinds
+    (node,) = nodes
+    # whole: no closed-form terms beside it (term by term: thousands of operations of
+    # arcsines and completed squares, and the same node for the terms with four Phi)
+    assert not sp.sympify(out.xreplace({node: 0})).has(sp.asin, sp.erf, sp.erfc)
+    assert len(node.variables) == 2
+    x, w = np.polynomial.hermite_e.hermegauss(120)
+    w = w / np.sqrt(2 * np.pi)
+    U1, U2 = np.meshgrid(x, x, indexing="ij")
+    W = np.multiply.outer(w, w)
+    for mv in (0.0, 0.45, -0.8):
+        f = sp.lambdify([zs, z], stat.subs(m, mv), "scipy")
+        want = float(np.sum(W * f(U1, mv * U1 + np.sqrt(1 - mv ** 2) * U2)))
+        h = sp.lambdify([*node.variables], node.integrand.subs(m, mv), "scipy")
+        got = float(np.sum(W * h(U1, U2))) + float((out - node).subs(m, mv))
+        assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (mv, got, want)

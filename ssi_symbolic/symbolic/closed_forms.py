@@ -58,6 +58,12 @@ class NoClosedForm(Exception):
     """The expectation is outside the families above (the caller falls back to quadrature)."""
 
 
+class TooComplex(NoClosedForm):
+    """The integrand is in the families above, but its closed form needs more thresholds in
+    one orthant probability than have one (four, or three with a mean shift), or more than
+    MAX_REDUCTIONS sub-problems for one term."""
+
+
 class NormalCDF2(sp.Function):
     """Phi_2(h, k; rho) = P(X <= h, Y <= k) for standard normals X, Y of correlation rho."""
 
@@ -503,7 +509,7 @@ class GaussianClosedForm:
         hit = self._expanded.get(skeleton)
         if hit is None:
             if _threshold_count(skeleton, random) > self._most_thresholds:
-                hit = NoClosedForm(f"more than {self._most_thresholds} thresholds")
+                hit = TooComplex(f"more than {self._most_thresholds} thresholds")
             else:
                 try:
                     hit = _expanded_terms(rewrite(skeleton, random), random)
@@ -577,7 +583,7 @@ class GaussianClosedForm:
             n = len(phis) + len(hs1)
             closed = n < 3 or (n == 3 and all(_zero_mean(f, self.mean) for f in phis + hs1))
             if not closed and not (self.orthant_quadrature and not hs1 and n <= 4):
-                raise NoClosedForm(f"{n} thresholds")
+                raise TooComplex(f"{n} thresholds")
             plan.append((sign, (tuple(mono), sp.expand(Q), phis, hs1, ds)))
         return coef, plan
 
@@ -602,7 +608,7 @@ class GaussianClosedForm:
     def _solve_uncached(self, mu, S, mono, Q, phis, hs, ds):
         self._budget -= 1
         if self._budget < 0:
-            raise NoClosedForm("too many reductions")
+            raise TooComplex("too many reductions")
         n = len(self.xs)
         if ds:  # condition on the first delta's hyperplane
             (a, b), rest = ds[0], ds[1:]
@@ -737,7 +743,7 @@ class GaussianClosedForm:
             n = len(forms)
             h = [nus[i] / sp.sqrt(T[i][i]) for i in range(n)]
             return NormalOrthant(*h, *[rho(i, j) for i in range(n) for j in range(i + 1, n)])
-        raise NoClosedForm(f"orthant probability of dimension {len(forms)}")
+        raise TooComplex(f"orthant probability of dimension {len(forms)}")
 
 
 class NormalOrthant(sp.Function):
@@ -765,5 +771,5 @@ class NormalOrthant(sp.Function):
         return "NormalOrthant({})".format(", ".join(printer._print(a) for a in self.args))
 
 
-__all__ = ["GaussianClosedForm", "NoClosedForm", "NormalCDF2", "NormalOrthant", "rewrite",
-           "kinks_as_steps"]
+__all__ = ["GaussianClosedForm", "NoClosedForm", "TooComplex", "NormalCDF2", "NormalOrthant",
+           "rewrite", "kinks_as_steps"]

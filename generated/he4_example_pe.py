@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ede12cc22c51f629bb34eb0522de1a34cae1e1ddb6ea38cefcd5b80e2f8fcc11
-# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
+# spec-hash: b1b72676727dc283df108c333e03a4bd14cce992ed9d33b4599ae129a7a663f3
+# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ede12cc22c51f629bb34eb0522de1a34cae1e1ddb6ea38cefcd5b80e2f8fcc11'
+SPEC_HASH = 'b1b72676727dc283df108c333e03a4bd14cce992ed9d33b4599ae129a7a663f3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: bfd49d8740d33d6fa5f8dcf70672ff6f26c39c48f5c363bfc2c0a1e63e61678e
-# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
+# spec-hash: 4f571a78f651138f499a99dff26ce7810e8c13487c31572efb2f00ae19487f7c
+# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'bfd49d8740d33d6fa5f8dcf70672ff6f26c39c48f5c363bfc2c0a1e63e61678e'
+SPEC_HASH = '4f571a78f651138f499a99dff26ce7810e8c13487c31572efb2f00ae19487f7c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5beaf50d9786c2dece4b4b5f62271bab78bcbb3d59742da74add6c49db8c29a9
-# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
+# spec-hash: 19041058e6af4783e9c856ac649cc1a69507b9c926aefddee07883e2efa7892c
+# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5beaf50d9786c2dece4b4b5f62271bab78bcbb3d59742da74add6c49db8c29a9'
+SPEC_HASH = '19041058e6af4783e9c856ac649cc1a69507b9c926aefddee07883e2efa7892c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

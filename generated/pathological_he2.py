@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3e4fbaa1adf41c3435dd35feb59a15a63c004a82e62d656e2d24d975df5fb708
-# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
+# spec-hash: 2fb5d8a115acf63d2a5cbaffa23f03bfd52af9b7ace6ea5bcaf50d3459d82407
+# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3e4fbaa1adf41c3435dd35feb59a15a63c004a82e62d656e2d24d975df5fb708'
+SPEC_HASH = '2fb5d8a115acf63d2a5cbaffa23f03bfd52af9b7ace6ea5bcaf50d3459d82407'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

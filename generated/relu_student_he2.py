@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fa3a0a270cde53d9c54358a28c5ff070e18980ac45eeac28284984b9363c2093
-# tool: ssi-symbolic 0.1.0 generator 1 source 825bbdb4f8b93466
+# spec-hash: 5107bb9a04096403214cd7d19d77b18129587fbe48915e37036210bb59198823
+# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fa3a0a270cde53d9c54358a28c5ff070e18980ac45eeac28284984b9363c2093'
+SPEC_HASH = '5107bb9a04096403214cd7d19d77b18129587fbe48915e37036210bb59198823'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -455,13 +455,17 @@ class Expectation:
         cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
                      for i in range(len(variables))]
         memo = self._cond_moments.setdefault(key, {})
-
-
-        terms = _poly_terms(factor.xreplace(inner), variables)
-        if terms is None:
-            return None
-        integrand = sp.Add(*[c * _conditional_moment(alpha, cond_mean, R, memo)
-                             for alpha, c in terms.items()])
+        if all(x == 0 or sp.cancel(x) == 0 for x in R):
+            # x = mu + W u exactly (the forms determine every variable): E[p(x) | u] is p at
+            # that point, the factor as it is, not expanded into monomials (a whole statistic
+            # of gelu expands to thousands of terms that its product form evaluates in tens)
+            integrand = factor.xreplace(inner).xreplace(at_u)
+        else:
+            terms = _poly_terms(factor.xreplace(inner), variables)
+            if terms is None:
+                return None
+            integrand = sp.Add(*[c * _conditional_moment(alpha, cond_mean, R, memo)
+                                 for alpha, c in terms.items()])
         inside = _nonpolynomial_symbols(integrand)
         poly_us = [u for u in us if u not in inside]
         integrand = _integrate_polynomial_part(

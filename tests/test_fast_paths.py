@@ -395,3 +395,18 @@ def test_background_returns_the_value_or_none():
     b = Background(lambda: 3)
     b.close()  # stopped before reading: reaped, no result
     assert b.result() is None
+
+
+def test_background_without_a_child_leaves_the_work_to_the_caller(monkeypatch):
+    """A failed fork (no process or memory left) or pipe gives no child and no error: result()
+    is None and the caller computes the work itself."""
+    import os
+    from ssi_symbolic.backends import background
+
+    def refuse(*args):
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(background, "can_fork", lambda: True)
+    monkeypatch.setattr(os, "fork", refuse)
+    assert background.Background(lambda: 1).result() is None
+    monkeypatch.setattr(os, "pipe", refuse)
+    assert background.Background(lambda: 1).result() is None

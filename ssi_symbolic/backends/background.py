@@ -13,7 +13,8 @@ child cannot be used, the caller computes the same result itself:
 * no fork (not Linux), or other Python threads in this process (a Dask worker, a pytest-xdist
   worker: forking a threaded process can deadlock the child), or SSI_SERIAL=1 in the
   environment (everything in one process, for debugging and profiling);
-* the child raised (the parent then meets the same error itself) or died.
+* the child raised (the parent then meets the same error itself) or died, or the system had
+  no process or descriptor left for it.
 """
 from __future__ import annotations
 
@@ -37,10 +38,18 @@ class Background:
         self.pid = self.fd = None
         if not can_fork():
             return
-        r, w = os.pipe()
+        try:
+            r, w = os.pipe()
+        except OSError:  # no descriptors left: the caller computes the result
+            return
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no process or memory for a child: likewise
+            os.close(r)
+            os.close(w)
+            return
         if pid == 0:  # the child: compute, send, leave without running the parent's exit code
             code = 0
             try:

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a693f922777c26ad6b4a96b9367909285e64881362a8cf0f883de8656d0a8404
-# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
+# spec-hash: caf2a65f3211804255045b6d09a1bc7eca630d1fbe6251e88125dcad1abc35c3
+# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a693f922777c26ad6b4a96b9367909285e64881362a8cf0f883de8656d0a8404'
+SPEC_HASH = 'caf2a65f3211804255045b6d09a1bc7eca630d1fbe6251e88125dcad1abc35c3'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

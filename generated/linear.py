@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4f571a78f651138f499a99dff26ce7810e8c13487c31572efb2f00ae19487f7c
-# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
+# spec-hash: 46ead54e2b0762c3b1d1ebe0522c65b3a352189d55908fc006c6f43e2ece29f2
+# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '4f571a78f651138f499a99dff26ce7810e8c13487c31572efb2f00ae19487f7c'
+SPEC_HASH = '46ead54e2b0762c3b1d1ebe0522c65b3a352189d55908fc006c6f43e2ece29f2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2fb5d8a115acf63d2a5cbaffa23f03bfd52af9b7ace6ea5bcaf50d3459d82407
-# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
+# spec-hash: 1be8968cbcdaaeb4142ae3ce8eb4bd0489e47aa39512eca3c4c5107ec884fa4f
+# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2fb5d8a115acf63d2a5cbaffa23f03bfd52af9b7ace6ea5bcaf50d3459d82407'
+SPEC_HASH = '1be8968cbcdaaeb4142ae3ce8eb4bd0489e47aa39512eca3c4c5107ec884fa4f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5107bb9a04096403214cd7d19d77b18129587fbe48915e37036210bb59198823
-# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
+# spec-hash: d4b40f0d8668c0986b052acb7657af34633ec89d5399fb65041a075b9d1266a6
+# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5107bb9a04096403214cd7d19d77b18129587fbe48915e37036210bb59198823'
+SPEC_HASH = 'd4b40f0d8668c0986b052acb7657af34633ec89d5399fb65041a075b9d1266a6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 64f93fac63215d7755d306a0911cefe53da06e435ec7eb7bb41e079f89b32118
-# tool: ssi-symbolic 0.1.0 generator 1 source 202506a6e593563e
+# spec-hash: 22f7060be26149d835e5cccfff1f84802573a12f239c73d548195d467d77d9f9
+# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '64f93fac63215d7755d306a0911cefe53da06e435ec7eb7bb41e079f89b32118'
+SPEC_HASH = '22f7060be26149d835e5cccfff1f84802573a12f239c73d548195d467d77d9f9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

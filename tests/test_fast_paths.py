@@ -410,3 +410,24 @@ def test_background_without_a_child_leaves_the_work_to_the_caller(monkeypatch):
     assert background.Background(lambda: 1).result() is None
     monkeypatch.setattr(os, "pipe", refuse)
     assert background.Background(lambda: 1).result() is None
+
+
+def test_generation_pauses_the_cyclic_gc_and_restores_it():
+    """exact._without_cyclic_gc: the collector is off inside, back as it was after (also when
+    the body raises, and left off when it was off)."""
+    import gc
+    assert gc.isenabled()
+    with exact._without_cyclic_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        with exact._without_cyclic_gc():
+            1 / 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with exact._without_cyclic_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

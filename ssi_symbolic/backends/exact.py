@@ -29,7 +29,9 @@ Generated module API (all functions broadcast):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 from pathlib import Path
 
@@ -810,9 +812,26 @@ def generate(spec: ModelSpec, out_dir="generated", force: bool = False,
     path = module_path(spec, out_dir, diffusion)
     if not force and read_hash(path) == spec.hash(salt(diffusion)):
         return path, False
-    D = derive(spec, diffusion=diffusion)
-    write_atomic(path, module_source(D, diffusion))
+    with _without_cyclic_gc():
+        D = derive(spec, diffusion=diffusion)
+        text = module_source(D, diffusion)
+    write_atomic(path, text)
     return path, True
+
+
+@contextlib.contextmanager
+def _without_cyclic_gc():
+    """Python's cyclic garbage collector paused (reference counting still frees every object
+    outside a cycle): a derivation allocates millions of short-lived SymPy objects beside a
+    large cache, and the collector's full passes walk all of it again and again (15 % of relu +
+    erf's derivation; the peak memory 85 -> 91 MB). Cycles made meanwhile are collected after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 #: requested accuracy of every quadrature node: |Q_n - Q_2n| <= tol max(1, |Q_2n|)

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2a56251c162d1c81d6d502b96243f60b05f84b95b55d26c35495d21b0f71ae0e
-# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
+# spec-hash: 7cfd94a099a125385c151925230f9def965f5c5c6a3556439058239d94fec0e2
+# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2a56251c162d1c81d6d502b96243f60b05f84b95b55d26c35495d21b0f71ae0e'
+SPEC_HASH = '7cfd94a099a125385c151925230f9def965f5c5c6a3556439058239d94fec0e2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d4b40f0d8668c0986b052acb7657af34633ec89d5399fb65041a075b9d1266a6
-# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
+# spec-hash: befd0ce57a1be7086537ef653c7671514d0beeec181a9a3a7b380b01ae85a9d2
+# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd4b40f0d8668c0986b052acb7657af34633ec89d5399fb65041a075b9d1266a6'
+SPEC_HASH = 'befd0ce57a1be7086537ef653c7671514d0beeec181a9a3a7b380b01ae85a9d2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

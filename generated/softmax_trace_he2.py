@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 62ffbbdcaddee7e0ebe81b0546fd5688b28f853d24e725c28c4559cce60ed391
-# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be attention 1 5ebfef62a9b9cc72
+# spec-hash: 22e493562de39f1797dd5a3c3b3b8ab711fa2d296c5ae5efbb50d5a65921899e
+# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a attention 1 5ebfef62a9b9cc72
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '62ffbbdcaddee7e0ebe81b0546fd5688b28f853d24e725c28c4559cce60ed391'
+SPEC_HASH = '22e493562de39f1797dd5a3c3b3b8ab711fa2d296c5ae5efbb50d5a65921899e'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0c86fefbc35911931854265d8b1ebb3eb5fcac6b4d62ee3d767e3c2e07b7307b
-# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
+# spec-hash: 5f231d1fa2ae27d6c7427dc4f78ba64b4831407ad4de4ffab39256e0b1db61e7
+# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0c86fefbc35911931854265d8b1ebb3eb5fcac6b4d62ee3d767e3c2e07b7307b'
+SPEC_HASH = '5f231d1fa2ae27d6c7427dc4f78ba64b4831407ad4de4ffab39256e0b1db61e7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c84fbae6f5c6dbb8a0137d8f5a39c87e4e5a046e72b090e38da62e2f28037c89
-# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
+# spec-hash: 047d251ab3235b88b96e8b9c524e8c580f77f57288ff893c56abfb64644cba02
+# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c84fbae6f5c6dbb8a0137d8f5a39c87e4e5a046e72b090e38da62e2f28037c89'
+SPEC_HASH = '047d251ab3235b88b96e8b9c524e8c580f77f57288ff893c56abfb64644cba02'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b10eb0b4bd45e56f4912728a913724c334f21606593b7713809d5586d5e7df68
-# tool: ssi-symbolic 0.1.0 generator 1 source b261cbab81e452be
+# spec-hash: 5fcb85250b8258591b124b6ea1924739f19001ff3f646c7cefcabffc900054d6
+# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b10eb0b4bd45e56f4912728a913724c334f21606593b7713809d5586d5e7df68'
+SPEC_HASH = '5fcb85250b8258591b124b6ea1924739f19001ff3f646c7cefcabffc900054d6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -584,35 +584,13 @@ def _outer_atoms(expr, cls) -> set:
     return out
 
 
-def _dag_map(expr, mapping=None, post=None):
+def _dag_map(expr, mapping=None, post=None, keep_order=False):
     """expr rebuilt bottom-up visiting each distinct sub-expression once: a sub-expression in
     `mapping` is replaced (not entered), every rebuilt one passed through `post`. Closed forms
-    share large sub-trees, which xreplace and powsimp walk again at every occurrence."""
+    share large sub-trees, which xreplace and powsimp walk again at every occurrence.
+    keep_order: sums and products are rebuilt from their new arguments in their order
+    (Add._from_args), not flattened and sorted again."""
     mapping, memo = mapping or {}, {}
-
-    def walk(x):
-        hit = mapping.get(x)
-        if hit is not None:
-            return hit
-        if not x.args:
-            return x
-        hit = memo.get(x)
-        if hit is None:
-            args = [walk(a) for a in x.args]
-            hit = x.func(*args) if any(a is not b for a, b in zip(args, x.args)) else x
-            memo[x] = hit = post(hit) if post is not None else hit
-        return hit
-
-    return walk(expr)
-
-
-def _dag_replace(expr, mapping):
-    """expr.xreplace(mapping) for a mapping of distinct sub-expressions to distinct new
-    symbols (the placeholders), each shared sub-expression visited once. A sum or product on
-    the way is rebuilt from its new arguments in their order (Add._from_args), not flattened
-    and sorted again: the replacement cannot make two terms or factors combine (distinct
-    atoms for distinct sub-expressions), so the result is xreplace's up to argument order."""
-    memo = {}
 
     def walk(x):
         hit = mapping.get(x)
@@ -625,14 +603,22 @@ def _dag_replace(expr, mapping):
             args = [walk(a) for a in x.args]
             if all(a is b for a, b in zip(args, x.args)):
                 hit = x
-            elif x.is_Add or x.is_Mul:
+            elif keep_order and (x.is_Add or x.is_Mul):
                 hit = x.func._from_args(args)
             else:
                 hit = x.func(*args)
-            memo[x] = hit
+            memo[x] = hit = post(hit) if post is not None else hit
         return hit
 
     return walk(expr)
+
+
+def _dag_replace(expr, mapping):
+    """expr.xreplace(mapping) for a mapping of distinct sub-expressions to distinct new
+    symbols (the placeholders), each shared sub-expression visited once, sums and products
+    not sorted again: the replacement cannot make two terms or factors combine (distinct
+    atoms for distinct sub-expressions), so the result is xreplace's up to argument order."""
+    return _dag_map(expr, mapping, keep_order=True)
 
 
 def _merge_exps(x):
@@ -750,17 +736,19 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
     def join(parts):
         return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 
+    def probed_nodes(quad_fns, jacobian_method):
+        """choose_nodes on the header, the helpers and the node functions alone (compiling
+        gelu's 5000 lines of state functions was half of the node choice); the node functions
+        do not read JACOBIAN, not yet known when the child starts."""
+        return choose_nodes(join([header(jacobian_method)] + helpers_for(quad_fns) + quad_fns),
+                            spec)
+
     def node_work():
         """The node functions, whether a kink is left unsplit, and the node count that meets
-        the tolerance (choose_nodes) when the state functions hold no orthant integrals: the
-        probe is then the header, the helpers and the node functions alone (compiling gelu's
-        5000 lines was half of the node choice)."""
+        the tolerance when the state functions hold no orthant integrals."""
         quad_fns = mod.quadrature_functions()
-        nodes = None
-        if D.method == "quadrature" and not mod.orth:
-            probe = join([header(getattr(mod, "jacobian_method", ""))] + helpers_for(quad_fns)
-                         + quad_fns)
-            nodes = choose_nodes(probe, spec)
+        nodes = (probed_nodes(quad_fns, getattr(mod, "jacobian_method", ""))
+                 if D.method == "quadrature" and not mod.orth else None)
         return quad_fns, mod.unsplit_kinks, nodes
 
     # the node work depends on the nodes only: it runs on the second core (a forked child,
@@ -794,8 +782,7 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
         if any("_orthant" in f for f in body):  # orthant integrals: the whole module probed
             nodes = choose_nodes(text, spec)
         elif nodes is None:
-            nodes = choose_nodes(join([header(mod.jacobian_method)] + helpers_for(quad_fns)
-                                      + quad_fns), spec)
+            nodes = probed_nodes(quad_fns, mod.jacobian_method)
         text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
                             f"\nQUADRATURE_NODES = {nodes}\n", 1)
     return text

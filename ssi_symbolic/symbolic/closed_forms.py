@@ -59,9 +59,9 @@ class NoClosedForm(Exception):
 
 
 class TooComplex(NoClosedForm):
-    """The integrand is in the families above, but its closed form needs more thresholds in
-    one orthant probability than have one (four, or three with a mean shift), or more than
-    MAX_REDUCTIONS sub-problems for one term."""
+    """The integrand is in the families above, but its closed form needs an orthant
+    probability of more thresholds than have one (four, or three with a mean shift), or more
+    than MAX_REDUCTIONS sub-problems for one term."""
 
 
 class NormalCDF2(sp.Function):

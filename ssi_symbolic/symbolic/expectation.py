@@ -220,10 +220,9 @@ class Expectation:
         whole = self._whole_closed_form(expr, random)
         if whole is not None:
             return whole
-        if whole is None:
-            smooth = self._whole_smooth_quadrature(expr)
-            if smooth is not None:
-                return smooth
+        smooth = self._whole_smooth_quadrature(expr)
+        if smooth is not None:
+            return smooth
         # 2. split into terms: polynomial ones exactly, the rest factor by factor
         poly_terms, rest_terms = [], []
         for term in sp.Add.make_args(distribute(sp.expand(expr, deep=False))):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import threading
 
@@ -89,7 +90,7 @@ class Background:
             self.fd = None
         if self.pid is not None:
             try:
-                os.kill(self.pid, 9)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             os.waitpid(self.pid, 0)

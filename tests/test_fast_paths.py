@@ -383,18 +383,29 @@ def test_node_choice_in_a_child_gives_the_same_module(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+_BACKGROUND = """
+from ssi_symbolic.backends.background import Background, can_fork
+assert can_fork()
+assert Background(lambda: {"n": [1, 2]}).result() == {"n": [1, 2]}
+assert Background(lambda: 1 / 0).result() is None
+b = Background(lambda: 3)
+b.close()  # stopped before reading: reaped, no result
+assert b.result() is None
+"""
+
+
 def test_background_returns_the_value_or_none():
-    """Background: the child's return value; None when the work raises (the caller then
-    computes it and meets the error itself) or when forking is not allowed."""
+    """Background, in a fresh single-threaded process (a pytest-xdist worker has threads and
+    forks nothing): the child's return value; None when the work raises (the caller then
+    computes it and meets the error itself) or when the child was stopped before reading."""
+    import subprocess
+    import sys
     from ssi_symbolic.backends.background import Background, can_fork
-    if not can_fork():  # a threaded process (pytest-xdist worker): nothing is forked
+    if not can_fork():  # here: nothing is forked, the caller computes
         assert Background(lambda: 1).result() is None
-        return
-    assert Background(lambda: {"n": [1, 2]}).result() == {"n": [1, 2]}
-    assert Background(lambda: 1 / 0).result() is None
-    b = Background(lambda: 3)
-    b.close()  # stopped before reading: reaped, no result
-    assert b.result() is None
+    p = subprocess.run([sys.executable, "-c", _BACKGROUND], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 def test_background_without_a_child_leaves_the_work_to_the_caller(monkeypatch):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: db29e2aeacb3f5423becb21d0d766b44b8596eff0739934b9bfca2a2fd140d97
-# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
+# spec-hash: 805dde12dad5ec9d5e4beebfc668ec1a1c5f30036823739340e440e8ca9daae2
+# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'db29e2aeacb3f5423becb21d0d766b44b8596eff0739934b9bfca2a2fd140d97'
+SPEC_HASH = '805dde12dad5ec9d5e4beebfc668ec1a1c5f30036823739340e440e8ca9daae2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

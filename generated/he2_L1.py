@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 713414efb3679789c171e4033e4c16597f2ef45ebd61d29666aa9fe959935a6f
-# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
+# spec-hash: 2cbeadc9f51f85e3c075c8817f33f5c796c6bf541bde8f8d76eabd0e695bb9dc
+# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '713414efb3679789c171e4033e4c16597f2ef45ebd61d29666aa9fe959935a6f'
+SPEC_HASH = '2cbeadc9f51f85e3c075c8817f33f5c796c6bf541bde8f8d76eabd0e695bb9dc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

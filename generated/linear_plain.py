@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 07c90cd50449bd3d1c6707925ce9a9461a076c8869387edff2d8c1b67496db53
-# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
+# spec-hash: a960101028aab7707c0c55e7ffe5ee89c037ddf6730fa1c6e33a510e7793fa7a
+# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '07c90cd50449bd3d1c6707925ce9a9461a076c8869387edff2d8c1b67496db53'
+SPEC_HASH = 'a960101028aab7707c0c55e7ffe5ee89c037ddf6730fa1c6e33a510e7793fa7a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

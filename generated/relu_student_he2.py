@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: befd0ce57a1be7086537ef653c7671514d0beeec181a9a3a7b380b01ae85a9d2
-# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
+# spec-hash: 36a179156574e3a23c51429ced30231dbb0accd0b869c64e79181517cec4e596
+# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'befd0ce57a1be7086537ef653c7671514d0beeec181a9a3a7b380b01ae85a9d2'
+SPEC_HASH = '36a179156574e3a23c51429ced30231dbb0accd0b869c64e79181517cec4e596'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 22e493562de39f1797dd5a3c3b3b8ab711fa2d296c5ae5efbb50d5a65921899e
-# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a attention 1 5ebfef62a9b9cc72
+# spec-hash: f6f8e1a6cb2a4915a5fe8e35f081ad7432f98f9443f2626385f5b3bf2cc053d2
+# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6 attention 1 5ebfef62a9b9cc72
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '22e493562de39f1797dd5a3c3b3b8ab711fa2d296c5ae5efbb50d5a65921899e'
+SPEC_HASH = 'f6f8e1a6cb2a4915a5fe8e35f081ad7432f98f9443f2626385f5b3bf2cc053d2'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 047d251ab3235b88b96e8b9c524e8c580f77f57288ff893c56abfb64644cba02
-# tool: ssi-symbolic 0.1.0 generator 1 source f7ed4b5503752c0a
+# spec-hash: 7002401fd8bcbd76571ff55d5397488d3285b7dde380a3b81711a2bb92b21a1f
+# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '047d251ab3235b88b96e8b9c524e8c580f77f57288ff893c56abfb64644cba02'
+SPEC_HASH = '7002401fd8bcbd76571ff55d5397488d3285b7dde380a3b81711a2bb92b21a1f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -450,10 +450,7 @@ class Expectation:
         at_u = {v: mu[i] + sum(W[i, j] * us[j] for j in range(k))
                 for i, v in enumerate(variables)}
         inner = {arg: self._tidy_affine(arg.xreplace(at_u), us) for arg in args}
-        # E[p(x) | u] monomial by monomial: x | u ~ N(mu + W u, R)
-        cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
-                     for i in range(len(variables))]
-        memo = self._cond_moments.setdefault(key, {})
+        # E[p(x) | u] with x | u ~ N(mu + W u, R), monomial by monomial unless R = 0
         if all(x == 0 or sp.cancel(x) == 0 for x in R):
             # x = mu + W u exactly (the forms determine every variable): E[p(x) | u] is p at
             # that point, the factor as it is, not expanded into monomials (a whole statistic
@@ -463,6 +460,9 @@ class Expectation:
             terms = _poly_terms(factor.xreplace(inner), variables)
             if terms is None:
                 return None
+            cond_mean = [sp.expand(mu[i] + sum(W[i, j] * us[j] for j in range(k)))
+                         for i in range(len(variables))]
+            memo = self._cond_moments.setdefault(key, {})
             integrand = sp.Add(*[c * _conditional_moment(alpha, cond_mean, R, memo)
                                  for alpha, c in terms.items()])
         inside = _nonpolynomial_symbols(integrand)

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2cbeadc9f51f85e3c075c8817f33f5c796c6bf541bde8f8d76eabd0e695bb9dc
-# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
+# spec-hash: 7f5f7bff5a6285e68b36bbaa4fd37149dd969d451c4bc387a3ee30d3dd8ffe2d
+# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2cbeadc9f51f85e3c075c8817f33f5c796c6bf541bde8f8d76eabd0e695bb9dc'
+SPEC_HASH = '7f5f7bff5a6285e68b36bbaa4fd37149dd969d451c4bc387a3ee30d3dd8ffe2d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

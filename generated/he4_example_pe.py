@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 44266c1b72bb13b7395a5e91d8098b629aecb577f3c821c1ef2e6915b519ce52
-# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
+# spec-hash: e14a8e5a8ba8a25185db908348bc0ad7e7dc09fd9b6fad76f6d249c7f7fc0573
+# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '44266c1b72bb13b7395a5e91d8098b629aecb577f3c821c1ef2e6915b519ce52'
+SPEC_HASH = 'e14a8e5a8ba8a25185db908348bc0ad7e7dc09fd9b6fad76f6d249c7f7fc0573'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 36a179156574e3a23c51429ced30231dbb0accd0b869c64e79181517cec4e596
-# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
+# spec-hash: b0a46839ef50d992ca2a60470004a8c4d63ba8ebc614661ec10d5fff7bf7b4e7
+# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '36a179156574e3a23c51429ced30231dbb0accd0b869c64e79181517cec4e596'
+SPEC_HASH = 'b0a46839ef50d992ca2a60470004a8c4d63ba8ebc614661ec10d5fff7bf7b4e7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7002401fd8bcbd76571ff55d5397488d3285b7dde380a3b81711a2bb92b21a1f
-# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
+# spec-hash: fe26f2b5c7025ab96b18c60dac8ff6ca414d959775b8acbbccf44e2005b25d1f
+# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7002401fd8bcbd76571ff55d5397488d3285b7dde380a3b81711a2bb92b21a1f'
+SPEC_HASH = 'fe26f2b5c7025ab96b18c60dac8ff6ca414d959775b8acbbccf44e2005b25d1f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0596b82dd052ac175987b74291f7a96d32335c063a00ec0c85036454452a3e3f
-# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
+# spec-hash: ca4565982f78c3328b888acb4985f567e6a7ef09e6d377e383b4025828cecfb3
+# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '0596b82dd052ac175987b74291f7a96d32335c063a00ec0c85036454452a3e3f'
+SPEC_HASH = 'ca4565982f78c3328b888acb4985f567e6a7ef09e6d377e383b4025828cecfb3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

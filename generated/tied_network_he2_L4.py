@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9828e53a0b8863b394f1f095e45f14d13823c66aef7e44c0f3a66d6f5191a2c9
-# tool: ssi-symbolic 0.1.0 generator 1 source 7e365991b50bedc6
+# spec-hash: a00f8e8e2cb04cedc6cfc3ef632622a3f446eb0d3357d804bb8fe091e2a016de
+# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9828e53a0b8863b394f1f095e45f14d13823c66aef7e44c0f3a66d6f5191a2c9'
+SPEC_HASH = 'a00f8e8e2cb04cedc6cfc3ef632622a3f446eb0d3357d804bb8fe091e2a016de'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -354,7 +354,8 @@ import os, sys
 from pathlib import Path
 from ssi_symbolic.model.spec import load_spec
 from ssi_symbolic.symbolic.derive import derive
-from ssi_symbolic.backends import exact, background
+from ssi_symbolic import background
+from ssi_symbolic.backends import exact
 assert background.can_fork()
 D = derive(load_spec(Path(sys.argv[1])))
 assert 'scipy.special' not in sys.modules
@@ -384,7 +385,7 @@ def test_node_choice_in_a_child_gives_the_same_module(tmp_path):
 
 
 _BACKGROUND = """
-from ssi_symbolic.backends.background import Background, can_fork
+from ssi_symbolic.background import Background, can_fork
 assert can_fork()
 assert Background(lambda: {"n": [1, 2]}).result() == {"n": [1, 2]}
 assert Background(lambda: 1 / 0).result() is None
@@ -400,7 +401,7 @@ def test_background_returns_the_value_or_none():
     computes it and meets the error itself) or when the child was stopped before reading."""
     import subprocess
     import sys
-    from ssi_symbolic.backends.background import Background, can_fork
+    from ssi_symbolic.background import Background, can_fork
     if not can_fork():  # here: nothing is forked, the caller computes
         assert Background(lambda: 1).result() is None
     p = subprocess.run([sys.executable, "-c", _BACKGROUND], capture_output=True, text=True,
@@ -412,7 +413,7 @@ def test_background_without_a_child_leaves_the_work_to_the_caller(monkeypatch):
     """A failed fork (no process or memory left) or pipe gives no child and no error: result()
     is None and the caller computes the work itself."""
     import os
-    from ssi_symbolic.backends import background
+    from ssi_symbolic import background
 
     def refuse(*args):
         raise OSError(11, "Resource temporarily unavailable")
@@ -442,3 +443,161 @@ def test_generation_pauses_the_cyclic_gc_and_restores_it():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_transfer_rebuilds_expressions_exactly():
+    """symbolic.transfer: pack/unpack gives every expression back with the same srepr (no
+    re-evaluation: a product built unevaluated stays so, where pickle would distribute its
+    number), and with `known`, the subexpressions equal to known ones are those objects."""
+    from ssi_symbolic.symbolic.closed_forms import NormalCDF2, NormalOrthant
+    from ssi_symbolic.symbolic.transfer import pack, unpack
+    unevaluated = sp.Mul._from_args((sp.Integer(2), x + y))
+    exprs = [
+        unevaluated,
+        GaussHermite(sp.tanh(u1 + m * u2) * sp.Heaviside(u1, sp.S.Half), sp.Tuple(u1, u2)),
+        NormalCDF2(m / sp.sqrt(2), -m, m / 3) + sp.erfc(-m / sp.sqrt(2)) / 2,
+        NormalOrthant(m, 1, 2, m / 2, 0, sp.Rational(1, 3)),
+        sp.exp(-m ** 2 / (2 * (1 - m ** 2))) / sp.sqrt(2 * sp.pi * (1 - m ** 2)),
+        sp.Float("0.1", 30) * sp.pi * sp.E + sp.asin(m) + sp.Abs(q) * sp.DiracDelta(x - 1),
+        sp.Max(x, 0) - sp.Min(y, 1) + sp.Piecewise((x, x > 0), (0, True)),
+        sp.Integer(0), sp.Rational(-7, 3),
+    ]
+    sent = pack(exprs)
+    # interning: the node's integrand, given as known, is the very object returned (first:
+    # SymPy's constructor cache would hand back the node of an earlier unpack)
+    known = sp.tanh(u1 + m * u2) * sp.Heaviside(u1, sp.S.Half)
+    got = unpack(sent, known=[known])[1]
+    assert got.args[0] is known
+    back = unpack(sent)
+    assert [sp.srepr(e) for e in back] == [sp.srepr(e) for e in exprs]
+    assert back[0].args == (2, x + y)  # not 2*x + 2*y
+    import pickle
+    assert sp.srepr(pickle.loads(pickle.dumps(unevaluated))) != sp.srepr(unevaluated)
+
+
+_TWO_ENDS = """
+import os
+from ssi_symbolic.background import can_fork, two_ends
+assert can_fork()
+mine = []
+theirs = two_ends(2000, lambda ix: mine.extend(ix), lambda ix: list(ix))
+assert theirs is not None and sorted(mine + theirs) == list(range(2000)), (len(mine), theirs)
+assert mine == sorted(mine) and theirs == sorted(theirs, reverse=True)  # front and back
+# a child that dies after claiming: no value; the parent got the rest, the caller computes it
+mine = []
+assert two_ends(10, lambda ix: mine.extend(ix), lambda ix: (next(ix), os._exit(3))) is None
+assert set(range(10)) - set(mine) <= {9} and mine == sorted(mine)
+# a child that raises: likewise
+assert two_ends(5, lambda ix: list(ix), lambda ix: 1 / 0) is None
+# the parent raising stops the child and propagates
+try:
+    two_ends(5, lambda ix: 1 / 0, lambda ix: list(ix))
+except ZeroDivisionError:
+    pass
+else:
+    raise AssertionError("the parent's error was lost")
+"""
+
+
+def test_two_ends_shares_the_indices_between_two_processes():
+    """background.two_ends, in a fresh single-threaded process: every index is claimed once,
+    by the parent from the front or by the child from the back; a child that died or raised
+    returns nothing; without a child the parent claims everything."""
+    import subprocess
+    import sys
+    from ssi_symbolic.background import can_fork, two_ends
+    if not can_fork():  # here (a pytest-xdist worker has threads): everything in this process
+        mine = []
+        assert two_ends(7, lambda ix: mine.extend(ix), lambda ix: list(ix)) is None
+        assert mine == list(range(7))
+    p = subprocess.run([sys.executable, "-c", _TWO_ENDS], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def _erf_gaussian():
+    from ssi_symbolic.model.spec import spec_from_dict
+    from ssi_symbolic.symbolic.derive import ETA, statistics
+    from ssi_symbolic.symbolic.gaussian import TokenGaussian
+    spec = spec_from_dict({"name": "erf_pe", "L": 1, "teacher": {"link": "erf(z1)"},
+                           "student": {"positional": [[1.0]]}})
+    gauss = TokenGaussian.of(spec)
+    st = statistics(spec, gauss)
+    return gauss, st, ETA
+
+
+def test_expect_many_merges_a_childs_share_and_computes_what_is_missing(monkeypatch):
+    """Expectation.expect_many with two_ends replaced by fakes (no fork): a share computed
+    first and sent through transfer (as a forked child's) gives the same values, conditions
+    and kinds as one engine doing everything in order; a child that failed leaves its share
+    to this process."""
+    from ssi_symbolic import background
+    from ssi_symbolic.symbolic.expectation import Expectation
+    gauss, st, ETA = _erf_gaussian()
+    items = [st.loss] + list(st.base) + [st.base[0] * st.base[-1], st.base[-1] ** 2]
+
+    def engine():
+        return Expectation(gauss, [st.loss] + st.base, extra_symbols=(ETA,))
+    serial = engine()
+    want = [serial.expect(t) for t in items]
+
+    def child_first(n, front, back):  # the "child's" share (the last two) sent, then ours
+        data = back(iter([n - 1, n - 2]))
+        front(iter(range(n - 2)))
+        return data
+    monkeypatch.setattr(background, "two_ends", child_first)
+    E = engine()
+    got = E.expect_many(items)
+    assert [sp.srepr(g) for g in got] == [sp.srepr(w) for w in want]
+    assert E.kinds == serial.kinds
+    assert {c for c, _ in E.conditions} == {c for c, _ in serial.conditions}
+    monkeypatch.setattr(background, "two_ends", lambda n, front, back: (
+        front(iter(range(n - 3))), None)[1])  # the child died with three items
+    E = engine()
+    assert [sp.srepr(g) for g in E.expect_many(items)] == [sp.srepr(w) for w in want]
+
+
+_TWO_PROCESS_DERIVE = """
+import os, sys
+from pathlib import Path
+from ssi_symbolic.model.spec import load_spec
+from ssi_symbolic.symbolic.derive import derive
+from ssi_symbolic import background
+from ssi_symbolic.backends import exact
+assert background.can_fork()
+shares, children = [], []
+two_ends = background.two_ends
+def spy(n, front, back):
+    got = two_ends(n, front, back)
+    shares.append(None if got is None else len(got[0]))
+    return got
+background.two_ends = spy
+Background = exact.Background
+def counted(work):
+    children.append(work)
+    return Background(work)
+exact.Background = counted
+spec = load_spec(Path(sys.argv[1]))
+parallel = exact.module_source(derive(spec))
+assert shares and shares[0], f'the child computed no expectation: {shares}'
+assert len(children) == 2, 'the node work and the forward Jacobian each in a child'
+assert "JACOBIAN = 'symbolic'" in parallel
+os.environ['SSI_SERIAL'] = '1'
+serial = exact.module_source(derive(spec))
+assert parallel == serial, 'the two paths differ'
+"""
+
+
+def test_derivation_on_two_cores_gives_the_same_module(tmp_path):
+    """A closed-form derivation (erf with a positional encoding, quadrature for Cov(G)) with
+    its expectations shared by two processes, the node work and the forward-mode Jacobian
+    each in a forked child, gives the same module text as everything in one process
+    (SSI_SERIAL=1), in a fresh single-threaded process."""
+    import subprocess
+    import sys
+    spec = tmp_path / "erf_pe.toml"
+    spec.write_text('name = "erf_pe"\nL = 1\n[teacher]\nlink = "erf(z1)"\n'
+                    '[student]\npositional = [[1.0]]\n')
+    p = subprocess.run([sys.executable, "-c", _TWO_PROCESS_DERIVE, str(spec)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -179,6 +179,30 @@ def test_closed_form_refusals_say_whether_the_integrand_is_too_complex():
     assert cf.expect(sp.erf(x) * sp.erf(y)) != 0  # two thresholds close
 
 
+def test_closed_form_budget_does_not_depend_on_what_was_computed_before():
+    """Whether a term closes depends on the term alone: the budget counts every sub-problem
+    its reduction reaches, memoised or not. x^5 erf(x + 1) erf(y - 1) needs more than
+    MAX_REDUCTIONS and is refused by a fresh engine and by one that has just reduced
+    x^4 erf(x + 1) erf(y - 1) (whose sub-problems are most of the x^5 term's: counting new
+    sub-problems only, it closed there); a term that closes has the same value either way."""
+    from ssi_symbolic.symbolic.closed_forms import GaussianClosedForm, TooComplex
+    x, y, m = sp.symbols("x y m", real=True)
+
+    def engine():
+        return GaussianClosedForm((x, y), (sp.Rational(1, 3), 0), [[1, m], [m, 1]])
+    f = sp.erf(x + 1) * sp.erf(y - 1)
+    with pytest.raises(TooComplex):
+        engine().expect(x ** 5 * f)
+    warm = engine()
+    four = warm.expect(x ** 4 * f)
+    with pytest.raises(TooComplex):
+        warm.expect(x ** 5 * f)
+    warm3 = engine()
+    warm3.expect(x ** 3 * f)
+    assert warm3.expect(x ** 4 * f) == four
+    assert sp.srepr(engine().expect(x ** 4 * f)) == sp.srepr(four)
+
+
 def test_smooth_too_complex_statistic_is_one_node_with_the_right_value():
     """A one-token statistic of gelu links with four Phi factors (no closed form) is one
     quadrature node over (zs1, z1), its polynomial part exact, and its value is the

@@ -5,10 +5,11 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "ssi_symbolic"
-#: the stages in pipeline order; shared leaves (errors, version, plots) may be imported by all
+#: the stages in pipeline order; shared leaves (errors, version, plots, background: work on
+#: the second core) may be imported by all
 ORDER = ["model", "symbolic", "backends", "numeric", "analysis", "report", "api", "cli",
          "__main__", "__init__"]
-LEAVES = {"errors", "version", "plots"}
+LEAVES = {"errors", "version", "plots", "background"}
 
 
 def _module_name(path: Path) -> str:

@@ -44,7 +44,7 @@ from ..symbolic.derive import ETA, Derivation, RingForms, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.closed_forms import NormalOrthant
 from ..symbolic.gaussian import GaussHermite
-from .background import Background
+from ..background import Background
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, forward_jacobian, function_source, horner, module_header,
                        pycode, tuple_source)
@@ -61,6 +61,7 @@ DIFFUSION_PIECES = ("covariance", "diffusion", "ito_correction", "finite_d_corre
 _PIPELINE = ("model/spec.py", "model/links.py", "model/integrability.py", "symbolic/gaussian.py",
              "symbolic/exact_engine.py", "symbolic/directions.py", "symbolic/closed_forms.py",
              "symbolic/expectation.py", "symbolic/derive.py", "symbolic/token_sums.py",
+             "symbolic/transfer.py",
              "backends/exact.py", "backends/printing.py", "backends/ring_printing.py",
              "backends/runtime.py",
              "backends/files.py", "version.py")
@@ -92,6 +93,11 @@ def _ring_terms(ring: RingForms) -> int:
 
 #: polynomial drifts of at least this many overlaps get the forward-mode Jacobian
 FORWARD_JACOBIAN_STATES = 16
+
+
+class _NoForwardJacobian(Exception):
+    """The forward-mode Jacobian met an unevaluated derivative (state_functions then
+    differentiates the drift whole)."""
 
 
 class _Module:
@@ -159,7 +165,10 @@ class _Module:
             if ring is None:
                 raise ValueError("the ring printer needs an exact derivation (D.ring)")
             return self._assemble(*self._ring_outputs())
-        return self._assemble(*self._sympy_outputs())
+        try:
+            return self._assemble(*self._sympy_outputs())
+        except _NoForwardJacobian:  # an unevaluated derivative: the Jacobian differentiated
+            return self._assemble(*self._sympy_outputs(forward_ok=False))  # whole, in the cse
 
     def _ring_outputs(self):
         """The outputs printed from the exact engine's ring elements (RingPrinter): one
@@ -233,8 +242,10 @@ class _Module:
                          f"_orthants({', '.join(calls)})")
         return lines
 
-    def _sympy_outputs(self):
-        """The outputs as SymPy expressions after Horner forms and one cse over all of them."""
+    def _sympy_outputs(self, forward_ok: bool = True):
+        """The outputs as SymPy expressions after Horner forms and one cse over all of them.
+        forward_ok=False: never the forward-mode Jacobian (after it met an unevaluated
+        derivative)."""
         D = self.D
         n = len(D.state)
         loss = self._extract(D.population_loss, stage="loss")
@@ -257,7 +268,7 @@ class _Module:
         # 158 s of the untied L = 16 student's drift-only module; forward mode 29 s, the
         # Jacobian then about 3x slower to evaluate); smaller polynomial drifts by Poly.diff,
         # quadrature drifts whole (derivatives of the quadrature integrands)
-        forward = "quadrature" not in drift_methods and (
+        forward = forward_ok and "quadrature" not in drift_methods and (
             "closed form" in drift_methods or n >= FORWARD_JACOBIAN_STATES)
 
         def eliminate(jac):
@@ -274,22 +285,15 @@ class _Module:
             return repl, {s: i for i, (s, _) in enumerate(repl)}, reduced[:k]
 
         no_jac = [sp.Integer(0)] * (n * n)
-        if forward:  # the Jacobian is written from the CSE of the other outputs
+        if forward:  # the Jacobian is written from the CSE of the other outputs (_assemble)
             repl, repl_index, reduced = eliminate(no_jac)
-            try:
-                jac_lines, jac_grads = forward_jacobian(repl, repl_index, reduced[1:1 + 2 * n],
-                                                        list(D.state))
-            except ValueError:
-                forward = False
-            else:
-                jac_exprs = [v for _, v in jac_lines] + [g for row in jac_grads for g in row]
-        if not forward:
+        else:
             jac_exprs = list(D.drift_jacobian())
-        # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
-        # Jacobian is taken by central differences of the generated drift instead
-        self.jacobian_method = ("finite-difference" if any(x.has(sp.DiracDelta)
-                                                           for x in jac_exprs) else "symbolic")
-        if not forward:
+            # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
+            # Jacobian is taken by central differences of the generated drift instead
+            self.jacobian_method = ("finite-difference" if any(x.has(sp.DiracDelta)
+                                                               for x in jac_exprs)
+                                    else "symbolic")
             repl, repl_index, reduced = eliminate(
                 [self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
                 else no_jac)
@@ -342,8 +346,8 @@ class _Module:
                     lines.append(assignment(k))
             return lines + self._orthant_lines(orth) + after
 
-        if self.jacobian_method == "symbolic" and forward:
-            jacobian = ("forward", (jac_lines, jac_grads))
+        if forward:
+            jacobian = ("forward", (repl, repl_index, reduced[1:1 + 2 * n], list(D.state)))
         elif self.jacobian_method == "symbolic":
             jacobian = ("symbolic", [r_jac[i * n:(i + 1) * n] for i in range(n)])
         else:
@@ -354,10 +358,41 @@ class _Module:
         """The function sources from the printed outputs: pycode(x) is an output's expression,
         body(xs) the assignments the outputs xs need."""
         D = self.D
-        n = len(D.state)
+        st, pa = self.state, self.param_args
+        names = ", ".join(D.overlap_names)
+        child = None
+        if jacobian[0] == "forward":  # on the second core while the others are printed
+            child = Background(lambda: self._jacobian_function(jacobian, pycode, body))
+        try:
+            fns = self._output_functions(r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, pycode, body)
+            if child is not None:
+                got = child.result()
+                if got is None:  # no child, or it failed: done here (its error met here)
+                    try:
+                        got = self._jacobian_function(jacobian, pycode, body)
+                    except ValueError:
+                        raise _NoForwardJacobian from None
+                self.jacobian_method, text = got
+            else:
+                text = self._jacobian_function(jacobian, pycode, body)[1]
+        finally:
+            if child is not None:
+                child.close()
+        fns.append(text)
+        fns.append(function_source(
+            "diffusion", st + ["eta", "d"] + pa,
+            f"Diffusion matrix D = Cov(G) / d over ({names}), shape (n, n) + broadcast shape.",
+            [f"c = covariance({', '.join(st + ['eta'] + [f'{p}={p}' for p in self.param_names])})"],
+            "numpy.array(c) / d"))
+        return fns
+
+    def _output_functions(self, r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, pycode, body):
+        """The sources of the loss, drift, Cov(G), Ito and finite-d functions."""
+        D = self.D
         st, pa = self.state, self.param_args
         method = D.method
         names = ", ".join(D.overlap_names)
+        n = len(D.state)
         fns = []
         fns.append(function_source(
             "population_loss", st + pa,
@@ -401,51 +436,60 @@ class _Module:
             f"d times the whole O(1/d) drift for ({names}): the SDE drift is drift + "
             f"finite_d_correction / d ({D.finite_d_note}; {method}).",
             body(r_fdc), f"_bc({', '.join(pycode(x) for x in r_fdc)})"))
+        return fns
+
+    def _jacobian_function(self, jacobian, pycode, body):
+        """(JACOBIAN, the source of drift_jacobian). jacobian = (kind, data); for "forward"
+        data holds the arguments of printing.forward_jacobian, which runs here: it raises
+        ValueError at an unevaluated derivative, and a Dirac delta among its derivatives (a
+        kink) gives the Jacobian by central differences."""
+        D = self.D
+        n = len(D.state)
+        st, pa = self.state, self.param_args
+        method = D.method
+        names = ", ".join(D.overlap_names)
         kind, jac = jacobian
         if kind == "forward":
-            jac_lines, jac_grads = jac
+            jac_lines, jac_grads = forward_jacobian(*jac)
+            if any(x.has(sp.DiracDelta) for x in [v for _, v in jac_lines]
+                   + [g for row in jac_grads for g in row]):
+                kind = "finite-difference"
+        if kind == "forward":
             eta = sp.Symbol("eta")
             g1, g2 = jac_grads[:n], jac_grads[n:]
             jrows = [tuple_source([pycode(eta * g1[i][j] + eta ** 2 * g2[i][j])
                                    for j in range(n)]) for i in range(n)]
-            lines = body(list(r_d1) + list(r_d2)) + [f"{s} = {pycode(v)}" for s, v in jac_lines]
-            fns.append(function_source(
+            lines = body(jac[2]) + [f"{s} = {pycode(v)}" for s, v in jac_lines]
+            return "symbolic", function_source(
                 "drift_jacobian", st + ["eta"] + pa,
                 f"Jacobian d drift_i / d x_j over ({names}), derived symbolically by the chain "
                 f"rule through the common subexpressions of the drift ({method}).",
-                lines, "_bc_nested(" + tuple_source(jrows) + ")"))
-        elif kind in ("symbolic", "ring", "ring-sums"):
+                lines, "_bc_nested(" + tuple_source(jrows) + ")")
+        if kind in ("symbolic", "ring", "ring-sums"):
             jrows = [tuple_source([pycode(x) for x in row]) for row in jac]
             how = {"symbolic": "derived symbolically",
                    "ring": "the exact polynomial derivatives of the drift",
                    "ring-sums": "the exact derivatives of the drift by the chain rule through "
                                 "the summed cumulants of its token sums"}[kind]
-            fns.append(function_source(
+            return kind, function_source(
                 "drift_jacobian", st + ["eta"] + pa,
                 f"Jacobian d drift_i / d x_j over ({names}), {how} ({method}).",
-                body([x for row in jac for x in row]), "_bc_nested(" + tuple_source(jrows) + ")"))
-        else:
-            call = ", ".join(["eta=eta"] + [f"{p}={p}" for p in self.param_names])
-            fns.append(function_source(
-                "drift_jacobian", st + ["eta", "h=1e-5"] + pa,
-                f"Jacobian d drift_i / d x_j over ({names}) by central differences of step h "
-                f"(error O(h^2) plus quadrature error / h): the symbolic derivative of this "
-                f"model has a Dirac delta.",
-                [f"x = [numpy.asarray(v, dtype=float) for v in ({', '.join(st)},)]",
-                 "cols = []",
-                 f"for j in range({n}):",
-                 "    xp = list(x); xp[j] = x[j] + h",
-                 "    xm = list(x); xm[j] = x[j] - h",
-                 f"    fp = drift(*xp, {call})",
-                 f"    fm = drift(*xm, {call})",
-                 "    cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])"],
-                f"_bc_nested(tuple(tuple(cols[j][i] for j in range({n})) for i in range({n})))"))
-        fns.append(function_source(
-            "diffusion", st + ["eta", "d"] + pa,
-            f"Diffusion matrix D = Cov(G) / d over ({names}), shape (n, n) + broadcast shape.",
-            [f"c = covariance({', '.join(st + ['eta'] + [f'{p}={p}' for p in self.param_names])})"],
-            "numpy.array(c) / d"))
-        return fns
+                body([x for row in jac for x in row]), "_bc_nested(" + tuple_source(jrows) + ")")
+        call = ", ".join(["eta=eta"] + [f"{p}={p}" for p in self.param_names])
+        return "finite-difference", function_source(
+            "drift_jacobian", st + ["eta", "h=1e-5"] + pa,
+            f"Jacobian d drift_i / d x_j over ({names}) by central differences of step h "
+            f"(error O(h^2) plus quadrature error / h): the symbolic derivative of this "
+            f"model has a Dirac delta.",
+            [f"x = [numpy.asarray(v, dtype=float) for v in ({', '.join(st)},)]",
+             "cols = []",
+             f"for j in range({n}):",
+             "    xp = list(x); xp[j] = x[j] + h",
+             "    xm = list(x); xm[j] = x[j] - h",
+             f"    fp = drift(*xp, {call})",
+             f"    fm = drift(*xm, {call})",
+             "    cols.append([(a - b) / (2 * h) for a, b in zip(fp, fm)])"],
+            f"_bc_nested(tuple(tuple(cols[j][i] for j in range({n})) for i in range({n})))")
 
     def _breaks(self, node):
         """kink_breaks(node), computed once."""

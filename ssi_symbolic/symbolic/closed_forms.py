@@ -50,7 +50,9 @@ from sympy.polys.constructor import construct_domain
 from sympy.polys.matrices import DomainMatrix
 
 
-#: most new sub-problems one expectation may spawn before quadrature takes over
+#: most sub-problems the reduction of one term may reach before quadrature takes over (all
+#: of them, memoised or not, so that whether a term closes does not depend on what was
+#: computed before it)
 MAX_REDUCTIONS = 40
 
 
@@ -482,15 +484,19 @@ class GaussianClosedForm:
         self._expanded = {}  # functions -> terms of their rewritten expansion (or the refusal)
         self._terms = {}  # E[monomial * atoms] of the expanded terms
         self._squares = {}  # (mu, S, Q) -> the completed square of exp(Q) under N(mu, S)
-        self._budget = MAX_REDUCTIONS  # reductions left for the current term (see expect)
+        self._reach = {}  # memo key -> the keys of its reduction (itself included)
+        self._frames = [set()]  # keys reached by the sub-problems in progress
+        self._seen = set()  # every key the current term has reached (see expect)
 
     # --- parsing -------------------------------------------------------------------------
     def expect(self, expr):
         """E[expr]; NoClosedForm when a factor is outside the families, or when the reduction
-        of a term of its expansion needs more than MAX_REDUCTIONS new sub-problems (high
+        of a term of its expansion reaches more than MAX_REDUCTIONS sub-problems (high
         polynomial degrees times several thresholds: the closed form would be huge and slow,
         quadrature is the better tool). The budget is per term, so that a sum given whole is
-        as closable as its terms given one by one."""
+        as closable as its terms given one by one, and counts every sub-problem the term
+        reaches, memoised or not, so that the outcome does not depend on what this engine
+        computed before: the same expression always gets the same value or refusal."""
         random = set(self.xs)
         expr = sp.sympify(expr)
         # a product const * monomial * functions: the functions' rewritten expansion is shared
@@ -528,7 +534,7 @@ class GaussianClosedForm:
             value = self._terms.get(key)
             if value is None:
                 coef, plan = plans[key]
-                self._budget = MAX_REDUCTIONS  # per term: a sum is as closable as its terms
+                self._frames, self._seen = [set()], set()  # per term (see the docstring)
                 value = self._terms[key] = coef * self._solve_plan(plan)
             parts.append(c * value)
         total = sp.Mul(*const) * sp.Add(*parts)
@@ -599,16 +605,29 @@ class GaussianClosedForm:
 
     # --- the recursion -------------------------------------------------------------------
     def _solve(self, mu, S, mono, Q, phis, hs, ds):
+        """The memoised reduction of one sub-problem. Each memo entry keeps the keys of its
+        whole reduction (`_reach`), which a hit adds to the current term's `_seen`: the term
+        is refused as soon as it has reached more than MAX_REDUCTIONS distinct sub-problems,
+        which happens exactly when its whole reduction has more, memo or no memo."""
         key = (mu, tuple(S), mono, Q, phis, hs, ds)
         hit = self._memo.get(key)
-        if hit is None:
+        if hit is not None:
+            reach = self._reach[key]
+            self._frames[-1] |= reach
+            self._seen |= reach
+        else:
+            self._seen.add(key)
+            if len(self._seen) > MAX_REDUCTIONS:
+                raise TooComplex("too many reductions")
+            self._frames.append({key})
             hit = self._memo[key] = self._solve_uncached(mu, S, mono, Q, phis, hs, ds)
+            reach = self._reach[key] = frozenset(self._frames.pop())
+            self._frames[-1] |= reach
+        if len(self._seen) > MAX_REDUCTIONS:
+            raise TooComplex("too many reductions")
         return hit
 
     def _solve_uncached(self, mu, S, mono, Q, phis, hs, ds):
-        self._budget -= 1
-        if self._budget < 0:
-            raise TooComplex("too many reductions")
         n = len(self.xs)
         if ds:  # condition on the first delta's hyperplane
             (a, b), rest = ds[0], ds[1:]

@@ -694,12 +694,23 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
         if exchangeable and diffusion:  # the general path needs the token-norm terms
             st = statistics(spec, gauss, norm=True)
         symmetric = exchangeable = False
-        R = E.expect(st.loss)
-        mean = [E.expect(b) for b in st.base]
-        coef = st.coef
-        product = lambda a, b: E.expect(st.base[a] * st.base[b])
+        # every expectation the derivation needs, at once: two processes share them
+        # (Expectation.expect_many); one closed form per orbit of pairs of directions
+        nb = len(st.base)
         perms = _direction_orbits(spec, gauss, ex, diffusion)
-        if perms is not None:  # one closed form per orbit of pairs
+        pairs = [(a, b) for a in range(nb) for b in range(a, nb)] if diffusion else []
+        if perms is not None:
+            pairs = perms.representatives(pairs, 1)
+        norm_items = ([t for t in st.norm_terms if t != 0]
+                      if diffusion and not _kinked_norm(st) else [])
+        values = E.expect_many([st.loss] + list(st.base)
+                               + [st.base[a] * st.base[b] for a, b in pairs] + norm_items)
+        R, mean = values[0], values[1:1 + nb]
+        products = dict(zip(pairs, values[1 + nb:1 + nb + len(pairs)]))
+        norm_values = dict(zip(norm_items, values[1 + nb + len(pairs):]))
+        coef = st.coef
+        product = lambda a, b: products[(a, b)]
+        if perms is not None:  # the other pairs of an orbit by renaming
             product = perms.orbit_function(product, 1, sympy_values=True)
         zero, back = sp.Integer(0), sp.sympify
         method = None
@@ -751,7 +762,7 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
             Mb = [[mean[a] * mean[c] + ib * C[a][c] for c in range(nb)] for a in range(nb)]
         ito_raw = (_ito_correction(st, gauss.state, Mb, zero, const) if st.gq is not None
                    else [zero] * n)
-        if any(sp.sympify(t).has(sp.DiracDelta) for t in st.norm_terms):
+        if _kinked_norm(st):
             EK, note = None, ("rescaling term only: the token-norm term needs second "
                               "derivatives of the link, which has a kink here")
         elif exchangeable:
@@ -763,7 +774,7 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
                        for c, k in zip(row, EKl) if c != 0), zero) for row in st.norm_coef]
             note = "complete"
         else:
-            EK = [(ex.expect_ring(t) if method == "exact" else E.expect(t))
+            EK = [(ex.expect_ring(t) if method == "exact" else norm_values[t])
                   if t != 0 else zero for t in st.norm_terms]
             note = "complete"
         corr_ring = ito_raw if EK is None else [x + k for x, k in zip(ito_raw, EK)]
@@ -806,6 +817,12 @@ def derive(spec: ModelSpec, diffusion: bool = True) -> Derivation:
     order = ("exact", "closed form", "quadrature")
     D.method = max(D.methods.values(), key=order.index)
     return D
+
+
+def _kinked_norm(st: Statistics) -> bool:
+    """Whether the token-norm terms hold a Dirac delta (second derivatives of a kinked link):
+    then only the rescaling part of the finite-d correction is derived."""
+    return any(sp.sympify(t).has(sp.DiracDelta) for t in st.norm_terms)
 
 
 def deferred_covariance(n, cov_ring, back):

@@ -125,19 +125,35 @@ class DirectionPermutations:
         assign, reps = {}, {}
 
         def f(i, j):
-            key = (min(i, j), max(i, j))
-            if key not in assign:
-                assign[key] = (key, None)
-                for g in self.group:
-                    pi = self._maps[g][which]
-                    a, b = pi[key[0]], pi[key[1]]
-                    assign.setdefault((min(a, b), max(a, b)), (key, g))
-            rep, g = assign[key]
+            rep, g = self._orbit_of(i, j, which, assign)
             if rep not in reps:
                 reps[rep] = compute(*rep)
             return reps[rep] if g is None else rename(reps[rep], g)
         f.orbits = reps
         return f
+
+    def _orbit_of(self, i, j, which: int, assign: dict):
+        """(representative pair, g with pair = g(representative), or None for the
+        representative itself) of the unordered pair (i, j); `assign` keeps the pairs met so
+        far, in the order orbit_function meets them."""
+        key = (min(i, j), max(i, j))
+        if key not in assign:
+            assign[key] = (key, None)
+            for g in self.group:
+                pi = self._maps[g][which]
+                a, b = pi[key[0]], pi[key[1]]
+                assign.setdefault((min(a, b), max(a, b)), (key, g))
+        return assign[key]
+
+    def representatives(self, pairs, which: int) -> list:
+        """The pairs whose compute(i, j) an orbit_function asked for `pairs` in this order
+        calls (one per orbit), in the order it calls them."""
+        assign, out = {}, []
+        for i, j in pairs:
+            rep = self._orbit_of(i, j, which, assign)[0]
+            if rep not in out:
+                out.append(rep)
+        return out
 
 
 __all__ = ["DirectionPermutations"]

@@ -62,6 +62,44 @@ class Expectation:
         except NotPolynomial:
             return self._expect_mixed(sp.sympify(expr))
 
+    def expect_many(self, exprs) -> list:
+        """[E[x] for x in exprs], shared with a forked child on the second core when there is
+        one (background.two_ends: this process takes them from the front, the child from the
+        back). Every expectation is a function of its expression alone (the closed forms'
+        budget counts every sub-problem a term reaches, memoised or not), so the values, and
+        the module made from them, are the same whichever process computed which; the child
+        sends its values, existence conditions and kinds back unevaluated
+        (symbolic.transfer). Whatever the child did not deliver is computed here."""
+        from ..background import two_ends
+        from . import transfer
+        exprs = list(exprs)
+        out = {}
+
+        def front(indices):
+            for i in indices:
+                out[i] = self.expect(exprs[i])
+
+        def back(indices):
+            n0, kinds0 = len(self.conditions), set(self.kinds)
+            done = {i: self.expect(exprs[i]) for i in indices}
+            conds = self.conditions[n0:]
+            flat = list(done.values()) + [x for pair in conds for x in pair]
+            return (list(done), len(conds), sorted(self.kinds - kinds0),
+                    transfer.pack(flat))
+
+        got = two_ends(len(exprs), front, back)
+        if got is not None:
+            idx, nc, kinds, data = got
+            flat = transfer.unpack(data, known=[out[i] for i in sorted(out)])
+            out.update(zip(idx, flat[:len(idx)]))
+            rest = flat[len(idx):]
+            self.conditions.extend((rest[2 * k], rest[2 * k + 1]) for k in range(nc))
+            self.kinds.update(kinds)
+        for i in range(len(exprs)):  # a child that failed or died: its share is done here
+            if i not in out:
+                out[i] = self.expect(exprs[i])
+        return [out[i] for i in range(len(exprs))]
+
     def _token_of(self, v):
         """The token whose variables hold v, or None (memoised: token_variables builds lists)."""
         if v not in self._tokens:

@@ -1,5 +1,11 @@
 """Work done on the machine's second core while this process goes on (POSIX fork).
 
+Derivation: the expectations of a derivation (loss, means, products of base statistics) are
+independent, and each is a function of its expression alone (the closed forms' budget counts
+every sub-problem a term reaches, memoised or not). :func:`two_ends` lets this process take them
+from the front of the list and a forked child from the back, each claiming the next one when it
+is done, until they meet (symbolic.expectation.Expectation.expect_many).
+
 Code generation has a part that depends only on the quadrature nodes: their integrand functions
 and the node count that meets the tolerance (exact.choose_nodes, which compiles and evaluates
 them, importing scipy.special on the way). It runs in a forked child while the parent does the
@@ -18,10 +24,13 @@ child cannot be used, the caller computes the same result itself:
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import signal
+import struct
 import sys
+import tempfile
 import threading
 
 
@@ -97,4 +106,66 @@ class Background:
             self.pid = None
 
 
-__all__ = ["Background", "can_fork"]
+class _Claims:
+    """The indices 0..n-1 claimed one at a time from the front (this process) and from the
+    back (a forked child): the two counters live in an unlinked temporary file, guarded by a
+    POSIX record lock, which the kernel releases when its holder dies (a killed child never
+    leaves the lock held)."""
+
+    def __init__(self, n: int):
+        self.file = tempfile.TemporaryFile()
+        os.pwrite(self.file.fileno(), struct.pack("<qq", 0, n), 0)
+
+    def take(self, front: bool):
+        """The next free index from that end, or None when the two ends have met."""
+        fd = self.file.fileno()
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            lo, hi = struct.unpack("<qq", os.pread(fd, 16, 0))
+            if lo >= hi:
+                return None
+            if front:
+                i, lo = lo, lo + 1
+            else:
+                hi -= 1
+                i = hi
+            os.pwrite(fd, struct.pack("<qq", lo, hi), 0)
+            return i
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def indices(self, front: bool):
+        while (i := self.take(front)) is not None:
+            yield i
+
+
+def two_ends(n: int, front, back):
+    """Share the indices 0..n-1 between this process and a forked child: front(indices) runs
+    here over the indices it claims from the front, back(indices) in the child over those it
+    claims from the back, each claiming the next free one when done with the last (so the
+    split follows the actual costs). Returns back's return value (picklable), or None when no
+    child ran or it failed; front has then claimed every index that no child did, and the
+    caller computes whatever is missing from its results (a child that died after claiming
+    indices returns nothing for them). Without a child (can_fork() false, fewer than two
+    indices, no temporary file) front gets every index."""
+    if n < 2 or not can_fork():
+        front(iter(range(n)))
+        return None
+    try:
+        claims = _Claims(n)
+    except OSError:
+        front(iter(range(n)))
+        return None
+    try:
+        child = Background(lambda: back(claims.indices(False)))
+        try:
+            front(claims.indices(True))
+        except BaseException:
+            child.close()
+            raise
+        return child.result()
+    finally:
+        claims.file.close()
+
+
+__all__ = ["Background", "can_fork", "two_ends"]

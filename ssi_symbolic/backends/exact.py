@@ -362,19 +362,18 @@ class _Module:
         names = ", ".join(D.overlap_names)
         child = None
         if jacobian[0] == "forward":  # on the second core while the others are printed
-            child = Background(lambda: self._jacobian_function(jacobian, pycode, body))
+            child = Background(lambda: self._forward_jacobian_parts(jacobian[1], pycode))
         try:
             fns = self._output_functions(r_loss, r_d1, r_d2, r_cov, r_ito, r_fdc, pycode, body)
+            parts = None
             if child is not None:
-                got = child.result()
-                if got is None:  # no child, or it failed: done here (its error met here)
+                parts = child.result()
+                if parts is None:  # no child, or it failed: done here (its error met here)
                     try:
-                        got = self._jacobian_function(jacobian, pycode, body)
+                        parts = self._forward_jacobian_parts(jacobian[1], pycode)
                     except ValueError:
                         raise _NoForwardJacobian from None
-                self.jacobian_method, text = got
-            else:
-                text = self._jacobian_function(jacobian, pycode, body)[1]
+            self.jacobian_method, text = self._jacobian_function(jacobian, pycode, body, parts)
         finally:
             if child is not None:
                 child.close()
@@ -438,11 +437,25 @@ class _Module:
             body(r_fdc), f"_bc({', '.join(pycode(x) for x in r_fdc)})"))
         return fns
 
-    def _jacobian_function(self, jacobian, pycode, body):
+    def _forward_jacobian_parts(self, jac, pycode):
+        """printing.forward_jacobian(*jac), printed: (JACOBIAN, the assignment lines of the
+        derivatives, the rows of the matrix returned); ("finite-difference", None, None) when
+        a derivative holds a Dirac delta (a kink). ValueError at an unevaluated derivative."""
+        n = len(self.D.state)
+        jac_lines, jac_grads = forward_jacobian(*jac)
+        if any(x.has(sp.DiracDelta) for x in [v for _, v in jac_lines]
+               + [g for row in jac_grads for g in row]):
+            return "finite-difference", None, None
+        eta = sp.Symbol("eta")
+        g1, g2 = jac_grads[:n], jac_grads[n:]
+        jrows = [tuple_source([pycode(eta * g1[i][j] + eta ** 2 * g2[i][j])
+                               for j in range(n)]) for i in range(n)]
+        return "symbolic", [f"{s} = {pycode(v)}" for s, v in jac_lines], jrows
+
+    def _jacobian_function(self, jacobian, pycode, body, parts=None):
         """(JACOBIAN, the source of drift_jacobian). jacobian = (kind, data); for "forward"
-        data holds the arguments of printing.forward_jacobian, which runs here: it raises
-        ValueError at an unevaluated derivative, and a Dirac delta among its derivatives (a
-        kink) gives the Jacobian by central differences."""
+        data holds the arguments of printing.forward_jacobian and `parts` its printed result
+        (_forward_jacobian_parts), the drift's own assignments (body) printed here."""
         D = self.D
         n = len(D.state)
         st, pa = self.state, self.param_args
@@ -450,16 +463,9 @@ class _Module:
         names = ", ".join(D.overlap_names)
         kind, jac = jacobian
         if kind == "forward":
-            jac_lines, jac_grads = forward_jacobian(*jac)
-            if any(x.has(sp.DiracDelta) for x in [v for _, v in jac_lines]
-                   + [g for row in jac_grads for g in row]):
-                kind = "finite-difference"
-        if kind == "forward":
-            eta = sp.Symbol("eta")
-            g1, g2 = jac_grads[:n], jac_grads[n:]
-            jrows = [tuple_source([pycode(eta * g1[i][j] + eta ** 2 * g2[i][j])
-                                   for j in range(n)]) for i in range(n)]
-            lines = body(jac[2]) + [f"{s} = {pycode(v)}" for s, v in jac_lines]
+            kind, jac_lines, jrows = parts
+        if kind == "symbolic" and jacobian[0] == "forward":
+            lines = body(jac[2]) + jac_lines
             return "symbolic", function_source(
                 "drift_jacobian", st + ["eta"] + pa,
                 f"Jacobian d drift_i / d x_j over ({names}), derived symbolically by the chain "

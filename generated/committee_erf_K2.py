@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d945052630e6aa13c4605690209d498a9da28d4bde851274fd3f5af254d418ca
-# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
+# spec-hash: c3bd8af50226db604a572f6d021e16cf09d1bc6b7e5d3a5fff7c6a18e8f39f51
+# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd945052630e6aa13c4605690209d498a9da28d4bde851274fd3f5af254d418ca'
+SPEC_HASH = 'c3bd8af50226db604a572f6d021e16cf09d1bc6b7e5d3a5fff7c6a18e8f39f51'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

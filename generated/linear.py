@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 93d980d87f8b92e604c0d3a096c8a211f6a3eb988506e6627490bd358c157355
-# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
+# spec-hash: 232c686410eaed34d8d4e6b3868fdbcc4d27505134b72169b9701ed501f81343
+# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '93d980d87f8b92e604c0d3a096c8a211f6a3eb988506e6627490bd358c157355'
+SPEC_HASH = '232c686410eaed34d8d4e6b3868fdbcc4d27505134b72169b9701ed501f81343'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

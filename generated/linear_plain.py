@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 077c69b87b199425a5867db52c014f7d53f76219643e645e0ba4d9b4fbc1feeb
-# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
+# spec-hash: 5d72f1e77b2993b368863c2cdbd8759de19d0d6120a87401b93ce91bd82055dd
+# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '077c69b87b199425a5867db52c014f7d53f76219643e645e0ba4d9b4fbc1feeb'
+SPEC_HASH = '5d72f1e77b2993b368863c2cdbd8759de19d0d6120a87401b93ce91bd82055dd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

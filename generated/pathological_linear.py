@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b90bbde5bcea3682ae6a7e33921a7426ca96f3c937cfc80e19b235d40f3aaacb
-# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
+# spec-hash: 5dce1dba7572407d81c9d75ca493d8ab32e0f412955baaa1172ec34216a0ed84
+# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b90bbde5bcea3682ae6a7e33921a7426ca96f3c937cfc80e19b235d40f3aaacb'
+SPEC_HASH = '5dce1dba7572407d81c9d75ca493d8ab32e0f412955baaa1172ec34216a0ed84'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b0a46839ef50d992ca2a60470004a8c4d63ba8ebc614661ec10d5fff7bf7b4e7
-# tool: ssi-symbolic 0.1.0 generator 1 source 5a1d1633c78d6167
+# spec-hash: 6969d5a10c87c8641a69e61a48fadab9ab95a4c7ca2a45c9cfad368f9e34bdd8
+# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b0a46839ef50d992ca2a60470004a8c4d63ba8ebc614661ec10d5fff7bf7b4e7'
+SPEC_HASH = '6969d5a10c87c8641a69e61a48fadab9ab95a4c7ca2a45c9cfad368f9e34bdd8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -373,7 +373,9 @@ class _Module:
                         parts = self._forward_jacobian_parts(jacobian[1], pycode)
                     except ValueError:
                         raise _NoForwardJacobian from None
-            self.jacobian_method, text = self._jacobian_function(jacobian, pycode, body, parts)
+            method, text = self._jacobian_function(jacobian, pycode, body, parts)
+            if parts is not None:  # forward mode: symbolic, or finite differences at a kink
+                self.jacobian_method = method
         finally:
             if child is not None:
                 child.close()

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9e3828a72b882c7587fccb5e4d8956a729c6de1ac6ba5dabe878de5c28bd4bca
-# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
+# spec-hash: cefb4029987ad16a1747e1375fcc16ed7efed15be96187a5a94f360ced52c323
+# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9e3828a72b882c7587fccb5e4d8956a729c6de1ac6ba5dabe878de5c28bd4bca'
+SPEC_HASH = 'cefb4029987ad16a1747e1375fcc16ed7efed15be96187a5a94f360ced52c323'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

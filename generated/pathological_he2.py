@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 22af3c7c2d21dc5765d5855d098635abf2f4f49074d3e1f38ef389a6276f0240
-# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
+# spec-hash: 04cdee6f8789c49d09b1f361ff76e1d430c94405aeaed2dcccfa8665a88a85c8
+# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '22af3c7c2d21dc5765d5855d098635abf2f4f49074d3e1f38ef389a6276f0240'
+SPEC_HASH = '04cdee6f8789c49d09b1f361ff76e1d430c94405aeaed2dcccfa8665a88a85c8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

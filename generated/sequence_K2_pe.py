@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b4ad1d53b14a78d76a9d443ff06f9c9498687f48213ec5fda6117bf362d798db
-# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
+# spec-hash: 0d216f8e2d2c55e8f9d9d748d755b0c2ccc636ba4565427e82dda1daa2413994
+# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b4ad1d53b14a78d76a9d443ff06f9c9498687f48213ec5fda6117bf362d798db'
+SPEC_HASH = '0d216f8e2d2c55e8f9d9d748d755b0c2ccc636ba4565427e82dda1daa2413994'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: dc26f603e3d3db79777ae9a9092be9ab93e01b6c1f6da44e10a0b3e15fc57302
-# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
+# spec-hash: 29bb1d1a3d44649f273d686f469a221a32771b6e8d0a063469281dc4629800be
+# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'dc26f603e3d3db79777ae9a9092be9ab93e01b6c1f6da44e10a0b3e15fc57302'
+SPEC_HASH = '29bb1d1a3d44649f273d686f469a221a32771b6e8d0a063469281dc4629800be'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

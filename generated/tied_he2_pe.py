@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b906ba5d6ee1e190082023833cdcbaab66d5e76f0e39bc832a2b0cfc579b58b6
-# tool: ssi-symbolic 0.1.0 generator 1 source 599816adf7bb0640
+# spec-hash: e900fb880bb90763e2abad6254225b630c68a4914825062a6e10ba07fefc0e86
+# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b906ba5d6ee1e190082023833cdcbaab66d5e76f0e39bc832a2b0cfc579b58b6'
+SPEC_HASH = 'e900fb880bb90763e2abad6254225b630c68a4914825062a6e10ba07fefc0e86'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

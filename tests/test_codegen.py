@@ -105,6 +105,43 @@ def test_cache_and_hash(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cached.py"]  # no temporary files left
 
 
+def test_written_modules_have_the_permissions_of_any_new_file(tmp_path):
+    """write_atomic's temporary file is private (0o600); the module it becomes gets the mode
+    of any new file, 0o666 less the umask (readable by the other jobs of a cluster)."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        path, _ = generate(make_spec("modes", 1, "z1**2"), tmp_path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        path, _ = generate(make_spec("modes", 1, "z1**3"), tmp_path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_ssi_derive_ends_quickly_and_completely(tmp_path):
+    """`python -m ssi_symbolic derive` ends without the interpreter's teardown (cli.run): its
+    module is written whole, its output printed, its exit code kept (0, or 2 for a bad spec
+    with one error line)."""
+    import subprocess
+    import sys
+    spec = tmp_path / "quick.toml"
+    spec.write_text('name = "quick"\nL = 1\n[teacher]\nlink = "z1**2"\n')
+    p = subprocess.run([sys.executable, "-m", "ssi_symbolic", "derive", str(spec), "--out",
+                        str(tmp_path / "gen")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(tmp_path / "gen" / "quick.py")
+    text = (tmp_path / "gen" / "quick.py").read_text()
+    compile(text, "quick.py", "exec")  # whole
+    bad = subprocess.run([sys.executable, "-m", "ssi_symbolic", "derive",
+                          str(tmp_path / "missing.toml")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("ssi: error:")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_vectorised_throughput_shapes():
     """Functions broadcast over arrays of states and parameter values of any shape."""
     mod = load_module(GENERATED / "noisy_linear_pe.py")

@@ -26,8 +26,16 @@ def read_hash(path) -> str | None:
     return None
 
 
+def _file_mode() -> int:
+    """The mode a newly created file gets here: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path, text: str) -> None:
-    """Write text to path atomically (temporary file in the same folder, then rename)."""
+    """Write text to path atomically (temporary file in the same folder, then rename), with the
+    permissions of any new file (the temporary file is private: 0o600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -36,6 +44,7 @@ def write_atomic(path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e5653ca58cdd48ec8e4478ce80339c11ffb1cbe02cfb864f854e1eb2c8d3f929
-# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
+# spec-hash: b4178efa86954ea697ccb2d094b7811737d6c4dffb5f23757c242c3deefab98d
+# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e5653ca58cdd48ec8e4478ce80339c11ffb1cbe02cfb864f854e1eb2c8d3f929'
+SPEC_HASH = 'b4178efa86954ea697ccb2d094b7811737d6c4dffb5f23757c242c3deefab98d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a05a1093f6b0e1338f8c6c9393d6ffc4ff11d498d3ea8805e5b67b1c0cf50861
-# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
+# spec-hash: 91d7feaaae3c775ceda7b5239393036d38044f665a48b48114397eaccf213435
+# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'a05a1093f6b0e1338f8c6c9393d6ffc4ff11d498d3ea8805e5b67b1c0cf50861'
+SPEC_HASH = '91d7feaaae3c775ceda7b5239393036d38044f665a48b48114397eaccf213435'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 38753f40bde9089d3873b7acccf7a5224578ee58b4678578d3a79a1cda7f18b5
-# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
+# spec-hash: 9b37d202b3a73f92d41b74402ee28fc373672984db361d762dccdbdf7948b7dc
+# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '38753f40bde9089d3873b7acccf7a5224578ee58b4678578d3a79a1cda7f18b5'
+SPEC_HASH = '9b37d202b3a73f92d41b74402ee28fc373672984db361d762dccdbdf7948b7dc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 29bb1d1a3d44649f273d686f469a221a32771b6e8d0a063469281dc4629800be
-# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
+# spec-hash: 24882204ba2857cf1ed41e5abca3714f9570dc5c3c9e851dac3e3c1dbcfc78e2
+# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '29bb1d1a3d44649f273d686f469a221a32771b6e8d0a063469281dc4629800be'
+SPEC_HASH = '24882204ba2857cf1ed41e5abca3714f9570dc5c3c9e851dac3e3c1dbcfc78e2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b52861da6756ab71473326afd93f5a657b22d8799a50740ae41f0c093e586fe5
-# tool: ssi-symbolic 0.1.0 generator 1 source c36abca56c80b6b6
+# spec-hash: 9bef0ab7ea00a29538b64014296dd66f06554ecdc7cb81487ef33300f2e9c4a2
+# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b52861da6756ab71473326afd93f5a657b22d8799a50740ae41f0c093e586fe5'
+SPEC_HASH = '9bef0ab7ea00a29538b64014296dd66f06554ecdc7cb81487ef33300f2e9c4a2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

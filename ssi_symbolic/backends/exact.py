@@ -373,9 +373,9 @@ class _Module:
                         parts = self._forward_jacobian_parts(jacobian[1], pycode)
                     except ValueError:
                         raise _NoForwardJacobian from None
-            method, text = self._jacobian_function(jacobian, pycode, body, parts)
             if parts is not None:  # forward mode: symbolic, or finite differences at a kink
-                self.jacobian_method = method
+                self.jacobian_method = parts[0]
+            text = self._jacobian_function(jacobian, pycode, body, parts)
         finally:
             if child is not None:
                 child.close()
@@ -455,8 +455,8 @@ class _Module:
         return "symbolic", [f"{s} = {pycode(v)}" for s, v in jac_lines], jrows
 
     def _jacobian_function(self, jacobian, pycode, body, parts=None):
-        """(JACOBIAN, the source of drift_jacobian). jacobian = (kind, data); for "forward"
-        data holds the arguments of printing.forward_jacobian and `parts` its printed result
+        """The source of drift_jacobian. jacobian = (kind, data); for "forward" data holds the
+        arguments of printing.forward_jacobian and `parts` its printed result
         (_forward_jacobian_parts), the drift's own assignments (body) printed here."""
         D = self.D
         n = len(D.state)
@@ -466,25 +466,24 @@ class _Module:
         kind, jac = jacobian
         if kind == "forward":
             kind, jac_lines, jrows = parts
-        if kind == "symbolic" and jacobian[0] == "forward":
-            lines = body(jac[2]) + jac_lines
-            return "symbolic", function_source(
-                "drift_jacobian", st + ["eta"] + pa,
-                f"Jacobian d drift_i / d x_j over ({names}), derived symbolically by the chain "
-                f"rule through the common subexpressions of the drift ({method}).",
-                lines, "_bc_nested(" + tuple_source(jrows) + ")")
+            if kind == "symbolic":
+                return function_source(
+                    "drift_jacobian", st + ["eta"] + pa,
+                    f"Jacobian d drift_i / d x_j over ({names}), derived symbolically by the "
+                    f"chain rule through the common subexpressions of the drift ({method}).",
+                    body(jac[2]) + jac_lines, "_bc_nested(" + tuple_source(jrows) + ")")
         if kind in ("symbolic", "ring", "ring-sums"):
             jrows = [tuple_source([pycode(x) for x in row]) for row in jac]
             how = {"symbolic": "derived symbolically",
                    "ring": "the exact polynomial derivatives of the drift",
                    "ring-sums": "the exact derivatives of the drift by the chain rule through "
                                 "the summed cumulants of its token sums"}[kind]
-            return kind, function_source(
+            return function_source(
                 "drift_jacobian", st + ["eta"] + pa,
                 f"Jacobian d drift_i / d x_j over ({names}), {how} ({method}).",
                 body([x for row in jac for x in row]), "_bc_nested(" + tuple_source(jrows) + ")")
         call = ", ".join(["eta=eta"] + [f"{p}={p}" for p in self.param_names])
-        return "finite-difference", function_source(
+        return function_source(
             "drift_jacobian", st + ["eta", "h=1e-5"] + pa,
             f"Jacobian d drift_i / d x_j over ({names}) by central differences of step h "
             f"(error O(h^2) plus quadrature error / h): the symbolic derivative of this "

@@ -660,7 +660,7 @@ def run() -> None:
             except (OSError, ValueError):  # a closed pipe: nothing more can be said
                 pass
         atexit._run_exitfuncs()
-        os._exit(code)
+        os._exit(code or 0)  # main returns an int or None (success)
     sys.exit(code)
 
 

@@ -248,17 +248,65 @@ def test_derive_attention_spec_fast_and_hashed(tmp_path, capsys):
     assert elapsed < 60   # seconds on a shared 2-core machine (the symbolic path hangs)
     text = (tmp_path / "positional_semantic.py").read_text()
     assert "# spec-hash: " in text
-    from ssi_symbolic.backends.attention import backend_salt
+    from ssi_symbolic.backends.attention import backend_salt, pinned_environment
     from ssi_symbolic.backends.files import read_hash
-    committed = GENERATED / "positional_semantic.py"
-    if read_hash(committed) == load_spec(PS).hash(backend_salt()):   # committed is current:
-        assert text == committed.read_text()                       # reproduced byte for byte
+    for spec_path in (PS, TR):
+        spec = load_spec(spec_path)
+        committed = GENERATED / f"{spec.name}.py"
+        assert read_hash(committed) == spec.hash(backend_salt()), f"{committed} is stale"
+        if pinned_environment() is not None:   # x86-64 with AVX2: the same bytes everywhere
+            assert (tmp_path / f"{spec.name}.py").read_text() == committed.read_text()
     assert imports_ok(text)
     capsys.readouterr()
     assert main(["derive", str(PS), "--out", str(tmp_path)]) == 0
     assert "up to date" in capsys.readouterr().err
     mod = load_module(tmp_path / "positional_semantic.py")
     assert mod.OVERLAPS == ("m", "e") and mod.PARAMETERS == ("omega", "a")
+
+
+
+def test_pinned_environment_keeps_avx2_and_below():
+    """On x86-64 with AVX2 and FMA the child gets OpenBLAS's Haswell kernels on one thread and
+    NumPy without its dispatch targets above AVX2 (X86_V4, AVX512_*), and nothing else."""
+    import platform
+    from numpy._core import _multiarray_umath as umath
+    from ssi_symbolic.backends.attention import pinned_environment
+    env = pinned_environment()
+    feats = umath.__cpu_features__
+    if platform.machine() != "x86_64" or not (feats.get("AVX2") and feats.get("FMA3")):
+        assert env is None
+        return
+    assert env["OPENBLAS_CORETYPE"] == "Haswell" and env["OPENBLAS_NUM_THREADS"] == "1"
+    above = [t for t in umath.__cpu_dispatch__ if t == "X86_V4" or t.startswith("AVX512")]
+    disabled = env.get("NPY_DISABLE_CPU_FEATURES", "")
+    assert sorted(filter(None, disabled.split(","))) == sorted(above)
+    assert set(env) <= {"OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "NPY_DISABLE_CPU_FEATURES"}
+
+
+def test_pinned_child_computes_under_the_pinned_environment_and_raises_its_errors():
+    """The child sees the pinned variables (its NumPy dispatches no AVX-512 target), and an
+    error in the child is raised in the parent with its class and message."""
+    import os
+    import subprocess
+    import sys
+    from ssi_symbolic.backends.attention import pinned_environment, pinned_module_source
+    from ssi_symbolic.errors import SpecError
+    env = pinned_environment()
+    if env is None:
+        pytest.skip("this machine cannot pin NumPy and OpenBLAS to AVX2 (not x86-64 with AVX2)")
+    code = ("from numpy.lib.introspect import opt_func_info; "
+            "print(opt_func_info(func_name='exp', signature='float64')['exp']['dd']['current'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, **env))
+    if "ImportError" in out.stderr or "ModuleNotFoundError" in out.stderr:
+        pass  # NumPy < 2 has no introspection of its dispatch: the error check below still runs
+    else:
+        assert out.returncode == 0, out.stderr
+        current = out.stdout.strip()
+        assert current and current != "X86_V4" and "AVX512" not in current, current
+    spec = load_spec(DERIVATIONS / "he2_L1.toml")   # not an attention spec: refused at once
+    with pytest.raises(SpecError, match="norm loss is supported only for softmax attention"):
+        pinned_module_source(spec)
 
 
 def test_norm_loss_spec(tmp_path):

@@ -54,6 +54,7 @@ from __future__ import annotations
 from ...model.spec import ModelSpec
 from ..files import module_path, read_hash, write_atomic
 from .integrals import PRUNE, Integrals
+from .pinned import pinned_environment, pinned_module_source
 from .routing import _check, handles, split_teacher, stable
 from .source import backend_salt, module_source
 
@@ -67,16 +68,19 @@ def salt(diffusion: bool = True) -> str:
 def generate(spec: ModelSpec, out_dir="generated", force: bool = False, diffusion: bool = True):
     """Write <out_dir>/<name>.py for an attention spec unless its hash is current. Its
     covariance is a direct quadrature at each state (no derivation cost), so a drift-only
-    request (diffusion=False) gets the full module.
+    request (diffusion=False) gets the full module. The source is computed in a child
+    interpreter with NumPy's and OpenBLAS's kernels pinned to AVX2 (`pinned`), so that the
+    module's numbers are the same bytes on every x86-64 machine.
 
     Returns (path, written), like the exact backend's generate."""
     _check(spec)
     path = module_path(spec, out_dir)
     if not force and read_hash(path) == spec.hash(backend_salt()):
         return path, False
-    write_atomic(path, module_source(spec))
+    write_atomic(path, pinned_module_source(spec))
     return path, True
 
 
 __all__ = ["handles", "generate", "salt", "backend_salt", "module_source", "Integrals",
+           "pinned_environment", "pinned_module_source",
            "split_teacher", "stable", "PRUNE"]

@@ -63,9 +63,9 @@ def pinned_environment() -> dict | None:
 def pinned_module_source(spec) -> str:
     """attention.source.module_source(spec), computed in a child interpreter whose NumPy and
     OpenBLAS run the AVX2 kernels (`pinned_environment`); in this process where nothing can be
-    pinned. The child's error, if any, is raised here (an SSIError keeps its message)."""
+    pinned (or no interpreter can be started: sys.executable empty). The child's error, if any, is raised here (an SSIError keeps its message)."""
     env = pinned_environment()
-    if env is None:
+    if env is None or not sys.executable:  # or an embedded interpreter: no child to start
         from .source import module_source
         return module_source(spec)
     root = str(Path(__file__).resolve().parents[3])  # the folder holding ssi_symbolic/

@@ -13,12 +13,17 @@ again (0.1-0.3 s of each row, a cost no user's repeated runs pay).
     python3 bench/bench_links.py                 # the whole table (a few minutes)
     python3 bench/bench_links.py relu erf        # rows whose name contains one of the words
     python3 bench/bench_links.py --repeat 3      # each row 3 times: min-max of the times
+    python3 bench/bench_links.py --test-zoo      # the 37 cases of tests/test_link_zoo.py
+    python3 bench/bench_links.py --timeout 60    # a derivation stopped after 60 s (default 300)
 
 With --repeat N every row is derived N times, each in a fresh process and a fresh output
 folder (cold every time), the runs of one row back to back; the table gives the fastest and
 slowest time, and the last line lists the rows whose slowest `ssi derive` or `ssi sie` took
 5 s or more, or failed (issue 11's targets: every link derived cold in under 5 s, `ssi sie`
-under 5 s).
+under 5 s). --test-zoo times the link zoo of the tests instead of the table below: each case
+(teacher, student, positional encoding, parameters, noise, plain or spherical) written as a
+spec and derived with its full module, Cov(G) included, whether or not the tests derive it
+drift-only.
 """
 from __future__ import annotations
 
@@ -69,10 +74,39 @@ def spec_text(name, L, teacher, student, positional) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cmd) -> tuple[float, int, str]:
+def run(cmd, timeout=None) -> tuple[float, int, str]:
+    """(wall seconds, exit code, last stderr line) of a command; exit code None on timeout."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - t0, None, [f"stopped after {timeout} s"]
     return time.perf_counter() - t0, p.returncode, p.stderr.strip().splitlines()[-1:] or [""]
+
+
+def test_zoo_specs() -> list:
+    """(name, spec text) of every case of tests/test_link_zoo.py (full module)."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from tests.test_link_zoo import BY_NAME
+    out = []
+    for name, c in BY_NAME.items():
+        lines = [f'name = "{name}"', f"L = {c.L}"]
+        if c.params:
+            lines += ["[parameters]"] + [f"{k} = {float(v)!r}" for k, v in c.params.items()]
+        lines += ["[teacher]", f'link = "{c.teacher}"']
+        if c.student or c.C:
+            lines.append("[student]")
+        if c.student:
+            lines.append(f'link = "{c.student}"')
+        if c.C:
+            lines.append(f"positional = {[[float(x) for x in row] for row in c.C]}")
+        if c.noise:
+            lines += ["[loss]", f"noise = {float(c.noise)!r}"]
+        if not c.spherical:
+            lines += ["[training]", "spherical = false"]
+        out.append((name, "\n".join(lines) + "\n"))
+    return out
 
 
 def span(times) -> str:
@@ -81,52 +115,66 @@ def span(times) -> str:
     return f"{lo:.2f}" if len(times) == 1 else f"{lo:.2f}-{hi:.2f}"
 
 
+def _option(argv, flag, kind, default):
+    """The value after `flag` in argv (removed from it), or default."""
+    if flag not in argv:
+        return default
+    k = argv.index(flag)
+    try:
+        value = kind(argv[k + 1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"bench_links: {flag} needs a positive number") from None
+    if value <= 0:
+        raise SystemExit(f"bench_links: {flag} needs a positive number")
+    del argv[k:k + 2]
+    return value
+
+
 def main(argv) -> None:
-    repeat = 1
-    if "--repeat" in argv:
-        k = argv.index("--repeat")
-        try:
-            repeat = int(argv[k + 1])
-        except (IndexError, ValueError):
-            raise SystemExit("bench_links: --repeat needs a whole number of runs") from None
-        if repeat < 1:
-            raise SystemExit("bench_links: --repeat needs at least 1 run")
-        argv = argv[:k] + argv[k + 2:]
-    rows = [r for r in LINKS if not argv or any(w in r[0] for w in argv)]
+    argv = list(argv)
+    repeat = _option(argv, "--repeat", int, 1)
+    timeout = _option(argv, "--timeout", float, 300.0)
+    zoo = "--test-zoo" in argv
+    if zoo:
+        argv.remove("--test-zoo")
+    specs = (test_zoo_specs() if zoo
+             else [(r[0], spec_text(*r)) for r in LINKS])
+    rows = [(n, t) for n, t in specs if not argv or any(w in n for w in argv)]
     import ssi_symbolic
     compileall.compile_dir(Path(ssi_symbolic.__file__).parent, quiet=1)
     width = 9 if repeat == 1 else 11
-    print(f"{'link':24s} {'derive s':>{width}s} {'sie s':>{width}s}  {'METHOD':12s} nodes  "
+    nw = max([24] + [len(n) for n, _ in rows])
+    print(f"{'link':{nw}s} {'derive s':>{width}s} {'sie s':>{width}s}  {'METHOD':12s} nodes  "
           "per output")
     slow = []
-    for name, L, teacher, student, positional in rows:
-        derive_times, sie_times, failed, text = [], [], None, None
+    for name, text in rows:
+        derive_times, sie_times, failed = [], [], None
         for _ in range(repeat):
             with tempfile.TemporaryDirectory() as tmp:
                 spec = Path(tmp) / f"{name}.toml"
-                spec.write_text(spec_text(name, L, teacher, student, positional))
+                spec.write_text(text)
                 out = Path(tmp) / "gen"
                 td, rc, err = run([sys.executable, "-m", "ssi_symbolic", "derive", str(spec),
-                                   "--out", str(out)])
-                if rc:
+                                   "--out", str(out)], timeout)
+                if rc != 0:
                     failed = err[0]
                     break
                 derive_times.append(td)
                 ts, rc2, _ = run([sys.executable, "-m", "ssi_symbolic", "sie", str(spec),
-                                  "--out", str(out)])
-                sie_times.append(ts if not rc2 else float("nan"))
-                text = (out / f"{name}.py").read_text()
+                                  "--out", str(out)], timeout)
+                sie_times.append(ts if rc2 == 0 else float("nan"))
+                text_out = (out / f"{name}.py").read_text()
         if failed is not None:
-            print(f"{name:24s} failed: {failed}")
+            print(f"{name:{nw}s} failed: {failed}")
             slow.append(name)
             continue
-        method = re.search(r"^METHOD = '([^']*)'", text, re.M).group(1)
-        nodes = re.search(r"^QUADRATURE_NODES = (\d+)", text, re.M).group(1)
-        per = re.search(r"^OUTPUT_METHODS = (.*)$", text, re.M).group(1)
+        method = re.search(r"^METHOD = '([^']*)'", text_out, re.M).group(1)
+        nodes = re.search(r"^QUADRATURE_NODES = (\d+)", text_out, re.M).group(1)
+        per = re.search(r"^OUTPUT_METHODS = (.*)$", text_out, re.M).group(1)
         short = {"exact": "E", "closed form": "C", "quadrature": "Q"}
         per = "".join(short[m] for m in re.findall(r": '([^']*)'", per))
         sie = (span(sie_times) if all(t == t for t in sie_times) else "fail")
-        print(f"{name:24s} {span(derive_times):>{width}s} {sie:>{width}s}  {method:12s} "
+        print(f"{name:{nw}s} {span(derive_times):>{width}s} {sie:>{width}s}  {method:12s} "
               f"{nodes:>5s}  {per} (loss, drift1, drift2, cov, ito, finite-d)")
         if max(derive_times) >= 5.0 or not all(t < 5.0 for t in sie_times):
             slow.append(name)

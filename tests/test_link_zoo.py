@@ -79,7 +79,7 @@ class ZooCase(tmc.Case):
     n: int = 300_000
     kind: str = "closed"
     factors: tuple | None = None
-    drift_only: bool = False   # Cov(G) of this case takes minutes to derive: loss and drift
+    drift_only: bool = False   # Cov(G) of this case takes > 5 min to derive: loss and drift
 
 
 PE1 = [[1.0], [-1.0]]                               # the authors' opposite-paired encoding
@@ -117,13 +117,13 @@ def _zoo():
         dict(name="exp_affine_L1_plain", L=1, teacher="exp(0.3*z1)",
              student="0.5*z1 + exp(0.2*z1 - 0.1)", spherical=False),
         dict(name="exp_bump_L1_pe", L=1, teacher="exp(-z1**2/2)",
-             student="1.2*exp(-(z1 - 0.5)**2/2)", C=[[0.5]], drift_only=True),
-        dict(name="cos_L1_pe", L=1, teacher="cos(z1)", student="cos(0.8*z1 + 0.1)", C=[[0.6]], drift_only=True),
+             student="1.2*exp(-(z1 - 0.5)**2/2)", C=[[0.5]]),
+        dict(name="cos_L1_pe", L=1, teacher="cos(z1)", student="cos(0.8*z1 + 0.1)", C=[[0.6]]),
         dict(name="sin_L1_plain", L=1, teacher="sin(2*z1)", student="sin(z1) + 0.1*z1",
              spherical=False),
         dict(name="gelu_pair_L1_pe", L=1, teacher="gelu(z1)", C=[[0.5]]),
         dict(name="hardtanh_L1_pe", L=1, kind="quad", teacher="hardtanh(z1)",
-             student="hardtanh(1.5*z1)", C=[[0.6]], drift_only=True),
+             student="hardtanh(1.5*z1)", C=[[0.6]]),
         dict(name="tanh_L1_plain", L=1, kind="quad", teacher="tanh(2*z1)", student="tanh(z1)",
              spherical=False),
         dict(name="sigmoid_L1_pe", L=1, kind="quad", teacher="sigmoid(3*z1)",
@@ -131,19 +131,19 @@ def _zoo():
         dict(name="relu_teacher_softplus_L1", L=1, kind="quad", teacher="relu(z1)",
              student="softplus(z1)"),
         dict(name="silu_L1_pe_plain", L=1, kind="quad", teacher="silu(z1)",
-             student="silu(1.2*z1)", C=[[0.3]], spherical=False, drift_only=True),
+             student="silu(1.2*z1)", C=[[0.3]], spherical=False),
         # ---------------- L = 2 ----------------
         dict(name="poly_radicals_L2", L=2, kind="poly",
              teacher="He(2, z1)/sqrt(2) + He(3, z2)/sqrt(6)",
              student="0.7*z1 + sqrt(3)/3*z2 + 0.2"),
         dict(name="tsum_he2_teacher_erf_L2_pe", L=2, teacher="tsum(He(2, z))/sqrt(2*L)",
-             student="(erf(z1) + erf(z2))/2", C=PE1, drift_only=True),
+             student="(erf(z1) + erf(z2))/2", C=PE1),
         dict(name="tanh_product_L2", L=2, kind="quad", teacher="tanh(z1)*tanh(z2)",
              factors=("tanh(z1)", "tanh(z1)")),
         dict(name="sign_product_teacher_L2", L=2, teacher="sign(z1)*sign(z2)",
              student="erf(z1)*erf(z2)", factors=("sign(z1)", "erf(z1)")),
-        dict(name="erf_times_token_L2_pe", L=2, teacher="erf(z1)*z2", C=PE1, drift_only=True),
-        dict(name="erf_lincomb_L2_pe", L=2, teacher="erf((z1 + z2)/sqrt(2))", C=PE1, drift_only=True),
+        dict(name="erf_times_token_L2_pe", L=2, teacher="erf(z1)*z2", C=PE1),
+        dict(name="erf_lincomb_L2_pe", L=2, teacher="erf((z1 + z2)/sqrt(2))", C=PE1),
         dict(name="tanh_lincomb_relu_L2_plain", L=2, kind="quad", teacher="tanh(z1 + z2)",
              student="relu(z1 + z2)/2", spherical=False),
         dict(name="max_tokens_L2", L=2, teacher="Max(z1, z2)", student="z1 + z2"),
@@ -153,7 +153,7 @@ def _zoo():
              teacher="softplus(z1) + softplus(z2)", student="z1 + z2 - 0.5",
              noise=0.1, spherical=False),
         dict(name="gelu_silu_diff_L2_pe", L=2, kind="quad", teacher="gelu(z1) - silu(z2)",
-             student="z1 - z2", C=PE1, drift_only=True),
+             student="z1 - z2", C=PE1),
         dict(name="abs_param_L2_plain", L=2, teacher="Abs(z1 + z2)/sqrt(2) + beta*z1",
              student="z1 + z2", params={"beta": 0.5}, values={"beta": -0.3},
              spherical=False),
@@ -162,7 +162,7 @@ def _zoo():
              teacher="erf((z1 + z2 + z3)/sqrt(3))",
              student="(tanh(z1) + tanh(z2) + tanh(z3))/sqrt(3)", C=PE3, drift_only=True),
         dict(name="max3_relu_sum_L3_plain", L=3, teacher="Max(z1, z2, z3)",
-             student="z1 + z2 + z3", spherical=False, drift_only=True),
+             student="z1 + z2 + z3", spherical=False),
     ]
     return [ZooCase(seed=300 + i, **row) for i, row in enumerate(rows)]
 
@@ -367,8 +367,8 @@ def test_zoo_drift_mc(case, zoo_dir):
 def test_zoo_covariance_mc(case, zoo_dir):
     """covariance = Cov(G) within 5 batch standard errors, symmetric; diffusion = Cov(G)/d."""
     if case.drift_only:
-        pytest.skip(f"{case.name}: drift-only module (its Cov(G) takes minutes to derive; "
-                    f"bench/bench_links.py times it)")
+        pytest.skip(f"{case.name}: drift-only module (its Cov(G) takes more than 5 minutes to "
+                    f"derive: python3 bench/bench_links.py --test-zoo {case.name})")
     mod = zoo_module(case, zoo_dir)
     state, v = zoo_state(case), case.values
     mc = zoo_mc(case.name)

@@ -264,7 +264,6 @@ def test_derive_attention_spec_fast_and_hashed(tmp_path, capsys):
     assert mod.OVERLAPS == ("m", "e") and mod.PARAMETERS == ("omega", "a")
 
 
-
 def test_pinned_environment_keeps_avx2_and_below():
     """On x86-64 with AVX2 and FMA the child gets OpenBLAS's Haswell kernels on one thread and
     NumPy without its dispatch targets above AVX2 (X86_V4, AVX512_*), and nothing else."""

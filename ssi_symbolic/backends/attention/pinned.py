@@ -34,7 +34,8 @@ from pathlib import Path
 
 from ...errors import SSIError
 
-#: NumPy dispatch targets that are kept: AVX2/FMA (X86_V3 in NumPy 2.x) and everything below it.
+#: Prefixes of the NumPy dispatch targets above AVX2 and FMA (X86_V4 in NumPy 2.x, AVX512F and
+#: the AVX512_* groups): disabled in the child. AVX2 (X86_V3) and everything below it is kept.
 _ABOVE_AVX2 = ("X86_V4", "AVX512")
 
 _CHILD = ("from ssi_symbolic.backends.attention.pinned import _child_main; _child_main()")
@@ -63,7 +64,8 @@ def pinned_environment() -> dict | None:
 def pinned_module_source(spec) -> str:
     """attention.source.module_source(spec), computed in a child interpreter whose NumPy and
     OpenBLAS run the AVX2 kernels (`pinned_environment`); in this process where nothing can be
-    pinned (or no interpreter can be started: sys.executable empty). The child's error, if any, is raised here (an SSIError keeps its message)."""
+    pinned, or no interpreter can be started (sys.executable empty). The child's error, if
+    any, is raised here (an SSIError keeps its class and message)."""
     env = pinned_environment()
     if env is None or not sys.executable:  # or an embedded interpreter: no child to start
         from .source import module_source
@@ -85,13 +87,16 @@ def pinned_module_source(spec) -> str:
 
 def _child_main() -> None:
     """The child: a pickled spec on stdin, a pickled ("source", text) or ("error", exception)
-    on stdout; anything the computation prints goes to stderr."""
+    on stdout; anything the computation prints goes to stderr. Ctrl-C (which the parent gets
+    too, and reports) ends it quietly."""
     out = sys.stdout.buffer
     sys.stdout = sys.stderr
-    spec = pickle.loads(sys.stdin.buffer.read())
     try:
+        spec = pickle.loads(sys.stdin.buffer.read())
         from .source import module_source
         result = ("source", module_source(spec))
+    except KeyboardInterrupt:
+        sys.exit(130)
     except Exception as exc:  # sent back and raised again in the parent
         try:
             pickle.dumps(exc)

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9488f29f81f195cde007988a16f70276b41f72ec50c98579533f29ada1321c59
-# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
+# spec-hash: bbc10c892c6fbb213f5a41f26d04e0a63b24456132e567e3ea29795ae7203083
+# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9488f29f81f195cde007988a16f70276b41f72ec50c98579533f29ada1321c59'
+SPEC_HASH = 'bbc10c892c6fbb213f5a41f26d04e0a63b24456132e567e3ea29795ae7203083'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

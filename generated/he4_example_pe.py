@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 53619ab4d5f262f1b1c3df75dfe3b8f995b27b16e497ed57ff8c44106f7cf9cc
-# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
+# spec-hash: 8e62b975ea36240e094c878fd27f5cf58ec3ac4ea72de563393b7ae58298566c
+# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '53619ab4d5f262f1b1c3df75dfe3b8f995b27b16e497ed57ff8c44106f7cf9cc'
+SPEC_HASH = '8e62b975ea36240e094c878fd27f5cf58ec3ac4ea72de563393b7ae58298566c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 91d7feaaae3c775ceda7b5239393036d38044f665a48b48114397eaccf213435
-# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
+# spec-hash: 4181f316636e3023281d28668bf699ccc41cf47299a400d4bcb9c07215548ab3
+# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '91d7feaaae3c775ceda7b5239393036d38044f665a48b48114397eaccf213435'
+SPEC_HASH = '4181f316636e3023281d28668bf699ccc41cf47299a400d4bcb9c07215548ab3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9b37d202b3a73f92d41b74402ee28fc373672984db361d762dccdbdf7948b7dc
-# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
+# spec-hash: 96b85e0071198b0d5086b057bfa20f76a0dece9aa4b1e1b96e0f80986097ea6a
+# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9b37d202b3a73f92d41b74402ee28fc373672984db361d762dccdbdf7948b7dc'
+SPEC_HASH = '96b85e0071198b0d5086b057bfa20f76a0dece9aa4b1e1b96e0f80986097ea6a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

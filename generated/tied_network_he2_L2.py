@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ee9c7e3dc87720ed92fcce46749e9627b70679322894680a534c20e3e88ba925
-# tool: ssi-symbolic 0.1.0 generator 1 source a1223e8791d0c2bd
+# spec-hash: e5bb09e4cabd15f17ab36701728e19ef5d8d36da19d473af012510961cf0ed34
+# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ee9c7e3dc87720ed92fcce46749e9627b70679322894680a534c20e3e88ba925'
+SPEC_HASH = 'e5bb09e4cabd15f17ab36701728e19ef5d8d36da19d473af012510961cf0ed34'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

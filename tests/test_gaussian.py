@@ -179,6 +179,29 @@ def test_closed_form_refusals_say_whether_the_integrand_is_too_complex():
     assert cf.expect(sp.erf(x) * sp.erf(y)) != 0  # two thresholds close
 
 
+def test_trigonometric_closed_form_with_symbolic_state_is_real_and_right():
+    """y sin(4y/5 + 1/10) cos(x) under the token Gaussian of a positional spec (mean 3e/5,
+    Cov [[1, m], [m, 1 - e^2]], m and e symbols): cos and sin enter as complex exponentials,
+    and SymPy leaves imaginary terms I * b whose b cancel without its seeing it. The closed
+    form keeps the real part (this term was refused before), free of I, and equals a 40 x 40
+    Gauss-Hermite rule (exact to rounding for this entire integrand) at m = 0.3, e = 0.4."""
+    from ssi_symbolic.symbolic.closed_forms import GaussianClosedForm
+    x, y, m, e = sp.symbols("x y m e", real=True)
+    cf = GaussianClosedForm((x, y), (0, 3 * e / 5), [[1, m], [m, 1 - e ** 2]])
+    f = y * sp.sin(4 * y / 5 + sp.Rational(1, 10)) * sp.cos(x)
+    value = cf.expect(f)
+    assert not value.has(sp.I)
+    mv, ev = 0.3, 0.4
+    t, w = np.polynomial.hermite_e.hermegauss(40)
+    w = w / w.sum()
+    chol = np.linalg.cholesky(np.array([[1, mv], [mv, 1 - ev ** 2]]))
+    g1, g2 = np.meshgrid(t, t, indexing="ij")
+    xs = chol[0, 0] * g1
+    ys = 3 * ev / 5 + chol[1, 0] * g1 + chol[1, 1] * g2
+    ref = float(np.einsum("i,j,ij->", w, w, ys * np.sin(0.8 * ys + 0.1) * np.cos(xs)))
+    assert abs(float(value.subs({m: mv, e: ev})) - ref) < 1e-12
+
+
 def test_closed_form_budget_does_not_depend_on_what_was_computed_before():
     """Whether a term closes depends on the term alone: the budget counts every sub-problem
     its reduction reaches, memoised or not. x^5 erf(x + 1) erf(y - 1) needs more than

@@ -206,6 +206,25 @@ def rewrite(expr, random: set):
     return rw(sp.sympify(expr))
 
 
+def _real_part(total, expr):
+    """E[expr] from its value `total` after sympy.expand_complex, expr a real integrand (cos
+    and sin enter the reductions as (e^{iy} +- e^{-iy}) / 2, every symbol is real): its terms
+    free of I. The terms I * b (b free of I) left by expand_complex form the imaginary part,
+    which vanishes because the expectation of a real integrand is real; SymPy only fails to
+    see their b cancel (equal sums of conjugate terms it does not recognise as equal).
+    NoClosedForm when I sits anywhere else (inside a function, a power, a nested product) or
+    re()/im() are left."""
+    if total.has(sp.re, sp.im):
+        raise NoClosedForm(expr)
+    real = []
+    for t in sp.Add.make_args(total):
+        if not t.has(sp.I):
+            real.append(t)
+        elif (t / sp.I).has(sp.I) or not t.is_Mul:
+            raise NoClosedForm(expr)
+    return sp.Add(*real)
+
+
 def _expanded_terms(expr, random) -> list:
     """The terms of the expansion of a rewritten integrand (sums and integer powers of sums of
     the variables and of the function atoms _P, _H, _D, exp), multiplied out as dictionaries
@@ -539,9 +558,7 @@ class GaussianClosedForm:
             parts.append(c * value)
         total = sp.Mul(*const) * sp.Add(*parts)
         if total.has(sp.I):
-            total = sp.expand_complex(total)
-            if total.has(sp.I):
-                raise NoClosedForm(expr)
+            total = _real_part(sp.expand_complex(total), expr)
         return total
 
     def _solve_plan(self, plan):

@@ -85,22 +85,17 @@ def run(cmd, timeout=None) -> tuple[float, int, str]:
 
 
 def test_zoo_specs() -> list:
-    """(name, spec text) of every case of tests/test_link_zoo.py (full module)."""
+    """(name, spec text) of every case of tests/test_link_zoo.py (full module): spec_text's
+    lines, then the case's parameters, label noise and plain SGD where it has them."""
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     from tests.test_link_zoo import BY_NAME
     out = []
     for name, c in BY_NAME.items():
-        lines = [f'name = "{name}"', f"L = {c.L}"]
+        C = [[float(x) for x in row] for row in c.C] if c.C else None
+        lines = [spec_text(name, c.L, c.teacher, c.student, C).rstrip("\n")]
         if c.params:
             lines += ["[parameters]"] + [f"{k} = {float(v)!r}" for k, v in c.params.items()]
-        lines += ["[teacher]", f'link = "{c.teacher}"']
-        if c.student or c.C:
-            lines.append("[student]")
-        if c.student:
-            lines.append(f'link = "{c.student}"')
-        if c.C:
-            lines.append(f"positional = {[[float(x) for x in row] for row in c.C]}")
         if c.noise:
             lines += ["[loss]", f"noise = {float(c.noise)!r}"]
         if not c.spherical:

@@ -28,7 +28,9 @@ drift-only.
 from __future__ import annotations
 
 import compileall
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,11 +79,16 @@ def spec_text(name, L, teacher, student, positional) -> str:
 def run(cmd, timeout=None) -> tuple[float, int, str]:
     """(wall seconds, exit code, last stderr line) of a command; exit code None on timeout."""
     t0 = time.perf_counter()
+    # its own process group, so that a timeout stops the derivation's forked child too
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        _, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         return time.perf_counter() - t0, None, [f"stopped after {timeout} s"]
-    return time.perf_counter() - t0, p.returncode, p.stderr.strip().splitlines()[-1:] or [""]
+    return time.perf_counter() - t0, p.returncode, err.strip().splitlines()[-1:] or [""]
 
 
 def test_zoo_specs() -> list:
@@ -127,6 +134,9 @@ def _option(argv, flag, kind, default):
 
 def main(argv) -> None:
     argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return
     repeat = _option(argv, "--repeat", int, 1)
     timeout = _option(argv, "--timeout", float, 300.0)
     zoo = "--test-zoo" in argv

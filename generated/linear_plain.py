@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d25b2ec2cfa398ca3a4737f22b9fdda7d523ee3267a4bb7577b02813a3037329
-# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
+# spec-hash: 6bd3cf0e95c7094c6d19b0860e52cba72761db0417bb873de78d9f6f8fd8f71b
+# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd25b2ec2cfa398ca3a4737f22b9fdda7d523ee3267a4bb7577b02813a3037329'
+SPEC_HASH = '6bd3cf0e95c7094c6d19b0860e52cba72761db0417bb873de78d9f6f8fd8f71b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ee23b30404b07e21607a75cd8573c9e7db08b875cfeea5a0f411c6b99e9964b7
-# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
+# spec-hash: ef221d93a7b9e05947303351a960e425bc280b059da5443fd93515b9a2abcd36
+# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'ee23b30404b07e21607a75cd8573c9e7db08b875cfeea5a0f411c6b99e9964b7'
+SPEC_HASH = 'ef221d93a7b9e05947303351a960e425bc280b059da5443fd93515b9a2abcd36'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

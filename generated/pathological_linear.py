@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 33c1af970787d02cb18d4049c66c2f0730b197761865daefd5809ddd74777de3
-# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
+# spec-hash: c4f36521cd0f578d710c148fcb636f8543534ab22d0be9a8a7581482687f09a4
+# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '33c1af970787d02cb18d4049c66c2f0730b197761865daefd5809ddd74777de3'
+SPEC_HASH = 'c4f36521cd0f578d710c148fcb636f8543534ab22d0be9a8a7581482687f09a4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fbb5e6fd648534f97631223c8a2eec7f634a0ef31a311dae41058aee1d61620b
-# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
+# spec-hash: 9cc14b5bffc9e96be469e2c3d8d89c26d4825b8921cc47fc5fe29c5723681191
+# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'fbb5e6fd648534f97631223c8a2eec7f634a0ef31a311dae41058aee1d61620b'
+SPEC_HASH = '9cc14b5bffc9e96be469e2c3d8d89c26d4825b8921cc47fc5fe29c5723681191'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e5bb09e4cabd15f17ab36701728e19ef5d8d36da19d473af012510961cf0ed34
-# tool: ssi-symbolic 0.1.0 generator 1 source e33e9c8729a284a7
+# spec-hash: 8f200490b4e0e36f2eede78e402e71c3ffe49a9f09da22ec62a7505e9a936ca6
+# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e5bb09e4cabd15f17ab36701728e19ef5d8d36da19d473af012510961cf0ed34'
+SPEC_HASH = '8f200490b4e0e36f2eede78e402e71c3ffe49a9f09da22ec62a7505e9a936ca6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

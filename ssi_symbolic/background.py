@@ -40,6 +40,21 @@ def can_fork() -> bool:
             and not os.environ.get("SSI_SERIAL") and threading.active_count() == 1)
 
 
+def _die_with(parent: int) -> None:
+    """Make this (forked) process end when its parent does, whatever kills the parent: a
+    SIGKILL (a timeout, the OOM killer) leaves no chance to stop the child, which would go on
+    computing on the user's second core. Linux's prctl(PR_SET_PDEATHSIG, SIGKILL); if the
+    parent is already gone (a race with the fork), exit at once."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the parent's close() still stops the child
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 class Background:
     """work() started in a forked child (when can_fork()); result() is its return value, or
     None when it ran nowhere or failed (the caller then calls work itself)."""
@@ -54,6 +69,7 @@ class Background:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError:  # no process or memory for a child: likewise
@@ -63,6 +79,7 @@ class Background:
         if pid == 0:  # the child: compute, send, leave without running the parent's exit code
             code = 0
             try:
+                _die_with(parent)
                 os.close(r)
                 try:
                     data = pickle.dumps((True, work()), protocol=pickle.HIGHEST_PROTOCOL)

@@ -1,5 +1,6 @@
 """The fast paths of the derivation and the generator against the plain SymPy operations they
 replace: each must give the same expression (up to form) or the same numbers."""
+import os
 import random
 
 import numpy as np
@@ -513,6 +514,45 @@ def test_two_ends_shares_the_indices_between_two_processes():
     p = subprocess.run([sys.executable, "-c", _TWO_ENDS], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+_ORPHAN = """
+import os, sys, time
+from ssi_symbolic.background import two_ends
+def back(ix):
+    print(os.getpid(), flush=True)  # the child's pid, then it works on
+    while True:
+        time.sleep(0.05)
+two_ends(2, lambda ix: time.sleep(600), back)
+"""
+
+
+def test_a_killed_parent_takes_its_forked_child_along():
+    """A parent killed with SIGKILL (a timeout, the OOM killer) cannot stop its two_ends
+    child itself: the child must not go on computing, orphaned, on the second core."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    if not sys.platform.startswith("linux"):
+        pytest.skip("forked children are a Linux feature here")
+    env = {k: v for k, v in os.environ.items() if k != "SSI_SERIAL"}
+    p = subprocess.Popen([sys.executable, "-c", _ORPHAN], stdout=subprocess.PIPE, text=True,
+                         env=env)
+    try:
+        child = int(p.stdout.readline())
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError(f"the child {child} outlived its killed parent by 10 s")
 
 
 def _erf_gaussian():

@@ -53,7 +53,7 @@ from sympy.polys.matrices import DomainMatrix
 #: most sub-problems the reduction of one term may reach before quadrature takes over (all
 #: of them, memoised or not, so that whether a term closes does not depend on what was
 #: computed before it)
-MAX_REDUCTIONS = 40
+MAX_REDUCTIONS = 80
 
 
 class NoClosedForm(Exception):
@@ -433,6 +433,17 @@ def _field_of(exprs):
     return dom, elems, lambda x: x
 
 
+def _reduced(exprs):
+    """Each expression as one reduced fraction of expanded polynomials when they are rational
+    functions of the state (sums of the fractions of nested completed squares otherwise grow
+    term by term, and every exp and mean built from them with them), else expanded."""
+    got = _field_of(exprs)
+    if got is None:
+        return [sp.expand(e) for e in exprs]
+    dom, elems, back = got
+    return [back(_fraction_expr(dom, x)) for x in elems]
+
+
 def _completed_covariance(S, used, A):
     """(det(I + A S_SS), S - S_:S (I + A S_SS)^-1 A S_S:) of a completed square, its entries
     as reduced rational functions of the state. The algebra runs in the field of rational
@@ -482,7 +493,9 @@ def _fraction_expr(dom, x):
     if dom.is_QQ or dom.is_ZZ:
         return dom.to_sympy(x)
     num, den = x.numer.as_expr(), x.denom.as_expr()
-    return num if den == 1 else num / den
+    if den.is_number:  # a complex constant (cos, sin) is not distributed by Mul itself
+        return sp.expand(num / den)
+    return num / den
 
 
 class GaussianClosedForm:
@@ -710,10 +723,10 @@ class GaussianClosedForm:
         Amu = [_dot([A[r, c] for c in range(k)], muS) for r in range(k)]
         b = [B[r] - Amu[r] for r in range(k)]
         S2b = [_dot([S2[i, j] for j in used], b) for i in range(n)]
-        mu2 = tuple(sp.expand(mu[i] + S2b[i]) for i in range(n))
         expo = (c0 + _dot([B[r] for r in range(k)], muS) - _dot(muS, Amu) / 2
                 + _dot(b, [S2b[i] for i in used]) / 2)
-        return det, sp.exp(sp.expand(expo)) / sp.sqrt(det), mu2, S2
+        *mu2, expo = _reduced([mu[i] + S2b[i] for i in range(n)] + [expo])
+        return det, sp.exp(expo) / sp.sqrt(det), tuple(mu2), S2
 
     def _stein(self, mu, S, mono, i, phis, hs):
         n = len(self.xs)

@@ -16,6 +16,7 @@ statistic is smooth, it is one node whole (:meth:`Expectation._whole_smooth_quad
 from __future__ import annotations
 
 import sympy as sp
+from sympy.polys.matrices import DomainMatrix
 
 from .exact_engine import ExactEngine
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
@@ -40,6 +41,9 @@ class Expectation:
         self._closed = {}
         self._closed_cache = {}
         self._projections = {}
+        self._degenerate = {}  # projection key -> whether R = 0 (the forms fix every variable)
+        self._full_projections = {}  # forms over all random variables -> their projection
+        self._all_variables = None
         self._factor_cache = {}
         self._cond_moments = {}
         self._tidy = {}
@@ -147,11 +151,17 @@ class Expectation:
 
     def _closed_form(self, factor):
         """Closed-form E[factor] (one token group), or None."""
-        from .closed_forms import GaussianClosedForm, NoClosedForm, TooComplex
+        from .closed_forms import GaussianClosedForm, NoClosedForm, TooComplex, rewrite
         hit = self._closed_cache.get(factor)
         if hit is not None or factor in self._closed_cache:
             return hit
         variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
+        try:  # a function outside the families (tanh, sigmoid): refused before any algebra
+            rewrite(factor, set(variables))
+        except NoClosedForm:
+            self._too_complex[factor] = False
+            self._closed_cache[factor] = None
+            return None
         # several directions: conditioning on the forms divides by det(their covariance),
         # which vanishes where a student direction meets a teacher direction (the specialised
         # fixed point of a committee); the full-dimensional closed form has no such division
@@ -403,9 +413,10 @@ class Expectation:
         exact, us, rest = node
         return exact + (GaussHermite(rest, sp.Tuple(*us)) if us else 0)
 
-    def _projection(self, variables, forms):
+    def _projection(self, variables, forms, residual=True):
         """(mu, W, R, k) of :meth:`_projected_node` for affine forms (rows) of the variables,
-        or None when they give no reduction or their covariance is degenerate."""
+        or None when they give no reduction or their covariance is degenerate (R None
+        without `residual`)."""
         A = sp.Matrix(forms)
         _, pivots = A.T.rref()
         k = len(pivots)
@@ -422,8 +433,65 @@ class Expectation:
         # x = mu + W u + r with W = S A^T L^-T, i.e. W^T = L^-1 (A S): a triangular solve
         # (a general symbolic inverse of L is far slower with several directions)
         W = Lc.lower_triangular_solve(A * S).T.applyfunc(sp.expand)
-        R = (S - W * W.T).applyfunc(sp.expand)
+        R = (S - W * W.T).applyfunc(sp.expand) if residual else None
         return mu, W, R, k
+
+    def _restricted_projection(self, variables, forms):
+        """:meth:`_projection` for the variables of one term, read off the projection of all
+        the random variables on the same forms: a row of W = Sigma A^T L^-T is its variable's
+        covariances with the forms' variables times A^T L^-T, the same expressions whichever
+        other variables are projected with it, so every term that reads the same forms shares
+        one Cholesky factorisation and triangular solve (a statistic of three tokens with
+        encoding has hundreds of terms, their variable sets a few dozen). R, of which the
+        conditional moments read a few entries, is computed entry by entry when read."""
+        allv = self._all_variables
+        if allv is None:
+            g = self.g
+            allv = self._all_variables = tuple(v for l in range(g.L)
+                                               for v in g.token_variables(l))
+        if not set(variables) <= set(allv):  # not token variables only: on their own
+            return self._projection(variables, forms)
+        at = [allv.index(v) for v in variables]
+        rows = []
+        for row in forms:
+            full = [0] * len(allv)
+            for i, c in zip(at, row):
+                full[i] = c
+            rows.append(tuple(full))
+        rows = tuple(rows)
+        if rows not in self._full_projections:
+            self._full_projections[rows] = self._projection(allv, rows, residual=False)
+        got = self._full_projections[rows]
+        if got is None:
+            return None
+        mu, W, _, k = got
+        _, S = self._gaussian_of(variables)
+        W = W.extract(at, list(range(k)))
+        return sp.Matrix([mu[i] for i in at]), W, _Residual(S, W), k
+
+    def _forms_fix_everything(self, variables, forms, R) -> bool:
+        """Whether the residual covariance R = Sigma - Sigma A^T K^-1 A Sigma of a projection
+        vanishes identically (the forms Y = A x determine every variable). Decided exactly in
+        the field of rational functions of the state (fraction-free over the polynomial ring:
+        K adj(K) = det(K) I, so R = 0 iff det(K) Sigma = Sigma A^T adj(K) A Sigma), where a
+        cancel of every entry of R (with its Cholesky radicals) took seconds for a dozen
+        variables; by that cancel when the entries are not rational functions."""
+        from .closed_forms import _field_of
+        mean, S = self._gaussian_of(variables)
+        A = sp.Matrix(forms)
+        _, pivots = A.T.rref()
+        A = sp.Matrix([forms[i] for i in pivots])
+        n, k = S.shape[0], A.shape[0]
+        got = _field_of(list(S) + list(A))
+        if got is None:
+            return all(x == 0 or sp.cancel(x) == 0 for x in R)
+        dom, elems, _ = got
+        dS = DomainMatrix([elems[i * n:(i + 1) * n] for i in range(n)], (n, n), dom)
+        dA = DomainMatrix([elems[n * n + i * n:n * n + (i + 1) * n] for i in range(k)], (k, n),
+                          dom)
+        AS = dA * dS
+        adj, det = (AS * dA.transpose()).adj_det()
+        return (dS * det - AS.transpose() * adj * AS).is_zero_matrix
 
     def _projected_node(self, factor):
         """Quadrature in as many dimensions as the integrand has independent affine forms
@@ -478,7 +546,7 @@ class Expectation:
         forms = kinks + [f for f in forms if f not in kinks]
         key = (variables, tuple(dict.fromkeys(forms)))
         if key not in self._projections:
-            self._projections[key] = self._projection(variables, forms)
+            self._projections[key] = self._restricted_projection(variables, forms)
         if self._projections[key] is None:
             return None
         mu, W, R, k = self._projections[key]
@@ -489,7 +557,9 @@ class Expectation:
                 for i, v in enumerate(variables)}
         inner = {arg: self._tidy_affine(arg.xreplace(at_u), us) for arg in args}
         # E[p(x) | u] with x | u ~ N(mu + W u, R), monomial by monomial unless R = 0
-        if all(x == 0 or sp.cancel(x) == 0 for x in R):
+        if self._degenerate.get(key) is None:
+            self._degenerate[key] = self._forms_fix_everything(variables, forms, R)
+        if self._degenerate[key]:
             # x = mu + W u exactly (the forms determine every variable): E[p(x) | u] is p at
             # that point, the factor as it is, not expanded into monomials (a whole statistic
             # of gelu expands to thousands of terms that its product form evaluates in tens)
@@ -643,6 +713,28 @@ def _merge_nodes(expr, outside=()):
     for (us, c_out), fs in nodes.items():
         out.append(c_out * GaussHermite(sp.Add(*fs), sp.Tuple(*us)))
     return sp.Add(*out)
+
+
+class _Residual:
+    """The residual covariance R = Sigma - W W^T of a projection, each entry expanded when
+    first read (R[i, j]); iterating gives every entry, row by row."""
+
+    def __init__(self, S, W):
+        self.S, self.W, self.shape, self._memo = S, W, S.shape, {}
+
+    def __getitem__(self, ij):
+        i, j = ij
+        key = (min(i, j), max(i, j))
+        hit = self._memo.get(key)
+        if hit is None:
+            W = self.W
+            hit = self._memo[key] = sp.expand(
+                self.S[i, j] - sp.Add(*[W[i, c] * W[j, c] for c in range(W.shape[1])]))
+        return hit
+
+    def __iter__(self):
+        n = self.shape[0]
+        return (self[i, j] for i in range(n) for j in range(n))
 
 
 def _conditional_moment(alpha, mean, R, memo):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d06f56241b8e6feba5aa4923a1a20c76439458a0f52ab56c35f35a3d0fdaddd7
-# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
+# spec-hash: 21a7f87a1e1898fafd3094e50b6bbebcec1cc4e7ca03a66b3f16db2b4000bea0
+# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd06f56241b8e6feba5aa4923a1a20c76439458a0f52ab56c35f35a3d0fdaddd7'
+SPEC_HASH = '21a7f87a1e1898fafd3094e50b6bbebcec1cc4e7ca03a66b3f16db2b4000bea0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

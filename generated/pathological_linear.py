@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c4f36521cd0f578d710c148fcb636f8543534ab22d0be9a8a7581482687f09a4
-# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
+# spec-hash: 471b7361b8393242d71bc4c9ceb1e74073db3a757b011a4694caf34467490590
+# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c4f36521cd0f578d710c148fcb636f8543534ab22d0be9a8a7581482687f09a4'
+SPEC_HASH = '471b7361b8393242d71bc4c9ceb1e74073db3a757b011a4694caf34467490590'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2c3444b1a34a265686396b32f03fabb7a698926bd8174d7d06ed241106c3a93f
-# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
+# spec-hash: 9af36cbfdd2df7431f493ca731febea9918b72cff25db96220ec1671920d3b69
+# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '2c3444b1a34a265686396b32f03fabb7a698926bd8174d7d06ed241106c3a93f'
+SPEC_HASH = '9af36cbfdd2df7431f493ca731febea9918b72cff25db96220ec1671920d3b69'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

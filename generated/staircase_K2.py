@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9cc14b5bffc9e96be469e2c3d8d89c26d4825b8921cc47fc5fe29c5723681191
-# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
+# spec-hash: 43c7ccd5000d6635d4e6e2441cb0ee23f0f83403700bc4a9e5bbd91110adcbbd
+# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9cc14b5bffc9e96be469e2c3d8d89c26d4825b8921cc47fc5fe29c5723681191'
+SPEC_HASH = '43c7ccd5000d6635d4e6e2441cb0ee23f0f83403700bc4a9e5bbd91110adcbbd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

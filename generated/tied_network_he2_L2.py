@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8f200490b4e0e36f2eede78e402e71c3ffe49a9f09da22ec62a7505e9a936ca6
-# tool: ssi-symbolic 0.1.0 generator 1 source b618209ba61e20c6
+# spec-hash: 60dd3f0b5c705b9bf2eccc0a75c838cd079a81c6d2bab160ad372edd4891caac
+# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '8f200490b4e0e36f2eede78e402e71c3ffe49a9f09da22ec62a7505e9a936ca6'
+SPEC_HASH = '60dd3f0b5c705b9bf2eccc0a75c838cd079a81c6d2bab160ad372edd4891caac'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

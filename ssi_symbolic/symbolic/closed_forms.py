@@ -233,6 +233,32 @@ def _expanded_terms(expr, random) -> list:
     sp.Add.make_args(sp.expand(expr)) up to the form of the coefficients, several times
     faster (sp.expand re-flattens every partial product)."""
     atoms = {}
+    # the coefficients (the subexpressions free of the variables: polynomials or rational
+    # functions of the state and parameters) multiplied as elements of one field of rational
+    # functions, each product reduced at once; as SymPy products they were expanded at the
+    # end, most of the time of a product of statistics with encoding
+    leaves = []
+
+    def collect(x):
+        if not (x.free_symbols & random):
+            leaves.append(x)
+        elif not x.is_Symbol and (x.is_Add or x.is_Mul or (
+                x.is_Pow and x.exp.is_Integer and x.exp >= 0)):
+            for a in x.args:
+                collect(a)
+
+    collect(expr)
+    got = _field_of(leaves + [sp.Integer(1)]) if leaves else None
+    if got is not None:
+        dom, elems, back = got
+        to_field = dict(zip(leaves, elems))
+        one, zero = dom.one, dom.zero
+        coefficient = to_field.__getitem__
+        to_expr = lambda c: back(_fraction_expr(dom, c))
+    else:
+        one, zero = sp.Integer(1), 0
+        coefficient = lambda x: x
+        to_expr = sp.expand
 
     def atom(x):  # a function atom with its argument expanded (as sp.expand would)
         hit = atoms.get(x)
@@ -253,35 +279,35 @@ def _expanded_terms(expr, random) -> list:
                     for a, k in kb:
                         d[a] = d.get(a, 0) + k
                     key = frozenset(d.items())
-                out[key] = out.get(key, 0) + ca * cb
+                out[key] = out.get(key, zero) + ca * cb
         return out
 
     def walk(x):
         if not (x.free_symbols & random):
-            return {frozenset(): x}
+            return {frozenset(): coefficient(x)}
         if x.is_Symbol:
-            return {frozenset({(x, 1)}): sp.Integer(1)}
+            return {frozenset({(x, 1)}): one}
         if x.is_Add:
             out = {}
             for a in x.args:
                 for k, c in walk(a).items():
-                    out[k] = out.get(k, 0) + c
+                    out[k] = out.get(k, zero) + c
             return out
         if x.is_Mul:
-            out = {frozenset(): sp.Integer(1)}
+            out = {frozenset(): one}
             for a in x.args:
                 out = times(out, walk(a))
             return out
         if x.is_Pow and x.exp.is_Integer and x.exp >= 0:
-            base, out = walk(x.base), {frozenset(): sp.Integer(1)}
+            base, out = walk(x.base), {frozenset(): one}
             for _ in range(int(x.exp)):
                 out = times(out, base)
             return out
-        return {frozenset({(atom(x), 1)}): sp.Integer(1)}
+        return {frozenset({(atom(x), 1)}): one}
 
     terms = []
     for key, c in walk(expr).items():
-        c = sp.expand(c)
+        c = to_expr(c)
         if c != 0:
             terms.append((c, sp.Mul(*[a ** k for a, k in key])))
     return terms
@@ -490,8 +516,8 @@ def _completed_covariance(S, used, A):
 
 def _fraction_expr(dom, x):
     """A field element as numerator / denominator, both expanded polynomials."""
-    if dom.is_QQ or dom.is_ZZ:
-        return dom.to_sympy(x)
+    if not hasattr(x, "numer"):  # an element of the ground domain (QQ, or QQ_I: cos, sin)
+        return sp.expand(dom.to_sympy(x))
     num, den = x.numer.as_expr(), x.denom.as_expr()
     if den.is_number:  # a complex constant (cos, sin) is not distributed by Mul itself
         return sp.expand(num / den)

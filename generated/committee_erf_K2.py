@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: aca5cccfa58e218099d8098a2b16ef66625aca7bdb352989ae14f196f6fee066
-# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
+# spec-hash: e0459b5428cd7252545c7c0952628cfdfbb884b3e844b8bca295c081c346f92e
+# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'aca5cccfa58e218099d8098a2b16ef66625aca7bdb352989ae14f196f6fee066'
+SPEC_HASH = 'e0459b5428cd7252545c7c0952628cfdfbb884b3e844b8bca295c081c346f92e'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

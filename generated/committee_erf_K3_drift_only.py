@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3d5b453f614070756365fff085c330ac3ba933195922ca2952e60e26ba82696d
-# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
+# spec-hash: cc5f073c7cecf5a284d953bb4467ef49cb08203fb078c90decb77c5fde29aca9
+# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '3d5b453f614070756365fff085c330ac3ba933195922ca2952e60e26ba82696d'
+SPEC_HASH = 'cc5f073c7cecf5a284d953bb4467ef49cb08203fb078c90decb77c5fde29aca9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

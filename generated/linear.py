@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5dc7412d8c799293cc140150717de78353085dc6121e9c869712fbbbc7637007
-# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
+# spec-hash: 58769e68a0aad91d83188b6ef003dc2cf6c16df9424a45f101ce3e63c3dfc9e3
+# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '5dc7412d8c799293cc140150717de78353085dc6121e9c869712fbbbc7637007'
+SPEC_HASH = '58769e68a0aad91d83188b6ef003dc2cf6c16df9424a45f101ce3e63c3dfc9e3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9e15124480661afd91b66c3d09170866b7701fd29018bc890cccb85bd0b424b8
-# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
+# spec-hash: b72d9578751537ecc1089a220d3958e8f80a61eb359cea53886114b4773d5f30
+# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9e15124480661afd91b66c3d09170866b7701fd29018bc890cccb85bd0b424b8'
+SPEC_HASH = 'b72d9578751537ecc1089a220d3958e8f80a61eb359cea53886114b4773d5f30'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

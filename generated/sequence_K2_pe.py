@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6d647647e57ca24691b4c68836a4609c79c3c5a10e6ac1ca8cd7590c5bdeb8bb
-# tool: ssi-symbolic 0.1.0 generator 1 source bc0d9caa05df6600
+# spec-hash: 9d407a521e614dd13934e6c3a484b996e1c05a9429f33121e2a472b628becbdc
+# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6d647647e57ca24691b4c68836a4609c79c3c5a10e6ac1ca8cd7590c5bdeb8bb'
+SPEC_HASH = '9d407a521e614dd13934e6c3a484b996e1c05a9429f33121e2a472b628becbdc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -271,3 +271,55 @@ def test_smooth_too_complex_statistic_is_one_node_with_the_right_value():
         h = sp.lambdify([*node.variables], node.integrand.subs(m, mv), "scipy")
         got = float(np.sum(W * h(U1, U2))) + float((out - node).subs(m, mv))
         assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (mv, got, want)
+
+
+def test_erf_threshold_precheck_refuses_exactly_what_the_expansion_would():
+    """closed_forms refuses a statistic whose expansion has a term with four erf thresholds,
+    or three with a shifted mean, before expanding it (_erf_terms_refused). The outcome must
+    be the one the term-by-term planning reaches without the precheck: the same refusals,
+    and the statistics that close do close, with the right value (a 2-d Gauss-Hermite sum of
+    the integrand itself, 1e-12)."""
+    from ssi_symbolic.symbolic import closed_forms as cf
+    x, y = sp.symbols("x y", real=True)
+    cov = [[1, sp.Rational(1, 2)], [sp.Rational(1, 2), 1]]
+    three = (sp.erf(x) + x) * (sp.erf(y) + 1) * (sp.erf(x + y) - 2)
+    four = (sp.erf(x) + 1) ** 2 * (sp.erf(y) + x) ** 2
+    two = (sp.erf(x) + 1) * (sp.erf(y) + x) * sp.exp(-x ** 2 / 3)
+    cases = [(three, (0, 0), True), (three, (sp.Rational(1, 3), 0), False),
+             (four, (0, 0), False), (two, (sp.Rational(1, 3), 0), True)]
+
+    def outcome(expr, mean, precheck):
+        engine = cf.GaussianClosedForm((x, y), mean, cov)
+        if not precheck:
+            engine._erf_terms_refused = lambda *a: False
+        try:
+            return engine.expect(expr)
+        except cf.TooComplex:
+            return None
+
+    g, w = np.polynomial.hermite_e.hermegauss(60)
+    w = w / np.sqrt(2 * np.pi)
+    u1, u2 = np.meshgrid(g, g, indexing="ij")
+    W = np.outer(w, w)
+    for expr, mean, closes in cases:
+        got, plain = outcome(expr, mean, True), outcome(expr, mean, False)
+        assert (got is not None) == (plain is not None) == closes, (expr, mean)
+        if closes:
+            assert sp.simplify(got - plain) == 0
+            xs = float(mean[0]) + u1
+            ys = float(mean[1]) + 0.5 * u1 + np.sqrt(0.75) * u2
+            f = sp.lambdify((x, y), expr, modules=["scipy", "numpy"])
+            ref = float(np.sum(W * f(xs, ys)))
+            value = float(got.replace(cf.NormalCDF2, _phi2_by_quad))
+            assert abs(value - ref) <= 1e-12 * max(1.0, abs(ref)), (expr, value, ref)
+
+
+def _phi2_by_quad(h, k, rho):
+    """Phi_2(h, k; rho) = int_{-inf}^h phi(t) Phi((k - rho t) / sqrt(1 - rho^2)) dt."""
+    from scipy.integrate import quad
+    from scipy.special import ndtr
+    h, k, rho = float(h), float(k), float(rho)
+    s = np.sqrt(1 - rho ** 2)
+    val, _ = quad(lambda t: np.exp(-t * t / 2) / np.sqrt(2 * np.pi) * ndtr((k - rho * t) / s),
+                  -np.inf, h, epsabs=1e-15, epsrel=1e-13)
+    return sp.Float(val, 17)

@@ -372,6 +372,14 @@ def _threshold_count(expr, random) -> int:
     return n + len(directions)
 
 
+def _cap(kinds, most: int = 6):
+    """Sets of (thresholds, all of zero mean) with the counts above `most` merged into one
+    entry (refused either way): a high power of a sum stays a small set."""
+    if all(n <= most for n, _ in kinds):
+        return kinds
+    return frozenset((min(n, most + 1), z if n <= most else False) for n, z in kinds)
+
+
 def _zero_mean(form, mu) -> bool:
     """Whether the affine form a.x + b has mean zero under mean mu (symbolically)."""
     a, b = form
@@ -574,6 +582,8 @@ class GaussianClosedForm:
         if hit is None:
             if _threshold_count(skeleton, random) > self._most_thresholds:
                 hit = TooComplex(f"more than {self._most_thresholds} thresholds")
+            elif self._erf_terms_refused(skeleton, random):
+                hit = TooComplex("a term of its expansion has too many erf thresholds")
             else:
                 try:
                     hit = _expanded_terms(rewrite(skeleton, random), random)
@@ -648,6 +658,56 @@ class GaussianClosedForm:
                 raise TooComplex(f"{n} thresholds")
             plan.append((sign, (tuple(mono), sp.expand(Q), phis, hs1, ds)))
         return coef, plan
+
+    def _erf_terms_refused(self, expr, random) -> bool:
+        """Whether some term of the expansion of expr (a sum of products of erf/erfc powers,
+        exponentials and polynomials: no step, kink or delta) has more erf thresholds than
+        any orthant probability with a closed form: four (five with orthant_quadrature), or
+        three of which one has a shifted mean (without orthant_quadrature). Decided on the
+        unexpanded expression from the sets of (thresholds, all of zero mean) its terms can
+        have (a sum: the union; a product: the pairwise sums), so that a statistic that
+        _plan_term would refuse after its whole expansion is refused before it (gelu's
+        finite-d terms: 0.4 s each). A term whose coefficient cancels in the expansion is
+        counted too: such a statistic goes to quadrature, never to a wrong value. False
+        when expr holds a step, kink or delta (parallel steps merge: counted by _plan_term)."""
+        if expr.has(sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min, sp.DiracDelta):
+            return False
+        memo = {}
+
+        def kinds(x):  # frozenset of (thresholds, all of zero mean) of the terms of x
+            hit = memo.get(x)
+            if hit is not None:
+                return hit
+            if not (x.free_symbols & random):
+                out = frozenset({(0, True)})
+            elif x.is_Add:
+                out = frozenset().union(*[kinds(a) for a in x.args])
+            elif x.is_Mul:
+                out = frozenset({(0, True)})
+                for a in x.args:
+                    out = _cap(frozenset((n1 + n2, z1 and z2) for n1, z1 in out
+                                         for n2, z2 in kinds(a)))
+            elif x.is_Pow and x.exp.is_Integer and x.exp >= 0:
+                base, out = kinds(x.base), frozenset({(0, True)})
+                for _ in range(int(x.exp)):
+                    out = _cap(frozenset((n1 + n2, z1 and z2) for n1, z1 in out
+                                         for n2, z2 in base))
+            elif isinstance(x, (sp.erf, sp.erfc)):
+                try:
+                    zero = _zero_mean(self._affine(x.args[0]), self.mean)
+                except NoClosedForm:
+                    zero = False
+                out = frozenset({(1, zero)})
+            else:  # exponentials, polynomials (and anything the expansion refuses anyway)
+                out = frozenset({(0, True)})
+            memo[x] = out
+            return out
+
+        most = self._most_thresholds
+        for n, zero in kinds(expr):
+            if n > most or (n == 3 and not zero and not self.orthant_quadrature):
+                return True
+        return False
 
     @property
     def _most_thresholds(self) -> int:

@@ -72,8 +72,8 @@ class Background:
         sys.stderr.flush()
         parent = os.getpid()
         # the objects made so far out of the collector's sight in both processes: a
-        # collection in one of them would otherwise write to the header of every object,
-        # copying every shared page (SymPy's work runs twice as slow in both while it does)
+        # collection in one of them would otherwise write to the header of every object it
+        # walks, a page fault and a page copy each (the gc module's advice before a fork)
         gc.freeze()
         try:
             pid = os.fork()

@@ -323,3 +323,42 @@ def _phi2_by_quad(h, k, rho):
     val, _ = quad(lambda t: np.exp(-t * t / 2) / np.sqrt(2 * np.pi) * ndtr((k - rho * t) / s),
                   -np.inf, h, epsabs=1e-15, epsrel=1e-13)
     return sp.Float(val, 17)
+
+
+def test_shared_projection_is_the_per_term_projection():
+    """_restricted_projection reads a term's projection (mu, W, R, k) off the projection of
+    all the random variables on the same forms; it must equal the projection computed on the
+    term's own variables, entry by entry, for subsets of several tokens with encoding. And
+    _forms_fix_everything (decided in the field of rational functions) must agree with a
+    cancel of every entry of R."""
+    from ssi_symbolic.symbolic.expectation import Expectation
+    from ssi_symbolic.symbolic.gaussian import TokenGaussian
+    spec = make_spec("proj", 3, "erf((z1 + z2 + z3)/sqrt(3))",
+                     "(tanh(z1) + tanh(z2) + tanh(z3))/sqrt(3)",
+                     positional=[[0.5, -0.3], [0.2, 0.8], [-0.6, 0.1]])
+    g = TokenGaussian.of(spec)
+    E = Expectation(g, [])
+    t = [g.token_variables(l) for l in range(3)]  # (zs, z, zeta_1, zeta_2) per token
+    s3 = 1 / sp.sqrt(3)
+    cases = [  # (variables, forms as rows over them)
+        ((t[0][1], t[1][1]), [(1, 0), (0, 1)]),                      # z1, z2: fixed
+        ((t[0][0], t[0][1], t[0][2]), [(0, 1, 0)]),                  # z1 with zs1, zeta
+        ((t[0][0], t[1][0], t[2][0], t[1][1], t[1][3]),
+         [(s3, s3, s3, 0, 0), (0, 0, 0, 1, 0)]),                    # s, z2 with zeta2_2
+        ((t[0][0], t[0][1], t[2][1], t[2][2]), [(0, 0, 1, 0), (1, 0, 0, 0)]),
+    ]
+    for variables, forms in cases:
+        shared = E._restricted_projection(variables, forms)
+        own = E._projection(variables, forms)
+        assert shared[3] == own[3]
+        for a, b in [(shared[0], own[0]), (shared[1], own[1])]:
+            assert len(a) == len(b) and all(sp.expand(x - y) == 0 for x, y in zip(a, b))
+        n = len(variables)
+        R = own[2]
+        assert all(sp.expand(shared[2][i, j] - R[i, j]) == 0
+                   for i in range(n) for j in range(n)), variables
+        fixed = all(x == 0 or sp.cancel(x) == 0 for x in R)
+        assert E._forms_fix_everything(variables, forms, shared[2]) == fixed, variables
+    # the first case is fixed (two forms, two variables), the second is not
+    assert E._forms_fix_everything(*cases[0], None)
+    assert not E._forms_fix_everything(cases[1][0], cases[1][1], None)

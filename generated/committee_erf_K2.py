@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e0459b5428cd7252545c7c0952628cfdfbb884b3e844b8bca295c081c346f92e
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: 553b2ea7e9156298e24f113998ea350bc5ccef0ebad8086e4fb5610f0c13ae6b
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'e0459b5428cd7252545c7c0952628cfdfbb884b3e844b8bca295c081c346f92e'
+SPEC_HASH = '553b2ea7e9156298e24f113998ea350bc5ccef0ebad8086e4fb5610f0c13ae6b'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

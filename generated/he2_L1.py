@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b101fdbfb8d2c3e3f22e239283dd02c6313fdaf1e0e1f6f84eb67cac17e21cd5
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: b39d408953c41b22aac97afd466e61e900409d64c8bff5cf1f2cb093c425852d
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'b101fdbfb8d2c3e3f22e239283dd02c6313fdaf1e0e1f6f84eb67cac17e21cd5'
+SPEC_HASH = 'b39d408953c41b22aac97afd466e61e900409d64c8bff5cf1f2cb093c425852d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

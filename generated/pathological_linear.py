@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c4eb5d4a6d04116d0f20d615aa0a2f9b4cf18a3a641c77043d5ed8036a373bfc
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: c2273f9586f8b23a5a5c8262baabf2fe54ef2529dffc5d23f274195b4b1076c0
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c4eb5d4a6d04116d0f20d615aa0a2f9b4cf18a3a641c77043d5ed8036a373bfc'
+SPEC_HASH = 'c2273f9586f8b23a5a5c8262baabf2fe54ef2529dffc5d23f274195b4b1076c0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

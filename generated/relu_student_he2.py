@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c87c4bf0e5a560a638f12af849ef27c3b6adf5b59b797a5b63b6620fc8cc91c8
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: 3eb7a83cc137770dd843c5acd48d9a1224be7cbb6507cd3e7224945cfed69d84
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c87c4bf0e5a560a638f12af849ef27c3b6adf5b59b797a5b63b6620fc8cc91c8'
+SPEC_HASH = '3eb7a83cc137770dd843c5acd48d9a1224be7cbb6507cd3e7224945cfed69d84'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9d407a521e614dd13934e6c3a484b996e1c05a9429f33121e2a472b628becbdc
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: d691f66c22ad74232b7af078cf32052302179a57fbc5712fad9f565f5553243d
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '9d407a521e614dd13934e6c3a484b996e1c05a9429f33121e2a472b628becbdc'
+SPEC_HASH = 'd691f66c22ad74232b7af078cf32052302179a57fbc5712fad9f565f5553243d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7ab233c00773fcdc73369e81770126f30a788ed516df1e450c65fb083fb72f71
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: 60024866bf8974146fd839353bdb76e8f8f9cfbcc0d0e4320e9c5511fb159043
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '7ab233c00773fcdc73369e81770126f30a788ed516df1e450c65fb083fb72f71'
+SPEC_HASH = '60024866bf8974146fd839353bdb76e8f8f9cfbcc0d0e4320e9c5511fb159043'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6b2cb6f282ae5efceb651578a3c2791e30108b8c8c9d481fdba3f69f1422b2d7
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: a345acf8a8705aeb9ed70f751e375ad7be3e76e1140c1ad129c06d0d4cac0c9e
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '6b2cb6f282ae5efceb651578a3c2791e30108b8c8c9d481fdba3f69f1422b2d7'
+SPEC_HASH = 'a345acf8a8705aeb9ed70f751e375ad7be3e76e1140c1ad129c06d0d4cac0c9e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

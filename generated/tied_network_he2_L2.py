@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 79d811902c1cfc9be5e79c07179947bc1744e8a87066889d499866f3ff66716a
-# tool: ssi-symbolic 0.1.0 generator 1 source 688986dda413535c
+# spec-hash: e903900d39e93d73a007a5ffdd320b80c57a5aca462c42c50ed61a4f39a3effb
+# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '79d811902c1cfc9be5e79c07179947bc1744e8a87066889d499866f3ff66716a'
+SPEC_HASH = 'e903900d39e93d73a007a5ffdd320b80c57a5aca462c42c50ed61a4f39a3effb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -467,7 +467,7 @@ def _field_of(exprs):
     return dom, elems, lambda x: x
 
 
-def _reduced(exprs):
+def _as_fractions(exprs):
     """Each expression as one reduced fraction of expanded polynomials when they are rational
     functions of the state (sums of the fractions of nested completed squares otherwise grow
     term by term, and every exp and mean built from them with them), else expanded."""
@@ -811,7 +811,7 @@ class GaussianClosedForm:
         S2b = [_dot([S2[i, j] for j in used], b) for i in range(n)]
         expo = (c0 + _dot([B[r] for r in range(k)], muS) - _dot(muS, Amu) / 2
                 + _dot(b, [S2b[i] for i in used]) / 2)
-        *mu2, expo = _reduced([mu[i] + S2b[i] for i in range(n)] + [expo])
+        *mu2, expo = _as_fractions([mu[i] + S2b[i] for i in range(n)] + [expo])
         return det, sp.exp(expo) / sp.sqrt(det), tuple(mu2), S2
 
     def _stein(self, mu, S, mono, i, phis, hs):

@@ -417,10 +417,8 @@ class Expectation:
         """(mu, W, R, k) of :meth:`_projected_node` for affine forms (rows) of the variables,
         or None when they give no reduction or their covariance is degenerate (R None
         without `residual`)."""
-        A = sp.Matrix(forms)
-        _, pivots = A.T.rref()
-        k = len(pivots)
-        A = sp.Matrix([forms[i] for i in pivots])
+        A = _independent_rows(forms)
+        k = A.shape[0]
         mean, S = self._gaussian_of(variables)
         mu = sp.Matrix(mean)
         K = (A * S * A.T).applyfunc(sp.expand)
@@ -477,10 +475,8 @@ class Expectation:
         cancel of every entry of R (with its Cholesky radicals) took seconds for a dozen
         variables; by that cancel when the entries are not rational functions."""
         from .closed_forms import _field_of
-        mean, S = self._gaussian_of(variables)
-        A = sp.Matrix(forms)
-        _, pivots = A.T.rref()
-        A = sp.Matrix([forms[i] for i in pivots])
+        _, S = self._gaussian_of(variables)
+        A = _independent_rows(forms)
         n, k = S.shape[0], A.shape[0]
         got = _field_of(list(S) + list(A))
         if got is None:
@@ -713,6 +709,13 @@ def _merge_nodes(expr, outside=()):
     for (us, c_out), fs in nodes.items():
         out.append(c_out * GaussHermite(sp.Add(*fs), sp.Tuple(*us)))
     return sp.Add(*out)
+
+
+def _independent_rows(forms) -> sp.Matrix:
+    """The matrix of the linearly independent forms among the rows `forms` (the pivots of
+    the reduced row echelon form of their transpose, in their order)."""
+    _, pivots = sp.Matrix(forms).T.rref()
+    return sp.Matrix([forms[i] for i in pivots])
 
 
 class _Residual:

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 553b2ea7e9156298e24f113998ea350bc5ccef0ebad8086e4fb5610f0c13ae6b
-# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
+# spec-hash: 685224b7f7cf7c8c756b0498efa77da3e86f63deda3e8fdd2ac0f6a789231a31
+# tool: ssi-symbolic 0.1.0 generator 1 source 7075baa1cc0eae84
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = '553b2ea7e9156298e24f113998ea350bc5ccef0ebad8086e4fb5610f0c13ae6b'
+SPEC_HASH = '685224b7f7cf7c8c756b0498efa77da3e86f63deda3e8fdd2ac0f6a789231a31'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c1b25ebaf299ec63f549fb79aa9158dde19712c1daf047bc63a5e29563722684
-# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
+# spec-hash: c2e96fa30af131d2ff0ab3bd8ebfe224c5eae2853ce322b924906d2487dfd0a0
+# tool: ssi-symbolic 0.1.0 generator 1 source 7075baa1cc0eae84
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c1b25ebaf299ec63f549fb79aa9158dde19712c1daf047bc63a5e29563722684'
+SPEC_HASH = 'c2e96fa30af131d2ff0ab3bd8ebfe224c5eae2853ce322b924906d2487dfd0a0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c2273f9586f8b23a5a5c8262baabf2fe54ef2529dffc5d23f274195b4b1076c0
-# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
+# spec-hash: 9ee6594d3f5ae32116480865c4230da181a0881b6fcc1f99002c96d53bf7bd94
+# tool: ssi-symbolic 0.1.0 generator 1 source 7075baa1cc0eae84
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'c2273f9586f8b23a5a5c8262baabf2fe54ef2529dffc5d23f274195b4b1076c0'
+SPEC_HASH = '9ee6594d3f5ae32116480865c4230da181a0881b6fcc1f99002c96d53bf7bd94'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

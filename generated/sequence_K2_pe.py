@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d691f66c22ad74232b7af078cf32052302179a57fbc5712fad9f565f5553243d
-# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
+# spec-hash: bf1d0dc609d1aac0c8f2b482921d4141d7446bc144b28400526b5344ebb9159e
+# tool: ssi-symbolic 0.1.0 generator 1 source 7075baa1cc0eae84
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd691f66c22ad74232b7af078cf32052302179a57fbc5712fad9f565f5553243d'
+SPEC_HASH = 'bf1d0dc609d1aac0c8f2b482921d4141d7446bc144b28400526b5344ebb9159e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

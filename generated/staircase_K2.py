@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d7164fad6614a665b93e69a9cf561149133d83706c5dcde7a1a9248132a2456a
-# tool: ssi-symbolic 0.1.0 generator 1 source d7fb2605538a5c31
+# spec-hash: 1f3a01dc9b95039b42ae896fe723adb69e300e647c2acfe5e151b4893169be0b
+# tool: ssi-symbolic 0.1.0 generator 1 source 7075baa1cc0eae84
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 1.0
-SPEC_HASH = 'd7164fad6614a665b93e69a9cf561149133d83706c5dcde7a1a9248132a2456a'
+SPEC_HASH = '1f3a01dc9b95039b42ae896fe723adb69e300e647c2acfe5e151b4893169be0b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

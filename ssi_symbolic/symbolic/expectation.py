@@ -41,7 +41,6 @@ class Expectation:
         self._closed = {}
         self._closed_cache = {}
         self._projections = {}
-        self._degenerate = {}  # projection key -> whether R = 0 (the forms fix every variable)
         self._full_projections = {}  # forms over all random variables -> their projection
         self._all_variables = None
         self._factor_cache = {}
@@ -541,11 +540,13 @@ class Expectation:
         # every kink parallel to it splits the u1 axis at a point (see kink_breaks)
         forms = kinks + [f for f in forms if f not in kinks]
         key = (variables, tuple(dict.fromkeys(forms)))
-        if key not in self._projections:
-            self._projections[key] = self._restricted_projection(variables, forms)
+        if key not in self._projections:  # with whether the forms fix every variable
+            got = self._restricted_projection(variables, forms)
+            self._projections[key] = None if got is None else (
+                *got, self._forms_fix_everything(variables, forms, got[2]))
         if self._projections[key] is None:
             return None
-        mu, W, R, k = self._projections[key]
+        mu, W, R, k, fixed = self._projections[key]
         us = tuple(sp.Symbol(f"u{i + 1}", real=True) for i in range(k))
         # the function arguments first: they depend on x only through A x = A (mu + W u)
         # (A r = 0), so x -> mu + W u there; then the polynomial occurrences of x
@@ -553,9 +554,7 @@ class Expectation:
                 for i, v in enumerate(variables)}
         inner = {arg: self._tidy_affine(arg.xreplace(at_u), us) for arg in args}
         # E[p(x) | u] with x | u ~ N(mu + W u, R), monomial by monomial unless R = 0
-        if self._degenerate.get(key) is None:
-            self._degenerate[key] = self._forms_fix_everything(variables, forms, R)
-        if self._degenerate[key]:
+        if fixed:
             # x = mu + W u exactly (the forms determine every variable): E[p(x) | u] is p at
             # that point, the factor as it is, not expanded into monomials (a whole statistic
             # of gelu expands to thousands of terms that its product form evaluates in tens)

@@ -132,34 +132,117 @@ def test_horner_of_an_unexpanded_sum_with_placeholders():
     assert sp.count_ops(h) < sp.count_ops(sp.expand(e))
 
 
-def test_choose_nodes_is_the_smallest_passing_candidate(tmp_path):
-    """choose_nodes (cached 2n rules, failing node first) picks what the plain loop over the
-    candidates picks: the first n whose n and 2n rules agree at every probe state."""
+def test_dictionary_expansion_is_sympy_expand():
+    """printing._expanded (horner's expansion of sums holding quadrature placeholders) gives
+    the terms of sp.expand: their sum is the same SymPy expression, through radicals that
+    multiply to rationals, pi and its inverse, constant functions, negative powers, powers
+    of sums and shared sub-expressions."""
+    from ssi_symbolic.backends.printing import _expanded
+    phs = sp.symbols("_gh0:12")
+    e1, e2 = sp.symbols("e1 e2", real=True)
+    r3, r2 = sp.sqrt(3), sp.sqrt(2)
+    shared = phs[0] + r3 * phs[1] - m / 3 + sp.asin(sp.Rational(2, 3)) / (2 * sp.pi)
+    cases = [
+        shared * (shared - r3 * m) * (e1 + 2) ** 2,
+        (r3 * phs[2] + r2 * q) * (r3 * phs[3] - r2 * m / 7) * sp.pi * (1 / sp.pi + phs[4]),
+        sp.exp(sp.Integer(2) + x) * (phs[5] + 1) / (1 + r2) + q ** 3 * (phs[6] - m) ** 3,
+        e1 * e2 * (phs[7] + phs[8] * (phs[9] - sp.Rational(3, 10) * e2) - 1) ** 2 - e1 ** 2 / 4,
+        sp.Float(0.25) * (m - phs[10]) * (m + phs[10]) + phs[11] ** -2 * (phs[11] + 1) ** 2,
+    ]
+    for expr in cases:
+        terms = _expanded(expr)
+        rebuilt = sp.Add(*[c * sp.Mul(*[b ** k for b, k in key]) for key, c in terms.items()])
+        assert rebuilt == sp.expand(expr), expr
+
+
+def test_per_dimension_node_counts_in_the_module(tmp_path):
+    """A module whose nodes of one, two and three dimensions need different counts lists
+    them in QUADRATURE_NODE_FACTORS; each rule runs with its count, quadrature_error doubles
+    every count, and its bound holds against rules with four times the nodes."""
+    from ssi_symbolic.backends.files import load_module
+    from ssi_symbolic.backends.registry import generate
+    from ssi_symbolic.model.spec import make_spec
+    spec = make_spec("node_counts", 2, "tanh(z1)*tanh(z2)", "erf(z1 + z2)")
+    path, _ = generate(spec, tmp_path)
+    mod = load_module(path)
+    assert mod.QUADRATURE_NODE_FACTORS
+    counts = {k: mod._nodes(k) for k in (1, 2, 3)}
+    assert len(set(counts.values())) > 1
+    assert counts[3] == mod.QUADRATURE_NODES
+    n = mod.QUADRATURE_NODES
+    try:
+        mod.QUADRATURE_NODES = 2 * n
+        assert {k: mod._nodes(k) for k in counts} == {k: 2 * c for k, c in counts.items()}
+    finally:
+        mod.QUADRATURE_NODES = n
+    state = tuple({"m": 0.4}.get(name, 0.1) for name in mod.OVERLAPS)
+    value, bound = mod.quadrature_error(mod.covariance, *state, eta=0.3)
+    try:
+        mod.QUADRATURE_NODES = 4 * n
+        fine = np.asarray(mod.covariance(*state, eta=0.3), dtype=float)
+    finally:
+        mod.QUADRATURE_NODES = n
+    assert np.all(np.abs(value - fine) <= bound)
+    assert np.all(np.isfinite(bound)) and np.all(bound > 0)
+
+
+@pytest.mark.parametrize("teacher, student, L", [("tanh(z1)", "tanh(z1)", 1),
+                                                 ("tanh(z1)*tanh(z2)", "erf(z1 + z2)", 2)])
+def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
+    """choose_nodes (cached 2n rules, failing node first) picks, for the nodes of each
+    dimension k, what the plain loop over the candidates picks: the first n whose n and 2n
+    rules agree at every probe state, among those whose 2n rule has at most MAX_POINTS points
+    and at most PROBE_WORK integrand evaluations (else the next candidate, unprobed). It
+    returns the count of the highest dimension and the others that differ from it. The
+    second spec has nodes of one, two and three dimensions whose counts differ."""
     import types
 
     from ssi_symbolic.model.spec import make_spec
     from ssi_symbolic.symbolic.derive import derive
-    spec = make_spec("tanh_pair", 1, "tanh(z1)", "tanh(z1)")
+    spec = make_spec("choose_nodes", L, teacher, student)
     text = exact.module_source(derive(spec))
     ns = types.ModuleType("probe")
     exec(compile(text, "probe", "exec"), ns.__dict__)
-    nodes = [getattr(ns, k) for k in sorted(vars(ns)) if k.startswith("_gh_node_")]
+    # the nodes with their own integrand, and the groups (one function, several integrands)
+    nodes = [(getattr(ns, k), "_gh_integrand_" + k[len("_gh_node_"):]) for k in sorted(vars(ns))
+             if k.startswith("_gh_node_") and hasattr(ns, "_gh_integrand_" + k[len("_gh_node_"):])]
+    nodes += [(getattr(ns, k), "_gh_integrand_g" + k[len("_gh_group_"):])
+              for k in sorted(vars(ns)) if k.startswith("_gh_group_")]
     assert nodes
+
+    def dim_and_count(integrand):
+        line = next(x for x in text.splitlines() if f"({integrand}, " in x)
+        rest = line.split(f"({integrand}, ")[1].split(", ")
+        return int(rest[0]), (int(rest[1]) if "_gh_expect_many(" in line else 1)
+
+    info = [dim_and_count(name) for _, name in nodes]
+    dims = sorted({k for k, _ in info})
+    if L == 2:
+        assert dims == [1, 2, 3]
     states = exact._probe_states(spec)
     st = [np.array([s[i] for s in states]) for i in range(len(states[0]))]
-    expected = exact.NODE_CANDIDATES[-1]
+    expected = {}
     with np.errstate(all="ignore"):
-        for n in exact.NODE_CANDIDATES:
-            ok = True
-            for f in nodes:
-                a, b = np.asarray(f(*st, n=n)), np.asarray(f(*st, n=2 * n))
-                if not (np.abs(a - b) <= exact.QUADRATURE_TOLERANCE
-                        * np.maximum(1.0, np.abs(b))).all():
-                    ok = False
-            if ok:
-                expected = n
-                break
-    assert exact.choose_nodes(text, spec) == expected
+        for k in dims:
+            members = [f for (f, _), (d, _) in zip(nodes, info) if d == k]
+            work = sum(c for d, c in info if d == k)
+            cands = [n for n in exact.NODE_CANDIDATES if (2 * n) ** k <= exact.MAX_POINTS]
+            expected[k] = cands[-1]
+            for pos, n in enumerate(cands[:-1]):
+                if (2 * n) ** k * work > exact.PROBE_WORK:
+                    expected[k] = n
+                    break
+                if all((np.abs(np.asarray(f(*st, n=n)) - np.asarray(f(*st, n=2 * n)))
+                        <= exact.QUADRATURE_TOLERANCE
+                        * np.maximum(1.0, np.abs(np.asarray(f(*st, n=2 * n))))).all()
+                       for f in members):
+                    expected[k] = n
+                    break
+    top = expected[max(dims)]
+    if L == 2:  # one count for every dimension would not do
+        assert len(set(expected.values())) > 1, expected
+    assert exact.choose_nodes(text, spec) == (top, {k: n for k, n in expected.items()
+                                                    if n != top})
 
 
 def _module(spec):

@@ -15,7 +15,10 @@ Constants (all required):
     SPHERICAL, LOSS, NOISE  training, loss kind ("square", "norm"), label-noise variance Delta
     METHOD                  "exact" (closed forms) or "quadrature" (see quadrature_error)
     SPEC_HASH               sha256 of the spec and of what generated the module
-    QUADRATURE_NODES        nodes per dimension of its quadratures (quadrature_error doubles it)
+    QUADRATURE_NODES        nodes per dimension of its quadratures (quadrature_error doubles it);
+                            where rules of several dimensions need different counts, an exact
+                            module lists QUADRATURE_NODE_FACTORS {k: f}: its k-dimensional
+                            rules have round(f QUADRATURE_NODES) (an extra)
     BACKEND                 the backend that wrote it (backends.registry)
     UNAVAILABLE             {piece: reason} for the pieces below this module does not provide
 
@@ -94,6 +97,8 @@ PIECES = {
 
 #: optional extras (functions or constants) -> meaning
 EXTRAS = {
+    "QUADRATURE_NODE_FACTORS": "{k: f}: the k-dimensional rules' nodes per dimension are "
+                               "round(f QUADRATURE_NODES)",
     "gradient_origin": "exact gradient of R at the origin",
     "hessian_origin": "exact Hessian of R at the origin",
     "loss_gradient": "gradient of R from the tables",

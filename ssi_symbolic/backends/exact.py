@@ -531,7 +531,9 @@ class _Module:
     def quadrature_functions(self) -> list[str]:
         fns = []
         args = self.state + self.param_names
-        nodes = "QUADRATURE_NODES if n is None else n"
+
+        def nodes(k):
+            return f"_nodes({k}) if n is None else n"
         groups = self.node_groups()
         for j, members in enumerate(self.group_list):
             us = [str(u) for u in members[0][0].variables]
@@ -548,7 +550,8 @@ class _Module:
                 f"{', '.join(str(ph)[3:] for _, ph in members)} (a tuple), by the tensor "
                 f"trapezoidal rule on [-10, 10] with n nodes per dimension, one pass over the "
                 f"grid.", [],
-                f"_gh_expect_many(_gh_integrand_g{j}, {len(us)}, {len(members)}, {nodes}, "
+                f"_gh_expect_many(_gh_integrand_g{j}, {len(us)}, {len(members)}, "
+                f"{nodes(len(us))}, "
                 f"{', '.join(args)})"))
         for node, ph in self.quad.items():
             idx = int(str(ph)[3:])
@@ -575,7 +578,7 @@ class _Module:
                        f"split at the kinks {', '.join(sp.sstr(b) for b in breaks)} with "
                        f"n-node Gauss-Legendre pieces, the rest by the trapezoidal rule.")
                 blines = [f"_b{j} = {pycode(b)}" for j, b in enumerate(breaks)]
-                call = (f"_split_expect(_gh_integrand_{idx}, {len(us)}, {nodes}, "
+                call = (f"_split_expect(_gh_integrand_{idx}, {len(us)}, {nodes(len(us))}, "
                         f"{tuple_source([f'_b{j}' for j in range(len(breaks))])}, "
                         f"{', '.join(args)})")
             else:
@@ -586,7 +589,8 @@ class _Module:
                        + (" (a kink not along the first variable: convergence like n^-2)."
                           if breaks is None else "."))
                 blines = []
-                call = f"_gh_expect(_gh_integrand_{idx}, {len(us)}, {nodes}, {', '.join(args)})"
+                call = (f"_gh_expect(_gh_integrand_{idx}, {len(us)}, {nodes(len(us))}, "
+                        f"{', '.join(args)})")
             doc += f"\n\n    {short_str(node.integrand, 400)}\n    "
             fns.append(function_source(f"_gh_node_{idx}", args + ["n=None"], doc, blines,
                                        call))
@@ -767,9 +771,10 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
             f"METHOD = {D.method!r}",
             f"OUTPUT_METHODS = {D.methods!r}",
             f"QUADRATURE_TOLERANCE = {QUADRATURE_TOLERANCE!r}",
-            f"QUADRATURE_ERROR_FACTOR = {4.0 if mod.unsplit_kinks else 1.0!r}",
+            f"QUADRATURE_ERROR_FACTOR = {4.0 if mod.unsplit_kinks else 2.0!r}",
             f"SPEC_HASH = {h!r}",
             f"QUADRATURE_NODES = {DEFAULT_NODES}",
+            *(["QUADRATURE_NODE_FACTORS = {}"] if mod.quad else []),
             f"JACOBIAN = {jacobian_method!r}",
             f"FINITE_D_CORRECTION = {D.finite_d_note!r}",
             f"DIFFUSION = {diffusion!r}",
@@ -782,7 +787,8 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
         orthant = any("_orthant" in f for f in fns)
         return [runtime.GAUSS_HERMITE_HELPERS, runtime.CHUNK_HELPERS] + (
             [runtime.BVN_HELPERS] if orthant or any("_bvn(" in f for f in fns) else []) + (
-            [runtime.ORTHANT_HELPERS] if orthant else [])
+            [runtime.ORTHANT_HELPERS] if orthant else []) + (
+            [runtime.NODE_COUNT_HELPERS] if any("_nodes(" in f for f in fns) else [])
 
     def join(parts):
         return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
@@ -834,8 +840,13 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
             nodes = choose_nodes(text, spec)
         elif nodes is None:
             nodes = probed_nodes(quad_fns, mod.jacobian_method)
+        nodes, factors = nodes
         text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
                             f"\nQUADRATURE_NODES = {nodes}\n", 1)
+        if factors:  # the counts of the rules whose dimension needs another, as n_k / n
+            listed = ", ".join(f"{k}: {n_k} / {nodes}" for k, n_k in sorted(factors.items()))
+            text = text.replace("\nQUADRATURE_NODE_FACTORS = {}\n",
+                                f"\nQUADRATURE_NODE_FACTORS = {{{listed}}}\n", 1)
     return text
 
 
@@ -880,6 +891,9 @@ NODE_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
 #: module has no tensor node
 ORTHANT_CANDIDATES = (8, 12, 16, 24, 32, 48, 64)
 MAX_POINTS = 2 ** 20
+#: at most this many integrand evaluations per probe state in one rule that choose_nodes
+#: evaluates (a three-dimensional group of 18 integrands at 64 nodes per dimension took 10 s)
+PROBE_WORK = 2 ** 21
 
 
 def _probe_states(spec) -> list:
@@ -914,13 +928,23 @@ def _probe_states(spec) -> list:
     return out
 
 
-def choose_nodes(text: str, spec) -> int:
-    """The smallest n of NODE_CANDIDATES for which every quadrature node of the module's
-    source, and every state function holding orthant probabilities (their Gauss-Legendre
-    t-integrals, runtime._orthant), meets QUADRATURE_TOLERANCE at the probe states (n versus
-    2n), within MAX_POINTS points per rule; the largest allowed n when none does (the runtime
-    error estimate of quadrature_error then says how far off it is). A module whose only
-    quadrature is the orthants' one-dimensional integrals starts from ORTHANT_CANDIDATES."""
+def choose_nodes(text: str, spec) -> tuple[int, dict]:
+    """(n, {k: n_k}): nodes per dimension that meet QUADRATURE_TOLERANCE at the probe states
+    (the n rule versus the 2n rule) for every quadrature node of the module's source, each
+    the smallest of NODE_CANDIDATES whose 2n rule has at most MAX_POINTS points, or the
+    largest such when none meets it (the runtime error estimate of quadrature_error then
+    says how far off it is). A candidate is probed only while its 2n rule takes at most
+    PROBE_WORK integrand evaluations per probe state; past that, when every probed one
+    failed, the next candidate is taken unprobed.
+
+    The nodes of each dimension k get their own count n_k: n is that of the highest
+    dimension, and the dict lists the dimensions whose count differs (the module's
+    QUADRATURE_NODE_FACTORS are n_k / n). One count for all would hold the one- and
+    two-dimensional nodes of a three-token statistic to the 16 nodes per dimension that
+    MAX_POINTS allows its four-dimensional ones (errors of 1e-3 where 64 nodes give 1e-10).
+    A module with orthant probabilities (their Gauss-Legendre t-integrals, runtime._orthant,
+    read QUADRATURE_NODES in the state functions) is probed whole with one count, from
+    ORTHANT_CANDIDATES when those are its only quadrature."""
     import inspect
     import types
     ns = types.ModuleType("_ssi_probe")
@@ -932,9 +956,11 @@ def choose_nodes(text: str, spec) -> int:
               + [(k, "_gh_integrand_" + k[len("_gh_node_"):]) for k in names
                  if k.startswith("_gh_node_") and "_gh_integrand_" + k[len("_gh_node_"):] in names])
     nodes = [getattr(ns, k) for k, _ in probes]
-    kmax = max((_node_dim(text, integrand) for _, integrand in probes), default=1)
+    dims, counts = zip(*[_node_dim(text, integrand) for _, integrand in probes]) if probes \
+        else ((), ())
     params = {k: float(v) for k, v in spec.parameters.items()}
-    for name in _orthant_functions(text):
+    orthants = _orthant_functions(text)
+    for name in orthants:
         f = getattr(ns, name)
         eta = {"eta": 0.5} if "eta" in inspect.signature(f.__wrapped__).parameters else {}
 
@@ -942,8 +968,6 @@ def choose_nodes(text: str, spec) -> int:
             ns.QUADRATURE_NODES = n
             return np.array(f(*st, **eta, **kw), dtype=float)
         nodes.append(probe)
-    candidates = NODE_CANDIDATES if probes else ORTHANT_CANDIDATES
-    allowed = [n for n in candidates if (2 * n) ** kmax <= MAX_POINTS] or [8]
     # the probe states as arrays: every function evaluates all of them in one call
     states = _probe_states(spec)
     st = [np.array([s[i] for s in states], dtype=float) for i in range(len(states[0]))]
@@ -954,10 +978,33 @@ def choose_nodes(text: str, spec) -> int:
             values[i, n] = np.asarray(nodes[i](*st, **params, n=n), dtype=float)
         return values[i, n]
 
-    order = list(range(len(nodes)))
+    def allowed(k, candidates=NODE_CANDIDATES):
+        return [n for n in candidates if (2 * n) ** k <= MAX_POINTS] or [8]
+
+    if orthants or not probes:
+        kmax = max(dims, default=1)
+        return _smallest_passing(list(range(len(nodes))), allowed(
+            kmax, NODE_CANDIDATES if probes else ORTHANT_CANDIDATES), value), {}
+    by_dim = {}
+    for k in sorted(set(dims)):
+        members = [i for i, d in enumerate(dims) if d == k]
+        work = sum(counts[i] for i in members)  # integrands evaluated per point
+        ns_k = allowed(k)
+        # probed while the 2n rule's points times integrands stay within PROBE_WORK; past
+        # that, the next candidate is taken unprobed when every probed one failed
+        probed = [n for n in ns_k[:-1] if (2 * n) ** k * work <= PROBE_WORK]
+        by_dim[k] = _smallest_passing(members, ns_k[:len(probed) + 1], value)
+    n = by_dim[max(by_dim)]
+    return n, {k: n_k for k, n_k in by_dim.items() if n_k != n}
+
+
+def _smallest_passing(order, allowed, value) -> int:
+    """The first n of `allowed` whose rule agrees with the 2n rule within
+    QUADRATURE_TOLERANCE (relative, absolute below 1) for the nodes `order` at every probe
+    state where the 2n rule is finite; the last of `allowed` when none does (not evaluated:
+    its 2n rule is the most expensive, 32^4 points for a 4-d node). value(i, n): node i's
+    values with n nodes per dimension (cached by the caller)."""
     with np.errstate(all="ignore"):
-        # the last candidate is the answer whether or not it passes: it is not evaluated
-        # (its 2n rule is the most expensive one: 32^4 points for a 4-d node)
         for n in allowed[:-1]:
             ok = True
             for i in order:
@@ -986,12 +1033,16 @@ def _orthant_functions(text: str) -> list:
     return out
 
 
-def _node_dim(text: str, integrand: str) -> int:
-    """Dimension k of the node (or group) of an integrand function, read from its
-    _gh_expect, _gh_expect_many or _split_expect call."""
+def _node_dim(text: str, integrand: str) -> tuple[int, int]:
+    """(dimension k, number of integrands) of the node (or group) of an integrand function,
+    read from its _gh_expect, _gh_expect_many or _split_expect call."""
     key = f"({integrand}, "
     j = text.index(key) + len(key)
-    return int(text[j:text.index(",", j)])
+    k = int(text[j:text.index(",", j)])
+    if not text[text.rindex("\n", 0, j):j].rstrip().endswith(f"_gh_expect_many({integrand},"):
+        return k, 1
+    j = text.index(",", j) + 2
+    return k, int(text[j:text.index(",", j)])
 
 
 __all__ = ["generate", "module_source", "tool_salt", "salt", "DEFAULT_NODES"]

@@ -65,8 +65,14 @@ def evaluate(spec_or_path, at: dict, eta: float = DEFAULT_ETA, d: float = DEFAUL
                                        *args, eta=eta, **pvals)
         out["quadrature"] = {
             "nodes_per_dimension": mod.QUADRATURE_NODES,
+            # the k-dimensional rules' counts where they differ from nodes_per_dimension
+            "nodes_per_dimension_by_rule_dimension": {
+                str(k): mod._nodes(k)
+                for k in sorted(getattr(mod, "QUADRATURE_NODE_FACTORS", {}))},
             "loss_error_estimate": _f(err),
             "drift_error_estimate": {k: _f(e) for k, e in zip(names, np.ravel(derr))},
-            "how": "|value(n) - value(2n)| of the tensor trapezoidal rule (n nodes per dimension on [-10, 10]) plus a round-off floor",
+            "how": (f"{float(getattr(mod, 'QUADRATURE_ERROR_FACTOR', 1.0)):g} |value(n) - "
+                    "value(2n)| of the tensor trapezoidal rule (n nodes per dimension on "
+                    "[-10, 10]) plus a round-off floor"),
         }
     return out

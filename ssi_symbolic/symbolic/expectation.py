@@ -20,7 +20,7 @@ from sympy.polys.matrices import DomainMatrix
 
 from .exact_engine import ExactEngine
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
-                       _nonpolynomial_symbols, dag_free_symbols, distribute,
+                       _nonpolynomial_symbols, dag_any, dag_free_symbols, distribute,
                        has_quadrature)
 
 
@@ -154,7 +154,8 @@ class Expectation:
         hit = self._closed_cache.get(factor)
         if hit is not None or factor in self._closed_cache:
             return hit
-        variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
+        free = factor.free_symbols
+        variables = tuple(v for v in self.g.random_variables if v in free)
         try:  # a function outside the families (tanh, sigmoid): refused before any algebra
             rewrite(factor, set(variables))
         except NoClosedForm:
@@ -304,7 +305,7 @@ class Expectation:
                 c_out = (const.as_independent(*self.outside, as_Add=False)[1]
                          if self.outside else sp.Integer(1))
                 f0 = self._canonical(live[0])
-                key = (frozenset(f0.free_symbols & random), c_out)
+                key = (_function_arguments(f0, random), c_out)
                 rest = sp.Mul(*[f for f, _ in groups if f is not live[0]])
                 pending[key] = pending.get(key, sp.Integer(0)) + const / c_out * rest * f0
                 continue
@@ -498,7 +499,8 @@ class Expectation:
         (and in any u outside the functions) is integrated exactly. Returns (exact part,
         quadrature variables, integrand) or None when a function reads a non-affine form."""
         from .closed_forms import kinks_as_steps
-        variables = tuple(v for v in self.g.random_variables if v in factor.free_symbols)
+        free = factor.free_symbols
+        variables = tuple(v for v in self.g.random_variables if v in free)
         factor = kinks_as_steps(factor, set(variables))
         forms, args, kinks = [], {}, []
 
@@ -657,6 +659,28 @@ class Expectation:
         us = tuple(u for u in us if u in inside)
         exact, rest = _split_free(integrand, set(us))
         return exact, us, rest
+
+
+def _function_arguments(expr, random) -> frozenset:
+    """The arguments that read the variables `random` of the outermost non-polynomial
+    sub-expressions of expr (functions, non-integer powers): tanh(z1)^2 zs1 and
+    tanh(z1) zeta1 both give {z1}. Terms with the same arguments have the same quadrature
+    forms: summed, they are projected once, over the union of their variables."""
+    out, seen, stack = set(), set(), [expr]
+    while stack:
+        x = stack.pop()
+        if x in seen or x.is_Atom:
+            continue
+        seen.add(x)
+        if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
+            stack.extend(x.args)
+        elif x.is_Pow:
+            stack.extend([x.base, x.exp] if x.base.is_Add or x.base.is_Mul else [])
+            if not (x.base.is_Add or x.base.is_Mul):
+                out.add(x.base)
+        else:
+            out.update(a for a in x.args if a.free_symbols & random)
+    return frozenset(a for a in out if a.free_symbols & random)
 
 
 def _split_free(expr, us) -> tuple:
@@ -850,7 +874,14 @@ def kink_breaks(node):
     each interval between them) when every Heaviside(nu + c . u) has c = (c1, 0, ..., 0); None
     when some kink is not along u1 (the rule then converges only like n^-2)."""
     us = node.variables
-    steps = node.integrand.atoms(sp.Heaviside)
+    steps = set()  # by a walk over distinct sub-expressions (atoms() walks the whole tree)
+
+    def collect(x):
+        if isinstance(x, sp.Heaviside):
+            steps.add(x)
+        return False
+
+    dag_any(node.integrand, collect)
     if not steps:
         return ()
     out = []

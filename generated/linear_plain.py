@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 87372de8824a0de69d9358e657d9d2e82129b80be34efbc65d5a88a32794b6df
-# tool: ssi-symbolic 0.1.0 generator 1 source aa1966a0264c6469
+# spec-hash: ac17da7a0a85cea4d458c44c622a562c0c4780fd7d79a4e96259a85a627182c2
+# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '87372de8824a0de69d9358e657d9d2e82129b80be34efbc65d5a88a32794b6df'
+SPEC_HASH = 'ac17da7a0a85cea4d458c44c622a562c0c4780fd7d79a4e96259a85a627182c2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

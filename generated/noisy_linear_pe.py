@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 869539f0b4e29b028c5219b490a320df1af6a272a1be144040426cd479514ab3
-# tool: ssi-symbolic 0.1.0 generator 1 source aa1966a0264c6469
+# spec-hash: d1515f001be2b33e17d9f8c71e6706303e9c02e2cf8735b2c5a80fa98e9c5eb3
+# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '869539f0b4e29b028c5219b490a320df1af6a272a1be144040426cd479514ab3'
+SPEC_HASH = 'd1515f001be2b33e17d9f8c71e6706303e9c02e2cf8735b2c5a80fa98e9c5eb3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7c2fbc3da6088a4b1f2a786a79ef6762018d9fe44eba17577ff7c42905d1a4ea
-# tool: ssi-symbolic 0.1.0 generator 1 source aa1966a0264c6469
+# spec-hash: 56cf7bcb781873d701d98acac6ff4e03e567ea62ae2120a4a6dc7329a1518cfd
+# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '7c2fbc3da6088a4b1f2a786a79ef6762018d9fe44eba17577ff7c42905d1a4ea'
+SPEC_HASH = '56cf7bcb781873d701d98acac6ff4e03e567ea62ae2120a4a6dc7329a1518cfd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8de4edbdbba194c529f19c2e67395d8f87c98344d4de3d1ec1c6d3c370898196
-# tool: ssi-symbolic 0.1.0 generator 1 source aa1966a0264c6469
+# spec-hash: 7a4ca89c524d8cd15aae9554e4f436566f15f33367623ee3d3a4e7c09ac56f41
+# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8de4edbdbba194c529f19c2e67395d8f87c98344d4de3d1ec1c6d3c370898196'
+SPEC_HASH = '7a4ca89c524d8cd15aae9554e4f436566f15f33367623ee3d3a4e7c09ac56f41'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

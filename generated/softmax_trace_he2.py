@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: dc3505a28fb2c195d8e21c2d9ad100c0c3db741f97d4035f4de60acc1609aeb1
-# tool: ssi-symbolic 0.1.0 generator 1 source aa1966a0264c6469 attention 1 705afe08a485805c
+# spec-hash: a5b6f593070fff379269ee850bd5faf8bbd253f368a358b6514efa20ded415af
+# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'dc3505a28fb2c195d8e21c2d9ad100c0c3db741f97d4035f4de60acc1609aeb1'
+SPEC_HASH = 'a5b6f593070fff379269ee850bd5faf8bbd253f368a358b6514efa20ded415af'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

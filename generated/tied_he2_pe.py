@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3b9237cb726be8edfd9e4f6152fc3d9c449acb8e997d1e543cced77b651e998c
-# tool: ssi-symbolic 0.1.0 generator 1 source aa1966a0264c6469
+# spec-hash: 076daf3f474d25de43da3d722b204bcc5073c206532fc99880c557c6bf9c55ac
+# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3b9237cb726be8edfd9e4f6152fc3d9c449acb8e997d1e543cced77b651e998c'
+SPEC_HASH = '076daf3f474d25de43da3d722b204bcc5073c206532fc99880c557c6bf9c55ac'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -78,6 +78,8 @@ def horner(expr, gens):
     k = len(gens)
     terms = {}
     try:  # every symbol a generator: much faster than coefficients in a polynomial domain
+        if not _expanded_form(expr):  # Poly would refuse it, after printing it in its error
+            raise sp.PolynomialError
         poly = sp.Poly(expr, *gens, *others, expand=False)
     except sp.PolynomialError:
         # not expanded: expand, then split each term into its monomial in the state and the
@@ -102,6 +104,17 @@ def horner(expr, gens):
         rest = sp.Mul(c, *[o ** e for o, e in zip(others, mon[k:]) if e])
         terms.setdefault(mon[:k], []).append(rest)
     return horner_terms({mon: sp.Add(*cs) for mon, cs in terms.items()}, gens)
+
+
+def _expanded_form(expr) -> bool:
+    """Whether no term of the sum expr has a factor that is a sum (or a power of one) holding
+    symbols: what sp.Poly(expr, ..., expand=False) needs."""
+    for t in sp.Add.make_args(expr):
+        for f in sp.Mul.make_args(t):
+            b = f.base if f.is_Pow else f
+            if b.is_Add and b.free_symbols:
+                return False
+    return True
 
 
 def _expanded(expr) -> dict:

@@ -42,6 +42,7 @@ class Expectation:
         self._closed_cache = {}
         self._projections = {}
         self._full_projections = {}  # forms over all random variables -> their projection
+        self._fixed_variables = {}  # forms over all token variables -> where R_ii = 0
         self._all_variables = None
         self._factor_cache = {}
         self._cond_moments = {}
@@ -297,7 +298,7 @@ class Expectation:
             self.kinds.add("exact")
         # 3. non-polynomial terms: a product over independent token groups; each group's
         # expectation in closed form where one exists, else a Gauss-Hermite node
-        pending = {}  # one-group terms left to quadrature, summed per (variables, eta part)
+        pending = {}  # one-group terms left to quadrature, per (function arguments, eta part)
         for term in rest_terms:
             const, groups = self._factors_by_token(term)
             live = [f for f, _ in groups if f.free_symbols & random]
@@ -307,7 +308,7 @@ class Expectation:
                 f0 = self._canonical(live[0])
                 key = (_function_arguments(f0, random), c_out)
                 rest = sp.Mul(*[f for f, _ in groups if f is not live[0]])
-                pending[key] = pending.get(key, sp.Integer(0)) + const / c_out * rest * f0
+                pending.setdefault(key, []).append(const / c_out * rest * f0)
                 continue
             value = [const]  # multiplied once (a zero factor first: 0 * x asks if x is finite)
             for factor, _ in groups:
@@ -318,7 +319,7 @@ class Expectation:
             else:
                 out.append(sp.Mul(*value))
         for (_, c_out), integrand in pending.items():
-            out.append(c_out * self._quadrature_expect(integrand))
+            out.append(c_out * self._quadrature_expect(sp.Add(*integrand)))
         return _merge_nodes(sp.Add(*out), self.outside)
 
     def _whole_closed_form(self, expr, random):
@@ -442,21 +443,10 @@ class Expectation:
         one Cholesky factorisation and triangular solve (a statistic of three tokens with
         encoding has hundreds of terms, their variable sets a few dozen). R, of which the
         conditional moments read a few entries, is computed entry by entry when read."""
-        allv = self._all_variables
-        if allv is None:
-            g = self.g
-            allv = self._all_variables = tuple(v for l in range(g.L)
-                                               for v in g.token_variables(l))
-        if not set(variables) <= set(allv):  # not token variables only: on their own
+        got = self._full_rows(variables, forms)
+        if got is None:  # not token variables only: on their own
             return self._projection(variables, forms)
-        at = [allv.index(v) for v in variables]
-        rows = []
-        for row in forms:
-            full = [0] * len(allv)
-            for i, c in zip(at, row):
-                full[i] = c
-            rows.append(tuple(full))
-        rows = tuple(rows)
+        allv, at, rows = got
         if rows not in self._full_projections:
             self._full_projections[rows] = self._projection(allv, rows, residual=False)
         got = self._full_projections[rows]
@@ -467,27 +457,70 @@ class Expectation:
         W = W.extract(at, list(range(k)))
         return sp.Matrix([mu[i] for i in at]), W, _Residual(S, W), k
 
+    def _full_rows(self, variables, forms):
+        """(all token variables, the positions of `variables` among them, the forms as rows
+        over all of them), or None when some variable is not a token variable."""
+        allv = self._all_variables
+        if allv is None:
+            g = self.g
+            allv = self._all_variables = tuple(v for l in range(g.L)
+                                               for v in g.token_variables(l))
+        if not set(variables) <= set(allv):
+            return None
+        at = [allv.index(v) for v in variables]
+        rows = []
+        for row in forms:
+            full = [0] * len(allv)
+            for i, c in zip(at, row):
+                full[i] = c
+            rows.append(tuple(full))
+        return allv, at, tuple(rows)
+
     def _forms_fix_everything(self, variables, forms, R) -> bool:
         """Whether the residual covariance R = Sigma - Sigma A^T K^-1 A Sigma of a projection
         vanishes identically (the forms Y = A x determine every variable). Decided exactly in
         the field of rational functions of the state (fraction-free over the polynomial ring:
         K adj(K) = det(K) I, so R = 0 iff det(K) Sigma = Sigma A^T adj(K) A Sigma), where a
         cancel of every entry of R (with its Cholesky radicals) took seconds for a dozen
-        variables; by that cancel when the entries are not rational functions."""
+        variables; by that cancel when the entries are not rational functions.
+
+        For token variables, once per set of forms over all of them: R is a covariance, so
+        its block on some variables vanishes iff its diagonal entries there do, and the
+        variables whose R_ii vanishes are found once for every term reading those forms."""
+        got = self._full_rows(variables, forms)
+        if got is not None:
+            allv, at, rows = got
+            if rows not in self._fixed_variables:
+                self._fixed_variables[rows] = self._vanishing_diagonal(allv, rows)
+            fixed = self._fixed_variables[rows]
+            if fixed is not None:
+                return all(i in fixed for i in at)
+        zero = self._vanishing_diagonal(variables, forms, whole=True)
+        if zero is None:
+            return all(x == 0 or sp.cancel(x) == 0 for x in R)
+        return zero
+
+    def _vanishing_diagonal(self, variables, forms, whole=False):
+        """The positions i where R_ii = 0 identically (whole: whether R = 0), in the field of
+        rational functions of the state; None when the entries are not rational functions."""
         from .closed_forms import _field_of
         _, S = self._gaussian_of(variables)
         A = _independent_rows(forms)
         n, k = S.shape[0], A.shape[0]
         got = _field_of(list(S) + list(A))
         if got is None:
-            return all(x == 0 or sp.cancel(x) == 0 for x in R)
+            return None
         dom, elems, _ = got
         dS = DomainMatrix([elems[i * n:(i + 1) * n] for i in range(n)], (n, n), dom)
         dA = DomainMatrix([elems[n * n + i * n:n * n + (i + 1) * n] for i in range(k)], (k, n),
                           dom)
         AS = dA * dS
         adj, det = (AS * dA.transpose()).adj_det()
-        return (dS * det - AS.transpose() * adj * AS).is_zero_matrix
+        D = dS * det - AS.transpose() * adj * AS
+        if whole:
+            return D.is_zero_matrix
+        zero = dom.zero
+        return frozenset(i for i in range(n) if D[i, i].element == zero)
 
     def _projected_node(self, factor):
         """Quadrature in as many dimensions as the integrand has independent affine forms

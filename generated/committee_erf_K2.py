@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e33e829f81af7207d536e5c280abf3e9ed8710c7766e239fc7008683772cb4cb
-# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
+# spec-hash: 7f5ffb0457ea0c5704a0a0641466a1bf00f456f196dd6fdf8dae16221fd73245
+# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'e33e829f81af7207d536e5c280abf3e9ed8710c7766e239fc7008683772cb4cb'
+SPEC_HASH = '7f5ffb0457ea0c5704a0a0641466a1bf00f456f196dd6fdf8dae16221fd73245'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

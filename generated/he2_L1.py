@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e7e49400359edc7d0f6469a05829ce9382b24b2279660b6990dcc2fa707cf871
-# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
+# spec-hash: 23ebbbce382debd1ebc5d4a84b2922bdd6965d00df62e1e2ec5e695084e6a406
+# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'e7e49400359edc7d0f6469a05829ce9382b24b2279660b6990dcc2fa707cf871'
+SPEC_HASH = '23ebbbce382debd1ebc5d4a84b2922bdd6965d00df62e1e2ec5e695084e6a406'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: efe246a75575b08ee269d3f84869d9a93996aa854aeb399a993fbc205a876213
-# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
+# spec-hash: fe6140d09ab0daf90d779318f8d83584606fa8c944ad8eace7e5dc4ab41426d6
+# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'efe246a75575b08ee269d3f84869d9a93996aa854aeb399a993fbc205a876213'
+SPEC_HASH = 'fe6140d09ab0daf90d779318f8d83584606fa8c944ad8eace7e5dc4ab41426d6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1c068b30be8677d862ff3092aaba98b0026949a001a7b5f5e62e98c96af9e275
-# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
+# spec-hash: d0a83972860456fa8312a14102a4bc30d01bbdb3ca8b085cfbee4cfc599c33f6
+# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '1c068b30be8677d862ff3092aaba98b0026949a001a7b5f5e62e98c96af9e275'
+SPEC_HASH = 'd0a83972860456fa8312a14102a4bc30d01bbdb3ca8b085cfbee4cfc599c33f6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9fb368690c899434d6743f151f4103d3d8cd825cccfdd51de6962bae319cbcdf
-# tool: ssi-symbolic 0.1.0 generator 1 source ade1638e3c11f13e
+# spec-hash: df774edc59d00a8a0d435c81a44e5608ed7142aeee575b68f6ffd89e2b4c8d90
+# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9fb368690c899434d6743f151f4103d3d8cd825cccfdd51de6962bae319cbcdf'
+SPEC_HASH = 'df774edc59d00a8a0d435c81a44e5608ed7142aeee575b68f6ffd89e2b4c8d90'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

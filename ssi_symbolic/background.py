@@ -7,7 +7,7 @@ from the front of the list and a forked child from the back, each claiming the n
 is done, until they meet (symbolic.expectation.Expectation.expect_many).
 
 Code generation has a part that depends only on the quadrature nodes: their integrand functions
-and the node count that meets the tolerance (exact.choose_nodes, which compiles and evaluates
+and the node count that meets the tolerance (node_counts.choose_nodes, which compiles and evaluates
 them, importing scipy.special on the way). It runs in a forked child while the parent does the
 common-subexpression elimination and the printing of the state functions; the child sends back
 its (small, picklable) result through a pipe.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from ssi_symbolic.backends import exact
+from ssi_symbolic.backends import exact, node_counts
 from ssi_symbolic.backends.printing import horner
 from ssi_symbolic.symbolic import closed_forms as cf
 from ssi_symbolic.symbolic.expectation import _split_free
@@ -219,21 +219,21 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
     dims = sorted({k for k, _ in info})
     if L == 2:
         assert dims == [1, 2, 3]
-    states = exact._probe_states(spec)
+    states = node_counts._probe_states(spec)
     st = [np.array([s[i] for s in states]) for i in range(len(states[0]))]
     expected = {}
     with np.errstate(all="ignore"):
         for k in dims:
             members = [f for (f, _), (d, _) in zip(nodes, info) if d == k]
             work = sum(c for d, c in info if d == k)
-            cands = [n for n in exact.NODE_CANDIDATES if (2 * n) ** k <= exact.MAX_POINTS]
+            cands = [n for n in node_counts.NODE_CANDIDATES if (2 * n) ** k <= node_counts.MAX_POINTS]
             expected[k] = cands[-1]
             for pos, n in enumerate(cands[:-1]):
-                if (2 * n) ** k * work > exact.PROBE_WORK:
+                if (2 * n) ** k * work > node_counts.PROBE_WORK:
                     expected[k] = n
                     break
                 if all((np.abs(np.asarray(f(*st, n=n)) - np.asarray(f(*st, n=2 * n)))
-                        <= exact.QUADRATURE_TOLERANCE
+                        <= node_counts.QUADRATURE_TOLERANCE
                         * np.maximum(1.0, np.abs(np.asarray(f(*st, n=2 * n))))).all()
                        for f in members):
                     expected[k] = n
@@ -241,7 +241,7 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
     top = expected[max(dims)]
     if L == 2:  # one count for every dimension would not do
         assert len(set(expected.values())) > 1, expected
-    assert exact.choose_nodes(text, spec) == (top, {k: n for k, n in expected.items()
+    assert node_counts.choose_nodes(text, spec) == (top, {k: n for k, n in expected.items()
                                                     if n != top})
 
 
@@ -439,7 +439,7 @@ from pathlib import Path
 from ssi_symbolic.model.spec import load_spec
 from ssi_symbolic.symbolic.derive import derive
 from ssi_symbolic import background
-from ssi_symbolic.backends import exact
+from ssi_symbolic.backends import exact, node_counts
 assert background.can_fork()
 D = derive(load_spec(Path(sys.argv[1])))
 assert 'scipy.special' not in sys.modules
@@ -687,7 +687,7 @@ from pathlib import Path
 from ssi_symbolic.model.spec import load_spec
 from ssi_symbolic.symbolic.derive import derive
 from ssi_symbolic import background
-from ssi_symbolic.backends import exact
+from ssi_symbolic.backends import exact, node_counts
 assert background.can_fork()
 shares, children = [], []
 two_ends = background.two_ends

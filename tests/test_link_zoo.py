@@ -79,7 +79,6 @@ class ZooCase(tmc.Case):
     n: int = 300_000
     kind: str = "closed"
     factors: tuple | None = None
-    drift_only: bool = False   # Cov(G) of this case is too slow for the suite: loss and drift
 
 
 PE1 = [[1.0], [-1.0]]                               # the authors' opposite-paired encoding
@@ -160,7 +159,7 @@ def _zoo():
         # ---------------- L = 3 ----------------
         dict(name="erf_lincomb_tanh_L3_pe2", L=3, kind="quad",
              teacher="erf((z1 + z2 + z3)/sqrt(3))",
-             student="(tanh(z1) + tanh(z2) + tanh(z3))/sqrt(3)", C=PE3, drift_only=True),
+             student="(tanh(z1) + tanh(z2) + tanh(z3))/sqrt(3)", C=PE3),
         dict(name="max3_relu_sum_L3_plain", L=3, teacher="Max(z1, z2, z3)",
              student="z1 + z2 + z3", spherical=False),
     ]
@@ -216,7 +215,7 @@ def zoo_module(case, out_dir):
                              positional=case.C, parameters=case.params, noise=case.noise,
                              spherical=case.spherical)
             with _time_limit(DERIVE_WITHIN, f"deriving {case.name}"):
-                path, _ = generate(spec, out_dir=out_dir, diffusion=not case.drift_only)
+                path, _ = generate(spec, out_dir=out_dir)
             _MODULES[case.name] = load_module(path)
         except Exception as exc:  # noqa: BLE001  (remembered, re-raised below)
             _MODULES[case.name] = exc
@@ -366,10 +365,6 @@ def test_zoo_drift_mc(case, zoo_dir):
 @pytest.mark.parametrize("case", ZOO, ids=IDS)
 def test_zoo_covariance_mc(case, zoo_dir):
     """covariance = Cov(G) within 5 batch standard errors, symmetric; diffusion = Cov(G)/d."""
-    if case.drift_only:
-        pytest.skip(f"{case.name}: drift-only module (its full module takes about 40 s to "
-                    f"derive and its four-dimensional Cov(G) nodes about 20 s to bound: "
-                    f"python3 bench/bench_links.py --test-zoo {case.name})")
     mod = zoo_module(case, zoo_dir)
     state, v = zoo_state(case), case.values
     mc = zoo_mc(case.name)
@@ -432,8 +427,6 @@ def test_zoo_reference_L1(case, zoo_dir):
     assert_close(f"{case.name} drift at {state}", _vec(mod.drift(*state, eta=ETA, **v)),
                  ref.drift, atol=np.maximum(bound("drift_eta1", mod.drift, eta=ETA),
                                             bound("drift_eta2", mod.drift, eta=ETA)))
-    if case.drift_only:
-        return
     cov = np.asarray(mod.covariance(*state, eta=ETA, **v), dtype=float).reshape(n, n)
     atol = np.asarray(bound("covariance", mod.covariance, eta=ETA), dtype=float)
     assert_close(f"{case.name} covariance at {state}", cov, ref.covariance,

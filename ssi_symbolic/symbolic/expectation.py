@@ -707,10 +707,8 @@ def _function_arguments(expr, random) -> frozenset:
         seen.add(x)
         if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
             stack.extend(x.args)
-        elif x.is_Pow:
-            stack.extend([x.base, x.exp] if x.base.is_Add or x.base.is_Mul else [])
-            if not (x.base.is_Add or x.base.is_Mul):
-                out.add(x.base)
+        elif x.is_Pow:  # a negative or fractional power: what it reads is its base
+            out.update((x.base, x.exp))
         else:
             out.update(a for a in x.args if a.free_symbols & random)
     return frozenset(a for a in out if a.free_symbols & random)

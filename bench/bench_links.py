@@ -179,8 +179,12 @@ def main(argv) -> None:
         short = {"exact": "E", "closed form": "C", "quadrature": "Q"}
         per = "".join(short[m] for m in re.findall(r": '([^']*)'", per))
         sie = (span(sie_times) if all(t == t for t in sie_times) else "fail")
+        # the counts of the rules whose dimension needs another (QUADRATURE_NODE_FACTORS)
+        factors = re.search(r"^QUADRATURE_NODE_FACTORS = \{(.*)\}$", text_out, re.M)
+        by_dim = ("" if factors is None or not factors.group(1) else " (by dimension: " + ", ".join(
+            f"{k}-d {n}" for k, n in re.findall(r"(\d+): (\d+) /", factors.group(1))) + ")")
         print(f"{name:{nw}s} {span(derive_times):>{width}s} {sie:>{width}s}  {method:12s} "
-              f"{nodes:>5s}  {per} (loss, drift1, drift2, cov, ito, finite-d)")
+              f"{nodes:>5s}  {per} (loss, drift1, drift2, cov, ito, finite-d){by_dim}")
         if max(derive_times) >= 5.0 or not all(t < 5.0 for t in sie_times):
             slow.append(name)
     print(f"rows with a derive or sie of 5 s or more (or failed), {repeat} run(s) each: "

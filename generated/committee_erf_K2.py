@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7f5ffb0457ea0c5704a0a0641466a1bf00f456f196dd6fdf8dae16221fd73245
-# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
+# spec-hash: ebc04d3a920e55ba4bbc5128385c3ada7bacacd5de6032331cec99e1fbe5513e
+# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '7f5ffb0457ea0c5704a0a0641466a1bf00f456f196dd6fdf8dae16221fd73245'
+SPEC_HASH = 'ebc04d3a920e55ba4bbc5128385c3ada7bacacd5de6032331cec99e1fbe5513e'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 23ebbbce382debd1ebc5d4a84b2922bdd6965d00df62e1e2ec5e695084e6a406
-# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
+# spec-hash: 7c6a43f3eb8b03a06c4a133821be25804f5e5cb113f2adedf5a18a052927eb13
+# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '23ebbbce382debd1ebc5d4a84b2922bdd6965d00df62e1e2ec5e695084e6a406'
+SPEC_HASH = '7c6a43f3eb8b03a06c4a133821be25804f5e5cb113f2adedf5a18a052927eb13'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

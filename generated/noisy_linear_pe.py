@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 37cd55fdd9f56a5ef9dbefa25c46c4ea4339a28844614e2f969d8e3b7440e63f
-# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
+# spec-hash: 4d9256009a52bb6f428675779c13bb46ea651ab0d09bef5df57c9bc4363a52bb
+# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '37cd55fdd9f56a5ef9dbefa25c46c4ea4339a28844614e2f969d8e3b7440e63f'
+SPEC_HASH = '4d9256009a52bb6f428675779c13bb46ea651ab0d09bef5df57c9bc4363a52bb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

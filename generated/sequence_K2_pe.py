@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: bfa837d98ceb10116d5f6a6060c8ca4f818d72d6870660937923e7ac5a59b7f2
-# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
+# spec-hash: bbd86971c5b6bd029230e415276d5ebd3093b3cc9fc2fb59ce1ed36e3e3048a8
+# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'bfa837d98ceb10116d5f6a6060c8ca4f818d72d6870660937923e7ac5a59b7f2'
+SPEC_HASH = 'bbd86971c5b6bd029230e415276d5ebd3093b3cc9fc2fb59ce1ed36e3e3048a8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 1ab942c9083efbe53c43b75899c914de9e66bec12bdb1a6de5cdedd8183426d6
-# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933 attention 1 705afe08a485805c
+# spec-hash: e2455ca94c57ec2db850c7c51de826614872a476ed3eed948bd86a4ef3551961
+# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '1ab942c9083efbe53c43b75899c914de9e66bec12bdb1a6de5cdedd8183426d6'
+SPEC_HASH = 'e2455ca94c57ec2db850c7c51de826614872a476ed3eed948bd86a4ef3551961'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

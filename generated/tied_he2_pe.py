@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 36055d129aef98f75d54834cb9feb56b779a21030c214b57231ea696f1da9fd7
-# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
+# spec-hash: 3dc64af0958bc4442293b4e46f17b663f71d41148b65e687aaac5a02015be5d1
+# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '36055d129aef98f75d54834cb9feb56b779a21030c214b57231ea696f1da9fd7'
+SPEC_HASH = '3dc64af0958bc4442293b4e46f17b663f71d41148b65e687aaac5a02015be5d1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 55c11d3918617c5f8c248848374763416283a7763fba620fccad711e60f44edf
-# tool: ssi-symbolic 0.1.0 generator 1 source 3145b494f3457933
+# spec-hash: 260a0366ef8f7d32517207540cbf1f6313437a90b2b2dd35337a8bb14bd12bc6
+# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '55c11d3918617c5f8c248848374763416283a7763fba620fccad711e60f44edf'
+SPEC_HASH = '260a0366ef8f7d32517207540cbf1f6313437a90b2b2dd35337a8bb14bd12bc6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -42,11 +42,11 @@ from ..model.spec import ModelSpec, link_entries
 from ..symbolic.derive import ETA, Derivation, RingForms, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.closed_forms import NormalOrthant
-from ..symbolic.gaussian import GaussHermite
+from ..symbolic.gaussian import GaussHermite, dag_free_symbols
 from ..background import Background
 from .files import module_path, read_hash, write_atomic
-from .printing import (closure, cse, forward_jacobian, function_source, horner, module_header,
-                       pycode, tuple_source)
+from .printing import (closure, cse, expanded_form, forward_jacobian, function_source, horner,
+                       module_header, pycode, tuple_source)
 from .ring_printing import RingPrinter
 from .node_counts import QUADRATURE_TOLERANCE, choose_nodes
 from . import runtime
@@ -276,7 +276,13 @@ class _Module:
             if self.nodes_ready is not None:
                 self.nodes_ready()
                 self.nodes_ready = None
-            outputs = [horner(x, D.state)
+            # an output holding quadrature placeholders in unexpanded products keeps its
+            # product form: expanded for a Horner form it was several times longer (a
+            # three-token Cov(G) entry: 8 products of sums of ~300 terms -> 4300 terms) and its
+            # expansion was the longest step of the module
+            phs = set(self.quad.values())
+            outputs = [x if phs and not expanded_form(x) and dag_free_symbols(x) & phs
+                       else horner(x, D.state)
                        for x in [loss] + d1 + d2 + flat_cov + ito + jac + fdc]
             repl, reduced = cse(outputs + orth_args)
             k = len(outputs)

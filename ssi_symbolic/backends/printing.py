@@ -78,7 +78,7 @@ def horner(expr, gens):
     k = len(gens)
     terms = {}
     try:  # every symbol a generator: much faster than coefficients in a polynomial domain
-        if not _expanded_form(expr):  # Poly would refuse it, after printing it in its error
+        if not expanded_form(expr):  # Poly would refuse it, after printing it in its error
             raise sp.PolynomialError
         poly = sp.Poly(expr, *gens, *others, expand=False)
     except sp.PolynomialError:
@@ -106,7 +106,7 @@ def horner(expr, gens):
     return horner_terms({mon: sp.Add(*cs) for mon, cs in terms.items()}, gens)
 
 
-def _expanded_form(expr) -> bool:
+def expanded_form(expr) -> bool:
     """Whether no term of the sum expr has a factor that is a sum (or a power of one) holding
     symbols: what sp.Poly(expr, ..., expand=False) needs."""
     for t in sp.Add.make_args(expr):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ebc04d3a920e55ba4bbc5128385c3ada7bacacd5de6032331cec99e1fbe5513e
-# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
+# spec-hash: 2c33badaa79c870839c88635b29e7890cfc50b6e148643ca8e110c0506114388
+# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ebc04d3a920e55ba4bbc5128385c3ada7bacacd5de6032331cec99e1fbe5513e'
+SPEC_HASH = '2c33badaa79c870839c88635b29e7890cfc50b6e148643ca8e110c0506114388'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 10617cf353182929a7d22c7f9a1591a35867c5691eb97d977400c346e458c33e
-# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
+# spec-hash: 41f5c40f8acd3b576d6614d6f51b911459d050ebe89ba69245df607b0510860a
+# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '10617cf353182929a7d22c7f9a1591a35867c5691eb97d977400c346e458c33e'
+SPEC_HASH = '41f5c40f8acd3b576d6614d6f51b911459d050ebe89ba69245df607b0510860a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

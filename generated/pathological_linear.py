@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e82c2a63dc1f501a2446381a03920f6718a8bdcfc0a998df37a53d7bcf24bf11
-# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
+# spec-hash: 352f1db3f04508b9ad7311fc25745fcdbc97cfcfca121c38975f5853b893f18f
+# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'e82c2a63dc1f501a2446381a03920f6718a8bdcfc0a998df37a53d7bcf24bf11'
+SPEC_HASH = '352f1db3f04508b9ad7311fc25745fcdbc97cfcfca121c38975f5853b893f18f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

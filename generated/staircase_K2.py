@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d180e8113919d1d9d69e711e1bc47998129478129828aa8d7ccfd5da1f4b035f
-# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
+# spec-hash: 22407d3c136708857cbbb2f542c2034a771b83ae00cfec261859f153ffaa5b81
+# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd180e8113919d1d9d69e711e1bc47998129478129828aa8d7ccfd5da1f4b035f'
+SPEC_HASH = '22407d3c136708857cbbb2f542c2034a771b83ae00cfec261859f153ffaa5b81'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

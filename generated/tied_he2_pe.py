@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3dc64af0958bc4442293b4e46f17b663f71d41148b65e687aaac5a02015be5d1
-# tool: ssi-symbolic 0.1.0 generator 1 source e22effaf378750b7
+# spec-hash: f35127706e38dbd51479d1cd8c38353bd97dde024489001b5bb5955604571165
+# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3dc64af0958bc4442293b4e46f17b663f71d41148b65e687aaac5a02015be5d1'
+SPEC_HASH = 'f35127706e38dbd51479d1cd8c38353bd97dde024489001b5bb5955604571165'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

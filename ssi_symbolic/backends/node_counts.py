@@ -81,7 +81,7 @@ def choose_nodes(text: str, spec) -> tuple[int, dict]:
               + [(k, "_gh_integrand_" + k[len("_gh_node_"):]) for k in names
                  if k.startswith("_gh_node_") and "_gh_integrand_" + k[len("_gh_node_"):] in names])
     nodes = [getattr(ns, k) for k, _ in probes]
-    dims, counts = zip(*[_node_dim(text, integrand) for _, integrand in probes]) if probes \
+    dims, counts = zip(*[_node_shape(text, integrand) for _, integrand in probes]) if probes \
         else ((), ())
     params = {k: float(v) for k, v in spec.parameters.items()}
     orthants = _orthant_functions(text)
@@ -158,7 +158,7 @@ def _orthant_functions(text: str) -> list:
     return out
 
 
-def _node_dim(text: str, integrand: str) -> tuple[int, int]:
+def _node_shape(text: str, integrand: str) -> tuple[int, int]:
     """(dimension k, number of integrands) of the node (or group) of an integrand function,
     read from its _gh_expect, _gh_expect_many or _split_expect call."""
     key = f"({integrand}, "

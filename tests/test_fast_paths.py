@@ -184,6 +184,13 @@ def test_per_dimension_node_counts_in_the_module(tmp_path):
         mod.QUADRATURE_NODES = n
     assert np.all(np.abs(value - fine) <= bound)
     assert np.all(np.isfinite(bound)) and np.all(bound > 0)
+    # `ssi evaluate --json` reports the counts of the dimensions that differ
+    from ssi_symbolic.numeric.evaluate import evaluate
+    got = evaluate(spec, dict(zip(mod.OVERLAPS, state)), out_dir=tmp_path)["quadrature"]
+    assert got["nodes_per_dimension"] == counts[3]
+    assert got["nodes_per_dimension_by_rule_dimension"] == {
+        str(k): counts[k] for k in sorted(mod.QUADRATURE_NODE_FACTORS)}
+    assert set(got["nodes_per_dimension_by_rule_dimension"]) <= {"1", "2"}
 
 
 @pytest.mark.parametrize("teacher, student, L", [("tanh(z1)", "tanh(z1)", 1),

@@ -233,9 +233,10 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
         for k in dims:
             members = [f for (f, _), (d, _) in zip(nodes, info) if d == k]
             work = sum(c for d, c in info if d == k)
-            cands = [n for n in node_counts.NODE_CANDIDATES if (2 * n) ** k <= node_counts.MAX_POINTS]
+            cands = [n for n in node_counts.NODE_CANDIDATES
+                     if (2 * n) ** k <= node_counts.MAX_POINTS]
             expected[k] = cands[-1]
-            for pos, n in enumerate(cands[:-1]):
+            for n in cands[:-1]:
                 if (2 * n) ** k * work > node_counts.PROBE_WORK:
                     expected[k] = n
                     break
@@ -446,7 +447,7 @@ from pathlib import Path
 from ssi_symbolic.model.spec import load_spec
 from ssi_symbolic.symbolic.derive import derive
 from ssi_symbolic import background
-from ssi_symbolic.backends import exact, node_counts
+from ssi_symbolic.backends import exact
 assert background.can_fork()
 D = derive(load_spec(Path(sys.argv[1])))
 assert 'scipy.special' not in sys.modules
@@ -694,7 +695,7 @@ from pathlib import Path
 from ssi_symbolic.model.spec import load_spec
 from ssi_symbolic.symbolic.derive import derive
 from ssi_symbolic import background
-from ssi_symbolic.backends import exact, node_counts
+from ssi_symbolic.backends import exact
 assert background.can_fork()
 shares, children = [], []
 two_ends = background.two_ends

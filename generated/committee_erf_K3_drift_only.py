@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 42776240525da192368e71642f9e5b9050278c759391f3ccaa794dec4afcf016
-# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
+# spec-hash: aab296c84944aa87f0ef5f9b642b0ac29df77792f9c5a3e1eabc632e389b6c93
+# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '42776240525da192368e71642f9e5b9050278c759391f3ccaa794dec4afcf016'
+SPEC_HASH = 'aab296c84944aa87f0ef5f9b642b0ac29df77792f9c5a3e1eabc632e389b6c93'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

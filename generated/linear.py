@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: faa60ddb2ceb7b502bd570b6da4cc82ef5432579f444e922067bd2400fa416c7
-# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
+# spec-hash: 321b005d6fd1fd668b3c2b7f464c429a82f209999fa37b075e62bbdd8c4cde88
+# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'faa60ddb2ceb7b502bd570b6da4cc82ef5432579f444e922067bd2400fa416c7'
+SPEC_HASH = '321b005d6fd1fd668b3c2b7f464c429a82f209999fa37b075e62bbdd8c4cde88'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

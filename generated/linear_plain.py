@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 41f5c40f8acd3b576d6614d6f51b911459d050ebe89ba69245df607b0510860a
-# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
+# spec-hash: 987612cd10a50503e143a770705543a197a57e3a26f7ba8399cf84edf685fdb6
+# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '41f5c40f8acd3b576d6614d6f51b911459d050ebe89ba69245df607b0510860a'
+SPEC_HASH = '987612cd10a50503e143a770705543a197a57e3a26f7ba8399cf84edf685fdb6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9022cec31839106b68321127548713ff1858281a0d25c9fa7347ad0e8d28a245
-# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
+# spec-hash: 7825f99e52c1f36f315327ac250b7d59feb081385a371441132f077717f3f2f3
+# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9022cec31839106b68321127548713ff1858281a0d25c9fa7347ad0e8d28a245'
+SPEC_HASH = '7825f99e52c1f36f315327ac250b7d59feb081385a371441132f077717f3f2f3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f35127706e38dbd51479d1cd8c38353bd97dde024489001b5bb5955604571165
-# tool: ssi-symbolic 0.1.0 generator 1 source e6a44f3d36811280
+# spec-hash: 0e0c302a66ac8a358a6a2caf509048b52c455d0b5089a5f7d09ea0d70787db93
+# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f35127706e38dbd51479d1cd8c38353bd97dde024489001b5bb5955604571165'
+SPEC_HASH = '0e0c302a66ac8a358a6a2caf509048b52c455d0b5089a5f7d09ea0d70787db93'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -21,7 +21,7 @@ from sympy.polys.matrices import DomainMatrix
 from .exact_engine import ExactEngine
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
                        _nonpolynomial_symbols, dag_any, dag_free_symbols, distribute,
-                       has_quadrature)
+                       has_quadrature, nonpolynomial_parts)
 
 
 class Expectation:
@@ -696,22 +696,12 @@ class Expectation:
 
 def _function_arguments(expr, random) -> frozenset:
     """The arguments that read the variables `random` of the outermost non-polynomial
-    sub-expressions of expr (functions, non-integer powers): tanh(z1)^2 zs1 and
-    tanh(z1) zeta1 both give {z1}. Terms with the same arguments have the same quadrature
-    forms: summed, they are projected once, over the union of their variables."""
-    out, seen, stack = set(), set(), [expr]
-    while stack:
-        x = stack.pop()
-        if x in seen or x.is_Atom:
-            continue
-        seen.add(x)
-        if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
-            stack.extend(x.args)
-        elif x.is_Pow:  # a negative or fractional power: what it reads is its base
-            out.update((x.base, x.exp))
-        else:
-            out.update(a for a in x.args if a.free_symbols & random)
-    return frozenset(a for a in out if a.free_symbols & random)
+    sub-expressions of expr (a function's arguments, a negative or fractional power's base and
+    exponent): tanh(z1)^2 zs1 and tanh(z1) zeta1 both give {z1}. Terms with the same arguments
+    have the same quadrature forms: summed, they are projected once, over the union of their
+    variables."""
+    return frozenset(a for x in nonpolynomial_parts(expr) for a in x.args
+                     if a.free_symbols & random)
 
 
 def _split_free(expr, us) -> tuple:

@@ -319,16 +319,26 @@ class TokenGaussian:
 # Mixed statistics: exact where polynomial, Gauss-Hermite nodes where not
 # ----------------------------------------------------------------------------------------
 
+def nonpolynomial_parts(expr) -> set:
+    """The outermost non-polynomial sub-expressions of expr (functions, negative or fractional
+    powers: what is not reached through sums, products and non-negative integer powers),
+    each distinct sub-expression visited once."""
+    out, seen, stack = set(), set(), [expr]
+    while stack:
+        x = stack.pop()
+        if x in seen or x.is_Atom:
+            continue
+        seen.add(x)
+        if x.is_Add or x.is_Mul or (x.is_Pow and x.exp.is_Integer and x.exp >= 0):
+            stack.extend(x.args)
+        else:
+            out.add(x)
+    return out
+
+
 def _nonpolynomial_symbols(expr) -> set:
     """Symbols that occur inside a non-polynomial sub-expression (a function, a division...)."""
-    if expr.is_Atom:
-        return set()
-    if expr.is_Add or expr.is_Mul or (expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0):
-        out = set()
-        for a in expr.args:
-            out |= _nonpolynomial_symbols(a)
-        return out
-    return set(expr.free_symbols)
+    return set().union(*[x.free_symbols for x in nonpolynomial_parts(expr)])
 
 
 def _wick(cov, alpha):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7825f99e52c1f36f315327ac250b7d59feb081385a371441132f077717f3f2f3
-# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
+# spec-hash: 45d7d0b2abd5f7cfb8ff9ce48e9fd69d84e2a87e186976c388dafc3ddf38ea69
+# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '7825f99e52c1f36f315327ac250b7d59feb081385a371441132f077717f3f2f3'
+SPEC_HASH = '45d7d0b2abd5f7cfb8ff9ce48e9fd69d84e2a87e186976c388dafc3ddf38ea69'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

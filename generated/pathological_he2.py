@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6f379fae8737e0ca0c77635ea91fad93082c5a0d6739f9ae5775f3505a24459e
-# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
+# spec-hash: 3d2ef6835106eaf248a81659695b2a8a8c437acf8e54e42709b98bbe77477185
+# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '6f379fae8737e0ca0c77635ea91fad93082c5a0d6739f9ae5775f3505a24459e'
+SPEC_HASH = '3d2ef6835106eaf248a81659695b2a8a8c437acf8e54e42709b98bbe77477185'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 372f622dcb36892cbe20a805070540971b1e301cf7edd7c9f4859c2783e23cbb
-# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
+# spec-hash: bf82d297f69e3d1e129b96744f81f09b7b1d4dffee87a22f83cf082df876d973
+# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '372f622dcb36892cbe20a805070540971b1e301cf7edd7c9f4859c2783e23cbb'
+SPEC_HASH = 'bf82d297f69e3d1e129b96744f81f09b7b1d4dffee87a22f83cf082df876d973'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: b5292ff019de377feb5227102ed1ead0b0afff3c88bca292154e4486bb06a8f2
-# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0 attention 1 705afe08a485805c
+# spec-hash: 392da484bf0de8634c68b7226484b75eece91fec4a08d32bec6f001c25a5d634
+# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'b5292ff019de377feb5227102ed1ead0b0afff3c88bca292154e4486bb06a8f2'
+SPEC_HASH = '392da484bf0de8634c68b7226484b75eece91fec4a08d32bec6f001c25a5d634'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

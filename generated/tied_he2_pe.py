@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0e0c302a66ac8a358a6a2caf509048b52c455d0b5089a5f7d09ea0d70787db93
-# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
+# spec-hash: 1b8483d194e3ce7a3792fcd1657f2683feac3db77e9eb787ebdb1042c6543652
+# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '0e0c302a66ac8a358a6a2caf509048b52c455d0b5089a5f7d09ea0d70787db93'
+SPEC_HASH = '1b8483d194e3ce7a3792fcd1657f2683feac3db77e9eb787ebdb1042c6543652'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 70af7ba14f67752f2af16e00d2fc15d847035e316f81ae9d3f49af48463cb721
-# tool: ssi-symbolic 0.1.0 generator 1 source 38c0c345768594a0
+# spec-hash: b4bcccedd85292aae59cff46c6eafd7ea933b77ee671214f588015f485154226
+# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '70af7ba14f67752f2af16e00d2fc15d847035e316f81ae9d3f49af48463cb721'
+SPEC_HASH = 'b4bcccedd85292aae59cff46c6eafd7ea933b77ee671214f588015f485154226'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

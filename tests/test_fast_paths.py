@@ -115,11 +115,22 @@ def test_combine_exp_merges_products_and_keeps_values():
 
 
 def test_short_str_is_a_prefix_of_the_printed_sum():
+    from sympy.printing.str import StrPrinter
+    stored = StrPrinter({"order": "none"}).doprint  # str() with the arguments in stored order
     e = sp.Add(*[sp.Symbol(f"a{i}") * sp.tanh(x) ** i for i in range(1, 60)])
     s = exact.short_str(e, 120)
     assert len(s) == 120
-    printed = " + ".join(sp.sstr(t) for t in sp.Add.make_args(e))
-    assert printed.startswith(s)
+    assert stored(e).startswith(s)
+    small = m * sp.tanh(x) - 2 * sp.exp(q) + 3
+    assert exact.short_str(small, 400) == stored(small)
+    # a product holding sums of 2000 terms: each sum is cut after the terms that fill the
+    # limit (" + ..."), and the 400 characters shown are the start of the full text
+    big = sp.Add(*[sp.Symbol(f"b{i}") * x ** i for i in range(2000)])
+    e = sp.tanh(x) * big * (q - big)
+    cut = exact._BoundedStr(400).doprint(e)
+    assert cut.count(" + ...") == 2 and len(cut) < 1200
+    s = exact.short_str(e, 400)
+    assert len(s) == 400 and stored(e).startswith(s)
 
 
 def test_horner_of_an_unexpanded_sum_with_placeholders():

@@ -36,6 +36,7 @@ import hashlib
 from pathlib import Path
 
 import sympy as sp
+from sympy.printing.str import StrPrinter
 
 from ..version import __version__
 from ..model.spec import ModelSpec, link_entries
@@ -700,16 +701,30 @@ def combine_exp(expr):
     return _dag_map(expr, post=_merge_exps)
 
 
+class _BoundedStr(StrPrinter):
+    """str() in the order SymPy stores the arguments, every sum cut after the terms that
+    reach `limit` characters (" + ..."): the cost is bounded by the limit, not the size of
+    the expression (a sum of hundreds of terms inside a product would print in full)."""
+
+    def __init__(self, limit: int):
+        super().__init__({"order": "none"})
+        self.limit = limit
+
+    def _print_Add(self, expr, order=None):
+        out = ""
+        for i, t in enumerate(expr.args):
+            s = self._print(t)
+            out += s if i == 0 else (" - " + s[1:] if s.startswith("-") else " + " + s)
+            if len(out) >= self.limit and i + 1 < len(expr.args):
+                return out + " + ..."
+        return out
+
+
 def short_str(expr, limit: int) -> str:
-    """The first `limit` characters of str(expr), printing no more terms of a sum than
-    needed (sp.sstr of a whole large integrand costs seconds)."""
-    out = ""
-    for i, t in enumerate(sp.Add.make_args(expr)):
-        s = sp.sstr(t)
-        out += s if i == 0 else (" - " + s[1:] if s.startswith("-") else " + " + s)
-        if len(out) >= limit:
-            break
-    return out[:limit]
+    """At most `limit` characters of str(expr) with its arguments in stored order, every sum
+    in it cut to the terms that fill `limit` (" + ..."): what a docstring shows of a large
+    integrand, at a cost independent of its size."""
+    return _BoundedStr(limit).doprint(expr)[:limit]
 
 
 def salt(diffusion: bool = True) -> str:

@@ -13,7 +13,7 @@ again (0.1-0.3 s of each row, a cost no user's repeated runs pay).
     python3 bench/bench_links.py                 # the whole table (a few minutes)
     python3 bench/bench_links.py relu erf        # rows whose name contains one of the words
     python3 bench/bench_links.py --repeat 3      # each row 3 times: min-max of the times
-    python3 bench/bench_links.py --test-zoo      # the 37 cases of tests/test_link_zoo.py
+    python3 bench/bench_links.py --test-zoo      # the 38 cases of tests/test_link_zoo.py
     python3 bench/bench_links.py --timeout 60    # a derivation stopped after 60 s (default 300)
 
 With --repeat N every row is derived N times, each in a fresh process and a fresh output

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a44bb8b9b6c1028cb3e2898809845d064cbd0b7d0a2d97a543f420a9b5339336
-# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
+# spec-hash: f3765bec640946c2d14b849c4833d0c24139c2f18acee625bd0606cea80a9e8b
+# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a44bb8b9b6c1028cb3e2898809845d064cbd0b7d0a2d97a543f420a9b5339336'
+SPEC_HASH = 'f3765bec640946c2d14b849c4833d0c24139c2f18acee625bd0606cea80a9e8b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

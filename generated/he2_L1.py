@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 64b47d04aea0cf4c47eaab0882cba69c64ff28d891fbcf3bbac01a24ee2cc755
-# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
+# spec-hash: 4846d84ea6d8d9483bae29f8f6f94a16d7615e5551917f6b628e2c0babeb2f94
+# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '64b47d04aea0cf4c47eaab0882cba69c64ff28d891fbcf3bbac01a24ee2cc755'
+SPEC_HASH = '4846d84ea6d8d9483bae29f8f6f94a16d7615e5551917f6b628e2c0babeb2f94'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f1b179c01127b5523b55ebfcf3c3b3378670a6a30ed8cad1b7bd0b6e2417e33e
-# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
+# spec-hash: a97c299d3e1b0c36cc58a6d842754b650738be64d1dc8e96b102b7495fc2d7bd
+# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f1b179c01127b5523b55ebfcf3c3b3378670a6a30ed8cad1b7bd0b6e2417e33e'
+SPEC_HASH = 'a97c299d3e1b0c36cc58a6d842754b650738be64d1dc8e96b102b7495fc2d7bd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b8a6b85d5751b861e4540df36f13f1037a689f096b00f4658c581143ce3ad5d7
-# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
+# spec-hash: fc99e2e9f461578bdd11ea1bbfc5b79412989d589d7fa084c8ad86878f8acbd8
+# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b8a6b85d5751b861e4540df36f13f1037a689f096b00f4658c581143ce3ad5d7'
+SPEC_HASH = 'fc99e2e9f461578bdd11ea1bbfc5b79412989d589d7fa084c8ad86878f8acbd8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

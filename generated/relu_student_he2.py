@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5e13c9a72a0b13251ed8775b26f6a8181e6313ca31cfb88784b6b99f655c7aa1
-# tool: ssi-symbolic 0.1.0 generator 1 source 0a3558f93e27c997
+# spec-hash: 1c81881a7b3d28b802866f774bcaaa8ee62a21ad58f1deebb766b6e98336a1cd
+# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '5e13c9a72a0b13251ed8775b26f6a8181e6313ca31cfb88784b6b99f655c7aa1'
+SPEC_HASH = '1c81881a7b3d28b802866f774bcaaa8ee62a21ad58f1deebb766b6e98336a1cd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -744,3 +744,56 @@ def test_derivation_on_two_cores_gives_the_same_module(tmp_path):
     p = subprocess.run([sys.executable, "-c", _TWO_PROCESS_DERIVE, str(spec)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def _distribute_by_products(expr):
+    """The top-level distribution written plainly: each term a SymPy Mul of its factors."""
+    if expr.is_Add:
+        return sp.Add(*[_distribute_by_products(a) for a in expr.args])
+    if expr.is_Mul:
+        terms = [()]
+        for a in expr.args:
+            terms = [t + (p,) for t in terms
+                     for p in sp.Add.make_args(_distribute_by_products(a))]
+        return sp.Add(*[sp.Mul(*t) for t in terms])
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 1 and expr.base.is_Add:
+        return _distribute_by_products(sp.Mul(*([expr.base] * int(expr.exp)), evaluate=False))
+    return expr
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_distribute_is_the_product_by_product_distribution(seed):
+    """distribute (dictionaries of factors, each distinct product built once) gives the same
+    expression as building every term's Mul, on random products of sums with functions of
+    sums (left alone), radicals that merge (sqrt 2 sqrt 6), pi and a negative power of a sum;
+    and its value is the expression's."""
+    from ssi_symbolic.symbolic.gaussian import distribute
+    rng = random.Random(100 + seed)
+    atoms = [sp.tanh(x + y), sp.sqrt(2) * x, sp.sqrt(6) * y, sp.pi * m, 1 / (1 + x ** 2),
+             x, y - 1, sp.exp(-x * y), sp.Rational(3, 7), sp.sqrt(3)]
+    expr = _random_product(rng, atoms, depth=4)
+    got = distribute(expr)
+    assert got == _distribute_by_products(expr)
+    f, g = sp.lambdify((x, y, m), expr), sp.lambdify((x, y, m), got)
+    for v in [(0.3, -0.2, 0.7), (1.1, 0.4, -0.5)]:
+        assert abs(f(*v) - g(*v)) <= 1e-12 * max(1.0, abs(f(*v)))
+    assert not any(a.is_Add for t in sp.Add.make_args(got) for a in sp.Mul.make_args(t))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_poly_terms_are_the_polynomial_in_the_variables(seed):
+    """_poly_terms: {alpha: coefficient} whose sum of coefficient * x^a y^b is the expression
+    and whose coefficients are free of x and y (functions of m, radicals); None as soon as
+    x or y occurs inside a function or a negative power."""
+    from ssi_symbolic.symbolic.expectation import _poly_terms
+    rng = random.Random(200 + seed)
+    atoms = [x, y, x - 2 * y, sp.tanh(m) * x, sp.erf(q) + y, sp.sqrt(2) * m, sp.pi,
+             sp.exp(m) * x * y, sp.Rational(-1, 3)]
+    expr = _random_product(rng, atoms, depth=4)
+    terms = _poly_terms(expr, (x, y))
+    assert terms is not None
+    assert all(not (c.free_symbols & {x, y}) for c in terms.values())
+    total = sp.Add(*[c * x ** a * y ** b for (a, b), c in terms.items()])
+    assert sp.expand(total - expr) == 0
+    assert _poly_terms(expr * sp.tanh(x) + y, (x, y)) is None
+    assert _poly_terms(expr / (1 + y ** 2), (x, y)) is None

@@ -6,7 +6,7 @@ SymPy classes for the vocabulary with their a.e. derivatives, NumPy / SciPy numb
 quadratures of the MATH.md integrands, published closed forms); the only project API used is
 make_spec / generate / load_module, the generated module's public functions and the CLI.
 
-    1. ZOO: 37 cases (teacher, student, L = 1..3, positional C or none, spherical or plain)
+    1. ZOO: 38 cases (teacher, student, L = 1..3, positional C or none, spherical or plain)
        covering Hermite polynomials with radicals, floats and pi, erf, Phi, erfc, relu,
        leaky_relu, Abs, sign and Heaviside (teachers), Max / Min of affine forms, hardtanh,
        exp of affine and quadratic forms, cos, sin, tanh, sigmoid, softplus, gelu, silu, sums
@@ -153,6 +153,11 @@ def _zoo():
              noise=0.1, spherical=False),
         dict(name="gelu_silu_diff_L2_pe", L=2, kind="quad", teacher="gelu(z1) - silu(z2)",
              student="z1 - z2", C=PE1),
+        # a link of a combination of tokens (their tokens never factor) against one that
+        # reads the tokens apart: each statistic in one piece (minutes term by term)
+        dict(name="gelu_lincomb_erfc_L2_pe_plain", L=2, kind="quad",
+             teacher="z1 + erfc(0.9*z2)", student="gelu((z1 + z2)/sqrt(2))",
+             C=[[0.6], [0.9]], spherical=False),
         dict(name="abs_param_L2_plain", L=2, teacher="Abs(z1 + z2)/sqrt(2) + beta*z1",
              student="z1 + z2", params={"beta": 0.5}, values={"beta": -0.3},
              spherical=False),

@@ -49,6 +49,8 @@ import sympy as sp
 from sympy.polys.constructor import construct_domain
 from sympy.polys.matrices import DomainMatrix
 
+from .gaussian import dag_any, dag_free_symbols
+
 
 #: most sub-problems the reduction of one term may reach before quadrature takes over (all
 #: of them, memoised or not, so that whether a term closes does not depend on what was
@@ -677,15 +679,16 @@ class GaussianClosedForm:
         finite-d terms: 0.4 s each). A term whose coefficient cancels in the expansion is
         counted too: such a statistic goes to quadrature, never to a wrong value. False
         when expr holds a step, kink or delta (parallel steps merge: counted by _plan_term)."""
-        if expr.has(sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min, sp.DiracDelta):
+        steps = (sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min, sp.DiracDelta)
+        if dag_any(expr, lambda x: isinstance(x, steps)):
             return False
-        memo = {}
+        memo, fs_memo = {}, {}
 
         def kinds(x):  # frozenset of (thresholds, all of zero mean) of the terms of x
             hit = memo.get(x)
             if hit is not None:
                 return hit
-            if not (x.free_symbols & random):
+            if not (dag_free_symbols(x, fs_memo) & random):
                 out = frozenset({(0, True)})
             elif x.is_Add:
                 out = frozenset().union(*[kinds(a) for a in x.args])

@@ -384,19 +384,64 @@ def _integrate_polynomial_part(expr, variables, cov):
 
 def distribute(expr):
     """Products distributed over sums at the top level only (a sum of products): unlike
-    sp.expand, the arguments of functions (quadrature integrands, arcsines) are left alone."""
-    expr = sp.sympify(expr)
-    if expr.is_Add:
-        return sp.Add(*[distribute(a) for a in expr.args])
-    if expr.is_Mul:  # each term's product built once from its factors
-        terms = [()]
-        for a in expr.args:
-            parts = sp.Add.make_args(distribute(a))
-            terms = [t + (p,) for t in terms for p in parts]
-        return sp.Add(*[sp.Mul(*t) for t in terms])
-    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 1 and expr.base.is_Add:
-        return distribute(sp.Mul(*([expr.base] * int(expr.exp)), evaluate=False))
-    return expr
+    sp.expand, the arguments of functions (quadrature integrands, arcsines) are left alone.
+    The terms are collected as dictionaries of factors (product_terms) and each distinct
+    product is built once (a SymPy Mul per term of the distribution was most of its cost)."""
+    return sp.Add(*[c * sp.Mul(*[b if e == 1 else sp.Pow(b, e) for b, e in key])
+                    for key, c in product_terms(sp.sympify(expr)).items() if c != 0])
+
+
+def product_terms(expr, memo=None) -> dict:
+    """expr distributed over its sums at the top level (see distribute), as a dictionary
+    {frozenset of (base, exponent): numeric coefficient}: a term is the coefficient times
+    the product of base**exponent. Integer powers of sums are multiplied out; any other
+    factor (a function, a power with a non-integer or negative exponent) is a base with its
+    numeric exponent, so that x x^2 and sqrt(y) sqrt(y) merge as in a Mul. memo: a dict
+    shared over calls on expressions with common sub-expressions."""
+    memo = {} if memo is None else memo
+    one = frozenset()
+
+    def product(a, b):
+        out = {}
+        for ka, ca in a.items():
+            for kb, cb in b.items():
+                if not ka or not kb:
+                    k = ka or kb
+                else:
+                    d = dict(ka)
+                    for base, e in kb:
+                        d[base] = d.get(base, 0) + e
+                    k = frozenset((base, e) for base, e in d.items() if e != 0)
+                out[k] = out[k] + ca * cb if k in out else ca * cb
+        return out
+
+    def terms(x):
+        got = memo.get(x)
+        if got is not None:
+            return got
+        if x.is_Number:
+            out = {one: x}
+        elif x.is_Add:
+            out = {}
+            for a in x.args:
+                for k, c in terms(a).items():
+                    out[k] = out[k] + c if k in out else c
+        elif x.is_Mul:
+            out = {one: sp.Integer(1)}
+            for a in x.args:
+                out = product(out, terms(a))
+        elif x.is_Pow and x.exp.is_Integer and x.exp > 1 and x.base.is_Add:
+            base = out = terms(x.base)
+            for _ in range(int(x.exp) - 1):
+                out = product(out, base)
+        elif x.is_Pow and x.exp.is_Number:
+            out = {frozenset([(x.base, x.exp)]): sp.Integer(1)}
+        else:
+            out = {frozenset([(x, sp.Integer(1))]): sp.Integer(1)}
+        memo[x] = out
+        return out
+
+    return terms(expr)
 
 
 def dag_any(expr, pred) -> bool:
@@ -511,5 +556,6 @@ def has_quadrature(expr) -> bool:
                    or getattr(type(x), "numeric_quadrature", False))
 
 
-__all__ = ["dag_any", "distribute", "permutation_generators", "TokenGaussian", "GaussHermite", "NotPolynomial",
-           "has_quadrature", "integrate_deltas", "dag_diff", "dag_free_symbols"]
+__all__ = ["dag_any", "distribute", "product_terms", "permutation_generators", "TokenGaussian",
+           "GaussHermite", "NotPolynomial", "has_quadrature", "integrate_deltas", "dag_diff",
+           "dag_free_symbols"]

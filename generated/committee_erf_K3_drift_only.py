@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f3765bec640946c2d14b849c4833d0c24139c2f18acee625bd0606cea80a9e8b
-# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
+# spec-hash: 79740140f1aecdda9f0d33081c7f67f302243689e27720a3dd82760e8088009e
+# tool: ssi-symbolic 0.1.0 generator 1 source 6eff2f2f0b6d7b15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f3765bec640946c2d14b849c4833d0c24139c2f18acee625bd0606cea80a9e8b'
+SPEC_HASH = '79740140f1aecdda9f0d33081c7f67f302243689e27720a3dd82760e8088009e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 17829b545f530fc67497fa7e4690d099422ebededd79be4f97f2fad86ce7f466
-# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
+# spec-hash: db3b2b9f581ddbb082e41ad96543ebd253569a026eef88e21c64d5edd9f96125
+# tool: ssi-symbolic 0.1.0 generator 1 source 6eff2f2f0b6d7b15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '17829b545f530fc67497fa7e4690d099422ebededd79be4f97f2fad86ce7f466'
+SPEC_HASH = 'db3b2b9f581ddbb082e41ad96543ebd253569a026eef88e21c64d5edd9f96125'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: caf399e42c42961bee94e98e7ee49761d410f64ff50e2cdb8758cc6d7f39a436
-# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
+# spec-hash: c36b5876abd233b4ea279800a989c913cefb8893a008448699c10500b21bcc8c
+# tool: ssi-symbolic 0.1.0 generator 1 source 6eff2f2f0b6d7b15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'caf399e42c42961bee94e98e7ee49761d410f64ff50e2cdb8758cc6d7f39a436'
+SPEC_HASH = 'c36b5876abd233b4ea279800a989c913cefb8893a008448699c10500b21bcc8c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

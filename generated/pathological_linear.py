@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 210f40ab408846b01357660c968289177c594b168b7c39fb589b5cb574ba4925
-# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
+# spec-hash: b0782361622b5db6e3ff72d97e52ad5eb95cdcb6a926a390de5d508a74624f4f
+# tool: ssi-symbolic 0.1.0 generator 1 source 6eff2f2f0b6d7b15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '210f40ab408846b01357660c968289177c594b168b7c39fb589b5cb574ba4925'
+SPEC_HASH = 'b0782361622b5db6e3ff72d97e52ad5eb95cdcb6a926a390de5d508a74624f4f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c7b0e980c1a320d31811d6be73c7620e382971b4874ec3c16207d759e78bbe90
-# tool: ssi-symbolic 0.1.0 generator 1 source f7da88cfae2adc8c
+# spec-hash: 3d005e27b597cfc8fac797d7f8176cc563bbd59216a55d95b2de4100b3ca0d0c
+# tool: ssi-symbolic 0.1.0 generator 1 source 6eff2f2f0b6d7b15
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'c7b0e980c1a320d31811d6be73c7620e382971b4874ec3c16207d759e78bbe90'
+SPEC_HASH = '3d005e27b597cfc8fac797d7f8176cc563bbd59216a55d95b2de4100b3ca0d0c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -797,3 +797,15 @@ def test_poly_terms_are_the_polynomial_in_the_variables(seed):
     assert sp.expand(total - expr) == 0
     assert _poly_terms(expr * sp.tanh(x) + y, (x, y)) is None
     assert _poly_terms(expr / (1 + y ** 2), (x, y)) is None
+
+
+def test_complex_inside_function_is_what_real_part_refuses():
+    """_complex_inside_function: I inside a function other than exp (an erf of a complex
+    argument) is what _real_part refuses after expand_complex; exp(i y) and I outside
+    functions are not."""
+    assert cf._complex_inside_function(sp.exp(x) * sp.erf(x + sp.I * y) + 1)
+    assert cf._complex_inside_function(m * sp.erfc(sp.I * x / 2))
+    assert not cf._complex_inside_function(sp.exp(sp.I * x) * sp.erf(x) + sp.I * y)
+    total = sp.expand_complex(sp.erf(x + sp.I * y) * m)
+    with pytest.raises(cf.NoClosedForm):
+        cf._real_part(total, x)

@@ -215,6 +215,17 @@ def rewrite(expr, random: set):
     return rw(sp.sympify(expr))
 
 
+def _complex_inside_function(total) -> bool:
+    """Whether I occurs inside the arguments of a function other than exp in total (an erf
+    of a complex argument: _real_part would refuse what expand_complex leaves of it; this
+    refuses before that costly step, at worst sending to quadrature a sum whose complex
+    erf terms would have cancelled)."""
+    def complex_function(x):
+        return (isinstance(x, sp.Function) and not isinstance(x, sp.exp)
+                and any(dag_any(a, lambda y: y is sp.I) for a in x.args))
+    return dag_any(total, complex_function)
+
+
 def _real_part(total, expr):
     """E[expr] from its value `total` after sympy.expand_complex, expr a real integrand (cos
     and sin enter the reductions as (e^{iy} +- e^{-iy}) / 2, every symbol is real): its terms
@@ -616,6 +627,10 @@ class GaussianClosedForm:
             parts.append(c * value)
         total = sp.Mul(*const) * sp.Add(*parts)
         if total.has(sp.I):
+            if _complex_inside_function(total):
+                # erf of a complex argument (a threshold times cos or sin): no real closed
+                # form here (expand_complex, seconds per term, would leave I inside it)
+                raise NoClosedForm(expr)
             total = _real_part(sp.expand_complex(total), expr)
         return total
 

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: c8be5ee082976da17f0df1c3e16356a5c391bdd9bbb79ce2c6d5c3ac3b7b0b56
-# tool: ssi-symbolic 0.1.0 generator 1 source 6eff2f2f0b6d7b15 attention 1 705afe08a485805c
+# spec-hash: f13e486a25b2c10bd7d4dd5bbc36b14769cf76d2c11dd3510fe963f6a03a9028
+# tool: ssi-symbolic 0.1.0 generator 1 source 317497b9a748cb67 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'c8be5ee082976da17f0df1c3e16356a5c391bdd9bbb79ce2c6d5c3ac3b7b0b56'
+SPEC_HASH = 'f13e486a25b2c10bd7d4dd5bbc36b14769cf76d2c11dd3510fe963f6a03a9028'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e526ae5f8425cd8154825b08cc15a187ef843129ac4d0e13aa63c85b1b2d0373
-# tool: ssi-symbolic 0.1.0 generator 1 source 6eff2f2f0b6d7b15
+# spec-hash: 1a7533e9bd522e9ff0f45acb235ffa3edd5c6d3ae16d90581f341cdc09336b14
+# tool: ssi-symbolic 0.1.0 generator 1 source 317497b9a748cb67
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'e526ae5f8425cd8154825b08cc15a187ef843129ac4d0e13aa63c85b1b2d0373'
+SPEC_HASH = '1a7533e9bd522e9ff0f45acb235ffa3edd5c6d3ae16d90581f341cdc09336b14'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -61,12 +61,15 @@ _GH_CHUNK = 2 ** 22  # quadrature points times states held in memory at once
 _TRAP_HALF_WIDTH = 10.0  # |u| <= 10: the Gaussian weight beyond is below 1e-21
 
 
+_TRAP_FINE_HALF_WIDTH = 14.0  # quadrature_error's 2n rule: also the mass of |u| in (10, 14]
+
+
 def _trap_grid(k, n):
     """Tensor trapezoidal rule for E over k independent N(0, 1): n equispaced nodes on
     [-10, 10] per dimension with weights h phi(u). For an integrand analytic in the strip
     |Im u| < a it converges like exp(-2 pi a / h) (far faster than Gauss-Hermite for tanh,
     sigmoid or softplus, whose poles sit near the real axis). Nodes (k, n^k), weights."""
-    key = ("trapezoid", k, n)
+    key = ("trapezoid", k, n, _TRAP_HALF_WIDTH)
     if key not in _GRIDS:
         x = numpy.linspace(-_TRAP_HALF_WIDTH, _TRAP_HALF_WIDTH, n)
         w = (x[1] - x[0]) * numpy.exp(-x * x / 2) / numpy.sqrt(2.0 * numpy.pi)
@@ -169,21 +172,24 @@ def quadrature_error(function, *args, **kwargs):
     """(value, error bound) of a function of this module: the value with n = QUADRATURE_NODES
     nodes per dimension (times QUADRATURE_NODE_FACTORS[k] in the k-dimensional rules, where a
     module lists them), what the module returns, and QUADRATURE_ERROR_FACTOR |value(n) -
-    value(2n)| plus a round-off floor of 1e-13 (1 + |value|). The difference alone is not a
-    bound: |Q_n - Q| <= |Q_n - Q_2n| + |Q_2n - Q|. For the smooth integrands left to
-    quadrature (kinks split) the rules converge geometrically, |Q_2n - Q| <= |Q_n - Q| / 2
-    and the factor 2 bounds the error (a three-token Cov(G) whose 2n rule was still 3e-9
-    off gave a difference 0.02 % below the error of the n rule); with a kink that could not
-    be split (QUADRATURE_ERROR_FACTOR = 4) the error decays like n^-2, |Q_n - Q| ~ 4/3
-    |Q_n - Q_2n|."""
-    global QUADRATURE_NODES
-    n = QUADRATURE_NODES
+    value(2n)| plus a round-off floor of 1e-13 (1 + |value|). The 2n rule's trapezoidal
+    axes also span the wider [-14, 14] (_TRAP_FINE_HALF_WIDTH): an integrand growing like
+    exp(a u) has its mass near u = a, and what the n rule's [-10, 10] misses is seen by the
+    difference (exp(1.2 z) as a student: 5e-11 of its Cov(G) beyond 10, five times what the
+    difference on [-10, 10] alone reported). The difference alone is not a bound: |Q_n - Q|
+    <= |Q_n - Q_2n| + |Q_2n - Q|. For the smooth integrands left to quadrature (kinks split)
+    the rules converge geometrically, |Q_2n - Q| <= |Q_n - Q| / 2 and the factor 2 bounds the
+    error (a three-token Cov(G) whose 2n rule was still 3e-9 off gave a difference 0.02 %
+    below the error of the n rule); with a kink that could not be split
+    (QUADRATURE_ERROR_FACTOR = 4) the error decays like n^-2, |Q_n - Q| ~ 4/3 |Q_n - Q_2n|."""
+    global QUADRATURE_NODES, _TRAP_HALF_WIDTH
+    n, width = QUADRATURE_NODES, _TRAP_HALF_WIDTH
     coarse = numpy.asarray(function(*args, **kwargs), dtype=float)
-    QUADRATURE_NODES = 2 * n
+    QUADRATURE_NODES, _TRAP_HALF_WIDTH = 2 * n, _TRAP_FINE_HALF_WIDTH
     try:
         fine = numpy.asarray(function(*args, **kwargs), dtype=float)
     finally:
-        QUADRATURE_NODES = n
+        QUADRATURE_NODES, _TRAP_HALF_WIDTH = n, width
     return coarse, (QUADRATURE_ERROR_FACTOR * numpy.abs(fine - coarse)
                     + 1e-13 * (1.0 + numpy.abs(coarse)))
 

@@ -616,6 +616,41 @@ def _check_bound(label, mod, fn, state, ref, ref_err, **kw):
                     f"{actual} (value {value}, reference {ref})")
 
 
+def test_quadrature_error_bounds_mass_beyond_the_grid(tmp_path):
+    """A student exp(1.2 z) puts most of Cov(G) (its eighth power: exp(9.6 z)) near z = 9.6,
+    at the edge of the trapezoidal rules' [-10, 10]: quadrature_error must still bound the
+    error. Reference written from MATH.md section 4 (L = 1, spherical, no encoding):
+    G = -eta (dl z* - m dl z) - eta^2 m dl^2 / 2, dl = -(g*(z*) - g(z)) g'(z), z ~ N(0, 1),
+    z* = m z + sqrt(1 - m^2) t, by composite Gauss-Legendre over z in [-14, 24] (19 panels)
+    and Gauss-Legendre over t in [-14, 14], at two orders (they agree to 1e-14)."""
+    spec = make_spec("exp_student_tail", 1, "silu(0.8*z1)", student="exp(1.2*z1)")
+    path, _ = generate(spec, out_dir=tmp_path)
+    mod = load_module(path)
+    m, eta = -0.78, 0.1
+
+    def reference(nz, nt):
+        xz, wz = np.polynomial.legendre.leggauss(nz)
+        edges = np.linspace(-14.0, 24.0, 20)
+        z = np.concatenate([(a + b) / 2 + (b - a) / 2 * xz for a, b in zip(edges, edges[1:])])
+        wzs = np.concatenate([(b - a) / 2 * wz for a, b in zip(edges, edges[1:])])
+        xt, wt = np.polynomial.legendre.leggauss(nt)
+        t, wts = 14.0 * xt, 14.0 * wt
+        Z, zs = z[:, None], m * z[:, None] + np.sqrt(1 - m * m) * t[None, :]
+        S = np.exp(1.2 * Z)
+        dl = -(zs * 0.8 / (1 + np.exp(-0.8 * zs)) - S) * 1.2 * S
+        G = -eta * (dl * zs - m * dl * Z) - eta ** 2 * m / 2 * dl * dl
+        w = ((wzs * np.exp(-z * z / 2))[:, None] * (wts * np.exp(-t * t / 2))[None, :]
+             / (2 * np.pi))
+        EG = np.sum(w * G)
+        return np.sum(w * G * G) - EG * EG
+
+    ref, ref2 = reference(60, 120), reference(80, 160)
+    assert abs(ref - ref2) <= 1e-13 * abs(ref)
+    value, bound = (float(np.ravel(x)[0]) for x in mod.quadrature_error(mod.covariance, m,
+                                                                        eta=eta))
+    assert abs(value - ref) <= bound, (value, ref, bound)
+
+
 @pytest.mark.parametrize("case", L1_QUAD, ids=_ids(L1_QUAD))
 def test_zoo_quadrature_error_bounds_L1(case, zoo_dir):
     """For the L = 1 cases without a closed form (tanh, sigmoid, softplus, silu, hardtanh):

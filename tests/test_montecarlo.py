@@ -216,19 +216,30 @@ def per_sample(case, m, e, q, n, seed, teacher=None):
     `teacher` optionally overrides the teacher link string (for the sanity test)."""
     rng = np.random.default_rng(seed)
     L, r = case.L, case.r
-    C = np.asarray(case.C, dtype=float) if r else np.zeros((L, 0))
-    s2 = q - m ** 2 - float(e @ e)
-    assert s2 > 0, "state outside the interior"
     zs = rng.standard_normal((n, L))
     u = rng.standard_normal((n, L, r))                  # zeta_la
     w = rng.standard_normal((n, L))
+    # the label noise is drawn last, one per output entry, as before this split
+    xi = (rng.standard_normal((n, Link(teacher or case.teacher, L, case.values).K))
+          if case.noise else None)
+    return increments(case, m, e, q, zs, u, w, xi, teacher=teacher)
+
+
+def increments(case, m, e, q, zs, u, w, xi=None, teacher=None):
+    """Loss, G1 and G2 (MATH.md sections 3-4) of the samples given by their standard normal
+    coordinates: zs (N, L), zeta = u (N, L, r), w (N, L) and, with label noise, xi (N, K);
+    z = m zs + u e + s w + mu (see the module docstring)."""
+    n, L, r = zs.shape[0], case.L, case.r
+    C = np.asarray(case.C, dtype=float) if r else np.zeros((L, 0))
+    s2 = q - m ** 2 - float(e @ e)
+    assert s2 > 0, "state outside the interior"
     mu = C @ e                                          # (L,)
     z = m * zs + u @ e + np.sqrt(s2) * w + mu           # (N, L)
     T = Link(teacher or case.teacher, L, case.values)
     S = Link(case.student_text, L, case.values)
     y = T.values(zs)
     if case.noise:
-        y = y + np.sqrt(case.noise) * rng.standard_normal(y.shape)
+        y = y + np.sqrt(case.noise) * xi
     res = y - S.values(z)                               # (N, K)
     loss = 0.5 * np.sum(res ** 2, axis=1)
     dl = -np.einsum("nk,nkl->nl", res, S.gradient(z))    # dl/dz_l

@@ -47,7 +47,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import sympy as sp
-from scipy.special import erf
+from scipy.special import erf, erfc
 
 from ssi_symbolic.backends.files import load_module
 from ssi_symbolic.backends.registry import generate
@@ -649,6 +649,42 @@ def test_quadrature_error_bounds_mass_beyond_the_grid(tmp_path):
     value, bound = (float(np.ravel(x)[0]) for x in mod.quadrature_error(mod.covariance, m,
                                                                         eta=eta))
     assert abs(value - ref) <= bound, (value, ref, bound)
+
+
+def test_quadrature_error_bounds_mass_beyond_fourteen(tmp_path):
+    """exp(1.5 z) as a plain SGD student at q = 1.4: the q-q entry of Cov(G) holds exp(12 z)
+    with z of standard deviation 1.18, its mass near 14 in the rule's variable, beyond both
+    [-10, 10] and [-14, 14]: the value is far off and quadrature_error must say so (its third
+    rule, 3n nodes on [-20, 20]). Reference from MATH.md section 4 (plain: G = (-eta A_m,
+    -2 eta A_q + eta^2 B)), composite Gauss-Legendre over z* and w in [-20, 30]^2,
+    z = m z* + sqrt(q - m^2) w."""
+    spec = make_spec("exp_student_far_tail", 1, "erfc(0.7*z1)", student="exp(1.5*z1)",
+                     spherical=False)
+    path, _ = generate(spec, out_dir=tmp_path)
+    mod = load_module(path)
+    m, q, eta = 0.5, 1.4, 0.1
+
+    def reference(n):
+        x, w = np.polynomial.legendre.leggauss(n)
+        edges = np.linspace(-20.0, 30.0, 26)
+        u = np.concatenate([(a + b) / 2 + (b - a) / 2 * x for a, b in zip(edges, edges[1:])])
+        wu = np.concatenate([(b - a) / 2 * w for a, b in zip(edges, edges[1:])])
+        zs, ww = u[:, None], u[None, :]
+        z = m * zs + np.sqrt(q - m * m) * ww
+        S = np.exp(1.5 * z)
+        dl = -(erfc(0.7 * zs) - S) * 1.5 * S
+        G = [-eta * dl * zs, -2 * eta * dl * z + eta ** 2 * dl * dl]
+        wt = (wu * np.exp(-u * u / 2))[:, None] * (wu * np.exp(-u * u / 2))[None, :] / (2 * np.pi)
+        EG = [np.sum(wt * g) for g in G]
+        return np.array([[np.sum(wt * a * b) - ea * eb for b, eb in zip(G, EG)]
+                         for a, ea in zip(G, EG)])
+
+    ref, ref2 = reference(40), reference(60)
+    assert np.all(np.abs(ref - ref2) <= 1e-10 * np.abs(ref))
+    value, bound = (np.asarray(x, dtype=float).reshape(2, 2)
+                    for x in mod.quadrature_error(mod.covariance, m, q, eta=eta))
+    assert abs(value[1, 1] - ref[1, 1]) > 0.5 * abs(ref[1, 1])   # the rules miss the mass
+    assert np.all(np.abs(value - ref) <= bound), (value, ref, bound)
 
 
 @pytest.mark.parametrize("case", L1_QUAD, ids=_ids(L1_QUAD))

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a9bdf88c3e03c3da519f4d61a5a1775fc792993a43090a1eefbe45302edaceb6
-# tool: ssi-symbolic 0.1.0 generator 1 source 03f8669cd4805cc7
+# spec-hash: 54a613a8ea413104cd67a63632485eac6f00b954f6a316c91e8cb408f66695dc
+# tool: ssi-symbolic 0.1.0 generator 1 source c56b0ab4196cb30a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a9bdf88c3e03c3da519f4d61a5a1775fc792993a43090a1eefbe45302edaceb6'
+SPEC_HASH = '54a613a8ea413104cd67a63632485eac6f00b954f6a316c91e8cb408f66695dc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

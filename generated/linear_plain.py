@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 98757549d3dc0f095f6be408f2afdf67b3b1fc6551ae315b4b901957ad4fa934
-# tool: ssi-symbolic 0.1.0 generator 1 source 03f8669cd4805cc7
+# spec-hash: 2abea42b7311eb8c1a38ce9608117b469835fe18d832ac82f03b7b468fd03503
+# tool: ssi-symbolic 0.1.0 generator 1 source c56b0ab4196cb30a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '98757549d3dc0f095f6be408f2afdf67b3b1fc6551ae315b4b901957ad4fa934'
+SPEC_HASH = '2abea42b7311eb8c1a38ce9608117b469835fe18d832ac82f03b7b468fd03503'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0c38ed94eac783b009a72d76e4096075f3bc90dac4c4bb2a42fa7b1f0c1cf9c6
-# tool: ssi-symbolic 0.1.0 generator 1 source 03f8669cd4805cc7
+# spec-hash: 82b1f2558b0f7a5fcfefe44fedcc18ba004274e90573ff7aff359c44ffd79935
+# tool: ssi-symbolic 0.1.0 generator 1 source c56b0ab4196cb30a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '0c38ed94eac783b009a72d76e4096075f3bc90dac4c4bb2a42fa7b1f0c1cf9c6'
+SPEC_HASH = '82b1f2558b0f7a5fcfefe44fedcc18ba004274e90573ff7aff359c44ffd79935'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 5a8e57ee3dde2e1851a147107db964d9e233cbbcfd4258e69b03bfbc85b4af94
-# tool: ssi-symbolic 0.1.0 generator 1 source 03f8669cd4805cc7 attention 1 705afe08a485805c
+# spec-hash: e1afabe7037ba9cdb56a257e1077ae38e08122ac6222953ab80630c17b67dedd
+# tool: ssi-symbolic 0.1.0 generator 1 source c56b0ab4196cb30a attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '5a8e57ee3dde2e1851a147107db964d9e233cbbcfd4258e69b03bfbc85b4af94'
+SPEC_HASH = 'e1afabe7037ba9cdb56a257e1077ae38e08122ac6222953ab80630c17b67dedd'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

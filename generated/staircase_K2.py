@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ba0ff462e7e43a7c462017827838b0851da7afc6254abc6df30d874b63ccd34c
-# tool: ssi-symbolic 0.1.0 generator 1 source 03f8669cd4805cc7
+# spec-hash: 6497d40af6375808cc8d5dc56989bc6076bdee140a0b556ed3d7d4626bf0bf40
+# tool: ssi-symbolic 0.1.0 generator 1 source c56b0ab4196cb30a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ba0ff462e7e43a7c462017827838b0851da7afc6254abc6df30d874b63ccd34c'
+SPEC_HASH = '6497d40af6375808cc8d5dc56989bc6076bdee140a0b556ed3d7d4626bf0bf40'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

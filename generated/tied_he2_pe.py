@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 13c5e41d3587b39279cb0454dd9157a0781590a30d762fa4a10a6a103b2b40ab
-# tool: ssi-symbolic 0.1.0 generator 1 source 03f8669cd4805cc7
+# spec-hash: 24308cc850b79553bb38db0f29862ac83204cf8c57b1728f5175aa6e6ec5b2c3
+# tool: ssi-symbolic 0.1.0 generator 1 source c56b0ab4196cb30a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '13c5e41d3587b39279cb0454dd9157a0781590a30d762fa4a10a6a103b2b40ab'
+SPEC_HASH = '24308cc850b79553bb38db0f29862ac83204cf8c57b1728f5175aa6e6ec5b2c3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -9,7 +9,7 @@ import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
 from sympy.simplify.cse_main import Unevaluated, match_common_args, tree_cse
 
-from ..symbolic.gaussian import dag_any, dag_diff, dag_free_symbols
+from ..symbolic.gaussian import dag_any, dag_diff, dag_free_symbols, multiply_terms
 from .files import HASH_PREFIX
 
 
@@ -135,19 +135,7 @@ def _expanded(expr) -> dict:
             return {frozenset([(x.base, int(x.exp))]): one}  # x^2 x^-1 is x, as in a Mul
         return {frozenset([(x, 1)]): one}
 
-    def times(p1, p2):
-        out = {}
-        for k1, c1 in p1.items():
-            for k2, c2 in p2.items():
-                if not k1 or not k2:
-                    key = k1 or k2
-                else:
-                    d = dict(k1)
-                    for b, e in k2:
-                        d[b] = d.get(b, 0) + e
-                    key = frozenset((b, e) for b, e in d.items() if e)
-                out[key] = out.get(key, 0) + c1 * c2
-        return out
+    times = multiply_terms
 
     def walk(x):
         hit = memo.get(x)

@@ -49,7 +49,7 @@ import sympy as sp
 from sympy.polys.constructor import construct_domain
 from sympy.polys.matrices import DomainMatrix
 
-from .gaussian import dag_any, dag_free_symbols
+from .gaussian import dag_any, dag_free_symbols, multiply_terms
 
 
 #: most sub-problems the reduction of one term may reach before quadrature takes over (all
@@ -286,21 +286,7 @@ def _expanded_terms(expr, random) -> list:
             hit = atoms[x] = x.func(*[sp.expand(a) for a in x.args])
         return hit
 
-    def times(A, B):
-        out = {}
-        for ka, ca in A.items():
-            for kb, cb in B.items():
-                if not ka:
-                    key = kb
-                elif not kb:
-                    key = ka
-                else:
-                    d = dict(ka)
-                    for a, k in kb:
-                        d[a] = d.get(a, 0) + k
-                    key = frozenset(d.items())
-                out[key] = out.get(key, zero) + ca * cb
-        return out
+    times = multiply_terms
 
     def walk(x):
         if not (x.free_symbols & random):

@@ -391,6 +391,24 @@ def distribute(expr):
                     for key, c in product_terms(sp.sympify(expr)).items() if c != 0])
 
 
+def multiply_terms(a, b) -> dict:
+    """The product of two sums given as {frozenset of (base, exponent): coefficient}: the
+    exponents of a base add (a base whose exponent cancels leaves the key), the
+    coefficients of equal keys add."""
+    out = {}
+    for ka, ca in a.items():
+        for kb, cb in b.items():
+            if not ka or not kb:
+                k = ka or kb
+            else:
+                d = dict(ka)
+                for base, e in kb:
+                    d[base] = d.get(base, 0) + e
+                k = frozenset((base, e) for base, e in d.items() if e != 0)
+            out[k] = out[k] + ca * cb if k in out else ca * cb
+    return out
+
+
 def product_terms(expr, memo=None) -> dict:
     """expr distributed over its sums at the top level (see distribute), as a dictionary
     {frozenset of (base, exponent): numeric coefficient}: a term is the coefficient times
@@ -400,20 +418,7 @@ def product_terms(expr, memo=None) -> dict:
     shared over calls on expressions with common sub-expressions."""
     memo = {} if memo is None else memo
     one = frozenset()
-
-    def product(a, b):
-        out = {}
-        for ka, ca in a.items():
-            for kb, cb in b.items():
-                if not ka or not kb:
-                    k = ka or kb
-                else:
-                    d = dict(ka)
-                    for base, e in kb:
-                        d[base] = d.get(base, 0) + e
-                    k = frozenset((base, e) for base, e in d.items() if e != 0)
-                out[k] = out[k] + ca * cb if k in out else ca * cb
-        return out
+    product = multiply_terms
 
     def terms(x):
         got = memo.get(x)
@@ -556,6 +561,6 @@ def has_quadrature(expr) -> bool:
                    or getattr(type(x), "numeric_quadrature", False))
 
 
-__all__ = ["dag_any", "distribute", "product_terms", "permutation_generators", "TokenGaussian",
-           "GaussHermite", "NotPolynomial", "has_quadrature", "integrate_deltas", "dag_diff",
-           "dag_free_symbols"]
+__all__ = ["dag_any", "distribute", "multiply_terms", "product_terms", "permutation_generators",
+           "TokenGaussian", "GaussHermite", "NotPolynomial", "has_quadrature", "integrate_deltas",
+           "dag_diff", "dag_free_symbols"]

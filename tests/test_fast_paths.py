@@ -487,6 +487,69 @@ def test_node_choice_in_a_child_gives_the_same_module(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+_SPLIT_PROBES = """
+import sys
+import numpy as np
+from pathlib import Path
+from ssi_symbolic import background
+from ssi_symbolic.backends import exact, node_counts
+from ssi_symbolic.model.spec import load_spec
+spec = load_spec(Path(sys.argv[1]))
+path, _ = exact.generate(spec, sys.argv[2])
+text = path.read_text()
+assert background.can_fork()
+seen, forked = {}, []
+original = node_counts._smallest_passing
+
+def record(order, allowed, value):  # every member at every candidate, then the search
+    for i in order:
+        for n in allowed[:3]:
+            seen[i, n] = value(i, n).copy()
+    return original(order, allowed, value)
+
+class Counted(background.Background):
+    def __init__(self, work):
+        super().__init__(work)
+        forked.append(self.pid is not None)
+
+node_counts._smallest_passing = record
+node_counts.Background = Counted
+node_counts.SPLIT_WORK = 10 ** 12                     # one call over the four probe states
+whole, whole_seen = node_counts.choose_nodes(text, spec), dict(seen)
+assert not forked
+node_counts.SPLIT_WORK = 0                            # every rule split, the half in a child
+seen.clear()
+split, split_seen = node_counts.choose_nodes(text, spec), dict(seen)
+assert forked and all(forked), forked
+background.can_fork = lambda: False                   # split, no child: both halves here
+forked.clear()
+seen.clear()
+alone, alone_seen = node_counts.choose_nodes(text, spec), dict(seen)
+assert forked and not any(forked)
+assert whole == split == alone, (whole, split, alone)
+assert whole_seen.keys() == split_seen.keys() == alone_seen.keys() and whole_seen
+for key, v in whole_seen.items():
+    assert split_seen[key].shape == v.shape, key
+    assert np.array_equal(split_seen[key], alone_seen[key]), key   # same arithmetic
+    assert np.allclose(split_seen[key], v, rtol=1e-13, atol=1e-15), key
+"""
+
+
+def test_node_choice_splits_large_probes_between_two_processes(tmp_path):
+    """choose_nodes evaluates a large probe rule in two halves of the probe states, the second
+    in a forked child: the same counts, and per state the same values, as one call over all
+    states (to round-off) and as both halves in this process (bit for bit); a child ran for
+    every split rule (fresh single-threaded process, SPLIT_WORK = 0: every rule split)."""
+    import subprocess
+    import sys
+    spec = tmp_path / "tanh_relu.toml"
+    spec.write_text('name = "tanh_relu"\nL = 1\n[teacher]\nlink = "tanh(z1)"\n'
+                    '[student]\nlink = "relu(z1)"\n')
+    p = subprocess.run([sys.executable, "-c", _SPLIT_PROBES, str(spec), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 _BACKGROUND = """
 from ssi_symbolic.background import Background, can_fork
 assert can_fork()

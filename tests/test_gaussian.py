@@ -273,6 +273,52 @@ def test_smooth_too_complex_statistic_is_one_node_with_the_right_value():
         assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (mv, got, want)
 
 
+def test_too_many_erf_thresholds_refused_before_the_reduction(monkeypatch):
+    """A statistic with a term of more erf thresholds than any closed form has (gelu((z1 +
+    z2)/sqrt 2)'s squared error times its squared derivative: up to six Phi factors) is refused
+    as TooComplex before its reduction to the forms its functions read (the conditional
+    moments of the whole statistic, seconds of SymPy) is built, and then goes to one smooth
+    quadrature node; a statistic that closes is still reduced (to one form) and closes, with
+    the value of a Gauss-Hermite sum of the integrand itself (1e-12)."""
+    from ssi_symbolic.model.spec import make_spec
+    from ssi_symbolic.symbolic.expectation import Expectation
+    from scipy.special import erf
+    from ssi_symbolic.symbolic.gaussian import GaussHermite, TokenGaussian
+    spec = make_spec(name="gelu_coupled", L=2, teacher="z1", student="gelu((z1 + z2)/sqrt(2))")
+    g = TokenGaussian.of(spec)
+    (zs1, z1), (_, z2) = g.token_variables(0), g.token_variables(1)
+    (m,) = g.state
+    Phi = lambda t: (1 + sp.erf(t / sp.sqrt(2))) / 2
+    s = (z1 + z2) / sp.sqrt(2)
+    gelu, dgelu = s * Phi(s), Phi(s) + s * sp.exp(-s ** 2 / 2) / sp.sqrt(2 * sp.pi)
+    too_many = (dgelu * (zs1 - gelu)) ** 2 * zs1 * z2
+    closes = Phi(s) ** 2 * zs1
+    reduced = []
+    original = Expectation._reduced
+
+    def spy(self, factor, variables):
+        reduced.append(factor)
+        return original(self, factor, variables)
+    monkeypatch.setattr(Expectation, "_reduced", spy)
+    E = Expectation(g, [too_many, closes])
+    assert E._closed_form(too_many) is None and E._too_complex[too_many] is True
+    assert reduced == []
+    out = E.expect(too_many)
+    assert len(out.atoms(GaussHermite)) == 1 and reduced == []
+    value = E._closed_form(closes)
+    assert value is not None and reduced == [closes] and not value.has(GaussHermite)
+    # E[Phi(s)^2 zs1], s = (z1 + z2)/sqrt 2: zs1 = a s + sqrt(1 - a^2) v with a = m / sqrt 2
+    x, w = np.polynomial.hermite_e.hermegauss(100)
+    w = w / np.sqrt(2 * np.pi)
+    U, V = np.meshgrid(x, x, indexing="ij")
+    W = np.multiply.outer(w, w)
+    for mv in (0.0, 0.5, -0.9):
+        a = mv / np.sqrt(2)
+        phi2 = ((1 + erf(U / np.sqrt(2))) / 2) ** 2
+        want = float(np.sum(W * phi2 * (a * U + np.sqrt(1 - a * a) * V)))
+        assert abs(float(value.subs(m, mv)) - want) <= 1e-12, (mv, value)
+
+
 def test_erf_threshold_precheck_refuses_exactly_what_the_expansion_would():
     """closed_forms refuses a statistic whose expansion has a term with four erf thresholds,
     or three with a shifted mean, before expanding it (_erf_terms_refused). The outcome must

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..background import Background
 from ..model.spec import overlap_index
 
 
@@ -19,6 +20,9 @@ MAX_POINTS = 2 ** 20
 #: at most this many integrand evaluations per probe state in one rule that choose_nodes
 #: evaluates (a three-dimensional group of 18 integrands at 64 nodes per dimension took 10 s)
 PROBE_WORK = 2 ** 21
+#: a probe rule of at least this many integrand evaluations per state (points times
+#: integrands) is evaluated on two cores, half of the probe states each
+SPLIT_WORK = 2 ** 16
 
 
 def _probe_states(spec) -> list:
@@ -69,7 +73,12 @@ def choose_nodes(text: str, spec) -> tuple[int, dict]:
     MAX_POINTS allows its four-dimensional ones (errors of 1e-3 where 64 nodes give 1e-10).
     A module with orthant probabilities (their Gauss-Legendre t-integrals, runtime._orthant,
     read QUADRATURE_NODES in the state functions) is probed whole with one count, from
-    ORTHANT_CANDIDATES when those are its only quadrature."""
+    ORTHANT_CANDIDATES when those are its only quadrature.
+
+    A rule of SPLIT_WORK or more integrand evaluations per probe state is evaluated in two
+    halves of the states, the second in a forked child on the second core (idle then: the
+    parent has printed the state functions); the halves are evaluated apart with or without
+    a child, so the counts do not depend on whether one ran."""
     import inspect
     import types
     ns = types.ModuleType("_ssi_probe")
@@ -97,10 +106,28 @@ def choose_nodes(text: str, spec) -> tuple[int, dict]:
     states = _probe_states(spec)
     st = [np.array([s[i] for s in states], dtype=float) for i in range(len(states[0]))]
     values = {}  # (node, n) -> its values: the 2n rule of one candidate is the next's n
+    half = len(states) // 2
 
     def value(i, n):
         if (i, n) not in values:
-            values[i, n] = np.asarray(nodes[i](*st, **params, n=n), dtype=float)
+            def on(lo, hi):
+                return np.asarray(nodes[i](*[a[lo:hi] for a in st], **params, n=n),
+                                  dtype=float)
+            if i >= len(dims) or n ** dims[i] * counts[i] >= SPLIT_WORK:
+                # a large rule: the second half of the probe states on the second core (a
+                # forked child); the halves are evaluated apart whether or not a child ran,
+                # so the values do not depend on where they were computed
+                child = Background(lambda: on(half, len(states)))
+                try:
+                    here = on(0, half)
+                    there = child.result()
+                finally:
+                    child.close()
+                if there is None:  # no child, or it failed: its half computed here
+                    there = on(half, len(states))
+                values[i, n] = np.concatenate([here, there], axis=-1)
+            else:
+                values[i, n] = on(0, len(states))
         return values[i, n]
 
     def allowed(k, candidates=NODE_CANDIDATES):

@@ -358,9 +358,12 @@ def _threshold_count(expr, random) -> int:
     xs = tuple(sorted(random, key=str))
     direction = lambda y: _direction(y, xs)
 
+    kinds = (sp.erf, sp.erfc, sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min)
     for f in sp.Mul.make_args(expr):
         base, k = f.as_base_exp()
-        if not (base.free_symbols & random) or not k.is_Integer:
+        # the type first: free symbols of a large polynomial factor cost seconds
+        if (not isinstance(base, kinds) or not k.is_Integer
+                or not (dag_free_symbols(base) & random)):
             continue
         if isinstance(base, (sp.erf, sp.erfc)):
             n += int(k)
@@ -577,7 +580,7 @@ class GaussianClosedForm:
         const, mono, funcs = [], [], []
         for f in sp.Mul.make_args(expr):
             b, e = f.as_base_exp()
-            if not (f.free_symbols & random):
+            if not (dag_free_symbols(f) & random):
                 const.append(f)
             elif b in random and e.is_Integer and e > 0:
                 mono.append(f)

@@ -26,8 +26,8 @@ import sympy as sp
 
 from .directions import DirectionPermutations
 from .expectation import Expectation
-from .gaussian import (NotPolynomial, TokenGaussian, dag_diff, has_quadrature,
-                       permutation_generators)
+from .gaussian import (NotPolynomial, TokenGaussian, dag_any, dag_diff, dag_free_symbols,
+                       has_quadrature, permutation_generators)
 from .token_sums import sum_expectations
 from ..model.spec import ModelSpec, link_entries, token_symbols
 
@@ -145,9 +145,18 @@ class Derivation:
         derivative of drift_eta1 plus eta^2 times that of drift_eta2, each differentiated as a
         polynomial in the state when it is one (much faster than SymPy's generic diff)."""
         free = {}  # one dag_free_symbols memo for every derivative
+        xs = set(self.state)
+
+        def not_polynomial(x):
+            # a sub-expression that reads the state other than as a sum, product or
+            # non-negative integer power (each distinct one visited once: sp.Poly's own test
+            # walked the free symbols of large closed forms for seconds before refusing)
+            if x.is_Symbol or x.is_Add or x.is_Mul or not (dag_free_symbols(x, free) & xs):
+                return False
+            return not (x.is_Pow and x.exp.is_Integer and x.exp >= 0)
 
         def grad(f):
-            if has_quadrature(f):  # quadrature nodes: not a polynomial in the state
+            if has_quadrature(f) or dag_any(f, not_polynomial):
                 return [dag_diff(f, x, free=free) for x in self.state]
             try:
                 P = sp.Poly(f, *self.state)

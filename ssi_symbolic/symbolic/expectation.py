@@ -163,6 +163,20 @@ class Expectation:
             self._too_complex[factor] = False
             self._closed_cache[factor] = None
             return None
+        # several directions: orthant probabilities of four Phi factors (the committee's
+        # fourth power of the error) by Plackett's one-dimensional integral
+        full = self._closed.get(variables)
+        if full is None:
+            mean, cov = self._gaussian_of(variables)
+            full = self._closed[variables] = GaussianClosedForm(
+                variables, mean, cov, orthant_quadrature=self.g.multi)
+        if full._erf_terms_refused(factor, set(variables)):
+            # too many erf thresholds in some term (gelu's Cov(G)): refused before the
+            # reduction below (conditional moments of the whole statistic: seconds) is built
+            # for nothing; the thresholds and their means are the same over the reduced forms
+            self._too_complex[factor] = True
+            self._closed_cache[factor] = None
+            return None
         # several directions: conditioning on the forms divides by det(their covariance),
         # which vanishes where a student direction meets a teacher direction (the specialised
         # fixed point of a committee); the full-dimensional closed form has no such division
@@ -176,8 +190,6 @@ class Expectation:
             key = variables
         engine = self._closed.get(key)
         if engine is None:
-            # several directions: orthant probabilities of four Phi factors (the committee's
-            # fourth power of the error) by Plackett's one-dimensional integral
             engine = self._closed[key] = GaussianClosedForm(ys, mean, cov,
                                                             orthant_quadrature=self.g.multi)
         n0 = len(engine.conditions)

@@ -40,7 +40,7 @@ class GaussHermite(sp.Function):
 
     @classmethod
     def eval(cls, integrand, us):
-        if not (integrand.free_symbols & set(us)):
+        if not (dag_free_symbols(integrand) & set(us)):
             return integrand  # nothing random left: the expectation is the integrand itself
 
     @property

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: eafc5eeb1d1fd006e559036721485cc9152a155d5fbf0b6ec471cd11d256b49c
-# tool: ssi-symbolic 0.1.0 generator 1 source d8ad8a266ed07c78
+# spec-hash: dfecbb2a0b67ce6dad50e23074a90b8ca50829c7800ae1c725f5a2c9b88c658b
+# tool: ssi-symbolic 0.1.0 generator 1 source ff52e10760599eaf
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'eafc5eeb1d1fd006e559036721485cc9152a155d5fbf0b6ec471cd11d256b49c'
+SPEC_HASH = 'dfecbb2a0b67ce6dad50e23074a90b8ca50829c7800ae1c725f5a2c9b88c658b'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -64,70 +64,94 @@ _TRAP_HALF_WIDTH = 10.0  # |u| <= 10: the Gaussian weight beyond is below 1e-21
 _TRAP_FINE_HALF_WIDTH = 14.0  # quadrature_error's 2n rule: also the mass of |u| in (10, 14]
 
 
-def _trap_grid(k, n):
+_TRAP_EDGE = 1e-13  # boundary sum of w |f| (relative to max(1, |value|)) that widens a grid
+
+
+_TRAP_MAX_HALF_WIDTH = 40.0  # the widest grid: [-40, 40]
+
+
+def _trap_grid(k, n, half_width=None):
     """Tensor trapezoidal rule for E over k independent N(0, 1): n equispaced nodes on
-    [-10, 10] per dimension with weights h phi(u). For an integrand analytic in the strip
-    |Im u| < a it converges like exp(-2 pi a / h) (far faster than Gauss-Hermite for tanh,
-    sigmoid or softplus, whose poles sit near the real axis). Nodes (k, n^k), weights."""
-    key = ("trapezoid", k, n, _TRAP_HALF_WIDTH)
+    [-W, W] per dimension (W = _TRAP_HALF_WIDTH unless half_width is given) with weights
+    h phi(u). For an integrand analytic in the strip |Im u| < a it converges like
+    exp(-2 pi a / h) (far faster than Gauss-Hermite for tanh, sigmoid or softplus, whose poles
+    sit near the real axis). Nodes (k, n^k), weights, and the indices and weights of the
+    points on the boundary of the grid (some |u_i| = W)."""
+    W = _TRAP_HALF_WIDTH if half_width is None else half_width
+    key = ("trapezoid", k, n, W)
     if key not in _GRIDS:
-        x = numpy.linspace(-_TRAP_HALF_WIDTH, _TRAP_HALF_WIDTH, n)
+        x = numpy.linspace(-W, W, n)
         w = (x[1] - x[0]) * numpy.exp(-x * x / 2) / numpy.sqrt(2.0 * numpy.pi)
         grids = numpy.meshgrid(*([x] * k), indexing="ij")
         weights = numpy.ones(())
+        ends = numpy.zeros(n, dtype=bool)
+        ends[[0, -1]] = True
+        edge = numpy.zeros((), dtype=bool)
         for _ in range(k):
             weights = numpy.multiply.outer(weights, w)
-        _GRIDS[key] = (numpy.array([g.ravel() for g in grids]), weights.ravel())
+            edge = numpy.logical_or.outer(edge, ends)
+        weights = weights.ravel()
+        at = numpy.flatnonzero(edge.ravel())
+        _GRIDS[key] = (numpy.array([g.ravel() for g in grids]), weights, at, weights[at])
     return _GRIDS[key]
 
 
 def _gh_expect(integrand, k, n, *args):
-    """E over k independent N(0, 1) of integrand(u, *args), by the tensor trapezoidal rule of
-    _trap_grid with n nodes per dimension, broadcast over the arguments and chunked to bound
-    memory. The weighted sums by einsum, not BLAS: a BLAS product starts OpenBLAS's threads,
-    which then spin on the second core between the calls (twice the CPU time for the same wall
-    time, taken from a parallel sweep or a forked derivation)."""
-    u, w = _trap_grid(k, n)
-    args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
-    shape = args[0].shape
-    flat = [a.reshape(1, -1) for a in args]
-    size = flat[0].shape[1]
-    out = numpy.empty(size)
-    step = max(1, _GH_CHUNK // w.size)
-    uu = tuple(x[:, None] for x in u)
-    for s in range(0, size, step):
-        part = [a[:, s:s + step] for a in flat]
-        f = numpy.broadcast_to(integrand(uu, *part), (w.size, part[0].shape[1]))
-        out[s:s + step] = numpy.einsum("p,pm->m", w, f)
-    return out.reshape(shape)
+    """E over k independent N(0, 1) of integrand(u, *args): _gh_expect_many of the one
+    integrand."""
+    return _gh_expect_many(lambda u, *a: (integrand(u, *a),), k, 1, n, *args)[0]
 
 
-def _gh_expect_many(integrand, k, count, n, *args):
+def _gh_expect_many(integrand, k, count, n, *args, half_width=None):
     """The tuple of E over k independent N(0, 1) of the `count` entries of integrand(u, *args)
     (a tuple of arrays computed with their common subexpressions shared), by the tensor
     trapezoidal rule of _trap_grid with n nodes per dimension: one pass over the grid serves
     every entry. Broadcast over the arguments; blocks of states and of grid points keep every
     temporary of the integrand under _GH_CHUNK / count numbers (the integrand holds about as
-    many temporaries as entries)."""
-    u, w = _trap_grid(k, n)
+    many temporaries as entries). The weighted sums by einsum, not BLAS: a BLAS product
+    starts OpenBLAS's threads, which then spin on the second core between the calls (twice
+    the CPU time for the same wall time, taken from a parallel sweep or a forked derivation).
+
+    The grid widens where the weighted sum of |f| over its boundary points exceeds _TRAP_EDGE
+    max(1, |value|) for some entry (an integrand growing like exp(a u) has its mass near
+    u = a, beyond 10 for a student exp(1.5 z)'s Cov(G) at q > 1): those states are evaluated
+    again on [-2W, 2W] with 2n - 1 nodes (the same spacing, the same nodes and more), up to
+    _TRAP_MAX_HALF_WIDTH."""
+    W = _TRAP_HALF_WIDTH if half_width is None else half_width
+    u, w, edge_at, edge_w = _trap_grid(k, n, W)
     args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
     shape = args[0].shape
     flat = [a.reshape(1, -1) for a in args]
     size = flat[0].shape[1]
     out = numpy.empty((count, size))
+    wide = numpy.zeros(size, dtype=bool)
     budget = max(1, _GH_CHUNK // count)
     block = min(w.size, budget)             # grid points per evaluation
     step = max(1, budget // block)          # states per evaluation
     for s in range(0, size, step):
         part = [a[:, s:s + step] for a in flat]
         m = part[0].shape[1]
-        acc = numpy.zeros((count, m))
+        acc, edge = numpy.zeros((2, count, m))
         for p in range(0, w.size, block):
             uu = tuple(x[p:p + block, None] for x in u)
             wp = w[p:p + block]
+            lo, hi = numpy.searchsorted(edge_at, (p, p + wp.size))
+            sel, ew = edge_at[lo:hi] - p, edge_w[lo:hi]   # the boundary points of the block
             for j, f in enumerate(integrand(uu, *part)):
-                acc[j] += numpy.einsum("p,pm->m", wp, numpy.broadcast_to(f, (wp.size, m)))
+                f = numpy.broadcast_to(f, (wp.size, m))
+                acc[j] += numpy.einsum("p,pm->m", wp, f)
+                if hi > lo:
+                    edge[j] += numpy.einsum("p,pm->m", ew, numpy.abs(f[sel]))
         out[:, s:s + step] = acc
+        with numpy.errstate(invalid="ignore"):
+            wide[s:s + step] = (edge > _TRAP_EDGE * numpy.maximum(1.0, numpy.abs(acc))).any(
+                axis=0)
+    if wide.any() and 2 * W <= _TRAP_MAX_HALF_WIDTH:
+        at = numpy.flatnonzero(wide)
+        again = _gh_expect_many(integrand, k, count, 2 * n - 1, *[a[0, at] for a in flat],
+                                half_width=2 * W)
+        for j in range(count):
+            out[j, at] = again[j]
     return tuple(o.reshape(shape) for o in out)
 
 
@@ -152,7 +176,7 @@ def _split_expect(integrand, k, n, breaks, *args):
     w1 = (half[:, None, :] * w[None, :, None]).reshape(-1, size)
     w1 = w1 * numpy.exp(-u1 * u1 / 2) / numpy.sqrt(2.0 * numpy.pi)
     if k > 1:
-        rest, wr = _trap_grid(k - 1, n)
+        rest, wr = _trap_grid(k - 1, n)[:2]
     else:
         rest, wr = numpy.zeros((0, 1)), numpy.ones(1)
     P1, Pr = u1.shape[0], wr.size

@@ -330,6 +330,49 @@ def test_gh_expect_many_equals_gh_expect_entry_by_entry():
                     np.testing.assert_allclose(many[j], one, rtol=1e-13, atol=1e-15)
             finally:
                 runtime._GH_CHUNK = old
+        # the rule itself, written here: n equispaced nodes on [-10, 10], weights h phi(x)
+        x = np.linspace(-10.0, 10.0, n)
+        w = (x[1] - x[0]) * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+        U = np.meshgrid(x, x, indexing="ij")
+        W = np.multiply.outer(w, w)
+        for j in range(4):
+            want = [np.sum(W * np.broadcast_to(integrand(U, mi)[j], W.shape)) for mi in m]
+            np.testing.assert_allclose(many[j], want, rtol=1e-13, atol=1e-15)
+
+
+def test_trapezoidal_rule_widens_where_its_boundary_holds_mass(monkeypatch):
+    """E[exp(a u1) tanh(u2)^2 + c] for u ~ N(0, I_2): exp(a^2 / 2) E[tanh^2] + c. For a = 12
+    the mass of exp(a u1) phi(u1) sits at u1 = 12, beyond [-10, 10]: the rule widens (to
+    [-20, 20] and [-40, 40], the same spacing) and gets the value to 1e-12 (E[tanh(u)^2] by
+    scipy's adaptive quad); with the widening off it misses most of it.
+    An integrand whose boundary holds no mass (a = 2, polynomials of degree 12) is not
+    widened: one evaluation of the integrand per block, the value of the [-10, 10] rule."""
+    from ssi_symbolic.backends import runtime
+    from scipy.integrate import quad
+    tanh2 = quad(lambda x: np.tanh(x) ** 2 * np.exp(-x * x / 2) / np.sqrt(2 * np.pi),
+                 -40, 40, epsabs=1e-15, limit=200)[0]
+    calls = []
+
+    def integrand(u, a, c):
+        calls.append(u[0].shape)
+        return (np.exp(a * u[0]) * np.tanh(u[1]) ** 2 + c, u[0] ** 12 + 0 * a)
+
+    a, c = np.array([12.0, 2.0]), np.array([0.5, -1.0])
+    got = runtime._gh_expect_many(integrand, 2, 2, 128, a, c)
+    want = np.exp(a * a / 2) * tanh2 + c
+    np.testing.assert_allclose(got[0], want, rtol=1e-12)
+    assert abs(got[1][1] - 10395.0) <= 1e-9 * 10395.0   # E[u^12] = 11!!
+    assert len(calls) >= 2 and calls[1] != calls[0]       # evaluated again, wider
+    monkeypatch.setattr(runtime, "_TRAP_MAX_HALF_WIDTH", 10.0)
+    calls.clear()
+    narrow = runtime._gh_expect_many(integrand, 2, 2, 128, a, c)
+    assert len(calls) == 1
+    assert abs(narrow[0][0] - want[0]) > 0.5 * want[0]
+    np.testing.assert_allclose(narrow[0][1], got[0][1], rtol=1e-14)  # a = 2: not widened
+    monkeypatch.setattr(runtime, "_TRAP_MAX_HALF_WIDTH", 40.0)
+    calls.clear()
+    runtime._gh_expect_many(integrand, 2, 2, 128, np.array([2.0]), np.array([0.0]))
+    assert len(calls) == 1
 
 
 def test_node_groups_give_the_numbers_of_single_nodes(monkeypatch):

@@ -654,10 +654,12 @@ def test_quadrature_error_bounds_mass_beyond_the_grid(tmp_path):
 def test_quadrature_error_bounds_mass_beyond_fourteen(tmp_path):
     """exp(1.5 z) as a plain SGD student at q = 1.4: the q-q entry of Cov(G) holds exp(12 z)
     with z of standard deviation 1.18, its mass near 14 in the rule's variable, beyond both
-    [-10, 10] and [-14, 14]: the value is far off and quadrature_error must say so (its third
-    rule, 3n nodes on [-20, 20]). Reference from MATH.md section 4 (plain: G = (-eta A_m,
-    -2 eta A_q + eta^2 B)), composite Gauss-Legendre over z* and w in [-20, 30]^2,
-    z = m z* + sqrt(q - m^2) w."""
+    [-10, 10] and [-14, 14]. The rules widen where their boundary holds mass (_TRAP_EDGE):
+    the value agrees with the reference to 1e-10 and quadrature_error bounds its error. With
+    the widening off (_TRAP_MAX_HALF_WIDTH = 10) the value misses most of the mass and
+    quadrature_error must say so (its third rule, 3n nodes on [-20, 20]). Reference from
+    MATH.md section 4 (plain: G = (-eta A_m, -2 eta A_q + eta^2 B)), composite Gauss-Legendre
+    over z* and w in [-20, 30]^2, z = m z* + sqrt(q - m^2) w."""
     spec = make_spec("exp_student_far_tail", 1, "erfc(0.7*z1)", student="exp(1.5*z1)",
                      spherical=False)
     path, _ = generate(spec, out_dir=tmp_path)
@@ -681,6 +683,11 @@ def test_quadrature_error_bounds_mass_beyond_fourteen(tmp_path):
 
     ref, ref2 = reference(40), reference(60)
     assert np.all(np.abs(ref - ref2) <= 1e-10 * np.abs(ref))
+    value, bound = (np.asarray(x, dtype=float).reshape(2, 2)
+                    for x in mod.quadrature_error(mod.covariance, m, q, eta=eta))
+    assert np.all(np.abs(value - ref) <= 1e-10 * np.abs(ref)), (value, ref)
+    assert np.all(np.abs(value - ref) <= bound), (value, ref, bound)
+    mod._TRAP_MAX_HALF_WIDTH = 10.0
     value, bound = (np.asarray(x, dtype=float).reshape(2, 2)
                     for x in mod.quadrature_error(mod.covariance, m, q, eta=eta))
     assert abs(value[1, 1] - ref[1, 1]) > 0.5 * abs(ref[1, 1])   # the rules miss the mass

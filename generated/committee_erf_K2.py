@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: dfecbb2a0b67ce6dad50e23074a90b8ca50829c7800ae1c725f5a2c9b88c658b
-# tool: ssi-symbolic 0.1.0 generator 1 source ff52e10760599eaf
+# spec-hash: c374475dff6c25bdfe068beccf3098517c4bebc9d0a9ce294370fd1fae040990
+# tool: ssi-symbolic 0.1.0 generator 1 source a2ca4e61483fcd74
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'dfecbb2a0b67ce6dad50e23074a90b8ca50829c7800ae1c725f5a2c9b88c658b'
+SPEC_HASH = 'c374475dff6c25bdfe068beccf3098517c4bebc9d0a9ce294370fd1fae040990'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a1bc7b4077032ce2c92d0796d0f5ccd83d948e2397ff0a2b5af68b3fa85d1f3b
-# tool: ssi-symbolic 0.1.0 generator 1 source ff52e10760599eaf
+# spec-hash: 953f01370c512c35dbb4bc4ffe46ce86f7bec5f8d1053c0ceb7fa3e568bacbee
+# tool: ssi-symbolic 0.1.0 generator 1 source a2ca4e61483fcd74
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a1bc7b4077032ce2c92d0796d0f5ccd83d948e2397ff0a2b5af68b3fa85d1f3b'
+SPEC_HASH = '953f01370c512c35dbb4bc4ffe46ce86f7bec5f8d1053c0ceb7fa3e568bacbee'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

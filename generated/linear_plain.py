@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9d1ee322c5fdd5ee139890023baf1d7c063b17a6357cacb47ef41afdd35ee137
-# tool: ssi-symbolic 0.1.0 generator 1 source ff52e10760599eaf
+# spec-hash: 9cebb323eccb045490aacc6e9ca1864c41d25977e6f1f322fa7bb7cfcc7a5727
+# tool: ssi-symbolic 0.1.0 generator 1 source a2ca4e61483fcd74
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9d1ee322c5fdd5ee139890023baf1d7c063b17a6357cacb47ef41afdd35ee137'
+SPEC_HASH = '9cebb323eccb045490aacc6e9ca1864c41d25977e6f1f322fa7bb7cfcc7a5727'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: de4dce85e7138fbe641016b8c89bf6848cb8017d6e37f5afacf3e81cc4cf27a9
-# tool: ssi-symbolic 0.1.0 generator 1 source ff52e10760599eaf
+# spec-hash: 710b1c6a44e3a968e4f1390f6cbab1b3d9d81b486d78b1bf165d420652bae591
+# tool: ssi-symbolic 0.1.0 generator 1 source a2ca4e61483fcd74
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'de4dce85e7138fbe641016b8c89bf6848cb8017d6e37f5afacf3e81cc4cf27a9'
+SPEC_HASH = '710b1c6a44e3a968e4f1390f6cbab1b3d9d81b486d78b1bf165d420652bae591'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

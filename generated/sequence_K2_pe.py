@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b9391b1d6516aabf4a9afb027ab5c936537ca16916e52fed1b6b665396806c96
-# tool: ssi-symbolic 0.1.0 generator 1 source ff52e10760599eaf
+# spec-hash: b1e7726193eee415a05f5f23903c581618ded781158abb2772b44ba047730c75
+# tool: ssi-symbolic 0.1.0 generator 1 source a2ca4e61483fcd74
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b9391b1d6516aabf4a9afb027ab5c936537ca16916e52fed1b6b665396806c96'
+SPEC_HASH = 'b1e7726193eee415a05f5f23903c581618ded781158abb2772b44ba047730c75'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

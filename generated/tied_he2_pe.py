@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 66a5343c5bbc6aa95c73fda354828a6795e113c228c567488fac63d2e4d6864f
-# tool: ssi-symbolic 0.1.0 generator 1 source ff52e10760599eaf
+# spec-hash: ce52e6c2dedb45696a2df8a034ae275e8e55f2c0631e41c5132d4768c8f916f1
+# tool: ssi-symbolic 0.1.0 generator 1 source a2ca4e61483fcd74
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '66a5343c5bbc6aa95c73fda354828a6795e113c228c567488fac63d2e4d6864f'
+SPEC_HASH = 'ce52e6c2dedb45696a2df8a034ae275e8e55f2c0631e41c5132d4768c8f916f1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -593,6 +593,46 @@ def test_node_choice_splits_large_probes_between_two_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+_MODULE_TEXT = """
+import hashlib, os, sys
+from pathlib import Path
+from ssi_symbolic import background
+from ssi_symbolic.backends import exact
+from ssi_symbolic.model.spec import load_spec
+from ssi_symbolic.symbolic.derive import derive
+assert background.can_fork() == (sys.argv[2] == 'shared')
+D = derive(load_spec(Path(sys.argv[1])))
+os.environ['SSI_SERIAL'] = '1'   # the module step in this process either way
+text = exact.module_source(D)
+print(hashlib.sha256(text.encode()).hexdigest())
+"""
+
+
+def test_module_text_does_not_depend_on_the_expectation_split(tmp_path):
+    """The three-token erf/tanh case of the link zoo: its module is the same text whether its
+    expectations were shared with a forked child (each process claiming the next one, so the
+    split follows the timing) or all computed in one process (SSI_SERIAL=1). Before every
+    value was rebuilt by transfer.unpack, the natively built values and the child's rebuilt
+    ones, structurally identical, steered one group's common subexpressions apart."""
+    import subprocess
+    import sys
+    spec = tmp_path / "erf_tanh_L3.toml"
+    spec.write_text('name = "erf_tanh_L3"\nL = 3\n[teacher]\nlink = "erf((z1 + z2 + z3)/sqrt(3))"'
+                    '\n[student]\nlink = "(tanh(z1) + tanh(z2) + tanh(z3))/sqrt(3)"\n'
+                    'positional = [[0.5, -0.3], [0.2, 0.8], [-0.6, 0.1]]\n')
+    texts = []
+    for how in ("shared", "serial"):
+        env = dict(os.environ)
+        env.pop("SSI_SERIAL", None)
+        if how == "serial":
+            env["SSI_SERIAL"] = "1"
+        p = subprocess.run([sys.executable, "-c", _MODULE_TEXT, str(spec), how], env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-2000:]
+        texts.append(p.stdout.strip())
+    assert texts[0] == texts[1]
+
+
 _BACKGROUND = """
 from ssi_symbolic.background import Background, can_fork
 assert can_fork()

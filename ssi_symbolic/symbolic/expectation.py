@@ -73,7 +73,9 @@ class Expectation:
         budget counts every sub-problem a term reaches, memoised or not), so the values, and
         the module made from them, are the same whichever process computed which; the child
         sends its values, existence conditions and kinds back unevaluated
-        (symbolic.transfer). Whatever the child did not deliver is computed here."""
+        (symbolic.transfer). Whatever the child did not deliver is computed here. The values
+        are returned rebuilt by transfer.unpack, the child's and this process's alike, so
+        that the module's text does not depend on the split either."""
         from ..background import two_ends
         from . import transfer
         exprs = list(exprs)
@@ -92,16 +94,25 @@ class Expectation:
                     transfer.pack(flat))
 
         got = two_ends(len(exprs), front, back)
+        # this process's values rebuilt as the child's are (transfer.unpack), whichever
+        # process computed which: an expression rebuilt unevaluated and its natively built
+        # twin are structurally identical (same srepr) but steered the module's cse apart (the
+        # L = 3 zoo module: three different texts for one-process, shared and
+        # shared-and-forked derivations)
+        mine = sorted(out)
+        out.update(zip(mine, transfer.unpack(transfer.pack([out[i] for i in mine]))))
         if got is not None:
             idx, nc, kinds, data = got
-            flat = transfer.unpack(data, known=[out[i] for i in sorted(out)])
+            flat = transfer.unpack(data, known=[out[i] for i in mine])
             out.update(zip(idx, flat[:len(idx)]))
             rest = flat[len(idx):]
             self.conditions.extend((rest[2 * k], rest[2 * k + 1]) for k in range(nc))
             self.kinds.update(kinds)
-        for i in range(len(exprs)):  # a child that failed or died: its share is done here
-            if i not in out:
-                out[i] = self.expect(exprs[i])
+        missing = [i for i in range(len(exprs)) if i not in out]
+        if missing:  # a child that failed or died: its share is done here, and rebuilt
+            values = [self.expect(exprs[i]) for i in missing]
+            out.update(zip(missing, transfer.unpack(transfer.pack(values),
+                                                    known=[out[i] for i in sorted(out)])))
         return [out[i] for i in range(len(exprs))]
 
     def _token_of(self, v):

@@ -346,7 +346,8 @@ def test_trapezoidal_rule_widens_where_its_boundary_holds_mass(monkeypatch):
     [-20, 20] and [-40, 40], the same spacing) and gets the value to 1e-12 (E[tanh(u)^2] by
     scipy's adaptive quad); with the widening off it misses most of it.
     An integrand whose boundary holds no mass (a = 2, polynomials of degree 12) is not
-    widened: one evaluation of the integrand per block, the value of the [-10, 10] rule."""
+    widened: one evaluation of the integrand per block, the value of the [-10, 10] rule. A
+    widening whose far nodes overflow (a = 20 on [-40, 40]) is not taken."""
     from ssi_symbolic.backends import runtime
     from scipy.integrate import quad
     tanh2 = quad(lambda x: np.tanh(x) ** 2 * np.exp(-x * x / 2) / np.sqrt(2 * np.pi),
@@ -373,6 +374,10 @@ def test_trapezoidal_rule_widens_where_its_boundary_holds_mass(monkeypatch):
     calls.clear()
     runtime._gh_expect_many(integrand, 2, 2, 128, np.array([2.0]), np.array([0.0]))
     assert len(calls) == 1
+    # a = 20: [-40, 40] overflows (exp(800) where phi underflows to 0): the [-20, 20] value,
+    # finite, is kept (E = exp(200) E[tanh^2], its mass at u1 = 20 half inside the grid)
+    far = runtime._gh_expect_many(integrand, 2, 2, 128, np.array([20.0]), np.array([0.0]))
+    assert np.isfinite(far[0]).all() and 0.4 < far[0][0] / (np.exp(200.0) * tanh2) < 0.6
 
 
 def test_node_groups_give_the_numbers_of_single_nodes(monkeypatch):

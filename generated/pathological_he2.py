@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f1296afeec062260bc4ae1ede192303ab36a79de876fa412017e0b9190e6d826
-# tool: ssi-symbolic 0.1.0 generator 1 source a2ca4e61483fcd74
+# spec-hash: ad780363fb4667978d80e8e63114af61d5b99e578d6585da7475137515b38db8
+# tool: ssi-symbolic 0.1.0 generator 1 source 49ea7bbd4282dbc2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f1296afeec062260bc4ae1ede192303ab36a79de876fa412017e0b9190e6d826'
+SPEC_HASH = 'ad780363fb4667978d80e8e63114af61d5b99e578d6585da7475137515b38db8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -116,7 +116,7 @@ def _gh_expect_many(integrand, k, count, n, *args, half_width=None):
     max(1, |value|) for some entry (an integrand growing like exp(a u) has its mass near
     u = a, beyond 10 for a student exp(1.5 z)'s Cov(G) at q > 1): those states are evaluated
     again on [-2W, 2W] with 2n - 1 nodes (the same spacing, the same nodes and more), up to
-    _TRAP_MAX_HALF_WIDTH."""
+    _TRAP_MAX_HALF_WIDTH, unless the wider rule overflows where the narrower did not."""
     W = _TRAP_HALF_WIDTH if half_width is None else half_width
     u, w, edge_at, edge_w = _trap_grid(k, n, W)
     args = numpy.broadcast_arrays(*[numpy.asarray(a, dtype=float) for a in args])
@@ -148,10 +148,14 @@ def _gh_expect_many(integrand, k, count, n, *args, half_width=None):
                 axis=0)
     if wide.any() and 2 * W <= _TRAP_MAX_HALF_WIDTH:
         at = numpy.flatnonzero(wide)
-        again = _gh_expect_many(integrand, k, count, 2 * n - 1, *[a[0, at] for a in flat],
-                                half_width=2 * W)
+        with numpy.errstate(over="ignore", invalid="ignore"):  # overflow: handled below
+            again = _gh_expect_many(integrand, k, count, 2 * n - 1,
+                                    *[a[0, at] for a in flat], half_width=2 * W)
         for j in range(count):
-            out[j, at] = again[j]
+            # a wider grid whose far nodes overflow (exp(a u) with a u > 709 where phi(u)
+            # underflows to 0: inf * 0) is not taken
+            ok = numpy.isfinite(again[j]) | ~numpy.isfinite(out[j, at])
+            out[j, at] = numpy.where(ok, again[j], out[j, at])
     return tuple(o.reshape(shape) for o in out)
 
 

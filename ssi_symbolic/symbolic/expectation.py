@@ -162,7 +162,7 @@ class Expectation:
 
     def _closed_form(self, factor):
         """Closed-form E[factor] (one token group), or None."""
-        from .closed_forms import GaussianClosedForm, NoClosedForm, TooComplex, rewrite
+        from .closed_forms import NoClosedForm, TooComplex, rewrite
         hit = self._closed_cache.get(factor)
         if hit is not None or factor in self._closed_cache:
             return hit
@@ -174,13 +174,7 @@ class Expectation:
             self._too_complex[factor] = False
             self._closed_cache[factor] = None
             return None
-        # several directions: orthant probabilities of four Phi factors (the committee's
-        # fourth power of the error) by Plackett's one-dimensional integral
-        full = self._closed.get(variables)
-        if full is None:
-            mean, cov = self._gaussian_of(variables)
-            full = self._closed[variables] = GaussianClosedForm(
-                variables, mean, cov, orthant_quadrature=self.g.multi)
+        full = self._engine(variables, variables)
         if full._erf_terms_refused(factor, set(variables)):
             # too many erf thresholds in some term (gelu's Cov(G)): refused before the
             # reduction below (conditional moments of the whole statistic: seconds) is built
@@ -196,13 +190,8 @@ class Expectation:
             body, ys, mean, cov = reduced
             key = (ys, tuple(mean), tuple(cov))
         else:
-            body, ys = factor, variables
-            mean, cov = self._gaussian_of(variables)
-            key = variables
-        engine = self._closed.get(key)
-        if engine is None:
-            engine = self._closed[key] = GaussianClosedForm(ys, mean, cov,
-                                                            orthant_quadrature=self.g.multi)
+            body, ys, key, mean, cov = factor, variables, variables, None, None
+        engine = self._engine(key, ys, mean, cov)
         n0 = len(engine.conditions)
         try:
             out = engine.expect(body)
@@ -215,6 +204,20 @@ class Expectation:
                 self.kinds.add("quadrature")
         self._closed_cache[factor] = out
         return out
+
+    def _engine(self, key, ys, mean=None, cov=None):
+        """The closed-form engine of the Gaussian ys ~ N(mean, cov) (by default the token
+        variables' own, _gaussian_of) under `key`, made once. Several directions: orthant
+        probabilities of four Phi factors (the committee's fourth power of the error) by
+        Plackett's one-dimensional integral."""
+        from .closed_forms import GaussianClosedForm
+        engine = self._closed.get(key)
+        if engine is None:
+            if mean is None:
+                mean, cov = self._gaussian_of(ys)
+            engine = self._closed[key] = GaussianClosedForm(ys, mean, cov,
+                                                            orthant_quadrature=self.g.multi)
+        return engine
 
     def _reduced(self, factor, variables):
         """The factor as a function of the k < n linear forms Y = A x its functions read, with

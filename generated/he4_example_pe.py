@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ef189ea3eac66bde5374f5d61603f7f75ff026f531821df6a9ae75e59646a6ae
-# tool: ssi-symbolic 0.1.0 generator 1 source 49ea7bbd4282dbc2
+# spec-hash: 661a4f31b6ec6263c3d8a1329f23e5ccd12103174dce9c73d9fd5bb4dc78039f
+# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ef189ea3eac66bde5374f5d61603f7f75ff026f531821df6a9ae75e59646a6ae'
+SPEC_HASH = '661a4f31b6ec6263c3d8a1329f23e5ccd12103174dce9c73d9fd5bb4dc78039f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

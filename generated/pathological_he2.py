@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ad780363fb4667978d80e8e63114af61d5b99e578d6585da7475137515b38db8
-# tool: ssi-symbolic 0.1.0 generator 1 source 49ea7bbd4282dbc2
+# spec-hash: 7b1039a805f2683f41f13583223fe149fa7c600e0a6ae917d57f0f6683dd2160
+# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ad780363fb4667978d80e8e63114af61d5b99e578d6585da7475137515b38db8'
+SPEC_HASH = '7b1039a805f2683f41f13583223fe149fa7c600e0a6ae917d57f0f6683dd2160'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

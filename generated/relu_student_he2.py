@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9eed383cbba1595c1d919c8beb7af3de9d00a093d7f429db76faa51b3652cba2
-# tool: ssi-symbolic 0.1.0 generator 1 source 49ea7bbd4282dbc2
+# spec-hash: 2e10ca803b9b253782c4c940d2dd204b5b3c508d37ba2997207a663a5d28cc46
+# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9eed383cbba1595c1d919c8beb7af3de9d00a093d7f429db76faa51b3652cba2'
+SPEC_HASH = '2e10ca803b9b253782c4c940d2dd204b5b3c508d37ba2997207a663a5d28cc46'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

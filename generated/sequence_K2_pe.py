@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 128dfb60e2ae91cafdf8dfc5ef7d1dd4b9bdc741746883404834cb0674a4654f
-# tool: ssi-symbolic 0.1.0 generator 1 source 49ea7bbd4282dbc2
+# spec-hash: 6dcd3916f1a46290e9684acfd75e513718e3d7d47fa472efb797c63e35baf382
+# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '128dfb60e2ae91cafdf8dfc5ef7d1dd4b9bdc741746883404834cb0674a4654f'
+SPEC_HASH = '6dcd3916f1a46290e9684acfd75e513718e3d7d47fa472efb797c63e35baf382'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0256bd63396340e5e22c40af574cec6a1bd6f095fd7ff3f0fa902d04c518e227
-# tool: ssi-symbolic 0.1.0 generator 1 source 49ea7bbd4282dbc2
+# spec-hash: cd5c197da915ae4d7ed3a6ad303b59bfe50bdeb1534ed7c1532ff63a8d92e764
+# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '0256bd63396340e5e22c40af574cec6a1bd6f095fd7ff3f0fa902d04c518e227'
+SPEC_HASH = 'cd5c197da915ae4d7ed3a6ad303b59bfe50bdeb1534ed7c1532ff63a8d92e764'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6ad6d5b26abcccec4f011bfaba8683b31ee04b543bc44cab7c7c847b1537fdfc
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: d82cf889e1630684e702f4911c80d1df8266eac64fa8f7fdf25110ac2c0720ed
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '6ad6d5b26abcccec4f011bfaba8683b31ee04b543bc44cab7c7c847b1537fdfc'
+SPEC_HASH = 'd82cf889e1630684e702f4911c80d1df8266eac64fa8f7fdf25110ac2c0720ed'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

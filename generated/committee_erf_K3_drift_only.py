@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 57f0ff447551d651670268efde8b268f79fe895fc9d125154aeb4b9ea0f6328e
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: 69730766c73c25f3b8545e5c746a502a06d45be1d6f1f10c0ab4655de1baed59
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '57f0ff447551d651670268efde8b268f79fe895fc9d125154aeb4b9ea0f6328e'
+SPEC_HASH = '69730766c73c25f3b8545e5c746a502a06d45be1d6f1f10c0ab4655de1baed59'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

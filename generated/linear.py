@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 50e9d807046f2cdc9c5829bd3b37c89d4b1f78616003f3ea05e7a88eb3cc1496
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: 6a27c170c5680e79a50c18448b7be0510548007a6864aeb4d62ec983179d2d50
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '50e9d807046f2cdc9c5829bd3b37c89d4b1f78616003f3ea05e7a88eb3cc1496'
+SPEC_HASH = '6a27c170c5680e79a50c18448b7be0510548007a6864aeb4d62ec983179d2d50'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

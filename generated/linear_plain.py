@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f2f96151ffb25ac629d46fb059edfefd545060aa6b5a383d4897a167548d3e74
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: a4a659cd7e9014f1b96fa85d99f5cbf88c101b7cbe10e70422c262769508543b
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f2f96151ffb25ac629d46fb059edfefd545060aa6b5a383d4897a167548d3e74'
+SPEC_HASH = 'a4a659cd7e9014f1b96fa85d99f5cbf88c101b7cbe10e70422c262769508543b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

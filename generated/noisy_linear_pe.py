@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6e815b2162961056a1136288c467dd22cf57820961b6610ae01271a7eaf096ac
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: c9a7559c884814e639d542a84d9c53fcdf0dd8c2e7afb382270747005561d41d
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '6e815b2162961056a1136288c467dd22cf57820961b6610ae01271a7eaf096ac'
+SPEC_HASH = 'c9a7559c884814e639d542a84d9c53fcdf0dd8c2e7afb382270747005561d41d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

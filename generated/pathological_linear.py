@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 553d97e4626e21cbf0671062a1b32f7b064c90a323a5bab00dab6a95245ae566
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: 83c329a527ccea4ca51ad4a397353ef6053198bf96efa9a307b3c8eeb1b61bd8
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '553d97e4626e21cbf0671062a1b32f7b064c90a323a5bab00dab6a95245ae566'
+SPEC_HASH = '83c329a527ccea4ca51ad4a397353ef6053198bf96efa9a307b3c8eeb1b61bd8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4218ab8d314938b713fff3e6fe7229c394875d0340fee289a9db5beb65801ae9
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: b5544de37b9d10e61083b79cb46a9255a08c7c8e562dc2c8f54f0c3a219d34ab
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '4218ab8d314938b713fff3e6fe7229c394875d0340fee289a9db5beb65801ae9'
+SPEC_HASH = 'b5544de37b9d10e61083b79cb46a9255a08c7c8e562dc2c8f54f0c3a219d34ab'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

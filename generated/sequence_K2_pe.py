@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6dcd3916f1a46290e9684acfd75e513718e3d7d47fa472efb797c63e35baf382
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: 3030ebaff418703aed131bffaffdecb9bdc98bbbf9d0ba4b5bffad185783543b
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '6dcd3916f1a46290e9684acfd75e513718e3d7d47fa472efb797c63e35baf382'
+SPEC_HASH = '3030ebaff418703aed131bffaffdecb9bdc98bbbf9d0ba4b5bffad185783543b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

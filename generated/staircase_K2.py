@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cd5c197da915ae4d7ed3a6ad303b59bfe50bdeb1534ed7c1532ff63a8d92e764
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: ba6c9ee1f8d6035c7b82b1edfc6ce7ab262cfb69bf77a8eb59de7b665477635b
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'cd5c197da915ae4d7ed3a6ad303b59bfe50bdeb1534ed7c1532ff63a8d92e764'
+SPEC_HASH = 'ba6c9ee1f8d6035c7b82b1edfc6ce7ab262cfb69bf77a8eb59de7b665477635b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

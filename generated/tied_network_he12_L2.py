@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8c5cae9c11934b1b0fae3d00059ea19ba3a7a3c3fcc44f35f17613992ace0045
-# tool: ssi-symbolic 0.1.0 generator 1 source f942179118bda628
+# spec-hash: 0205d87e9fbc07408370a746eefa2d5a9d51c61275e7d4605f992bd0749e0f42
+# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8c5cae9c11934b1b0fae3d00059ea19ba3a7a3c3fcc44f35f17613992ace0045'
+SPEC_HASH = '0205d87e9fbc07408370a746eefa2d5a9d51c61275e7d4605f992bd0749e0f42'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -409,16 +409,15 @@ def multiply_terms(a, b) -> dict:
     return out
 
 
-def product_terms(expr, memo=None) -> dict:
+def product_terms(expr) -> dict:
     """expr distributed over its sums at the top level (see distribute), as a dictionary
     {frozenset of (base, exponent): numeric coefficient}: a term is the coefficient times
     the product of base**exponent. Integer powers of sums are multiplied out; any other
     factor (a function, a power with a non-integer or negative exponent) is a base with its
-    numeric exponent, so that x x^2 and sqrt(y) sqrt(y) merge as in a Mul. memo: a dict
-    shared over calls on expressions with common sub-expressions."""
-    memo = {} if memo is None else memo
+    numeric exponent, so that x x^2 and sqrt(y) sqrt(y) merge as in a Mul. Each distinct
+    sub-expression is distributed once."""
+    memo = {}
     one = frozenset()
-    product = multiply_terms
 
     def terms(x):
         got = memo.get(x)
@@ -434,11 +433,11 @@ def product_terms(expr, memo=None) -> dict:
         elif x.is_Mul:
             out = {one: sp.Integer(1)}
             for a in x.args:
-                out = product(out, terms(a))
+                out = multiply_terms(out, terms(a))
         elif x.is_Pow and x.exp.is_Integer and x.exp > 1 and x.base.is_Add:
             base = out = terms(x.base)
             for _ in range(int(x.exp) - 1):
-                out = product(out, base)
+                out = multiply_terms(out, base)
         elif x.is_Pow and x.exp.is_Number:
             out = {frozenset([(x.base, x.exp)]): sp.Integer(1)}
         else:

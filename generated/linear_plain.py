@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a4a659cd7e9014f1b96fa85d99f5cbf88c101b7cbe10e70422c262769508543b
-# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
+# spec-hash: cb9321b556de7131ce0eb9b0efdfb4738b78118e5314b2fddcbd9704acae0abb
+# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a4a659cd7e9014f1b96fa85d99f5cbf88c101b7cbe10e70422c262769508543b'
+SPEC_HASH = 'cb9321b556de7131ce0eb9b0efdfb4738b78118e5314b2fddcbd9704acae0abb'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b5544de37b9d10e61083b79cb46a9255a08c7c8e562dc2c8f54f0c3a219d34ab
-# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
+# spec-hash: 9976a207614db9af2aa8fa2a42b7c5825e86313c90c7389edc189d2d47d4c75b
+# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b5544de37b9d10e61083b79cb46a9255a08c7c8e562dc2c8f54f0c3a219d34ab'
+SPEC_HASH = '9976a207614db9af2aa8fa2a42b7c5825e86313c90c7389edc189d2d47d4c75b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3030ebaff418703aed131bffaffdecb9bdc98bbbf9d0ba4b5bffad185783543b
-# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
+# spec-hash: cb7700d32210387b4dabdc9b200a60510231b35b6ce8cd0377aedb2b868e0d38
+# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3030ebaff418703aed131bffaffdecb9bdc98bbbf9d0ba4b5bffad185783543b'
+SPEC_HASH = 'cb7700d32210387b4dabdc9b200a60510231b35b6ce8cd0377aedb2b868e0d38'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

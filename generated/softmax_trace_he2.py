@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 29a87e3fa644cf1a2462e5bd1235f6c9ef65f9393134f2ade9b991762abb89a6
-# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2 attention 1 705afe08a485805c
+# spec-hash: b4d3045e3e4a6fc27bf78c4bf086d8f3bbb4875dea131aa1bf6c8080207d999a
+# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '29a87e3fa644cf1a2462e5bd1235f6c9ef65f9393134f2ade9b991762abb89a6'
+SPEC_HASH = 'b4d3045e3e4a6fc27bf78c4bf086d8f3bbb4875dea131aa1bf6c8080207d999a'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

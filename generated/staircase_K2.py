@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ba6c9ee1f8d6035c7b82b1edfc6ce7ab262cfb69bf77a8eb59de7b665477635b
-# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
+# spec-hash: 500f42e8ad09ec39de4a623e387f5113af664ceb8db091dbdb9654333b07485b
+# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ba6c9ee1f8d6035c7b82b1edfc6ce7ab262cfb69bf77a8eb59de7b665477635b'
+SPEC_HASH = '500f42e8ad09ec39de4a623e387f5113af664ceb8db091dbdb9654333b07485b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 05425db339cfcadf7910ae6adb9e30f3488333bebb3eb327ca0e6c4548e0b323
-# tool: ssi-symbolic 0.1.0 generator 1 source 5763c414e58ef4a2
+# spec-hash: d18c0f9db1b322b89d534a1f1a682f7b5e40a140b0d0571cfee602583c9ab511
+# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '05425db339cfcadf7910ae6adb9e30f3488333bebb3eb327ca0e6c4548e0b323'
+SPEC_HASH = 'd18c0f9db1b322b89d534a1f1a682f7b5e40a140b0d0571cfee602583c9ab511'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

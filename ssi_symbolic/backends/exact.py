@@ -114,7 +114,6 @@ class _Module:
         self.stage = {}  # placeholder -> the first output kind that needed it (node groups)
         self.orth = {}  # NormalOrthant -> placeholder symbol (see _orthant_lines)
         self.unsplit_kinks = False
-        self._node_keys = {}
         self._groups = None  # see node_groups
         self.group_list = []
         self._break_cache = {}
@@ -122,20 +121,16 @@ class _Module:
         #: outputs (module_source starts the node functions and the node choice there)
         self.nodes_ready = None
 
-    def _node_key(self, node):
-        """sp.default_sort_key of a node, computed once (it walks the whole integrand)."""
-        key = self._node_keys.get(node)
-        if key is None:
-            key = self._node_keys[node] = sp.default_sort_key(node)
-        return key
-
     # quadrature nodes become placeholders before CSE; each gets its own function
     def _extract(self, expr, orthants: bool = False, stage: str = "jacobian"):
         """expr with its Gauss-Hermite nodes, and with `orthants` its orthant probabilities
         (outputs that are never differentiated: Cov(G), the O(1/d) drift), replaced by
         placeholder symbols."""
         expr = sp.sympify(expr)
-        nodes = sorted(_outer_atoms(expr, GaussHermite), key=self._node_key)
+        # numbered in order of first appearance (_first_atoms): sorting them by
+        # sp.default_sort_key walked every integrand's sums in canonical order, 45 % of the
+        # outputs' preparation for gelu((z1 + z2)/sqrt 2)
+        nodes = _first_atoms(expr, GaussHermite)
         for n in nodes:
             if n not in self.quad:
                 self.quad[n] = sp.Symbol(f"_gh{len(self.quad)}")
@@ -536,72 +531,104 @@ class _Module:
         return self._groups
 
     def quadrature_functions(self) -> list[str]:
-        fns = []
-        args = self.state + self.param_names
-
-        def nodes(k):
-            return f"_nodes({k}) if n is None else n"
+        """The sources of the quadrature nodes' functions: per group its integrand function
+        (one cse over the members' integrands) and its _gh_group function, per node its
+        _gh_node function (and its own integrand function outside a group). The items are
+        shared with a forked child (background.two_ends: this process from the front, the
+        child from the back); each starts from an empty SymPy cache, so its text is a function
+        of its nodes alone, whichever process printed it after whatever other items."""
+        from ..background import two_ends
         groups = self.node_groups()
-        for j, members in enumerate(self.group_list):
-            us = [str(u) for u in members[0][0].variables]
-            repl, red = cse([combine_exp(node.integrand) for node, _ in members], "_y")
-            lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
-            fns.append(function_source(
+        items = ([("group", j) for j in range(len(self.group_list))]
+                 + [("node", ph) for ph in self.quad.values()])
+        nodes = {ph: node for node, ph in self.quad.items()}
+        done = {}
+
+        def one(k):
+            sp.core.cache.clear_cache()
+            kind, key = items[k]
+            if kind == "group":
+                return self._group_functions(key), False
+            return self._node_functions(nodes[key], key, groups)
+
+        def front(indices):
+            for k in indices:
+                done[k] = one(k)
+
+        def back(indices):
+            return {k: one(k) for k in indices}
+
+        done.update(two_ends(len(items), front, back) or {})
+        for k in range(len(items)):
+            if k not in done:  # the child failed or died: computed here
+                done[k] = one(k)
+        self.unsplit_kinks = self.unsplit_kinks or any(done[k][1] for k in done)
+        return [f for k in range(len(items)) for f in done[k][0]]
+
+    def _group_functions(self, j) -> list[str]:
+        """The integrand function of group j (one cse over its members' integrands) and its
+        _gh_group function."""
+        args = self.state + self.param_names
+        members = self.group_list[j]
+        us = [str(u) for u in members[0][0].variables]
+        repl, red = cse([combine_exp(node.integrand) for node, _ in members], "_y")
+        lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
+        return [
+            function_source(
                 f"_gh_integrand_g{j}", ["_u"] + args,
                 f"Integrands of nodes {', '.join(str(ph)[3:] for _, ph in members)} at "
                 f"quadrature points _u = ({', '.join(us)}).",
-                lines, tuple_source([pycode(r) for r in red])))
-            fns.append(function_source(
+                lines, tuple_source([pycode(r) for r in red])),
+            function_source(
                 f"_gh_group_{j}", args + ["n=None"],
                 f"E over ({', '.join(us)}) ~ N(0, I) of the integrands of nodes "
                 f"{', '.join(str(ph)[3:] for _, ph in members)} (a tuple), by the tensor "
                 f"trapezoidal rule on [-10, 10] with n nodes per dimension, one pass over the "
                 f"grid.", [],
                 f"_gh_expect_many(_gh_integrand_g{j}, {len(us)}, {len(members)}, "
-                f"{nodes(len(us))}, "
-                f"{', '.join(args)})"))
-        for node, ph in self.quad.items():
-            idx = int(str(ph)[3:])
-            us = [str(u) for u in node.variables]
-            if ph in groups:
-                j, pos = groups[ph]
-                doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below: entry {pos} "
-                       f"of _gh_group_{j}.\n\n    {short_str(node.integrand, 400)}\n    ")
-                fns.append(function_source(f"_gh_node_{idx}", args + ["n=None"], doc, [],
-                                           f"_gh_group_{j}({', '.join(args)}, n=n)[{pos}]"))
-                continue
-            # exp(a) exp(b) as exp(a + b): the product of separately overflowing factors at
-            # the far nodes (|u| ~ 10) would give inf / inf instead of a vanishing term
-            integrand = combine_exp(node.integrand)
-            repl, (red,) = cse([integrand], "_y")
-            lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
-            fns.append(function_source(
-                f"_gh_integrand_{idx}", ["_u"] + args,
-                f"Integrand of node {idx} at quadrature points _u = ({', '.join(us)}).",
-                lines, pycode(red)))
-            breaks = self._breaks(node)
-            if breaks:
-                doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below: {us[0]} "
-                       f"split at the kinks {', '.join(sp.sstr(b) for b in breaks)} with "
-                       f"n-node Gauss-Legendre pieces, the rest by the trapezoidal rule.")
-                blines = [f"_b{j} = {pycode(b)}" for j, b in enumerate(breaks)]
-                call = (f"_split_expect(_gh_integrand_{idx}, {len(us)}, {nodes(len(us))}, "
-                        f"{tuple_source([f'_b{j}' for j in range(len(breaks))])}, "
-                        f"{', '.join(args)})")
-            else:
-                if breaks is None:
-                    self.unsplit_kinks = True
-                doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below, by the "
-                       f"tensor trapezoidal rule on [-10, 10] with n nodes per dimension"
-                       + (" (a kink not along the first variable: convergence like n^-2)."
-                          if breaks is None else "."))
-                blines = []
-                call = (f"_gh_expect(_gh_integrand_{idx}, {len(us)}, {nodes(len(us))}, "
-                        f"{', '.join(args)})")
-            doc += f"\n\n    {short_str(node.integrand, 400)}\n    "
-            fns.append(function_source(f"_gh_node_{idx}", args + ["n=None"], doc, blines,
-                                       call))
-        return fns
+                f"{_node_count(len(us))}, {', '.join(args)})")]
+
+    def _node_functions(self, node, ph, groups) -> tuple[list[str], bool]:
+        """(the sources of node ph's functions, whether it has a kink left unsplit): an
+        entry of its group's function, or its own integrand and _gh_node functions."""
+        args = self.state + self.param_names
+        idx = int(str(ph)[3:])
+        us = [str(u) for u in node.variables]
+        if ph in groups:
+            j, pos = groups[ph]
+            doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below: entry {pos} "
+                   f"of _gh_group_{j}.\n\n    {short_str(node.integrand, 400)}\n    ")
+            return [function_source(f"_gh_node_{idx}", args + ["n=None"], doc, [],
+                                    f"_gh_group_{j}({', '.join(args)}, n=n)[{pos}]")], False
+        # exp(a) exp(b) as exp(a + b): the product of separately overflowing factors at
+        # the far nodes (|u| ~ 10) would give inf / inf instead of a vanishing term
+        integrand = combine_exp(node.integrand)
+        repl, (red,) = cse([integrand], "_y")
+        lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
+        fns = [function_source(
+            f"_gh_integrand_{idx}", ["_u"] + args,
+            f"Integrand of node {idx} at quadrature points _u = ({', '.join(us)}).",
+            lines, pycode(red))]
+        breaks = self._breaks(node)
+        if breaks:
+            doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below: {us[0]} "
+                   f"split at the kinks {', '.join(sp.sstr(b) for b in breaks)} with "
+                   f"n-node Gauss-Legendre pieces, the rest by the trapezoidal rule.")
+            blines = [f"_b{j} = {pycode(b)}" for j, b in enumerate(breaks)]
+            call = (f"_split_expect(_gh_integrand_{idx}, {len(us)}, {_node_count(len(us))}, "
+                    f"{tuple_source([f'_b{j}' for j in range(len(breaks))])}, "
+                    f"{', '.join(args)})")
+        else:
+            doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below, by the "
+                   f"tensor trapezoidal rule on [-10, 10] with n nodes per dimension"
+                   + (" (a kink not along the first variable: convergence like n^-2)."
+                      if breaks is None else "."))
+            blines = []
+            call = (f"_gh_expect(_gh_integrand_{idx}, {len(us)}, {_node_count(len(us))}, "
+                    f"{', '.join(args)})")
+        doc += f"\n\n    {short_str(node.integrand, 400)}\n    "
+        fns.append(function_source(f"_gh_node_{idx}", args + ["n=None"], doc, blines, call))
+        return fns, breaks is None
 
     def link_functions(self) -> list[str]:
         spec = self.D.spec
@@ -632,6 +659,11 @@ class _Module:
         return fns
 
 
+def _node_count(k: int) -> str:
+    """The node count argument of a k-dimensional rule in a node function."""
+    return f"_nodes({k}) if n is None else n"
+
+
 def _outer_atoms(expr, cls) -> set:
     """The subexpressions of type cls of expr, not looking inside them (expr.atoms(cls) also
     walks every quadrature node's integrand)."""
@@ -643,6 +675,24 @@ def _outer_atoms(expr, cls) -> set:
         elif x.args and x not in seen:
             seen.add(x)
             stack.extend(x.args)
+    return out
+
+
+def _first_atoms(expr, cls) -> list:
+    """The subexpressions of type cls of expr, not looking inside them, in the order a
+    left-to-right preorder walk over the stored arguments first meets them: deterministic
+    (SymPy stores the arguments of sums and products sorted by Basic.compare, not by hash),
+    each shared sub-expression entered once."""
+    out, found, stack, seen = [], set(), [expr], set()
+    while stack:
+        x = stack.pop()
+        if isinstance(x, cls):
+            if x not in found:
+                found.add(x)
+                out.append(x)
+        elif x.args and x not in seen:
+            seen.add(x)
+            stack.extend(reversed(x.args))
     return out
 
 

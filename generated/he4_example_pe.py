@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: babb04762745ba032a269f5f40311a35c588907dab67984a625b9c38f05df4ad
-# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
+# spec-hash: df987886cb0fc89aaf00c8b17911a465987277fd6bf60829f6f1e00dc1f0394a
+# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'babb04762745ba032a269f5f40311a35c588907dab67984a625b9c38f05df4ad'
+SPEC_HASH = 'df987886cb0fc89aaf00c8b17911a465987277fd6bf60829f6f1e00dc1f0394a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ffc9acd68407385b98f163d1580e7f69caf51afc74587ce149201fb7f76b2e9a
-# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
+# spec-hash: 552c04399df42d948195b12359c34360a37f6d8cd2417ae37ba7ae153f128b95
+# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ffc9acd68407385b98f163d1580e7f69caf51afc74587ce149201fb7f76b2e9a'
+SPEC_HASH = '552c04399df42d948195b12359c34360a37f6d8cd2417ae37ba7ae153f128b95'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1a132dc0043c8e4a0a42d911ee4696439a4b06c3bbcda959eecd64eb68a68b93
-# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
+# spec-hash: 4a04fedc16403365e3212621fd3f37e7ba54d2bd182ca03f7b057d5489042979
+# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '1a132dc0043c8e4a0a42d911ee4696439a4b06c3bbcda959eecd64eb68a68b93'
+SPEC_HASH = '4a04fedc16403365e3212621fd3f37e7ba54d2bd182ca03f7b057d5489042979'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9976a207614db9af2aa8fa2a42b7c5825e86313c90c7389edc189d2d47d4c75b
-# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
+# spec-hash: 4699e15fae012381fcf7e9b463d9df98efd22aed9e5fd00ef3c9dd6b9368d830
+# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9976a207614db9af2aa8fa2a42b7c5825e86313c90c7389edc189d2d47d4c75b'
+SPEC_HASH = '4699e15fae012381fcf7e9b463d9df98efd22aed9e5fd00ef3c9dd6b9368d830'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

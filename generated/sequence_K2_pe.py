@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cb7700d32210387b4dabdc9b200a60510231b35b6ce8cd0377aedb2b868e0d38
-# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288
+# spec-hash: c28f8390419232f84ea5b4ff5895fd345b52694d7c0bcc330124e0e277bac290
+# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'cb7700d32210387b4dabdc9b200a60510231b35b6ce8cd0377aedb2b868e0d38'
+SPEC_HASH = 'c28f8390419232f84ea5b4ff5895fd345b52694d7c0bcc330124e0e277bac290'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: b4d3045e3e4a6fc27bf78c4bf086d8f3bbb4875dea131aa1bf6c8080207d999a
-# tool: ssi-symbolic 0.1.0 generator 1 source f2c87af146b35288 attention 1 705afe08a485805c
+# spec-hash: d90a62c6f9ae28541cd9dee869f81cf5c70831a6443e1d86e27f5bc3c1f0d5fc
+# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'b4d3045e3e4a6fc27bf78c4bf086d8f3bbb4875dea131aa1bf6c8080207d999a'
+SPEC_HASH = 'd90a62c6f9ae28541cd9dee869f81cf5c70831a6443e1d86e27f5bc3c1f0d5fc'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

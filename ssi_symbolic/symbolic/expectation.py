@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import sympy as sp
 from sympy.polys.matrices import DomainMatrix
+from sympy.polys.domains import QQ
 
 from .exact_engine import ExactEngine
+from .projection import (_at_point, _conditional_moment, _dependence_rows, _in_row_span,
+                         _independent_rows, _Residual)
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
                        _nonpolynomial_symbols, dag_any, dag_free_symbols, distribute,
                        has_quadrature, nonpolynomial_parts, product_terms)
@@ -547,16 +550,34 @@ class Expectation:
         if got is None:
             return None
         dom, elems, _ = got
-        dS = DomainMatrix([elems[i * n:(i + 1) * n] for i in range(n)], (n, n), dom)
-        dA = DomainMatrix([elems[n * n + i * n:n * n + (i + 1) * n] for i in range(k)], (k, n),
-                          dom)
-        AS = dA * dS
-        adj, det = (AS * dA.transpose()).adj_det()
-        D = dS * det - AS.transpose() * adj * AS
+
+        def residual(dom, elems):  # det(K) R, fraction-free
+            dS = DomainMatrix([elems[i * n:(i + 1) * n] for i in range(n)], (n, n), dom)
+            dA = DomainMatrix([elems[n * n + i * n:n * n + (i + 1) * n] for i in range(k)],
+                              (k, n), dom)
+            AS = dA * dS
+            adj, det = (AS * dA.transpose()).adj_det()
+            return dS * det - AS.transpose() * adj * AS
+
+        # an entry that is not zero at one point of the generators is not zero identically:
+        # only the entries that vanish there (the variables the forms fix) need the exact
+        # computation in the field, several times slower (76 sets of forms of the L = 3 case)
+        at = _at_point(dom, elems)
+        candidates = range(n)
+        if at is not None:
+            Dp = residual(QQ, at)
+            if whole and not Dp.is_zero_matrix:
+                return False
+            candidates = [i for i in range(n) if Dp[i, i].element == QQ.zero]
+            # a variable that is a combination of constant forms is fixed whatever Sigma
+            fixed = [i for i in candidates if _in_row_span(A, i)]
+            if len(fixed) == len(candidates):
+                return len(fixed) == n if whole else frozenset(fixed)
+        D = residual(dom, elems)
         if whole:
             return D.is_zero_matrix
         zero = dom.zero
-        return frozenset(i for i in range(n) if D[i, i].element == zero)
+        return frozenset(i for i in candidates if D[i, i].element == zero)
 
     def _projected_node(self, factor):
         """Quadrature in as many dimensions as the integrand has independent affine forms
@@ -744,11 +765,18 @@ def _split_free(expr, us) -> tuple:
     """(a, b) with expr = a + b, a free of the symbols us: sums split and products multiplied
     out only as far as needed to find a, so b keeps its factored form (distributing the
     conditional moments over the functions multiplied the quadrature integrands' size by ten).
-    A product's free part is the product of its factors' free parts."""
-    memo = {}
+    A product's free part is the product of its factors' free parts. Each distinct
+    sub-expression is split once (the statistics share large sub-trees)."""
+    memo, done = {}, {}
     dep = lambda x: bool(dag_free_symbols(x, memo) & us)
 
     def split(x):
+        hit = done.get(x)
+        if hit is None:
+            hit = done[x] = split_once(x)
+        return hit
+
+    def split_once(x):
         if not dep(x):
             return x, sp.Integer(0)
         if x.is_Add:
@@ -789,59 +817,6 @@ def _merge_nodes(expr, outside=()):
     for (us, c_out), fs in nodes.items():
         out.append(c_out * GaussHermite(sp.Add(*fs), sp.Tuple(*us)))
     return sp.Add(*out)
-
-
-def _independent_rows(forms) -> sp.Matrix:
-    """The matrix of the linearly independent forms among the rows `forms` (the pivots of
-    the reduced row echelon form of their transpose, in their order)."""
-    _, pivots = sp.Matrix(forms).T.rref()
-    return sp.Matrix([forms[i] for i in pivots])
-
-
-class _Residual:
-    """The residual covariance R = Sigma - W W^T of a projection, each entry expanded when
-    first read (R[i, j]); iterating gives every entry, row by row."""
-
-    def __init__(self, S, W):
-        self.S, self.W, self.shape, self._memo = S, W, S.shape, {}
-
-    def __getitem__(self, ij):
-        i, j = ij
-        key = (min(i, j), max(i, j))
-        hit = self._memo.get(key)
-        if hit is None:
-            W = self.W
-            hit = self._memo[key] = sp.expand(
-                self.S[i, j] - sp.Add(*[W[i, c] * W[j, c] for c in range(W.shape[1])]))
-        return hit
-
-    def __iter__(self):
-        n = self.shape[0]
-        return (self[i, j] for i in range(n) for j in range(n))
-
-
-def _conditional_moment(alpha, mean, R, memo):
-    """E[prod_i x_i^alpha_i] for x ~ N(mean, R) (mean any expressions), memoised in memo:
-    E[x_i X^a] = mean_i E[X^a] + sum_j R_ij a_j E[X^(a - e_j)]."""
-    hit = memo.get(alpha)
-    if hit is None:
-        i = next((i for i, a in enumerate(alpha) if a), None)
-        if i is None:
-            hit = sp.Integer(1)
-        else:
-            a1 = list(alpha)
-            a1[i] -= 1
-            hit = mean[i] * _conditional_moment(tuple(a1), mean, R, memo)
-            for j, aj in enumerate(a1):
-                if aj and R[i, j] != 0:
-                    a2 = list(a1)
-                    a2[j] -= 1
-                    hit += R[i, j] * aj * _conditional_moment(tuple(a2), mean, R, memo)
-            # the factors are expanded already: distributing the top level is enough (a deep
-            # expand of every term, radicals included, cost ten times more)
-            hit = sp.expand(hit, deep=False)
-        memo[alpha] = hit
-    return hit
 
 
 def _cancel(x):
@@ -888,21 +863,6 @@ def _tidy_coefficient(c):
                                for p in sp.preorder_traversal(base)):
             return sp.simplify(c)
     return r
-
-
-def _dependence_rows(P, variables):
-    """Rows spanning the directions a polynomial of degree <= 2 depends on: its linear part
-    and the rows of its quadratic form."""
-    n = len(variables)
-    lin = [P.coeff_monomial(v) for v in variables]
-    out = [tuple(lin)] if any(c != 0 for c in lin) else []
-    if P.total_degree() == 2:
-        for i in range(n):
-            row = [P.coeff_monomial(variables[i] * variables[j]) if i != j else
-                   2 * P.coeff_monomial(variables[i] ** 2) for j in range(n)]
-            if any(c != 0 for c in row):
-                out.append(tuple(row))
-    return out
 
 
 def _poly_terms(expr, variables):

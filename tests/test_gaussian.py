@@ -449,3 +449,22 @@ def test_vanishing_diagonal_shortcuts_agree_with_the_field_computation(monkeypat
     z1 = g.token_variables(0)[1]
     assert E._vanishing_diagonal((z1, z1), [(1, 0)]) == {0, 1}
     assert E._vanishing_diagonal((z1, z1), [(1, 0)], whole=True) is True
+
+
+def test_expanded_terms_with_unreduced_fractions_are_the_field_terms(monkeypatch):
+    """The closed-form engine's expansion multiplies its coefficients (rational functions of
+    the state, radicals as generators) as unreduced fractions and reduces each term's once
+    (closed_forms._Fraction). The terms are those of the field arithmetic that reduces at
+    every operation, and they sum to sp.expand of the integrand."""
+    from ssi_symbolic.symbolic import closed_forms as cf
+    x, y, q, m = sp.symbols("x y q m")
+    expr = ((x / (2 * q - m ** 2) + y * m / (4 * q - 2 * m ** 2) + sp.sqrt(2) * q / 5) ** 3
+            * (sp.erf(x) + y / (q + 1) + m ** 2 / (2 * q - m ** 2)) ** 2)
+    fast = cf._expanded_terms(expr, {x, y})
+    monkeypatch.setattr(cf._Fraction, "applies", staticmethod(lambda dom: False))
+    field = cf._expanded_terms(expr, {x, y})
+    assert fast == field and len(fast) > 20
+    total = sp.Add(*[c * rest for c, rest in fast])
+    for point in ({x: sp.Rational(1, 3), y: -2, q: sp.Rational(7, 5), m: sp.Rational(1, 2)},
+                  {x: -1, y: sp.Rational(3, 4), q: 3, m: sp.Rational(-5, 4)}):
+        assert abs(sp.N((total - expr).xreplace(point), 50)) < 1e-40

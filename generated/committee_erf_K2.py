@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7692fb8e3511e37c4f7c19e1355f6f39090d2197173b0b361803d622d3e1985d
-# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
+# spec-hash: 9876e712ad16726343ab57543bcf542be762024e2367959789875bddb5aa2bf3
+# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '7692fb8e3511e37c4f7c19e1355f6f39090d2197173b0b361803d622d3e1985d'
+SPEC_HASH = '9876e712ad16726343ab57543bcf542be762024e2367959789875bddb5aa2bf3'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

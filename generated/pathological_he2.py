@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 29adc0802b816132bee9541af9dde3795970eecb48fcbce7e69e186aa045f10d
-# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
+# spec-hash: b978bd3f43219b7731315e1db9e734e00822b29c9ce0caa6842dce19943948cd
+# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '29adc0802b816132bee9541af9dde3795970eecb48fcbce7e69e186aa045f10d'
+SPEC_HASH = 'b978bd3f43219b7731315e1db9e734e00822b29c9ce0caa6842dce19943948cd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

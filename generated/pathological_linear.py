@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4a04fedc16403365e3212621fd3f37e7ba54d2bd182ca03f7b057d5489042979
-# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
+# spec-hash: 3473bb7a7bc3a171af209c66080150c4656cf5043d27f9b9b2481fee85db9b65
+# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '4a04fedc16403365e3212621fd3f37e7ba54d2bd182ca03f7b057d5489042979'
+SPEC_HASH = '3473bb7a7bc3a171af209c66080150c4656cf5043d27f9b9b2481fee85db9b65'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

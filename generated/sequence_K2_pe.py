@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c28f8390419232f84ea5b4ff5895fd345b52694d7c0bcc330124e0e277bac290
-# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
+# spec-hash: de9261d6d4de86bfde4180b5f3447c3d032c92ebfe50e3e335990f33e8a006b7
+# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'c28f8390419232f84ea5b4ff5895fd345b52694d7c0bcc330124e0e277bac290'
+SPEC_HASH = 'de9261d6d4de86bfde4180b5f3447c3d032c92ebfe50e3e335990f33e8a006b7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: d90a62c6f9ae28541cd9dee869f81cf5c70831a6443e1d86e27f5bc3c1f0d5fc
-# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9 attention 1 705afe08a485805c
+# spec-hash: 0c9a80e4e6ad7d4606b5f00e3285f70284a09c6a2c3bc3c44eeb1a130b58fe94
+# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'd90a62c6f9ae28541cd9dee869f81cf5c70831a6443e1d86e27f5bc3c1f0d5fc'
+SPEC_HASH = '0c9a80e4e6ad7d4606b5f00e3285f70284a09c6a2c3bc3c44eeb1a130b58fe94'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f8a3f5c1aefd60ea36de8f6c471844e80a8675525e4ee9186c9b5b90fcda1344
-# tool: ssi-symbolic 0.1.0 generator 1 source 488ce18becbfe5d9
+# spec-hash: e7efb848d8b32b8632c8044e29b4908113791b2662861b8bc7514d92cc6bd9a4
+# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f8a3f5c1aefd60ea36de8f6c471844e80a8675525e4ee9186c9b5b90fcda1344'
+SPEC_HASH = 'e7efb848d8b32b8632c8044e29b4908113791b2662861b8bc7514d92cc6bd9a4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

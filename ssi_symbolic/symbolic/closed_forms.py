@@ -218,32 +218,74 @@ def rewrite(expr, random: set):
 
 def _complex_inside_function(total) -> bool:
     """Whether I occurs inside the arguments of a function other than exp in total (an erf
-    of a complex argument: _real_part would refuse what expand_complex leaves of it; this
-    refuses before that costly step, at worst sending to quadrature a sum whose complex
-    erf terms would have cancelled)."""
+    of a complex argument: _real_value refuses it; this refuses before that walk, at worst
+    sending to quadrature a sum whose complex erf terms would have cancelled)."""
     def complex_function(x):
         return (isinstance(x, sp.Function) and not isinstance(x, sp.exp)
                 and any(dag_any(a, lambda y: y is sp.I) for a in x.args))
     return dag_any(total, complex_function)
 
 
-def _real_part(total, expr):
-    """E[expr] from its value `total` after sympy.expand_complex, expr a real integrand (cos
-    and sin enter the reductions as (e^{iy} +- e^{-iy}) / 2, every symbol is real): its terms
-    free of I. The terms I * b (b free of I) left by expand_complex form the imaginary part,
-    which vanishes because the expectation of a real integrand is real; SymPy only fails to
-    see their b cancel (equal sums of conjugate terms it does not recognise as equal).
-    NoClosedForm when I sits anywhere else (inside a function, a power, a nested product) or
-    re()/im() are left."""
-    if total.has(sp.re, sp.im):
-        raise NoClosedForm(expr)
-    real = []
-    for t in sp.Add.make_args(total):
-        if not t.has(sp.I):
-            real.append(t)
-        elif (t / sp.I).has(sp.I) or not t.is_Mul:
+def _real_value(total, expr):
+    """Re(total), where total = E[expr] of a real integrand expr whose cos and sin entered the
+    reductions as (e^{iy} +- e^{-iy}) / 2 (the imaginary part vanishes: the expectation of a
+    real integrand is real). One walk over the distinct sub-expressions splits each sum,
+    product, integer power and exp(a + i b) = e^a (cos b + i sin b) into its real and
+    imaginary parts; a sub-expression free of I is real (every symbol is, and its radicals
+    are of variances and determinants, non-negative on the model's domain). NoClosedForm when
+    I sits anywhere else (inside another function, a fractional power). sympy.expand_complex
+    did this through SymPy's assumptions and a full expansion: two thirds of the derivation
+    of cos(0.8 z + 0.1) against cos(z)."""
+    zero, one = sp.Integer(0), sp.Integer(1)
+    memo, has_i = {}, {}
+
+    def complex_in(x):
+        hit = has_i.get(x)
+        if hit is None:
+            hit = has_i[x] = x is sp.I or any(complex_in(a) for a in x.args)
+        return hit
+
+    def times(p, r):
+        (a, b), (c, d) = p, r
+        if b == 0:
+            return a * c, a * d
+        if d == 0:
+            return a * c, b * c
+        return a * c - b * d, a * d + b * c
+
+    def parts(x):
+        hit = memo.get(x)
+        if hit is not None:
+            return hit
+        if not complex_in(x):
+            out = (x, zero)
+        elif x is sp.I:
+            out = (zero, one)
+        elif x.is_Add:
+            got = [parts(a) for a in x.args]
+            out = (sp.Add(*[a for a, _ in got]), sp.Add(*[b for _, b in got]))
+        elif x.is_Mul:
+            out = (one, zero)
+            for a in x.args:
+                out = times(out, parts(a))
+        elif x.is_Pow and x.exp.is_Integer:
+            base, out = parts(x.base), (one, zero)
+            for _ in range(abs(int(x.exp))):
+                out = times(out, base)
+            if x.exp < 0:  # 1 / (a + i b) = (a - i b) / (a^2 + b^2)
+                a, b = out
+                norm = a ** 2 + b ** 2
+                out = (a / norm, -b / norm)
+        elif isinstance(x, sp.exp):
+            a, b = parts(x.args[0])
+            ea = sp.exp(a)
+            out = (ea * sp.cos(b), ea * sp.sin(b)) if b != 0 else (ea, zero)
+        else:
             raise NoClosedForm(expr)
-    return sp.Add(*real)
+        memo[x] = out
+        return out
+
+    return parts(total)[0]
 
 
 def _expanded_terms(expr, random) -> list:
@@ -679,9 +721,9 @@ class GaussianClosedForm:
         if total.has(sp.I):
             if _complex_inside_function(total):
                 # erf of a complex argument (a threshold times cos or sin): no real closed
-                # form here (expand_complex, seconds per term, would leave I inside it)
+                # form here (_real_value would refuse it after its walk)
                 raise NoClosedForm(expr)
-            total = _real_part(sp.expand_complex(total), expr)
+            total = _real_value(total, expr)
         return total
 
     def _solve_plan(self, plan):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 530770e2d20629e126036a06ef0e6524ce7463d0c6e9a174731ce44feb94e57c
-# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
+# spec-hash: 87408739938384dc624ae30f84baed51f9502d07bd22cb8c63131107f059af1c
+# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '530770e2d20629e126036a06ef0e6524ce7463d0c6e9a174731ce44feb94e57c'
+SPEC_HASH = '87408739938384dc624ae30f84baed51f9502d07bd22cb8c63131107f059af1c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 03e04f3cec0e5168e90413d14829bba40daa071fe4c941a05031ac5bd624b6bb
-# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
+# spec-hash: 8fe7cc7331c047b2333fb132aff1618432e0d073a2395c457e8d3e653d0fc983
+# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '03e04f3cec0e5168e90413d14829bba40daa071fe4c941a05031ac5bd624b6bb'
+SPEC_HASH = '8fe7cc7331c047b2333fb132aff1618432e0d073a2395c457e8d3e653d0fc983'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

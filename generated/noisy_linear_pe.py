@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fa3c71d6bde0cf8ecf5802d1185755bbafcfe49afc7833703b2cf23c7ae0268c
-# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
+# spec-hash: 934f35a2cb05a8648e411bdbae4d190356ff45e20e45ce6b1d8424496d4a86f2
+# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'fa3c71d6bde0cf8ecf5802d1185755bbafcfe49afc7833703b2cf23c7ae0268c'
+SPEC_HASH = '934f35a2cb05a8648e411bdbae4d190356ff45e20e45ce6b1d8424496d4a86f2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b978bd3f43219b7731315e1db9e734e00822b29c9ce0caa6842dce19943948cd
-# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
+# spec-hash: 90eec3a6bf9a0518f0fca32219b629ddd8701724a02c639503a0e1b75d74f6f6
+# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b978bd3f43219b7731315e1db9e734e00822b29c9ce0caa6842dce19943948cd'
+SPEC_HASH = '90eec3a6bf9a0518f0fca32219b629ddd8701724a02c639503a0e1b75d74f6f6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3473bb7a7bc3a171af209c66080150c4656cf5043d27f9b9b2481fee85db9b65
-# tool: ssi-symbolic 0.1.0 generator 1 source dd9131074ef47a46
+# spec-hash: e0f5fbc8707821158f198aadacc5b1471ddcf6c47935ed314554ee5cd298f40b
+# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3473bb7a7bc3a171af209c66080150c4656cf5043d27f9b9b2481fee85db9b65'
+SPEC_HASH = 'e0f5fbc8707821158f198aadacc5b1471ddcf6c47935ed314554ee5cd298f40b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

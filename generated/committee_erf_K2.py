@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 94fdad3f777697aab6e2d91dce05c1e1c5bbf4b7c3889c0328fc8661f4396e59
-# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
+# spec-hash: 890ffd5130bbec64b032e9bc314236af0754afb81b043aa333cbba80c9a42475
+# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '94fdad3f777697aab6e2d91dce05c1e1c5bbf4b7c3889c0328fc8661f4396e59'
+SPEC_HASH = '890ffd5130bbec64b032e9bc314236af0754afb81b043aa333cbba80c9a42475'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

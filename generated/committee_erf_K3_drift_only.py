@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 87408739938384dc624ae30f84baed51f9502d07bd22cb8c63131107f059af1c
-# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
+# spec-hash: 1bc6fb3bf5287704c1fcd16cd7cbd694110c9270dbbe8043facc2529b6411601
+# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '87408739938384dc624ae30f84baed51f9502d07bd22cb8c63131107f059af1c'
+SPEC_HASH = '1bc6fb3bf5287704c1fcd16cd7cbd694110c9270dbbe8043facc2529b6411601'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

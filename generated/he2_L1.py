@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8525f8eb983f26b14a634a857317b0381f31b1a6ad5fcd1b610b301009b304d8
-# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
+# spec-hash: c930baa75f41fd51ce54a81a23a35eb8038a7650791e39d7a75d02a60eeb6e96
+# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8525f8eb983f26b14a634a857317b0381f31b1a6ad5fcd1b610b301009b304d8'
+SPEC_HASH = 'c930baa75f41fd51ce54a81a23a35eb8038a7650791e39d7a75d02a60eeb6e96'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

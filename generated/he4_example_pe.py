@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d4df4683c6a695bbdc8f7767edb9ac67bf63018af22dac56c77e3eba7055c604
-# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
+# spec-hash: 99f662a5486fde3c0629847cdb25aa385d944edbaa6fd17e0c09c7b7a15fe277
+# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd4df4683c6a695bbdc8f7767edb9ac67bf63018af22dac56c77e3eba7055c604'
+SPEC_HASH = '99f662a5486fde3c0629847cdb25aa385d944edbaa6fd17e0c09c7b7a15fe277'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 90eec3a6bf9a0518f0fca32219b629ddd8701724a02c639503a0e1b75d74f6f6
-# tool: ssi-symbolic 0.1.0 generator 1 source cd9aaee3e647f2b4
+# spec-hash: 15b1a82684f760f171700e2c536390e32055ef8f08b6670d620d5c3a1b5ecbf7
+# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '90eec3a6bf9a0518f0fca32219b629ddd8701724a02c639503a0e1b75d74f6f6'
+SPEC_HASH = '15b1a82684f760f171700e2c536390e32055ef8f08b6670d620d5c3a1b5ecbf7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -68,14 +68,18 @@ def test_dag_free_symbols_equal_free_symbols():
         assert dag_free_symbols(e) == e.free_symbols
 
 
-def test_dag_replace_and_outer_atoms():
-    """_dag_replace is xreplace; _outer_atoms finds the nodes without entering them."""
+def test_dag_replace_and_first_atoms():
+    """_dag_replace is xreplace; _first_atoms finds the nodes without entering them (n1
+    inside n2's integrand is not listed again), each once, in the order of a left-to-right
+    walk over the stored arguments."""
     n1 = GaussHermite(sp.tanh(u1 + m) * sp.exp(u1), sp.Tuple(u1))
     n2 = GaussHermite(sp.tanh(u1 * q) * n1.integrand, sp.Tuple(u1))
     e = (m * n1 + n2) ** 2 + sp.sqrt(q) * n1 * n2
     rule = {n1: sp.Symbol("_gh0"), n2: sp.Symbol("_gh1")}
     assert _rebuilt(exact._dag_replace(e, rule)) == e.xreplace(rule)
-    assert exact._outer_atoms(e, GaussHermite) == {n1, n2}
+    got = exact._first_atoms(e, GaussHermite)
+    assert set(got) == {n1, n2} and len(got) == 2
+    assert got == exact._first_atoms(sp.Add(*e.args), GaussHermite)
 
 
 def _rebuilt(e):

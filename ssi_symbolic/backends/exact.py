@@ -138,7 +138,7 @@ class _Module:
         if nodes:
             expr = _dag_replace(expr, self.quad)
         if orthants:
-            found = sorted(_outer_atoms(expr, NormalOrthant), key=sp.default_sort_key)
+            found = sorted(_first_atoms(expr, NormalOrthant), key=sp.default_sort_key)
             for o in found:
                 if o not in self.orth:
                     self.orth[o] = sp.Symbol(f"_o{len(self.orth)}")
@@ -662,20 +662,6 @@ class _Module:
 def _node_count(k: int) -> str:
     """The node count argument of a k-dimensional rule in a node function."""
     return f"_nodes({k}) if n is None else n"
-
-
-def _outer_atoms(expr, cls) -> set:
-    """The subexpressions of type cls of expr, not looking inside them (expr.atoms(cls) also
-    walks every quadrature node's integrand)."""
-    out, stack, seen = set(), [expr], set()
-    while stack:
-        x = stack.pop()
-        if isinstance(x, cls):
-            out.add(x)
-        elif x.args and x not in seen:
-            seen.add(x)
-            stack.extend(x.args)
-    return out
 
 
 def _first_atoms(expr, cls) -> list:

@@ -553,11 +553,11 @@ assert background.can_fork()
 seen, forked = {}, []
 original = node_counts._smallest_passing
 
-def record(order, allowed, value):  # every member at every candidate, then the search
+def record(order, allowed, value, *rest):  # every member at every candidate, then the search
     for i in order:
         for n in allowed[:3]:
             seen[i, n] = value(i, n).copy()
-    return original(order, allowed, value)
+    return original(order, allowed, value, *rest)
 
 class Counted(background.Background):
     def __init__(self, work):

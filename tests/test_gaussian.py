@@ -468,3 +468,39 @@ def test_expanded_terms_with_unreduced_fractions_are_the_field_terms(monkeypatch
     for point in ({x: sp.Rational(1, 3), y: -2, q: sp.Rational(7, 5), m: sp.Rational(1, 2)},
                   {x: -1, y: sp.Rational(3, 4), q: 3, m: sp.Rational(-5, 4)}):
         assert abs(sp.N((total - expr).xreplace(point), 50)) < 1e-40
+
+
+def test_product_terms_in_ground_rationals_are_the_sympy_terms():
+    """product_terms multiplies rational coefficients as gmpy/flint rationals and returns
+    SymPy numbers: the same keys and the same coefficients (value and type) as the SymPy
+    arithmetic path; exponents that cancel drop their base; a Float coefficient sends the
+    whole expression down the SymPy path."""
+    from ssi_symbolic.symbolic.gaussian import _product_terms, product_terms
+    x, y, m = sp.symbols("x y m", real=True)
+    exprs = [
+        (x + sp.Rational(3, 7) * y - 2) ** 3 * (sp.erf(x) / 5 + x ** -2 * sp.sqrt(y)) * x ** 2,
+        (sp.Rational(1, 3) * x - sp.sqrt(2) * m) ** 2 * (x - sp.Rational(1, 3)) - x ** 3 / 9,
+        (x + y) * (x - y) - x ** 2 + y ** 2,
+        (sp.Float(0.25) * x + 1) ** 2 * (y - 1),
+    ]
+    for expr in exprs:
+        got, ref = product_terms(expr), _product_terms(expr, False)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert got[k] == ref[k] and type(got[k]) is type(ref[k]), (k, got[k], ref[k])
+    assert all(c == 0 for c in product_terms(exprs[2]).values())
+    assert product_terms((x ** 2 + y) * x ** -2) == {frozenset(): 1,
+                                                     frozenset({(y, 1), (x, -2)}): 1}
+
+
+def test_node_derivative_is_sp_diff_of_the_node():
+    """dag_diff takes a quadrature node's derivative through its own _eval_derivative (kinks'
+    deltas integrated out): the same expression as sp.diff's, smooth and kinked."""
+    from ssi_symbolic.symbolic.gaussian import GaussHermite, dag_diff
+    m, q, u1, u2 = sp.symbols("m q u1 u2", real=True)
+    nodes = [GaussHermite(sp.tanh(m * u1 + q * u2) * u1 ** 2, sp.Tuple(u1, u2)),
+             GaussHermite(sp.Max(0, m * u1 + 1) * sp.tanh(q * u1), sp.Tuple(u1,)),
+             GaussHermite(sp.Heaviside(u1 - m) * sp.exp(q * u1), sp.Tuple(u1,))]
+    for node in nodes:
+        for s in (m, q):
+            assert sp.srepr(dag_diff(3 * m * node, s)) == sp.srepr(sp.diff(3 * m * node, s))

@@ -170,9 +170,10 @@ def kinks_as_steps(expr, random: set):
 def rewrite(expr, random: set):
     """The integrand in the internal vocabulary (_P, _H, _D, exp, polynomials); NoClosedForm
     for any function outside the families of this module."""
+    free = {}  # dag_free_symbols' memo: x.free_symbols walked every subtree at every level
 
     def rw(x):
-        if not (x.free_symbols & random):
+        if not (dag_free_symbols(x, free) & random):
             return x
         if x.is_Symbol:
             return x
@@ -230,9 +231,10 @@ def _expanded_terms(expr, random) -> list:
     # functions, each product reduced at once; as SymPy products they were expanded at the
     # end, most of the time of a product of statistics with encoding
     leaves = []
+    free = {}  # dag_free_symbols' memo, for collect and walk
 
     def collect(x):
-        if not (x.free_symbols & random):
+        if not (dag_free_symbols(x, free) & random):
             leaves.append(x)
         elif not x.is_Symbol and (x.is_Add or x.is_Mul or (
                 x.is_Pow and x.exp.is_Integer and x.exp >= 0)):
@@ -268,7 +270,7 @@ def _expanded_terms(expr, random) -> list:
     times = multiply_terms
 
     def walk(x):
-        if not (x.free_symbols & random):
+        if not (dag_free_symbols(x, free) & random):
             return {frozenset(): coefficient(x)}
         if x.is_Symbol:
             return {frozenset({(x, 1)}): one}

@@ -55,6 +55,7 @@ class Expectation:
         self._tokens = {}
         self._random = None  # the random variables, as a set
         self._too_complex = {}  # factor -> whether its closed form failed as TooComplex
+        self._free = {}  # dag_free_symbols' memo (sub-expression -> its free symbols)
 
     @property
     def used_quadrature(self) -> bool:
@@ -133,7 +134,7 @@ class Expectation:
         const = []
         groups = []  # [set of tokens, factors]
         for f in sp.Mul.make_args(term):
-            free = f.free_symbols
+            free = dag_free_symbols(f, self._free)
             if not (free & self._random):
                 const.append(f)
                 continue
@@ -593,9 +594,10 @@ class Expectation:
         variables = tuple(v for v in self.g.random_variables if v in free)
         factor = kinks_as_steps(factor, set(variables))
         forms, args, kinks = [], {}, []
+        vs, fs = set(variables), self._free  # free symbols by a memoised DAG walk
 
         def walk(x):
-            if not (x.free_symbols & set(variables)):
+            if not (dag_free_symbols(x, fs) & vs):
                 return True
             if x.is_Symbol:
                 return True
@@ -613,7 +615,7 @@ class Expectation:
             return all(collect(a) for a in x.args)
 
         def collect(arg):
-            if not (arg.free_symbols & set(variables)):
+            if not (dag_free_symbols(arg, fs) & vs):
                 return True
             if isinstance(arg, sp.Function) or (arg.is_Pow and not arg.exp.is_Integer):
                 return walk(arg)

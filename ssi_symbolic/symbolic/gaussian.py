@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import sympy as sp
+from sympy.external.gmpy import MPQ
 
 from ..model.spec import ModelSpec, link_entries, token_symbols
 
@@ -73,7 +74,7 @@ def integrate_deltas(integrand, us):
     The other terms stay one GaussHermite node. Raises ValueError for a delta of a non-linear
     form or a product of deltas."""
     us = tuple(us)
-    if not integrand.has(sp.DiracDelta):
+    if not dag_any(integrand, lambda x: isinstance(x, sp.DiracDelta)):  # walked as a DAG
         return GaussHermite(integrand, sp.Tuple(*us))
     groups = {}
     smooth, delta_terms = _delta_split(integrand)
@@ -402,11 +403,19 @@ def multiply_terms(a, b) -> dict:
                 k = ka or kb
             else:
                 d = dict(ka)
-                for base, e in kb:
-                    d[base] = d.get(base, 0) + e
-                k = frozenset((base, e) for base, e in d.items() if e != 0)
+                for base, e in kb:  # no int 0 added to a SymPy exponent (sympified)
+                    d[base] = d[base] + e if base in d else e
+                k = frozenset((base, e) for base, e in d.items() if _nonzero(e))
             out[k] = out[k] + ca * cb if k in out else ca * cb
     return out
+
+
+def _nonzero(e) -> bool:
+    """e != 0 for an exponent (an int or a SymPy number), without sympifying the 0 when e
+    is rational (a third of multiply_terms' time)."""
+    if type(e) is int:
+        return e != 0
+    return e.p != 0 if e.is_Rational else e != 0
 
 
 def product_terms(expr) -> dict:
@@ -415,23 +424,48 @@ def product_terms(expr) -> dict:
     the product of base**exponent. Integer powers of sums are multiplied out; any other
     factor (a function, a power with a non-integer or negative exponent) is a base with its
     numeric exponent, so that x x^2 and sqrt(y) sqrt(y) merge as in a Mul. Each distinct
-    sub-expression is distributed once."""
+    sub-expression is distributed once. Rational coefficients are multiplied and added as
+    gmpy/python-flint rationals (SymPy's Rational arithmetic was half the time of the
+    distribution) and returned as SymPy numbers, the same ones; a Float or other number
+    among them: all in SymPy arithmetic."""
+    expr = sp.sympify(expr)
+    try:
+        out = _product_terms(expr, True)
+    except _NotRational:
+        return _product_terms(expr, False)
+    return {k: sp.Rational(int(c.numerator), int(c.denominator)) for k, c in out.items()}
+
+
+class _NotRational(Exception):
+    """A number product_terms cannot keep as a ground-type rational."""
+
+
+def _product_terms(expr, ground: bool) -> dict:
+    """product_terms with coefficients as MPQ (ground) or SymPy numbers."""
     memo = {}
     one = frozenset()
+    unit = MPQ(1) if ground else sp.Integer(1)
+
+    def number(x):
+        if not ground:
+            return x
+        if not x.is_Rational:
+            raise _NotRational(x)
+        return MPQ(x.p, x.q)
 
     def terms(x):
         got = memo.get(x)
         if got is not None:
             return got
         if x.is_Number:
-            out = {one: x}
+            out = {one: number(x)}
         elif x.is_Add:
             out = {}
             for a in x.args:
                 for k, c in terms(a).items():
                     out[k] = out[k] + c if k in out else c
         elif x.is_Mul:
-            out = {one: sp.Integer(1)}
+            out = {one: unit}
             for a in x.args:
                 out = multiply_terms(out, terms(a))
         elif x.is_Pow and x.exp.is_Integer and x.exp > 1 and x.base.is_Add:
@@ -439,9 +473,9 @@ def product_terms(expr) -> dict:
             for _ in range(int(x.exp) - 1):
                 out = multiply_terms(out, base)
         elif x.is_Pow and x.exp.is_Number:
-            out = {frozenset([(x.base, x.exp)]): sp.Integer(1)}
+            out = {frozenset([(x.base, x.exp)]): unit}
         else:
-            out = {frozenset([(x, sp.Integer(1))]): sp.Integer(1)}
+            out = {frozenset([(x, sp.Integer(1))]): unit}
         memo[x] = out
         return out
 
@@ -512,6 +546,11 @@ def dag_diff(expr, x, memo=None, free=None):
             out = sp.Integer(0)
         elif e == x:
             out = sp.Integer(1)
+        elif isinstance(e, GaussHermite):
+            # its own derivative, without sp.diff's Derivative.__new__ around it (an
+            # is_zero query and a replace walk over the whole derivative: half the time of
+            # gelu's drift Jacobian)
+            out = e._eval_derivative(x)
         elif not by_chain_rule(e):
             out = sp.diff(e, x)
         elif e.is_Add:

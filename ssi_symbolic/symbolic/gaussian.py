@@ -279,8 +279,13 @@ class TokenGaussian:
 
     def token_variables(self, l: int):
         """(z*_l, z_l, zeta_l1..zeta_lr): the Gaussian vector of token l (with several
-        directions: the K* teacher fields, the K student fields, then the zetas)."""
-        return self.teacher_fields(l) + self.student_fields(l) + self.zeta[l]
+        directions: the K* teacher fields, the K student fields, then the zetas), made once
+        per token (the expectations ask for them tens of thousands of times)."""
+        memo = self.__dict__.setdefault("_token_variables", {})  # not a field: frozen is fine
+        hit = memo.get(l)
+        if hit is None:
+            hit = memo[l] = self.teacher_fields(l) + self.student_fields(l) + self.zeta[l]
+        return hit
 
     def token_mean(self, l: int):
         Ks, K = self.teacher_directions, self.student_directions

@@ -504,3 +504,28 @@ def test_node_derivative_is_sp_diff_of_the_node():
     for node in nodes:
         for s in (m, q):
             assert sp.srepr(dag_diff(3 * m * node, s)) == sp.srepr(sp.diff(3 * m * node, s))
+
+
+def test_rewrite_refuses_the_same_links_with_or_without_its_first_walk(monkeypatch):
+    """rewrite refuses a function outside its families found by a first walk over the
+    distinct sub-expressions; with that walk off (every function taken as known) the full
+    rewrite gives the same refusals and the same results."""
+    from ssi_symbolic.symbolic import closed_forms
+    from ssi_symbolic.symbolic.closed_forms import NoClosedForm, rewrite
+    z1, z2, m = sp.symbols("z1 z2 m", real=True)
+    random = {z1, z2}
+    exprs = [sp.tanh(z1) * sp.erf(z2) + z1, sp.erf(z1 + z2) ** 2 * sp.exp(-z1 ** 2 / 2),
+             sp.Max(z1, z2) * sp.Abs(z1 - 1) + sp.sign(z2), sp.cos(z1) * sp.tanh(m) * z2,
+             sp.exp(sp.tanh(z1)), sp.sqrt(1 + z1 ** 2), sp.Heaviside(z1) * sp.log(1 + z2 ** 2),
+             sp.DiracDelta(z1, 1), sp.Max(sp.tanh(z1), z2), sp.erf(z1) * sp.sin(z2 / 3)]
+
+    def outcome(e):
+        try:
+            return rewrite(e, random)
+        except NoClosedForm:
+            return "refused"
+    fast = [outcome(e) for e in exprs]
+    monkeypatch.setattr(closed_forms, "_FAMILIES", (sp.Function,))
+    slow = [outcome(e) for e in exprs]
+    assert fast == slow
+    assert fast.count("refused") == 6, fast

@@ -60,7 +60,8 @@ def _probe_states(spec) -> list:
 def choose_nodes(text: str, spec) -> tuple[int, dict]:
     """(n, {k: n_k}): nodes per dimension that meet QUADRATURE_TOLERANCE at the probe states
     (the n rule versus the 2n rule) for every quadrature node of the module's source, each
-    the smallest of NODE_CANDIDATES whose 2n rule has at most MAX_POINTS points, or the
+    the smallest of NODE_CANDIDATES whose 2n rule has at most MAX_POINTS points (but for a
+    candidate whose failure a finer rule already shows, see _smallest_passing), or the
     largest such when none meets it (the runtime error estimate of quadrature_error then
     says how far off it is). A candidate is probed only while its 2n rule takes at most
     PROBE_WORK integrand evaluations per probe state; past that, when every probed one
@@ -162,12 +163,12 @@ def _smallest_passing(order, allowed, value, computed=lambda i: ()) -> int:
     values node i has already.
 
     A candidate whose rule differs from a finer rule already computed (any r > n) by more
-    than twice the tolerance fails without its 2n rule: with errors that
-    shrink as the rule grows, |Q_n - Q_r| <= 2 err(n), so err(n) exceeds the tolerance, and
-    |Q_n - Q_2n| >= err(n) - err(2n) does too once err(2n) is far below err(n). The gelu
-    case's 48 fails against its 64 rule (computed as the 2n rule of 32): its 96 rule, a
-    fifth of the node choice, is never needed. A wrong skip could only give a larger count,
-    whose own 2n test still holds it to the tolerance."""
+    than twice the tolerance fails without its 2n rule: with errors that shrink as the rule
+    grows, |Q_n - Q_r| <= 2 err(n), so err(n) exceeds the tolerance, and |Q_n - Q_2n| >=
+    err(n) - err(2n) does too once err(2n) is far below err(n). The gelu case's 48 fails
+    against its 64 rule (computed as the 2n rule of 32): its 96 rule, a fifth of the node
+    choice, is never needed. A wrong skip could only give a larger count, whose own 2n test
+    still holds it to the tolerance."""
     with np.errstate(all="ignore"):
         for n in allowed[:-1]:
             ok = True

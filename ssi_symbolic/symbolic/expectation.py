@@ -88,6 +88,14 @@ class Expectation:
         def front(indices):
             for i in indices:
                 out[i] = self.expect(exprs[i])
+            # this process's values rebuilt as the child's are (transfer.unpack), whichever
+            # process computed which, here while the child may still be working: an
+            # expression rebuilt unevaluated and its natively built twin are structurally
+            # identical (same srepr) but steered the module's cse apart (the L = 3 zoo
+            # module: three different texts for one-process, shared and shared-and-forked
+            # derivations)
+            mine = sorted(out)
+            out.update(zip(mine, transfer.unpack(transfer.pack([out[i] for i in mine]))))
 
         def back(indices):
             n0, kinds0 = len(self.conditions), set(self.kinds)
@@ -98,13 +106,7 @@ class Expectation:
                     transfer.pack(flat))
 
         got = two_ends(len(exprs), front, back)
-        # this process's values rebuilt as the child's are (transfer.unpack), whichever
-        # process computed which: an expression rebuilt unevaluated and its natively built
-        # twin are structurally identical (same srepr) but steered the module's cse apart (the
-        # L = 3 zoo module: three different texts for one-process, shared and
-        # shared-and-forked derivations)
         mine = sorted(out)
-        out.update(zip(mine, transfer.unpack(transfer.pack([out[i] for i in mine]))))
         if got is not None:
             idx, nc, kinds, data = got
             flat = transfer.unpack(data, known=[out[i] for i in mine])

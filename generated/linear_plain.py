@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 120fba611f32fd65ad32296b8a3a232decbe70324478ba781e99da594b5fd59b
-# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
+# spec-hash: 0b1e414c9f37a0ad3904ddec9ccd8bd3969e77f18e868ca69c77f885cb41da15
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '120fba611f32fd65ad32296b8a3a232decbe70324478ba781e99da594b5fd59b'
+SPEC_HASH = '0b1e414c9f37a0ad3904ddec9ccd8bd3969e77f18e868ca69c77f885cb41da15'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

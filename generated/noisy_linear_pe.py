@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8cd658d3659b8b73be922b1495f1cc8b275ea27f744b1eb4b5b90549b3a4e4e6
-# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
+# spec-hash: 1b5f556ce512d23c6e9f16264a9ca53fa8370c8f20e5ab40fcb2eb6db4c9903a
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8cd658d3659b8b73be922b1495f1cc8b275ea27f744b1eb4b5b90549b3a4e4e6'
+SPEC_HASH = '1b5f556ce512d23c6e9f16264a9ca53fa8370c8f20e5ab40fcb2eb6db4c9903a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 41fa6bd9bc40f775392e9b1eea4be565acfaf2efb2f6c62057c583e09686cba4
-# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
+# spec-hash: 039410d900ad8f65d4d446914dcecab37c1c2302859669b459560cc63fb885b5
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '41fa6bd9bc40f775392e9b1eea4be565acfaf2efb2f6c62057c583e09686cba4'
+SPEC_HASH = '039410d900ad8f65d4d446914dcecab37c1c2302859669b459560cc63fb885b5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f7aa2ad599b38a9cb8c67ac9d9490cd0250b49308b2be4397d755923089c5783
-# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
+# spec-hash: 5fe2027b410caebe3a91aa106e89b70990eb8f9e215f492d07eb4a1e2931f1a7
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f7aa2ad599b38a9cb8c67ac9d9490cd0250b49308b2be4397d755923089c5783'
+SPEC_HASH = '5fe2027b410caebe3a91aa106e89b70990eb8f9e215f492d07eb4a1e2931f1a7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

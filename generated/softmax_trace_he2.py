@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 6c6b3bd5dfa36c071c9252646dbbbfc35e1b182e6872d1229128dab86b055466
-# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d attention 1 705afe08a485805c
+# spec-hash: f7a755f95eb8618517e81a608201e842a2622b9b57f221fdb8d93c21cfa998fb
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '6c6b3bd5dfa36c071c9252646dbbbfc35e1b182e6872d1229128dab86b055466'
+SPEC_HASH = 'f7a755f95eb8618517e81a608201e842a2622b9b57f221fdb8d93c21cfa998fb'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

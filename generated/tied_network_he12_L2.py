@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 13d09955cc6d373f3717fe2ea210924bb664111b5bde54dc9ca9cd7433b72bf6
-# tool: ssi-symbolic 0.1.0 generator 1 source c1ea3f20d109c03d
+# spec-hash: 9d064bb5662b1747052ca3ff89d78d0c6bebdfe08190b19b2e9d8a3afff0cec1
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '13d09955cc6d373f3717fe2ea210924bb664111b5bde54dc9ca9cd7433b72bf6'
+SPEC_HASH = '9d064bb5662b1747052ca3ff89d78d0c6bebdfe08190b19b2e9d8a3afff0cec1'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -471,7 +471,7 @@ def test_expanded_terms_with_unreduced_fractions_are_the_field_terms(monkeypatch
 
 
 def test_product_terms_in_ground_rationals_are_the_sympy_terms():
-    """product_terms multiplies rational coefficients as gmpy/flint rationals and returns
+    """product_terms multiplies rational coefficients as ground-type rationals and returns
     SymPy numbers: the same keys and the same coefficients (value and type) as the SymPy
     arithmetic path; exponents that cancel drop their base; a Float coefficient sends the
     whole expression down the SymPy path."""

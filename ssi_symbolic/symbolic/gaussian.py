@@ -430,9 +430,9 @@ def product_terms(expr) -> dict:
     factor (a function, a power with a non-integer or negative exponent) is a base with its
     numeric exponent, so that x x^2 and sqrt(y) sqrt(y) merge as in a Mul. Each distinct
     sub-expression is distributed once. Rational coefficients are multiplied and added as
-    gmpy/python-flint rationals (SymPy's Rational arithmetic was half the time of the
-    distribution) and returned as SymPy numbers, the same ones; a Float or other number
-    among them: all in SymPy arithmetic."""
+    SymPy's ground-type rationals (gmpy2's mpq, a dependency; SymPy's Rational arithmetic
+    was half the time of the distribution) and returned as SymPy numbers, the same ones; a
+    Float or other number among them: all in SymPy arithmetic."""
     expr = sp.sympify(expr)
     try:
         out = _product_terms(expr, True)

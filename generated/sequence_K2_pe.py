@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9bcc3e75df5ee45d505d32f8fbe7061c4a9b4a0fe390ac28cf5187befe7d8b0b
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
+# spec-hash: 97c9905a24812b0ccdd88eacebe54af3d50e89e360cd8948dd22906d75d233a8
+# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9bcc3e75df5ee45d505d32f8fbe7061c4a9b4a0fe390ac28cf5187befe7d8b0b'
+SPEC_HASH = '97c9905a24812b0ccdd88eacebe54af3d50e89e360cd8948dd22906d75d233a8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 34e1d1b69af1e20854bae8defb770f25ff3fd28002c855dd9082adb120d1d445
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
+# spec-hash: 5ddbf6be2b589fdc5644d9cefb4b30d06d682a8b8108ce5a021f1800f1f85a64
+# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '34e1d1b69af1e20854bae8defb770f25ff3fd28002c855dd9082adb120d1d445'
+SPEC_HASH = '5ddbf6be2b589fdc5644d9cefb4b30d06d682a8b8108ce5a021f1800f1f85a64'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

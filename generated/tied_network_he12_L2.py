@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9d064bb5662b1747052ca3ff89d78d0c6bebdfe08190b19b2e9d8a3afff0cec1
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
+# spec-hash: 3d4c7a878d2de4637cb33bd6b3c868164fa36b7f1f8783973d9a78e7de3e1dfa
+# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9d064bb5662b1747052ca3ff89d78d0c6bebdfe08190b19b2e9d8a3afff0cec1'
+SPEC_HASH = '3d4c7a878d2de4637cb33bd6b3c868164fa36b7f1f8783973d9a78e7de3e1dfa'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

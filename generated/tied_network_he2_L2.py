@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: bb567c7092d278cffb902863cc1619a8f4f3a458abf3d4b1a0b60a04bef0a0a6
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
+# spec-hash: 36e071ee8539c8c695415f78758fece6aeda46a5c7838dd73b1402e4e0a6fa46
+# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'bb567c7092d278cffb902863cc1619a8f4f3a458abf3d4b1a0b60a04bef0a0a6'
+SPEC_HASH = '36e071ee8539c8c695415f78758fece6aeda46a5c7838dd73b1402e4e0a6fa46'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7ee07511b95278906d71791aedd18c06453f414a884d49b86a6fb8bbee2d1dd1
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c3f8831b61b1f2a
+# spec-hash: ab980d6950701d448bbd650d9185d031e629facd3331c5e02eab08494afcdd90
+# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '7ee07511b95278906d71791aedd18c06453f414a884d49b86a6fb8bbee2d1dd1'
+SPEC_HASH = 'ab980d6950701d448bbd650d9185d031e629facd3331c5e02eab08494afcdd90'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -84,3 +84,15 @@ def test_probe_rules_are_split_from_the_documented_size():
     """Rules of at least SPLIT_WORK integrand evaluations per probe state are shared with a
     child; the gelu case's 64-node group (64^2 points, 11 integrands) is one of them."""
     assert 64 ** 2 * 11 >= node_counts.SPLIT_WORK
+
+
+def test_the_last_candidate_unprobed_is_checked_before_the_2n_rule():
+    """Of two candidates (16, then 24 taken unprobed when 16 fails: a three-dimensional node
+    of the L = 3 case), 16 failing against the cheaper 24 rule needs no 32 rule; 16 passing
+    still needs it, and is then the count."""
+    slow = [lambda n: np.exp(-0.2 * n)]           # 16 fails by far
+    got, asked = _search(slow, [16, 24])
+    assert got == 24 and (0, 32) not in asked and (0, 24) in asked
+    fast = [lambda n: 1e-12 * np.exp(-0.2 * n)]   # 16 passes
+    got, asked = _search(fast, [16, 24])
+    assert got == 16 and (0, 32) in asked

@@ -15,6 +15,8 @@ statistic is smooth, it is one node whole (:meth:`Expectation._whole_smooth_quad
 """
 from __future__ import annotations
 
+import importlib
+
 import sympy as sp
 from sympy.polys.matrices import DomainMatrix
 from sympy.polys.domains import QQ
@@ -96,6 +98,11 @@ class Expectation:
             # derivations)
             mine = sorted(out)
             out.update(zip(mine, transfer.unpack(transfer.pack([out[i] for i in mine]))))
+            if "quadrature" in self.kinds:
+                # the module's node child, forked from this process, compiles and evaluates
+                # the quadrature functions: SciPy loaded here, while the child may still be
+                # working, is not loaded there (0.1-0.5 s of the node choice)
+                importlib.import_module("scipy.special")
 
         def back(indices):
             n0, kinds0 = len(self.conditions), set(self.kinds)

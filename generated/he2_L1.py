@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b43daa82953a7c0323fe908f4acc3a9886503f615abf0ece8a54e82e32e69971
-# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
+# spec-hash: 726a0e7db804eb912509a971d6e3344ff58a95b7033ef8cce100e280151cf0e5
+# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b43daa82953a7c0323fe908f4acc3a9886503f615abf0ece8a54e82e32e69971'
+SPEC_HASH = '726a0e7db804eb912509a971d6e3344ff58a95b7033ef8cce100e280151cf0e5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

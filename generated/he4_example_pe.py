@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ad2fedd8bc6fe710b60f05c628c9a07f1ac013273b6c6b010a58ce76d8e3d0d7
-# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
+# spec-hash: ade678d4516d9bddd7e797a9516ae4cfc5595b9a47e00fe2325ac8aa70747256
+# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ad2fedd8bc6fe710b60f05c628c9a07f1ac013273b6c6b010a58ce76d8e3d0d7'
+SPEC_HASH = 'ade678d4516d9bddd7e797a9516ae4cfc5595b9a47e00fe2325ac8aa70747256'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

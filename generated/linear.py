@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 42c4cc808dc92e3385c9777acd8191f5781a0361465b9ee0e971fa04603379a3
-# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
+# spec-hash: 0428e91ef0ed4c42f15ee05f8ec6156efaf9268b946899e8b8104265ce7a696d
+# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '42c4cc808dc92e3385c9777acd8191f5781a0361465b9ee0e971fa04603379a3'
+SPEC_HASH = '0428e91ef0ed4c42f15ee05f8ec6156efaf9268b946899e8b8104265ce7a696d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

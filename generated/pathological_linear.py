@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8d21fbc8d38f36f9a9ef7d4cf85f7335145a43a0873dec23e968f6a5a663d97a
-# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
+# spec-hash: 342f32c6feeca8370447f53855a6cd78be9f5aca71cf9e82329a05b758d4ba11
+# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8d21fbc8d38f36f9a9ef7d4cf85f7335145a43a0873dec23e968f6a5a663d97a'
+SPEC_HASH = '342f32c6feeca8370447f53855a6cd78be9f5aca71cf9e82329a05b758d4ba11'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

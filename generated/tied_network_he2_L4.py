@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ab980d6950701d448bbd650d9185d031e629facd3331c5e02eab08494afcdd90
-# tool: ssi-symbolic 0.1.0 generator 1 source 5b8e27bf7f26e21a
+# spec-hash: 4bf8073bac5b920e66070d4535a8b07b61b8457ed84cda0b8145bab6b8be463c
+# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ab980d6950701d448bbd650d9185d031e629facd3331c5e02eab08494afcdd90'
+SPEC_HASH = '4bf8073bac5b920e66070d4535a8b07b61b8457ed84cda0b8145bab6b8be463c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

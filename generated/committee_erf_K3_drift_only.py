@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f37b8d5aa83d036c98931ff56ebb2decd1cd924becaefa5a20589745067697e7
-# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
+# spec-hash: 205923c7e3c79d7e4cf7cfa1e622cfcd52febacaab69529886b9c4823b963e23
+# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f37b8d5aa83d036c98931ff56ebb2decd1cd924becaefa5a20589745067697e7'
+SPEC_HASH = '205923c7e3c79d7e4cf7cfa1e622cfcd52febacaab69529886b9c4823b963e23'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

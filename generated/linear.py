@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0428e91ef0ed4c42f15ee05f8ec6156efaf9268b946899e8b8104265ce7a696d
-# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
+# spec-hash: 5e37894b0578ffd93bcfc633c7a8530f5ee250051050185f4f08ba47722d5092
+# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '0428e91ef0ed4c42f15ee05f8ec6156efaf9268b946899e8b8104265ce7a696d'
+SPEC_HASH = '5e37894b0578ffd93bcfc633c7a8530f5ee250051050185f4f08ba47722d5092'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

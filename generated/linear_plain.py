@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5f1315806ecb4c260c63b9a574a3a8ce9438de320439a646a1a5d6a7accc3b1b
-# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
+# spec-hash: ca51ec99055fd7c6bb0f514c01c7d7cc9edac95c36d6ed54c14a4ade9ff76054
+# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '5f1315806ecb4c260c63b9a574a3a8ce9438de320439a646a1a5d6a7accc3b1b'
+SPEC_HASH = 'ca51ec99055fd7c6bb0f514c01c7d7cc9edac95c36d6ed54c14a4ade9ff76054'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b6e4822375dabcca347f16e55797279d95b81b062fef8b4b0cff408f6a1e3d11
-# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
+# spec-hash: 3a8cc01ed9c9a945fe5b4ffb36221ff77e0a1c1f332050eb901c35d84c6103f4
+# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b6e4822375dabcca347f16e55797279d95b81b062fef8b4b0cff408f6a1e3d11'
+SPEC_HASH = '3a8cc01ed9c9a945fe5b4ffb36221ff77e0a1c1f332050eb901c35d84c6103f4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

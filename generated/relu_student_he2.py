@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7616e994593c1858a8d27ccac936a5a9364b5508da0433cc26d4c055d7c35fb9
-# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
+# spec-hash: 5542e22e0b6a854de9afe0e1513063365084005a4da34d90cfa9271d907bb8a0
+# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '7616e994593c1858a8d27ccac936a5a9364b5508da0433cc26d4c055d7c35fb9'
+SPEC_HASH = '5542e22e0b6a854de9afe0e1513063365084005a4da34d90cfa9271d907bb8a0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

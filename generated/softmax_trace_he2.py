@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 77ba5c1e27ba44759334143211eb2e31ae71109725f68c22635ae7f3e612f4ea
-# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7 attention 1 705afe08a485805c
+# spec-hash: 73cc66e4294a9bce6f3863669bc5c059e7a0a7ab7a5ac530602c1c7760e9e8f6
+# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '77ba5c1e27ba44759334143211eb2e31ae71109725f68c22635ae7f3e612f4ea'
+SPEC_HASH = '73cc66e4294a9bce6f3863669bc5c059e7a0a7ab7a5ac530602c1c7760e9e8f6'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 608940e51b74cd0818e8e8e6a2f4975e03e8ee1009bea6894b36a03bd2363edf
-# tool: ssi-symbolic 0.1.0 generator 1 source 68d7e73e23ee29c7
+# spec-hash: c449badc3f82bab303086c95ab330f61104b7c517be686cfe60c1321d1f3fe67
+# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '608940e51b74cd0818e8e8e6a2f4975e03e8ee1009bea6894b36a03bd2363edf'
+SPEC_HASH = 'c449badc3f82bab303086c95ab330f61104b7c517be686cfe60c1321d1f3fe67'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -43,7 +43,7 @@ from ..model.spec import ModelSpec, link_entries
 from ..symbolic.derive import ETA, Derivation, RingForms, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.closed_forms import NormalOrthant
-from ..symbolic.gaussian import GaussHermite, dag_any, dag_free_symbols
+from ..symbolic.gaussian import GaussHermite, dag_free_symbols, holds_delta
 from ..background import Background
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, expanded_form, forward_jacobian, function_source, horner,
@@ -293,7 +293,7 @@ class _Module:
             jac_exprs = list(D.drift_jacobian())
             # a kink (ReLU, |x|) differentiates to a Dirac delta under the integral: such a
             # Jacobian is taken by central differences of the generated drift instead
-            self.jacobian_method = ("finite-difference" if _holds_delta(jac_exprs)
+            self.jacobian_method = ("finite-difference" if holds_delta(jac_exprs)
                                     else "symbolic")
             repl, repl_index, reduced = eliminate(
                 [self._extract(x) for x in jac_exprs] if self.jacobian_method == "symbolic"
@@ -446,7 +446,7 @@ class _Module:
         a derivative holds a Dirac delta (a kink). ValueError at an unevaluated derivative."""
         n = len(self.D.state)
         jac_lines, jac_grads = forward_jacobian(*jac)
-        if _holds_delta([v for _, v in jac_lines] + [g for row in jac_grads for g in row]):
+        if holds_delta([v for _, v in jac_lines] + [g for row in jac_grads for g in row]):
             return "finite-difference", None, None
         eta = sp.Symbol("eta")
         g1, g2 = jac_grads[:n], jac_grads[n:]
@@ -655,13 +655,6 @@ class _Module:
             fns.append(function_source(name, [str(z) for z in args] + self.param_args, doc,
                                        lines, ret))
         return fns
-
-
-def _holds_delta(exprs) -> bool:
-    """Whether some expression holds a DiracDelta, by one walk over their distinct
-    sub-expressions (Basic.has walked the gelu case's Jacobian tree by tree: a fifth of its
-    derivative's time, before the node child could start)."""
-    return dag_any(sp.Tuple(*exprs), lambda x: isinstance(x, sp.DiracDelta))
 
 
 def _node_count(k: int) -> str:

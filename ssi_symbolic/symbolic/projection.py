@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sympy as sp
 from sympy.polys.domains import QQ, ZZ
-from sympy.polys.matrices import DomainMatrix
 
 
 def _at_point(dom, elems):
@@ -78,8 +77,10 @@ def _in_row_span(A, i) -> bool:
     rows = _rational_rows(A.row(r) for r in range(k))
     if rows is None:
         return False
-    rows.append([QQ.one if j == i else QQ.zero for j in range(n)])
-    return DomainMatrix(rows, (k + 1, n), QQ).rank() == k
+    basis = {}
+    for row in rows:
+        _echelon_insert(basis, row)
+    return not _echelon_insert(basis, [QQ.one if j == i else QQ.zero for j in range(n)])
 
 
 def _independent_rows(forms) -> sp.Matrix:

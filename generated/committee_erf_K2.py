@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 795c513702d01ab71dd74cd98b0c56d8c42377b6380acc7b3e9ed9c2a413c4fd
-# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
+# spec-hash: c87e51f50d2fe46b0a9f83e3c5661a6bbe52b7523656bd1a9e8cb881d5cf5401
+# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '795c513702d01ab71dd74cd98b0c56d8c42377b6380acc7b3e9ed9c2a413c4fd'
+SPEC_HASH = 'c87e51f50d2fe46b0a9f83e3c5661a6bbe52b7523656bd1a9e8cb881d5cf5401'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 205923c7e3c79d7e4cf7cfa1e622cfcd52febacaab69529886b9c4823b963e23
-# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
+# spec-hash: 941a2bf1d7c074a0601388cb26a3dbe6b631592ce2e5fc8145d65e6bdc321fce
+# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '205923c7e3c79d7e4cf7cfa1e622cfcd52febacaab69529886b9c4823b963e23'
+SPEC_HASH = '941a2bf1d7c074a0601388cb26a3dbe6b631592ce2e5fc8145d65e6bdc321fce'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

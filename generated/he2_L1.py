@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ea586b279b3529ad2070349b32ce413da794d812ea6b991cf45c0d31ea61147e
-# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
+# spec-hash: ce13052be27cf71bd60aa0ea104b966bd7cfd560fa32398a9aeceb2fb86112c6
+# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ea586b279b3529ad2070349b32ce413da794d812ea6b991cf45c0d31ea61147e'
+SPEC_HASH = 'ce13052be27cf71bd60aa0ea104b966bd7cfd560fa32398a9aeceb2fb86112c6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

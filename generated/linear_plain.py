@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ca51ec99055fd7c6bb0f514c01c7d7cc9edac95c36d6ed54c14a4ade9ff76054
-# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
+# spec-hash: bc736f198590d50fb707358683bb328ec86e4e0243ada6dddd035a4d0fc78b45
+# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ca51ec99055fd7c6bb0f514c01c7d7cc9edac95c36d6ed54c14a4ade9ff76054'
+SPEC_HASH = 'bc736f198590d50fb707358683bb328ec86e4e0243ada6dddd035a4d0fc78b45'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b4373f5160ac6c82ad044da084060622d5af83b89931ee832ebe7d8ee959a2dc
-# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a
+# spec-hash: a3adcc2cd5d4531a83b78636a809edbc05e2366ff58f34935ea768dc31474c58
+# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b4373f5160ac6c82ad044da084060622d5af83b89931ee832ebe7d8ee959a2dc'
+SPEC_HASH = 'a3adcc2cd5d4531a83b78636a809edbc05e2366ff58f34935ea768dc31474c58'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

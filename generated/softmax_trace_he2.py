@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 73cc66e4294a9bce6f3863669bc5c059e7a0a7ab7a5ac530602c1c7760e9e8f6
-# tool: ssi-symbolic 0.1.0 generator 1 source 55b923077fe1a33a attention 1 705afe08a485805c
+# spec-hash: 3c2109a937f42233c59ba5ef803749d5ddbe763dba62ab20230c108e47f3088c
+# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '73cc66e4294a9bce6f3863669bc5c059e7a0a7ab7a5ac530602c1c7760e9e8f6'
+SPEC_HASH = '3c2109a937f42233c59ba5ef803749d5ddbe763dba62ab20230c108e47f3088c'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 28946070992bf40530c7f0856a08f35392b47b4a49bb887a33e30ce3a97fac5e
-# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
+# spec-hash: 0f27a04a7ead89ebdf9de910a7f37debcf5d4014ed1551ef0678dd883e0001c0
+# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '28946070992bf40530c7f0856a08f35392b47b4a49bb887a33e30ce3a97fac5e'
+SPEC_HASH = '0f27a04a7ead89ebdf9de910a7f37debcf5d4014ed1551ef0678dd883e0001c0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

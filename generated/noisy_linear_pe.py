@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 388bdb38cf52e4f4ca9e7a2b3228ea840ea5af01d7d2fc769493515f21fc14cf
-# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
+# spec-hash: be73d5664f674b52b95f0b27cb2b975d710c6b1057d7e7fe0a84589ebd01a792
+# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '388bdb38cf52e4f4ca9e7a2b3228ea840ea5af01d7d2fc769493515f21fc14cf'
+SPEC_HASH = 'be73d5664f674b52b95f0b27cb2b975d710c6b1057d7e7fe0a84589ebd01a792'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3ebc11f9b995f96898ed527671b4e114a8c3fc0e623cfb00bb7a26f84a9882cb
-# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
+# spec-hash: 4585e672329cfd4163c61c8fdc4a9532af094b1d732e4b034552eb9fbe405673
+# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3ebc11f9b995f96898ed527671b4e114a8c3fc0e623cfb00bb7a26f84a9882cb'
+SPEC_HASH = '4585e672329cfd4163c61c8fdc4a9532af094b1d732e4b034552eb9fbe405673'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

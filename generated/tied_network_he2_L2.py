@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d686d0a8f3232ea1647be85c461dc78489a1340e4750c472e79727bbc854daa8
-# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
+# spec-hash: d0373381595add45cde7e87a2db9308eb9ad70a415af7cd313733f4889d4edb2
+# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd686d0a8f3232ea1647be85c461dc78489a1340e4750c472e79727bbc854daa8'
+SPEC_HASH = 'd0373381595add45cde7e87a2db9308eb9ad70a415af7cd313733f4889d4edb2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

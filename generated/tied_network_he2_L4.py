@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: db56869a7ac77f959adf80040f94e1d87376c3bc3dc4296f424491c1e52e0b87
-# tool: ssi-symbolic 0.1.0 generator 1 source 7fa9429a0b428564
+# spec-hash: 8bbe557d4eb100f0bc0a39950ad89b6ceffe048234f9b59a11031c5b13c0238f
+# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'db56869a7ac77f959adf80040f94e1d87376c3bc3dc4296f424491c1e52e0b87'
+SPEC_HASH = '8bbe557d4eb100f0bc0a39950ad89b6ceffe048234f9b59a11031c5b13c0238f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3eb4904176fa5113169674e96e2041ef81b72de9e9c3a7862ecb4c20e64cd94d
-# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
+# spec-hash: 6315ad47fad33e3bbd01f2b66746f5a004dda87f482c3e69f4423f682cb9e49e
+# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3eb4904176fa5113169674e96e2041ef81b72de9e9c3a7862ecb4c20e64cd94d'
+SPEC_HASH = '6315ad47fad33e3bbd01f2b66746f5a004dda87f482c3e69f4423f682cb9e49e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

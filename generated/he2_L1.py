@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ddd08e82ece8161a0d1e377dad4c5a06ca116f50b153bdbce7b6d1f5f2c98e7e
-# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
+# spec-hash: 892d3a48e080eae235fa08c3c522be72f764a146969bd524a9baaaa8369a038a
+# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ddd08e82ece8161a0d1e377dad4c5a06ca116f50b153bdbce7b6d1f5f2c98e7e'
+SPEC_HASH = '892d3a48e080eae235fa08c3c522be72f764a146969bd524a9baaaa8369a038a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1c4f924aa0151c258bf90b4789f1a5fff285d553a3faec3b45e70997306d9cb0
-# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
+# spec-hash: 9052dfcb17bc33dd3afbfd1f75066bf180a91fc8001038a6782cc5d2f3b3f14c
+# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '1c4f924aa0151c258bf90b4789f1a5fff285d553a3faec3b45e70997306d9cb0'
+SPEC_HASH = '9052dfcb17bc33dd3afbfd1f75066bf180a91fc8001038a6782cc5d2f3b3f14c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

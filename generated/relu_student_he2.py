@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 77fc77f7e26c23c242f35bf20b83d8605faa07551f059a56d59fb86d6622ec5f
-# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
+# spec-hash: 9bfbafa4779e6fca061a74c326675ae723ff3745fba0111fc7f593e29338d7ec
+# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '77fc77f7e26c23c242f35bf20b83d8605faa07551f059a56d59fb86d6622ec5f'
+SPEC_HASH = '9bfbafa4779e6fca061a74c326675ae723ff3745fba0111fc7f593e29338d7ec'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

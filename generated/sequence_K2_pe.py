@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b1b5d5e393dd613f49755951558195b145c898b1fef546e94574e932a352b3d9
-# tool: ssi-symbolic 0.1.0 generator 1 source 7d08b97656e9c362
+# spec-hash: 8b8c47c1afc2044e4661fb2f88275522b54532627752e28601f3acfd6870828b
+# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b1b5d5e393dd613f49755951558195b145c898b1fef546e94574e932a352b3d9'
+SPEC_HASH = '8b8c47c1afc2044e4661fb2f88275522b54532627752e28601f3acfd6870828b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -476,10 +476,10 @@ def test_cse_reassembles_the_expressions_and_shares_sums(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_cancel_shortcut_equals_sp_cancel(seed):
-    """expectation._cancel (the expansion when every denominator is an integer) returns what
+    """projection._cancel (the expansion when every denominator is an integer) returns what
     sp.cancel returns, structurally: random sums of products of the overlaps, radicals, pi and
     symbolic or irrational denominators."""
-    from ssi_symbolic.symbolic.expectation import _cancel
+    from ssi_symbolic.symbolic.projection import _cancel
     rng = random.Random(seed)
     atoms = [m, q, sp.sqrt(1 - m ** 2), sp.sqrt(2), sp.Rational(1, 3), sp.pi, 1 / (q + 1),
              1 / (1 + sp.sqrt(2)), sp.Integer(5)]

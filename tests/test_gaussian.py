@@ -529,3 +529,62 @@ def test_rewrite_refuses_the_same_links_with_or_without_its_first_walk(monkeypat
     slow = [outcome(e) for e in exprs]
     assert fast == slow
     assert fast.count("refused") == 6, fast
+
+
+def test_reduction_over_all_variables_restricts_to_the_textbook_conditioning():
+    """projection._Reduction, made once over all token variables for a set of forms and read
+    off for a subset of them holding the variables the forms read, is the conditional law of
+    that subset computed on its own:
+    E[x | Y] = mu + S A^T K^-1 (Y - A mu), Cov(x | Y) = S - S A^T K^-1 A S, K = A S A^T
+    (Matrix.inv, simplified differences), and x = A^T (A A^T)^-1 Y inside functions."""
+    from ssi_symbolic.symbolic import expectation as ex
+    from ssi_symbolic.symbolic.gaussian import TokenGaussian
+    from ssi_symbolic.symbolic.projection import _Reduction
+    spec = make_spec("reduction", 2, "relu(z1 - z2) + z1/2", "exp(z1/2)*Phi(z2)",
+                     positional=[[0.9], [0.3]], spherical=False)
+    g = TokenGaussian.of(spec)
+    E = ex.Expectation(g, [])
+    allv = tuple(v for l in range(2) for v in g.token_variables(l))
+    n = len(allv)
+    zs1, z1, zs2, z2 = (allv.index(v) for v in (g.zstar[0], g.z[0], g.zstar[1], g.z[1]))
+    rows = [[0] * n for _ in range(2)]
+    rows[0][z1], rows[0][z2] = 1, -1            # z1 - z2
+    rows[1][zs1], rows[1][zs2] = sp.Rational(1, 2), 1
+    base = _Reduction(allv, [tuple(r) for r in rows], E._gaussian_of(allv))
+    # the variables of a factor hold every variable its forms read (the rows are zero
+    # elsewhere), in any order, with or without others
+    for at in ([z1, z2, zs1, zs2], [zs2, allv.index(g.zeta[0][0]), z2, zs1, z1],
+               list(range(n))):
+        variables = tuple(allv[i] for i in at)
+        ys, ymean, K, cond, R, inner, _ = base.restricted(at, variables)
+        mean, S = E._gaussian_of(variables)
+        A = sp.Matrix([[r[i] for i in at] for r in rows])
+        mu, yv = sp.Matrix(mean), sp.Matrix(ys)
+        G = S * A.T * (A * S * A.T).inv()
+        want_cond = mu + G * (yv - A * mu)
+        want_R = S - G * A * S
+        right = A.T * (A * A.T).inv()
+        for a, v in enumerate(variables):
+            assert sp.simplify(cond[a] - want_cond[a]) == 0
+            assert sp.simplify(inner[v] - (right[a, :] * yv)[0]) == 0
+            for b in range(len(variables)):
+                assert sp.simplify(R[a, b] - want_R[a, b]) == 0
+        assert all(sp.simplify(x - y) == 0 for x, y in zip(ymean, A * mu))
+
+
+def test_pivots_are_the_rref_pivots_of_repeated_and_scaled_forms():
+    """projection._pivots (the independent forms the projections are keyed by): the pivots
+    of SymPy's rref of the forms' transpose, on lists with repeated rows, multiples
+    (sqrt(3)/3 (1, 1, 1) and -2/3 (1, 1, 1)), and rows with radicals left to rref."""
+    import random
+
+    from ssi_symbolic.symbolic.projection import _pivots
+    rng = random.Random(5)
+    base = [(1, 0, 0, 0), (0, 1, 1, 0), (1, 1, 1, 0), (0, 0, 0, 1), (1, 0, 0, 1)]
+    scales = [1, -1, sp.Rational(-2, 3), sp.sqrt(3) / 3, sp.Rational(5, 2)]
+    for _ in range(40):
+        forms = [tuple(rng.choice(scales) * x for x in rng.choice(base))
+                 for _ in range(rng.randint(1, 7))]
+        if rng.random() < 0.2:
+            forms.append((1, sp.sqrt(2), 0, 0))
+        assert _pivots(forms) == list(sp.Matrix(forms).T.rref()[1]), forms

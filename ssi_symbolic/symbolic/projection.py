@@ -1,8 +1,9 @@
 """The linear algebra of Expectation's projections (MATH.md's Gaussians, conditioned on the
 affine forms a link's functions read): independent rows of forms, the rows a quadratic
 argument depends on, the residual covariance R = Sigma - W W^T read entry by entry, Gaussian
-moments of the conditional law, and the shortcuts that decide which variables a set of forms
-fixes (an evaluation at one point of the generators, the constant row span)."""
+moments of the conditional law, the conditioning of closed forms on their forms
+(_Reduction), and the shortcuts that decide which variables a set of forms fixes (an
+evaluation at one point of the generators, the constant row span)."""
 from __future__ import annotations
 
 import sympy as sp
@@ -86,21 +87,24 @@ def _in_row_span(A, i) -> bool:
 def _independent_rows(forms) -> sp.Matrix:
     """The matrix of the linearly independent forms among the rows `forms` (the pivots of
     the reduced row echelon form of their transpose, in their order: each row that is not a
-    combination of the rows before it). Over QQ when the rows are rational up to a factor
-    each (_rational_rows; (z1 + z2 + z3)/sqrt 3 is the row (1, 1, 1)): SymPy's rref of rows
-    with radicals took 10 ms each, a tenth of the L = 3 case's projections; else by that
-    rref."""
+    combination of the rows before it); see :func:`_pivots`."""
+    return sp.Matrix([forms[i] for i in _pivots(forms)])
+
+
+def _pivots(forms) -> list:
+    """The positions of the rows of `forms` that are not combinations of the rows before
+    them. Over QQ when the rows are rational up to a factor each (_rational_rows;
+    (z1 + z2 + z3)/sqrt 3 is the row (1, 1, 1)): SymPy's rref of rows with radicals took
+    10 ms each, a tenth of the L = 3 case's projections; else by that rref."""
     first = {}  # a repeated row depends on its first occurrence
     for i, row in enumerate(forms):
         first.setdefault(tuple(row), i)
     distinct = sorted(first.values())
     scaled = _rational_rows([forms[i] for i in distinct]) if distinct else None
     if scaled is None:
-        _, pivots = sp.Matrix(forms).T.rref()
-    else:
-        basis = {}
-        pivots = [i for i, row in zip(distinct, scaled) if _echelon_insert(basis, row)]
-    return sp.Matrix([forms[i] for i in pivots])
+        return list(sp.Matrix(forms).T.rref()[1])
+    basis = {}
+    return [i for i, row in zip(distinct, scaled) if _echelon_insert(basis, row)]
 
 
 class _Residual:
@@ -164,5 +168,88 @@ def _dependence_rows(P, variables):
     return out
 
 
+def _cancel(x):
+    """sp.cancel(x). For a sum whose terms all have integer denominators that is its
+    expansion: that case (half of the projections' entries) skips cancel's polynomial gcds.
+    (A denominator such as pi or sqrt(2) + sqrt(3) goes to cancel, which puts the sum over it.)"""
+    e = sp.expand(x)
+    if all(sp.fraction(t)[1].is_Integer for t in sp.Add.make_args(e)):
+        return e
+    return sp.cancel(x)
+
+
+class _Reduction:
+    """The Gaussian x ~ N(mu, Sigma) of `variables` conditioned on k independent forms
+    Y = A x (the rows of A), K = A Sigma A^T: E[x | Y] = mu + G (Y - A mu) with
+    G = Sigma A^T K^-1, Cov(x | Y) = R = Sigma - G A Sigma, and x = A^T (A A^T)^-1 Y inside
+    functions of the forms. Row i of G, entry R_ij and the rows of A^T (A A^T)^-1 read only
+    the covariances of x_i, x_j with the forms, whichever other variables are conditioned
+    with them: made once over all token variables for each set of forms and read off for the
+    variables of each factor (:meth:`restricted`), entry by entry when first read (the
+    rational-function cancels of G and R were a fifth of a slow link's derivation, repeated
+    for every subset of variables reading the same forms)."""
+
+    def __init__(self, variables, rows, gaussian):
+        mean, S = gaussian
+        A = sp.Matrix(rows)
+        k = A.shape[0]
+        self.mu, self.S, self.A = sp.Matrix(mean), S, A
+        self.K = (A * S * A.T).applyfunc(sp.expand)
+        # a few forms (k < n): the adjugate over the determinant (Matrix.inv's elimination
+        # with its zero tests took ~60 ms per 2 x 2 symbolic matrix)
+        self.Kinv = (self.K.adjugate() / self.K.det()).applyfunc(_cancel)
+        self.ys = tuple(sp.Symbol(f"y{i + 1}", real=True) for i in range(k))
+        self.ymean = A * self.mu
+        self.right = A.T * (A * A.T).inv()                 # x = right y inside functions
+        self._G, self._GA, self._R, self._cond, self._inner = {}, {}, {}, {}, {}
+
+    def G(self, i):
+        hit = self._G.get(i)
+        if hit is None:
+            hit = self._G[i] = (self.S[i, :] * self.A.T * self.Kinv).applyfunc(_cancel)
+        return hit
+
+    def R(self, i, j):
+        hit = self._R.get((i, j))
+        if hit is None:
+            GA = self._GA.get(i)
+            if GA is None:
+                GA = self._GA[i] = self.G(i) * self.A
+            hit = self._R[(i, j)] = _cancel(self.S[i, j] - (GA * self.S[:, j])[0])
+        return hit
+
+    def cond(self, i):
+        hit = self._cond.get(i)
+        if hit is None:
+            hit = self._cond[i] = sp.expand(
+                self.mu[i] + (self.G(i) * (sp.Matrix(self.ys) - self.ymean))[0])
+        return hit
+
+    def inner(self, i):
+        hit = self._inner.get(i)
+        if hit is None:
+            hit = self._inner[i] = sp.expand((self.right[i, :] * sp.Matrix(self.ys))[0])
+        return hit
+
+    def restricted(self, at, variables):
+        """(ys, mean of Y, K, E[x | Y], Cov(x | Y) entry by entry, x inside functions, an
+        empty memo of conditional moments) for `variables`, at positions `at` here."""
+        at = list(at)
+        return (self.ys, tuple(sp.expand(x) for x in self.ymean), self.K,
+                [self.cond(i) for i in at], _RestrictedResidual(self, at),
+                {v: self.inner(i) for v, i in zip(variables, at)}, {})
+
+
+class _RestrictedResidual:
+    """R[a, b] = Cov(x_at[a], x_at[b] | Y) of a :class:`_Reduction`."""
+
+    def __init__(self, base, at):
+        self.base, self.at = base, at
+
+    def __getitem__(self, ab):
+        a, b = ab
+        return self.base.R(self.at[a], self.at[b])
+
+
 __all__ = ["_at_point", "_conditional_moment", "_dependence_rows", "_in_row_span",
-           "_independent_rows", "_Residual"]
+           "_independent_rows", "_pivots", "_Reduction", "_Residual", "_cancel"]

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6315ad47fad33e3bbd01f2b66746f5a004dda87f482c3e69f4423f682cb9e49e
-# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
+# spec-hash: d0f82a7feb38fd157b5d2f471e69ea72a18b6f7a58936f1bb27fe8e9694db1cc
+# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '6315ad47fad33e3bbd01f2b66746f5a004dda87f482c3e69f4423f682cb9e49e'
+SPEC_HASH = 'd0f82a7feb38fd157b5d2f471e69ea72a18b6f7a58936f1bb27fe8e9694db1cc'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

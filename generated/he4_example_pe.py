@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9052dfcb17bc33dd3afbfd1f75066bf180a91fc8001038a6782cc5d2f3b3f14c
-# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
+# spec-hash: 90b421145b0a9babefc0740090bc02777be28631f46ab9125f446139b722fb65
+# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9052dfcb17bc33dd3afbfd1f75066bf180a91fc8001038a6782cc5d2f3b3f14c'
+SPEC_HASH = '90b421145b0a9babefc0740090bc02777be28631f46ab9125f446139b722fb65'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

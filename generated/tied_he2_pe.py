@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 77c23417c41aa8621af741d9a1b9fab0004c95960ec0ce5a2d6ce4fe6004230e
-# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
+# spec-hash: 89cca4d4af03be0fef82ea6832d6c40fe5fc0c6a518b5acbb3f4388b49701c15
+# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '77c23417c41aa8621af741d9a1b9fab0004c95960ec0ce5a2d6ce4fe6004230e'
+SPEC_HASH = '89cca4d4af03be0fef82ea6832d6c40fe5fc0c6a518b5acbb3f4388b49701c15'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

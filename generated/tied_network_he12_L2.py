@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fec8c33e3295329447721c64253074c780946c78988d5bb2d7dcc65d561f1cc3
-# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
+# spec-hash: 39bed7ef44aa7991c05e6d4d86ab11f83b6cb5cd26752aa6d626205db8db97c4
+# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'fec8c33e3295329447721c64253074c780946c78988d5bb2d7dcc65d561f1cc3'
+SPEC_HASH = '39bed7ef44aa7991c05e6d4d86ab11f83b6cb5cd26752aa6d626205db8db97c4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

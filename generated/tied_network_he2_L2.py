@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a86a33f0deb44b66eb4141a05855ef9745ec0b98e85d16b46a2df9d99ce305e1
-# tool: ssi-symbolic 0.1.0 generator 1 source 3af1315edb9281a9
+# spec-hash: df640d3a2092c090ed1ea9d60d66abd2beb509e000a776af94731cedfdf4f82e
+# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a86a33f0deb44b66eb4141a05855ef9745ec0b98e85d16b46a2df9d99ce305e1'
+SPEC_HASH = 'df640d3a2092c090ed1ea9d60d66abd2beb509e000a776af94731cedfdf4f82e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -588,3 +588,50 @@ def test_pivots_are_the_rref_pivots_of_repeated_and_scaled_forms():
         if rng.random() < 0.2:
             forms.append((1, sp.sqrt(2), 0, 0))
         assert _pivots(forms) == list(sp.Matrix(forms).T.rref()[1]), forms
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_step_threshold_precheck_refuses_only_what_the_expansion_would(seed):
+    """thresholds.terms_refused with steps (Heaviside, relu = Max(y, 0), Max and Min of
+    several forms, parallel steps with offsets, H(y) H(-y), deltas) beside erf factors, with
+    and without a mean shift: on random products, a statistic the precheck refuses is one the
+    expansion and term-by-term planning refuse too (TooComplex, or NoClosedForm for a
+    squared delta), and one it lets through gets the planning's own outcome and value."""
+    import random
+
+    from ssi_symbolic.symbolic import closed_forms as cf
+    x, y = sp.symbols("x y", real=True)
+    cov = [[1, sp.Rational(1, 2)], [sp.Rational(1, 2), 1]]
+    pool = [sp.erf(x), sp.erf(y) + 1, sp.erf(x + y) - x, sp.Heaviside(x),
+            sp.Heaviside(-x) + y, sp.Heaviside(x - 1), sp.Heaviside(2 * x + 2),
+            sp.Max(x - y, 0), sp.Max(x, y) + 1, sp.Min(x, 2 * y), sp.Max(x, y, 0),
+            sp.exp(-x ** 2 / 3) + 1, x + y, sp.DiracDelta(x - y) + 1, sp.Heaviside(1 - x),
+            sp.erf(x - 1) + y]
+
+    def outcome(expr, mean, precheck):
+        engine = cf.GaussianClosedForm((x, y), mean, cov)
+        if not precheck:
+            engine._erf_terms_refused = lambda *a: False
+        try:
+            return engine.expect(expr)
+        except cf.TooComplex:
+            return None
+        except cf.NoClosedForm:
+            return "none"
+
+    rng = random.Random(seed)
+    refused = 0
+    for _ in range(40):
+        expr = sp.Mul(*[rng.choice(pool) for _ in range(rng.randint(2, 5))])
+        mean = rng.choice([(0, 0), (sp.Rational(1, 3), 0)])
+        engine = cf.GaussianClosedForm((x, y), mean, cov)
+        plain = outcome(expr, mean, False)
+        if engine._erf_terms_refused(expr, {x, y}):
+            refused += 1
+            assert plain is None or plain == "none", (expr, mean)
+            continue
+        got = outcome(expr, mean, True)
+        assert (got is None) == (plain is None), (expr, mean)
+        if got is not None and got != "none":
+            assert sp.simplify(got - plain) == 0, (expr, mean)
+    assert refused >= 5

@@ -52,6 +52,7 @@ from sympy.polys.matrices import DomainMatrix
 
 from .gaussian import dag_any, dag_free_symbols, multiply_terms
 from .real_parts import complex_inside_function, real_part
+from .thresholds import _merge_parallel_steps, _threshold_count, _zero_mean, terms_refused
 
 
 #: most sub-problems the reduction of one term may reach before quadrature takes over (all
@@ -383,94 +384,6 @@ _THRESHOLDS = (sp.erf, sp.erfc, sp.Heaviside, sp.sign, sp.Abs)
 
 
 @functools.lru_cache(maxsize=4096)
-def _direction(y, xs):
-    """The coefficients of y in the variables xs, scaled so that the first nonzero one is 1
-    (None when y is not a polynomial): parallel steps share it."""
-    try:
-        P = sp.Poly(y, *xs)
-    except sp.PolynomialError:
-        return None
-    row = [P.coeff_monomial(x) for x in xs]
-    lead = next((c for c in row if c != 0), 1)
-    return tuple(sp.simplify(c / lead) for c in row)
-
-
-def _threshold_count(expr, random) -> int:
-    """Thresholds a product certainly holds: erf and erfc factors with their powers, plus one
-    per direction of the steps (Heaviside, sign, |.|: parallel steps merge into one); Max/Min
-    of n forms n - 1 each. Every term of its expansion keeps them."""
-    n, directions = 0, set()
-    xs = tuple(sorted(random, key=str))
-    direction = lambda y: _direction(y, xs)
-
-    kinds = (sp.erf, sp.erfc, sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min)
-    for f in sp.Mul.make_args(expr):
-        base, k = f.as_base_exp()
-        # the type first: free symbols of a large polynomial factor cost seconds
-        if (not isinstance(base, kinds) or not k.is_Integer
-                or not (dag_free_symbols(base) & random)):
-            continue
-        if isinstance(base, (sp.erf, sp.erfc)):
-            n += int(k)
-        elif isinstance(base, (sp.Heaviside, sp.sign, sp.Abs)):
-            row = direction(base.args[0])
-            if row is not None:
-                directions.add(row)
-        elif isinstance(base, (sp.Max, sp.Min)) and len(base.args) == 2:
-            # one step along a - b: Max(x, -1) and Max(x, 1) (hardtanh) share a direction
-            row = direction(base.args[0] - base.args[1])
-            if row is not None:
-                directions.add(row)
-        elif isinstance(base, (sp.Max, sp.Min)):
-            n += len(base.args) - 1
-    return n + len(directions)
-
-
-def _cap(kinds, most: int = 6):
-    """Sets of (thresholds, all of zero mean) with the counts above `most` merged into one
-    entry (refused either way): a high power of a sum stays a small set."""
-    if all(n <= most for n, _ in kinds):
-        return kinds
-    return frozenset((min(n, most + 1), z if n <= most else False) for n, z in kinds)
-
-
-def _zero_mean(form, mu) -> bool:
-    """Whether the affine form a.x + b has mean zero under mean mu (symbolically)."""
-    a, b = form
-    return sp.expand(sum(c * m for c, m in zip(a, mu)) + b) == 0
-
-
-def _merge_parallel_steps(hs):
-    """Products of steps along one direction with numeric offsets as signed sums of single
-    steps: H(y - l1) H(y - l2) = H(y - max l), H(y - l) H(u - y) = H(y - l) - H(y - u) for
-    l < u (0 otherwise). Returns [(sign, steps)] whose signed sum equals prod hs."""
-    groups, rest = {}, []
-    for a, b in hs:
-        if not b.is_number:
-            rest.append((a, b))
-            continue
-        lead = next(c for c in a if c != 0)
-        key = a if lead > 0 else tuple(-c for c in a)
-        lo, hi = groups.get(key, (None, None))
-        if lead > 0:  # a.x + b > 0  <=>  y > -b  with y = key.x
-            lo = -b if lo is None else max(lo, -b)
-        else:         # -y + b > 0   <=>  y < b
-            hi = b if hi is None else min(hi, b)
-        groups[key] = (lo, hi)
-    out = [(1, tuple(rest))]
-    for key, (lo, hi) in groups.items():
-        if lo is not None and hi is not None:
-            if hi <= lo:
-                return []
-            choices = [(1, (key, -lo)), (-1, (key, -hi))]
-        elif lo is not None:
-            choices = [(1, (key, -lo))]
-        else:
-            choices = [(1, (tuple(-c for c in key), hi))]
-        out = [(s * s2, hs1 + (form,)) for s, hs1 in out for s2, form in choices]
-    return out
-
-
 def _affine(y, xs):
     """(a, b) with y = a.x + b, or NoClosedForm."""
     try:
@@ -637,7 +550,7 @@ class GaussianClosedForm:
             if _threshold_count(skeleton, random) > self._most_thresholds:
                 hit = TooComplex(f"more than {self._most_thresholds} thresholds")
             elif self._erf_terms_refused(skeleton, random):
-                hit = TooComplex("a term of its expansion has too many erf thresholds")
+                hit = TooComplex("a term of its expansion has too many thresholds")
             else:
                 try:
                     hit = _expanded_terms(rewrite(skeleton, random), random)
@@ -720,55 +633,10 @@ class GaussianClosedForm:
         return coef, plan
 
     def _erf_terms_refused(self, expr, random) -> bool:
-        """Whether some term of the expansion of expr (a sum of products of erf/erfc powers,
-        exponentials and polynomials: no step, kink or delta) has more erf thresholds than
-        any orthant probability with a closed form: four (five with orthant_quadrature), or
-        three of which one has a shifted mean (without orthant_quadrature). Decided on the
-        unexpanded expression from the sets of (thresholds, all of zero mean) its terms can
-        have (a sum: the union; a product: the pairwise sums), so that a statistic that
-        _plan_term would refuse after its whole expansion is refused before it (gelu's
-        finite-d terms: 0.4 s each). A term whose coefficient cancels in the expansion is
-        counted too: such a statistic goes to quadrature, never to a wrong value. False
-        when expr holds a step, kink or delta (parallel steps merge: counted by _plan_term)."""
-        steps = (sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min, sp.DiracDelta)
-        if dag_any(expr, lambda x: isinstance(x, steps)):
-            return False
-        memo, fs_memo = {}, {}
-
-        def kinds(x):  # frozenset of (thresholds, all of zero mean) of the terms of x
-            hit = memo.get(x)
-            if hit is not None:
-                return hit
-            if not (dag_free_symbols(x, fs_memo) & random):
-                out = frozenset({(0, True)})
-            elif x.is_Add:
-                out = frozenset().union(*[kinds(a) for a in x.args])
-            elif x.is_Mul:
-                out = frozenset({(0, True)})
-                for a in x.args:
-                    out = _cap(frozenset((n1 + n2, z1 and z2) for n1, z1 in out
-                                         for n2, z2 in kinds(a)))
-            elif x.is_Pow and x.exp.is_Integer and x.exp >= 0:
-                base, out = kinds(x.base), frozenset({(0, True)})
-                for _ in range(int(x.exp)):
-                    out = _cap(frozenset((n1 + n2, z1 and z2) for n1, z1 in out
-                                         for n2, z2 in base))
-            elif isinstance(x, (sp.erf, sp.erfc)):
-                try:
-                    zero = _zero_mean(self._affine(x.args[0]), self.mean)
-                except NoClosedForm:
-                    zero = False
-                out = frozenset({(1, zero)})
-            else:  # exponentials, polynomials (and anything the expansion refuses anyway)
-                out = frozenset({(0, True)})
-            memo[x] = out
-            return out
-
-        most = self._most_thresholds
-        for n, zero in kinds(expr):
-            if n > most or (n == 3 and not zero and not self.orthant_quadrature):
-                return True
-        return False
+        """Whether some term of the expansion of expr has more thresholds than an orthant
+        probability with a closed form (thresholds.terms_refused), decided before the
+        expansion."""
+        return terms_refused(expr, random, self._affine, self.mean, self.orthant_quadrature)
 
     @property
     def _most_thresholds(self) -> int:

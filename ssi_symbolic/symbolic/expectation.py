@@ -50,6 +50,7 @@ class Expectation:
         self._fixed_variables = {}  # forms over all token variables -> where R_ii = 0
         self._all_variables = None
         self._factor_cache = {}
+        self._closed_or_exact = {}  # factor -> (E[factor], kind) or (None, None)
         self._cond_moments = {}
         self._at_u = {}  # projection key -> (u, x at u, tidied arguments, E[x | u])
         self._tidy = {}
@@ -192,9 +193,10 @@ class Expectation:
             return None
         full = self._engine(variables, variables)
         if full._erf_terms_refused(factor, set(variables)):
-            # too many erf thresholds in some term (gelu's Cov(G)): refused before the
-            # reduction below (conditional moments of the whole statistic: seconds) is built
-            # for nothing; the thresholds and their means are the same over the reduced forms
+            # too many thresholds in some term (gelu's Cov(G): erf; products of relu and Phi
+            # statistics: steps too): refused before the reduction below (conditional
+            # moments of the whole statistic: seconds) is built for nothing; the thresholds
+            # and their means are the same over the reduced forms
             self._too_complex[factor] = True
             self._closed_cache[factor] = None
             return None
@@ -440,12 +442,18 @@ class Expectation:
         return hit
 
     def _closed_form_or_exact(self, factor):
-        """(E[factor], "exact" or "closed form"), or (None, None) when neither applies."""
-        try:
-            return self.exact.expect(factor), "exact"
-        except NotPolynomial:
-            out = self._closed_form(factor)
-            return out, (None if out is None else "closed form")
+        """(E[factor], "exact" or "closed form"), or (None, None) when neither applies;
+        memoised (the L = 3 case asks 6244 times of its terms' factors, which the exact
+        engine refuses each time)."""
+        hit = self._closed_or_exact.get(factor)
+        if hit is None:
+            try:
+                hit = self.exact.expect(factor), "exact"
+            except NotPolynomial:
+                out = self._closed_form(factor)
+                hit = out, (None if out is None else "closed form")
+            self._closed_or_exact[factor] = hit
+        return hit
 
     def _quadrature_expect(self, factor):
         """E[factor] by a Gauss-Hermite node over the fewest standard Gaussians (the

@@ -399,8 +399,9 @@ def distribute(expr):
     """Products distributed over sums at the top level only (a sum of products): unlike
     sp.expand, the arguments of functions (quadrature integrands, arcsines) are left alone.
     The terms are collected as dictionaries of factors (product_terms) and each distinct
-    product is built once (a SymPy Mul per term of the distribution was most of its cost)."""
-    return sp.Add(*[c * sp.Mul(*[b if e == 1 else sp.Pow(b, e) for b, e in key])
+    product is built once (a SymPy Mul per term of the distribution was most of its cost),
+    with its coefficient in the same Mul (c * Mul(...) flattened each term twice)."""
+    return sp.Add(*[sp.Mul(c, *[b if e == 1 else sp.Pow(b, e) for b, e in key])
                     for key, c in product_terms(sp.sympify(expr)).items() if c != 0])
 
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d0f82a7feb38fd157b5d2f471e69ea72a18b6f7a58936f1bb27fe8e9694db1cc
-# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
+# spec-hash: 641eae783d367f5327ab1001099f38eaaa1f52ff8bcb717ebfcb0c4b2c535c77
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd0f82a7feb38fd157b5d2f471e69ea72a18b6f7a58936f1bb27fe8e9694db1cc'
+SPEC_HASH = '641eae783d367f5327ab1001099f38eaaa1f52ff8bcb717ebfcb0c4b2c535c77'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 90b421145b0a9babefc0740090bc02777be28631f46ab9125f446139b722fb65
-# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
+# spec-hash: edc13dbef28e6138749d27e7e0924ba782982801a427aa231fbf19a9eba523d9
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '90b421145b0a9babefc0740090bc02777be28631f46ab9125f446139b722fb65'
+SPEC_HASH = 'edc13dbef28e6138749d27e7e0924ba782982801a427aa231fbf19a9eba523d9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

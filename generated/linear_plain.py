@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: abd41f83c4ad80dc60a3a3b5d9096a6acb12090c63fd9fa535e0eb9e060d1196
-# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
+# spec-hash: 1276c61d12b06b84e621bb91f30e2c17c52a16453632a498242b43553d2b8a20
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'abd41f83c4ad80dc60a3a3b5d9096a6acb12090c63fd9fa535e0eb9e060d1196'
+SPEC_HASH = '1276c61d12b06b84e621bb91f30e2c17c52a16453632a498242b43553d2b8a20'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 156abca17b63becba65f59a4866b4ed8a5aeb9da610c45639ccedc4bf53e7ece
-# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
+# spec-hash: 7783832e57a0193c47db8bc58371ed52ea007b7968b763718510b8244afd53e3
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '156abca17b63becba65f59a4866b4ed8a5aeb9da610c45639ccedc4bf53e7ece'
+SPEC_HASH = '7783832e57a0193c47db8bc58371ed52ea007b7968b763718510b8244afd53e3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2d047756d63bdf187861e33a86ed8b29ee009043c5faa8da423dd82a29ace472
-# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
+# spec-hash: 9154d0be1121dddd82c4b6f9890bbf63600784e915ea1b305251dba0ceb20738
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '2d047756d63bdf187861e33a86ed8b29ee009043c5faa8da423dd82a29ace472'
+SPEC_HASH = '9154d0be1121dddd82c4b6f9890bbf63600784e915ea1b305251dba0ceb20738'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

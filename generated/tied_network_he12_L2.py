@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 39bed7ef44aa7991c05e6d4d86ab11f83b6cb5cd26752aa6d626205db8db97c4
-# tool: ssi-symbolic 0.1.0 generator 1 source 27b61aba6c88d9f6
+# spec-hash: 8327298cff7252c3a4f6e69a5c9640d36e2b4c56e446b98fbe170b1e33228234
+# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '39bed7ef44aa7991c05e6d4d86ab11f83b6cb5cd26752aa6d626205db8db97c4'
+SPEC_HASH = '8327298cff7252c3a4f6e69a5c9640d36e2b4c56e446b98fbe170b1e33228234'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

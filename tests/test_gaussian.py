@@ -635,3 +635,52 @@ def test_step_threshold_precheck_refuses_only_what_the_expansion_would(seed):
         if got is not None and got != "none":
             assert sp.simplify(got - plain) == 0, (expr, mean)
     assert refused >= 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_field_of_skips_only_the_attempts_construct_domain_refuses(seed, monkeypatch):
+    """closed_forms._field_of goes straight to renamed constants when an irrational algebraic
+    number is a polynomial factor (_algebraic_factor): construct_domain then gives EX (checked
+    here), and the field, elements and expressions are those of the path that tries it
+    first. Random rational functions of the state with sqrt(2), 3**(1/3), pi, exp(2),
+    sqrt(1 - m^2) and radicals inside functions."""
+    import random
+
+    from sympy.polys.constructor import construct_domain
+
+    from ssi_symbolic.symbolic import closed_forms as cf
+    m, e = sp.symbols("m e", real=True)
+    rng = random.Random(seed)
+    atoms = [m, e, m, e, sp.sqrt(2), sp.Integer(3) ** sp.Rational(1, 3), sp.pi, sp.exp(2),
+             1 + sp.sqrt(2), sp.Rational(3, 7)]
+    rare = [sp.exp(sp.sqrt(2) * e), sp.sqrt(1 - m ** 2)]  # no field with m beside the second
+    # transcendental constants and radicals inside functions are generators of a field
+    for exprs in ([sp.pi * m / (e + 1)], [sp.exp(2) * m + e, m / 3],
+                  [sp.exp(sp.sqrt(2) * e) * m / (m + 2)]):
+        assert not cf._algebraic_factor(exprs)
+        assert cf._field_of(exprs) is not None
+    assert cf._algebraic_factor([m / (e + sp.sqrt(2))])
+    assert cf._algebraic_factor([(1 + sp.Integer(3) ** sp.Rational(1, 3)) ** 2 * m])
+    skipped = 0
+    for _ in range(12):
+        exprs = []
+        for _ in range(rng.randint(1, 3)):
+            num = sp.Add(*[sp.Mul(*rng.sample(atoms, 2)) for _ in range(3)])
+            if rng.random() < 0.2:
+                num += rng.choice(rare)
+            den = sp.Add(*[rng.choice(atoms) for _ in range(2)]) + 5
+            exprs.append(num / den)
+        fast = cf._field_of(exprs)
+        if cf._algebraic_factor(exprs):
+            skipped += fast is not None
+            dom, _ = construct_domain(exprs, field=True)
+            assert dom.is_EX or dom.is_EXRAW, exprs
+        with monkeypatch.context() as mp:
+            mp.setattr(cf, "_algebraic_factor", lambda exprs: False)
+            plain = cf._field_of(exprs)
+        assert (fast is None) == (plain is None), exprs
+        if fast is not None:
+            back = [fast[2](cf._fraction_expr(fast[0], x)) for x in fast[1]]
+            want = [plain[2](cf._fraction_expr(plain[0], x)) for x in plain[1]]
+            assert back == want, exprs
+    assert skipped >= 2

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0e4028037b35c5fcea5037e05a774f736920dc9229eb609d24234138a9fe10cf
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
+# spec-hash: c01cc0c233a270a6b50640badc89029246890204d26a22667362b9ee5d2a3f66
+# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '0e4028037b35c5fcea5037e05a774f736920dc9229eb609d24234138a9fe10cf'
+SPEC_HASH = 'c01cc0c233a270a6b50640badc89029246890204d26a22667362b9ee5d2a3f66'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

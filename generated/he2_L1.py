@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 65ea07ea65e5916ce1988c6a374932de82a2417ecef80ab4b406ec1ba750361e
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
+# spec-hash: bd46ada470a8c31a72aad6c032168312c1b68503adb70e2eeed59b23c39a2bf6
+# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '65ea07ea65e5916ce1988c6a374932de82a2417ecef80ab4b406ec1ba750361e'
+SPEC_HASH = 'bd46ada470a8c31a72aad6c032168312c1b68503adb70e2eeed59b23c39a2bf6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

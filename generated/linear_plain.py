@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1276c61d12b06b84e621bb91f30e2c17c52a16453632a498242b43553d2b8a20
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
+# spec-hash: d9db7c20605382f6f21c970ca04d93d365cbbed29999ab79a59f96d6dec20df7
+# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '1276c61d12b06b84e621bb91f30e2c17c52a16453632a498242b43553d2b8a20'
+SPEC_HASH = 'd9db7c20605382f6f21c970ca04d93d365cbbed29999ab79a59f96d6dec20df7'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 10aad8aef4b932b4581361b00ab21a28076d2899746423194b1aa26690cc0d38
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
+# spec-hash: e030e3eac3498ce62246eca7d7cbbaec8462ee07c0cf84de670034cc0edf491c
+# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '10aad8aef4b932b4581361b00ab21a28076d2899746423194b1aa26690cc0d38'
+SPEC_HASH = 'e030e3eac3498ce62246eca7d7cbbaec8462ee07c0cf84de670034cc0edf491c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

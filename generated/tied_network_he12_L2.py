@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8327298cff7252c3a4f6e69a5c9640d36e2b4c56e446b98fbe170b1e33228234
-# tool: ssi-symbolic 0.1.0 generator 1 source 6c243f9721cb43a4
+# spec-hash: 6dd88a50b7caf7b1288bad2a4ba567f5a59089fe2a03732420d5310da46d2932
+# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8327298cff7252c3a4f6e69a5c9640d36e2b4c56e446b98fbe170b1e33228234'
+SPEC_HASH = '6dd88a50b7caf7b1288bad2a4ba567f5a59089fe2a03732420d5310da46d2932'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -1029,3 +1029,23 @@ def test_node_functions_do_not_depend_on_how_they_were_shared(monkeypatch):
     for fake in (back_first, died):
         got, got_kinks, _ = functions(fake)
         assert got == want and got_kinks == kinks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_memo_xreplace_is_xreplace(seed):
+    """gaussian.memo_xreplace, its memo shared by several expressions with the same rule,
+    gives xreplace's result for each (structurally: the same srepr): random expressions of
+    Max, Min, erf, Heaviside and exp of the forms the rule replaces, and of other forms."""
+    from ssi_symbolic.symbolic.gaussian import memo_xreplace
+    rng = random.Random(seed)
+    y1, y2 = sp.symbols("y1 y2", real=True)
+    forms = [x - y, x + 2 * y, x]
+    atoms = ([sp.Max(-1, sp.Min(1, f)) for f in forms] + [sp.erf(f) for f in forms]
+             + [sp.Heaviside(x - y), sp.exp(-(x + 2 * y) ** 2 / 2), sp.tanh(y), x, m,
+                sp.Rational(2, 3)])
+    rule = {forms[0]: y1, forms[1]: y2 - y1, forms[2]: sp.sqrt(2) * y1}
+    memo = {}
+    for _ in range(8):
+        e = _random_product(rng, atoms, depth=3)
+        assert sp.srepr(memo_xreplace(e, rule, memo)) == sp.srepr(e.xreplace(rule)), e
+    assert memo

@@ -539,6 +539,8 @@ class GaussianClosedForm:
         self._memo = {}
         self._affine_memo = {}  # y -> (a, b) with y = a.x + b
         self._completed = {}  # (S, used, A) -> _completed_covariance(S, used, A)
+        self._conditioned = {}  # (S, delta form) -> (S a, a^T S a, conditioned covariance)
+        self._threshold_memos = ({}, {}, {})  # terms_refused's, for this engine's variables
         self._expanded = {}  # functions -> terms of their rewritten expansion (or the refusal)
         self._terms = {}  # E[monomial * atoms] of the expanded terms
         self._squares = {}  # (mu, S, Q) -> the completed square of exp(Q) under N(mu, S)
@@ -661,7 +663,14 @@ class GaussianClosedForm:
         """Whether some term of the expansion of expr has more thresholds than an orthant
         probability with a closed form (thresholds.terms_refused), decided before the
         expansion."""
-        return terms_refused(expr, random, self._affine, self.mean, self.orthant_quadrature)
+        def affine(y):
+            try:
+                return self._affine(y)
+            except NoClosedForm:
+                return None
+
+        return terms_refused(expr, random, affine, self.mean, self.orthant_quadrature,
+                             self._threshold_memos)
 
     @property
     def _most_thresholds(self) -> int:
@@ -701,14 +710,21 @@ class GaussianClosedForm:
         n = len(self.xs)
         if ds:  # condition on the first delta's hyperplane
             (a, b), rest = ds[0], ds[1:]
-            av = sp.Matrix(a)
             nu = sp.expand(_dot(a, mu) + b)
-            Sa = S * av
-            s2 = sp.expand((av.T * Sa)[0])
+            # the conditioned covariance depends on S and the form only: once for all the
+            # monomials, thresholds and means that reach it (701 of f1031's sub-problems)
+            key = (tuple(S), a)
+            hit = self._conditioned.get(key)
+            if hit is None:
+                av = sp.Matrix(a)
+                Sa = S * av
+                s2 = sp.expand((av.T * Sa)[0])
+                S2 = None if s2 == 0 else (S - Sa * Sa.T / s2).applyfunc(_simplify_entry)
+                hit = self._conditioned[key] = (Sa, s2, S2)
+            Sa, s2, S2 = hit
             if s2 == 0:
                 raise NoClosedForm("delta of a degenerate form")
             mu2 = tuple(sp.expand(mu[i] - Sa[i] * nu / s2) for i in range(n))
-            S2 = (S - Sa * Sa.T / s2).applyfunc(_simplify_entry)
             factor = sp.exp(-nu ** 2 / (2 * s2)) / sp.sqrt(2 * sp.pi * s2)
             return factor * self._solve(mu2, S2, mono, Q, phis, hs, rest)
         if Q != 0:

@@ -26,7 +26,7 @@ from .projection import (_at_point, _conditional_moment, _dependence_rows, _in_r
                          _independent_rows, _pivots, _Reduction, _Residual)
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
                        _nonpolynomial_symbols, dag_any, dag_free_symbols, distribute,
-                       has_quadrature, nonpolynomial_parts, product_terms)
+                       has_quadrature, memo_xreplace, nonpolynomial_parts, product_terms)
 
 
 class Expectation:
@@ -53,6 +53,7 @@ class Expectation:
         self._closed_or_exact = {}  # factor -> (E[factor], kind) or (None, None)
         self._cond_moments = {}
         self._at_u = {}  # projection key -> (u, x at u, tidied arguments, E[x | u])
+        self._replaced = {}  # (key, function arguments) -> memo_xreplace's (rule,) memo
         self._tidy = {}
         self._rows = {}
         self._independent = {}  # form lists -> their independent forms (_projected_node)
@@ -287,7 +288,10 @@ class Expectation:
                                                                self._gaussian_of(allv))
             self._projections[key] = base.restricted(at, variables)
         ys, ymean, K, cond, R, inner, memo = self._projections[key]
-        body = factor.xreplace({a: a.xreplace(inner) for a in fargs})
+        rule_key = ("reduce", key, frozenset(fargs))  # the same rule, the same arguments
+        if rule_key not in self._replaced:
+            self._replaced[rule_key] = ({a: a.xreplace(inner) for a in fargs}, {})
+        body = memo_xreplace(factor, *self._replaced[rule_key])
         terms = _poly_terms(body, variables)
         if terms is None:
             return None
@@ -677,14 +681,17 @@ class Expectation:
             if arg not in tidied:
                 tidied[arg] = self._tidy_affine(arg.xreplace(at_u), us)
         inner = {arg: tidied[arg] for arg in args}
+        # the same rules for every factor with the same projection and arguments
+        inner_memo = self._replaced.setdefault(("inner", key, frozenset(args)), {})
         # E[p(x) | u] with x | u ~ N(mu + W u, R), monomial by monomial unless R = 0
         if fixed:
             # x = mu + W u exactly (the forms determine every variable): E[p(x) | u] is p at
             # that point, the factor as it is, not expanded into monomials (a whole statistic
             # of gelu expands to thousands of terms that its product form evaluates in tens)
-            integrand = factor.xreplace(inner).xreplace(at_u)
+            integrand = memo_xreplace(memo_xreplace(factor, inner, inner_memo), at_u,
+                                      self._replaced.setdefault(("at u", key), {}))
         else:
-            terms = _poly_terms(factor.xreplace(inner), variables)
+            terms = _poly_terms(memo_xreplace(factor, inner, inner_memo), variables)
             if terms is None:
                 return None
             if not cond_mean:

@@ -510,6 +510,28 @@ def dag_any(expr, pred) -> bool:
     return False
 
 
+def memo_xreplace(expr, rule, memo):
+    """expr.xreplace(rule) with the rebuilt sub-expressions kept in memo, a dict shared by
+    the calls with the same rule: the factors of a statistic that read the same forms share
+    their functions, whose rebuilding (Max and Min simplify their arguments) xreplace
+    repeated for every factor. As xreplace: a sub-expression in rule is replaced and not
+    entered, any other is rebuilt from its new arguments when one of them changed."""
+    def rep(x):
+        if x in rule:
+            return rule[x]
+        hit = memo.get(x)
+        if hit is None:
+            if x.args:
+                args = [rep(a) for a in x.args]
+                hit = x if all(a is b for a, b in zip(args, x.args)) else x.func(*args)
+            else:
+                hit = x
+            memo[x] = hit
+        return hit
+
+    return rep(expr)
+
+
 def dag_free_symbols(expr, memo=None) -> frozenset:
     """expr.free_symbols, computing each distinct sub-expression's once (memo: a dict to
     share between calls). Basic.free_symbols walks shared sub-trees again at every

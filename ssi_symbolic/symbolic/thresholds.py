@@ -105,13 +105,14 @@ def _merge_parallel_steps(hs):
     return out
 
 
-def terms_refused(expr, random, affine, mean, orthant_quadrature: bool) -> bool:
+def terms_refused(expr, random, affine, mean, orthant_quadrature: bool,
+                  memos=None) -> bool:
     """Whether some term of the expansion of expr has more thresholds than any orthant
     probability with a closed form (what GaussianClosedForm._plan_term refuses after the
     expansion): decided on the unexpanded expression from the set of signatures its terms
     can have (a sum: the union; a product: the pairwise unions), a signature being (erf
     thresholds, all of them of zero mean, the step forms). affine(y): (a, b) with
-    y = a.x + b; mean: the mean of x.
+    y = a.x + b, or None when y is not affine; mean: the mean of x.
 
     - erf/erfc: one threshold each (erf(y) = 2 Phi(sqrt 2 y) - 1 keeps a term with it).
     - Heaviside(y): the step form of y, normalised as the planning does (H(c y) = H(y),
@@ -128,37 +129,42 @@ def terms_refused(expr, random, affine, mean, orthant_quadrature: bool) -> bool:
     erf products with opposite signs): such a statistic goes to quadrature, or term by term,
     never to a wrong value. gelu's finite-d terms were refused after 0.4 s of expansion
     each; the products of statistics of relu(z1 - z2) with exp(0.6 z1) Phi(0.8 z2), after a
-    quarter of their derivation."""
-    from .closed_forms import NoClosedForm
+    quarter of their derivation. memos: three dictionaries kept by the caller between calls
+    with the same random, affine and mean (a closed-form engine asks of every factor and
+    skeleton of a statistic, which share their sub-expressions)."""
     if dag_any(expr, lambda x: isinstance(x, (sp.Abs, sp.sign))):
         return False
-    memo, fs_memo, forms = {}, {}, {}
+    memo, fs_memo, forms = memos if memos is not None else ({}, {}, {})
     none = frozenset()
 
-    class Undecided(Exception):
-        pass
-
-    def step(y):  # the planning's form of H(y): (a, b) / |first nonzero a|
+    def step(y):  # the planning's form of H(y): (a, b) / |first nonzero a|, or None
         if y not in forms:
-            try:
-                a, b = affine(y)
-            except NoClosedForm:
-                raise Undecided from None
-            lead = next((c for c in a if c != 0), None)
-            if lead is None:
-                raise Undecided
-            scale = abs(lead)
-            forms[y] = (tuple(sp.expand(c / scale) for c in a), sp.expand(b / scale))
+            a, b = affine(y) or (None, None)
+            lead = None if a is None else next((c for c in a if c != 0), None)
+            forms[y] = None if lead is None else (
+                tuple(sp.expand(c / abs(lead)) for c in a), sp.expand(b / abs(lead)))
+        if forms[y] is None:
+            raise _Undecided
         return forms[y]
 
     def times(s1, s2):
         return _cap(frozenset((n1 + n2, z1 and z2, h1 | h2) for n1, z1, h1 in s1
                               for n2, z2, h2 in s2))
 
-    def kinds(x):  # frozenset of signatures of the terms of x
-        hit = memo.get(x)
-        if hit is not None:
-            return hit
+    def kinds(x):  # frozenset of signatures of the terms of x (None in memo: undecided)
+        if x in memo:
+            if memo[x] is None:
+                raise _Undecided
+            return memo[x]
+        try:
+            out = signatures_of(x)
+        except _Undecided:
+            memo[x] = None
+            raise
+        memo[x] = out
+        return out
+
+    def signatures_of(x):
         if not (dag_free_symbols(x, fs_memo) & random):
             out = frozenset({(0, True, none)})
         elif x.is_Add:
@@ -172,10 +178,8 @@ def terms_refused(expr, random, affine, mean, orthant_quadrature: bool) -> bool:
             for _ in range(int(x.exp)):
                 out = times(out, base)
         elif isinstance(x, (sp.erf, sp.erfc)):
-            try:
-                zero = _zero_mean(affine(x.args[0]), mean)
-            except NoClosedForm:
-                zero = False
+            form = affine(x.args[0])
+            zero = form is not None and _zero_mean(form, mean)
             out = frozenset({(1, zero, none)})
         elif isinstance(x, sp.Heaviside):
             out = frozenset({(0, True, frozenset({step(x.args[0])}))})
@@ -185,18 +189,17 @@ def terms_refused(expr, random, affine, mean, orthant_quadrature: bool) -> bool:
             for i, a in enumerate(x.args):
                 diffs = [sign * (a - b) for j, b in enumerate(x.args) if j != i]
                 if any(not (d.free_symbols & random) for d in diffs):
-                    raise Undecided  # a tie broken by index, or a step of the parameters
+                    raise _Undecided  # a tie broken by index, or a step of the parameters
                 if a != 0:
                     sigs.add((0, True, frozenset(step(d) for d in diffs)))
             out = frozenset(sigs) or frozenset({(0, True, none)})
         else:  # exponentials, polynomials, deltas (and what the expansion refuses anyway)
             out = frozenset({(0, True, none)})
-        memo[x] = out
         return out
 
     try:
         signatures = kinds(expr)
-    except Undecided:
+    except _Undecided:
         return False
     most = 4 if orthant_quadrature else 3
     for n, zero, hs in signatures:
@@ -211,6 +214,11 @@ def terms_refused(expr, random, affine, mean, orthant_quadrature: bool) -> bool:
             if m > 3 or (m == 3 and not (zero and all(_zero_mean(f, mean) for f in hs1))):
                 return True
     return False
+
+
+class _Undecided(Exception):
+    """A factor whose thresholds terms_refused does not count (a step of a non-affine form,
+    a tie between forms): no refusal is decided."""
 
 
 __all__ = ["terms_refused"]

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: cd4fed30cb465958e4aaef4c4a2b770c1a13d08add3c821e7a2256397cde5fd8
-# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
+# spec-hash: aaabf56086b55536fbbd097e48d2d2ff726bb42cf242cc620158a7f0560fe078
+# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'cd4fed30cb465958e4aaef4c4a2b770c1a13d08add3c821e7a2256397cde5fd8'
+SPEC_HASH = 'aaabf56086b55536fbbd097e48d2d2ff726bb42cf242cc620158a7f0560fe078'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d9db7c20605382f6f21c970ca04d93d365cbbed29999ab79a59f96d6dec20df7
-# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
+# spec-hash: 5ca50b87dfcfa0b1055dd62cd5fed6efe39d322d7e13236811c5b9a230384c3f
+# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd9db7c20605382f6f21c970ca04d93d365cbbed29999ab79a59f96d6dec20df7'
+SPEC_HASH = '5ca50b87dfcfa0b1055dd62cd5fed6efe39d322d7e13236811c5b9a230384c3f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

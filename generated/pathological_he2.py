@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e030e3eac3498ce62246eca7d7cbbaec8462ee07c0cf84de670034cc0edf491c
-# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
+# spec-hash: faffed7525d4c8ab52c57d1607d0c32ca7a6c2ec55bbc4b38dbff06dd625916d
+# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'e030e3eac3498ce62246eca7d7cbbaec8462ee07c0cf84de670034cc0edf491c'
+SPEC_HASH = 'faffed7525d4c8ab52c57d1607d0c32ca7a6c2ec55bbc4b38dbff06dd625916d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6dd88a50b7caf7b1288bad2a4ba567f5a59089fe2a03732420d5310da46d2932
-# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
+# spec-hash: 0e9475ab3182f107bf41cf7de97cfc7c66d231f9e02c93cf202c9c30b09b566b
+# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '6dd88a50b7caf7b1288bad2a4ba567f5a59089fe2a03732420d5310da46d2932'
+SPEC_HASH = '0e9475ab3182f107bf41cf7de97cfc7c66d231f9e02c93cf202c9c30b09b566b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 738bf9b5e3b740c5a2f17db51550bb6470fada80890ed3bc2102bb1b55b30269
-# tool: ssi-symbolic 0.1.0 generator 1 source bfca9360337b1457
+# spec-hash: e1b5b18f5b5b8f9cb385eb6d88a58dfb51045589dcb63a831a2cfedf1bfcd482
+# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '738bf9b5e3b740c5a2f17db51550bb6470fada80890ed3bc2102bb1b55b30269'
+SPEC_HASH = 'e1b5b18f5b5b8f9cb385eb6d88a58dfb51045589dcb63a831a2cfedf1bfcd482'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

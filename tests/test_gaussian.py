@@ -684,3 +684,28 @@ def test_field_of_skips_only_the_attempts_construct_domain_refuses(seed, monkeyp
             want = [plain[2](cf._fraction_expr(plain[0], x)) for x in plain[1]]
             assert back == want, exprs
     assert skipped >= 2
+
+
+def test_step_with_a_parameter_in_its_direction(tmp_path):
+    """relu(beta z1) with a parameter beta of either sign: the closed forms cannot merge its
+    step with others by orientation (beta's sign is unknown) and keep it as it is (it was an
+    internal error). Against z1, the loss is 1/2 (beta^2/2 - m beta + 1) (E[relu(beta z*)^2] =
+    beta^2/2 and E[relu(beta z*) z] = m beta/2 for either sign); against erf(z1), the module
+    at beta = -0.7 and 0.7 gives the numbers of the modules of relu(-0.7 z1) and relu(0.7 z1)."""
+    lin = load_module(generate(make_spec("relu_beta", 1, "relu(beta*z1)", "z1",
+                                         parameters={"beta": 0.7}), tmp_path / "a")[0])
+    for beta in (0.7, -0.7, 1.3, -1.3):
+        for m in (0.0, 0.4, -0.8):
+            want = 0.5 * (beta ** 2 / 2 - m * beta + 1)
+            assert abs(float(lin.population_loss(m, beta=beta)) - want) <= 1e-12
+    par = load_module(generate(make_spec("relu_beta_erf", 1, "relu(beta*z1)", "erf(z1)",
+                                         parameters={"beta": 0.7}), tmp_path / "b")[0])
+    for beta in (0.7, -0.7):
+        lit = load_module(generate(make_spec(f"relu_lit{int(beta > 0)}", 1,
+                                             f"relu({beta}*z1)", "erf(z1)"),
+                                   tmp_path / f"c{int(beta > 0)}")[0])
+        for m in (0.0, 0.3, -0.6, 0.9):
+            assert abs(float(par.population_loss(m, beta=beta))
+                       - float(lit.population_loss(m))) <= 1e-12
+            assert np.allclose(np.asarray(par.drift(m, 0.5, beta=beta), float),
+                               np.asarray(lit.drift(m, 0.5), float), rtol=0, atol=1e-12)

@@ -43,8 +43,6 @@ Anything else raises NoClosedForm (the caller uses quadrature).
 """
 from __future__ import annotations
 
-import functools
-
 import sympy as sp
 from sympy.polys.constructor import construct_domain
 from sympy.polys.domains import QQ, ZZ
@@ -383,7 +381,6 @@ def _simplify_entry(x):
 _THRESHOLDS = (sp.erf, sp.erfc, sp.Heaviside, sp.sign, sp.Abs)
 
 
-@functools.lru_cache(maxsize=4096)
 def _affine(y, xs):
     """(a, b) with y = a.x + b, or NoClosedForm."""
     try:

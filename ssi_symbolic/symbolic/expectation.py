@@ -53,7 +53,7 @@ class Expectation:
         self._closed_or_exact = {}  # factor -> (E[factor], kind) or (None, None)
         self._cond_moments = {}
         self._at_u = {}  # projection key -> (u, x at u, tidied arguments, E[x | u])
-        self._replaced = {}  # (key, function arguments) -> memo_xreplace's (rule,) memo
+        self._replaced = {}  # (what, projection key[, arguments]) -> memo_xreplace's memo
         self._tidy = {}
         self._rows = {}
         self._independent = {}  # form lists -> their independent forms (_projected_node)
@@ -653,7 +653,7 @@ class Expectation:
         # the independent forms only: the projection depends on nothing else, and the terms
         # of a statistic read the same few forms in many repetitions and multiples
         # (tanh(z1)^2 erf(s) exp(-s^2): z1 twice, s and -2 s/3) and orders of first
-        # appearance: 76 distinct form lists of the L = 3 case are 20 projections
+        # appearance: 76 distinct form lists of the L = 3 case are 37 projections
         forms = tuple(dict.fromkeys(forms))
         if forms not in self._independent:
             self._independent[forms] = tuple(forms[i] for i in _pivots(forms))

@@ -10,12 +10,14 @@ Max and Min are tracked form by form, as the planning of a term merges them).
 """
 from __future__ import annotations
 
+import functools
 
 import sympy as sp
 
 from .gaussian import dag_any, dag_free_symbols
 
 
+@functools.lru_cache(maxsize=4096)
 def _direction(y, xs):
     """The coefficients of y in the variables xs, scaled so that the first nonzero one is 1
     (None when y is not a polynomial): parallel steps share it."""
@@ -77,13 +79,14 @@ def _zero_mean(form, mu) -> bool:
 def _merge_parallel_steps(hs):
     """Products of steps along one direction with numeric offsets as signed sums of single
     steps: H(y - l1) H(y - l2) = H(y - max l), H(y - l) H(u - y) = H(y - l) - H(y - u) for
-    l < u (0 otherwise). Returns [(sign, steps)] whose signed sum equals prod hs."""
+    l < u (0 otherwise). A step with a symbolic offset or direction (a parameter) stays as
+    it is. Returns [(sign, steps)] whose signed sum equals prod hs."""
     groups, rest = {}, []
     for a, b in hs:
-        if not b.is_number:
+        lead = next(c for c in a if c != 0)
+        if not (b.is_number and lead.is_number):  # H(beta z - 1): beta's sign unknown
             rest.append((a, b))
             continue
-        lead = next(c for c in a if c != 0)
         key = a if lead > 0 else tuple(-c for c in a)
         lo, hi = groups.get(key, (None, None))
         if lead > 0:  # a.x + b > 0  <=>  y > -b  with y = key.x

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8eed6c10dd441e03a3e9cb5a652e2bcdad54aa0ee182763672e26cf3e724a80f
-# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
+# spec-hash: 0442b108e2f2eeefa0b9263284aa81a4c159f5d8e67373f9972f291841daf14c
+# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8eed6c10dd441e03a3e9cb5a652e2bcdad54aa0ee182763672e26cf3e724a80f'
+SPEC_HASH = '0442b108e2f2eeefa0b9263284aa81a4c159f5d8e67373f9972f291841daf14c'
 QUADRATURE_NODES = 8
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

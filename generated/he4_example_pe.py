@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f10ecde0ae78dcf35ad7394a69a72275aa5f9d7d70392e8efb8f839995531730
-# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
+# spec-hash: 8b8398f9dffbd806a5de6baddfef782130ba11623732a92437d061971a31b093
+# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f10ecde0ae78dcf35ad7394a69a72275aa5f9d7d70392e8efb8f839995531730'
+SPEC_HASH = '8b8398f9dffbd806a5de6baddfef782130ba11623732a92437d061971a31b093'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

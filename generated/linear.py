@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: aaabf56086b55536fbbd097e48d2d2ff726bb42cf242cc620158a7f0560fe078
-# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
+# spec-hash: 7d6b1dfb1acccdf83abc637734ea6b34baef86b9fd29199cde2f1c3ebf555eb2
+# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'aaabf56086b55536fbbd097e48d2d2ff726bb42cf242cc620158a7f0560fe078'
+SPEC_HASH = '7d6b1dfb1acccdf83abc637734ea6b34baef86b9fd29199cde2f1c3ebf555eb2'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: faffed7525d4c8ab52c57d1607d0c32ca7a6c2ec55bbc4b38dbff06dd625916d
-# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
+# spec-hash: 4cf3ef4a31e02deccf2921b7a7ab9cc9077691176da67af6769a425bd56b2347
+# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'faffed7525d4c8ab52c57d1607d0c32ca7a6c2ec55bbc4b38dbff06dd625916d'
+SPEC_HASH = '4cf3ef4a31e02deccf2921b7a7ab9cc9077691176da67af6769a425bd56b2347'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

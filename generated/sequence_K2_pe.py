@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b6a4e4f18d547e30e90cde5fa27ff8e6135fa98b17158570f09cf41c87d091e6
-# tool: ssi-symbolic 0.1.0 generator 1 source 528bddb633d4c6d2
+# spec-hash: aa94e9552a67a8cfc04df89a49bbeeb6a41d0d64e6fb4ad62bc530c62c50f3de
+# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b6a4e4f18d547e30e90cde5fa27ff8e6135fa98b17158570f09cf41c87d091e6'
+SPEC_HASH = 'aa94e9552a67a8cfc04df89a49bbeeb6a41d0d64e6fb4ad62bc530c62c50f3de'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -1032,11 +1032,12 @@ def test_node_functions_do_not_depend_on_how_they_were_shared(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_memo_xreplace_is_xreplace(seed):
-    """gaussian.memo_xreplace, its memo shared by several expressions with the same rule,
-    gives xreplace's result for each (structurally: the same srepr): random expressions of
+def test_dag_map_with_a_shared_memo_is_xreplace(seed):
+    """gaussian.dag_map, its memo shared by several expressions with the same rule (as
+    Expectation shares it between the factors of one projection), gives xreplace's result
+    for each (structurally: the same srepr): random expressions of
     Max, Min, erf, Heaviside and exp of the forms the rule replaces, and of other forms."""
-    from ssi_symbolic.symbolic.gaussian import memo_xreplace
+    from ssi_symbolic.symbolic.gaussian import dag_map
     rng = random.Random(seed)
     y1, y2 = sp.symbols("y1 y2", real=True)
     forms = [x - y, x + 2 * y, x]
@@ -1047,5 +1048,5 @@ def test_memo_xreplace_is_xreplace(seed):
     memo = {}
     for _ in range(8):
         e = _random_product(rng, atoms, depth=3)
-        assert sp.srepr(memo_xreplace(e, rule, memo)) == sp.srepr(e.xreplace(rule)), e
+        assert sp.srepr(dag_map(e, rule, memo=memo)) == sp.srepr(e.xreplace(rule)), e
     assert memo

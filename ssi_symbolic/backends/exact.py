@@ -43,7 +43,7 @@ from ..model.spec import ModelSpec, link_entries
 from ..symbolic.derive import ETA, Derivation, RingForms, derive
 from ..symbolic.expectation import kink_breaks
 from ..symbolic.closed_forms import NormalOrthant
-from ..symbolic.gaussian import GaussHermite, dag_free_symbols, holds_delta
+from ..symbolic.gaussian import GaussHermite, dag_free_symbols, dag_map, holds_delta
 from ..background import Background
 from .files import module_path, read_hash, write_atomic
 from .printing import (closure, cse, expanded_form, forward_jacobian, function_source, horner,
@@ -680,41 +680,12 @@ def _first_atoms(expr, cls) -> list:
     return out
 
 
-def _dag_map(expr, mapping=None, post=None, keep_order=False):
-    """expr rebuilt bottom-up visiting each distinct sub-expression once: a sub-expression in
-    `mapping` is replaced (not entered), every rebuilt one passed through `post`. Closed forms
-    share large sub-trees, which xreplace and powsimp walk again at every occurrence.
-    keep_order: sums and products are rebuilt from their new arguments in their order
-    (Add._from_args), not flattened and sorted again."""
-    mapping, memo = mapping or {}, {}
-
-    def walk(x):
-        hit = mapping.get(x)
-        if hit is not None:
-            return hit
-        if not x.args:
-            return x
-        hit = memo.get(x)
-        if hit is None:
-            args = [walk(a) for a in x.args]
-            if all(a is b for a, b in zip(args, x.args)):
-                hit = x
-            elif keep_order and (x.is_Add or x.is_Mul):
-                hit = x.func._from_args(args)
-            else:
-                hit = x.func(*args)
-            memo[x] = hit = post(hit) if post is not None else hit
-        return hit
-
-    return walk(expr)
-
-
 def _dag_replace(expr, mapping):
     """expr.xreplace(mapping) for a mapping of distinct sub-expressions to distinct new
     symbols (the placeholders), each shared sub-expression visited once, sums and products
     not sorted again: the replacement cannot make two terms or factors combine (distinct
     atoms for distinct sub-expressions), so the result is xreplace's up to argument order."""
-    return _dag_map(expr, mapping, keep_order=True)
+    return dag_map(expr, mapping, keep_order=True)
 
 
 def _merge_exps(x):
@@ -732,7 +703,7 @@ def _merge_exps(x):
 def combine_exp(expr):
     """expr with every product of exponentials exp(a) exp(b) written exp(a + b) (what
     sp.powsimp(expr, combine="exp") does for them, without its cost on large integrands)."""
-    return _dag_map(expr, post=_merge_exps)
+    return dag_map(expr, post=_merge_exps)
 
 
 class _BoundedStr(StrPrinter):

@@ -510,26 +510,37 @@ def dag_any(expr, pred) -> bool:
     return False
 
 
-def memo_xreplace(expr, rule, memo):
-    """expr.xreplace(rule) with the rebuilt sub-expressions kept in memo, a dict shared by
-    the calls with the same rule: the factors of a statistic that read the same forms share
-    their functions, whose rebuilding (Max and Min simplify their arguments) xreplace
-    repeated for every factor. As xreplace: a sub-expression in rule is replaced and not
-    entered, any other is rebuilt from its new arguments when one of them changed."""
-    def rep(x):
-        if x in rule:
-            return rule[x]
+def dag_map(expr, mapping=None, post=None, keep_order=False, memo=None):
+    """expr rebuilt bottom-up visiting each distinct sub-expression once: a sub-expression in
+    `mapping` is replaced (not entered), every rebuilt one passed through `post`; with
+    neither, expr.xreplace(mapping). Closed forms share large sub-trees, which xreplace and
+    powsimp walk again at every occurrence. keep_order: sums and products are rebuilt from
+    their new arguments in their order (Add._from_args), not flattened and sorted again.
+    memo: a dict kept by the caller between calls with the same mapping and post (the
+    factors of a statistic that read the same forms share their functions, whose rebuilding,
+    Max and Min simplifying their arguments, was repeated for every factor)."""
+    mapping = mapping or {}
+    memo = {} if memo is None else memo
+
+    def walk(x):
+        hit = mapping.get(x)
+        if hit is not None:
+            return hit
+        if not x.args:
+            return x
         hit = memo.get(x)
         if hit is None:
-            if x.args:
-                args = [rep(a) for a in x.args]
-                hit = x if all(a is b for a, b in zip(args, x.args)) else x.func(*args)
-            else:
+            args = [walk(a) for a in x.args]
+            if all(a is b for a, b in zip(args, x.args)):
                 hit = x
-            memo[x] = hit
+            elif keep_order and (x.is_Add or x.is_Mul):
+                hit = x.func._from_args(args)
+            else:
+                hit = x.func(*args)
+            memo[x] = hit = post(hit) if post is not None else hit
         return hit
 
-    return rep(expr)
+    return walk(expr)
 
 
 def dag_free_symbols(expr, memo=None) -> frozenset:

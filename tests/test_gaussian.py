@@ -319,6 +319,21 @@ def test_too_many_erf_thresholds_refused_before_the_reduction(monkeypatch):
         assert abs(float(value.subs(m, mv)) - want) <= 1e-12, (mv, value)
 
 
+def _closed_form_outcome(expr, xs, mean, cov, precheck):
+    """E[expr] by the closed-form engine, with or without its threshold precheck
+    (_erf_terms_refused): None when refused as too complex, "none" when refused otherwise."""
+    from ssi_symbolic.symbolic import closed_forms as cf
+    engine = cf.GaussianClosedForm(xs, mean, cov)
+    if not precheck:
+        engine._erf_terms_refused = lambda *a: False
+    try:
+        return engine.expect(expr)
+    except cf.TooComplex:
+        return None
+    except cf.NoClosedForm:
+        return "none"
+
+
 def test_erf_threshold_precheck_refuses_exactly_what_the_expansion_would():
     """closed_forms refuses a statistic whose expansion has a term with four erf thresholds,
     or three with a shifted mean, before expanding it (_erf_terms_refused). The outcome must
@@ -335,13 +350,7 @@ def test_erf_threshold_precheck_refuses_exactly_what_the_expansion_would():
              (four, (0, 0), False), (two, (sp.Rational(1, 3), 0), True)]
 
     def outcome(expr, mean, precheck):
-        engine = cf.GaussianClosedForm((x, y), mean, cov)
-        if not precheck:
-            engine._erf_terms_refused = lambda *a: False
-        try:
-            return engine.expect(expr)
-        except cf.TooComplex:
-            return None
+        return _closed_form_outcome(expr, (x, y), mean, cov, precheck)
 
     g, w = np.polynomial.hermite_e.hermegauss(60)
     w = w / np.sqrt(2 * np.pi)
@@ -609,15 +618,7 @@ def test_step_threshold_precheck_refuses_only_what_the_expansion_would(seed):
             sp.erf(x - 1) + y]
 
     def outcome(expr, mean, precheck):
-        engine = cf.GaussianClosedForm((x, y), mean, cov)
-        if not precheck:
-            engine._erf_terms_refused = lambda *a: False
-        try:
-            return engine.expect(expr)
-        except cf.TooComplex:
-            return None
-        except cf.NoClosedForm:
-            return "none"
+        return _closed_form_outcome(expr, (x, y), mean, cov, precheck)
 
     rng = random.Random(seed)
     refused = 0

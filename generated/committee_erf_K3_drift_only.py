@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4bd6d8b6b2f26d0719c2ce25d881b9051b56205d749061aeed3e900aa9c8ed60
-# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
+# spec-hash: a36c3e6f03c4cdd2d012691e115d74e66426cc6f5d87fc00fc5da6529c7442b0
+# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '4bd6d8b6b2f26d0719c2ce25d881b9051b56205d749061aeed3e900aa9c8ed60'
+SPEC_HASH = 'a36c3e6f03c4cdd2d012691e115d74e66426cc6f5d87fc00fc5da6529c7442b0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 8b8398f9dffbd806a5de6baddfef782130ba11623732a92437d061971a31b093
-# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
+# spec-hash: 38a9143c7c02eed99d4aa88c90849dbe0f76e08f43f05c99c3a14157d9ea3cda
+# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '8b8398f9dffbd806a5de6baddfef782130ba11623732a92437d061971a31b093'
+SPEC_HASH = '38a9143c7c02eed99d4aa88c90849dbe0f76e08f43f05c99c3a14157d9ea3cda'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

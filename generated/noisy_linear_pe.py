@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: aa1f122a0e8c897a8e255a7a9e154b792f742b86e5fb867611e0e3c137188355
-# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
+# spec-hash: 0a4eb6a8e8e79c6238ab45bd5be3b23ea7f174f7841029ad8a38ef42ad9eeb75
+# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'aa1f122a0e8c897a8e255a7a9e154b792f742b86e5fb867611e0e3c137188355'
+SPEC_HASH = '0a4eb6a8e8e79c6238ab45bd5be3b23ea7f174f7841029ad8a38ef42ad9eeb75'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

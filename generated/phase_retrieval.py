@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2bf0c906120e6d07d78988f2dd1c73903c9b217b2675ff587b5e5aa02a677fdf
-# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
+# spec-hash: b99090da6d9b0c946439dfc0bda2c07b23b8f41cbbb9025ec95928bd4317f5f6
+# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '2bf0c906120e6d07d78988f2dd1c73903c9b217b2675ff587b5e5aa02a677fdf'
+SPEC_HASH = 'b99090da6d9b0c946439dfc0bda2c07b23b8f41cbbb9025ec95928bd4317f5f6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

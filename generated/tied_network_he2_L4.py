@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a26db0c74f499ce07b9cac78f0dc37ae9210ea69fa65b353bff67869fb3de3fb
-# tool: ssi-symbolic 0.1.0 generator 1 source 9812d97dbfd90bee
+# spec-hash: ca8e4524cbea4ecffb092dff0311d8242a3d49563de561ce6bcb5d3ad12cbca8
+# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a26db0c74f499ce07b9cac78f0dc37ae9210ea69fa65b353bff67869fb3de3fb'
+SPEC_HASH = 'ca8e4524cbea4ecffb092dff0311d8242a3d49563de561ce6bcb5d3ad12cbca8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

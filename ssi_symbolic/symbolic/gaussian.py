@@ -647,4 +647,4 @@ def has_quadrature(expr) -> bool:
 
 __all__ = ["dag_any", "distribute", "holds_delta", "multiply_terms", "product_terms",
            "permutation_generators", "TokenGaussian", "GaussHermite", "NotPolynomial",
-           "has_quadrature", "integrate_deltas", "dag_diff", "dag_free_symbols"]
+           "has_quadrature", "integrate_deltas", "dag_diff", "dag_free_symbols", "dag_map"]

@@ -200,6 +200,7 @@ class _Reduction:
         self.Kinv = (self.K.adjugate() / self.K.det()).applyfunc(_cancel)
         self.ys = tuple(sp.Symbol(f"y{i + 1}", real=True) for i in range(k))
         self.ymean = A * self.mu
+        self.ymean_expanded = tuple(sp.expand(x) for x in self.ymean)
         self.right = A.T * (A * A.T).inv()                 # x = right y inside functions
         self._G, self._GA, self._R, self._cond, self._inner = {}, {}, {}, {}, {}
 
@@ -235,7 +236,7 @@ class _Reduction:
         """(ys, mean of Y, K, E[x | Y], Cov(x | Y) entry by entry, x inside functions, an
         empty memo of conditional moments) for `variables`, at positions `at` here."""
         at = list(at)
-        return (self.ys, tuple(sp.expand(x) for x in self.ymean), self.K,
+        return (self.ys, self.ymean_expanded, self.K,
                 [self.cond(i) for i in at], _RestrictedResidual(self, at),
                 {v: self.inner(i) for v, i in zip(variables, at)}, {})
 

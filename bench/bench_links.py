@@ -183,6 +183,11 @@ def main(argv) -> None:
         factors = re.search(r"^QUADRATURE_NODE_FACTORS = \{(.*)\}$", text_out, re.M)
         by_dim = ("" if factors is None or not factors.group(1) else " (by dimension: " + ", ".join(
             f"{k}-d {n}" for k, n in re.findall(r"(\d+): (\d+) /", factors.group(1))) + ")")
+        # the rules whose count no probe showed to meet the tolerance (QUADRATURE_UNVERIFIED)
+        unverified = re.search(r"^QUADRATURE_UNVERIFIED = \{(.+)\}$", text_out, re.M)
+        if unverified:
+            by_dim += " (tolerance not shown for " + ", ".join(
+                f"{k}-d" for k, _ in re.findall(r"(\d+): (\d+)", unverified.group(1))) + ")"
         print(f"{name:{nw}s} {span(derive_times):>{width}s} {sie:>{width}s}  {method:12s} "
               f"{nodes:>5s}  {per} (loss, drift1, drift2, cov, ito, finite-d){by_dim}")
         if max(derive_times) >= 5.0 or not all(t < 5.0 for t in sie_times):

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 197461003b6722197ad61bf5800ffcda6b7f8d16ccd2b1a1ccb35a2ea0bccad7
-# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
+# spec-hash: efe47460aa86ba710a7bdaae3b6e4d0470e8cfec6eca72c6fbf3de68fac33f72
+# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
 import numpy
 import scipy.special
 
@@ -31,8 +31,9 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '197461003b6722197ad61bf5800ffcda6b7f8d16ccd2b1a1ccb35a2ea0bccad7'
+SPEC_HASH = 'efe47460aa86ba710a7bdaae3b6e4d0470e8cfec6eca72c6fbf3de68fac33f72'
 QUADRATURE_NODES = 8
+QUADRATURE_UNVERIFIED = {}
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
 DIFFUSION = True

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a36c3e6f03c4cdd2d012691e115d74e66426cc6f5d87fc00fc5da6529c7442b0
-# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
+# spec-hash: dfbd67aa9f03ee1e0679928f9fa2b37086e81527cd5b77c0c95972976e1b3b28
+# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a36c3e6f03c4cdd2d012691e115d74e66426cc6f5d87fc00fc5da6529c7442b0'
+SPEC_HASH = 'dfbd67aa9f03ee1e0679928f9fa2b37086e81527cd5b77c0c95972976e1b3b28'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 2136ffae59ea9d38d3b9dc1b02d07d5cb2d0042a4d2a5ee7ef33277e7d51e19a
-# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
+# spec-hash: 7c56659b33fbfe685a5f3211ed9e7e651afa301235e65bad56543eab35d12033
+# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '2136ffae59ea9d38d3b9dc1b02d07d5cb2d0042a4d2a5ee7ef33277e7d51e19a'
+SPEC_HASH = '7c56659b33fbfe685a5f3211ed9e7e651afa301235e65bad56543eab35d12033'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 0c75bedd1a419dbccc682076e853a371096b8f98239ba29dcc9b895306e399df
-# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b attention 1 705afe08a485805c
+# spec-hash: a036b110f43893be2671cb32594dbe60bb6bdcaf1d32d6c05a00836581922667
+# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '0c75bedd1a419dbccc682076e853a371096b8f98239ba29dcc9b895306e399df'
+SPEC_HASH = 'a036b110f43893be2671cb32594dbe60bb6bdcaf1d32d6c05a00836581922667'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

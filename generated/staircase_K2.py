@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4e8401be63dd78feecff49ac66dce034b4df9eda3803b2af8132171104a19d38
-# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
+# spec-hash: eaf3fc41788b8e6fa3543dfa48f76932575e969464d5948df3c81df1fb47deb9
+# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '4e8401be63dd78feecff49ac66dce034b4df9eda3803b2af8132171104a19d38'
+SPEC_HASH = 'eaf3fc41788b8e6fa3543dfa48f76932575e969464d5948df3c81df1fb47deb9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

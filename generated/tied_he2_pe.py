@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c61b7bc237f2b64d09ea9a54f6a281d2e044f79ff3b02e4dec06fa29d4a90587
-# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
+# spec-hash: 4c1f71a1c1942b53631416dc36208be6d0e63daf2a0d431736eb428bcf44ba0b
+# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'c61b7bc237f2b64d09ea9a54f6a281d2e044f79ff3b02e4dec06fa29d4a90587'
+SPEC_HASH = '4c1f71a1c1942b53631416dc36208be6d0e63daf2a0d431736eb428bcf44ba0b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 301d2e5ef534101343146e3016ba767c25118c8c11a423f3562aa6658e1a1d51
-# tool: ssi-symbolic 0.1.0 generator 1 source 6e4999e1305b7a3b
+# spec-hash: 0760954dfa9395c2c8868822e63e310af488a1b9fee6bf72c5b8bdec6b144d0d
+# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '301d2e5ef534101343146e3016ba767c25118c8c11a423f3562aa6658e1a1d51'
+SPEC_HASH = '0760954dfa9395c2c8868822e63e310af488a1b9fee6bf72c5b8bdec6b144d0d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

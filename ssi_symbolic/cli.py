@@ -69,8 +69,25 @@ def cmd_derive(args) -> int:
         path, written = generate(spec, args.out, force=args.force)
         if not written:
             print(f"up to date: {path}", file=sys.stderr)
+        note = unverified_note(path)
+        if note:
+            print(note, file=sys.stderr)
         print(path)
     return 0
+
+
+def unverified_note(path) -> str:
+    """One `ssi: note:` line when a generated module has quadrature rules whose node count
+    no probe showed to meet its tolerance (QUADRATURE_UNVERIFIED), else ""."""
+    from .backends.files import read_unverified
+    rules, tol = read_unverified(path)
+    if not rules:
+        return ""
+    which = ", ".join(f"{k}-d: {n}" for k, n in sorted(rules.items()))
+    return (f"ssi: note: {path}: the node counts of its quadrature rules ({which} nodes per "
+            f"dimension) are not shown to meet QUADRATURE_TOLERANCE = {tol:g} (a finer rule "
+            f"exceeds the point or probing budget); `ssi evaluate` and quadrature_error() "
+            f"give each value's error estimate")
 
 
 def cmd_latex(args) -> int:
@@ -109,6 +126,13 @@ def _table(result: dict) -> str:
         qd = result["quadrature"]
         rows.append(f"quadrature: {qd['nodes_per_dimension']} nodes/dim, loss error estimate "
                     f"{qd['loss_error_estimate']:.2g}")
+        if qd.get("unverified_rule_dimensions"):
+            rows.append("quadrature: node counts not shown to meet the tolerance for the "
+                        + ", ".join(f"{k}-d rules ({n} nodes/dim)" for k, n in
+                                    qd["unverified_rule_dimensions"].items())
+                        + "; drift error estimate "
+                        + ", ".join(f"{k} {e:.2g}" for k, e in
+                                    qd["drift_error_estimate"].items()))
     return "\n".join(rows)
 
 

@@ -2,6 +2,7 @@
 replace: each must give the same expression (up to form) or the same numbers."""
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def test_dictionary_expansion_is_sympy_expand():
         assert rebuilt == sp.expand(expr), expr
 
 
-def test_per_dimension_node_counts_in_the_module(tmp_path):
+def test_per_dimension_node_counts_in_the_module(tmp_path, capsys):
     """A module whose nodes of one, two and three dimensions need different counts lists
     them in QUADRATURE_NODE_FACTORS; each rule runs with its count, quadrature_error doubles
     every count, and its bound holds against rules with four times the nodes."""
@@ -206,6 +207,30 @@ def test_per_dimension_node_counts_in_the_module(tmp_path):
     assert got["nodes_per_dimension_by_rule_dimension"] == {
         str(k): counts[k] for k in sorted(mod.QUADRATURE_NODE_FACTORS)}
     assert set(got["nodes_per_dimension_by_rule_dimension"]) <= {"1", "2"}
+    # ... and the rules whose count no probe showed to meet the tolerance, which `ssi
+    # derive` names in one note line (the module tanh(z1) against itself has none)
+    assert mod.QUADRATURE_UNVERIFIED and set(mod.QUADRATURE_UNVERIFIED) <= {1, 2, 3}
+    assert got["unverified_rule_dimensions"] == {
+        str(k): counts[k] for k in sorted(mod.QUADRATURE_UNVERIFIED)}
+    from ssi_symbolic import cli
+    plain = make_spec("node_counts_one", 1, "tanh(z1)", "tanh(z1)")
+    generate(plain, tmp_path)
+    for s, path in ((spec, path), (plain, tmp_path / "node_counts_one.py")):
+        spec_file = tmp_path / f"{s.name}.toml"
+        spec_file.write_text(f'name = "{s.name}"\nL = {s.L}\n[teacher]\nlink = '
+                             f'"{s.teacher}"\n[student]\nlink = "{s.student}"\n')
+        capsys.readouterr()
+        assert cli.main(["derive", str(spec_file), "--out", str(tmp_path)]) == 0
+        out, err = capsys.readouterr()
+        assert out.splitlines() == [str(path)]
+        notes = [x for x in err.splitlines() if x.startswith("ssi: note:")]
+        if s is plain:
+            assert not load_module(path).QUADRATURE_UNVERIFIED and notes == []
+            continue
+        assert len(notes) == 1 and str(path) in notes[0]
+        for k in mod.QUADRATURE_UNVERIFIED:
+            assert re.search(rf"\b{k}-d: {counts[k]}\b", notes[0]), notes[0]
+        assert "1e-08" in notes[0]
 
 
 @pytest.mark.parametrize("teacher, student, L", [("tanh(z1)", "tanh(z1)", 1),
@@ -215,8 +240,10 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
     dimension k, what the plain loop over the candidates picks: the first n whose n and 2n
     rules agree at every probe state, among those whose 2n rule has at most MAX_POINTS points
     and at most PROBE_WORK integrand evaluations (else the next candidate, unprobed). It
-    returns the count of the highest dimension and the others that differ from it. The
-    second spec has nodes of one, two and three dimensions whose counts differ."""
+    returns the count of the highest dimension, the others that differ from it, and the
+    dimensions whose count no test passed (the next candidate unprobed, or the last). The
+    second spec has nodes of one, two and three dimensions whose counts differ, the
+    three-dimensional ones unverified."""
     import types
 
     from ssi_symbolic.model.spec import make_spec
@@ -239,6 +266,7 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
 
     info = [dim_and_count(name) for _, name in nodes]
     dims = sorted({k for k, _ in info})
+    unverified = {}  # k -> whether its count was taken without a passing n versus 2n test
     if L == 2:
         assert dims == [1, 2, 3]
     states = node_counts._probe_states(spec)
@@ -250,7 +278,7 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
             work = sum(c for d, c in info if d == k)
             cands = [n for n in node_counts.NODE_CANDIDATES
                      if (2 * n) ** k <= node_counts.MAX_POINTS]
-            expected[k] = cands[-1]
+            expected[k], unverified[k] = cands[-1], True
             for n in cands[:-1]:
                 if (2 * n) ** k * work > node_counts.PROBE_WORK:
                     expected[k] = n
@@ -259,13 +287,15 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
                         <= node_counts.QUADRATURE_TOLERANCE
                         * np.maximum(1.0, np.abs(np.asarray(f(*st, n=2 * n))))).all()
                        for f in members):
-                    expected[k] = n
+                    expected[k], unverified[k] = n, False
                     break
     top = expected[max(dims)]
     if L == 2:  # one count for every dimension would not do
         assert len(set(expected.values())) > 1, expected
-    assert node_counts.choose_nodes(text, spec) == (top, {k: n for k, n in expected.items()
-                                                    if n != top})
+        assert any(unverified.values()) and not all(unverified.values()), unverified
+    assert node_counts.choose_nodes(text, spec) == (
+        top, {k: n for k, n in expected.items() if n != top},
+        {k: expected[k] for k in dims if unverified[k]})
 
 
 def _module(spec):

@@ -99,6 +99,8 @@ PIECES = {
 EXTRAS = {
     "QUADRATURE_NODE_FACTORS": "{k: f}: the k-dimensional rules' nodes per dimension are "
                                "round(f QUADRATURE_NODES)",
+    "QUADRATURE_UNVERIFIED": "{k: n_k}: the k-dimensional rules whose node count no probe "
+                             "showed to meet QUADRATURE_TOLERANCE",
     "gradient_origin": "exact gradient of R at the origin",
     "hessian_origin": "exact Hessian of R at the origin",
     "loss_gradient": "gradient of R from the tables",

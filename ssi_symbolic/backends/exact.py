@@ -801,6 +801,7 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
             f"SPEC_HASH = {h!r}",
             f"QUADRATURE_NODES = {DEFAULT_NODES}",
             *(["QUADRATURE_NODE_FACTORS = {}"] if mod.quad else []),
+            *(["QUADRATURE_UNVERIFIED = {}"] if D.method == "quadrature" else []),
             f"JACOBIAN = {jacobian_method!r}",
             f"FINITE_D_CORRECTION = {D.finite_d_note!r}",
             f"DIFFUSION = {diffusion!r}",
@@ -866,13 +867,16 @@ def module_source(D: Derivation, diffusion: bool = True, printer: str = "auto") 
             nodes = choose_nodes(text, spec)
         elif nodes is None:
             nodes = probed_nodes(quad_fns, mod.jacobian_method)
-        nodes, factors = nodes
+        nodes, factors, unverified = nodes
         text = text.replace(f"\nQUADRATURE_NODES = {DEFAULT_NODES}\n",
                             f"\nQUADRATURE_NODES = {nodes}\n", 1)
         if factors:  # the counts of the rules whose dimension needs another, as n_k / n
             listed = ", ".join(f"{k}: {n_k} / {nodes}" for k, n_k in sorted(factors.items()))
             text = text.replace("\nQUADRATURE_NODE_FACTORS = {}\n",
                                 f"\nQUADRATURE_NODE_FACTORS = {{{listed}}}\n", 1)
+        if unverified:  # the rules whose count no probe showed to meet the tolerance
+            text = text.replace("\nQUADRATURE_UNVERIFIED = {}\n",
+                                f"\nQUADRATURE_UNVERIFIED = {unverified!r}\n", 1)
     return text
 
 

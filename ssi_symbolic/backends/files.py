@@ -26,6 +26,28 @@ def read_hash(path) -> str | None:
     return None
 
 
+def read_unverified(path) -> tuple[dict, float | None]:
+    """({k: n_k}, tolerance) from a generated module's header: the k-dimensional quadrature
+    rules whose node count no probe showed to meet QUADRATURE_TOLERANCE
+    (QUADRATURE_UNVERIFIED, node_counts.choose_nodes), and that tolerance; ({}, None) for a
+    module without quadrature or an unreadable file."""
+    import ast
+    found, tol = {}, None
+    try:
+        with open(path) as fh:
+            for _ in range(80):
+                line = fh.readline()
+                if not line:
+                    break
+                if line.startswith("QUADRATURE_UNVERIFIED = "):
+                    found = ast.literal_eval(line.split(" = ", 1)[1])
+                elif line.startswith("QUADRATURE_TOLERANCE = "):
+                    tol = float(line.split(" = ", 1)[1])
+    except (OSError, ValueError, SyntaxError):
+        return {}, None
+    return found, tol
+
+
 def _file_mode() -> int:
     """The mode a newly created file gets here: 0o666 less the process's umask."""
     mask = os.umask(0)
@@ -68,4 +90,4 @@ def load_module(path):
     return module
 
 
-__all__ = ["HASH_PREFIX", "read_hash", "write_atomic", "module_path", "load_module"]
+__all__ = ["HASH_PREFIX", "read_hash", "read_unverified", "write_atomic", "module_path", "load_module"]

@@ -57,15 +57,21 @@ def _probe_states(spec) -> list:
     return out
 
 
-def choose_nodes(text: str, spec) -> tuple[int, dict]:
-    """(n, {k: n_k}): nodes per dimension that meet QUADRATURE_TOLERANCE at the probe states
+def choose_nodes(text: str, spec) -> tuple[int, dict, dict]:
+    """(n, {k: n_k}, unverified): nodes per dimension that meet QUADRATURE_TOLERANCE at the probe states
     (the n rule versus the 2n rule) for every quadrature node of the module's source, each
     the smallest of NODE_CANDIDATES whose 2n rule has at most MAX_POINTS points (but for a
     candidate whose failure a finer rule already shows, see _smallest_passing), or the
     largest such when none meets it (the runtime error estimate of quadrature_error then
     says how far off it is). A candidate is probed only while its 2n rule takes at most
     PROBE_WORK integrand evaluations per probe state; past that, when every probed one
-    failed, the next candidate is taken unprobed.
+    failed, the next candidate is taken unprobed. `unverified` is {k: n_k} for the
+    dimensions whose count no test showed to meet the tolerance (the last candidate taken,
+    or the next unprobed one): the module lists them (QUADRATURE_UNVERIFIED) and `ssi
+    derive` says so; the four-dimensional nodes of the L = 3 erf/tanh case (16 per
+    dimension, the most MAX_POINTS allows) miss it by orders of magnitude. A module probed
+    whole (orthant integrals) lists every dimension of its nodes, or 1 for the orthant
+    integrals alone.
 
     The nodes of each dimension k get their own count n_k: n is that of the highest
     dimension, and the dict lists the dimensions whose count differs (the module's
@@ -139,9 +145,10 @@ def choose_nodes(text: str, spec) -> tuple[int, dict]:
 
     if orthants or not probes:
         kmax = max(dims, default=1)
-        return _smallest_passing(list(range(len(nodes))), allowed(
-            kmax, NODE_CANDIDATES if probes else ORTHANT_CANDIDATES), value, computed), {}
-    by_dim = {}
+        n, verified = _smallest_passing(list(range(len(nodes))), allowed(
+            kmax, NODE_CANDIDATES if probes else ORTHANT_CANDIDATES), value, computed)
+        return n, {}, ({} if verified else {k: n for k in sorted(set(dims) or {1})})
+    by_dim, unverified = {}, {}
     for k in sorted(set(dims)):
         members = [i for i, d in enumerate(dims) if d == k]
         work = sum(counts[i] for i in members)  # integrands evaluated per point
@@ -149,16 +156,20 @@ def choose_nodes(text: str, spec) -> tuple[int, dict]:
         # probed while the 2n rule's points times integrands stay within PROBE_WORK; past
         # that, the next candidate is taken unprobed when every probed one failed
         probed = [n for n in ns_k[:-1] if (2 * n) ** k * work <= PROBE_WORK]
-        by_dim[k] = _smallest_passing(members, ns_k[:len(probed) + 1], value, computed)
+        by_dim[k], verified = _smallest_passing(members, ns_k[:len(probed) + 1], value,
+                                                computed)
+        if not verified:
+            unverified[k] = by_dim[k]
     n = by_dim[max(by_dim)]
-    return n, {k: n_k for k, n_k in by_dim.items() if n_k != n}
+    return n, {k: n_k for k, n_k in by_dim.items() if n_k != n}, unverified
 
 
-def _smallest_passing(order, allowed, value, computed=lambda i: ()) -> int:
-    """The first n of `allowed` whose rule agrees with the 2n rule within
+def _smallest_passing(order, allowed, value, computed=lambda i: ()) -> tuple[int, bool]:
+    """(n, True) for the first n of `allowed` whose rule agrees with the 2n rule within
     QUADRATURE_TOLERANCE (relative, absolute below 1) for the nodes `order` at every probe
-    state where the 2n rule is finite; the last of `allowed` when none does (not evaluated:
-    its 2n rule is the most expensive, 32^4 points for a 4-d node). value(i, n): node i's
+    state where the 2n rule is finite; (the last of `allowed`, False) when none does (not
+    evaluated: its 2n rule is the most expensive, 32^4 points for a 4-d node, so nothing
+    shows that it meets the tolerance). value(i, n): node i's
     values with n nodes per dimension (cached by the caller); computed(i): the n whose
     values node i has already.
 
@@ -194,8 +205,8 @@ def _smallest_passing(order, allowed, value, computed=lambda i: ()) -> int:
                     order.insert(0, i)
                     break
             if ok:
-                return n
-    return allowed[-1]
+                return n, True
+    return allowed[-1], False
 
 
 def _agree(a, b, tol) -> bool:

@@ -69,6 +69,10 @@ def evaluate(spec_or_path, at: dict, eta: float = DEFAULT_ETA, d: float = DEFAUL
             "nodes_per_dimension_by_rule_dimension": {
                 str(k): mod._nodes(k)
                 for k in sorted(getattr(mod, "QUADRATURE_NODE_FACTORS", {}))},
+            # rule dimension -> its nodes per dimension, for the rules whose count no probe
+            # showed to meet QUADRATURE_TOLERANCE when the module was written
+            "unverified_rule_dimensions": {
+                str(k): n for k, n in sorted(getattr(mod, "QUADRATURE_UNVERIFIED", {}).items())},
             "loss_error_estimate": _f(err),
             "drift_error_estimate": {k: _f(e) for k, e in zip(names, np.ravel(derr))},
             "how": (f"{float(getattr(mod, 'QUADRATURE_ERROR_FACTOR', 1.0)):g} |value(n) - "

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: efe47460aa86ba710a7bdaae3b6e4d0470e8cfec6eca72c6fbf3de68fac33f72
-# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
+# spec-hash: a70e1d96928eec3a54be7dcde25d69f650f8ed37308e578d5ce0d5c88f00c384
+# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'efe47460aa86ba710a7bdaae3b6e4d0470e8cfec6eca72c6fbf3de68fac33f72'
+SPEC_HASH = 'a70e1d96928eec3a54be7dcde25d69f650f8ed37308e578d5ce0d5c88f00c384'
 QUADRATURE_NODES = 8
 QUADRATURE_UNVERIFIED = {}
 JACOBIAN = 'symbolic'

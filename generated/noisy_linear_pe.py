@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 71d5544c901dd79e56c9081968f0e6df21d0cfa91eefc3e2a2f704aa240471d5
-# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
+# spec-hash: f7142c8d8d3d6c46161c4a13a17717cc5cfd6096cb6f63c0b04b53496b11615d
+# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '71d5544c901dd79e56c9081968f0e6df21d0cfa91eefc3e2a2f704aa240471d5'
+SPEC_HASH = 'f7142c8d8d3d6c46161c4a13a17717cc5cfd6096cb6f63c0b04b53496b11615d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

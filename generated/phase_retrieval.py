@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a6d24c9b968dcd30f1de6440dd53cf1299f487d1f0b1760338766984359b4596
-# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
+# spec-hash: 4ed5d9bd2c89bcd251ac110f5a09f6eca607a7aa070c5e0f7e6ace5c8ff2b854
+# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a6d24c9b968dcd30f1de6440dd53cf1299f487d1f0b1760338766984359b4596'
+SPEC_HASH = '4ed5d9bd2c89bcd251ac110f5a09f6eca607a7aa070c5e0f7e6ace5c8ff2b854'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

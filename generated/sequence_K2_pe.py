@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c496a2639b41fa9c0df02dba7970f01760cd33ce553508cc0b5bec3fb4c36c13
-# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
+# spec-hash: dbf9a390f91822ce326282117501b8eb39c40a37b0442c77800f526605063a25
+# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'c496a2639b41fa9c0df02dba7970f01760cd33ce553508cc0b5bec3fb4c36c13'
+SPEC_HASH = 'dbf9a390f91822ce326282117501b8eb39c40a37b0442c77800f526605063a25'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

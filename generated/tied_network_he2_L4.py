@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5837d52067c966acab2132f8cfc776d3d7cc5c7141273a9083c843c1826e82e2
-# tool: ssi-symbolic 0.1.0 generator 1 source 61187956aa545e02
+# spec-hash: 9a395ab852a1f3eadf4e2d102c9a36547b6f519b3e694da9df0bd4ad321b00df
+# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '5837d52067c966acab2132f8cfc776d3d7cc5c7141273a9083c843c1826e82e2'
+SPEC_HASH = '9a395ab852a1f3eadf4e2d102c9a36547b6f519b3e694da9df0bd4ad321b00df'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -21,12 +21,14 @@ import sympy as sp
 from sympy.polys.matrices import DomainMatrix
 from sympy.polys.domains import QQ
 
+from .conditioning import closed_dimensions, closed_last
 from .exact_engine import ExactEngine
 from .projection import (_at_point, _conditional_moment, _dependence_rows, _in_row_span,
                          _independent_rows, _pivots, _Reduction, _Residual)
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
                        _nonpolynomial_symbols, dag_any, dag_free_symbols, dag_map,
-                       distribute, has_quadrature, nonpolynomial_parts, product_terms)
+                       distribute, has_quadrature, nonpolynomial_parts)
+from .gaussian import poly_terms as _poly_terms
 
 
 class Expectation:
@@ -63,6 +65,7 @@ class Expectation:
         self._random = None  # the random variables, as a set
         self._too_complex = {}  # factor -> whether its closed form failed as TooComplex
         self._free = {}  # dag_free_symbols' memo (sub-expression -> its free symbols)
+        self._given = {}  # conditioning's memos (canonical closed functions, their values)
 
     @property
     def used_quadrature(self) -> bool:
@@ -651,6 +654,9 @@ class Expectation:
         # kink forms first: the first quadrature variable then carries the first kink, and
         # every kink parallel to it splits the u1 axis at a point (see kink_breaks)
         forms = kinks + [f for f in forms if f not in kinks]
+        # the forms only closed functions read last: their u are read by nothing else
+        # (L lower triangular) and are integrated in closed form (closed_dimensions)
+        forms = closed_last(forms, lambda a: self._rows_of(a, variables), factor, variables)
         # the independent forms only: the projection depends on nothing else, and the terms
         # of a statistic read the same few forms in many repetitions and multiples
         # (tanh(z1)^2 erf(s) exp(-s^2): z1 twice, s and -2 s/3) and orders of first
@@ -660,13 +666,10 @@ class Expectation:
             self._independent[forms] = tuple(forms[i] for i in _pivots(forms))
         forms = self._independent[forms]
         key = (variables, forms)
-        if key not in self._projections:  # with whether the forms fix every variable
-            got = self._restricted_projection(variables, forms)
-            self._projections[key] = None if got is None else (
-                *got, self._forms_fix_everything(variables, forms, got[2]))
-        if self._projections[key] is None:
+        got = self._projection_of(variables, forms)
+        if got is None:
             return None
-        mu, W, R, k, fixed = self._projections[key]
+        mu, W, R, k, fixed = got
         # what depends on the projection alone, once per projection (the terms of the
         # statistics of the L = 3 case reach 100 projections 556 times)
         at_key = self._at_u.get(key)
@@ -701,14 +704,25 @@ class Expectation:
             memo = self._cond_moments.setdefault(key, {})
             integrand = sp.Add(*[c * _conditional_moment(alpha, cond_mean, R, memo)
                                  for alpha, c in terms.items()])
-        inside = _nonpolynomial_symbols(integrand)
-        poly_us = [u for u in us if u not in inside]
-        integrand = _integrate_polynomial_part(
-            integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
-                                 for i in range(len(poly_us))])
-        us = tuple(u for u in us if u in inside)
-        exact, rest = _split_free(integrand, set(us))
-        return exact, us, rest
+        split = closed_dimensions(self, integrand, us)
+        if split is None:
+            return _node_tail(integrand, us)
+        exact, us_done, done = _node_tail(split[0], us)  # the closed u integrated
+        if us_done:
+            exact += GaussHermite(done, sp.Tuple(*us_done))
+        more, us, rest = _node_tail(split[1], us)  # the terms that keep them
+        return exact + more, us, rest
+
+    def _projection_of(self, variables, forms):
+        """(mu, W, R, k, whether the forms fix every variable) of the projection of the
+        variables on independent forms (_restricted_projection), memoised; None when the
+        forms' covariance is degenerate."""
+        key = (variables, forms)
+        if key not in self._projections:
+            got = self._restricted_projection(variables, forms)
+            self._projections[key] = None if got is None else (
+                *got, self._forms_fix_everything(variables, forms, got[2]))
+        return self._projections[key]
 
     def _rows_of(self, arg, variables):
         """_dependence_rows of a function argument polynomial in the variables, memoised:
@@ -782,14 +796,21 @@ class Expectation:
             integrand = _integrate_polynomial_part(integrand, [x[2] for x in eps_cov], cov)
         # a u that enters only polynomially (outside every non-polynomial function) is
         # integrated exactly by its moments; quadrature runs over the others only
-        inside = _nonpolynomial_symbols(integrand)
-        poly_us = [u for u in us if u not in inside]
-        integrand = _integrate_polynomial_part(
-            integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
-                                 for i in range(len(poly_us))])
-        us = tuple(u for u in us if u in inside)
-        exact, rest = _split_free(integrand, set(us))
-        return exact, us, rest
+        return _node_tail(integrand, tuple(us))
+
+
+def _node_tail(integrand, us):
+    """(exact part, quadrature variables, integrand) of a node's integrand over the
+    standard Gaussians us: those that enter only polynomially (outside every function) are
+    integrated exactly by their moments, and the terms free of the rest are the exact part."""
+    inside = _nonpolynomial_symbols(integrand)
+    poly_us = [u for u in us if u not in inside]
+    integrand = _integrate_polynomial_part(
+        integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
+                             for i in range(len(poly_us))])
+    us = tuple(u for u in us if u in inside)
+    exact, rest = _split_free(integrand, set(us))
+    return exact, us, rest
 
 
 def _function_arguments(expr, random) -> frozenset:
@@ -894,31 +915,6 @@ def _tidy_coefficient(c):
                                for p in sp.preorder_traversal(base)):
             return sp.simplify(c)
     return r
-
-
-def _poly_terms(expr, variables):
-    """{alpha: coefficient} of an expression polynomial in `variables` whose coefficients
-    may be anything free of them (much faster than sp.Poly with function coefficients); None
-    when a variable occurs otherwise. From the dictionary terms of product_terms: each
-    distinct coefficient product is built once, never the full product of a term."""
-    index = {v: i for i, v in enumerate(variables)}
-    vs = set(variables)
-    fs_memo = {}
-    out = {}
-    for key, c in product_terms(sp.sympify(expr)).items():
-        if c == 0:
-            continue
-        mono, rest = [0] * len(variables), []
-        for base, e in key:
-            if base in index and e.is_Integer and e > 0:
-                mono[index[base]] += int(e)
-            elif dag_free_symbols(base, fs_memo) & vs or (
-                    not e.is_Number and dag_free_symbols(e, fs_memo) & vs):
-                return None
-            else:
-                rest.append(base if e == 1 else sp.Pow(base, e))
-        out.setdefault(tuple(mono), []).append(c * sp.Mul(*rest))
-    return {k: sp.Add(*v) for k, v in out.items()}
 
 
 def kink_breaks(node):

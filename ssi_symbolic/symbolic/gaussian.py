@@ -645,6 +645,31 @@ def has_quadrature(expr) -> bool:
                    or getattr(type(x), "numeric_quadrature", False))
 
 
-__all__ = ["dag_any", "distribute", "holds_delta", "multiply_terms", "product_terms",
+def poly_terms(expr, variables):
+    """{alpha: coefficient} of an expression polynomial in `variables` whose coefficients
+    may be anything free of them (much faster than sp.Poly with function coefficients); None
+    when a variable occurs otherwise. From the dictionary terms of product_terms: each
+    distinct coefficient product is built once, never the full product of a term."""
+    index = {v: i for i, v in enumerate(variables)}
+    vs = set(variables)
+    fs_memo = {}
+    out = {}
+    for key, c in product_terms(sp.sympify(expr)).items():
+        if c == 0:
+            continue
+        mono, rest = [0] * len(variables), []
+        for base, e in key:
+            if base in index and e.is_Integer and e > 0:
+                mono[index[base]] += int(e)
+            elif dag_free_symbols(base, fs_memo) & vs or (
+                    not e.is_Number and dag_free_symbols(e, fs_memo) & vs):
+                return None
+            else:
+                rest.append(base if e == 1 else sp.Pow(base, e))
+        out.setdefault(tuple(mono), []).append(c * sp.Mul(*rest))
+    return {k: sp.Add(*v) for k, v in out.items()}
+
+
+__all__ = ["dag_any", "distribute", "holds_delta", "multiply_terms", "product_terms", "poly_terms",
            "permutation_generators", "TokenGaussian", "GaussHermite", "NotPolynomial",
            "has_quadrature", "integrate_deltas", "dag_diff", "dag_free_symbols", "dag_map"]

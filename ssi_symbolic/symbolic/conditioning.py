@@ -1,0 +1,216 @@
+"""The dimensions of a quadrature node that only closed-form functions read, integrated in
+closed form: erf((zs1 + zs2 + zs3)/sqrt 3) beside tanh(z1) tanh(z2) tanh(z3) is a
+three-dimensional node, not a four-dimensional one.
+
+Expectation._projected_node whitens the forms Y = A x a factor's functions read: Y = A mu +
+L u with L lower triangular (Cholesky), u ~ N(0, I). With the forms of the functions without
+a closed form first (:func:`closed_last`), those read only the first u; a u that only erf,
+erfc and exponentials of affine or quadratic forms read (and polynomials: the conditional
+moments) is integrated in closed form, term by term of the integrand as a polynomial in
+those u and functions:
+
+    E_v[v^a prod_i f_i(c_i0 + c_i . v + v^T C_i v)^b_i],  v ~ N(0, I) the closed u,
+
+by the closed-form engine over v with every coefficient c that reads the other u (or
+anything) a placeholder: one engine and one memo serve every node, and E[v erf(T0 + T1 v)] is
+found once. A term without a closed form (erf(a + b v)^3: three shifted thresholds) keeps v
+as a quadrature variable, in a node of its own."""
+from __future__ import annotations
+
+import sympy as sp
+
+from .gaussian import nonpolynomial_parts, poly_terms
+
+#: functions taken in closed form over the dimensions only they read (their argument a
+#: polynomial of at most this degree in those dimensions)
+CLOSED_DEGREE = {sp.erf: 1, sp.erfc: 1, sp.exp: 2}
+
+
+def _closed_functions(expr, variables):
+    """(closed functions, other non-polynomial parts) at the polynomial level of expr: a
+    closed function is one of CLOSED_DEGREE whose argument is a polynomial of at most that
+    degree in the variables; None when a closed-family function reads them otherwise."""
+    vs = set(variables)
+    closed, other = set(), set()
+    for x in nonpolynomial_parts(expr):
+        if not (x.free_symbols & vs):
+            continue
+        degree = CLOSED_DEGREE.get(x.func)
+        if degree is None:
+            other.add(x)
+            continue
+        # the degree read off the terms (sp.Poly builds a coefficient domain: with the
+        # radicals of a projection's coefficients, seconds and gigabytes)
+        terms = poly_terms(sp.expand(x.args[0]), tuple(variables))
+        if terms is None or max(map(sum, terms)) > degree:
+            other.add(x)  # exp(-z^2 tanh(z)), exp(z^3): a function like any other
+            continue
+        closed.add(x)
+    return closed, other
+
+
+def closed_last(forms, rows_of_arg, factor, variables):
+    """The forms (rows) reordered so that those read by closed functions only come last
+    (stable otherwise); `rows_of_arg(arg)` gives an argument's rows."""
+    closed, other = _closed_functions(factor, variables)
+    if not closed or not other:
+        return forms
+    rows = set()
+    for f in closed:
+        rows.update(rows_of_arg(f.args[0]) or ())
+    if not rows:
+        return forms
+    vs = set(variables)
+    seen, stack = set(), list(other)
+    while stack:  # the rows any other function reads (through its polynomial arguments)
+        x = stack.pop()
+        if x in seen or not (x.free_symbols & vs):
+            continue
+        seen.add(x)
+        got = rows_of_arg(x) if not (x.is_Function or x.is_Pow) else None
+        if got:
+            rows.difference_update(got)
+        else:
+            stack.extend(x.args)
+    return [f for f in forms if f not in rows] + [f for f in forms if f in rows]
+
+
+def closed_dimensions(ex, integrand, us, keep=()):
+    """(integrand over the other u, integrand left over all u) with the u that only closed
+    functions read (module docstring) integrated in closed form, or None when there is no
+    such u. `keep`: u that stay quadrature variables (a kink's)."""
+    closed, other = _closed_functions(integrand, us)
+    if not closed or not other:
+        # closed functions alone: the node is there because their closed form was refused
+        # (gelu's Cov(G): TooComplex), and so would most of its terms be again
+        return None
+    busy = set(keep).union(*[o.free_symbols for o in other])
+    vs = tuple(u for u in us if u not in busy and any(u in f.free_symbols for f in closed))
+    if not vs:
+        return None
+    mine = [f for f in closed if f.free_symbols & set(vs)]
+    mine.sort(key=sp.default_sort_key)
+    gens = [sp.Dummy(f"F{i}") for i in range(len(mine))]
+    terms = _poly_in(integrand.xreplace(dict(zip(mine, gens))), vs + tuple(gens))
+    if terms is None:
+        return None
+    done, left, conditions = [], [], []
+    for alpha, c in terms.items():
+        mono, powers = alpha[:len(vs)], alpha[len(vs):]
+        fs = [(f, b) for f, b in zip(mine, powers) if b]
+        h, back = _canonical(ex, vs, mono, fs)
+        value, conds = _expect_closed(ex, vs, h)
+        if value is None:  # no closed form: v stays a quadrature variable for this term
+            left.append(c * sp.Mul(*[v ** a for v, a in zip(vs, mono)])
+                        * sp.Mul(*[f ** b for f, b in fs]))
+            continue
+        done.append(c * value.xreplace(back))
+        conditions.extend(x.xreplace(back) for x in conds)
+    ex.conditions.extend((x, integrand) for x in conditions)
+    return sp.Add(*done), sp.Add(*left)
+
+
+def _poly_in(expr, gens):
+    """{alpha: coefficient} of expr as a polynomial in the symbols gens, its coefficients
+    left in product form (sums times sums are not multiplied out: the squared error of the
+    L = 3 case, (F - t1 - t2 - t3)^2 in the generator F, keeps (t1 + t2 + t3)^2 whole, where
+    distributing gave integrands three times as long); None when a generator occurs
+    otherwise (inside a function, under a negative power). Shared sub-expressions once."""
+    gs = {g: i for i, g in enumerate(gens)}
+    zero, n, memo = (0,) * len(gens), len(gens), {}
+
+    def unit(i):
+        return tuple(int(j == i) for j in range(n))
+
+    def times(a, b):
+        out = {}
+        for ka, ca in a.items():
+            for kb, cb in b.items():
+                out.setdefault(tuple(x + y for x, y in zip(ka, kb)), []).append(ca * cb)
+        return {k: sp.Add(*v) for k, v in out.items()}
+
+    def rec(x):
+        hit = memo.get(x)
+        if hit is not None:
+            return hit
+        if not (x.free_symbols & set(gs)):
+            out = {zero: x}
+        elif x in gs:
+            out = {unit(gs[x]): sp.Integer(1)}
+        elif x.is_Add:
+            acc = {}
+            for a in x.args:
+                got = rec(a)
+                if got is None:
+                    return None
+                for k, c in got.items():
+                    acc.setdefault(k, []).append(c)
+            out = {k: sp.Add(*v) for k, v in acc.items()}
+        elif x.is_Mul:
+            out = {zero: sp.Integer(1)}
+            for a in x.args:
+                got = rec(a)
+                if got is None:
+                    return None
+                out = times(out, got)
+        elif x.is_Pow and x.exp.is_Integer and x.exp >= 0:
+            base = rec(x.base)
+            if base is None:
+                return None
+            out = {zero: sp.Integer(1)}
+            for _ in range(int(x.exp)):
+                out = times(out, base)
+        else:
+            return None
+        memo[x] = out
+        return out
+
+    got = rec(expr)
+    return None if got is None else {k: c for k, c in got.items() if c != 0}
+
+
+def _canonical(ex, vs, mono, functions):
+    """(h, back): v^mono prod f(arg)^power with each coefficient of the arguments (as
+    polynomials in v) that is not a number replaced by a placeholder T_ij (function i,
+    coefficient j), and the map back. Numbered by position, the same product of another
+    node is the same expression for the engine's memo."""
+    h = [v ** a for v, a in zip(vs, mono)]
+    back = {}
+    memo = ex._given.setdefault("canonical", {})
+    for i, (f, power) in enumerate(functions):
+        key = (f, i, vs)
+        if key not in memo:
+            parts, placed = [], {}
+            terms = sorted(poly_terms(sp.expand(f.args[0]), vs).items(), reverse=True)
+            for j, (m, c) in enumerate(terms):
+                if not c.is_Number:
+                    t = sp.Symbol(f"_T{i}_{j}", real=True)
+                    placed[t] = c
+                    c = t
+                parts.append(c * sp.Mul(*[v ** e for v, e in zip(vs, m)]))
+            memo[key] = (f.func(sp.Add(*parts)), placed)
+        g, placed = memo[key]
+        h.append(g ** power)
+        back.update(placed)
+    return sp.Mul(*h), back
+
+
+def _expect_closed(ex, vs, h):
+    """(E[h], its existence conditions) over independent standard Gaussians vs by the
+    closed-form engine (one per number of them, memoised by h); (None, None) when h has no
+    closed form."""
+    from .closed_forms import NoClosedForm
+    n = len(vs)
+    engine = ex._engine(("standard", vs), vs, [0] * n, sp.eye(n))
+    seen = ex._given.setdefault(("values", vs), {})
+    if h not in seen:
+        n0 = len(engine.conditions)
+        try:
+            value = engine.expect(h)
+        except NoClosedForm:
+            value = None
+        seen[h] = (value, list(engine.conditions[n0:]))
+    return seen[h]
+
+
+__all__ = ["closed_dimensions", "closed_last", "CLOSED_DEGREE"]

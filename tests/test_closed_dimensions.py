@@ -1,0 +1,178 @@
+"""Quadrature dimensions that only closed-form functions read are integrated in closed form
+(symbolic/conditioning.py): the nodes lose those dimensions, and the expectations keep their
+values, checked against tensor Gauss-Hermite sums of the statistic itself over the token
+Gaussians (written here from the covariances, not from the engine's projection) and against
+the engine with the step switched off."""
+import numpy as np
+import pytest
+import sympy as sp
+
+from ssi_symbolic.model.spec import make_spec
+from ssi_symbolic.symbolic import expectation as expectation_module
+from ssi_symbolic.symbolic.expectation import Expectation
+from ssi_symbolic.symbolic.gaussian import GaussHermite, TokenGaussian
+
+
+def _gh(k, n):
+    """Tensor Gauss-Hermite nodes (k, n^k) and weights for E over k independent N(0, 1)."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    w = w / np.sqrt(2 * np.pi)
+    grids = np.meshgrid(*([x] * k), indexing="ij")
+    W = np.ones_like(grids[0])
+    for i in range(k):
+        W = W * w.reshape([-1 if j == i else 1 for j in range(k)])
+    return [g.ravel() for g in grids], W.ravel()
+
+
+def _phi2(h, k, rho):
+    """Phi_2(h, k; rho) = Phi(h) Phi(k) + int_0^rho phi_2(h, k; r) dr (Plackett's identity;
+    the derivative of Phi_2 in rho is the bivariate density), by 60-point Gauss-Legendre in r:
+    written here independently of the engine's Owen's T route."""
+    from scipy.special import ndtr
+    h, k, rho = np.broadcast_arrays(*[np.asarray(x, dtype=float) for x in (h, k, rho)])
+    t, w = np.polynomial.legendre.leggauss(60)
+    r = rho[..., None] * (t + 1) / 2
+    s2 = 1 - r * r
+    dens = np.exp(-(h[..., None] ** 2 - 2 * r * h[..., None] * k[..., None] + k[..., None] ** 2)
+                  / (2 * s2)) / (2 * np.pi * np.sqrt(s2))
+    return ndtr(h) * ndtr(k) + rho / 2 * np.sum(w * dens, axis=-1)
+
+
+def _value(out, state, n=(96, 64, 40)):
+    """A derived expectation at a numeric state: its GaussHermite nodes by tensor
+    Gauss-Hermite sums (n[k - 1] points per dimension), the rest as it is."""
+    out = sp.sympify(out).subs(state)
+    total = 0.0
+    for node in out.atoms(GaussHermite):
+        k = len(node.variables)
+        pts, W = _gh(k, n[k - 1])
+        f = sp.lambdify(list(node.variables), node.integrand,
+                        [{"NormalCDF2": _phi2}, "scipy", "numpy"])
+        total += float(np.sum(W * np.broadcast_to(f(*pts), W.shape)))
+        out = out.xreplace({node: 0})
+    return total + float(sp.lambdify([], out, [{"NormalCDF2": _phi2}, "scipy", "numpy"])())
+
+
+def _dims(out):
+    return sorted(len(n.variables) for n in sp.sympify(out).atoms(GaussHermite))
+
+
+def _law(g, state, tokens):
+    """Token by token, (variables, mean, covariance) at a numeric state."""
+    out = []
+    for l in tokens:
+        vs = list(g.token_variables(l))
+        mean = np.array([float(sp.sympify(x).subs(state)) for x in g.token_mean(l)])
+        cov = np.array(g.token_covariance(l).subs(state), dtype=float)
+        out.append((vs, mean, cov))
+    return out
+
+
+def _reference(stat, g, state, tokens, read, n):
+    """E[stat] by tensor Gauss-Hermite over the variables `read` of the tokens (one
+    Cholesky factor per token's block of them; the statistic reads no other variable)."""
+    blocks = []
+    for vs, mean, cov in _law(g, state, tokens):
+        idx = [i for i, v in enumerate(vs) if v in read]
+        blocks.append(([vs[i] for i in idx], mean[idx], np.linalg.cholesky(cov[np.ix_(idx, idx)])))
+    k = sum(len(b[0]) for b in blocks)
+    pts, W = _gh(k, n)
+    values, at = {}, 0
+    for vs, mean, Lc in blocks:
+        z = np.array(pts[at:at + len(vs)])
+        x = mean[:, None] + Lc @ z
+        values.update({v: x[i] for i, v in enumerate(vs)})
+        at += len(vs)
+    names = list(values)
+    f = sp.lambdify(names, stat.subs(state), ["scipy", "numpy"])
+    return float(np.sum(W * np.broadcast_to(f(*[values[v] for v in names]), W.shape)))
+
+
+def _expect(stat, g, closed=True, monkeypatch=None):
+    if not closed:
+        monkeypatch.setattr(expectation_module, "closed_dimensions", lambda *a, **k: None)
+    E = Expectation(g, [stat])
+    out = E.expect(stat)
+    if not closed:
+        monkeypatch.undo()
+    return out, E
+
+
+def test_one_token_erf_beside_a_smooth_function(monkeypatch):
+    """E[erf(zs + 0.3) exp(sin(0.7 z)) zs^2] at L = 1 with a positional mean shift: one
+    dimension (z's), not two; the value of a 96 x 96 Gauss-Hermite sum of the statistic over
+    (zs, z) to 1e-11, and of the engine without the step."""
+    spec = make_spec("closed_dims_l1", 1, "erf(z1)", "tanh(z1)", positional=[[0.4]])
+    g = TokenGaussian.of(spec)
+    zs, z = g.token_variables(0)[:2]
+    stat = sp.erf(zs + sp.Rational(3, 10)) * sp.exp(sp.sin(sp.Rational(7, 10) * z)) * zs ** 2
+    out, _ = _expect(stat, g)
+    old, _ = _expect(stat, g, closed=False, monkeypatch=monkeypatch)
+    assert _dims(out) == [1] and _dims(old) == [2]
+    for values in ((0.3, 0.2), (-0.7, 0.5)):
+        state = dict(zip(g.state, values))
+        want = _reference(stat, g, state, [0], {zs, z}, 96)
+        for got in (_value(out, state), _value(old, state)):
+            assert abs(got - want) <= 1e-11 * max(1.0, abs(want)), (values, got, want)
+
+
+def test_three_thresholds_keep_their_dimension(monkeypatch):
+    """erf(zs)^3 beside exp(sin z) (three shifted thresholds: no closed form) keeps zs's
+    dimension in a node of its own; erf(zs)^2 beside it closes (Owen's T); the sum has the
+    value of the Gauss-Hermite sum of the statistic."""
+    spec = make_spec("closed_dims_cube", 1, "erf(z1)", "tanh(z1)", positional=[[0.4]])
+    g = TokenGaussian.of(spec)
+    zs, z = g.token_variables(0)[:2]
+    smooth = sp.exp(sp.sin(sp.Rational(7, 10) * z))
+    stat = (sp.erf(zs) ** 3 + sp.erf(zs / 2) ** 2 * zs) * smooth
+    out, _ = _expect(stat, g)
+    assert _dims(out) == [1, 2]
+    state = dict(zip(g.state, (0.55, -0.3)))
+    want = _reference(stat, g, state, [0], {zs, z}, 96)
+    got = _value(out, state)
+    assert abs(got - want) <= 1e-11 * max(1.0, abs(want)), (got, want)
+
+
+def test_a_gaussian_bump_is_closed_with_its_condition():
+    """exp(-zs^2/3) zs beside exp(sin z): the completed square closes (its existence
+    condition recorded), one dimension left, the value of the Gauss-Hermite sum."""
+    spec = make_spec("closed_dims_bump", 1, "erf(z1)", "tanh(z1)")
+    g = TokenGaussian.of(spec)
+    zs, z = g.token_variables(0)[:2]
+    stat = sp.exp(-zs ** 2 / 3) * zs * sp.exp(sp.sin(z))
+    out, E = _expect(stat, g)
+    assert _dims(out) == [1]
+    assert E.conditions  # det(I + A Sigma) > 0 of the completed square
+    state = dict(zip(g.state, (0.8,)))
+    assert all(float(sp.sympify(c).subs(state)) > 0 for c, _ in E.conditions)
+    want = _reference(stat, g, state, [0], {zs, z}, 96)
+    assert abs(_value(out, state) - want) <= 1e-11 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_products_across_two_tokens(seed, monkeypatch):
+    """erf, erfc and exponentials of random forms of two tokens' teacher fields times random
+    polynomials beside smooth functions of the student fields (exp(sin)): the nodes lose
+    the closed functions' dimensions, and the values agree with the engine without the step
+    (1e-9) and with a Gauss-Hermite sum of the statistic over the four fields (5e-6)."""
+    rng = np.random.default_rng(seed)
+    spec = make_spec("closed_dims_l2", 2, "erf(z1)", "tanh(z1)",
+                     positional=[[0.5], [-0.3]] if seed % 2 else None)
+    g = TokenGaussian.of(spec)
+    (zs1, z1), (zs2, z2) = g.token_variables(0)[:2], g.token_variables(1)[:2]
+    r = lambda: sp.Rational(int(rng.integers(-9, 10)), 10)
+    form = (1 + r() ** 2) * zs1 + r() * zs2 + r() * z1
+    closed = [sp.erf(form), sp.erfc(form / 2 + r()), sp.exp(r() * form),
+              sp.exp(-form ** 2 / 4)][seed % 4]
+    poly = [1, zs1, zs2 * z2, zs1 ** 2 - z1][int(rng.integers(0, 4))]
+    smooth = sp.exp(sp.sin(sp.Rational(1, 2) * z1 + r() * z2))
+    stat = closed * poly * smooth + (sp.erf(zs2) * z1 if seed % 3 == 0 else 0)
+    out, _ = _expect(stat, g)
+    old, _ = _expect(stat, g, closed=False, monkeypatch=monkeypatch)
+    assert max(_dims(out)) < max(_dims(old)), (_dims(out), _dims(old))
+    state = dict(zip(g.state, [0.35, -0.2][:len(g.state)]))
+    # the four-dimensional sum converges slowly where erf is steep (1e-6 at 28 points)
+    want = _reference(stat, g, state, [0, 1], {zs1, z1, zs2, z2}, 32)
+    got, before = _value(out, state, n=(96, 64, 24)), _value(old, state, n=(96, 64, 24))
+    assert abs(got - before) <= 1e-9 * max(1.0, abs(before)), (got, before)
+    assert abs(got - want) <= 5e-6 * max(1.0, abs(want)), (got, want)

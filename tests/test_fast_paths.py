@@ -171,7 +171,7 @@ def test_dictionary_expansion_is_sympy_expand():
         assert rebuilt == sp.expand(expr), expr
 
 
-def test_per_dimension_node_counts_in_the_module(tmp_path, capsys):
+def test_per_dimension_node_counts_in_the_module(tmp_path):
     """A module whose nodes of one, two and three dimensions need different counts lists
     them in QUADRATURE_NODE_FACTORS; each rule runs with its count, quadrature_error doubles
     every count, and its bound holds against rules with four times the nodes."""
@@ -207,34 +207,45 @@ def test_per_dimension_node_counts_in_the_module(tmp_path, capsys):
     assert got["nodes_per_dimension_by_rule_dimension"] == {
         str(k): counts[k] for k in sorted(mod.QUADRATURE_NODE_FACTORS)}
     assert set(got["nodes_per_dimension_by_rule_dimension"]) <= {"1", "2"}
-    # ... and the rules whose count no probe showed to meet the tolerance, which `ssi
-    # derive` names in one note line (the module tanh(z1) against itself has none)
-    assert mod.QUADRATURE_UNVERIFIED and set(mod.QUADRATURE_UNVERIFIED) <= {1, 2, 3}
-    assert got["unverified_rule_dimensions"] == {
-        str(k): counts[k] for k in sorted(mod.QUADRATURE_UNVERIFIED)}
+
+
+def test_unverified_rules_are_listed_and_named(tmp_path, capsys):
+    """The rules whose node count no probe showed to meet the tolerance (tanh(z1) tanh(z2):
+    its two-dimensional nodes, see test_choose_nodes_is_the_smallest_passing_candidate) are
+    listed in QUADRATURE_UNVERIFIED, by `ssi evaluate` and in one `ssi: note:` line of `ssi
+    derive` (exit code 0, the path on stdout); a module without them (tanh(z1) against
+    itself) has none of these."""
     from ssi_symbolic import cli
-    plain = make_spec("node_counts_one", 1, "tanh(z1)", "tanh(z1)")
-    generate(plain, tmp_path)
-    for s, path in ((spec, path), (plain, tmp_path / "node_counts_one.py")):
-        spec_file = tmp_path / f"{s.name}.toml"
-        spec_file.write_text(f'name = "{s.name}"\nL = {s.L}\n[teacher]\nlink = '
-                             f'"{s.teacher}"\n[student]\nlink = "{s.student}"\n')
-        capsys.readouterr()
-        assert cli.main(["derive", str(spec_file), "--out", str(tmp_path)]) == 0
-        out, err = capsys.readouterr()
-        assert out.splitlines() == [str(path)]
-        notes = [x for x in err.splitlines() if x.startswith("ssi: note:")]
-        if s is plain:
-            assert not load_module(path).QUADRATURE_UNVERIFIED and notes == []
-            continue
-        assert len(notes) == 1 and str(path) in notes[0]
-        for k in mod.QUADRATURE_UNVERIFIED:
-            assert re.search(rf"\b{k}-d: {counts[k]}\b", notes[0]), notes[0]
-        assert "1e-08" in notes[0]
+    from ssi_symbolic.backends.files import load_module
+    from ssi_symbolic.model.spec import make_spec
+    from ssi_symbolic.numeric.evaluate import evaluate
+    for spec in (make_spec("unverified_two", 2, "tanh(z1)*tanh(z2)"),
+                 make_spec("unverified_none", 1, "tanh(z1)", "tanh(z1)")):
+        spec_file = tmp_path / f"{spec.name}.toml"
+        spec_file.write_text(f'name = "{spec.name}"\nL = {spec.L}\n[teacher]\nlink = '
+                             f'"{spec.teacher}"\n[student]\nlink = "{spec.student}"\n')
+        path = tmp_path / f"{spec.name}.py"
+        for _ in range(2):  # written, then up to date: the note both times
+            capsys.readouterr()
+            assert cli.main(["derive", str(spec_file), "--out", str(tmp_path)]) == 0
+            out, err = capsys.readouterr()
+            assert out.splitlines() == [str(path)]
+            notes = [x for x in err.splitlines() if x.startswith("ssi: note:")]
+            mod = load_module(path)
+            if spec.L == 1:
+                assert mod.QUADRATURE_UNVERIFIED == {} and notes == []
+                continue
+            assert set(mod.QUADRATURE_UNVERIFIED) == {2}
+            assert len(notes) == 1 and str(path) in notes[0] and "1e-08" in notes[0]
+            assert re.search(rf"\b2-d: {mod._nodes(2)}\b", notes[0]), notes[0]
+        got = evaluate(spec, {"m": 0.3}, out_dir=tmp_path)["quadrature"]
+        assert got["unverified_rule_dimensions"] == {
+            str(k): mod._nodes(k) for k in mod.QUADRATURE_UNVERIFIED}
 
 
 @pytest.mark.parametrize("teacher, student, L", [("tanh(z1)", "tanh(z1)", 1),
-                                                 ("tanh(z1)*tanh(z2)", "erf(z1 + z2)", 2)])
+                                                 ("tanh(z1)*tanh(z2)", "erf(z1 + z2)", 2),
+                                                 ("tanh(z1)*tanh(z2)", None, 2)])
 def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
     """choose_nodes (cached 2n rules, failing node first) picks, for the nodes of each
     dimension k, what the plain loop over the candidates picks: the first n whose n and 2n
@@ -242,8 +253,8 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
     and at most PROBE_WORK integrand evaluations (else the next candidate, unprobed). It
     returns the count of the highest dimension, the others that differ from it, and the
     dimensions whose count no test passed (the next candidate unprobed, or the last). The
-    second spec has nodes of one, two and three dimensions whose counts differ, the
-    three-dimensional ones unverified."""
+    second spec has nodes of one, two and three dimensions whose counts differ; the third's
+    two-dimensional nodes are unverified."""
     import types
 
     from ssi_symbolic.model.spec import make_spec
@@ -267,7 +278,7 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
     info = [dim_and_count(name) for _, name in nodes]
     dims = sorted({k for k, _ in info})
     unverified = {}  # k -> whether its count was taken without a passing n versus 2n test
-    if L == 2:
+    if student is not None and L == 2:
         assert dims == [1, 2, 3]
     states = node_counts._probe_states(spec)
     st = [np.array([s[i] for s in states]) for i in range(len(states[0]))]
@@ -290,9 +301,10 @@ def test_choose_nodes_is_the_smallest_passing_candidate(teacher, student, L):
                     expected[k], unverified[k] = n, False
                     break
     top = expected[max(dims)]
-    if L == 2:  # one count for every dimension would not do
+    if student is not None and L == 2:  # one count for every dimension would not do
         assert len(set(expected.values())) > 1, expected
-        assert any(unverified.values()) and not all(unverified.values()), unverified
+    if student is None:
+        assert unverified == {1: False, 2: True}, unverified
     assert node_counts.choose_nodes(text, spec) == (
         top, {k: n for k, n in expected.items() if n != top},
         {k: expected[k] for k in dims if unverified[k]})

@@ -9,7 +9,8 @@ and what is left becomes a :class:`gaussian.GaussHermite` node over the fewest s
 Gaussians: the independent affine forms its functions read, whitened by Cholesky, with the
 polynomial part integrated by conditional moments (:meth:`Expectation._projected_node`), the
 kinks put on the first variable (:func:`kink_breaks` gives the break points the generated code
-splits at). A one-token statistic is first tried whole in closed form; when that fails because
+splits at), and the dimensions only erf, erfc and exponentials read integrated in closed form
+(:mod:`conditioning`). A one-token statistic is first tried whole in closed form; when that fails because
 the closed form would need too many thresholds or reductions (closed_forms.TooComplex) and the
 statistic is smooth, it is one node whole (:meth:`Expectation._whole_smooth_quadrature`).
 """

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d625385d36c5d78330d40a2eae4d84030be0c87a5268f94bda1daaa309ef102c
-# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
+# spec-hash: b7e69e736b1f6bd30a2c9ff239d10cca0553cecfd5df2f5ca9f737bef2483d4c
+# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd625385d36c5d78330d40a2eae4d84030be0c87a5268f94bda1daaa309ef102c'
+SPEC_HASH = 'b7e69e736b1f6bd30a2c9ff239d10cca0553cecfd5df2f5ca9f737bef2483d4c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f9d7743dbc2e3f9cc2206c25aa847c582961be1f5b47b546823ac9a173aca093
-# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
+# spec-hash: 080b8eb81194d2e0ae16a68352ba093762f7bdf88f787bb9850a8ac39e49413a
+# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f9d7743dbc2e3f9cc2206c25aa847c582961be1f5b47b546823ac9a173aca093'
+SPEC_HASH = '080b8eb81194d2e0ae16a68352ba093762f7bdf88f787bb9850a8ac39e49413a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4c329184e7a3ee02cc389b3bd0b0b0505209840b018760454369b937c4d26d7a
-# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
+# spec-hash: bbcba3536abe841022057a7d3ff9b1a5832d35cf616e7ca7f20a4b984a697f1b
+# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '4c329184e7a3ee02cc389b3bd0b0b0505209840b018760454369b937c4d26d7a'
+SPEC_HASH = 'bbcba3536abe841022057a7d3ff9b1a5832d35cf616e7ca7f20a4b984a697f1b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: d2fc7a44876d2c669ad198b491bce95cd6763be3eff331e1396e43db8c85d801
-# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b attention 1 705afe08a485805c
+# spec-hash: 95ec05367706ad89b0fc1e84ff805eca084cb5c63aa8175b2ac53489396c04a3
+# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'd2fc7a44876d2c669ad198b491bce95cd6763be3eff331e1396e43db8c85d801'
+SPEC_HASH = '95ec05367706ad89b0fc1e84ff805eca084cb5c63aa8175b2ac53489396c04a3'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

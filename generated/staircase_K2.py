@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d030430e11ba0253001d96e78c38b3e1f3c49574528ff6d71fba6fc6c653e00a
-# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
+# spec-hash: 2c1305ecba3efb2c30a223a8e600e932b888f93f978e4219b61dbe294da270fd
+# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd030430e11ba0253001d96e78c38b3e1f3c49574528ff6d71fba6fc6c653e00a'
+SPEC_HASH = '2c1305ecba3efb2c30a223a8e600e932b888f93f978e4219b61dbe294da270fd'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a8fc689b1be5bf2c33abd599bcc7983d8787f4faea1ef02f2c9515a75c275c13
-# tool: ssi-symbolic 0.1.0 generator 1 source c931256a7f8ca90b
+# spec-hash: 717d0d5a27ae9c85f9249d9d55386d8369009cf0786bf0d1b4fbab580a6b2be4
+# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a8fc689b1be5bf2c33abd599bcc7983d8787f4faea1ef02f2c9515a75c275c13'
+SPEC_HASH = '717d0d5a27ae9c85f9249d9d55386d8369009cf0786bf0d1b4fbab580a6b2be4'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .gaussian import nonpolynomial_parts, poly_terms
+from .gaussian import dag_free_symbols, nonpolynomial_parts, poly_terms
 
 #: functions taken in closed form over the dimensions only they read (their argument a
 #: polynomial of at most this degree in those dimensions)
 CLOSED_DEGREE = {sp.erf: 1, sp.erfc: 1, sp.exp: 2}
+#: steps, kinks and deltas: a node whose other functions are only these is left as it is
+_STEPS = (sp.Heaviside, sp.DiracDelta, sp.Abs, sp.sign, sp.Max, sp.Min)
 
 
 def _closed_functions(expr, variables):
-    """(closed functions, other non-polynomial parts) at the polynomial level of expr: a
-    closed function is one of CLOSED_DEGREE whose argument is a polynomial of at most that
-    degree in the variables; None when a closed-family function reads them otherwise."""
+    """(closed functions, other non-polynomial parts) at the polynomial level of expr that
+    read the variables: a closed function is one of CLOSED_DEGREE whose argument is a
+    polynomial of at most that degree in them; any other (tanh, a step, a division, an erf
+    of a non-polynomial argument) is other."""
     vs = set(variables)
     closed, other = set(), set()
     for x in nonpolynomial_parts(expr):
@@ -53,7 +56,7 @@ def closed_last(forms, rows_of_arg, factor, variables):
     """The forms (rows) reordered so that those read by closed functions only come last
     (stable otherwise); `rows_of_arg(arg)` gives an argument's rows."""
     closed, other = _closed_functions(factor, variables)
-    if not closed or not other:
+    if not closed or all(isinstance(o, _STEPS) for o in other):
         return forms
     rows = set()
     for f in closed:
@@ -75,18 +78,21 @@ def closed_last(forms, rows_of_arg, factor, variables):
     return [f for f in forms if f not in rows] + [f for f in forms if f in rows]
 
 
-def closed_dimensions(ex, integrand, us, keep=()):
+def closed_dimensions(ex, integrand, us):
     """(integrand over the other u, integrand left over all u) with the u that only closed
     functions read (module docstring) integrated in closed form, or None when there is no
-    such u. `keep`: u that stay quadrature variables (a kink's)."""
+    such u (a kink's u is read by its step, never closed)."""
     closed, other = _closed_functions(integrand, us)
-    if not closed or not other:
-        # closed functions alone: the node is there because their closed form was refused
-        # (gelu's Cov(G): TooComplex), and so would most of its terms be again
+    if not closed or all(isinstance(o, _STEPS) for o in other):
+        # closed functions alone, or with steps: the node is there because their closed form
+        # was refused (gelu's Cov(G), relu(z1 - z2) + z1/2 against exp(0.6 z1) Phi(0.8 z2):
+        # TooComplex), and so would most of its terms be again (fuzz1031: 15 s -> 61 s)
         return None
-    busy = set(keep).union(*[o.free_symbols for o in other])
-    vs = tuple(u for u in us if u not in busy and any(u in f.free_symbols for f in closed))
-    if not vs:
+    busy = set().union(*[o.free_symbols for o in other])
+    # every u nothing else reads, those that enter polynomially only too (their moments come
+    # with the closed forms: expanding the closed-form integrand for them took minutes)
+    vs = tuple(u for u in us if u not in busy)
+    if not any(f.free_symbols & set(vs) for f in closed):
         return None
     mine = [f for f in closed if f.free_symbols & set(vs)]
     mine.sort(key=sp.default_sort_key)
@@ -100,9 +106,15 @@ def closed_dimensions(ex, integrand, us, keep=()):
         fs = [(f, b) for f, b in zip(mine, powers) if b]
         h, back = _canonical(ex, vs, mono, fs)
         value, conds = _expect_closed(ex, vs, h)
-        if value is None:  # no closed form: v stays a quadrature variable for this term
-            left.append(c * sp.Mul(*[v ** a for v, a in zip(vs, mono)])
-                        * sp.Mul(*[f ** b for f, b in fs]))
+        if value is None:
+            # no closed form: the v its functions read stay quadrature variables for this
+            # term; the others (independent N(0, 1)) by their moments E[v^a] = (a - 1)!!
+            read = set().union(*[f.free_symbols for f, _ in fs])
+            moment = sp.Mul(*[sp.factorial2(a - 1) if a % 2 == 0 else 0
+                              for v, a in zip(vs, mono) if v not in read])
+            if moment != 0:
+                left.append(c * moment * sp.Mul(*[v ** a for v, a in zip(vs, mono) if v in read])
+                            * sp.Mul(*[f ** b for f, b in fs]))
             continue
         done.append(c * value.xreplace(back))
         conditions.extend(x.xreplace(back) for x in conds)
@@ -117,7 +129,7 @@ def _poly_in(expr, gens):
     distributing gave integrands three times as long); None when a generator occurs
     otherwise (inside a function, under a negative power). Shared sub-expressions once."""
     gs = {g: i for i, g in enumerate(gens)}
-    zero, n, memo = (0,) * len(gens), len(gens), {}
+    zero, n, memo, free = (0,) * len(gens), len(gens), {}, {}
 
     def unit(i):
         return tuple(int(j == i) for j in range(n))
@@ -133,7 +145,7 @@ def _poly_in(expr, gens):
         hit = memo.get(x)
         if hit is not None:
             return hit
-        if not (x.free_symbols & set(gs)):
+        if not (dag_free_symbols(x, free) & set(gs)):
             out = {zero: x}
         elif x in gs:
             out = {unit(gs[x]): sp.Integer(1)}
@@ -173,7 +185,8 @@ def _canonical(ex, vs, mono, functions):
     """(h, back): v^mono prod f(arg)^power with each coefficient of the arguments (as
     polynomials in v) that is not a number replaced by a placeholder T_ij (function i,
     coefficient j), and the map back. Numbered by position, the same product of another
-    node is the same expression for the engine's memo."""
+    node is the same expression for the engine's memo (with the coefficients of the state
+    left in, the engine's fractions made fuzz1031 twice as slow)."""
     h = [v ** a for v, a in zip(vs, mono)]
     back = {}
     memo = ex._given.setdefault("canonical", {})

@@ -27,7 +27,7 @@ from .exact_engine import ExactEngine
 from .projection import (_at_point, _conditional_moment, _dependence_rows, _in_row_span,
                          _independent_rows, _pivots, _Reduction, _Residual)
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
-                       _nonpolynomial_symbols, dag_any, dag_free_symbols, dag_map,
+                       dag_any, dag_free_symbols, dag_map,
                        distribute, has_quadrature, nonpolynomial_parts)
 from .gaussian import poly_terms as _poly_terms
 
@@ -804,11 +804,13 @@ def _node_tail(integrand, us):
     """(exact part, quadrature variables, integrand) of a node's integrand over the
     standard Gaussians us: those that enter only polynomially (outside every function) are
     integrated exactly by their moments, and the terms free of the rest are the exact part."""
-    inside = _nonpolynomial_symbols(integrand)
-    poly_us = [u for u in us if u not in inside]
-    integrand = _integrate_polynomial_part(
-        integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
-                             for i in range(len(poly_us))])
+    memo = {}  # the free symbols by a DAG walk: a closed-form integrand shares large sub-trees
+    inside = set().union(*[dag_free_symbols(x, memo) for x in nonpolynomial_parts(integrand)])
+    poly_us = [u for u in us if u not in inside and u in dag_free_symbols(integrand, memo)]
+    if poly_us:
+        integrand = _integrate_polynomial_part(
+            integrand, poly_us, [[int(i == j) for j in range(len(poly_us))]
+                                 for i in range(len(poly_us))])
     us = tuple(u for u in us if u in inside)
     exact, rest = _split_free(integrand, set(us))
     return exact, us, rest

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 96c2f55eb53b6f4b4620d197f0a921db71380aed2102390dd2be558cbb740625
-# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
+# spec-hash: b32f91478ed2307050b87e0fd7df6d9f5512217b20ce763d82824ac9dc295c82
+# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '96c2f55eb53b6f4b4620d197f0a921db71380aed2102390dd2be558cbb740625'
+SPEC_HASH = 'b32f91478ed2307050b87e0fd7df6d9f5512217b20ce763d82824ac9dc295c82'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 080b8eb81194d2e0ae16a68352ba093762f7bdf88f787bb9850a8ac39e49413a
-# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
+# spec-hash: dd26c476bf5807da6d73a28aeaa5969170e4cba0ae512b9d678b136b69338ab8
+# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '080b8eb81194d2e0ae16a68352ba093762f7bdf88f787bb9850a8ac39e49413a'
+SPEC_HASH = 'dd26c476bf5807da6d73a28aeaa5969170e4cba0ae512b9d678b136b69338ab8'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

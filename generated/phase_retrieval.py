@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5ed6d46771fb7aa0dd27a8f24a7ecf8b40cad2e15e070ef16c4557f55b1b6452
-# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
+# spec-hash: 42597c29b09f4b7ab450015109316b2959fce888a1e0ef3576826535d27d1180
+# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '5ed6d46771fb7aa0dd27a8f24a7ecf8b40cad2e15e070ef16c4557f55b1b6452'
+SPEC_HASH = '42597c29b09f4b7ab450015109316b2959fce888a1e0ef3576826535d27d1180'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

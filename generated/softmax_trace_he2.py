@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 95ec05367706ad89b0fc1e84ff805eca084cb5c63aa8175b2ac53489396c04a3
-# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5 attention 1 705afe08a485805c
+# spec-hash: 8eadb70d45009c84bb33d21b39890a360f7b9f26e6586e27dbc4e17d9ca9ea73
+# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '95ec05367706ad89b0fc1e84ff805eca084cb5c63aa8175b2ac53489396c04a3'
+SPEC_HASH = '8eadb70d45009c84bb33d21b39890a360f7b9f26e6586e27dbc4e17d9ca9ea73'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

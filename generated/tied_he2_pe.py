@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 717d0d5a27ae9c85f9249d9d55386d8369009cf0786bf0d1b4fbab580a6b2be4
-# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
+# spec-hash: fa702b7b2f25c2950a9c809640f76354747e7f951a507fc0a0f6e48a52115438
+# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '717d0d5a27ae9c85f9249d9d55386d8369009cf0786bf0d1b4fbab580a6b2be4'
+SPEC_HASH = 'fa702b7b2f25c2950a9c809640f76354747e7f951a507fc0a0f6e48a52115438'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 00a6877e55a96fd8a7ce5db98cf39eb5c68ee8afc030f601359b645ee7abce9e
-# tool: ssi-symbolic 0.1.0 generator 1 source e26c579ae62752e5
+# spec-hash: 615a479148d8dd0aa10d7b27c9d8b815059528b4df9d544d2e9ff7d3f02da788
+# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '00a6877e55a96fd8a7ce5db98cf39eb5c68ee8afc030f601359b645ee7abce9e'
+SPEC_HASH = '615a479148d8dd0aa10d7b27c9d8b815059528b4df9d544d2e9ff7d3f02da788'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

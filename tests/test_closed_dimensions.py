@@ -176,3 +176,23 @@ def test_random_products_across_two_tokens(seed, monkeypatch):
     got, before = _value(out, state, n=(96, 64, 24)), _value(old, state, n=(96, 64, 24))
     assert abs(got - before) <= 1e-9 * max(1.0, abs(before)), (got, before)
     assert abs(got - want) <= 5e-6 * max(1.0, abs(want)), (got, want)
+
+
+def test_which_nodes_are_left_as_they_are():
+    """closed_dimensions leaves a node alone when nothing but steps, kinks or deltas read
+    its other dimensions (such a node exists because the closed form of its statistic was
+    refused, and its terms mostly would be again), or when closed functions alone read its
+    dimensions (gelu's Cov(G)); beside a smooth function it integrates the dimension the
+    erf alone reads: E over u2 of erf(u1/2 + u2) u2 = (2 / sqrt(3 pi)) exp(-u1^2/12)."""
+    from ssi_symbolic.symbolic.conditioning import closed_dimensions
+    spec = make_spec("closed_dims_left", 1, "erf(z1)", "tanh(z1)")
+    E = Expectation(TokenGaussian.of(spec), [sp.Integer(0)])
+    u1, u2 = sp.symbols("u1 u2", real=True)
+    f = sp.erf(u1 / 2 + u2) * u2
+    for other in (sp.Heaviside(u1 - 1), sp.Abs(u1), sp.Max(u1, 0), sp.Integer(1)):
+        assert closed_dimensions(E, f * other, (u1, u2)) is None, other
+    done, left = closed_dimensions(E, f * sp.tanh(u1), (u1, u2))
+    assert left == 0
+    want = 2 / sp.sqrt(3 * sp.pi) * sp.exp(-u1 ** 2 / 12) * sp.tanh(u1)
+    for x in (-1.3, 0.0, 0.7):
+        assert abs(float((done - want).subs(u1, x))) < 1e-14

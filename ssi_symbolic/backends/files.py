@@ -90,4 +90,5 @@ def load_module(path):
     return module
 
 
-__all__ = ["HASH_PREFIX", "read_hash", "read_unverified", "write_atomic", "module_path", "load_module"]
+__all__ = ["HASH_PREFIX", "read_hash", "read_unverified", "write_atomic", "module_path",
+           "load_module"]

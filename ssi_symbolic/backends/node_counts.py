@@ -58,11 +58,11 @@ def _probe_states(spec) -> list:
 
 
 def choose_nodes(text: str, spec) -> tuple[int, dict, dict]:
-    """(n, {k: n_k}, unverified): nodes per dimension that meet QUADRATURE_TOLERANCE at the probe states
-    (the n rule versus the 2n rule) for every quadrature node of the module's source, each
-    the smallest of NODE_CANDIDATES whose 2n rule has at most MAX_POINTS points (but for a
-    candidate whose failure a finer rule already shows, see _smallest_passing), or the
-    largest such when none meets it (the runtime error estimate of quadrature_error then
+    """(n, {k: n_k}, unverified): nodes per dimension that meet QUADRATURE_TOLERANCE at the
+    probe states (the n rule versus the 2n rule) for every quadrature node of the module's
+    source, each the smallest of NODE_CANDIDATES whose 2n rule has at most MAX_POINTS points
+    (but for a candidate whose failure a finer rule already shows, see _smallest_passing), or
+    the largest such when none meets it (the runtime error estimate of quadrature_error then
     says how far off it is). A candidate is probed only while its 2n rule takes at most
     PROBE_WORK integrand evaluations per probe state; past that, when every probed one
     failed, the next candidate is taken unprobed. `unverified` is {k: n_k} for the

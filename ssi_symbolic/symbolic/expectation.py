@@ -10,8 +10,8 @@ Gaussians: the independent affine forms its functions read, whitened by Cholesky
 polynomial part integrated by conditional moments (:meth:`Expectation._projected_node`), the
 kinks put on the first variable (:func:`kink_breaks` gives the break points the generated code
 splits at), and the dimensions only erf, erfc and exponentials read integrated in closed form
-(:mod:`conditioning`). A one-token statistic is first tried whole in closed form; when that fails because
-the closed form would need too many thresholds or reductions (closed_forms.TooComplex) and the
+(:mod:`conditioning`). A one-token statistic is first tried whole in closed form; when that
+fails because the closed form would need too many thresholds or reductions (closed_forms.TooComplex) and the
 statistic is smooth, it is one node whole (:meth:`Expectation._whole_smooth_quadrature`).
 """
 from __future__ import annotations

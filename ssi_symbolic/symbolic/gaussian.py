@@ -670,6 +670,7 @@ def poly_terms(expr, variables):
     return {k: sp.Add(*v) for k, v in out.items()}
 
 
-__all__ = ["dag_any", "distribute", "holds_delta", "multiply_terms", "product_terms", "poly_terms",
-           "permutation_generators", "TokenGaussian", "GaussHermite", "NotPolynomial",
-           "has_quadrature", "integrate_deltas", "dag_diff", "dag_free_symbols", "dag_map"]
+__all__ = ["dag_any", "distribute", "holds_delta", "multiply_terms", "product_terms",
+           "poly_terms", "permutation_generators", "TokenGaussian", "GaussHermite",
+           "NotPolynomial", "has_quadrature", "integrate_deltas", "dag_diff", "dag_free_symbols",
+           "dag_map"]

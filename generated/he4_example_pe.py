@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 38c58d5d9055eccd950c80d245393b2eee2fbe778cd76b4641a40f7421147b9c
-# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
+# spec-hash: 4c98110f055bcb172cab59750667b566d96f80ed41226e0c8329026344db285f
+# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '38c58d5d9055eccd950c80d245393b2eee2fbe778cd76b4641a40f7421147b9c'
+SPEC_HASH = '4c98110f055bcb172cab59750667b566d96f80ed41226e0c8329026344db285f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

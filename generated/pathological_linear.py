@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 45227671c38d79b282dbd088cc82e595d0c5599a4f7fb2cf89a296d5e03dccbb
-# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
+# spec-hash: b982a27db293a1649787429f98a05ff994f7b58176c29e1236af064b3b2e1165
+# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '45227671c38d79b282dbd088cc82e595d0c5599a4f7fb2cf89a296d5e03dccbb'
+SPEC_HASH = 'b982a27db293a1649787429f98a05ff994f7b58176c29e1236af064b3b2e1165'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 669aa7059abbfefb1ff60403fd5b650c3121878c2b44a1b71cb725551097f050
-# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
+# spec-hash: 52b144b74d7230ccd6e5e753c7ca9e13228c8f328fbb02a922edcb1598f9207a
+# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '669aa7059abbfefb1ff60403fd5b650c3121878c2b44a1b71cb725551097f050'
+SPEC_HASH = '52b144b74d7230ccd6e5e753c7ca9e13228c8f328fbb02a922edcb1598f9207a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 0f4149209cc51720ad94ab72b9e842d4601e36029d667723fd62cefb5ec5545f
-# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
+# spec-hash: ffe3539d07f4b09d9e886bde0ccb40d9c33c5dfe46105b730d4083b9a99f4b2f
+# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '0f4149209cc51720ad94ab72b9e842d4601e36029d667723fd62cefb5ec5545f'
+SPEC_HASH = 'ffe3539d07f4b09d9e886bde0ccb40d9c33c5dfe46105b730d4083b9a99f4b2f'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

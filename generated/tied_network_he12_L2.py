@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 7ba47339b95a756fe530ec518d6a947ec90f48f7aae96d7190a6fbcad103ba97
-# tool: ssi-symbolic 0.1.0 generator 1 source dc2bc7de01d6cf3c
+# spec-hash: fe13df4d1d98b2af7398a5e1423e6c3a7e622ab0a95b7784ee0aded3287fe5c9
+# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '7ba47339b95a756fe530ec518d6a947ec90f48f7aae96d7190a6fbcad103ba97'
+SPEC_HASH = 'fe13df4d1d98b2af7398a5e1423e6c3a7e622ab0a95b7784ee0aded3287fe5c9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,18 +11,20 @@ from pathlib import Path
 HASH_PREFIX = "# spec-hash: "
 
 
-def read_hash(path) -> str | None:
-    """The spec hash recorded in a generated module's header, or None."""
+def _header_lines(path, count: int) -> list:
+    """The first `count` lines of a file (all of a shorter one); [] when it cannot be read."""
     try:
         with open(path) as fh:
-            for _ in range(40):
-                line = fh.readline()
-                if not line:
-                    break
-                if line.startswith(HASH_PREFIX):
-                    return line[len(HASH_PREFIX):].strip()
+            return [line for _, line in zip(range(count), fh)]
     except OSError:
-        return None
+        return []
+
+
+def read_hash(path) -> str | None:
+    """The spec hash recorded in a generated module's header, or None."""
+    for line in _header_lines(path, 40):
+        if line.startswith(HASH_PREFIX):
+            return line[len(HASH_PREFIX):].strip()
     return None
 
 
@@ -34,16 +36,12 @@ def read_unverified(path) -> tuple[dict, float | None]:
     import ast
     found, tol = {}, None
     try:
-        with open(path) as fh:
-            for _ in range(80):
-                line = fh.readline()
-                if not line:
-                    break
-                if line.startswith("QUADRATURE_UNVERIFIED = "):
-                    found = ast.literal_eval(line.split(" = ", 1)[1])
-                elif line.startswith("QUADRATURE_TOLERANCE = "):
-                    tol = float(line.split(" = ", 1)[1])
-    except (OSError, ValueError, SyntaxError):
+        for line in _header_lines(path, 80):
+            if line.startswith("QUADRATURE_UNVERIFIED = "):
+                found = ast.literal_eval(line.split(" = ", 1)[1])
+            elif line.startswith("QUADRATURE_TOLERANCE = "):
+                tol = float(line.split(" = ", 1)[1])
+    except (ValueError, SyntaxError):
         return {}, None
     return found, tol
 

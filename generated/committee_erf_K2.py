@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 051e3ea143d29beddf3b423bf6d3e16a82ce791cd21fcc7c9b8afbc2011cb423
-# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
+# spec-hash: 2b25e7cab7f74ebff0cb3c30e732afdd3d3eeb0a9a17ec97ea2d6b5ef7644d2d
+# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '051e3ea143d29beddf3b423bf6d3e16a82ce791cd21fcc7c9b8afbc2011cb423'
+SPEC_HASH = '2b25e7cab7f74ebff0cb3c30e732afdd3d3eeb0a9a17ec97ea2d6b5ef7644d2d'
 QUADRATURE_NODES = 8
 QUADRATURE_UNVERIFIED = {}
 JACOBIAN = 'symbolic'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 4c98110f055bcb172cab59750667b566d96f80ed41226e0c8329026344db285f
-# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
+# spec-hash: 395a635855ce2ddbfeadc1ead043284e6ba7b5222b44dfa6ba93218384e22c22
+# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '4c98110f055bcb172cab59750667b566d96f80ed41226e0c8329026344db285f'
+SPEC_HASH = '395a635855ce2ddbfeadc1ead043284e6ba7b5222b44dfa6ba93218384e22c22'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

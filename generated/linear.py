@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3a0b644f4a0734417727523b973257a0db6e0c68a01843d40c57bb55e5a94469
-# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
+# spec-hash: d1a2c920cfe9ef0ed85cbb0ceaa65fdc20759b0dace37104f7b290ab927866b0
+# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3a0b644f4a0734417727523b973257a0db6e0c68a01843d40c57bb55e5a94469'
+SPEC_HASH = 'd1a2c920cfe9ef0ed85cbb0ceaa65fdc20759b0dace37104f7b290ab927866b0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: dab9e500ad82598a71a367dd01c554f12edcccc36d65854ffca8f43a16ee6404
-# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
+# spec-hash: ed0236ce1a8188db37583990e63fe75d52c60bfbe05bddfa2a8febbf5d025efe
+# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'dab9e500ad82598a71a367dd01c554f12edcccc36d65854ffca8f43a16ee6404'
+SPEC_HASH = 'ed0236ce1a8188db37583990e63fe75d52c60bfbe05bddfa2a8febbf5d025efe'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

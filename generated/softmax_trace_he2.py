@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 39dcf06c8e70caf34ae49aa41dc764717cb14c4829e1b05b72474f24f179669b
-# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2 attention 1 705afe08a485805c
+# spec-hash: f9cb449965d0f35e9d790638950cc1098913f480ec1bdd28efe2ddda45f486df
+# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '39dcf06c8e70caf34ae49aa41dc764717cb14c4829e1b05b72474f24f179669b'
+SPEC_HASH = 'f9cb449965d0f35e9d790638950cc1098913f480ec1bdd28efe2ddda45f486df'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: fe13df4d1d98b2af7398a5e1423e6c3a7e622ab0a95b7784ee0aded3287fe5c9
-# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
+# spec-hash: abb870995b53a4a240520fe8b0bb86090dc5fb8f98468647371c014746dacce3
+# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'fe13df4d1d98b2af7398a5e1423e6c3a7e622ab0a95b7784ee0aded3287fe5c9'
+SPEC_HASH = 'abb870995b53a4a240520fe8b0bb86090dc5fb8f98468647371c014746dacce3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 95dd0ff670b6b46cd269c6f4d56c2dc7a9a40402af0bb023e22fa290d787f0d4
-# tool: ssi-symbolic 0.1.0 generator 1 source 92e924685f6fedb2
+# spec-hash: 586122d6383f33bbd056fc8d6c077e9739d2d98429366b698d31ff1e6999f354
+# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '95dd0ff670b6b46cd269c6f4d56c2dc7a9a40402af0bb023e22fa290d787f0d4'
+SPEC_HASH = '586122d6383f33bbd056fc8d6c077e9739d2d98429366b698d31ff1e6999f354'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -14,7 +14,9 @@ those u and functions:
 by the closed-form engine over v with every coefficient c that reads the other u (or
 anything) a placeholder: one engine and one memo serve every node, and E[v erf(T0 + T1 v)] is
 found once. A term without a closed form (erf(a + b v)^3: three shifted thresholds) keeps v
-as a quadrature variable, in a node of its own."""
+as a quadrature variable, in a node of its own. A node of closed functions alone, or whose
+other functions are only steps, kinks and deltas (STEPS), is left as it is: it exists because
+the closed form of its statistic was refused, and most of its terms would be again."""
 from __future__ import annotations
 
 import sympy as sp
@@ -25,7 +27,8 @@ from .gaussian import dag_free_symbols, nonpolynomial_parts, poly_terms
 #: polynomial of at most this degree in those dimensions)
 CLOSED_DEGREE = {sp.erf: 1, sp.erfc: 1, sp.exp: 2}
 #: steps, kinks and deltas: a node whose other functions are only these is left as it is
-_STEPS = (sp.Heaviside, sp.DiracDelta, sp.Abs, sp.sign, sp.Max, sp.Min)
+#: (and a statistic holding one is never one smooth node, Expectation._whole_smooth_quadrature)
+STEPS = (sp.Heaviside, sp.DiracDelta, sp.Abs, sp.sign, sp.Max, sp.Min)
 
 
 def _closed_functions(expr, variables):
@@ -56,7 +59,7 @@ def closed_last(forms, rows_of_arg, factor, variables):
     """The forms (rows) reordered so that those read by closed functions only come last
     (stable otherwise); `rows_of_arg(arg)` gives an argument's rows."""
     closed, other = _closed_functions(factor, variables)
-    if not closed or all(isinstance(o, _STEPS) for o in other):
+    if not closed or all(isinstance(o, STEPS) for o in other):
         return forms
     rows = set()
     for f in closed:
@@ -83,7 +86,7 @@ def closed_dimensions(ex, integrand, us):
     functions read (module docstring) integrated in closed form, or None when there is no
     such u (a kink's u is read by its step, never closed)."""
     closed, other = _closed_functions(integrand, us)
-    if not closed or all(isinstance(o, _STEPS) for o in other):
+    if not closed or all(isinstance(o, STEPS) for o in other):
         # closed functions alone, or with steps: the node is there because their closed form
         # was refused (gelu's Cov(G), relu(z1 - z2) + z1/2 against exp(0.6 z1) Phi(0.8 z2):
         # TooComplex), and so would most of its terms be again (fuzz1031: 15 s -> 61 s)
@@ -226,4 +229,4 @@ def _expect_closed(ex, vs, h):
     return seen[h]
 
 
-__all__ = ["closed_dimensions", "closed_last", "CLOSED_DEGREE"]
+__all__ = ["closed_dimensions", "closed_last", "CLOSED_DEGREE", "STEPS"]

@@ -22,7 +22,7 @@ import sympy as sp
 from sympy.polys.matrices import DomainMatrix
 from sympy.polys.domains import QQ
 
-from .conditioning import closed_dimensions, closed_last
+from .conditioning import STEPS, closed_dimensions, closed_last
 from .exact_engine import ExactEngine
 from .projection import (_at_point, _conditional_moment, _dependence_rows, _in_row_span,
                          _independent_rows, _pivots, _Reduction, _Residual)
@@ -411,8 +411,7 @@ class Expectation:
         if self.g.multi:  # committees: four Phi factors close (Plackett), a node would be 2K-d
             return None
         f0 = self._canonical(expr)
-        if not self._too_complex.get(f0) or f0.has(sp.Heaviside, sp.DiracDelta, sp.Abs,
-                                                    sp.sign, sp.Max, sp.Min):
+        if not self._too_complex.get(f0) or f0.has(*STEPS):
             return None
         rest, c_out = (f0.as_independent(*self.outside, as_Add=False) if self.outside
                        else (f0, sp.Integer(1)))

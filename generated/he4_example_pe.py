@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 395a635855ce2ddbfeadc1ead043284e6ba7b5222b44dfa6ba93218384e22c22
-# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
+# spec-hash: 989c18268d5e0f3a25b6927543b74d5b4f19328f77cdf6eba42782fa0be3ebc5
+# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '395a635855ce2ddbfeadc1ead043284e6ba7b5222b44dfa6ba93218384e22c22'
+SPEC_HASH = '989c18268d5e0f3a25b6927543b74d5b4f19328f77cdf6eba42782fa0be3ebc5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d1a2c920cfe9ef0ed85cbb0ceaa65fdc20759b0dace37104f7b290ab927866b0
-# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
+# spec-hash: bf8a7710bf94eafd53d593053ba87aa0a52a58a6c38c34951d23b57235ed8ee6
+# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd1a2c920cfe9ef0ed85cbb0ceaa65fdc20759b0dace37104f7b290ab927866b0'
+SPEC_HASH = 'bf8a7710bf94eafd53d593053ba87aa0a52a58a6c38c34951d23b57235ed8ee6'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

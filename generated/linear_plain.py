@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 83a037d0ff0fae014bcd0a89609e2d7161ac0033da1d0396535d769c4dc408f3
-# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
+# spec-hash: 01daa472e1662656427c4ea5e90b700acd34418db780a94219566f85cbec0c1c
+# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '83a037d0ff0fae014bcd0a89609e2d7161ac0033da1d0396535d769c4dc408f3'
+SPEC_HASH = '01daa472e1662656427c4ea5e90b700acd34418db780a94219566f85cbec0c1c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

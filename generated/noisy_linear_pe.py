@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ecc48cf494002947831b667716af6ec29ce0488b987d6877cd092e95cd418b73
-# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
+# spec-hash: dc7ecdb304e5b749d6a12480f5ccfd0557c6a0d94628593ef33313d379f46401
+# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ecc48cf494002947831b667716af6ec29ce0488b987d6877cd092e95cd418b73'
+SPEC_HASH = 'dc7ecdb304e5b749d6a12480f5ccfd0557c6a0d94628593ef33313d379f46401'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1f9f0263978e2de43dfe4cf96f29ba339695978dc669af97f66a88365caa3547
-# tool: ssi-symbolic 0.1.0 generator 1 source 60d2b966652180ac
+# spec-hash: ba1b281d3bcf035d4f80b8500d11905cfa32a8c9b040ccb0c5e5c66d10637262
+# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '1f9f0263978e2de43dfe4cf96f29ba339695978dc669af97f66a88365caa3547'
+SPEC_HASH = 'ba1b281d3bcf035d4f80b8500d11905cfa32a8c9b040ccb0c5e5c66d10637262'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

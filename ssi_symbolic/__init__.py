@@ -16,5 +16,6 @@ Start with ``ssi_symbolic.load("derivations/he2_L1.toml")`` (see ssi_symbolic.ap
 """
 from .version import __version__
 from .api import Model, load, reproduce, sweep
+from .errors import QuadratureWarning
 
-__all__ = ["__version__", "Model", "load", "reproduce", "sweep"]
+__all__ = ["__version__", "Model", "load", "reproduce", "sweep", "QuadratureWarning"]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .backends.contract import ContractError
 from .backends.registry import backend_for, ensure_module, generate
+from .errors import QuadratureWarning
 from .model.checks import as_spec
 from .model.spec import ModelSpec, make_spec
 
@@ -79,8 +80,16 @@ class Model:
 
     # ------------------------------------------------------------------ derivation
     def derive(self, force: bool = False) -> Path:
-        """Write the generated module (if out of date, or always with force); its path."""
+        """Write the generated module (if out of date, or always with force); its path. A
+        module whose quadrature rules have node counts not shown to meet its tolerance
+        (QUADRATURE_UNVERIFIED) gives a QuadratureWarning saying which, as `ssi derive`
+        prints its note."""
+        import warnings
+        from .backends.files import unverified_message
         path, _ = generate(self.spec, self.out_dir, force=force)
+        message = unverified_message(path)
+        if message:
+            warnings.warn(message, QuadratureWarning, stacklevel=2)
         return path
 
     @property

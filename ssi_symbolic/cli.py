@@ -79,15 +79,9 @@ def cmd_derive(args) -> int:
 def unverified_note(path) -> str:
     """One `ssi: note:` line when a generated module has quadrature rules whose node count
     no probe showed to meet its tolerance (QUADRATURE_UNVERIFIED), else ""."""
-    from .backends.files import read_unverified
-    rules, tol = read_unverified(path)
-    if not rules:
-        return ""
-    which = ", ".join(f"{k}-d: {n}" for k, n in sorted(rules.items()))
-    return (f"ssi: note: {path}: the node counts of its quadrature rules ({which} nodes per "
-            f"dimension) are not shown to meet QUADRATURE_TOLERANCE = {tol:g} (a finer rule "
-            f"exceeds the point or probing budget); `ssi evaluate` and quadrature_error() "
-            f"give each value's error estimate")
+    from .backends.files import unverified_message
+    message = unverified_message(path)
+    return f"ssi: note: {message}" if message else ""
 
 
 def cmd_latex(args) -> int:

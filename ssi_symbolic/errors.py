@@ -11,3 +11,8 @@ class SpecError(SSIError, ValueError):
 
 class StateError(SSIError, ValueError):
     """A numerical argument is out of range: a state outside the unit ball, eta <= 0, d < 1."""
+
+
+class QuadratureWarning(UserWarning):
+    """A generated module's quadrature rules have node counts that no probe showed to meet
+    its QUADRATURE_TOLERANCE (Model.derive; `ssi derive` prints the same as an `ssi: note:`)."""

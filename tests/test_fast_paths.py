@@ -213,8 +213,10 @@ def test_unverified_rules_are_listed_and_named(tmp_path, capsys):
     """The rules whose node count no probe showed to meet the tolerance (tanh(z1) tanh(z2):
     its two-dimensional nodes, see test_choose_nodes_is_the_smallest_passing_candidate) are
     listed in QUADRATURE_UNVERIFIED, by `ssi evaluate` and in one `ssi: note:` line of `ssi
-    derive` (exit code 0, the path on stdout); a module without them (tanh(z1) against
-    itself) has none of these."""
+    derive` (exit code 0, the path on stdout), and Model.derive warns with the same sentence
+    (QuadratureWarning); a module without them (tanh(z1) against itself) has none of these."""
+    import warnings
+    import ssi_symbolic as ssi
     from ssi_symbolic import cli
     from ssi_symbolic.backends.files import load_module
     from ssi_symbolic.model.spec import make_spec
@@ -241,6 +243,12 @@ def test_unverified_rules_are_listed_and_named(tmp_path, capsys):
         got = evaluate(spec, {"m": 0.3}, out_dir=tmp_path)["quadrature"]
         assert got["unverified_rule_dimensions"] == {
             str(k): mod._nodes(k) for k in mod.QUADRATURE_UNVERIFIED}
+        # the Python API: Model.derive warns with the note's sentence (a QuadratureWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ssi.Model(spec, out_dir=tmp_path).derive() == path
+        said = [str(w.message) for w in caught if issubclass(w.category, ssi.QuadratureWarning)]
+        assert said == ([notes[0][len("ssi: note: "):]] if spec.L == 2 else [])
 
 
 @pytest.mark.parametrize("teacher, student, L", [("tanh(z1)", "tanh(z1)", 1),

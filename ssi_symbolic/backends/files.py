@@ -46,6 +46,20 @@ def read_unverified(path) -> tuple[dict, float | None]:
     return found, tol
 
 
+def unverified_message(path) -> str:
+    """What a generated module's QUADRATURE_UNVERIFIED means, in one sentence naming the
+    module, its rules and its tolerance; "" when it has none (`ssi derive` prints it after
+    `ssi: note:`, Model.derive warns with it)."""
+    rules, tol = read_unverified(path)
+    if not rules:
+        return ""
+    which = ", ".join(f"{k}-d: {n}" for k, n in sorted(rules.items()))
+    return (f"{path}: the node counts of its quadrature rules ({which} nodes per dimension) "
+            f"are not shown to meet QUADRATURE_TOLERANCE = {tol:g} (a finer rule exceeds the "
+            f"point or probing budget); `ssi evaluate` and quadrature_error() give each "
+            f"value's error estimate")
+
+
 def _file_mode() -> int:
     """The mode a newly created file gets here: 0o666 less the process's umask."""
     mask = os.umask(0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .gaussian import dag_free_symbols, nonpolynomial_parts, poly_terms
+from .gaussian import dag_free_symbols, dag_map, nonpolynomial_parts, poly_terms
 
 #: functions taken in closed form over the dimensions only they read (their argument a
 #: polynomial of at most this degree in those dimensions)
@@ -99,8 +99,9 @@ def closed_dimensions(ex, integrand, us):
         return None
     mine = [f for f in closed if f.free_symbols & set(vs)]
     mine.sort(key=sp.default_sort_key)
-    gens = [sp.Dummy(f"F{i}") for i in range(len(mine))]
-    terms = _poly_in(integrand.xreplace(dict(zip(mine, gens))), vs + tuple(gens))
+    # the integrand as a polynomial in v and the closed functions that read them (nothing
+    # else reads v: a part free of v is a coefficient)
+    terms = _poly_in(integrand, vs + tuple(mine), vs)
     if terms is None:
         return None
     done, left, conditions = [], [], []
@@ -119,19 +120,23 @@ def closed_dimensions(ex, integrand, us):
                 left.append(c * moment * sp.Mul(*[v ** a for v, a in zip(vs, mono) if v in read])
                             * sp.Mul(*[f ** b for f, b in fs]))
             continue
-        done.append(c * value.xreplace(back))
-        conditions.extend(x.xreplace(back) for x in conds)
+        done.append(c * dag_map(value, back))
+        conditions.extend(dag_map(x, back) for x in conds)
     ex.conditions.extend((x, integrand) for x in conditions)
     return sp.Add(*done), sp.Add(*left)
 
 
-def _poly_in(expr, gens):
-    """{alpha: coefficient} of expr as a polynomial in the symbols gens, its coefficients
-    left in product form (sums times sums are not multiplied out: the squared error of the
-    L = 3 case, (F - t1 - t2 - t3)^2 in the generator F, keeps (t1 + t2 + t3)^2 whole, where
-    distributing gave integrands three times as long); None when a generator occurs
-    otherwise (inside a function, under a negative power). Shared sub-expressions once."""
+def _poly_in(expr, gens, variables=None):
+    """{alpha: coefficient} of expr as a polynomial in the generators gens (symbols, or
+    sub-expressions such as erf(a + b v)), its coefficients left in product form (sums times
+    sums are not multiplied out: the squared error of the L = 3 case, (F - t1 - t2 - t3)^2 in
+    the generator F, keeps (t1 + t2 + t3)^2 whole, where distributing gave integrands three
+    times as long); None when a generator's variables occur otherwise (inside another
+    function, under a negative power). A sub-expression free of the symbols `variables`
+    (by default the generators, then symbols) is a coefficient. Shared sub-expressions
+    once."""
     gs = {g: i for i, g in enumerate(gens)}
+    gset = frozenset(gens if variables is None else variables)
     zero, n, memo, free = (0,) * len(gens), len(gens), {}, {}
 
     def unit(i):
@@ -148,7 +153,7 @@ def _poly_in(expr, gens):
         hit = memo.get(x)
         if hit is not None:
             return hit
-        if not (dag_free_symbols(x, free) & set(gs)):
+        if not (dag_free_symbols(x, free) & gset):
             out = {zero: x}
         elif x in gs:
             out = {unit(gs[x]): sp.Integer(1)}
@@ -162,18 +167,26 @@ def _poly_in(expr, gens):
                     acc.setdefault(k, []).append(c)
             out = {k: sp.Add(*v) for k, v in acc.items()}
         elif x.is_Mul:
-            out = {zero: sp.Integer(1)}
+            # the factors free of the generators multiplied once, into every coefficient at
+            # the end (one at a time, they were a SymPy product per factor and per term)
+            const, out = [], None
             for a in x.args:
+                if not (dag_free_symbols(a, free) & gset):
+                    const.append(a)
+                    continue
                 got = rec(a)
                 if got is None:
                     return None
-                out = times(out, got)
+                out = got if out is None else times(out, got)
+            if const:
+                c = sp.Mul(*const)
+                out = {k: c * v for k, v in out.items()}
         elif x.is_Pow and x.exp.is_Integer and x.exp >= 0:
             base = rec(x.base)
             if base is None:
                 return None
-            out = {zero: sp.Integer(1)}
-            for _ in range(int(x.exp)):
+            out = base
+            for _ in range(int(x.exp) - 1):
                 out = times(out, base)
         else:
             return None

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 01daa472e1662656427c4ea5e90b700acd34418db780a94219566f85cbec0c1c
-# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
+# spec-hash: 34e677c548664027e14b4a3a5f091931f8cbf228ed3a7dfe9a1187555af9908b
+# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '01daa472e1662656427c4ea5e90b700acd34418db780a94219566f85cbec0c1c'
+SPEC_HASH = '34e677c548664027e14b4a3a5f091931f8cbf228ed3a7dfe9a1187555af9908b'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 6906979e6b6099b6adcfd8f9c964e9e3fdac79bcbb3a90a3610597df2bfd1146
-# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
+# spec-hash: f378c346ec1f72a39002bfc02b5d88a7a619bca15d31480b4c651f682714e6c3
+# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '6906979e6b6099b6adcfd8f9c964e9e3fdac79bcbb3a90a3610597df2bfd1146'
+SPEC_HASH = 'f378c346ec1f72a39002bfc02b5d88a7a619bca15d31480b4c651f682714e6c3'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a3ef10ceddb923f67638e43e81da6eda3317bf8e51474d211cfaae8799095001
-# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
+# spec-hash: e8b16dbf26d8421c9351eecbc54f872c3842500d8f23375e4bf1f7e03ae7c6a9
+# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a3ef10ceddb923f67638e43e81da6eda3317bf8e51474d211cfaae8799095001'
+SPEC_HASH = 'e8b16dbf26d8421c9351eecbc54f872c3842500d8f23375e4bf1f7e03ae7c6a9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 3147543c274fe910275d74741be712bfe84309d79b89e7f0b260b820748b483e
-# tool: ssi-symbolic 0.1.0 generator 1 source 3e768591a6232407
+# spec-hash: 2a17d1430cd5a4f6ebfe6b22280522ee6d8cc14c4b0e8654871c3778f80b0adf
+# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '3147543c274fe910275d74741be712bfe84309d79b89e7f0b260b820748b483e'
+SPEC_HASH = '2a17d1430cd5a4f6ebfe6b22280522ee6d8cc14c4b0e8654871c3778f80b0adf'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

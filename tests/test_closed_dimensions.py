@@ -277,3 +277,38 @@ def test_poly_in_reads_closed_functions_as_generators():
     assert conditioning._poly_in(v * sp.tanh(v) + F, (v, F), (v,)) is None
     assert conditioning._poly_in(F / v, (v, F), (v,)) is None
     assert conditioning._poly_in(sp.erf(F) * v, (v, F), (v,)) is None
+
+
+def test_projection_factors_k_without_nested_radicals():
+    """Expectation._projection over three forms of two tokens' variables (plain SGD: q free)
+    factors K = A Sigma A^T as U diag(d) U^T, U unit lower triangular and U, d rational
+    functions of the state (no radicals: the only ones in W are the 1/sqrt(d_j)); at random
+    states W W^T equals Sigma A^T K^-1 A Sigma and R equals Sigma - W W^T (numpy, from the
+    covariances)."""
+    from ssi_symbolic.symbolic.expectation import _ldl
+    spec = make_spec("ldl_forms", 2, "relu(z1 - z2)", "tanh(z1)*erf(z2)",
+                     positional=[[0.4], [-0.3]], spherical=False)
+    g = TokenGaussian.of(spec)
+    zs1, z1, zeta1 = g.token_variables(0)
+    zs2, z2, zeta2 = g.token_variables(1)
+    variables = (zs1, z1, zeta1, zs2, z2, zeta2)
+    forms = [(1, 0, 0, -1, 0, 0), (0, 1, 0, 0, 0, 0), (sp.Rational(1, 2), 0, 0, 0, 1, 0)]
+    E = Expectation(g, [])
+    mu, W, R, k = E._projection(variables, forms)
+    mean, S = E._gaussian_of(variables)
+    A = sp.Matrix(forms)
+    K = (A * S * A.T).applyfunc(sp.expand)
+    U, d = _ldl(K)
+    assert all(U[i, i] == 1 and all(U[i, j] == 0 for j in range(i + 1, k)) for i in range(k))
+    assert all(all(p.exp.is_Integer for p in x.atoms(sp.Pow)) for x in list(U) + d)
+    assert (U * sp.diag(*d) * U.T - K).applyfunc(sp.cancel) == sp.zeros(k, k)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        state = dict(zip(g.state, [rng.uniform(-0.5, 0.5), rng.uniform(-0.4, 0.4),
+                                   rng.uniform(1.0, 1.6)]))
+        Sn = np.array(S.subs(state), dtype=float)
+        An = np.array(A, dtype=float)
+        Wn = np.array(W.subs(state), dtype=float)
+        want = Sn @ An.T @ np.linalg.solve(An @ Sn @ An.T, An @ Sn)
+        np.testing.assert_allclose(Wn @ Wn.T, want, atol=1e-12)
+        np.testing.assert_allclose(np.array(R.subs(state), dtype=float), Sn - want, atol=1e-12)

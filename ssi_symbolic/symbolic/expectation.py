@@ -505,16 +505,23 @@ class Expectation:
         mean, S = self._gaussian_of(variables)
         mu = sp.Matrix(mean)
         K = (A * S * A.T).applyfunc(sp.expand)
-        try:
-            Lc = K.cholesky(hermitian=False)
-        except (ValueError, sp.NonSquareMatrixError):
+        got = _ldl(K)
+        if got is None:
             return None
-        if any(Lc[i, i] == 0 for i in range(k)):
-            return None
-        # x = mu + W u + r with W = S A^T L^-T, i.e. W^T = L^-1 (A S): a triangular solve
-        # (a general symbolic inverse of L is far slower with several directions)
-        W = Lc.lower_triangular_solve(A * S).T.applyfunc(sp.expand)
-        R = (S - W * W.T).applyfunc(sp.expand) if residual else None
+        U, d = got
+        # x = mu + W u + r with W = S A^T L^-T and L = U D^(1/2): W^T = D^(-1/2) U^-1 (A S), a
+        # triangular solve (a general symbolic inverse is far slower with several
+        # directions) whose entries are rational functions of the state, cancelled; the
+        # radicals are the one 1/sqrt(d_j) of each column. SymPy's Cholesky factor nested
+        # fractions and radicals three deep over three forms, which the closed dimensions
+        # carried into their coefficients: leaky_relu(z1 - z2) + z1/2 against sigmoid(0.8 z1)
+        # Phi(0.8 z2) had a module 12 % larger, and code generation asking SymPy for the signs
+        # of those radicals at every rebuilding
+        B = U.lower_triangular_solve(A * S).applyfunc(sp.cancel)
+        W = sp.Matrix(len(variables), k, lambda i, j: sp.expand(B[j, i] / sp.sqrt(d[j])))
+        R = (sp.Matrix(S) - sp.Matrix(len(variables), len(variables), lambda i, h: sp.Add(
+            *[B[j, i] * B[j, h] / d[j] for j in range(k)]))).applyfunc(sp.cancel) \
+            if residual else None
         return mu, W, R, k
 
     def _restricted_projection(self, variables, forms):
@@ -880,6 +887,22 @@ def _split_free(expr, us) -> tuple:
         return sp.Integer(0), x
 
     return split(expr)
+
+
+def _ldl(K):
+    """(U, [d_1, ..., d_k]) with K = U diag(d) U^T and U unit lower triangular, every entry a
+    cancelled rational function of the entries of K (no square roots: the Cholesky factor is
+    U diag(sqrt(d))); None when some d_j vanishes identically (dependent forms)."""
+    k = K.shape[0]
+    U, d = sp.eye(k), []
+    for j in range(k):
+        d.append(sp.cancel(K[j, j] - sp.Add(*[U[j, i] ** 2 * d[i] for i in range(j)])))
+        if d[j] == 0:
+            return None
+        for r in range(j + 1, k):
+            U[r, j] = sp.cancel((K[r, j] - sp.Add(*[U[r, i] * U[j, i] * d[i]
+                                                     for i in range(j)])) / d[j])
+    return U, d
 
 
 def _not_polynomial(term, random) -> bool:

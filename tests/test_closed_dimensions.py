@@ -285,7 +285,7 @@ def test_projection_factors_k_without_nested_radicals():
     functions of the state (no radicals: the only ones in W are the 1/sqrt(d_j)); at random
     states W W^T equals Sigma A^T K^-1 A Sigma and R equals Sigma - W W^T (numpy, from the
     covariances)."""
-    from ssi_symbolic.symbolic.expectation import _ldl
+    from ssi_symbolic.symbolic.projection import _ldl
     spec = make_spec("ldl_forms", 2, "relu(z1 - z2)", "tanh(z1)*erf(z2)",
                      positional=[[0.4], [-0.3]], spherical=False)
     g = TokenGaussian.of(spec)

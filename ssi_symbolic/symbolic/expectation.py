@@ -11,8 +11,9 @@ polynomial part integrated by conditional moments (:meth:`Expectation._projected
 kinks put on the first variable (:func:`kink_breaks` gives the break points the generated code
 splits at), and the dimensions only erf, erfc and exponentials read integrated in closed form
 (:mod:`conditioning`). A one-token statistic is first tried whole in closed form; when that
-fails because the closed form would need too many thresholds or reductions (closed_forms.TooComplex) and the
-statistic is smooth, it is one node whole (:meth:`Expectation._whole_smooth_quadrature`).
+fails because the closed form would need too many thresholds or reductions
+(closed_forms.TooComplex) and the statistic is smooth, it is one node whole
+(:meth:`Expectation._whole_smooth_quadrature`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from sympy.polys.domains import QQ
 
 from .conditioning import STEPS, closed_dimensions, closed_last
 from .exact_engine import ExactEngine
-from .projection import (_at_point, _conditional_moment, _dependence_rows, _in_row_span,
+from .projection import (_at_point, _conditional_moment, _dependence_rows, _in_row_span, _ldl,
                          _independent_rows, _pivots, _Reduction, _Residual)
 from .gaussian import (GaussHermite, NotPolynomial, TokenGaussian, _integrate_polynomial_part,
                        dag_any, dag_free_symbols, dag_map,
@@ -887,22 +888,6 @@ def _split_free(expr, us) -> tuple:
         return sp.Integer(0), x
 
     return split(expr)
-
-
-def _ldl(K):
-    """(U, [d_1, ..., d_k]) with K = U diag(d) U^T and U unit lower triangular, every entry a
-    cancelled rational function of the entries of K (no square roots: the Cholesky factor is
-    U diag(sqrt(d))); None when some d_j vanishes identically (dependent forms)."""
-    k = K.shape[0]
-    U, d = sp.eye(k), []
-    for j in range(k):
-        d.append(sp.cancel(K[j, j] - sp.Add(*[U[j, i] ** 2 * d[i] for i in range(j)])))
-        if d[j] == 0:
-            return None
-        for r in range(j + 1, k):
-            U[r, j] = sp.cancel((K[r, j] - sp.Add(*[U[r, i] * U[j, i] * d[i]
-                                                     for i in range(j)])) / d[j])
-    return U, d
 
 
 def _not_polynomial(term, random) -> bool:

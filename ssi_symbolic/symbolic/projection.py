@@ -1,5 +1,6 @@
 """The linear algebra of Expectation's projections (MATH.md's Gaussians, conditioned on the
-affine forms a link's functions read): independent rows of forms, the rows a quadratic
+affine forms a link's functions read): the factorisation K = U D U^T of the forms'
+covariance in rational functions (_ldl), independent rows of forms, the rows a quadratic
 argument depends on, the residual covariance R = Sigma - W W^T read entry by entry, Gaussian
 moments of the conditional law, the conditioning of closed forms on their forms
 (_Reduction), and the shortcuts that decide which variables a set of forms fixes (an
@@ -105,6 +106,22 @@ def _pivots(forms) -> list:
         return list(sp.Matrix(forms).T.rref()[1])
     basis = {}
     return [i for i, row in zip(distinct, scaled) if _echelon_insert(basis, row)]
+
+
+def _ldl(K):
+    """(U, [d_1, ..., d_k]) with K = U diag(d) U^T and U unit lower triangular, every entry a
+    cancelled rational function of the entries of K (no square roots: the Cholesky factor is
+    U diag(sqrt(d))); None when some d_j vanishes identically (dependent forms)."""
+    k = K.shape[0]
+    U, d = sp.eye(k), []
+    for j in range(k):
+        d.append(sp.cancel(K[j, j] - sp.Add(*[U[j, i] ** 2 * d[i] for i in range(j)])))
+        if d[j] == 0:
+            return None
+        for r in range(j + 1, k):
+            U[r, j] = sp.cancel((K[r, j] - sp.Add(*[U[r, i] * U[j, i] * d[i]
+                                                     for i in range(j)])) / d[j])
+    return U, d
 
 
 class _Residual:

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 195718e772ba8dc5591af27a9b568427523aad62aa9d8731e29fda4fd0e1963d
-# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
+# spec-hash: 60a7818ce89e8bb529f4bf62bd1a87a4bc120f8a539c7b5dd4b21c317ca7717d
+# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '195718e772ba8dc5591af27a9b568427523aad62aa9d8731e29fda4fd0e1963d'
+SPEC_HASH = '60a7818ce89e8bb529f4bf62bd1a87a4bc120f8a539c7b5dd4b21c317ca7717d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 863bad11b436431d779a3ffc2e1c19d203c967772647eb092bc2f5df18c30ed2
-# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
+# spec-hash: 247cbd44851e9c6f16cbc548eabefbbd75a38e8e5f46d7f75ec61e782484c7af
+# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '863bad11b436431d779a3ffc2e1c19d203c967772647eb092bc2f5df18c30ed2'
+SPEC_HASH = '247cbd44851e9c6f16cbc548eabefbbd75a38e8e5f46d7f75ec61e782484c7af'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: dd0e431127ce21f6489146fc6f7490a520b4fa2e44857edbeb5e0ece0370f70c
-# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
+# spec-hash: 97c6fa512cf42575d8ff24d31f2830caabd82647aa394854efcae16c0262a357
+# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'dd0e431127ce21f6489146fc6f7490a520b4fa2e44857edbeb5e0ece0370f70c'
+SPEC_HASH = '97c6fa512cf42575d8ff24d31f2830caabd82647aa394854efcae16c0262a357'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f378c346ec1f72a39002bfc02b5d88a7a619bca15d31480b4c651f682714e6c3
-# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
+# spec-hash: 243a845684e00407390c77efe41484a641d13e84d7e0439f16ef763529f11f61
+# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f378c346ec1f72a39002bfc02b5d88a7a619bca15d31480b4c651f682714e6c3'
+SPEC_HASH = '243a845684e00407390c77efe41484a641d13e84d7e0439f16ef763529f11f61'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: f4c49d80a5752fef0d63e49c40ce63a7946e6e4364338319c149044996de8f53
-# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
+# spec-hash: c274dd8799eb846a132994bbe6167088ed2328cc8a18fb1ab9908e5ba7fade3a
+# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'f4c49d80a5752fef0d63e49c40ce63a7946e6e4364338319c149044996de8f53'
+SPEC_HASH = 'c274dd8799eb846a132994bbe6167088ed2328cc8a18fb1ab9908e5ba7fade3a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 476626285efa7e49beb21ef23417e7659ad721d335aee80dadefb51df29eca90
-# tool: ssi-symbolic 0.1.0 generator 1 source f40818538495c751
+# spec-hash: 0f264ab26c7ea6c5cbdb40dc378c235b5ba87a34ba9bcf471a9f4d3999c14b73
+# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '476626285efa7e49beb21ef23417e7659ad721d335aee80dadefb51df29eca90'
+SPEC_HASH = '0f264ab26c7ea6c5cbdb40dc378c235b5ba87a34ba9bcf471a9f4d3999c14b73'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 176ebb61222f7552f5bfd65cf47f16c032753dee046b0c05632b19f9e51146ea
-# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
+# spec-hash: 22b164d8cc0ee241a044df58863a224624c5953d65a282989573044349067ee6
+# tool: ssi-symbolic 0.1.0 generator 1 source 5355b17306b10792
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '176ebb61222f7552f5bfd65cf47f16c032753dee046b0c05632b19f9e51146ea'
+SPEC_HASH = '22b164d8cc0ee241a044df58863a224624c5953d65a282989573044349067ee6'
 QUADRATURE_NODES = 8
 QUADRATURE_UNVERIFIED = {}
 JACOBIAN = 'symbolic'

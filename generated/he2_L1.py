@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 60a7818ce89e8bb529f4bf62bd1a87a4bc120f8a539c7b5dd4b21c317ca7717d
-# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
+# spec-hash: 9a3f4a53e5ae9a321f9bd14de50880b07f52bfb2653f35e62753602f6d889032
+# tool: ssi-symbolic 0.1.0 generator 1 source 5355b17306b10792
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '60a7818ce89e8bb529f4bf62bd1a87a4bc120f8a539c7b5dd4b21c317ca7717d'
+SPEC_HASH = '9a3f4a53e5ae9a321f9bd14de50880b07f52bfb2653f35e62753602f6d889032'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 03c14ff9a05774c3d0c87e7f23514135a54c4681d994039ab89a641c9747a216
-# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
+# spec-hash: 5aba1deae88b34435e9ce893fa8283d668671ce842e6205d55ea75c942c93ce5
+# tool: ssi-symbolic 0.1.0 generator 1 source 5355b17306b10792
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '03c14ff9a05774c3d0c87e7f23514135a54c4681d994039ab89a641c9747a216'
+SPEC_HASH = '5aba1deae88b34435e9ce893fa8283d668671ce842e6205d55ea75c942c93ce5'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

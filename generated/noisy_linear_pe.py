@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: dff81233b085c9f134bd4809ec26f6d59f4deeb869acb8c9962427f57d131817
-# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
+# spec-hash: b531ab17dea2e6c1df813f08ec7d473c50c80cdfb95c980d007af5ad84844d76
+# tool: ssi-symbolic 0.1.0 generator 1 source 5355b17306b10792
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'dff81233b085c9f134bd4809ec26f6d59f4deeb869acb8c9962427f57d131817'
+SPEC_HASH = 'b531ab17dea2e6c1df813f08ec7d473c50c80cdfb95c980d007af5ad84844d76'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

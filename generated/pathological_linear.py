@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: ca9703208071b6849a5bc2af7c085a61ea7052b1e89c0390a8cb0164342c0df8
-# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0
+# spec-hash: d7dd6abf1ee582be8628ff666e5bf75d9462a2b3a04dbb17e814298c77af8ede
+# tool: ssi-symbolic 0.1.0 generator 1 source 5355b17306b10792
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'ca9703208071b6849a5bc2af7c085a61ea7052b1e89c0390a8cb0164342c0df8'
+SPEC_HASH = 'd7dd6abf1ee582be8628ff666e5bf75d9462a2b3a04dbb17e814298c77af8ede'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: e6fd929d1875ae6c15c401a2ae6e81baed605dc144618462c2366af14bdd69c8
-# tool: ssi-symbolic 0.1.0 generator 1 source 0f2761f7dd5a2ee0 attention 1 705afe08a485805c
+# spec-hash: 646d96115f96b38712dc10bcad8ff77a526e3dfca7e1676416521a2caebf717a
+# tool: ssi-symbolic 0.1.0 generator 1 source 5355b17306b10792 attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'e6fd929d1875ae6c15c401a2ae6e81baed605dc144618462c2366af14bdd69c8'
+SPEC_HASH = '646d96115f96b38712dc10bcad8ff77a526e3dfca7e1676416521a2caebf717a'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

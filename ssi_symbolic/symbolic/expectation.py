@@ -520,7 +520,7 @@ class Expectation:
         # of those radicals at every rebuilding
         B = U.lower_triangular_solve(A * S).applyfunc(sp.cancel)
         W = sp.Matrix(len(variables), k, lambda i, j: sp.expand(B[j, i] / sp.sqrt(d[j])))
-        R = (sp.Matrix(S) - sp.Matrix(len(variables), len(variables), lambda i, h: sp.Add(
+        R = (S - sp.Matrix(len(variables), len(variables), lambda i, h: sp.Add(
             *[B[j, i] * B[j, h] / d[j] for j in range(k)]))).applyfunc(sp.cancel) \
             if residual else None
         return mu, W, R, k
@@ -891,16 +891,12 @@ def _split_free(expr, us) -> tuple:
 
 
 def _not_polynomial(term, random) -> bool:
-    """Whether a factor of the product `term` (or the base of a non-negative integer power
-    of one) is neither a sum, a product nor a symbol but reads the random variables
-    (tanh(z1), exp(-zs1^2), z1^(1/2)): then the term is not polynomial in them, which the
-    exact engine finds only after converting its polynomial factors (0.7 s of the L = 3
-    case). False leaves the question to the engine."""
-    for f in sp.Mul.make_args(term):
-        b = f.base if f.is_Pow and f.exp.is_Integer and f.exp >= 0 else f
-        if not (b.is_Add or b.is_Mul or b.is_Symbol or b.is_Number) and b.free_symbols & random:
-            return True
-    return False
+    """Whether some non-polynomial part of the term (nonpolynomial_parts: tanh(z1),
+    exp(-zs1^2), z1^(1/2), wherever sums, products and non-negative integer powers lead)
+    reads the random variables: the exact engine refuses every such term (and constants
+    outside its ring too), but only after converting its polynomial factors (0.7 s of the
+    L = 3 case)."""
+    return any(p.free_symbols & random for p in nonpolynomial_parts(term))
 
 
 def _merge_nodes(expr, outside=()):

@@ -434,6 +434,49 @@ def test_trapezoidal_rule_widens_where_its_boundary_holds_mass(monkeypatch):
     assert np.isfinite(far[0]).all() and 0.4 < far[0][0] / (np.exp(200.0) * tanh2) < 0.6
 
 
+def test_trapezoidal_rule_keeps_the_ball_and_widens_along_diagonals():
+    """The k-dimensional rule keeps the points of its [-10, 10]^k grid inside the ball
+    |u| <= 10: about 1 - pi/6 of the cube's points are left out at k = 3, and its sum is the
+    full cube's (written here) to 1e-14 for an integrand of degree 12 whose mass reaches far
+    out, and to 1e-13 for the integrands of _gh_expect_many. Its boundary points are those with a
+    neighbour along some axis outside the ball. An integrand whose mass lies beyond the ball
+    along a diagonal, exp(a (u1 + u2 + u3) / sqrt 3) with a = 12 (E = exp(a^2 / 2), its mass
+    at |u| = 12, inside the cube's corners), is seen there and widened: the value to 1e-10."""
+    from ssi_symbolic.backends import runtime
+    k, n = 3, 32
+    u, w, at, _ = runtime._trap_grid(k, n)
+    assert np.all(np.sum(u * u, axis=0) <= 100.0 * (1 + 1e-12))
+    assert 0.45 < 1 - w.size / n ** k < 0.55
+    x = np.linspace(-10.0, 10.0, n)
+    wx = (x[1] - x[0]) * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    U = np.meshgrid(x, x, x, indexing="ij")
+    W = np.multiply.outer(np.multiply.outer(wx, wx), wx)
+    far = lambda v: v[0] ** 6 * v[1] ** 4 * v[2] ** 2 * np.tanh(v[0] + 0.3)  # noqa: E731
+    np.testing.assert_allclose(np.sum(w * far(u)), np.sum(W * far(U)), rtol=1e-14)
+
+    def f(v, c):
+        return (v[0] ** 2 * v[1] ** 2 * np.tanh(v[0] + c), np.tanh(v[1] - v[2]) ** 2)
+
+    c = np.array([0.3, -1.1])
+    got = runtime._gh_expect_many(f, k, 2, n, c)
+    for j in range(2):
+        want = [np.sum(W * f(U, ci)[j]) for ci in c]
+        np.testing.assert_allclose(got[j], want, rtol=1e-13, atol=1e-15)
+    h, r2 = x[1] - x[0], 100.0 * (1 + 1e-12)
+    boundary = [i for i, p in enumerate(u.T)
+                if any(abs(p[a] + s_ * h) > 10.0 + 1e-9
+                       or np.sum(p * p) - p[a] ** 2 + (p[a] + s_ * h) ** 2 > r2
+                       for a in range(k) for s_ in (-1, 1))]
+    assert list(at) == boundary
+
+    def g(v, a):
+        return (np.exp(a * (v[0] + v[1] + v[2]) / np.sqrt(3)),)
+
+    a = np.array([12.0, 1.0])
+    got = runtime._gh_expect_many(g, k, 1, n, a)[0]
+    np.testing.assert_allclose(got, np.exp(a * a / 2), rtol=1e-10)
+
+
 def test_node_groups_give_the_numbers_of_single_nodes(monkeypatch):
     """Nodes over the same variables are evaluated in groups (one grid pass, one cse); the
     module must give the numbers of one function per node, every state function, and pick

@@ -581,8 +581,8 @@ class _Module:
                 f"_gh_group_{j}", args + ["n=None"],
                 f"E over ({', '.join(us)}) ~ N(0, I) of the integrands of nodes "
                 f"{', '.join(str(ph)[3:] for _, ph in members)} (a tuple), by the tensor "
-                f"trapezoidal rule on [-10, 10] with n nodes per dimension, one pass over the "
-                f"grid.", [],
+                f"trapezoidal rule on [-10, 10] (the ball |u| <= 10) with n nodes per "
+                f"dimension, one pass over the grid.", [],
                 f"_gh_expect_many(_gh_integrand_g{j}, {len(us)}, {len(members)}, "
                 f"{_node_count(len(us))}, {', '.join(args)})")]
 
@@ -618,7 +618,8 @@ class _Module:
                     f"{', '.join(args)})")
         else:
             doc = (f"E over ({', '.join(us)}) ~ N(0, I) of the integrand below, by the "
-                   f"tensor trapezoidal rule on [-10, 10] with n nodes per dimension"
+                   f"tensor trapezoidal rule on [-10, 10] (the ball |u| <= 10) with n nodes "
+                   f"per dimension"
                    + (" (a kink not along the first variable: convergence like n^-2)."
                       if breaks is None else "."))
             blines = []

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 560017abdb3f1e73717460fe6ff18c9a5472bd112731b73620206df9f92b0919
-# tool: ssi-symbolic 0.1.0 generator 1 source 7370d4c204375c78
+# spec-hash: dec245454db534a4c70e8a3782939a9fce462f657a4feada9310eac4507744d2
+# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '560017abdb3f1e73717460fe6ff18c9a5472bd112731b73620206df9f92b0919'
+SPEC_HASH = 'dec245454db534a4c70e8a3782939a9fce462f657a4feada9310eac4507744d2'
 QUADRATURE_NODES = 8
 QUADRATURE_UNVERIFIED = {}
 JACOBIAN = 'symbolic'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 36734f2b3b87b48bba53bd1dabf64a609c0a18f9fd48bf36cc6d3b13b6c4dbdd
-# tool: ssi-symbolic 0.1.0 generator 1 source 7370d4c204375c78
+# spec-hash: 66d9306aaf6d40548a35b0e968e2f16901ff04a754ff499b7b3145178d21c0af
+# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '36734f2b3b87b48bba53bd1dabf64a609c0a18f9fd48bf36cc6d3b13b6c4dbdd'
+SPEC_HASH = '66d9306aaf6d40548a35b0e968e2f16901ff04a754ff499b7b3145178d21c0af'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: d44629d8506f65f250d9d59a1a25b202de3f15cb610e7b6baa1e6f27203a4e59
-# tool: ssi-symbolic 0.1.0 generator 1 source 7370d4c204375c78
+# spec-hash: fc60ec1047513057ad80bf3459fe27d0caed9463a71bf73100cc4cc1c24f6b0c
+# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'd44629d8506f65f250d9d59a1a25b202de3f15cb610e7b6baa1e6f27203a4e59'
+SPEC_HASH = 'fc60ec1047513057ad80bf3459fe27d0caed9463a71bf73100cc4cc1c24f6b0c'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c5d22e25993859dfc7b48ed57b23a47fd2e77d69b46046a14d88568076681a8f
-# tool: ssi-symbolic 0.1.0 generator 1 source 7370d4c204375c78
+# spec-hash: 4ce32b5ef29d8726a1d5fddae2530b26ea91442f3fae36ce117e5f86ece6b6af
+# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'c5d22e25993859dfc7b48ed57b23a47fd2e77d69b46046a14d88568076681a8f'
+SPEC_HASH = '4ce32b5ef29d8726a1d5fddae2530b26ea91442f3fae36ce117e5f86ece6b6af'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

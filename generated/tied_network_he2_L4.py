@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5d4e4f118565e8547616f8e8e6ddae9c0200c36f6eab81776ced08dac4a2df16
-# tool: ssi-symbolic 0.1.0 generator 1 source 7370d4c204375c78
+# spec-hash: 159b39529cd9911fd5da6229818bad97f2d9adc2f78c58a59157302baef03612
+# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '5d4e4f118565e8547616f8e8e6ddae9c0200c36f6eab81776ced08dac4a2df16'
+SPEC_HASH = '159b39529cd9911fd5da6229818bad97f2d9adc2f78c58a59157302baef03612'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -119,6 +119,41 @@ def test_combine_exp_merges_products_and_keeps_values():
         assert abs(f(*v) - g(*v)) <= 1e-12 * abs(f(*v))
 
 
+def test_state_only_parts_are_taken_out_of_integrands():
+    """hoist_constant_parts replaces every largest sub-expression free of the quadrature
+    variables by a symbol (one per distinct part), leaves numbers and symbols, and keeps an
+    exponential of a state-only argument as exp(symbol), so that combine_exp still merges it
+    with the variables' exponentials; the parts put back give the integrand. The integrand
+    function printed from it (_integrand_lines) gives the integrand's values."""
+    from ssi_symbolic.backends.printing import hoist_constant_parts
+    u1, u2 = sp.symbols("u1 u2", real=True)
+    root = sp.sqrt((q - m ** 2) / (2 * q - m ** 2))
+    e = (sp.erfc((2 * m * u1 / 5 + root * u2) / sp.sqrt(1 + 2 * root ** 2))
+         * sp.exp(-m ** 2 / (2 * q)) * sp.exp(u1 * root) + 3 * m * u2
+         + sp.tanh(u2 + root) / (1 + sp.exp(root * u1)) + q * root)
+    (small,), parts = hoist_constant_parts([e], (u1, u2))
+    syms = [h for h, _ in parts]
+    assert len(set(parts)) == len(parts) and len({v for _, v in parts}) == len(parts)
+    assert all(not (v.free_symbols & {u1, u2}) and not v.is_Atom for _, v in parts)
+    # nothing state-only is left but atoms and the kept exponentials' symbols
+    for sub in sp.preorder_traversal(small):
+        if not sub.is_Atom and not (sub.free_symbols & {u1, u2}):
+            assert isinstance(sub, sp.exp) and sub.args[0] in syms
+    merged = exact.combine_exp(small)
+    for mul in merged.atoms(sp.Mul):
+        assert sum(isinstance(a, sp.exp) for a in mul.args) <= 1
+    back = small.xreplace(dict(parts))
+    f, g = (sp.lambdify((u1, u2, m, q), x) for x in (e, back))
+    for v in [(0.3, -1.2, 0.4, 1.1), (2.5, 0.7, -0.6, 0.9)]:
+        assert abs(f(*v) - g(*v)) <= 1e-12 * max(1.0, abs(f(*v)))
+    lines, (red,) = exact._integrand_lines([e], (u1, u2))
+    ns = {"numpy": np, "scipy": __import__("scipy.special")}
+    exec("def _f(_u, m, q):\n    " + "\n    ".join(lines) + f"\n    return {exact.pycode(red)}",
+         ns)
+    for v in [(0.3, -1.2, 0.4, 1.1), (2.5, 0.7, -0.6, 0.9)]:
+        assert abs(ns["_f"](v[:2], *v[2:]) - f(*v)) <= 1e-12 * max(1.0, abs(f(*v)))
+
+
 def test_short_str_is_a_prefix_of_the_printed_sum():
     from sympy.printing.str import StrPrinter
     stored = StrPrinter({"order": "none"}).doprint  # str() with the arguments in stored order

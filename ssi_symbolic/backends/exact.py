@@ -46,8 +46,8 @@ from ..symbolic.closed_forms import NormalOrthant
 from ..symbolic.gaussian import GaussHermite, dag_free_symbols, dag_map, holds_delta
 from ..background import Background
 from .files import module_path, read_hash, write_atomic
-from .printing import (closure, cse, expanded_form, forward_jacobian, function_source, horner,
-                       module_header, pycode, tuple_source)
+from .printing import (closure, cse, expanded_form, forward_jacobian, function_source,
+                       hoist_constant_parts, horner, module_header, pycode, tuple_source)
 from .ring_printing import RingPrinter
 from .node_counts import QUADRATURE_TOLERANCE, choose_nodes
 from . import runtime
@@ -569,8 +569,8 @@ class _Module:
         args = self.state + self.param_names
         members = self.group_list[j]
         us = [str(u) for u in members[0][0].variables]
-        repl, red = cse([combine_exp(node.integrand) for node, _ in members], "_y")
-        lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
+        lines, red = _integrand_lines([node.integrand for node, _ in members],
+                                      members[0][0].variables)
         return [
             function_source(
                 f"_gh_integrand_g{j}", ["_u"] + args,
@@ -598,11 +598,7 @@ class _Module:
                    f"of _gh_group_{j}.\n\n    {short_str(node.integrand, 400)}\n    ")
             return [function_source(f"_gh_node_{idx}", args + ["n=None"], doc, [],
                                     f"_gh_group_{j}({', '.join(args)}, n=n)[{pos}]")], False
-        # exp(a) exp(b) as exp(a + b): the product of separately overflowing factors at
-        # the far nodes (|u| ~ 10) would give inf / inf instead of a vanishing term
-        integrand = combine_exp(node.integrand)
-        repl, (red,) = cse([integrand], "_y")
-        lines = [f"{tuple_source(us)} = _u"] + [f"{s} = {pycode(v)}" for s, v in repl]
+        lines, (red,) = _integrand_lines([node.integrand], node.variables)
         fns = [function_source(
             f"_gh_integrand_{idx}", ["_u"] + args,
             f"Integrand of node {idx} at quadrature points _u = ({', '.join(us)}).",
@@ -699,6 +695,22 @@ def _merge_exps(x):
         return x
     rest = [a for a in x.args if not isinstance(a, sp.exp)]
     return sp.Mul(*rest, sp.exp(sp.Add(*[a.args[0] for a in exps])))
+
+
+def _integrand_lines(integrands, us) -> tuple[list[str], list]:
+    """(the lines of an integrand function up to its return, the reduced integrands): the
+    quadrature variables unpacked from _u, the integrands' state-only parts
+    (hoist_constant_parts) through one cse, then the rest through another, with exp(a) exp(b)
+    written exp(a + b) (combine_exp: the product of separately overflowing factors at the far
+    nodes, |u| ~ 10, would give inf / inf instead of a vanishing term)."""
+    small, parts = hoist_constant_parts(integrands, us)
+    lines = [f"{tuple_source([str(u) for u in us])} = _u"]
+    if parts:
+        repl, red = cse([part for _, part in parts], "_c", evaluate_powers=False)
+        lines += [f"{s} = {pycode(v)}" for s, v in repl]
+        lines += [f"{h} = {pycode(v)}" for (h, _), v in zip(parts, red)]
+    repl, red = cse([combine_exp(x) for x in small], "_y")
+    return lines + [f"{s} = {pycode(v)}" for s, v in repl], red
 
 
 def combine_exp(expr):

@@ -185,10 +185,12 @@ def horner_terms(terms, gens):
 MAX_ADD_TERMS = 24
 
 
-def _cse_hints(exprs):
+def _cse_hints(exprs, evaluate=True):
     """Substitutions for tree_cse: every Add and Mul of several arguments offered to
     match_common_args (a + b + c and sin(a + b) share a + b), and x**-k written (x**k)**-1 so
-    that x**k and its reciprocal share x**k."""
+    that x**k and its reciprocal share x**k (x**k built unevaluated with evaluate=False: for
+    a large x, SymPy's Pow asks about the sign of x, seconds for the nested radicals of a
+    projection)."""
     hints, adds, muls, seen = {}, [], [], set()
     stack = [e for e in exprs if not e.is_Atom]
     while stack:
@@ -202,16 +204,17 @@ def _cse_hints(exprs):
         elif e.is_Mul:
             muls.append(e)
         elif e.is_Pow and e.exp.could_extract_minus_sign():
-            hints[e] = Unevaluated(sp.Pow, (sp.Pow(e.base, -e.exp), -1))
+            hints[e] = Unevaluated(sp.Pow, (sp.Pow(e.base, -e.exp, evaluate=evaluate), -1))
     match_common_args(sp.Add, adds, hints)
     match_common_args(sp.Mul, muls, hints)
     return hints
 
 
-def cse(exprs, prefix="_x"):
+def cse(exprs, prefix="_x", evaluate_powers=True):
     """Common-subexpression elimination over all `exprs` at once, then long sums split into
     partial sums of at most MAX_ADD_TERMS terms (a sum of thousands of terms on one line
-    overflows Python's compiler)."""
+    overflows Python's compiler). evaluate_powers=False: the reciprocal powers of the hints
+    built unevaluated (_cse_hints)."""
     symbols = sp.numbered_symbols(prefix)
     # SymPy's cse is its opt_cse (hints: shared sub-sums and sub-products, 1/x for x**-k,
     # x for -x) then tree_cse. The hints here are opt_cse's without the minus signs: those
@@ -221,7 +224,7 @@ def cse(exprs, prefix="_x"):
     # independent of the hash seed); "canonical" sorts every argument list first, 20-40 %
     # of cse's time, with the same operation count
     exprs = [sp.sympify(e) for e in exprs]
-    repl, reduced = tree_cse(exprs, symbols, _cse_hints(exprs), "none")
+    repl, reduced = tree_cse(exprs, symbols, _cse_hints(exprs, evaluate_powers), "none")
     out = []
     split_names = sp.numbered_symbols(prefix + "s")
 
@@ -247,6 +250,47 @@ def cse(exprs, prefix="_x"):
         out.append((sym, val))
     reduced = [walk(r) for r in reduced]
     return out, reduced
+
+
+def hoist_constant_parts(exprs, variables, prefix="_h"):
+    """(exprs with every largest sub-expression free of `variables` replaced by a symbol,
+    [(symbol, sub-expression)]): the quadrature integrands' state-only parts (the projection's
+    nested radicals, the closed forms' coefficients) taken out before the integrands are
+    rebuilt (combine_exp, cse). Rebuilding a product that holds such a part asked SymPy's
+    assumptions about it again, Pow(big, -1/2) querying the sign of big at every ancestor:
+    most of the node functions' time for leaky_relu(z1 - z2, 0.1) + z1/2 against
+    sigmoid(0.8 z1) Phi(0.8 z2). An exponential of a state-only argument keeps its exp with
+    the argument taken out, so that combine_exp still merges it with the others of its
+    product. Numbers and symbols stay in place. Each distinct part gets one symbol."""
+    vs = set(variables)
+    free, memo, parts = {}, {}, {}
+
+    def walk(x):
+        if x.is_Atom:
+            return x
+        hit = memo.get(x)
+        if hit is not None:
+            return hit
+        if not (dag_free_symbols(x, free) & vs) and not isinstance(x, sp.exp):
+            if x not in parts:
+                parts[x] = sp.Symbol(f"{prefix}{len(parts)}", real=True)
+            hit = parts[x]
+        else:
+            args = [walk(a) for a in x.args]
+            if all(a is b for a, b in zip(args, x.args)):
+                hit = x
+            elif x.is_Add or x.is_Mul:
+                hit = x.func._from_args(args)  # the same terms: no flattening or sorting
+            else:
+                try:
+                    hit = x.func(*args, evaluate=False)
+                except TypeError:  # a class without the option (ExprCondPair)
+                    hit = x.func(*args)
+        memo[x] = hit
+        return hit
+
+    out = [walk(e) for e in exprs]
+    return out, [(sym, part) for part, sym in parts.items()]
 
 
 def closure(outputs, repl_index, repl, free=None):
@@ -295,7 +339,7 @@ def module_header(spec, doc: list, spec_hash: str, tool: str, body: list,
                       f"# tool: {tool}", "import numpy", "import scipy.special", "", *body])
 
 
-__all__ = ["module_header", "pycode", "horner", "cse", "closure", "function_source", "tuple_source",
+__all__ = ["module_header", "pycode", "horner", "cse", "hoist_constant_parts", "closure", "function_source", "tuple_source",
            "forward_jacobian", "MAX_ADD_TERMS"]
 
 

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: dec245454db534a4c70e8a3782939a9fce462f657a4feada9310eac4507744d2
-# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
+# spec-hash: 05d062077c48a78df9029c9c978860b6e73daf5b55b2c493aab7b88ebc57d3c4
+# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'dec245454db534a4c70e8a3782939a9fce462f657a4feada9310eac4507744d2'
+SPEC_HASH = '05d062077c48a78df9029c9c978860b6e73daf5b55b2c493aab7b88ebc57d3c4'
 QUADRATURE_NODES = 8
 QUADRATURE_UNVERIFIED = {}
 JACOBIAN = 'symbolic'
@@ -103,7 +103,7 @@ def _trap_grid(k, n, half_width=None):
         # a boundary point's weight carried out along its ray to the sphere |u| = W (the
         # weight of the cube's face centres): the boundary test then sees the integrand near
         # the rim with the weight the cube's faces gave it, not the larger weight of points
-        # up to a spacing inside (which widened degree-6 polynomials at 16 nodes)
+        # up to a spacing inside (which widened u1^4 tanh(u2) at 16 nodes, u1^8 at 32)
         _GRIDS[key] = (numpy.array([g[inside] for g in grids]), weights, at,
                        weights[at] * numpy.exp(-(W * W - r2[at]) / 2))
     return _GRIDS[key]

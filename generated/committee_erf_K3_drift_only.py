@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: e481366f6173be80c3d26f53f63d7c0e10de5cc903247ba8e5e5409e766f9d27
-# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
+# spec-hash: 25ab213ec70ef72b4952b7291cf6b3e6d00911588361ca9bee080fe891ed098d
+# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'e481366f6173be80c3d26f53f63d7c0e10de5cc903247ba8e5e5409e766f9d27'
+SPEC_HASH = '25ab213ec70ef72b4952b7291cf6b3e6d00911588361ca9bee080fe891ed098d'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'
@@ -102,7 +102,7 @@ def _trap_grid(k, n, half_width=None):
         # a boundary point's weight carried out along its ray to the sphere |u| = W (the
         # weight of the cube's face centres): the boundary test then sees the integrand near
         # the rim with the weight the cube's faces gave it, not the larger weight of points
-        # up to a spacing inside (which widened degree-6 polynomials at 16 nodes)
+        # up to a spacing inside (which widened u1^4 tanh(u2) at 16 nodes, u1^8 at 32)
         _GRIDS[key] = (numpy.array([g[inside] for g in grids]), weights, at,
                        weights[at] * numpy.exp(-(W * W - r2[at]) / 2))
     return _GRIDS[key]

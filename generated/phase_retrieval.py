@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 84922d867b4e48b35fce916650d2560ac4dca6d89a728fec4ca83b8a5eaff076
-# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe
+# spec-hash: 1a6571f9ed540da63965ac4f071f7f39972d01cc553f20b8218b1199f4b9dfa0
+# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '84922d867b4e48b35fce916650d2560ac4dca6d89a728fec4ca83b8a5eaff076'
+SPEC_HASH = '1a6571f9ed540da63965ac4f071f7f39972d01cc553f20b8218b1199f4b9dfa0'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -102,7 +102,7 @@ def _trap_grid(k, n, half_width=None):
         # a boundary point's weight carried out along its ray to the sphere |u| = W (the
         # weight of the cube's face centres): the boundary test then sees the integrand near
         # the rim with the weight the cube's faces gave it, not the larger weight of points
-        # up to a spacing inside (which widened degree-6 polynomials at 16 nodes)
+        # up to a spacing inside (which widened u1^4 tanh(u2) at 16 nodes, u1^8 at 32)
         _GRIDS[key] = (numpy.array([g[inside] for g in grids]), weights, at,
                        weights[at] * numpy.exp(-(W * W - r2[at]) / 2))
     return _GRIDS[key]

@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 62bd3a580294f0882a87d4593cefbdd47fda5cf1d7da157397fa296c390b93db
-# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe attention 1 705afe08a485805c
+# spec-hash: b9daf56114629042c4006ffe0f4e3c612763caf558aadb68b0231968b7ad30fe
+# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -44,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '62bd3a580294f0882a87d4593cefbdd47fda5cf1d7da157397fa296c390b93db'
+SPEC_HASH = 'b9daf56114629042c4006ffe0f4e3c612763caf558aadb68b0231968b7ad30fe'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08

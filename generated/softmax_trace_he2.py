@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: d01df8c8aed58e3c1e2033f321ef4651d1ca6a152783e4a50170f94584291c21
-# tool: ssi-symbolic 0.1.0 generator 1 source e01ffc83dba7dbfe attention 1 705afe08a485805c
+# spec-hash: 1a5c21ec01c8d2bd19b1b5bd625ad1c87f61393b61cb5b052e59700ce1b73c0b
+# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'd01df8c8aed58e3c1e2033f321ef4651d1ca6a152783e4a50170f94584291c21'
+SPEC_HASH = '1a5c21ec01c8d2bd19b1b5bd625ad1c87f61393b61cb5b052e59700ce1b73c0b'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

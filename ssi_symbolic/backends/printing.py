@@ -339,8 +339,8 @@ def module_header(spec, doc: list, spec_hash: str, tool: str, body: list,
                       f"# tool: {tool}", "import numpy", "import scipy.special", "", *body])
 
 
-__all__ = ["module_header", "pycode", "horner", "cse", "hoist_constant_parts", "closure", "function_source", "tuple_source",
-           "forward_jacobian", "MAX_ADD_TERMS"]
+__all__ = ["module_header", "pycode", "horner", "cse", "hoist_constant_parts", "closure",
+           "function_source", "tuple_source", "forward_jacobian", "MAX_ADD_TERMS"]
 
 
 def forward_jacobian(repl, repl_index, outputs, state, prefix="_dx"):

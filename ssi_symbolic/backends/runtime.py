@@ -151,7 +151,7 @@ def _trap_grid(k, n, half_width=None):
         # a boundary point's weight carried out along its ray to the sphere |u| = W (the
         # weight of the cube's face centres): the boundary test then sees the integrand near
         # the rim with the weight the cube's faces gave it, not the larger weight of points
-        # up to a spacing inside (which widened degree-6 polynomials at 16 nodes)
+        # up to a spacing inside (which widened u1^4 tanh(u2) at 16 nodes, u1^8 at 32)
         _GRIDS[key] = (numpy.array([g[inside] for g in grids]), weights, at,
                        weights[at] * numpy.exp(-(W * W - r2[at]) / 2))
     return _GRIDS[key]

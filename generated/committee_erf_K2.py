@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 05d062077c48a78df9029c9c978860b6e73daf5b55b2c493aab7b88ebc57d3c4
-# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
+# spec-hash: 37d3581b315b8debe8c77db4850c3f481b542cff35cd8d7279501eea77c4c23c
+# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'quadrature'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form', 'covariance': 'quadrature', 'ito_correction': 'exact', 'finite_d_correction': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '05d062077c48a78df9029c9c978860b6e73daf5b55b2c493aab7b88ebc57d3c4'
+SPEC_HASH = '37d3581b315b8debe8c77db4850c3f481b542cff35cd8d7279501eea77c4c23c'
 QUADRATURE_NODES = 8
 QUADRATURE_UNVERIFIED = {}
 JACOBIAN = 'symbolic'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 25ab213ec70ef72b4952b7291cf6b3e6d00911588361ca9bee080fe891ed098d
-# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
+# spec-hash: 49505877ea8f8b8813ce4458faf2cc0501b2500f55622736bc8292e206768e06
+# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'closed form'
 OUTPUT_METHODS = {'population_loss': 'closed form', 'drift_eta1': 'closed form', 'drift_eta2': 'closed form'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '25ab213ec70ef72b4952b7291cf6b3e6d00911588361ca9bee080fe891ed098d'
+SPEC_HASH = '49505877ea8f8b8813ce4458faf2cc0501b2500f55622736bc8292e206768e06'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'not derived (diffusion=False)'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 1bd62f1b2a5dcfce203ecd60c8fd2af1c1c1e2a6b31a4174d2ab733842a5bc48
-# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
+# spec-hash: 270dd5fe79ba761ce782113b0f9e9ee6089e60b9e9225d76fd5fd8f4fec6d433
+# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '1bd62f1b2a5dcfce203ecd60c8fd2af1c1c1e2a6b31a4174d2ab733842a5bc48'
+SPEC_HASH = '270dd5fe79ba761ce782113b0f9e9ee6089e60b9e9225d76fd5fd8f4fec6d433'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: c24c7892df584a8da5c8ac53cf6b244052e8e4398b569d84351d9d23057812e4
-# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
+# spec-hash: ab2e1ae17b4b4f2278a72ec0dbc7141f60e4144c9500cbbb16a9699c713340c9
+# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'c24c7892df584a8da5c8ac53cf6b244052e8e4398b569d84351d9d23057812e4'
+SPEC_HASH = 'ab2e1ae17b4b4f2278a72ec0dbc7141f60e4144c9500cbbb16a9699c713340c9'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: a1f8a6d30146d61c4cc29f377763d978bc971b5112a0297142deb509b9883b1a
-# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
+# spec-hash: b04c2c9f815456e30287ce075d538b6412fa66f5996198b3bdd5140001920d4e
+# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'a1f8a6d30146d61c4cc29f377763d978bc971b5112a0297142deb509b9883b1a'
+SPEC_HASH = 'b04c2c9f815456e30287ce075d538b6412fa66f5996198b3bdd5140001920d4e'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'rescaling term only: the token-norm term needs second derivatives of the link, which has a kink here'

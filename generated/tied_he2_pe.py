@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 9a6a1ec914944f0bcfa72aab5eb2ec9f8f59f09d18e9aa31df48739ad8e80a13
-# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
+# spec-hash: 9d562743afcc742d3cc6bd4c8ffe1fa478413df91bc2a567ec542298bf339970
+# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '9a6a1ec914944f0bcfa72aab5eb2ec9f8f59f09d18e9aa31df48739ad8e80a13'
+SPEC_HASH = '9d562743afcc742d3cc6bd4c8ffe1fa478413df91bc2a567ec542298bf339970'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

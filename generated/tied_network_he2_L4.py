@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: b64c8f2ad12f00653986035f63dd0af443450bd2929bfca32ca6ad0bd7b52472
-# tool: ssi-symbolic 0.1.0 generator 1 source a54e7a204e37a6fa
+# spec-hash: 278ecdad641ca1a1f6714c9cf3e27531c75ff518594d8b1674554d8e38ff0542
+# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = 'b64c8f2ad12f00653986035f63dd0af443450bd2929bfca32ca6ad0bd7b52472'
+SPEC_HASH = '278ecdad641ca1a1f6714c9cf3e27531c75ff518594d8b1674554d8e38ff0542'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'

@@ -1173,8 +1173,13 @@ def test_dag_map_with_a_shared_memo_is_xreplace(seed):
              + [sp.Heaviside(x - y), sp.exp(-(x + 2 * y) ** 2 / 2), sp.tanh(y), x, m,
                 sp.Rational(2, 3)])
     rule = {forms[0]: y1, forms[1]: y2 - y1, forms[2]: sp.sqrt(2) * y1}
-    memo = {}
+    memo, memo_unevaluated = {}, {}
     for _ in range(8):
         e = _random_product(rng, atoms, depth=3)
-        assert sp.srepr(dag_map(e, rule, memo=memo)) == sp.srepr(e.xreplace(rule)), e
+        want = e.xreplace(rule)
+        assert sp.srepr(dag_map(e, rule, memo=memo)) == sp.srepr(want), e
+        # evaluate=False (hoist_constant_parts): the same value, rebuilt without evaluation
+        got = dag_map(e, rule, memo=memo_unevaluated, evaluate=False)
+        v = {x: 0.3, y: -0.7, y1: 0.45, y2: -1.2, m: 0.8}
+        assert abs(complex(got.subs(v).evalf()) - complex(want.subs(v).evalf())) <= 1e-12
     assert memo

@@ -9,7 +9,7 @@ import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
 from sympy.simplify.cse_main import Unevaluated, match_common_args, tree_cse
 
-from ..symbolic.gaussian import dag_any, dag_diff, dag_free_symbols, multiply_terms
+from ..symbolic.gaussian import dag_any, dag_diff, dag_free_symbols, dag_map, multiply_terms
 from .files import HASH_PREFIX
 
 
@@ -262,35 +262,20 @@ def hoist_constant_parts(exprs, variables, prefix="_h"):
     sigmoid(0.8 z1) Phi(0.8 z2). An exponential of a state-only argument keeps its exp with
     the argument taken out, so that combine_exp still merges it with the others of its
     product. Numbers and symbols stay in place. Each distinct part gets one symbol."""
-    vs = set(variables)
-    free, memo, parts = {}, {}, {}
-
-    def walk(x):
-        if x.is_Atom:
-            return x
-        hit = memo.get(x)
-        if hit is not None:
-            return hit
+    vs, free, parts, seen = set(variables), {}, {}, set()
+    stack = list(reversed(exprs))
+    while stack:
+        x = stack.pop()
+        if x.is_Atom or x in seen:
+            continue
+        seen.add(x)
         if not (dag_free_symbols(x, free) & vs) and not isinstance(x, sp.exp):
-            if x not in parts:
-                parts[x] = sp.Symbol(f"{prefix}{len(parts)}", real=True)
-            hit = parts[x]
+            parts[x] = sp.Symbol(f"{prefix}{len(parts)}", real=True)
         else:
-            args = [walk(a) for a in x.args]
-            if all(a is b for a, b in zip(args, x.args)):
-                hit = x
-            elif x.is_Add or x.is_Mul:
-                hit = x.func._from_args(args)  # the same terms: no flattening or sorting
-            else:
-                try:
-                    hit = x.func(*args, evaluate=False)
-                except TypeError:  # a class without the option (ExprCondPair)
-                    hit = x.func(*args)
-        memo[x] = hit
-        return hit
-
-    out = [walk(e) for e in exprs]
-    return out, [(sym, part) for part, sym in parts.items()]
+            stack.extend(reversed(x.args))
+    memo = {}  # the ancestors rebuilt unevaluated: evaluated, they took twice as long
+    return ([dag_map(e, parts, keep_order=True, memo=memo, evaluate=False) for e in exprs],
+            [(sym, part) for part, sym in parts.items()])
 
 
 def closure(outputs, repl_index, repl, free=None):

@@ -510,15 +510,17 @@ def dag_any(expr, pred) -> bool:
     return False
 
 
-def dag_map(expr, mapping=None, post=None, keep_order=False, memo=None):
+def dag_map(expr, mapping=None, post=None, keep_order=False, memo=None, evaluate=True):
     """expr rebuilt bottom-up visiting each distinct sub-expression once: a sub-expression in
     `mapping` is replaced (not entered), every rebuilt one passed through `post`; with
     neither, expr.xreplace(mapping). Closed forms share large sub-trees, which xreplace and
     powsimp walk again at every occurrence. keep_order: sums and products are rebuilt from
     their new arguments in their order (Add._from_args), not flattened and sorted again.
-    memo: a dict kept by the caller between calls with the same mapping and post (the
-    factors of a statistic that read the same forms share their functions, whose rebuilding,
-    Max and Min simplifying their arguments, was repeated for every factor)."""
+    evaluate=False: the other sub-expressions rebuilt unevaluated (Pow(x, -1/2) with x
+    replaced asks nothing about x's sign). memo: a dict kept by the caller between calls with
+    the same mapping and post (the factors of a statistic that read the same forms share their
+    functions, whose rebuilding, Max and Min simplifying their arguments, was repeated for
+    every factor)."""
     mapping = mapping or {}
     memo = {} if memo is None else memo
 
@@ -535,6 +537,11 @@ def dag_map(expr, mapping=None, post=None, keep_order=False, memo=None):
                 hit = x
             elif keep_order and (x.is_Add or x.is_Mul):
                 hit = x.func._from_args(args)
+            elif not evaluate:
+                try:
+                    hit = x.func(*args, evaluate=False)
+                except TypeError:  # a class without the option (ExprCondPair)
+                    hit = x.func(*args)
             else:
                 hit = x.func(*args)
             memo[x] = hit = post(hit) if post is not None else hit

@@ -11,8 +11,8 @@ where polynomial; closed forms (arcsine, arc-cosine, bivariate normal CDF, compl
 squares) for erf/Phi, kinks and exponentials; tensor trapezoidal quadrature
 elsewhere (see quadrature_error). Per output: OUTPUT_METHODS.
 """
-# spec-hash: 5c20e43874b9cf1019fef7b786b7b11b9dc58885a246fdb1d4f618479ff68ed9
-# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b
+# spec-hash: 9545dd6e20fb9485a02f55eedd79e7cd6f50594972d2e460818236d4eae4fb7a
+# tool: ssi-symbolic 0.1.0 generator 1 source 698247bf4f5a3d1c
 import numpy
 import scipy.special
 
@@ -31,7 +31,7 @@ METHOD = 'exact'
 OUTPUT_METHODS = {'population_loss': 'exact', 'drift_eta1': 'exact', 'drift_eta2': 'exact', 'covariance': 'exact', 'ito_correction': 'exact', 'finite_d_correction': 'exact'}
 QUADRATURE_TOLERANCE = 1e-08
 QUADRATURE_ERROR_FACTOR = 2.0
-SPEC_HASH = '5c20e43874b9cf1019fef7b786b7b11b9dc58885a246fdb1d4f618479ff68ed9'
+SPEC_HASH = '9545dd6e20fb9485a02f55eedd79e7cd6f50594972d2e460818236d4eae4fb7a'
 QUADRATURE_NODES = 40
 JACOBIAN = 'symbolic'
 FINITE_D_CORRECTION = 'complete'
@@ -219,18 +219,17 @@ def quadrature_error(function, *args, **kwargs):
     module lists them), what the module returns, and QUADRATURE_ERROR_FACTOR |value(n) -
     value(2n)| plus a round-off floor of 1e-13 (1 + |value|). The 2n rule's trapezoidal
     axes also span the wider [-14, 14] (its ball |u| <= 14, _TRAP_FINE_HALF_WIDTH): an
-    integrand growing like exp(a u) has its mass near u = a, and what the n rule's
-    [-10, 10] misses is seen by the
-    difference (exp(1.2 z) as a student: 5e-11 of its Cov(G) beyond 10, five times what the
-    difference on [-10, 10] alone reported). The difference alone is not a bound: |Q_n - Q|
-    <= |Q_n - Q_2n| + |Q_2n - Q|. For the smooth integrands left to quadrature (kinks split)
-    the rules converge geometrically, |Q_2n - Q| <= |Q_n - Q| / 2 and the factor 2 bounds the
-    error (a three-token Cov(G) whose 2n rule was still 3e-9 off gave a difference 0.02 %
-    below the error of the n rule); with a kink that could not be split
-    (QUADRATURE_ERROR_FACTOR = 4) the error decays like n^-2, |Q_n - Q| ~ 4/3 |Q_n - Q_2n|.
-    Where the two differ by 0.1 % or more (mass may lie beyond 14 as well: a Cov(G) of
-    exp(1.5 z) holds exp(12 z)), a third rule, 3n nodes on [-20, 20], gives the difference
-    where it is larger."""
+    integrand growing like exp(a u) has its mass near u = a, and what the n rule's [-10, 10]
+    misses is seen by the difference (exp(1.2 z) as a student: 5e-11 of its Cov(G) beyond
+    10, five times what the difference on [-10, 10] alone reported). The difference alone is
+    not a bound: |Q_n - Q| <= |Q_n - Q_2n| + |Q_2n - Q|. For the smooth integrands left to
+    quadrature (kinks split) the rules converge geometrically, |Q_2n - Q| <= |Q_n - Q| / 2
+    and the factor 2 bounds the error (a three-token Cov(G) whose 2n rule was still 3e-9
+    off gave a difference 0.02 % below the error of the n rule); with a kink that could not
+    be split (QUADRATURE_ERROR_FACTOR = 4) the error decays like n^-2, and then
+    |Q_n - Q| ~ 4/3 |Q_n - Q_2n|. Where the two differ by 0.1 % or more (mass may lie beyond
+    14 as well: a Cov(G) of exp(1.5 z) holds exp(12 z)), a third rule, 3n nodes on
+    [-20, 20], gives the difference where it is larger."""
     n, width = QUADRATURE_NODES, _TRAP_HALF_WIDTH
 
     def at(nodes, half_width):

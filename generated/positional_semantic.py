@@ -21,8 +21,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: 6b1956060d6fd3e113d5db497ace1bc0ba9f9628ef1a8043d249aa258f43b782
-# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b attention 1 705afe08a485805c
+# spec-hash: 834e8e980bd81e75660ec483137bd7f8d0bbbc73b67e5532da416c16c98d3806
+# tool: ssi-symbolic 0.1.0 generator 1 source 698247bf4f5a3d1c attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -44,7 +44,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = '6b1956060d6fd3e113d5db497ace1bc0ba9f9628ef1a8043d249aa258f43b782'
+SPEC_HASH = '834e8e980bd81e75660ec483137bd7f8d0bbbc73b67e5532da416c16c98d3806'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {'even_m': True, 'even_e': True, 'degree_m': 12, 'degree_e': 8, 'nodes': 'node_rule(m): (z*, g) per dimension, 40-160', 'check': 'node_rule(m) + 16 at 3 states', 'quadrature_error': 5.300283156817187e-09, 'chebyshev_tail': 2.1658425709060747e-09, 'interpolation_check': 7.214367506169772e-09}
 LOSS_ERROR_ESTIMATE = 6.514117112659365e-08

@@ -17,8 +17,8 @@ Cov(G), ito_correction and finite_d_correction (MATH.md 4): a Chebyshev table in
 (theta, e') of the step statistics per parameter set, built on first use by direct
 quadrature (step_table; its error estimate: quadrature_error).
 """
-# spec-hash: e776b2806a26a9ce561bfa93abc2a643cc7a5df0a109db2afc4ac7f60e3ad801
-# tool: ssi-symbolic 0.1.0 generator 1 source d2c707d4fbe48c0b attention 1 705afe08a485805c
+# spec-hash: 79ef1d197704473129c65d69596e971101d1452f32561ce6c614a732702c825e
+# tool: ssi-symbolic 0.1.0 generator 1 source 698247bf4f5a3d1c attention 1 705afe08a485805c
 import numpy
 import scipy.special
 
@@ -40,7 +40,7 @@ OUTPUT_METHODS = {piece: 'quadrature' for piece in ('population_loss', 'drift_et
 BACKEND = 'attention'
 UNAVAILABLE = {}
 FINITE_D_CORRECTION = 'complete'
-SPEC_HASH = 'e776b2806a26a9ce561bfa93abc2a643cc7a5df0a109db2afc4ac7f60e3ad801'
+SPEC_HASH = '79ef1d197704473129c65d69596e971101d1452f32561ce6c614a732702c825e'
 QUADRATURE_NODES = 160  # L-dim integrals; tables: TABLE_INFO
 TABLE_INFO = {}
 LOSS_ERROR_ESTIMATE = 3.789636952444739e-09

@@ -275,18 +275,17 @@ def quadrature_error(function, *args, **kwargs):
     module lists them), what the module returns, and QUADRATURE_ERROR_FACTOR |value(n) -
     value(2n)| plus a round-off floor of 1e-13 (1 + |value|). The 2n rule's trapezoidal
     axes also span the wider [-14, 14] (its ball |u| <= 14, _TRAP_FINE_HALF_WIDTH): an
-    integrand growing like exp(a u) has its mass near u = a, and what the n rule's
-    [-10, 10] misses is seen by the
-    difference (exp(1.2 z) as a student: 5e-11 of its Cov(G) beyond 10, five times what the
-    difference on [-10, 10] alone reported). The difference alone is not a bound: |Q_n - Q|
-    <= |Q_n - Q_2n| + |Q_2n - Q|. For the smooth integrands left to quadrature (kinks split)
-    the rules converge geometrically, |Q_2n - Q| <= |Q_n - Q| / 2 and the factor 2 bounds the
-    error (a three-token Cov(G) whose 2n rule was still 3e-9 off gave a difference 0.02 %
-    below the error of the n rule); with a kink that could not be split
-    (QUADRATURE_ERROR_FACTOR = 4) the error decays like n^-2, |Q_n - Q| ~ 4/3 |Q_n - Q_2n|.
-    Where the two differ by 0.1 % or more (mass may lie beyond 14 as well: a Cov(G) of
-    exp(1.5 z) holds exp(12 z)), a third rule, 3n nodes on [-20, 20], gives the difference
-    where it is larger."""
+    integrand growing like exp(a u) has its mass near u = a, and what the n rule's [-10, 10]
+    misses is seen by the difference (exp(1.2 z) as a student: 5e-11 of its Cov(G) beyond
+    10, five times what the difference on [-10, 10] alone reported). The difference alone is
+    not a bound: |Q_n - Q| <= |Q_n - Q_2n| + |Q_2n - Q|. For the smooth integrands left to
+    quadrature (kinks split) the rules converge geometrically, |Q_2n - Q| <= |Q_n - Q| / 2
+    and the factor 2 bounds the error (a three-token Cov(G) whose 2n rule was still 3e-9
+    off gave a difference 0.02 % below the error of the n rule); with a kink that could not
+    be split (QUADRATURE_ERROR_FACTOR = 4) the error decays like n^-2, and then
+    |Q_n - Q| ~ 4/3 |Q_n - Q_2n|. Where the two differ by 0.1 % or more (mass may lie beyond
+    14 as well: a Cov(G) of exp(1.5 z) holds exp(12 z)), a third rule, 3n nodes on
+    [-20, 20], gives the difference where it is larger."""
     n, width = QUADRATURE_NODES, _TRAP_HALF_WIDTH
 
     def at(nodes, half_width):
